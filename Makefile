@@ -1,0 +1,47 @@
+# Tidepool: `make up` runs the platform on this machine, `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Builds and sandboxes trust the host's CA bundle (TLS-intercepting proxies, enterprise CAs); override or empty it.
+TIDEPOOL_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+export TIDEPOOL_CA_BUNDLE
+
+.PHONY: up up-detached down test unit integration lint bench host venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+host:
+	bash scripts/setup-host.sh
+
+up: venv host
+	$(BIN)/python -m tidepool_stack up
+
+up-detached: venv host
+	$(BIN)/python -m tidepool_stack up --detach
+
+down: venv
+	$(BIN)/python -m tidepool_stack down
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+unit: venv
+	$(BIN)/python -m pytest tests/unit -q
+
+test: venv host lint
+	$(BIN)/python -m pytest tests -q -ra
+
+bench: venv host
+	$(BIN)/python -m tests.bench.bench_spine
+
+clean:
+	rm -rf $(VENV) .tidepool

@@ -1,0 +1,1 @@
+"""Shared contracts of Tidepool's services: bus subjects, message models, state machine, configuration."""

@@ -1,0 +1,176 @@
+"""Typed messages on the bus. Every message a service publishes or reads is one of these models."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tidepool_contracts.states import DesiredState, SandboxState
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class BusModel(BaseModel):
+    # Unknown fields are ignored so a newer publisher never breaks an older consumer.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SandboxSpec(BusModel):
+    """Everything a runner needs to create the sandbox's container."""
+
+    sandbox_id: str
+    organization_id: str
+    image: str
+    os_user: str = "daytona"
+    cpu: int = 1
+    memory_gib: int = 1
+    disk_gib: int = 3
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    network_block_all: bool = False
+    entrypoint: list[str] | None = None
+
+
+class SandboxAction(StrEnum):
+    CREATE = "create"
+    START = "start"
+    STOP = "stop"
+    DESTROY = "destroy"
+
+
+class SandboxIntent(BusModel):
+    """API -> scheduler: the user asked for this sandbox to reach a new desired state."""
+
+    intent_id: str = Field(default_factory=new_id)
+    sandbox_id: str
+    organization_id: str
+    action: SandboxAction
+    spec: SandboxSpec
+    force: bool = False
+    issued_at: datetime = Field(default_factory=utc_now)
+
+
+class RunnerJob(BusModel):
+    """Scheduler -> one runner: do this to the sandbox's container. Executed idempotently."""
+
+    job_id: str = Field(default_factory=new_id)
+    intent_id: str
+    sandbox_id: str
+    action: SandboxAction
+    spec: SandboxSpec
+    force: bool = False
+    issued_at: datetime = Field(default_factory=utc_now)
+
+
+class SandboxStateEvent(BusModel):
+    """Runner/scheduler -> everyone: the sandbox's actual state changed."""
+
+    sandbox_id: str
+    organization_id: str
+    state: SandboxState
+    error_reason: str | None = None
+    runner_id: str | None = None
+    daemon_version: str | None = None
+    source: str
+    occurred_at: datetime = Field(default_factory=utc_now)
+
+
+class DesiredSandbox(BusModel):
+    """API -> KV: the desired state the scheduler reconciles towards."""
+
+    sandbox_id: str
+    organization_id: str
+    desired_state: DesiredState
+    spec: SandboxSpec
+    force: bool = False
+    intent_id: str
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class Placement(BusModel):
+    """Scheduler -> KV: which runner hosts a sandbox, and the last job it was sent."""
+
+    sandbox_id: str
+    runner_id: str
+    last_intent_id: str
+    last_action: SandboxAction
+    sent_at: datetime = Field(default_factory=utc_now)
+    attempts: int = 1
+
+
+class SandboxRoute(BusModel):
+    """Runner -> KV: where the proxy sends toolbox traffic for a sandbox."""
+
+    sandbox_id: str
+    organization_id: str
+    runner_id: str
+    runner_url: str
+    state: SandboxState
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class RunnerInfo(BusModel):
+    """Runner -> KV heartbeat: identity, address and capacity."""
+
+    runner_id: str
+    url: str
+    region: str = "us"
+    cpu_total: int
+    memory_total_gib: int
+    cpu_allocated: int = 0
+    memory_allocated_gib: int = 0
+    sandboxes_running: int = 0
+    sandboxes_total: int = 0
+    unschedulable: bool = False
+    heartbeat_at: datetime = Field(default_factory=utc_now)
+
+
+class ApiKeyRecord(BusModel):
+    """API -> KV: what the proxy needs to authenticate a key (stored under the key's hash)."""
+
+    key_id: str
+    organization_id: str
+    expires_at: datetime | None = None
+    revoked: bool = False
+
+
+class SnapshotState(StrEnum):
+    PENDING = "pending"
+    PULLING = "pulling"
+    BUILDING = "building"
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+    ERROR = "error"
+    BUILD_FAILED = "build_failed"
+    REMOVING = "removing"
+
+
+class BuildJob(BusModel):
+    """API -> builder: build this snapshot image (Dockerfile plus context files)."""
+
+    job_id: str = Field(default_factory=new_id)
+    snapshot_name: str
+    image_ref: str
+    dockerfile: str
+    context_dir: str | None = None
+    issued_at: datetime = Field(default_factory=utc_now)
+
+
+class SnapshotEvent(BusModel):
+    """Builder -> everyone: a snapshot image changed state."""
+
+    snapshot_name: str
+    image_ref: str
+    state: SnapshotState
+    error_reason: str | None = None
+    log_line: str | None = None
+    occurred_at: datetime = Field(default_factory=utc_now)

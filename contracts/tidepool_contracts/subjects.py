@@ -1,0 +1,51 @@
+"""NATS subjects, JetStream streams and KV buckets: the only names services share on the bus."""
+
+from __future__ import annotations
+
+# JetStream streams.
+INTENTS_STREAM = "TIDEPOOL_INTENTS"  # API -> scheduler: desired-state changes (work queue)
+JOBS_STREAM = "TIDEPOOL_JOBS"  # scheduler -> runner, API -> builder: durable work (work queue)
+EVENTS_STREAM = "TIDEPOOL_EVENTS"  # runner/builder -> everyone: actual state (fan-out, replayable)
+
+INTENT_SANDBOX_PREFIX = "tidepool.intent.sandbox"
+JOB_RUNNER_PREFIX = "tidepool.job.runner"
+JOB_BUILD_SUBJECT = "tidepool.job.build"
+EVENT_SANDBOX_PREFIX = "tidepool.event.sandbox"
+EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
+EVENT_RUNNER_PREFIX = "tidepool.event.runner"
+
+# Core NATS request/reply (caller waits).
+RUNNER_PING_PREFIX = "tidepool.rpc.runner.ping"
+
+# KV buckets (shared read models).
+KV_RUNNERS = "tidepool_runners"  # runner id -> RunnerInfo (expires without heartbeats)
+KV_ROUTES = "tidepool_routes"  # sandbox id -> SandboxRoute (proxy reads this, never the DB)
+KV_PLACEMENTS = "tidepool_placements"  # sandbox id -> Placement (scheduler's memory)
+KV_DESIRED = "tidepool_desired"  # sandbox id -> DesiredSandbox (API writes, scheduler reconciles)
+KV_API_KEYS = "tidepool_api_keys"  # sha256(key) -> ApiKeyRecord (proxy authenticates without the DB)
+
+
+def intent_sandbox(sandbox_id: str) -> str:
+    return f"{INTENT_SANDBOX_PREFIX}.{sandbox_id}"
+
+
+def job_runner(runner_id: str) -> str:
+    return f"{JOB_RUNNER_PREFIX}.{runner_id}"
+
+
+def event_sandbox(sandbox_id: str) -> str:
+    return f"{EVENT_SANDBOX_PREFIX}.{sandbox_id}"
+
+
+def event_snapshot(snapshot_name: str) -> str:
+    return f"{EVENT_SNAPSHOT_PREFIX}.{kv_safe(snapshot_name)}"
+
+
+def runner_ping(runner_id: str) -> str:
+    return f"{RUNNER_PING_PREFIX}.{runner_id}"
+
+
+def kv_safe(name: str) -> str:
+    """KV keys and subject tokens allow only [-_=/.A-Za-z0-9]; escape everything else."""
+    allowed = set("-_=abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+    return "".join(ch if ch in allowed else f"={ord(ch):02x}" for ch in name)

@@ -1,0 +1,29 @@
+"""FastAPI application: the Daytona-compatible REST gateway under /api."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+
+from tidepool_api.context import ApiContext
+from tidepool_api.errors import install_error_handlers
+from tidepool_api.responses import JsonResponse
+from tidepool_api.routes import organizations, platform, sandbox
+
+
+def create_app(context: ApiContext) -> FastAPI:
+    app = FastAPI(
+        title="Tidepool API",
+        version="0.1.0",
+        default_response_class=JsonResponse,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.context = context
+    install_error_handlers(app)
+    api = APIRouter(prefix="/api")
+    api.include_router(platform.router)
+    api.include_router(sandbox.router)
+    api.include_router(organizations.router)
+    app.include_router(api)
+    return app

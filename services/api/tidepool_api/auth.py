@@ -1,0 +1,66 @@
+"""Bearer API keys: hashed at rest, scoped to one organization, mirrored to NATS KV for the proxy."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fastapi import Request
+from sqlmodel import select
+
+from tidepool_api.db import ApiKey, Database
+from tidepool_api.errors import ApiError
+
+KEY_PREFIX = "tp_"
+# Verified keys are cached briefly: the hot path (every request) must not hit the database.
+CACHE_SECONDS = 30.0
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Principal:
+    organization_id: str
+    key_id: str
+
+
+class Authenticator:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._cache: dict[str, tuple[float, Principal]] = {}
+
+    async def authenticate(self, request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing bearer token: set DAYTONA_API_KEY")
+        key_hash = hash_key(token.strip())
+        cached = self._cache.get(key_hash)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        async with self.database.sessions() as session:
+            api_key = (await session.exec(select(ApiKey).where(ApiKey.key_hash == key_hash))).first()
+        if api_key is None or api_key.revoked:
+            raise ApiError(401, "invalid API key")
+        if api_key.expires_at and _aware(api_key.expires_at) < datetime.now(UTC):
+            raise ApiError(401, "API key expired")
+        principal = Principal(organization_id=api_key.organization_id, key_id=api_key.id)
+        self._cache[key_hash] = (now + CACHE_SECONDS, principal)
+        return principal
+
+    def forget(self, key_hash: str) -> None:
+        self._cache.pop(key_hash, None)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,109 @@
+"""First-start set-up: the admin organization and key, the default snapshots, and the proxy's key mirror."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import structlog
+from sqlmodel import select
+
+from tidepool_api.auth import generate_key, hash_key
+from tidepool_api.context import ApiContext
+from tidepool_api.db import ApiKey, Organization, Snapshot
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import kv_put, publish
+from tidepool_contracts.models import ApiKeyRecord, BuildJob, SnapshotState
+
+log = structlog.get_logger("tidepool.api.bootstrap")
+
+# Daytona's pre-built sizes; all share the default image on a fresh install.
+DEFAULT_SNAPSHOT_SIZES: dict[str, tuple[int, int, int]] = {
+    "daytona-small": (1, 1, 3),
+    "daytona-medium": (2, 4, 8),
+    "daytona-large": (4, 8, 10),
+}
+
+
+def admin_key_file(context: ApiContext) -> Path:
+    return context.settings.data_dir / "admin-api-key"
+
+
+async def ensure_admin(context: ApiContext) -> None:
+    """Create the admin organization and its key once; the plain key is written only to a 0600 file."""
+    async with context.database.sessions() as session:
+        if (await session.exec(select(Organization))).first() is not None:
+            return
+        organization = Organization(id=str(uuid.uuid4()), name="admin")
+        key = generate_key()
+        session.add(organization)
+        await session.flush()
+        session.add(
+            ApiKey(
+                id=str(uuid.uuid4()),
+                organization_id=organization.id,
+                name="admin",
+                key_hash=hash_key(key),
+                key_prefix=key[:8],
+            )
+        )
+        await session.commit()
+    path = admin_key_file(context)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    log.info("bootstrap.admin_created", organization_id=organization.id, key_file=str(path))
+
+
+async def mirror_api_keys(context: ApiContext) -> None:
+    """The proxy authenticates from KV, never from the database: publish every key's hash record."""
+    async with context.database.sessions() as session:
+        keys = (await session.exec(select(ApiKey))).all()
+    for api_key in keys:
+        await kv_put(
+            context.api_keys_kv,
+            api_key.key_hash,
+            ApiKeyRecord(
+                key_id=api_key.id,
+                organization_id=api_key.organization_id,
+                expires_at=api_key.expires_at,
+                revoked=api_key.revoked,
+            ),
+        )
+
+
+async def ensure_default_snapshots(context: ApiContext) -> None:
+    settings = context.settings
+    async with context.database.sessions() as session:
+        existing = {row.name: row for row in (await session.exec(select(Snapshot))).all()}
+        for name, (cpu, memory, disk) in DEFAULT_SNAPSHOT_SIZES.items():
+            snapshot = existing.get(name)
+            if snapshot is None:
+                snapshot = Snapshot(
+                    id=str(uuid.uuid4()),
+                    name=name,
+                    image_name=settings.default_image,
+                    state=SnapshotState.PENDING.value,
+                    cpu=cpu,
+                    memory=memory,
+                    disk=disk,
+                    general=True,
+                )
+            elif snapshot.image_name != settings.default_image:
+                snapshot.image_name = settings.default_image
+                snapshot.state = SnapshotState.PENDING.value
+            session.add(snapshot)
+        await session.commit()
+    dockerfile = settings.default_dockerfile.read_text()
+    # The builder answers at once when the image is already present; the msg id makes restarts idempotent.
+    job = BuildJob(
+        snapshot_name=settings.default_snapshot,
+        image_ref=settings.default_image,
+        dockerfile=dockerfile,
+        context_dir=str(settings.default_dockerfile.parent),
+    )
+    await publish(
+        context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"default-image:{settings.default_image}"
+    )

@@ -1,0 +1,48 @@
+"""Everything a request handler needs, built once at start-up."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from nats.js.kv import KeyValue
+
+from tidepool_api.auth import Authenticator
+from tidepool_api.db import Database
+from tidepool_contracts.bus import Bus
+from tidepool_contracts.config import Settings
+
+
+@dataclass
+class StateWaiters:
+    """In-process wake-ups for requests waiting on a sandbox's state (POST /sandbox waits for `started`)."""
+
+    _events: dict[str, set[asyncio.Event]] = field(default_factory=lambda: defaultdict(set))
+
+    def register(self, sandbox_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._events[sandbox_id].add(event)
+        return event
+
+    def unregister(self, sandbox_id: str, event: asyncio.Event) -> None:
+        waiting = self._events.get(sandbox_id)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self._events[sandbox_id]
+
+    def notify(self, sandbox_id: str) -> None:
+        for event in self._events.get(sandbox_id, ()):
+            event.set()
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    database: Database
+    bus: Bus
+    desired_kv: KeyValue
+    api_keys_kv: KeyValue
+    authenticator: Authenticator
+    waiters: StateWaiters = field(default_factory=StateWaiters)

@@ -1,0 +1,121 @@
+"""Persistence: SQLModel tables (PostgreSQL in production, SQLite embedded) and the session factory."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint, event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlmodel import Field, SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def timestamp_column() -> Any:
+    return Field(default_factory=utc_now, sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class Organization(SQLModel, table=True):
+    __tablename__ = "organization"
+
+    id: str = Field(primary_key=True)
+    name: str
+    max_cpu_per_sandbox: int = 4
+    max_memory_per_sandbox: int = 8
+    max_disk_per_sandbox: int = 10
+    created_at: datetime = timestamp_column()
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_key"
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id", index=True)
+    name: str
+    # sha256 of the key: the key itself is shown once and never stored.
+    key_hash: str = Field(unique=True, index=True)
+    key_prefix: str
+    created_at: datetime = timestamp_column()
+    expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
+    revoked: bool = False
+
+
+class Snapshot(SQLModel, table=True):
+    __tablename__ = "snapshot"
+    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_snapshot_org_name"),)
+
+    id: str = Field(primary_key=True)
+    # None = a general snapshot every organization may use.
+    organization_id: str | None = Field(default=None, index=True)
+    name: str
+    image_name: str
+    state: str
+    cpu: int = 1
+    memory: int = 1
+    disk: int = 3
+    general: bool = False
+    error_reason: str | None = None
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
+
+
+class Sandbox(SQLModel, table=True):
+    __tablename__ = "sandbox"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "name", name="uq_sandbox_org_name"),
+        Index("ix_sandbox_org_created", "organization_id", "created_at"),
+    )
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id")
+    name: str
+    state: str
+    desired_state: str
+    snapshot: str | None = None
+    image: str
+    os_user: str = "daytona"
+    env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    cpu: int
+    memory: int
+    disk: int
+    public: bool = False
+    network_block_all: bool = False
+    target: str = "us"
+    auto_stop_interval: int = 15
+    auto_archive_interval: int = 10080
+    auto_delete_interval: int = -1
+    error_reason: str | None = None
+    runner_id: str | None = None
+    daemon_version: str | None = None
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
+    last_activity_at: datetime = timestamp_column()
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # The event consumer and request handlers write concurrently: wait for the lock, do not fail.
+            connect_args = {"timeout": 30}
+        self.engine: AsyncEngine = create_async_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, class_=AsyncSession, expire_on_commit=False)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers proceed while the event consumer writes.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

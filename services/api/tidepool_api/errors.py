@@ -1,0 +1,93 @@
+"""Nest-style error envelope, as Daytona's API emits it: the SDK picks its exception class by status code."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.status import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
+
+from tidepool_api.responses import JsonResponse
+
+log = structlog.get_logger("tidepool.api.errors")
+
+REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    503: "Service Unavailable",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, message)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def conflict(message: str) -> ApiError:
+    return ApiError(409, message)
+
+
+def error_response(request: Request, status_code: int, message: str) -> JsonResponse:
+    return JsonResponse(
+        status_code=status_code,
+        content={
+            "statusCode": status_code,
+            "message": message,
+            "error": REASONS.get(status_code, "Error"),
+            "path": request.url.path,
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+            "source": "DAYTONA_API",
+        },
+    )
+
+
+def describe_validation_error(error: RequestValidationError) -> str:
+    parts: list[str] = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
+        if item.get("type") == "json_invalid":
+            parts.append("request body is not valid JSON")
+            continue
+        parts.append(f"{location}: {item.get('msg')}" if location else str(item.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def handle_api_error(request: Request, error: ApiError) -> JsonResponse:
+        return error_response(request, error.status_code, error.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:
+        return error_response(request, error.status_code, str(error.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def handle_validation_error(request: Request, error: RequestValidationError) -> JsonResponse:
+        return error_response(request, HTTP_400_BAD_REQUEST, describe_validation_error(error))
+
+    @app.exception_handler(Exception)
+    async def handle_unexpected(request: Request, error: Exception) -> JsonResponse:
+        log.exception("api.unhandled", path=request.url.path, error=str(error))
+        return error_response(request, HTTP_500_INTERNAL_SERVER_ERROR, "internal server error")

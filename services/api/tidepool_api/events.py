@@ -1,0 +1,97 @@
+"""Applies actual-state events from runners and the builder to the database, through the state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import structlog
+from nats.aio.msg import Msg
+from sqlmodel import select
+
+from tidepool_api.context import ApiContext
+from tidepool_api.db import Sandbox, Snapshot
+from tidepool_api.sandboxes import transition
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import consume
+from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent
+from tidepool_contracts.states import SandboxState, can_transition
+
+log = structlog.get_logger("tidepool.api.events")
+
+
+async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> None:
+    async with context.database.sessions() as session:
+        sandbox = await session.get(Sandbox, event.sandbox_id)
+        if sandbox is None:
+            return
+        current = SandboxState(sandbox.state)
+        if not can_transition(current, event.state):
+            # A stale report (e.g. `started` for a sandbox the user already deleted): the state machine wins.
+            log.info("sandbox.event_ignored", sandbox_id=sandbox.id, current=current, reported=event.state)
+            return
+        changes: dict[str, object] = {"error_reason": event.error_reason}
+        if event.runner_id:
+            changes["runner_id"] = event.runner_id
+        if event.daemon_version:
+            changes["daemon_version"] = event.daemon_version
+        if event.state == SandboxState.DESTROYED:
+            # Frees the name for reuse while keeping the row for audit.
+            changes["name"] = f"DESTROYED_{sandbox.name}_{int(time.time() * 1000)}"
+        if not await transition(session, sandbox, event.state, **changes):
+            raise RuntimeError(f"sandbox {sandbox.id} changed concurrently; retrying the event")
+        await session.commit()
+    log.info("sandbox.state", sandbox_id=event.sandbox_id, state=event.state, reason=event.error_reason)
+    context.waiters.notify(event.sandbox_id)
+
+
+async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> None:
+    if event.log_line is not None:
+        return
+    async with context.database.sessions() as session:
+        rows = (await session.exec(select(Snapshot).where(Snapshot.image_name == event.image_ref))).all()
+        for snapshot in rows:
+            snapshot.state = event.state.value
+            snapshot.error_reason = event.error_reason
+            snapshot.updated_at = datetime.now(UTC)
+            session.add(snapshot)
+        await session.commit()
+    log.info("snapshot.state", image=event.image_ref, state=event.state, reason=event.error_reason)
+
+
+async def consume_sandbox_events(context: ApiContext) -> None:
+    # Events of one sandbox are applied in arrival order even though the consumer runs several at once.
+    locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def handle(event: SandboxStateEvent, _msg: Msg) -> None:
+        lock = locks[event.sandbox_id]
+        async with lock:
+            await apply_sandbox_event(context, event)
+        if not lock.locked() and not lock._waiters:
+            locks.pop(event.sandbox_id, None)
+
+    await consume(
+        context.bus,
+        stream=subjects.EVENTS_STREAM,
+        durable="api-sandbox-state",
+        subject=f"{subjects.EVENT_SANDBOX_PREFIX}.>",
+        model_type=SandboxStateEvent,
+        handler=handle,
+        concurrency=8,
+    )
+
+
+async def consume_snapshot_events(context: ApiContext) -> None:
+    async def handle(event: SnapshotEvent, _msg: Msg) -> None:
+        await apply_snapshot_event(context, event)
+
+    await consume(
+        context.bus,
+        stream=subjects.EVENTS_STREAM,
+        durable="api-snapshot-state",
+        subject=f"{subjects.EVENT_SNAPSHOT_PREFIX}.>",
+        model_type=SnapshotEvent,
+        handler=handle,
+    )

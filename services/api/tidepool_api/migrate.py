@@ -1,0 +1,27 @@
+"""Schema migrations (Alembic), applied at API start-up so a new install and an upgrade behave alike."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("sqlalchemy.url", database_url)
+    return config
+
+
+def upgrade_to_head(database_url: str) -> None:
+    command.upgrade(alembic_config(database_url), "head")
+
+
+async def migrate(database_url: str) -> None:
+    # Alembic's env runs its own event loop, so it gets a thread of its own.
+    await asyncio.to_thread(upgrade_to_head, database_url)

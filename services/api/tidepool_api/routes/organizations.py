@@ -1,0 +1,150 @@
+"""Organizations and API keys. Keys are shown once, stored hashed, and mirrored to KV for the proxy."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlmodel import col, select
+
+from tidepool_api.auth import generate_key, hash_key
+from tidepool_api.context import ApiContext
+from tidepool_api.db import ApiKey, Organization
+from tidepool_api.errors import ApiError, conflict, not_found
+from tidepool_api.responses import JsonResponse
+from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.sandbox import json_body
+from tidepool_api.schemas import WireModel, iso
+from tidepool_contracts.bus import kv_put
+from tidepool_contracts.models import ApiKeyRecord
+
+router = APIRouter()
+
+
+class CreateOrganizationRequest(WireModel):
+    name: str
+
+
+class CreateApiKeyRequest(WireModel):
+    name: str
+    expires_at: datetime | None = None
+
+
+async def issue_key(
+    context: ApiContext, organization_id: str, name: str, expires_at: datetime | None
+) -> tuple[ApiKey, str]:
+    value = generate_key()
+    api_key = ApiKey(
+        id=str(uuid.uuid4()),
+        organization_id=organization_id,
+        name=name,
+        key_hash=hash_key(value),
+        key_prefix=value[:8],
+        expires_at=expires_at,
+    )
+    async with context.database.sessions() as session:
+        duplicate = await session.exec(
+            select(ApiKey.id).where(
+                ApiKey.organization_id == organization_id, ApiKey.name == name, col(ApiKey.revoked).is_(False)
+            )
+        )
+        if duplicate.first() is not None:
+            raise conflict(f"API key with name {name} already exists")
+        session.add(api_key)
+        await session.commit()
+    await publish_key(context, api_key)
+    return api_key, value
+
+
+async def publish_key(context: ApiContext, api_key: ApiKey) -> None:
+    record = ApiKeyRecord(
+        key_id=api_key.id,
+        organization_id=api_key.organization_id,
+        expires_at=api_key.expires_at,
+        revoked=api_key.revoked,
+    )
+    await kv_put(context.api_keys_kv, api_key.key_hash, record)
+
+
+def key_dto(api_key: ApiKey, value: str | None = None) -> dict[str, object]:
+    return {
+        "name": api_key.name,
+        "value": value if value is not None else f"{api_key.key_prefix}…",
+        "createdAt": iso(api_key.created_at),
+        "expiresAt": iso(api_key.expires_at) if api_key.expires_at else None,
+        "permissions": [],
+    }
+
+
+async def is_admin(context: ApiContext, organization_id: str) -> bool:
+    async with context.database.sessions() as session:
+        first = (
+            await session.exec(select(Organization).order_by(col(Organization.created_at)).limit(1))
+        ).first()
+    return first is not None and first.id == organization_id
+
+
+@router.post("/organizations", status_code=201)
+async def create_organization(context: Context, caller: Caller, request: Request) -> JsonResponse:
+    """Self-hosted administration: the admin organization creates tenants, each with a first key."""
+    if not await is_admin(context, caller.organization_id):
+        raise ApiError(403, "only the admin organization can create organizations")
+    body = await json_body(request, CreateOrganizationRequest)
+    organization = Organization(id=str(uuid.uuid4()), name=body.name)
+    async with context.database.sessions() as session:
+        session.add(organization)
+        await session.commit()
+    api_key, value = await issue_key(context, organization.id, "default", None)
+    return JsonResponse(
+        status_code=201,
+        content={
+            "id": organization.id,
+            "name": organization.name,
+            "createdAt": iso(organization.created_at),
+            "apiKey": key_dto(api_key, value),
+        },
+    )
+
+
+@router.get("/api-keys")
+async def list_api_keys(context: Context, caller: Caller) -> JsonResponse:
+    async with context.database.sessions() as session:
+        keys = (
+            await session.exec(
+                select(ApiKey).where(
+                    ApiKey.organization_id == caller.organization_id, col(ApiKey.revoked).is_(False)
+                )
+            )
+        ).all()
+    return JsonResponse([key_dto(api_key) for api_key in keys])
+
+
+@router.post("/api-keys", status_code=201)
+async def create_api_key(context: Context, caller: Caller, request: Request) -> JsonResponse:
+    body = await json_body(request, CreateApiKeyRequest)
+    api_key, value = await issue_key(context, caller.organization_id, body.name, body.expires_at)
+    return JsonResponse(status_code=201, content=key_dto(api_key, value))
+
+
+@router.delete("/api-keys/{name}")
+async def revoke_api_key(context: Context, caller: Caller, name: str) -> Response:
+    async with context.database.sessions() as session:
+        api_key = (
+            await session.exec(
+                select(ApiKey).where(
+                    ApiKey.organization_id == caller.organization_id,
+                    ApiKey.name == name,
+                    col(ApiKey.revoked).is_(False),
+                )
+            )
+        ).first()
+        if api_key is None:
+            raise not_found(f"API key {name} not found")
+        api_key.revoked = True
+        session.add(api_key)
+        await session.commit()
+    context.authenticator.forget(api_key.key_hash)
+    await publish_key(context, api_key)
+    return Response(status_code=204)

@@ -1,0 +1,420 @@
+"""Sandbox use cases: validate, write desired state (checked against the state machine), publish intents."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+import uuid
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import and_, or_, update
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tidepool_api.context import ApiContext
+from tidepool_api.db import Organization, Sandbox, Snapshot
+from tidepool_api.errors import ApiError, bad_request, conflict, not_found
+from tidepool_api.schemas import CreateSandboxRequest
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import kv_put, publish
+from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec
+from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
+
+log = structlog.get_logger("tidepool.api.sandboxes")
+
+LANGUAGE_LABEL = "code-toolbox-language"
+SUPPORTED_LANGUAGES = {"python", "typescript", "javascript"}
+DEFAULT_AUTO_STOP = 15
+DEFAULT_AUTO_ARCHIVE = 10080
+MAX_AUTO_ARCHIVE = 43200
+SETTLED_AFTER_CREATE = {SandboxState.STARTED, SandboxState.ERROR, SandboxState.BUILD_FAILED}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def find_sandbox(session: AsyncSession, organization_id: str, id_or_name: str) -> Sandbox:
+    statement = select(Sandbox).where(
+        Sandbox.organization_id == organization_id,
+        or_(Sandbox.id == id_or_name, Sandbox.name == id_or_name),
+        Sandbox.state != SandboxState.DESTROYED,
+    )
+    sandbox = (await session.exec(statement)).first()
+    if sandbox is None:
+        raise not_found(f"Sandbox with ID or name {id_or_name} not found")
+    return sandbox
+
+
+async def transition(
+    session: AsyncSession,
+    sandbox: Sandbox,
+    target: SandboxState,
+    **changes: object,
+) -> bool:
+    """The one write path for a sandbox's state: checked against the transition table, compare-and-set."""
+    current = SandboxState(sandbox.state)
+    assert_transition(current, target)
+    values: dict[str, object] = {"state": target.value, "updated_at": utc_now(), **changes}
+    if current != target:
+        values["last_activity_at"] = values["updated_at"]
+    result = await session.exec(  # type: ignore[call-overload]
+        update(Sandbox)
+        .where(and_(col(Sandbox.id) == sandbox.id, col(Sandbox.state) == current.value))
+        .values(**values)
+    )
+    if result.rowcount != 1:
+        return False
+    for key, value in values.items():
+        setattr(sandbox, key, value)
+    return True
+
+
+def spec_of(sandbox: Sandbox) -> SandboxSpec:
+    return SandboxSpec(
+        sandbox_id=sandbox.id,
+        organization_id=sandbox.organization_id,
+        image=sandbox.image,
+        os_user=sandbox.os_user,
+        cpu=sandbox.cpu,
+        memory_gib=sandbox.memory,
+        disk_gib=sandbox.disk,
+        env=sandbox.env,
+        labels=sandbox.labels,
+        network_block_all=sandbox.network_block_all,
+    )
+
+
+async def announce(
+    context: ApiContext, sandbox: Sandbox, action: SandboxAction, desired: DesiredState, force: bool = False
+) -> None:
+    """Record the desired state for the reconciler, then publish the intent (dedup by intent id)."""
+    spec = spec_of(sandbox)
+    intent = SandboxIntent(
+        sandbox_id=sandbox.id, organization_id=sandbox.organization_id, action=action, spec=spec, force=force
+    )
+    await kv_put(
+        context.desired_kv,
+        sandbox.id,
+        DesiredSandbox(
+            sandbox_id=sandbox.id,
+            organization_id=sandbox.organization_id,
+            desired_state=desired,
+            spec=spec,
+            force=force,
+            intent_id=intent.intent_id,
+        ),
+    )
+    await publish(context.bus, subjects.intent_sandbox(sandbox.id), intent, msg_id=intent.intent_id)
+
+
+def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:
+    limits = {
+        "cpu": (request.cpu, organization.max_cpu_per_sandbox),
+        "memory": (request.memory, organization.max_memory_per_sandbox),
+        "disk": (request.disk, organization.max_disk_per_sandbox),
+    }
+    for name, (value, maximum) in limits.items():
+        if value is None:
+            continue
+        if value < 1:
+            raise bad_request(f"{name} must be at least 1, got {value}")
+        if value > maximum:
+            raise bad_request(
+                f"{name} must be at most {maximum} (organization per-sandbox limit), got {value}"
+            )
+    if request.gpu:
+        raise bad_request("GPU sandboxes are not available on this installation")
+    for name in ("auto_stop_interval", "auto_archive_interval"):
+        value = getattr(request, name)
+        if value is not None and value < 0:
+            raise bad_request(f"{name.replace('_', ' ')} must be non-negative")
+    language = (request.labels or {}).get(LANGUAGE_LABEL)
+    if language is not None and language not in SUPPORTED_LANGUAGES:
+        raise bad_request(f"label {LANGUAGE_LABEL} must be one of python, typescript, javascript")
+    if request.volumes:
+        raise bad_request("volumes are not supported yet on this installation")
+    if request.build_info is not None:
+        raise bad_request("building a sandbox from an image is not supported yet on this installation")
+
+
+async def resolve_snapshot(session: AsyncSession, organization_id: str, name: str) -> Snapshot:
+    statement = select(Snapshot).where(
+        or_(Snapshot.name == name, Snapshot.id == name),
+        or_(Snapshot.organization_id == organization_id, col(Snapshot.general).is_(True)),
+    )
+    snapshot = (await session.exec(statement)).first()
+    if snapshot is None:
+        raise bad_request(f"Snapshot {name} not found")
+    if snapshot.state != "active":
+        raise bad_request(f"Snapshot {name} is not active (state: {snapshot.state})")
+    return snapshot
+
+
+async def create_sandbox(context: ApiContext, organization_id: str, request: CreateSandboxRequest) -> Sandbox:
+    async with context.database.sessions() as session:
+        organization = await session.get(Organization, organization_id)
+        if organization is None:
+            raise ApiError(401, "organization of this API key no longer exists")
+        validate_resources(request, organization)
+        snapshot = await resolve_snapshot(
+            session, organization_id, request.snapshot or context.settings.default_snapshot
+        )
+        sandbox_id = str(uuid.uuid4())
+        name = request.name or sandbox_id
+        if request.name is not None:
+            taken = await session.exec(
+                select(Sandbox.id).where(
+                    Sandbox.organization_id == organization_id,
+                    Sandbox.name == name,
+                    Sandbox.state != SandboxState.DESTROYED,
+                )
+            )
+            if taken.first() is not None:
+                raise conflict(f"Sandbox with name {name} already exists")
+        labels = dict(request.labels or {})
+        auto_archive = request.auto_archive_interval
+        if auto_archive is not None:
+            auto_archive = MAX_AUTO_ARCHIVE if auto_archive == 0 else min(auto_archive, MAX_AUTO_ARCHIVE)
+        assert_transition(SandboxState.UNKNOWN, SandboxState.CREATING)
+        sandbox = Sandbox(
+            id=sandbox_id,
+            organization_id=organization_id,
+            name=name,
+            state=SandboxState.CREATING.value,
+            desired_state=DesiredState.STARTED.value,
+            snapshot=snapshot.name,
+            image=snapshot.image_name,
+            os_user=request.user or "daytona",
+            env=dict(request.env or {}),
+            labels=labels,
+            cpu=request.cpu or snapshot.cpu,
+            memory=request.memory or snapshot.memory,
+            disk=request.disk or snapshot.disk,
+            public=bool(request.public),
+            network_block_all=bool(request.network_block_all),
+            target=request.target or context.settings.runner_region,
+            auto_stop_interval=DEFAULT_AUTO_STOP
+            if request.auto_stop_interval is None
+            else request.auto_stop_interval,
+            auto_archive_interval=DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
+            auto_delete_interval=-1 if request.auto_delete_interval is None else request.auto_delete_interval,
+        )
+        session.add(sandbox)
+        await session.commit()
+    try:
+        await announce(context, sandbox, SandboxAction.CREATE, DesiredState.STARTED)
+    except Exception as error:
+        # Nothing half-created: without the intent nobody would ever build this sandbox.
+        log.error("sandbox.intent_failed", sandbox_id=sandbox.id, error=str(error))
+        async with context.database.sessions() as session:
+            row = await session.get(Sandbox, sandbox.id)
+            if row is not None:
+                await session.delete(row)
+                await session.commit()
+        raise ApiError(503, "the platform bus is unavailable; sandbox not created") from error
+    return await wait_for_state(
+        context, sandbox.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds
+    )
+
+
+async def wait_for_state(
+    context: ApiContext, sandbox_id: str, states: set[SandboxState], wait_seconds: float
+) -> Sandbox:
+    """Wait until the sandbox reaches one of `states` (or the timeout), then return it as stored."""
+    wake = context.waiters.register(sandbox_id)
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while True:
+            async with context.database.sessions() as session:
+                sandbox = await session.get(Sandbox, sandbox_id)
+            if sandbox is None:
+                raise not_found(f"Sandbox with ID or name {sandbox_id} not found")
+            remaining = deadline - time.monotonic()
+            if SandboxState(sandbox.state) in states or remaining <= 0:
+                return sandbox
+            wake.clear()
+            # The poll interval covers wake-ups published by another API replica.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=min(remaining, 0.25))
+    finally:
+        context.waiters.unregister(sandbox_id, wake)
+
+
+async def change_state(
+    context: ApiContext,
+    organization_id: str,
+    id_or_name: str,
+    *,
+    allowed_from: set[SandboxState],
+    already: set[SandboxState],
+    target: SandboxState,
+    action: SandboxAction,
+    desired: DesiredState,
+    verb: str,
+    force: bool = False,
+) -> Sandbox:
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        current = SandboxState(sandbox.state)
+        if current in already and sandbox.desired_state == desired.value:
+            return sandbox
+        if current not in allowed_from:
+            raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
+        try:
+            changed = await transition(
+                session, sandbox, target, desired_state=desired.value, error_reason=None
+            )
+        except InvalidTransitionError as error:
+            raise bad_request(str(error)) from error
+        if not changed:
+            raise conflict(f"Sandbox {sandbox.id} changed state concurrently; retry")
+        await session.commit()
+    await announce(context, sandbox, action, desired, force=force)
+    return sandbox
+
+
+async def start_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+    return await change_state(
+        context,
+        organization_id,
+        id_or_name,
+        allowed_from={SandboxState.STOPPED, SandboxState.ERROR},
+        already={SandboxState.STARTED, SandboxState.STARTING},
+        target=SandboxState.STARTING,
+        action=SandboxAction.START,
+        desired=DesiredState.STARTED,
+        verb="started",
+    )
+
+
+async def stop_sandbox(context: ApiContext, organization_id: str, id_or_name: str, force: bool) -> Sandbox:
+    return await change_state(
+        context,
+        organization_id,
+        id_or_name,
+        allowed_from={SandboxState.STARTED, SandboxState.ERROR},
+        already={SandboxState.STOPPED, SandboxState.STOPPING},
+        target=SandboxState.STOPPING,
+        action=SandboxAction.STOP,
+        desired=DesiredState.STOPPED,
+        verb="stopped",
+        force=force,
+    )
+
+
+async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+    deletable = set(SandboxState) - {SandboxState.DESTROYED, SandboxState.DESTROYING}
+    sandbox = await change_state(
+        context,
+        organization_id,
+        id_or_name,
+        allowed_from=deletable,
+        already={SandboxState.DESTROYING},
+        target=SandboxState.DESTROYING,
+        action=SandboxAction.DESTROY,
+        desired=DesiredState.DESTROYED,
+        verb="deleted",
+        force=True,
+    )
+    return sandbox
+
+
+async def replace_labels(
+    context: ApiContext, organization_id: str, id_or_name: str, labels: dict[str, str]
+) -> dict[str, str]:
+    language = labels.get(LANGUAGE_LABEL)
+    if language is not None and language not in SUPPORTED_LANGUAGES:
+        raise bad_request(f"label {LANGUAGE_LABEL} must be one of python, typescript, javascript")
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        sandbox.labels = dict(labels)
+        sandbox.updated_at = utc_now()
+        session.add(sandbox)
+        await session.commit()
+    return labels
+
+
+async def set_interval(
+    context: ApiContext, organization_id: str, id_or_name: str, field_name: str, minutes: int
+) -> Sandbox:
+    if field_name == "auto_delete_interval":
+        if minutes < -1:
+            raise bad_request("auto-delete interval must be -1 (disabled) or non-negative")
+    elif minutes < 0:
+        raise bad_request(f"{field_name.replace('_', ' ')} must be non-negative")
+    if field_name == "auto_archive_interval":
+        minutes = MAX_AUTO_ARCHIVE if minutes == 0 else min(minutes, MAX_AUTO_ARCHIVE)
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        setattr(sandbox, field_name, minutes)
+        sandbox.updated_at = utc_now()
+        session.add(sandbox)
+        await session.commit()
+    return sandbox
+
+
+def encode_cursor(sandbox: Sandbox) -> str:
+    raw = f"{sandbox.created_at.isoformat()}|{sandbox.id}"
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, sandbox_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), sandbox_id
+    except (ValueError, UnicodeDecodeError) as error:
+        raise bad_request("invalid cursor") from error
+
+
+async def list_sandboxes(
+    context: ApiContext,
+    organization_id: str,
+    *,
+    cursor: str | None,
+    limit: int,
+    labels: dict[str, str] | None,
+    states: list[str] | None,
+    name_prefix: str | None,
+    id_prefix: str | None,
+) -> tuple[list[Sandbox], str | None]:
+    statement = select(Sandbox).where(
+        Sandbox.organization_id == organization_id, Sandbox.state != SandboxState.DESTROYED
+    )
+    if states:
+        statement = statement.where(col(Sandbox.state).in_(states))
+    if name_prefix:
+        statement = statement.where(col(Sandbox.name).startswith(name_prefix))
+    if id_prefix:
+        statement = statement.where(col(Sandbox.id).startswith(id_prefix))
+    if cursor:
+        created, last_id = decode_cursor(cursor)
+        statement = statement.where(
+            or_(
+                col(Sandbox.created_at) < created,
+                and_(col(Sandbox.created_at) == created, col(Sandbox.id) < last_id),
+            )
+        )
+    statement = statement.order_by(col(Sandbox.created_at).desc(), col(Sandbox.id).desc())
+    async with context.database.sessions() as session:
+        if labels:
+            # Label filtering happens in Python: JSON operators differ between SQLite and PostgreSQL.
+            rows = list((await session.exec(statement)).all())
+            rows = [row for row in rows if all(row.labels.get(k) == v for k, v in labels.items())]
+            page = rows[: limit + 1]
+        else:
+            page = list((await session.exec(statement.limit(limit + 1))).all())
+    next_cursor = encode_cursor(page[limit - 1]) if len(page) > limit else None
+    return page[:limit], next_cursor
+
+
+async def touch_activity(context: ApiContext, organization_id: str, id_or_name: str) -> None:
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        sandbox.last_activity_at = utc_now()
+        session.add(sandbox)
+        await session.commit()

@@ -1,0 +1,1 @@
+"""Tidepool scheduler: places sandboxes on runners and reconciles desired against actual state."""

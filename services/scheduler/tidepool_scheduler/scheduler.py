@@ -1,0 +1,209 @@
+"""Intent handling and the reconciliation loop.
+
+Intents arrive durably from the API. Placing a sandbox and sending its job are idempotent (placement is kept
+in KV, jobs carry a dedupe id), so a scheduler killed mid-intent redoes the same work after redelivery. The
+reconciler re-sends jobs that got no answer and gives up with an `error` state after a few attempts, so no
+sandbox stays in a transient state forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import Bus, consume, kv_delete, kv_get, kv_items, kv_put, publish
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import (
+    DesiredSandbox,
+    Placement,
+    RunnerInfo,
+    RunnerJob,
+    SandboxAction,
+    SandboxIntent,
+    SandboxRoute,
+    SandboxStateEvent,
+)
+from tidepool_contracts.states import DesiredState, SandboxState
+from tidepool_scheduler.placement import choose_runner
+
+log = structlog.get_logger("tidepool.scheduler")
+
+# After this many deliveries without any runner, the create fails visibly instead of waiting forever.
+MAX_DELIVERIES_WITHOUT_RUNNER = 12
+
+ACTION_FOR_DESIRED = {
+    DesiredState.STARTED: SandboxAction.START,
+    DesiredState.STOPPED: SandboxAction.STOP,
+    DesiredState.DESTROYED: SandboxAction.DESTROY,
+}
+CONVERGED_ROUTE_STATE = {
+    DesiredState.STARTED: SandboxState.STARTED,
+    DesiredState.STOPPED: SandboxState.STOPPED,
+}
+
+
+@dataclass
+class Scheduler:
+    settings: Settings
+    bus: Bus
+    runners_kv: KeyValue
+    placements_kv: KeyValue
+    desired_kv: KeyValue
+    routes_kv: KeyValue
+
+    @classmethod
+    async def create(cls, settings: Settings, bus: Bus) -> Scheduler:
+        return cls(
+            settings=settings,
+            bus=bus,
+            runners_kv=await bus.kv(subjects.KV_RUNNERS),
+            placements_kv=await bus.kv(subjects.KV_PLACEMENTS),
+            desired_kv=await bus.kv(subjects.KV_DESIRED),
+            routes_kv=await bus.kv(subjects.KV_ROUTES),
+        )
+
+    async def report(self, intent: SandboxIntent, state: SandboxState, reason: str | None = None) -> None:
+        event = SandboxStateEvent(
+            sandbox_id=intent.sandbox_id,
+            organization_id=intent.organization_id,
+            state=state,
+            error_reason=reason,
+            source="scheduler",
+        )
+        await publish(self.bus, subjects.event_sandbox(intent.sandbox_id), event)
+
+    async def send_job(self, intent: SandboxIntent, placement: Placement, attempt: int) -> None:
+        job = RunnerJob(
+            intent_id=intent.intent_id,
+            sandbox_id=intent.sandbox_id,
+            action=intent.action,
+            spec=intent.spec,
+            force=intent.force,
+        )
+        await publish(
+            self.bus,
+            subjects.job_runner(placement.runner_id),
+            job,
+            msg_id=f"{intent.intent_id}:{attempt}",
+        )
+        log.info("job.sent", sandbox_id=intent.sandbox_id, action=intent.action, runner=placement.runner_id)
+
+    async def handle_intent(self, intent: SandboxIntent, msg: Msg) -> None:
+        desired = await kv_get(self.desired_kv, intent.sandbox_id, DesiredSandbox)
+        if intent.action == SandboxAction.CREATE and (
+            desired is None or desired.desired_state == DesiredState.DESTROYED
+        ):
+            # Deleted before it was ever placed: creating it now would leave an orphan container.
+            log.info("intent.superseded", sandbox_id=intent.sandbox_id)
+            return
+        placement = await kv_get(self.placements_kv, intent.sandbox_id, Placement)
+        if placement is None:
+            if intent.action == SandboxAction.DESTROY:
+                # Never placed: nothing runs anywhere.
+                await self.report(intent, SandboxState.DESTROYED)
+                return
+            if intent.action == SandboxAction.STOP:
+                await self.report(intent, SandboxState.STOPPED)
+                return
+            runners = await kv_items(self.runners_kv, RunnerInfo)
+            runner = choose_runner(runners, intent.spec)
+            if runner is None:
+                delivered = msg.metadata.num_delivered if msg.metadata else 1
+                if delivered >= MAX_DELIVERIES_WITHOUT_RUNNER:
+                    await self.report(
+                        intent, SandboxState.ERROR, "no runner with enough capacity is available"
+                    )
+                    return
+                raise RuntimeError("no runner available yet")
+            placement = Placement(
+                sandbox_id=intent.sandbox_id,
+                runner_id=runner.runner_id,
+                last_intent_id=intent.intent_id,
+                last_action=intent.action,
+            )
+        elif placement.last_intent_id != intent.intent_id:
+            placement = placement.model_copy(
+                update={
+                    "last_intent_id": intent.intent_id,
+                    "last_action": intent.action,
+                    "sent_at": datetime.now(UTC),
+                    "attempts": 1,
+                }
+            )
+        await kv_put(self.placements_kv, intent.sandbox_id, placement)
+        await self.send_job(intent, placement, attempt=placement.attempts)
+
+    async def consume_intents(self) -> None:
+        await consume(
+            self.bus,
+            stream=subjects.INTENTS_STREAM,
+            durable="scheduler-intents",
+            subject=f"{subjects.INTENT_SANDBOX_PREFIX}.>",
+            model_type=SandboxIntent,
+            handler=self.handle_intent,
+            ack_wait=10.0,
+            max_deliver=MAX_DELIVERIES_WITHOUT_RUNNER + 2,
+            concurrency=4,
+        )
+
+    async def reconcile_once(self) -> None:
+        now = datetime.now(UTC)
+        for desired in await kv_items(self.desired_kv, DesiredSandbox):
+            route = await kv_get(self.routes_kv, desired.sandbox_id, SandboxRoute)
+            placement = await kv_get(self.placements_kv, desired.sandbox_id, Placement)
+            if desired.desired_state == DesiredState.DESTROYED and route is None:
+                # Converged: forget the sandbox.
+                await kv_delete(self.placements_kv, desired.sandbox_id)
+                await kv_delete(self.desired_kv, desired.sandbox_id)
+                continue
+            if route is not None and route.state == CONVERGED_ROUTE_STATE.get(desired.desired_state):
+                continue
+            if route is not None and route.state == SandboxState.ERROR:
+                continue  # a runner reported a permanent failure; the user decides what next
+            if placement is None or placement.last_intent_id != desired.intent_id:
+                continue  # the intent is still on its way through the intents stream
+            waited = (now - placement.sent_at).total_seconds()
+            if waited < self.settings.job_resend_after_seconds:
+                continue
+            intent = SandboxIntent(
+                intent_id=desired.intent_id,
+                sandbox_id=desired.sandbox_id,
+                organization_id=desired.organization_id,
+                action=placement.last_action,
+                spec=desired.spec,
+                force=desired.force,
+            )
+            if placement.attempts >= self.settings.job_max_attempts:
+                log.warning("reconcile.gave_up", sandbox_id=desired.sandbox_id, runner=placement.runner_id)
+                await self.report(
+                    intent,
+                    SandboxState.ERROR,
+                    f"runner {placement.runner_id} did not complete '{placement.last_action}' "
+                    f"after {placement.attempts} attempts",
+                )
+                await kv_put(
+                    self.placements_kv,
+                    desired.sandbox_id,
+                    placement.model_copy(update={"sent_at": now, "attempts": placement.attempts + 1}),
+                )
+                continue
+            placement = placement.model_copy(update={"sent_at": now, "attempts": placement.attempts + 1})
+            await kv_put(self.placements_kv, desired.sandbox_id, placement)
+            log.info("reconcile.resend", sandbox_id=desired.sandbox_id, attempt=placement.attempts)
+            await self.send_job(intent, placement, attempt=placement.attempts)
+
+    async def reconcile_forever(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.reconcile_once()
+            except Exception as error:
+                log.exception("reconcile.failed", error=str(error))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.reconcile_interval_seconds)

@@ -1,0 +1,1 @@
+"""Tidepool telemetry: per-organization sandbox metrics over OTLP, usage metering."""

@@ -1,0 +1,1 @@
+"""The single-machine launcher: runs every Tidepool service on embedded defaults (`make up`)."""

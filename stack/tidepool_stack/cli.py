@@ -1,0 +1,139 @@
+"""`tidepool up|down|status`: the whole platform on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tidepool_contracts.config import REPO_ROOT
+from tidepool_stack.supervisor import Stack, StackConfig
+
+app = typer.Typer(add_completion=False, help="Run Tidepool on this machine.")
+console = Console()
+DEFAULT_DATA_DIR = Path(os.environ.get("TIDEPOOL_DATA_DIR", REPO_ROOT / ".tidepool"))
+
+
+def pid_file(data_dir: Path) -> Path:
+    return data_dir / "stack.pid"
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path, typer.Option(help="Where data, logs and sockets live")] = DEFAULT_DATA_DIR,
+    api_port: Annotated[int, typer.Option(envvar="TIDEPOOL_API_PORT")] = 3000,
+    proxy_port: Annotated[int, typer.Option(envvar="TIDEPOOL_PROXY_PORT")] = 4000,
+    ca_bundle: Annotated[
+        str, typer.Option(envvar="TIDEPOOL_CA_BUNDLE", help="CA bundle for builds/sandboxes")
+    ] = "",
+    database_url: Annotated[str, typer.Option(envvar="TIDEPOOL_DATABASE_URL")] = "",
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
+) -> None:
+    """Start every service; print the API URL and key once the platform answers."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if detach:
+        start_detached(data_dir)
+        return
+    config = StackConfig(
+        data_dir=data_dir,
+        api_port=api_port,
+        proxy_port=proxy_port,
+        ca_bundle=ca_bundle,
+        database_url=database_url,
+    )
+    pid_file(data_dir).write_text(str(os.getpid()))
+    try:
+        asyncio.run(run_foreground(config))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            pid_file(data_dir).unlink()
+
+
+async def run_foreground(config: StackConfig) -> None:
+    stack = Stack(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(stack.start())
+    stopping = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done and starting.exception() is None:
+        env_file = stack.write_env_file()
+        console.print(f"\n[bold green]Tidepool is up.[/]  (settings also in {env_file})")
+        console.print(f"  export DAYTONA_API_URL={stack.api_url}")
+        console.print(f"  export DAYTONA_API_KEY={stack.admin_key}\n")
+        watch = asyncio.create_task(watch_children(stack))
+        await asyncio.wait({stopping, watch}, return_when=asyncio.FIRST_COMPLETED)
+        watch.cancel()
+    elif starting in done:
+        console.print(f"[bold red]Tidepool failed to start:[/] {starting.exception()}")
+    else:
+        starting.cancel()
+    console.print("stopping…")
+    await stack.stop()
+    if starting in done and starting.exception() is not None:
+        raise typer.Exit(1)
+
+
+async def watch_children(stack: Stack) -> None:
+    while True:
+        try:
+            stack.check_alive()
+        except RuntimeError as error:
+            console.print(f"[bold red]{error}[/]")
+            return
+        await asyncio.sleep(1)
+
+
+def start_detached(data_dir: Path) -> None:
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    env_file = data_dir / "env"
+    with contextlib.suppress(FileNotFoundError):
+        env_file.unlink()
+    with open(logs / "stack.log", "ab") as log_handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tidepool_stack", "up", "--data-dir", str(data_dir)],
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    console.print(f"starting in the background (pid {process.pid}, log {logs / 'stack.log'})…")
+    while not env_file.exists():
+        if process.poll() is not None:
+            console.print(f"[bold red]Tidepool failed to start[/]; see {logs / 'stack.log'}")
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    console.print(env_file.read_text())
+
+
+@app.command()
+def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
+    """Stop a platform started with `up --detach`."""
+    path = pid_file(data_dir.resolve())
+    if not path.exists():
+        console.print("Tidepool is not running.")
+        return
+    pid = int(path.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+    console.print("Tidepool stopped.")
+
+
+if __name__ == "__main__":
+    app()

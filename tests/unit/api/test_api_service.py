@@ -1,0 +1,210 @@
+"""The API service alone, against a real nats-server and SQLite; runner events are published by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tidepool_api.app import create_app
+from tidepool_api.auth import Authenticator, hash_key
+from tidepool_api.bootstrap import ensure_admin, mirror_api_keys
+from tidepool_api.context import ApiContext
+from tidepool_api.db import Database, Snapshot
+from tidepool_api.events import consume_sandbox_events
+from tidepool_api.migrate import migrate
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import Bus, connect, decode, kv_get, publish
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import ApiKeyRecord, DesiredSandbox, SandboxIntent, SandboxStateEvent
+from tidepool_contracts.states import SandboxState
+
+
+@pytest.fixture
+async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ApiContext, str]]:
+    settings = Settings(data_dir=tmp_path, nats_url=nats_url, create_wait_seconds=0.5)
+    await migrate(settings.effective_database_url)
+    database = Database(settings.effective_database_url)
+    bus = await connect(nats_url, "test-api")
+    context = ApiContext(
+        settings=settings,
+        database=database,
+        bus=bus,
+        desired_kv=await bus.kv(subjects.KV_DESIRED),
+        api_keys_kv=await bus.kv(subjects.KV_API_KEYS),
+        authenticator=Authenticator(database),
+    )
+    await ensure_admin(context)
+    await mirror_api_keys(context)
+    async with database.sessions() as session:
+        session.add(Snapshot(id="snap", name="daytona-small", image_name="img:1", state="active", general=True))
+        await session.commit()
+    consumer = asyncio.create_task(consume_sandbox_events(context))
+    key = (tmp_path / "admin-api-key").read_text().strip()
+    transport = httpx.ASGITransport(app=create_app(context))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api", headers={"Authorization": f"Bearer {key}"}
+    ) as client:
+        yield client, context, key
+    consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer
+    await bus.close()
+    await database.close()
+
+
+async def report(bus: Bus, sandbox_id: str, organization_id: str, state: SandboxState) -> None:
+    event = SandboxStateEvent(sandbox_id=sandbox_id, organization_id=organization_id, state=state, source="test")
+    await publish(bus, subjects.event_sandbox(sandbox_id), event)
+
+
+async def wait_state(client: httpx.AsyncClient, sandbox_id: str, state: str) -> dict[str, object]:
+    for _ in range(100):
+        response = await client.get(f"/api/sandbox/{sandbox_id}")
+        if response.status_code == 200 and response.json()["state"] == state:
+            return response.json()
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"sandbox {sandbox_id} never reached {state}: {response.text}")
+
+
+async def test_create_publishes_intent_and_desired_state(api) -> None:  # type: ignore[no-untyped-def]
+    client, context, _ = api
+    response = await client.post("/api/sandbox", json={"labels": {"code-toolbox-language": "python"}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["state"] == "creating"
+    assert (body["cpu"], body["memory"], body["disk"]) == (1, 1, 3)
+    assert body["toolboxProxyUrl"].endswith("/toolbox")
+    assert body["createdAt"].endswith("Z")
+    desired = await kv_get(context.desired_kv, body["id"], DesiredSandbox)
+    assert desired is not None and desired.desired_state == "started" and desired.spec.image == "img:1"
+    info = await context.bus.js.stream_info(subjects.INTENTS_STREAM)
+    assert info.state.messages >= 1
+    message = await context.bus.js.get_last_msg(subjects.INTENTS_STREAM, subjects.intent_sandbox(body["id"]))
+    assert decode(SandboxIntent, message.data).action == "create"
+
+
+async def test_runner_events_drive_the_state_machine(api) -> None:  # type: ignore[no-untyped-def]
+    client, context, _ = api
+    created = (await client.post("/api/sandbox", json={"name": "machine"})).json()
+    sandbox_id, organization = created["id"], created["organizationId"]
+    await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
+    await wait_state(client, sandbox_id, "started")
+    stopping = await client.post(f"/api/sandbox/{sandbox_id}/stop?force=false")
+    assert stopping.json()["state"] == "stopping"
+    await report(context.bus, sandbox_id, organization, SandboxState.STOPPED)
+    await wait_state(client, "machine", "stopped")
+    deleting = await client.delete("/api/sandbox/machine")
+    assert deleting.json()["state"] == "destroying"
+    # A late `started` from an old job must not resurrect a sandbox being deleted.
+    await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
+    await asyncio.sleep(0.3)
+    assert (await client.get(f"/api/sandbox/{sandbox_id}")).json()["state"] == "destroying"
+    await report(context.bus, sandbox_id, organization, SandboxState.DESTROYED)
+    for _ in range(100):
+        if (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
+    # The name is free again.
+    assert (await client.post("/api/sandbox", json={"name": "machine"})).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ('{"cpu": 0}', 400, "cpu must be at least 1"),
+        ('{"memory": -1}', 400, "memory must be at least 1"),
+        ('{"cpu": 64}', 400, "at most 4"),
+        ('{"snapshot": "nope"}', 400, "Snapshot nope not found"),
+        ("{not json", 400, "not valid JSON"),
+        ("[1]", 400, "JSON object"),
+        ('{"labels": {"code-toolbox-language": "cobol"}}', 400, "code-toolbox-language"),
+    ],
+)
+async def test_bad_input_is_rejected_and_nothing_is_left(api, body: str, status: int, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    response = await client.post("/api/sandbox", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    assert fragment in response.json()["message"]
+    assert (await client.get("/api/sandbox")).json()["items"] == []
+
+
+async def test_authentication(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    assert (await client.get("/api/sandbox", headers={"Authorization": ""})).status_code == 401
+    response = await client.get("/api/sandbox", headers={"Authorization": "Bearer tp_wrong"})
+    assert response.status_code == 401
+    assert response.json()["message"] == "invalid API key"
+
+
+async def test_keys_are_hashed_and_mirrored_for_the_proxy(api) -> None:  # type: ignore[no-untyped-def]
+    client, context, key = api
+    record = await kv_get(context.api_keys_kv, hash_key(key), ApiKeyRecord)
+    assert record is not None and not record.revoked
+    database_file = (context.settings.data_dir / "tidepool.db").read_bytes()
+    assert key.encode() not in database_file
+
+
+async def test_tenants_do_not_see_each_other(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    mine = (await client.post("/api/sandbox", json={"name": "private"})).json()
+    tenant = await client.post("/api/organizations", json={"name": "tenant"})
+    assert tenant.status_code == 201
+    other_key = tenant.json()["apiKey"]["value"]
+    other = {"Authorization": f"Bearer {other_key}"}
+    assert (await client.get(f"/api/sandbox/{mine['id']}", headers=other)).status_code == 404
+    assert (await client.delete(f"/api/sandbox/{mine['id']}", headers=other)).status_code == 404
+    assert (await client.get("/api/sandbox", headers=other)).json()["items"] == []
+    assert (await client.post("/api/organizations", json={"name": "x"}, headers=other)).status_code == 403
+
+
+async def test_list_pages_with_a_cursor_and_filters_labels(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    for index in range(5):
+        labels = {"team": "a" if index % 2 == 0 else "b"}
+        assert (await client.post("/api/sandbox", json={"name": f"s{index}", "labels": labels})).status_code == 200
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await client.get("/api/sandbox", params=params)).json()
+        assert len(page["items"]) <= 2
+        seen += [item["name"] for item in page["items"]]
+        cursor = page["nextCursor"]
+        if not cursor:
+            break
+    assert sorted(seen) == [f"s{index}" for index in range(5)]
+    team_a = (await client.get("/api/sandbox", params={"labels": '{"team": "a"}'})).json()["items"]
+    assert sorted(item["name"] for item in team_a) == ["s0", "s2", "s4"]
+    replaced = await client.put("/api/sandbox/s1/labels", json={"labels": {"x": "y"}})
+    assert replaced.json() == {"labels": {"x": "y"}}
+    assert (await client.post("/api/sandbox", json={"name": "s1"})).status_code == 409
+
+
+async def test_intervals(api) -> None:  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    created = (await client.post("/api/sandbox", json={})).json()
+    assert created["autoStopInterval"] == 15 and created["autoArchiveInterval"] == 10080
+    assert created["autoDeleteInterval"] == -1
+    sandbox_id = created["id"]
+    assert (await client.post(f"/api/sandbox/{sandbox_id}/autostop/30")).json()["autoStopInterval"] == 30
+    assert (await client.post(f"/api/sandbox/{sandbox_id}/autodelete/-1")).json()["autoDeleteInterval"] == -1
+    assert (await client.post(f"/api/sandbox/{sandbox_id}/autostop/-5")).status_code == 400
+
+
+async def test_nothing_half_created_when_the_bus_is_down(api) -> None:  # type: ignore[no-untyped-def]
+    client, context, _ = api
+    await context.bus.nc.close()
+    response = await client.post("/api/sandbox", json={"name": "orphan"})
+    assert response.status_code == 503
+    async with context.database.sessions() as session:
+        from sqlmodel import select
+
+        from tidepool_api.db import Sandbox
+
+        assert (await session.exec(select(Sandbox).where(Sandbox.name == "orphan"))).first() is None

@@ -1,0 +1,54 @@
+"""The sandbox state machine table."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidepool_contracts.states import (
+    ALLOWED_TRANSITIONS,
+    InvalidTransitionError,
+    SandboxState,
+    assert_transition,
+    can_transition,
+)
+
+
+def test_every_state_has_a_row() -> None:
+    assert set(ALLOWED_TRANSITIONS) == set(SandboxState)
+
+
+def test_lifecycle_path_is_allowed() -> None:
+    path = [
+        SandboxState.UNKNOWN,
+        SandboxState.CREATING,
+        SandboxState.STARTED,
+        SandboxState.STOPPING,
+        SandboxState.STOPPED,
+        SandboxState.STARTING,
+        SandboxState.STARTED,
+        SandboxState.DESTROYING,
+        SandboxState.DESTROYED,
+    ]
+    for current, target in zip(path, path[1:], strict=False):
+        assert_transition(current, target)
+
+
+def test_destroyed_is_final() -> None:
+    for target in SandboxState:
+        if target != SandboxState.DESTROYED:
+            assert not can_transition(SandboxState.DESTROYED, target)
+
+
+def test_stale_started_after_delete_is_rejected() -> None:
+    with pytest.raises(InvalidTransitionError, match="destroying"):
+        assert_transition(SandboxState.DESTROYING, SandboxState.STARTED)
+
+
+def test_same_state_is_idempotent() -> None:
+    for state in SandboxState:
+        assert can_transition(state, state)
+
+
+def test_transitions_only_name_known_states() -> None:
+    for targets in ALLOWED_TRANSITIONS.values():
+        assert targets <= set(SandboxState)
