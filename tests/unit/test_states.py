@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from tidepool_contracts.states import (
@@ -29,7 +31,7 @@ def test_lifecycle_path_is_allowed() -> None:
         SandboxState.DESTROYING,
         SandboxState.DESTROYED,
     ]
-    for current, target in zip(path, path[1:], strict=False):
+    for current, target in itertools.pairwise(path):
         assert_transition(current, target)
 
 

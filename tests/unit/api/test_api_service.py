@@ -41,7 +41,9 @@ async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncC
     await ensure_admin(context)
     await mirror_api_keys(context)
     async with database.sessions() as session:
-        session.add(Snapshot(id="snap", name="daytona-small", image_name="img:1", state="active", general=True))
+        session.add(
+            Snapshot(id="snap", name="daytona-small", image_name="img:1", state="active", general=True)
+        )
         await session.commit()
     consumer = asyncio.create_task(consume_sandbox_events(context))
     key = (tmp_path / "admin-api-key").read_text().strip()
@@ -58,7 +60,9 @@ async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncC
 
 
 async def report(bus: Bus, sandbox_id: str, organization_id: str, state: SandboxState) -> None:
-    event = SandboxStateEvent(sandbox_id=sandbox_id, organization_id=organization_id, state=state, source="test")
+    event = SandboxStateEvent(
+        sandbox_id=sandbox_id, organization_id=organization_id, state=state, source="test"
+    )
     await publish(bus, subjects.event_sandbox(sandbox_id), event)
 
 
@@ -143,7 +147,7 @@ async def test_authentication(api) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_keys_are_hashed_and_mirrored_for_the_proxy(api) -> None:  # type: ignore[no-untyped-def]
-    client, context, key = api
+    _client, context, key = api
     record = await kv_get(context.api_keys_kv, hash_key(key), ApiKeyRecord)
     assert record is not None and not record.revoked
     database_file = (context.settings.data_dir / "tidepool.db").read_bytes()
@@ -167,7 +171,9 @@ async def test_list_pages_with_a_cursor_and_filters_labels(api) -> None:  # type
     client, _, _ = api
     for index in range(5):
         labels = {"team": "a" if index % 2 == 0 else "b"}
-        assert (await client.post("/api/sandbox", json={"name": f"s{index}", "labels": labels})).status_code == 200
+        assert (
+            await client.post("/api/sandbox", json={"name": f"s{index}", "labels": labels})
+        ).status_code == 200
     seen: list[str] = []
     cursor = None
     while True:

@@ -1,0 +1,74 @@
+"""`make bench`: latency of the spine through the official SDK, against a stack this script starts.
+
+Prints medians and p95 in milliseconds. Targets (later issues): create→first exec ≤ 500 ms, exec ≤ 8 ms.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from daytona import Daytona
+
+from tests.integration.stackthread import StackThread
+
+CREATES = int(os.environ.get("BENCH_CREATES", "20"))
+EXECS = int(os.environ.get("BENCH_EXECS", "200"))
+
+
+def summary(name: str, samples_ms: list[float], target_ms: float) -> str:
+    ordered = sorted(samples_ms)
+    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
+    median = statistics.median(ordered)
+    return (
+        f"{name:<32} n={len(ordered):<4} median={median:8.1f} ms  p95={p95:8.1f} ms  "
+        f"target={target_ms:.0f} ms  ratio={median / target_ms:5.2f}x"
+    )
+
+
+def bench(daytona: Daytona) -> list[str]:
+    daytona.delete(daytona.create())  # warm caches: first image use, connection pools
+    create_ms: list[float] = []
+    for _ in range(CREATES):
+        started = time.perf_counter()
+        sandbox = daytona.create()
+        sandbox.process.exec("true")
+        create_ms.append((time.perf_counter() - started) * 1000)
+        daytona.delete(sandbox)
+    sandbox = daytona.create()
+    try:
+        sandbox.process.exec("true")
+        exec_ms: list[float] = []
+        for _ in range(EXECS):
+            started = time.perf_counter()
+            sandbox.process.exec("true")
+            exec_ms.append((time.perf_counter() - started) * 1000)
+    finally:
+        daytona.delete(sandbox)
+    return [
+        summary("create -> first exec", create_ms, 500),
+        summary('exec("true") round trip', exec_ms, 8),
+    ]
+
+
+def main() -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="tidepool-bench-"))
+    stack = StackThread(data_dir)
+    print(f"starting a stack in {data_dir} …", flush=True)
+    stack.start()
+    try:
+        os.environ["DAYTONA_API_URL"] = stack.api_url
+        os.environ["DAYTONA_API_KEY"] = stack.api_key
+        lines = bench(Daytona())
+    finally:
+        stack.stop()
+    print("\nTidepool spine benchmark (official SDK 0.226.1, this machine)")
+    for line in lines:
+        print("  " + line)
+
+
+if __name__ == "__main__":
+    main()

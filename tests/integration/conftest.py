@@ -1,0 +1,43 @@
+"""Integration fixtures: one real Tidepool stack (NATS, Podman, services) for the whole session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.stackthread import StackThread, drop_postgres_database, fresh_postgres_database
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
+    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
+    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
+    running = StackThread(tmp_path_factory.mktemp("tidepool"), database_url=database_url)
+    try:
+        running.start()
+    except BaseException:
+        print(running.log_path.read_text()[-20000:])
+        running.stop()
+        raise
+    try:
+        yield running
+    finally:
+        running.stop()
+        if database_name:
+            drop_postgres_database(base_url, database_name)
+
+
+@pytest.fixture(scope="session")
+def sdk_env(stack: StackThread) -> Iterator[None]:
+    """The official SDK reads DAYTONA_API_URL / DAYTONA_API_KEY, exactly as a user's code does."""
+    saved = {name: os.environ.get(name) for name in ("DAYTONA_API_URL", "DAYTONA_API_KEY")}
+    os.environ["DAYTONA_API_URL"] = stack.api_url
+    os.environ["DAYTONA_API_KEY"] = stack.api_key
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -1,0 +1,114 @@
+"""Runs a whole Tidepool stack on a background event loop, so synchronous SDK tests can drive it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from tidepool_stack.supervisor import Stack, StackConfig, free_port
+
+T = TypeVar("T")
+
+
+class StackThread:
+    def __init__(self, data_dir: Path, database_url: str = "") -> None:
+        self.data_dir = data_dir
+        self.log_path = data_dir / "stack.log"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tidepool-stack", daemon=True)
+        self.thread.start()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in stop)
+        ca_bundle = os.environ.get("TIDEPOOL_CA_BUNDLE", "")
+        self.config = StackConfig(
+            data_dir=data_dir,
+            api_port=free_port(),
+            proxy_port=free_port(),
+            database_url=database_url,
+            ca_bundle=ca_bundle,
+            # Tests kill services on purpose: resend unanswered jobs sooner than in production.
+            extra_env={"TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20", "TIDEPOOL_LOG_LEVEL": "INFO"},
+        )
+        self.stack = Stack(self.config, sink=self._write)
+
+    def _write(self, service: str, line: str) -> None:
+        self._log.write(f"{service:<10}| {line}\n")
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    def start(self) -> None:
+        self.run(self.stack.start(), timeout=3600)
+
+    def stop(self) -> None:
+        try:
+            self.run(self.stack.stop(), timeout=120)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            self._log.close()
+
+    def kill(self, service: str) -> None:
+        self.run(self.stack.kill_service(service), timeout=30)
+
+    def restart(self, service: str) -> None:
+        self.run(self.stack.start_service(service), timeout=30)
+
+    @property
+    def api_url(self) -> str:
+        return self.stack.api_url
+
+    @property
+    def api_key(self) -> str:
+        return self.stack.admin_key
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://localhost:{self.config.proxy_port}"
+
+    @property
+    def docker_host(self) -> str:
+        return self.stack.env["TIDEPOOL_DOCKER_HOST"]
+
+
+def fresh_postgres_database(base_url: str) -> tuple[str, str]:
+    """Create an empty database next to the one in `base_url`; returns (url, name)."""
+    import asyncpg
+
+    name = f"tidepool_it_{secrets.token_hex(4)}"
+    parts = urlsplit(base_url)
+    admin_dsn = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
+
+    async def create() -> None:
+        connection = await asyncpg.connect(admin_dsn)
+        try:
+            await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", "")), name
+
+
+def drop_postgres_database(base_url: str, name: str) -> None:
+    import asyncpg
+
+    parts = urlsplit(base_url)
+    admin_dsn = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
+
+    async def drop() -> None:
+        connection = await asyncpg.connect(admin_dsn)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+    asyncio.run(drop())
