@@ -1,0 +1,48 @@
+"""Process-wide facts captured once at start: work dir, home dir and the environment for user commands."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import INVALID_FILE_PATH, DaemonError
+
+
+@dataclass(frozen=True)
+class DaemonContext:
+    work_dir: str
+    home_dir: str
+    # The container's environment as the daemon found it; user commands start from this, never from
+    # whatever the daemon itself may change later.
+    base_env: Mapping[str, str]
+
+    @classmethod
+    def from_current_process(cls) -> DaemonContext:
+        return cls(work_dir=os.getcwd(), home_dir=_home_dir(), base_env=dict(os.environ))
+
+    def resolve_path(self, raw_path: str, *, allow_empty: bool = True) -> str:
+        """Absolute, normalised path for `raw_path`; relative paths resolve against the work dir."""
+        if raw_path == "" and not allow_empty:
+            raise DaemonError(400, "path must not be empty", INVALID_FILE_PATH)
+        if "\x00" in raw_path:
+            raise DaemonError(400, "path must not contain NUL bytes", INVALID_FILE_PATH)
+        try:
+            os.fsencode(raw_path)
+        except UnicodeError:
+            raise DaemonError(
+                400, f"path is not valid for this filesystem: {raw_path!r}", INVALID_FILE_PATH
+            ) from None
+        return os.path.normpath(os.path.join(self.work_dir, raw_path))
+
+
+def _home_dir() -> str:
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return home
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        # Arbitrary uids without a passwd entry still need an absolute answer.
+        return "/"

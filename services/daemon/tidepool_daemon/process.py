@@ -1,0 +1,251 @@
+"""`POST /process/execute`: run one shell command and return its combined output and exit code.
+
+Zombie reaping: the runner starts containers with an init process (`Init: true`, catatonit), which reaps
+orphaned grandchildren. The daemon therefore never reaps globally (a `waitpid(-1)` loop would steal exit
+statuses from `subprocess`) and never sets SIGCHLD to SIG_IGN; each command's shell is waited for here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .context import DaemonContext
+from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
+from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+
+# Like the SDK documents: the first available of bash and sh (users write bash syntax).
+COMMAND_SHELL = next((shell for shell in ("/bin/bash", "/usr/bin/bash") if os.path.exists(shell)), "/bin/sh")
+TIMEOUT_MESSAGE = "request timeout: command execution timeout"
+# The whole output goes back in one JSON string; past this we keep draining but stop storing, so a
+# chatty command (e.g. `yes` without a timeout) cannot exhaust the daemon's memory.
+MAX_CAPTURED_OUTPUT_BYTES = 64 * 1024 * 1024
+# How often to check whether the shell exited while its output pipe stays quiet.
+_EXIT_CHECK_INTERVAL_SECONDS = 0.05
+# After the shell exits, background children may still hold the pipe open (`sleep 30 &`). Collect what
+# is already there, then stop once the pipe is idle this long, or after the overall cap.
+_DRAIN_IDLE_SECONDS = 0.1
+_DRAIN_MAX_SECONDS = 2.0
+_STDIN_WRITE_SIZE = 64 * 1024
+
+TerminationReason = Literal["exited", "signal", "timeout"]
+
+
+@dataclass(frozen=True)
+class CommandOutcome:
+    output: bytes
+    exit_code: int
+    reason: TerminationReason
+    signal_number: int | None
+    output_truncated: bool
+
+    def termination(self) -> dict[str, Any]:
+        return {"reason": self.reason, "signal": self.signal_number}
+
+
+class ProcessService:
+    def __init__(self, context: DaemonContext) -> None:
+        self._context = context
+
+    def execute(self, request: Request) -> Response:
+        payload = request.json_object_body()
+        command = payload.get("command")
+        if not isinstance(command, str) or not command.strip():
+            raise bad_request("command is required")
+        cwd = self._resolve_cwd(payload.get("cwd"))
+        env = self._build_env(payload.get("envs"))
+        timeout_seconds = _parse_timeout(payload.get("timeout"))
+
+        outcome = run_shell_command(command, cwd, env, timeout_seconds)
+        if outcome.reason == "timeout":
+            raise DaemonError(
+                408, TIMEOUT_MESSAGE, PROCESS_EXECUTION_TIMEOUT, extra={"termination": outcome.termination()}
+            )
+        response: dict[str, Any] = {
+            "result": outcome.output.decode("utf-8", "replace"),
+            "exitCode": outcome.exit_code,
+            "termination": outcome.termination(),
+        }
+        if outcome.output_truncated:
+            response["outputTruncated"] = True
+        return json_response(200, response)
+
+    def _resolve_cwd(self, raw_cwd: object) -> str:
+        if raw_cwd is None or raw_cwd == "":
+            return self._context.work_dir
+        if not isinstance(raw_cwd, str):
+            raise bad_request("cwd must be a string")
+        cwd = self._context.resolve_path(raw_cwd)
+        if not os.path.isdir(cwd):
+            raise bad_request(f"cwd does not exist or is not a directory: {raw_cwd}")
+        return cwd
+
+    def _build_env(self, raw_envs: object) -> dict[str, str]:
+        env = dict(self._context.base_env)
+        if raw_envs is None:
+            return env
+        if not isinstance(raw_envs, dict):
+            raise bad_request("envs must be an object of string values")
+        for name, value in raw_envs.items():
+            if not isinstance(value, str):
+                raise bad_request(f"envs.{name} must be a string")
+            if not name or "=" in name or "\x00" in name or "\x00" in value:
+                raise bad_request(f"invalid environment variable name or value: {name!r}")
+            env[name] = value
+        return env
+
+
+def _parse_timeout(raw_timeout: object) -> float | None:
+    if raw_timeout is None:
+        return None
+    if isinstance(raw_timeout, bool) or not isinstance(raw_timeout, int | float):
+        raise bad_request("timeout must be a number of seconds")
+    # Like the reference daemon, zero or negative means "no timeout".
+    return float(raw_timeout) if raw_timeout > 0 else None
+
+
+def run_shell_command(
+    command: str, cwd: str, env: dict[str, str], timeout_seconds: float | None
+) -> CommandOutcome:
+    """Run `command` as a script fed to `sh` on stdin (so heredocs work), capturing stdout+stderr."""
+    try:
+        shell = subprocess.Popen(
+            [COMMAND_SHELL],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one pipe keeps stdout and stderr interleaved in write order
+            cwd=cwd,
+            env=env,
+            start_new_session=True,  # own process group, so a timeout can kill the whole tree
+            close_fds=True,
+        )
+    except OSError as exc:
+        raise DaemonError(500, f"failed to start command: {exc}") from None
+    return _ShellRun(shell, command.encode("utf-8", "surrogatepass"), timeout_seconds).wait()
+
+
+class _ShellRun:
+    """Feeds the script, collects output and enforces the timeout for one running shell.
+
+    One poll loop handles both pipes so a large script cannot deadlock against a shell blocked on
+    writing output, and no extra thread is left behind when a background child keeps stdin open.
+    """
+
+    def __init__(self, shell: subprocess.Popen[bytes], script: bytes, timeout_seconds: float | None) -> None:
+        assert shell.stdin is not None and shell.stdout is not None
+        self._shell = shell
+        self._pending_input = memoryview(script)
+        self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        self._output = bytearray()
+        self._output_truncated = False
+        self._poller = select.poll()
+        self._stdout_fd = shell.stdout.fileno()
+        self._stdin_fd: int | None = shell.stdin.fileno()
+        os.set_blocking(self._stdin_fd, False)
+        self._poller.register(self._stdout_fd, select.POLLIN)
+        self._poller.register(self._stdin_fd, select.POLLOUT)
+
+    def wait(self) -> CommandOutcome:
+        try:
+            timed_out = self._pump_until_done()
+            if not timed_out:
+                timed_out = self._wait_for_shell_exit()
+        finally:
+            self._close_stdin()
+            assert self._shell.stdout is not None
+            self._shell.stdout.close()
+        if timed_out:
+            return self._outcome(-signal.SIGKILL, "timeout")
+        return_code = self._shell.returncode
+        return self._outcome(return_code, "signal" if return_code < 0 else "exited")
+
+    def _pump_until_done(self) -> bool:
+        """Move data until the output pipe is finished with; returns True if the timeout fired first."""
+        exited_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if exited_at is None and self._shell.poll() is not None:
+                exited_at = now
+                self._close_stdin()
+            if exited_at is None:
+                if self._deadline is not None and now >= self._deadline:
+                    self._kill_process_group()
+                    return True
+                wait_seconds = _EXIT_CHECK_INTERVAL_SECONDS
+                if self._deadline is not None:
+                    wait_seconds = min(wait_seconds, self._deadline - now)
+            else:
+                if now - exited_at >= _DRAIN_MAX_SECONDS:
+                    return False
+                wait_seconds = _DRAIN_IDLE_SECONDS
+
+            received_output = False
+            for descriptor, events in self._poller.poll(max(wait_seconds, 0) * 1000):
+                if descriptor == self._stdout_fd:
+                    chunk = os.read(self._stdout_fd, READ_CHUNK_SIZE)
+                    if not chunk:
+                        return False  # EOF: no process holds the pipe any more
+                    self._capture(chunk)
+                    received_output = True
+                elif descriptor == self._stdin_fd:
+                    self._feed_stdin(events)
+            if exited_at is not None and not received_output:
+                return False  # shell gone and the pipe went quiet: leftovers belong to background jobs
+
+    def _wait_for_shell_exit(self) -> bool:
+        """The output pipe closed; the shell itself may still be running (e.g. it closed stdout)."""
+        remaining = None if self._deadline is None else max(self._deadline - time.monotonic(), 0)
+        try:
+            self._shell.wait(timeout=remaining)
+        except subprocess.TimeoutExpired:
+            self._kill_process_group()
+            return True
+        return False
+
+    def _feed_stdin(self, events: int) -> None:
+        if events & (select.POLLERR | select.POLLHUP) or self._stdin_fd is None:
+            self._close_stdin()
+            return
+        try:
+            written = os.write(self._stdin_fd, self._pending_input[:_STDIN_WRITE_SIZE])
+        except BlockingIOError:
+            return
+        except OSError:  # EPIPE: the shell exited without reading the whole script
+            self._close_stdin()
+            return
+        self._pending_input = self._pending_input[written:]
+        if not self._pending_input:
+            self._close_stdin()  # EOF ends the script
+
+    def _close_stdin(self) -> None:
+        if self._stdin_fd is None:
+            return
+        self._poller.unregister(self._stdin_fd)
+        self._stdin_fd = None
+        assert self._shell.stdin is not None
+        with contextlib.suppress(OSError):
+            self._shell.stdin.close()
+
+    def _capture(self, chunk: bytes) -> None:
+        room = MAX_CAPTURED_OUTPUT_BYTES - len(self._output)
+        if len(chunk) > room:
+            self._output_truncated = True
+            chunk = chunk[: max(room, 0)]
+        self._output += chunk
+
+    def _kill_process_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._shell.pid, signal.SIGKILL)
+        self._shell.wait()
+
+    def _outcome(self, return_code: int, reason: TerminationReason) -> CommandOutcome:
+        signal_number = -return_code if return_code < 0 else None
+        # Shell convention for a signal death (128 + n); the real signal is in `termination.signal`.
+        exit_code = 128 + signal_number if signal_number is not None else return_code
+        return CommandOutcome(bytes(self._output), exit_code, reason, signal_number, self._output_truncated)

@@ -1,0 +1,317 @@
+"""HTTP/1.1 server (keep-alive, one thread per connection) on a unix socket, plus the route table.
+
+The host-side runner reaches the daemon through the bind-mounted unix socket; `--tcp` exists only for
+local debugging. Process reaping is left to the container's init process (see `process.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socketserver
+import stat
+import sys
+import threading
+from collections.abc import Sequence
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
+from types import FrameType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from . import DAEMON_VERSION
+from .context import DaemonContext
+from .errors import DaemonError, envelope_for
+from .files import FileSystemService
+from .http_io import (
+    BodyFramingError,
+    EmptyBody,
+    Request,
+    RequestBody,
+    Response,
+    body_for_request,
+    encode_json,
+)
+from .info import InfoService
+from .process import ProcessService
+from .routing import Router
+from .transfer import FileTransferService
+
+logger = logging.getLogger("tidepool_daemon")
+
+SOCKET_MODE = 0o666  # the runner on the host connects as a different uid than the sandbox user
+
+
+def build_router(context: DaemonContext) -> Router:
+    info = InfoService(context)
+    files = FileSystemService(context)
+    transfer = FileTransferService(context)
+    process = ProcessService(context)
+
+    router = Router()
+    router.add("GET", "/version", info.version)
+    router.add("GET", "/user-home-dir", info.user_home_dir)
+    router.add("GET", "/work-dir", info.work_dir)
+
+    router.add("GET", "/files", files.list_files)
+    router.add("DELETE", "/files", files.delete_file)
+    router.add("GET", "/files/info", files.get_file_info)
+    router.add("POST", "/files/folder", files.create_folder)
+    router.add("POST", "/files/bulk-upload", transfer.bulk_upload)
+    router.add("POST", "/files/bulk-download", transfer.bulk_download)
+    router.add("GET", "/files/download", transfer.download)
+
+    router.add("POST", "/process/execute", process.execute)
+    return router
+
+
+class ToolboxRequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: the SDK pools connections
+    server_version = f"tidepool-daemon/{DAEMON_VERSION}"
+    sys_version = ""
+    server: ToolboxServerMixin
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def _handle(self) -> None:
+        split = urlsplit(self.path)
+        route_path = split.path or "/"
+        body: RequestBody = EmptyBody()
+        try:
+            body = body_for_request(self.headers, self.rfile)
+            handler, path_params = self.server.router.resolve(self.command, route_path)
+            query = parse_qs(split.query, keep_blank_values=True)
+            request = Request(self.command, route_path, query, self.headers, body, path_params)
+            response = handler(request)
+        except BodyFramingError as exc:
+            self.close_connection = True  # we no longer know where the next request starts
+            response = self._error_response(exc, route_path)
+        except DaemonError as exc:
+            response = self._error_response(exc, route_path)
+        except Exception:
+            logger.exception("unhandled error in %s %s", self.command, route_path)
+            response = self._error_response(DaemonError(500, "internal server error"), route_path)
+        if not body.settle():
+            self.close_connection = True
+        self._write_response(response)
+
+    def _error_response(self, error: DaemonError, route_path: str) -> Response:
+        payload = encode_json(envelope_for(error, route_path, self.command or ""))
+        return Response(error.status, [("Content-Type", "application/json")], payload)
+
+    def _write_response(self, response: Response) -> None:
+        body_allowed = self.command != "HEAD" and response.status not in (204, 304)
+        try:
+            self.send_response(response.status)
+            for name, value in response.headers:
+                self.send_header(name, value)
+            if isinstance(response.body, bytes):
+                if response.status not in (204, 304):
+                    self.send_header("Content-Length", str(len(response.body)))
+            elif response.content_length is not None:
+                self.send_header("Content-Length", str(response.content_length))
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if isinstance(response.body, bytes):
+                if body_allowed and response.body:
+                    self.wfile.write(response.body)
+            elif body_allowed:
+                self._write_stream(response)
+        except OSError:
+            self.close_connection = True  # the client went away mid-response
+        finally:
+            close = getattr(response.body, "close", None)
+            if close is not None:
+                close()  # release files held by an unfinished streaming generator
+
+    def _write_stream(self, response: Response) -> None:
+        chunked = response.content_length is None
+        sent = 0
+        try:
+            for chunk in response.body:
+                if not chunk:
+                    continue
+                self.wfile.write(b"%X\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                sent += len(chunk)
+        except OSError:
+            raise
+        except Exception:
+            # Headers are already out, so the only honest signal left is an unterminated body.
+            logger.exception("error while streaming %s %s", self.command, self.path)
+            self.close_connection = True
+            return
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        elif sent != response.content_length:
+            logger.warning(
+                "short response body for %s (%d of %d bytes)", self.path, sent, response.content_length
+            )
+            self.close_connection = True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own protocol errors (bad request line, unknown method) get the JSON envelope too."""
+        self.close_connection = True
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        route_path = urlsplit(getattr(self, "path", "") or "").path
+        method = getattr(self, "command", None) or ""
+        payload = encode_json(envelope_for(DaemonError(code, message or phrase), route_path, method))
+        if self.request_version == "HTTP/0.9":
+            # Unparseable request lines leave the stdlib in HTTP/0.9 mode, which would drop the status
+            # line and headers; no real client speaks 0.9, so answer in HTTP/1.1 form.
+            self.request_version = "HTTP/1.1"
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if method != "HEAD" and code >= 200 and code not in (204, 304):
+            self.wfile.write(payload)
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def address_string(self) -> str:
+        # Unix-socket peers have no address ('' or b''); the stdlib would index into it and crash logging.
+        if isinstance(self.client_address, tuple) and self.client_address:
+            return str(self.client_address[0])
+        return "unix"
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        logger.debug('%s "%s" %s', self.address_string(), self.requestline, code)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        logger.warning("%s %s", self.address_string(), format % args)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+
+class TcpToolboxRequestHandler(ToolboxRequestHandler):
+    disable_nagle_algorithm = True  # TCP only; setting TCP_NODELAY on a unix socket would fail
+
+
+class ToolboxServerMixin(socketserver.ThreadingMixIn):
+    daemon_threads = True  # a hung command must not keep the daemon from exiting
+    block_on_close = False
+    request_queue_size = 256  # the SDK may open many connections at once
+    router: Router
+
+
+class UnixToolboxServer(ToolboxServerMixin, socketserver.UnixStreamServer):
+    def __init__(self, socket_path: str, router: Router) -> None:
+        self.router = router
+        self._socket_inode: int | None = None
+        super().__init__(socket_path, ToolboxRequestHandler)
+
+    def server_bind(self) -> None:
+        socket_path = str(self.server_address)
+        _remove_stale_socket(socket_path)
+        os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
+        super().server_bind()
+        os.chmod(socket_path, SOCKET_MODE)
+        self._socket_inode = os.stat(socket_path).st_ino
+
+    def server_close(self) -> None:
+        super().server_close()
+        socket_path = str(self.server_address)
+        # Only remove the socket we created, not one a newer daemon has put in its place.
+        with contextlib.suppress(OSError):
+            if self._socket_inode is not None and os.stat(socket_path).st_ino == self._socket_inode:
+                os.unlink(socket_path)
+
+
+class TcpToolboxServer(ToolboxServerMixin, socketserver.TCPServer):
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], router: Router) -> None:
+        self.router = router
+        super().__init__(address, TcpToolboxRequestHandler)
+
+
+def _remove_stale_socket(socket_path: str) -> None:
+    try:
+        mode = os.lstat(socket_path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SystemExit(f"refusing to replace non-socket file at {socket_path}")
+    os.unlink(socket_path)
+
+
+def _parse_tcp_address(raw: str) -> tuple[str, int]:
+    host, separator, port = raw.rpartition(":")
+    if not separator or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tidepool-daemon", description="Tidepool in-sandbox toolbox daemon")
+    parser.add_argument("--socket", help="unix socket path to listen on, e.g. /run/tidepool/toolbox.sock")
+    parser.add_argument(
+        "--tcp", type=_parse_tcp_address, metavar="HOST:PORT", help="TCP listener (debug only)"
+    )
+    parser.add_argument("--log-level", default=os.environ.get("TIDEPOOL_DAEMON_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    if not args.socket and not args.tcp:
+        parser.error("at least one of --socket or --tcp is required")
+    return args
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    # Raised in the main thread, which unwinds serve_forever() and closes the listeners.
+    raise SystemExit(0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    context = DaemonContext.from_current_process()
+    router = build_router(context)
+
+    servers: list[socketserver.BaseServer] = []
+    if args.socket:
+        servers.append(UnixToolboxServer(args.socket, router))
+    if args.tcp:
+        servers.append(TcpToolboxServer(args.tcp, router))
+    # PID 1 ignores SIGTERM unless a handler is installed, so always install one.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
+
+    for extra_server in servers[1:]:
+        threading.Thread(target=extra_server.serve_forever, name="tcp-listener", daemon=True).start()
+    logger.info(
+        "tidepool daemon %s listening on %s (work dir %s)",
+        DAEMON_VERSION,
+        ", ".join(_describe(server) for server in servers),
+        context.work_dir,
+    )
+    try:
+        servers[0].serve_forever()
+    finally:
+        for server in servers:
+            server.server_close()
+    return 0
+
+
+def _describe(server: socketserver.BaseServer) -> str:
+    address = server.server_address
+    if isinstance(address, tuple):
+        return f"tcp://{address[0]}:{address[1]}"
+    return f"unix://{os.fsdecode(address) if isinstance(address, bytes) else address}"

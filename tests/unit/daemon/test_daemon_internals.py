@@ -1,0 +1,103 @@
+"""In-process tests of daemon pieces that are hard to reach over HTTP: the multipart scanner, chunked
+decoding and the errno -> error-code mapping."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+
+import pytest
+
+from tidepool_daemon.errors import DaemonError, file_error_from_os_error
+from tidepool_daemon.http_io import ChunkedBody, RequestBody
+from tidepool_daemon.multipart import MultipartReader, parse_header_parameters
+
+
+class TrickleBody(RequestBody):
+    """Delivers a body a few bytes at a time so every boundary gets split across reads."""
+
+    def __init__(self, payload: bytes, step: int) -> None:
+        super().__init__()
+        self._payload = payload
+        self._offset = 0
+        self._step = step
+
+    def _read_some(self, size: int) -> bytes:
+        chunk = self._payload[self._offset : self._offset + min(size, self._step)]
+        self._offset += len(chunk)
+        return chunk
+
+
+def _multipart(boundary: bytes, parts: list[tuple[bytes, bytes]]) -> bytes:
+    body = b"preamble to ignore\r\n"
+    for disposition, content in parts:
+        body += (
+            b"--" + boundary + b"\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + b"\r\n"
+        )
+    return body + b"--" + boundary + b"--\r\nepilogue"
+
+
+def _read_all_parts(reader: MultipartReader) -> list[tuple[str | None, bytes]]:
+    parts = []
+    while (part := reader.next_part()) is not None:
+        content = b""
+        while chunk := reader.read_part_data(1000):
+            content += chunk
+        parts.append((part.name, content))
+    return parts
+
+
+@pytest.mark.parametrize("step", [1, 3, 17, 4096, 1 << 20])
+def test_multipart_reader_survives_any_read_split(step: int) -> None:
+    boundary = b"xyzBOUNDARY"
+    # Content that contains near-misses of the delimiter must come through untouched.
+    tricky = b"\r\n--xyzBOUNDAR\r\n-\r\n--" + os.urandom(5000) + b"\r\n--xyzBOUNDARz"
+    payload = _multipart(
+        boundary,
+        [(b'form-data; name="files[0].path"', b"a/b.txt"), (b'form-data; name="f"; filename="x"', tricky)],
+    )
+    reader = MultipartReader(TrickleBody(payload, step), boundary)
+    assert _read_all_parts(reader) == [("files[0].path", b"a/b.txt"), ("f", tricky)]
+
+
+def test_multipart_reader_rejects_truncated_body() -> None:
+    boundary = b"B"
+    payload = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nunterminated'
+    reader = MultipartReader(TrickleBody(payload, 5), boundary)
+    assert reader.next_part() is not None
+    with pytest.raises(DaemonError):
+        while reader.read_part_data():
+            pass
+
+
+def test_parse_header_parameters_keeps_paths_exact() -> None:
+    media, params = parse_header_parameters(
+        'form-data; name="files[0].file"; filename="C:\\\\dir\\\\a \\"b\\".txt"'
+    )
+    assert media == "form-data"
+    assert params == {"name": "files[0].file", "filename": 'C:\\dir\\a "b".txt'}
+
+
+def test_chunked_body_decodes_and_stops_at_last_chunk() -> None:
+    stream = io.BytesIO(b"5;ext=1\r\nhello\r\n1\r\n \r\n6\r\nworld!\r\n0\r\nTrailer: x\r\n\r\nNEXT REQUEST")
+    body = ChunkedBody(stream)
+    assert body.read_all(1000) == b"hello world!"
+    assert stream.read() == b"NEXT REQUEST"
+
+
+@pytest.mark.parametrize(
+    ("error_number", "status", "code"),
+    [
+        (errno.ENOENT, 404, "FILE_NOT_FOUND"),
+        (errno.ENOTDIR, 404, "FILE_NOT_FOUND"),
+        (errno.EACCES, 403, "FILE_ACCESS_DENIED"),
+        (errno.EPERM, 403, "FILE_ACCESS_DENIED"),
+        (errno.EISDIR, 400, "INVALID_FILE_PATH"),
+        (errno.EIO, 500, "FILE_READ_FAILED"),
+    ],
+)
+def test_os_errors_map_to_sdk_error_codes(error_number: int, status: int, code: str) -> None:
+    error = file_error_from_os_error(OSError(error_number, os.strerror(error_number)), "some/path")
+    assert (error.status, error.code) == (status, code)
+    assert "some/path" in error.message

@@ -1,0 +1,167 @@
+"""`POST /process/execute` against the real daemon."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def execute(client: httpx.Client, command: str, **fields: Any) -> httpx.Response:
+    return client.post("/process/execute", json={"command": command, **fields})
+
+
+def test_echo(daemon_client: httpx.Client) -> None:
+    response = execute(daemon_client, "echo hello")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert body["result"] == "hello\n"
+    assert body["exitCode"] == 0
+    assert body["termination"] == {"reason": "exited", "signal": None}
+
+
+def test_exit_code_is_reported(daemon_client: httpx.Client) -> None:
+    body = execute(daemon_client, "exit 42").json()
+    assert body["exitCode"] == 42
+    assert isinstance(body["exitCode"], int)
+
+
+def test_runs_in_work_dir_by_default(daemon_client: httpx.Client, work_dir: Path) -> None:
+    assert execute(daemon_client, "pwd").json()["result"].strip() == str(work_dir)
+
+
+def test_cwd_absolute_and_relative(daemon_client: httpx.Client, work_dir: Path, tmp_path: Path) -> None:
+    (work_dir / "sub" / "dir").mkdir(parents=True)
+    assert execute(daemon_client, "pwd", cwd=str(tmp_path)).json()["result"].strip() == str(tmp_path)
+    relative = execute(daemon_client, "pwd", cwd="sub/dir").json()["result"].strip()
+    assert relative == str(work_dir / "sub" / "dir")
+
+
+def test_missing_cwd_is_400(daemon_client: httpx.Client) -> None:
+    response = execute(daemon_client, "pwd", cwd="/definitely/not/here")
+    assert response.status_code == 400
+    assert "/definitely/not/here" in response.json()["message"]
+
+
+def test_envs_are_added_to_container_environment(
+    daemon_client: httpx.Client, container_env_marker: tuple[str, str]
+) -> None:
+    marker_name, marker_value = container_env_marker
+    command = f'echo "$FIRST|$SECOND|${marker_name}"'
+    body = execute(daemon_client, command, envs={"FIRST": "one", "SECOND": "two words"}).json()
+    assert body["result"] == f"one|two words|{marker_value}\n"
+
+
+def test_stderr_is_combined_in_order(daemon_client: httpx.Client) -> None:
+    body = execute(daemon_client, "echo out1; echo err1 >&2; echo out2; echo err2 >&2").json()
+    assert body["result"] == "out1\nerr1\nout2\nerr2\n"
+
+
+def test_heredoc_and_multiline_script(daemon_client: httpx.Client) -> None:
+    command = "cat <<'EOF'\nline one\nline $HOME two\nEOF\nx=5\necho \"x=$x\""
+    body = execute(daemon_client, command).json()
+    assert body["result"] == "line one\nline $HOME two\nx=5\n"
+
+
+def test_large_script_is_fed_without_deadlock(daemon_client: httpx.Client) -> None:
+    # Much larger than a pipe buffer, and it produces output while the script is still being written.
+    command = "\n".join(f"echo line-{index}" for index in range(20000))
+    body = execute(daemon_client, command).json()
+    assert body["exitCode"] == 0
+    assert body["result"].splitlines()[-1] == "line-19999"
+
+
+def test_timeout_kills_and_returns_408(daemon_client: httpx.Client, work_dir: Path) -> None:
+    started = time.monotonic()
+    response = execute(daemon_client, "sleep 5 & echo child; sleep 10; touch survived", timeout=1)
+    elapsed = time.monotonic() - started
+    assert response.status_code == 408
+    body = response.json()
+    assert body["message"] == "request timeout: command execution timeout"
+    assert body["code"] == "PROCESS_EXECUTION_TIMEOUT"
+    assert body["source"] == "DAYTONA_DAEMON"
+    assert body["termination"] == {"reason": "timeout", "signal": 9}
+    assert elapsed < 4
+    time.sleep(0.2)
+    assert not (work_dir / "survived").exists()
+
+
+def test_nohup_background_with_redirect_returns_at_once(daemon_client: httpx.Client) -> None:
+    started = time.monotonic()
+    body = execute(daemon_client, "nohup sleep 30 >/dev/null 2>&1 &\necho started").json()
+    assert time.monotonic() - started < 2
+    assert body["result"] == "started\n"
+    assert body["exitCode"] == 0
+
+
+def test_background_child_holding_the_pipe_returns_promptly(daemon_client: httpx.Client) -> None:
+    started = time.monotonic()
+    body = execute(daemon_client, "sleep 30 &\necho done").json()
+    # The daemon stops reading once the shell is gone and the pipe has been idle briefly (~0.1 s).
+    assert time.monotonic() - started < 1.5
+    assert body["result"] == "done\n"
+    assert body["exitCode"] == 0
+
+
+def test_signal_death_is_reported(daemon_client: httpx.Client) -> None:
+    body = execute(daemon_client, "kill -9 $$").json()
+    assert body["termination"] == {"reason": "signal", "signal": 9}
+    assert body["exitCode"] == 137
+
+
+def test_invalid_bodies_are_400(daemon_client: httpx.Client) -> None:
+    assert daemon_client.post("/process/execute", content=b"not json").status_code == 400
+    assert daemon_client.post("/process/execute", json={"cwd": "/"}).status_code == 400
+    assert daemon_client.post("/process/execute", json=["echo"]).status_code == 400
+    assert execute(daemon_client, "echo", envs={"A": 1}).status_code == 400
+    assert execute(daemon_client, "echo", timeout="soon").status_code == 400
+    error = daemon_client.post("/process/execute", content=b"").json()
+    assert error["statusCode"] == 400 and error["code"] == "BAD_REQUEST"
+
+
+def test_long_exec_does_not_block_other_requests(daemon_client: httpx.Client) -> None:
+    long_result: dict[str, Any] = {}
+
+    def run_long() -> None:
+        long_result["body"] = execute(daemon_client, "sleep 2; echo slow").json()
+
+    worker = threading.Thread(target=run_long)
+    worker.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    quick = execute(daemon_client, "echo quick").json()
+    assert time.monotonic() - started < 1
+    assert quick["result"] == "quick\n"
+    worker.join(timeout=10)
+    assert long_result["body"]["result"] == "slow\n"
+
+
+def test_user_commands_get_default_sigpipe(daemon_client: httpx.Client) -> None:
+    # Python ignores SIGPIPE in the daemon; children must get the default back, or `yes | head` would
+    # print "Broken pipe" errors instead of ending quietly.
+    body = execute(daemon_client, "yes | head -n 2", timeout=10).json()
+    assert body["result"] == "y\ny\n"
+    assert body["exitCode"] == 0
+
+
+def test_many_concurrent_execs(daemon_client: httpx.Client) -> None:
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def run(index: int) -> None:
+        result = execute(daemon_client, f"sleep 0.5; echo {index}").json()["result"]
+        with lock:
+            results.append(result.strip())
+
+    workers = [threading.Thread(target=run, args=(index,)) for index in range(20)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=20)
+    assert time.monotonic() - started < 5
+    assert sorted(results, key=int) == [str(index) for index in range(20)]
