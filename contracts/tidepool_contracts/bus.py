@@ -247,22 +247,27 @@ async def consume(
         finally:
             slots.release()
 
-    while True:
-        try:
-            messages = await subscription.fetch(batch=concurrency, timeout=1.0)
-        except NatsTimeoutError:
-            continue
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:  # connection hiccups: keep consuming after reconnect
-            log.warning("bus.fetch_failed", durable=durable, error=str(error))
-            await asyncio.sleep(0.5)
-            continue
-        for msg in messages:
-            await slots.acquire()
-            task = asyncio.create_task(process(msg))
-            running.add(task)
-            task.add_done_callback(running.discard)
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(batch=concurrency, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # connection hiccups: keep consuming after reconnect
+                log.warning("bus.fetch_failed", durable=durable, error=str(error))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in messages:
+                await slots.acquire()
+                task = asyncio.create_task(process(msg))
+                running.add(task)
+                task.add_done_callback(running.discard)
+    finally:
+        # Without this a later drain of the connection waits for the pending pull request and times out.
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
 
 async def keep_in_progress(msg: Msg, interval: float = 5.0) -> None:

@@ -1,0 +1,1 @@
+"""Tidepool proxy: authenticates toolbox traffic and relays it to the runner hosting the sandbox."""

@@ -1,0 +1,187 @@
+"""The proxy's aiohttp application: `ANY /toolbox/{sandbox_id}/{path}` -> authenticate -> route -> runner.
+
+Hot path cost: two dict lookups (key, route) and one pooled keep-alive connection to the runner. Routes and
+API keys come from NATS KV mirrors, never from a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from tidepool_contracts.bus import Bus, connect
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
+from tidepool_proxy.auth import AuthenticationError, authenticate
+from tidepool_proxy.forwarding import (
+    SESSION_SKIP_AUTO_HEADERS,
+    UpstreamRejectedUpgradeError,
+    UpstreamUnreachableError,
+    is_websocket_upgrade,
+    relay_http,
+    relay_websocket,
+    upstream_request_headers,
+)
+from tidepool_proxy.kv_cache import KvCache
+
+log = structlog.get_logger("tidepool.proxy")
+
+ERROR_SOURCE = "DAYTONA_PROXY"
+# Also what the KV accepts as a key; anything else cannot name a sandbox.
+SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+# The user's credentials end here; the runner gets the runner token instead.
+CREDENTIAL_HEADERS = ("Authorization", "X-Daytona-Authorization")
+MAX_HEADER_FIELD_SIZE = 64 * 1024
+RUNNER_CONNECTION_LIMIT = 4096
+# Below the runner's (aiohttp server) 75 s keep-alive, so we never reuse a connection it is about to close.
+RUNNER_KEEPALIVE_SECONDS = 30.0
+RUNNER_CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+@dataclass
+class ProxyState:
+    settings: Settings
+    bus: Bus
+    routes: KvCache[SandboxRoute]
+    api_keys: KvCache[ApiKeyRecord]
+    runners: aiohttp.ClientSession
+
+
+STATE_KEY = web.AppKey("proxy_state", ProxyState)
+
+
+def error_response(request: web.Request, status: int, message: str) -> web.Response:
+    return web.json_response(
+        {
+            "statusCode": status,
+            "message": message,
+            "error": _reason_phrase(status),
+            "source": ERROR_SOURCE,
+            "path": request.path,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
+        status=status,
+    )
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def runner_url(request: web.Request, route: SandboxRoute) -> URL:
+    """The runner's toolbox URL for this request; raw escaping of path and query passes through untouched."""
+    prefix = f"/toolbox/{route.sandbox_id}"
+    raw_path = request.rel_url.raw_path
+    path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
+    query = request.rel_url.raw_query_string
+    base = route.runner_url.rstrip("/")
+    return URL(
+        f"{base}/sandboxes/{route.sandbox_id}/toolbox{path or '/'}{'?' + query if query else ''}",
+        encoded=True,
+    )
+
+
+async def relay_toolbox(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    sandbox_id = request.match_info["sandbox_id"]
+    not_found = f"sandbox {sandbox_id} not found"
+    try:
+        access = await authenticate(request, sandbox_id, state.api_keys)
+    except AuthenticationError as error:
+        return error_response(request, 401, str(error))
+    if not SANDBOX_ID_PATTERN.match(sandbox_id):
+        return error_response(request, 404, not_found)
+    try:
+        route = await state.routes.get(sandbox_id)
+    except Exception as error:  # NATS unavailable on a cache miss
+        log.warning("proxy.route_lookup_failed", sandbox_id=sandbox_id, error=str(error))
+        return error_response(request, 503, "sandbox routing is temporarily unavailable")
+    # Another tenant's sandbox is indistinguishable from a missing one.
+    if route is None or not access.allows(sandbox_id, route.organization_id):
+        return error_response(request, 404, not_found)
+    if route.state != SandboxState.STARTED:
+        return error_response(request, 409, f"sandbox is not running (state: {route.state})")
+
+    headers = upstream_request_headers(
+        request.headers,
+        drop=CREDENTIAL_HEADERS,
+        extra={"Authorization": f"Bearer {state.settings.runner_token}", "X-Forwarded-Host": request.host},
+    )
+    url = runner_url(request, route)
+    try:
+        if is_websocket_upgrade(request):
+            return await relay_websocket(request, state.runners, url, headers)
+        return await relay_http(request, state.runners, url, headers)
+    except UpstreamUnreachableError as error:
+        log.warning(
+            "proxy.runner_unreachable", sandbox_id=sandbox_id, runner=route.runner_id, error=str(error)
+        )
+        return error_response(request, 502, "sandbox runner is not reachable")
+    except UpstreamRejectedUpgradeError as rejected:
+        return error_response(
+            request, rejected.status, f"the sandbox refused the websocket ({rejected.status})"
+        )
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def runner_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=RUNNER_CONNECTION_LIMIT, limit_per_host=0, keepalive_timeout=RUNNER_KEEPALIVE_SECONDS
+        ),
+        # No total or read timeout: execs run as long as their own timeout says, transfers as long as needed.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=RUNNER_CONNECT_TIMEOUT_SECONDS),
+        auto_decompress=False,
+        skip_auto_headers=SESSION_SKIP_AUTO_HEADERS,
+    )
+
+
+def create_proxy_app(settings: Settings) -> web.Application:
+    """The whole proxy as one aiohttp app: its cleanup context connects NATS, mirrors the KV buckets and owns
+    the runner connection pool, so `web.run_app` or a test server runs exactly what production runs."""
+    app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        bus = await connect(settings.nats_url, name="tidepool-proxy")
+        routes = KvCache(await bus.kv(KV_ROUTES), SandboxRoute, KV_ROUTES)
+        api_keys = KvCache(await bus.kv(KV_API_KEYS), ApiKeyRecord, KV_API_KEYS)
+        watchers = [
+            asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
+            asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),
+        ]
+        app[STATE_KEY] = ProxyState(
+            settings=settings, bus=bus, routes=routes, api_keys=api_keys, runners=runner_session()
+        )
+        try:
+            yield
+        finally:
+            for watcher in watchers:
+                watcher.cancel()
+            for watcher in watchers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await app[STATE_KEY].runners.close()
+            await bus.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/health", health)
+    app.router.add_route("*", "/toolbox/{sandbox_id}/{path:.*}", relay_toolbox)
+    return app

@@ -1,0 +1,1 @@
+"""Tidepool runner: the compute plane of one host (containers, daemon readiness, toolbox forwarding)."""

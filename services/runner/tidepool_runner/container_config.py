@@ -1,0 +1,147 @@
+"""The Docker Engine API body that turns a SandboxSpec into a container (pure: no I/O, unit-tested).
+
+Not enforced here: the disk quota (`spec.disk_gib`). Docker/Podman can only cap a container's writable
+layer with `StorageOpt size`, which needs overlay on xfs with project quotas (`pquota`); this host's
+overlay lives on ext4, where the engine rejects the option outright. The size is kept as a label so
+capacity accounting still sees it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import SandboxSpec
+
+CONTAINER_NAME_PREFIX = "tidepool-"
+SANDBOX_LABEL = "tidepool.sandbox"
+ORGANIZATION_LABEL = "tidepool.organization"
+RUNNER_LABEL = "tidepool.runner"
+CPU_LABEL = "tidepool.cpu"
+MEMORY_LABEL = "tidepool.memory_gib"
+DISK_LABEL = "tidepool.disk_gib"
+
+# Where the runner's daemon directory and the per-sandbox socket directory appear inside the sandbox.
+DAEMON_MOUNT_PATH = "/opt/tidepool/daemon"
+SOCKET_MOUNT_DIR = "/run/tidepool"
+TOOLBOX_SOCKET_NAME = "toolbox.sock"
+DAEMON_ENTRYPOINT = [
+    "python3",
+    # Isolated mode: the user's PYTHONPATH/PYTHONHOME or a stray module in the cwd can't hijack the daemon.
+    "-I",
+    f"{DAEMON_MOUNT_PATH}/main.py",
+    "--socket",
+    f"{SOCKET_MOUNT_DIR}/{TOOLBOX_SOCKET_NAME}",
+]
+
+CONTAINER_CA_BUNDLE_PATH = "/etc/ssl/certs/ca-certificates.crt"
+# Every common TLS stack's override variable, so pip, requests, node, git and curl all trust the bundle.
+CA_BUNDLE_ENV_VARS = (
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "PIP_CERT",
+    "NODE_EXTRA_CA_CERTS",
+    "GIT_SSL_CAINFO",
+)
+
+PIDS_LIMIT = 4096
+HOSTNAME_MAX_LENGTH = 63
+GIB = 1024**3
+
+
+def container_name(sandbox_id: str) -> str:
+    return f"{CONTAINER_NAME_PREFIX}{sandbox_id}"
+
+
+def sandbox_socket_dir(settings: Settings, sandbox_id: str) -> Path:
+    return settings.sockets_dir / sandbox_id
+
+
+def toolbox_socket_path(settings: Settings, sandbox_id: str) -> Path:
+    return sandbox_socket_dir(settings, sandbox_id) / TOOLBOX_SOCKET_NAME
+
+
+def home_dir(os_user: str) -> str:
+    return "/root" if os_user == "root" else f"/home/{os_user}"
+
+
+def container_env(spec: SandboxSpec, settings: Settings) -> list[str]:
+    env: dict[str, str] = {
+        # What upstream runners expose to sandbox code; the user's own env wins on conflicts.
+        "DAYTONA_SANDBOX_ID": spec.sandbox_id,
+        "DAYTONA_SANDBOX_USER": spec.os_user,
+        "DAYTONA_ORGANIZATION_ID": spec.organization_id,
+    }
+    env.update(spec.env)
+    if settings.ca_bundle:
+        env.update(dict.fromkeys(CA_BUNDLE_ENV_VARS, CONTAINER_CA_BUNDLE_PATH))
+    return [f"{key}={value}" for key, value in env.items()]
+
+
+def container_labels(spec: SandboxSpec, runner_id: str) -> dict[str, str]:
+    return {
+        SANDBOX_LABEL: spec.sandbox_id,
+        ORGANIZATION_LABEL: spec.organization_id,
+        RUNNER_LABEL: runner_id,
+        # Resources as labels: the heartbeat sums them from one `list` call, no per-container inspect.
+        CPU_LABEL: str(spec.cpu),
+        MEMORY_LABEL: str(spec.memory_gib),
+        DISK_LABEL: str(spec.disk_gib),
+    }
+
+
+def container_binds(spec: SandboxSpec, settings: Settings) -> list[str]:
+    binds = [
+        f"{settings.daemon_dir}:{DAEMON_MOUNT_PATH}:ro",
+        f"{sandbox_socket_dir(settings, spec.sandbox_id)}:{SOCKET_MOUNT_DIR}",
+    ]
+    if settings.ca_bundle:
+        binds.append(f"{settings.ca_bundle}:{CONTAINER_CA_BUNDLE_PATH}:ro")
+    return binds
+
+
+def network_mode(spec: SandboxSpec, settings: Settings) -> str:
+    if spec.network_block_all:
+        return "none"
+    return settings.sandbox_network or "default"
+
+
+def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
+    """`POST /containers/create` body. The daemon is the entrypoint; the toolbox is reached via a unix socket,
+    so nothing is published on the host and the container never needs privileges."""
+    memory_bytes = spec.memory_gib * GIB
+    return {
+        "Image": spec.image,
+        "User": spec.os_user,
+        "Hostname": spec.sandbox_id[:HOSTNAME_MAX_LENGTH],
+        "Env": container_env(spec, settings),
+        "Labels": container_labels(spec, runner_id),
+        "WorkingDir": home_dir(spec.os_user),
+        "Entrypoint": DAEMON_ENTRYPOINT,
+        # An image Cmd would otherwise be appended to the daemon's argv.
+        "Cmd": None,
+        "Tty": False,
+        "OpenStdin": False,
+        "HostConfig": {
+            "NanoCpus": spec.cpu * 1_000_000_000,
+            "Memory": memory_bytes,
+            # Equal to Memory: no swap on top of the memory limit.
+            "MemorySwap": memory_bytes,
+            "PidsLimit": PIDS_LIMIT,
+            # The engine's defaults can exceed this host's hard limits and runc then refuses to start
+            # ("error setting rlimit type 7"): always set them explicitly.
+            "Ulimits": [
+                {"Name": "nofile", "Soft": settings.container_nofile, "Hard": settings.container_nofile},
+                {"Name": "nproc", "Soft": settings.container_nproc, "Hard": settings.container_nproc},
+            ],
+            # A tiny init (catatonit) as PID 1 reaps the zombies left by user processes.
+            "Init": True,
+            "Privileged": False,
+            "Binds": container_binds(spec, settings),
+            "NetworkMode": network_mode(spec, settings),
+            "PublishAllPorts": False,
+            "PortBindings": {},
+            "RestartPolicy": {"Name": "no"},
+        },
+    }

@@ -1,0 +1,177 @@
+"""The container engine as the runner needs it: a thin, typed layer over aiodocker (Docker Engine API, which
+Podman's compat socket also speaks), translating engine failures into transient vs. permanent errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiodocker
+from aiodocker.exceptions import DockerError
+
+from tidepool_runner.container_config import SANDBOX_LABEL
+
+# aiodocker reports "cannot reach the engine" as this pseudo status.
+ENGINE_UNREACHABLE_STATUS = 900
+TRANSIENT_STATUSES = frozenset({ENGINE_UNREACHABLE_STATUS, 502, 503, 504})
+LOG_TAIL_LINES = 20
+
+
+class EngineUnavailableError(Exception):
+    """The engine could not do it now (unreachable, overloaded): the job should be retried."""
+
+
+class SandboxFailedError(Exception):
+    """The sandbox cannot reach the requested state; `reason` is shown to the user as `errorReason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def is_transient(error: DockerError) -> bool:
+    return error.status in TRANSIENT_STATUSES
+
+
+@dataclass(frozen=True)
+class ContainerSummary:
+    container_id: str
+    state: str  # created | running | paused | exited | ...
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    container_id: str
+    running: bool
+    paused: bool
+    status: str
+    exit_code: int
+
+
+class ContainerEngine:
+    def __init__(self, docker: aiodocker.Docker) -> None:
+        self._docker = docker
+
+    async def close(self) -> None:
+        await self._docker.close()
+
+    async def inspect(self, name_or_id: str) -> ContainerStatus | None:
+        try:
+            container = await self._docker.containers.get(name_or_id)
+        except DockerError as error:
+            if error.status == 404:
+                return None
+            raise self._translate(error, "inspect the sandbox container") from error
+        state: dict[str, Any] = container["State"]
+        return ContainerStatus(
+            container_id=container.id,
+            running=bool(state.get("Running")),
+            paused=bool(state.get("Paused")),
+            status=str(state.get("Status", "")),
+            exit_code=int(state.get("ExitCode") or 0),
+        )
+
+    async def ensure_image(self, image_ref: str) -> None:
+        """Use the local image, else pull it once; a failing pull means the image can't be had."""
+        try:
+            await self._docker.images.inspect(image_ref)
+            return
+        except DockerError as error:
+            if error.status != 404:
+                raise self._translate(error, f"inspect image {image_ref}") from error
+        try:
+            await self._docker.images.pull(image_ref)
+        except DockerError as error:
+            if error.status == ENGINE_UNREACHABLE_STATUS:
+                raise EngineUnavailableError(str(error)) from error
+            raise SandboxFailedError(f"image {image_ref} not found") from error
+
+    async def create(self, name: str, config: dict[str, Any]) -> str:
+        """Create the container and return its id; a concurrent create of the same name yields that one."""
+        try:
+            container = await self._docker.containers.create(config, name=name)
+        except DockerError as error:
+            if error.status == 409:
+                existing = await self.inspect(name)
+                if existing is not None:
+                    return existing.container_id
+            if error.status == 404:
+                raise SandboxFailedError(f"image {config.get('Image')} not found") from error
+            raise self._translate(error, "create the sandbox container") from error
+        return container.id
+
+    async def start(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).start()
+        except DockerError as error:
+            if error.status == 304:  # already started
+                return
+            raise self._translate(error, "start the sandbox container") from error
+
+    async def unpause(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).unpause()
+        except DockerError as error:
+            raise self._translate(error, "unpause the sandbox container") from error
+
+    async def stop(self, container_id: str, *, timeout_seconds: int) -> None:
+        try:
+            await self._docker.containers.container(container_id).stop(t=timeout_seconds)
+        except DockerError as error:
+            if error.status == 304:  # already stopped
+                return
+            raise self._translate(error, "stop the sandbox container") from error
+
+    async def kill(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).kill()
+        except DockerError as error:
+            # 409: not running (any more), which is what a kill wants anyway.
+            if error.status in (304, 409):
+                return
+            raise self._translate(error, "kill the sandbox container") from error
+
+    async def remove(self, name_or_id: str) -> None:
+        """Remove the container and its anonymous volumes; an already missing container is fine."""
+        try:
+            await self._docker.containers.container(name_or_id).delete(force=True, v=True)
+        except DockerError as error:
+            if error.status == 404:
+                return
+            raise self._translate(error, "remove the sandbox container") from error
+
+    async def log_tail(self, container_id: str, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            chunks = await self._docker.containers.container(container_id).log(
+                stdout=True, stderr=True, tail=lines
+            )
+        except DockerError:
+            return ""
+        return "".join(chunks).strip()
+
+    async def list_sandboxes(self) -> list[ContainerSummary]:
+        try:
+            containers = await self._docker.containers.list(
+                all=True, filters=json.dumps({"label": [SANDBOX_LABEL]})
+            )
+        except DockerError as error:
+            raise self._translate(error, "list sandbox containers") from error
+        summaries: list[ContainerSummary] = []
+        for container in containers:
+            raw: dict[str, Any] = container._container
+            summaries.append(
+                ContainerSummary(
+                    container_id=container.id,
+                    state=str(raw.get("State", "")),
+                    labels=dict(raw.get("Labels") or {}),
+                )
+            )
+        return summaries
+
+    @staticmethod
+    def _translate(error: DockerError, doing: str) -> Exception:
+        if is_transient(error):
+            return EngineUnavailableError(f"cannot {doing}: {error.message}")
+        return SandboxFailedError(f"cannot {doing}: {error.message}")

@@ -1,0 +1,241 @@
+"""Executes RunnerJobs against the container engine and reports the resulting state.
+
+Every action converges: a job redelivered after a crash (or sent twice by the scheduler) finds the container
+where the first attempt left it and finishes the work, so handling a job twice is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from tidepool_contracts.bus import Bus, keep_in_progress, kv_delete, kv_get, kv_put, publish
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import event_sandbox
+from tidepool_runner.container_config import (
+    build_container_config,
+    container_name,
+    sandbox_socket_dir,
+    toolbox_socket_path,
+)
+from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+
+log = structlog.get_logger("tidepool.runner.jobs")
+
+DAEMON_START_TIMEOUT_SECONDS = 60.0
+DAEMON_PROBE_INTERVAL_SECONDS = 0.01
+# Checking the container while waiting costs an engine call, so it happens less often than probing the socket.
+CONTAINER_CHECK_INTERVAL_SECONDS = 0.25
+STOP_TIMEOUT_SECONDS = 10
+# Transient engine failures are retried via redelivery; after this many deliveries the job reports `error`.
+MAX_TRANSIENT_ATTEMPTS = 5
+IN_PROGRESS_INTERVAL_SECONDS = 5.0
+EVENT_SOURCE = "runner"
+
+
+class SandboxLocks:
+    """One FIFO lock per sandbox: its jobs run strictly in arrival order; other sandboxes' run in parallel."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._holders: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, sandbox_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
+        self._holders[sandbox_id] = self._holders.get(sandbox_id, 0) + 1
+        try:
+            # asyncio.Lock queues waiters in call order, which is the order the jobs were fetched.
+            async with lock:
+                yield
+        finally:
+            self._holders[sandbox_id] -= 1
+            if self._holders[sandbox_id] == 0:
+                del self._holders[sandbox_id]
+                del self._locks[sandbox_id]
+
+
+class JobExecutor:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runner_id: str,
+        bus: Bus,
+        routes: KeyValue,
+        engine: ContainerEngine,
+        daemons: DaemonConnections,
+    ) -> None:
+        self._settings = settings
+        self._runner_id = runner_id
+        self._bus = bus
+        self._routes = routes
+        self._engine = engine
+        self._daemons = daemons
+        self._locks = SandboxLocks()
+
+    async def handle(self, job: RunnerJob, msg: Msg) -> None:
+        """The bus handler. Must take the sandbox's lock before its first await to keep arrival order."""
+        # Started first so a job queued behind a slow one of the same sandbox is not redelivered meanwhile.
+        alive = asyncio.create_task(keep_in_progress(msg, IN_PROGRESS_INTERVAL_SECONDS))
+        try:
+            async with self._locks.hold(job.sandbox_id):
+                attempt = msg.metadata.num_delivered if msg.metadata else 1
+                await self.execute(job, attempt=attempt)
+        finally:
+            alive.cancel()
+
+    async def execute(self, job: RunnerJob, *, attempt: int = 1) -> None:
+        bound = log.bind(
+            sandbox_id=job.sandbox_id, action=str(job.action), job_id=job.job_id, attempt=attempt
+        )
+        bound.info("job.started")
+        try:
+            match job.action:
+                case SandboxAction.CREATE | SandboxAction.START:
+                    # Same convergence either way: a START whose container vanished recreates it.
+                    daemon_version = await self._ensure_running(job.spec)
+                    await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+                case SandboxAction.STOP:
+                    await self._stop(job)
+                case SandboxAction.DESTROY:
+                    await self._destroy(job)
+        except SandboxFailedError as failure:
+            bound.warning("job.failed", reason=failure.reason)
+            await self._report(job, SandboxState.ERROR, error_reason=failure.reason)
+        except EngineUnavailableError as error:
+            if attempt < MAX_TRANSIENT_ATTEMPTS:
+                bound.warning("job.engine_unavailable", error=str(error))
+                raise  # nak: redelivered with backoff
+            await self._report(job, SandboxState.ERROR, error_reason=f"container engine unavailable: {error}")
+        else:
+            bound.info("job.done")
+
+    async def _ensure_running(self, spec: SandboxSpec) -> str:
+        name = container_name(spec.sandbox_id)
+        self._prepare_socket_dir(spec.sandbox_id)
+        status = await self._engine.inspect(name)
+        if status is None:
+            await self._engine.ensure_image(spec.image)
+            config = build_container_config(spec, self._settings, self._runner_id)
+            container_id = await self._engine.create(name, config)
+            status = await self._engine.inspect(container_id)
+            if status is None:
+                raise EngineUnavailableError("the container vanished right after it was created")
+        if status.paused:
+            await self._engine.unpause(status.container_id)
+        elif not status.running:
+            # A stale socket from the previous run would only answer "connection refused"; start clean.
+            toolbox_socket_path(self._settings, spec.sandbox_id).unlink(missing_ok=True)
+            await self._daemons.close(spec.sandbox_id)
+            await self._engine.start(status.container_id)
+        return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+
+    def _prepare_socket_dir(self, sandbox_id: str) -> None:
+        socket_dir = sandbox_socket_dir(self._settings, sandbox_id)
+        socket_dir.mkdir(parents=True, exist_ok=True)
+        # World-writable: the daemon runs as the sandbox's (maybe non-root) user and creates its socket here.
+        os.chmod(socket_dir, 0o777)
+
+    async def _wait_for_daemon(self, sandbox_id: str, container_id: str) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DAEMON_START_TIMEOUT_SECONDS
+        next_container_check = loop.time() + CONTAINER_CHECK_INTERVAL_SECONDS
+        while True:
+            version = await self._daemons.probe_version(sandbox_id)
+            if version is not None:
+                return version
+            now = loop.time()
+            if now >= deadline:
+                logs = await self._engine.log_tail(container_id)
+                raise SandboxFailedError(
+                    f"sandbox daemon did not answer within {DAEMON_START_TIMEOUT_SECONDS:.0f} s"
+                    + (f"; last log lines: {logs}" if logs else "")
+                )
+            if now >= next_container_check:
+                next_container_check = now + CONTAINER_CHECK_INTERVAL_SECONDS
+                status = await self._engine.inspect(container_id)
+                if status is None or not status.running:
+                    logs = await self._engine.log_tail(container_id) if status is not None else ""
+                    exit_code = status.exit_code if status is not None else "unknown"
+                    raise SandboxFailedError(
+                        f"sandbox container exited (code {exit_code}) before its daemon was ready"
+                        + (f"; last log lines: {logs}" if logs else "")
+                    )
+            await asyncio.sleep(DAEMON_PROBE_INTERVAL_SECONDS)
+
+    async def _stop(self, job: RunnerJob) -> None:
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is None:
+            raise SandboxFailedError("container missing")
+        if status.running or status.paused:
+            if job.force:
+                await self._engine.kill(status.container_id)
+            else:
+                await self._engine.stop(status.container_id, timeout_seconds=STOP_TIMEOUT_SECONDS)
+        await self._daemons.close(job.sandbox_id)
+        await self._report(job, SandboxState.STOPPED)
+
+    async def _destroy(self, job: RunnerJob) -> None:
+        await self._daemons.close(job.sandbox_id)
+        await self._engine.remove(container_name(job.sandbox_id))
+        await asyncio.to_thread(_remove_tree, sandbox_socket_dir(self._settings, job.sandbox_id))
+        # Only our own route: if the sandbox has since been placed on another runner, that route is not ours.
+        route = await kv_get(self._routes, job.sandbox_id, SandboxRoute)
+        if route is None or route.runner_id == self._runner_id:
+            await kv_delete(self._routes, job.sandbox_id)
+        await self._publish_event(job, SandboxState.DESTROYED)
+
+    async def _report(
+        self,
+        job: RunnerJob,
+        state: SandboxState,
+        *,
+        error_reason: str | None = None,
+        daemon_version: str | None = None,
+    ) -> None:
+        # Route first: whoever reacts to `started` (the SDK via the API) must find the proxy route in place.
+        route = SandboxRoute(
+            sandbox_id=job.sandbox_id,
+            organization_id=job.spec.organization_id,
+            runner_id=self._runner_id,
+            runner_url=self._settings.effective_runner_url,
+            state=state,
+        )
+        await kv_put(self._routes, job.sandbox_id, route)
+        await self._publish_event(job, state, error_reason=error_reason, daemon_version=daemon_version)
+
+    async def _publish_event(
+        self,
+        job: RunnerJob,
+        state: SandboxState,
+        *,
+        error_reason: str | None = None,
+        daemon_version: str | None = None,
+    ) -> None:
+        event = SandboxStateEvent(
+            sandbox_id=job.sandbox_id,
+            organization_id=job.spec.organization_id,
+            state=state,
+            error_reason=error_reason,
+            runner_id=self._runner_id,
+            daemon_version=daemon_version,
+            source=EVENT_SOURCE,
+        )
+        # A redelivered job that reaches the same outcome publishes nothing new (JetStream de-duplication).
+        await publish(self._bus, event_sandbox(job.sandbox_id), event, msg_id=f"{job.job_id}:{state}")
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

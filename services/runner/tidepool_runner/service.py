@@ -1,0 +1,132 @@
+"""Runner process: wires the bus, the container engine, the job consumer, heartbeat and toolbox server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiodocker
+import structlog
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from tidepool_contracts.bus import Bus, connect, consume, encode
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import RunnerJob
+from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
+from tidepool_runner.container_config import toolbox_socket_path
+from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.engine import ContainerEngine
+from tidepool_runner.inventory import Inventory
+from tidepool_runner.jobs import JobExecutor
+from tidepool_runner.toolbox_server import build_toolbox_app
+
+log = structlog.get_logger("tidepool.runner")
+
+JOB_ACK_WAIT_SECONDS = 15.0
+JOB_CONCURRENCY = 16
+# sun_path holds 108 bytes including the NUL; daemon sockets live at <data_dir>/sockets/<uuid>/toolbox.sock.
+MAX_UNIX_SOCKET_PATH_BYTES = 107
+UUID_LENGTH = 36
+
+
+class Runner:
+    """Everything one runner process runs; `start()` then `stop()` (tests drive it the same way)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runner_id = settings.effective_runner_id
+        self.daemons = DaemonConnections(lambda sandbox_id: toolbox_socket_path(settings, sandbox_id))
+        self._bus: Bus | None = None
+        self._engine: ContainerEngine | None = None
+        self._web: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.sockets_dir.mkdir(parents=True, exist_ok=True)
+        longest_socket_path = toolbox_socket_path(settings, "x" * UUID_LENGTH)
+        if len(str(longest_socket_path).encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
+            log.warning(
+                "runner.socket_path_too_long", example=str(longest_socket_path), hint="shorten data_dir"
+            )
+        self._bus = bus = await connect(settings.nats_url, name=f"tidepool-runner-{self.runner_id}")
+        routes = await bus.kv(KV_ROUTES)
+        runners = await bus.kv(KV_RUNNERS)
+        self._engine = engine = ContainerEngine(aiodocker.Docker(url=settings.effective_docker_host))
+        inventory = Inventory(
+            settings=settings, runner_id=self.runner_id, engine=engine, runners=runners, routes=routes
+        )
+        executor = JobExecutor(
+            settings=settings,
+            runner_id=self.runner_id,
+            bus=bus,
+            routes=routes,
+            engine=engine,
+            daemons=self.daemons,
+        )
+
+        self._web = web.AppRunner(build_toolbox_app(self.daemons, settings.runner_token), access_log=None)
+        await self._web.setup()
+        await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
+
+        async def answer_ping(msg: Msg) -> None:
+            await msg.respond(encode(await inventory.current_info()))
+
+        await bus.nc.subscribe(runner_ping(self.runner_id), cb=answer_ping)
+
+        async def adopt_then_serve_jobs() -> None:
+            # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.
+            await inventory.adopt_until_done()
+            await consume(
+                bus,
+                stream=JOBS_STREAM,
+                durable=f"runner-{self.runner_id}",
+                subject=job_runner(self.runner_id),
+                model_type=RunnerJob,
+                handler=executor.handle,
+                ack_wait=JOB_ACK_WAIT_SECONDS,
+                concurrency=JOB_CONCURRENCY,
+            )
+
+        self._tasks = [
+            asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
+            asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
+        ]
+        log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._web is not None:
+            await self._web.cleanup()
+        await self.daemons.close_all()
+        if self._engine is not None:
+            await self._engine.close()
+        if self._bus is not None:
+            # Close, not drain: unacked jobs are redelivered anyway, and draining waits 30 s on the pull
+            # subscription that `consume` leaves behind when cancelled.
+            await self._bus.nc.close()
+        log.info("runner.stopped", runner_id=self.runner_id)
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set, or until a background loop dies (then exit so the supervisor restarts us)."""
+        stop_requested = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stop_requested, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+        stop_requested.cancel()
+        for task in done - {stop_requested}:
+            error = None if task.cancelled() else task.exception()
+            log.error("runner.loop_died", loop=task.get_name(), error=repr(error))
+            raise RuntimeError(f"runner loop {task.get_name()} died") from error
+
+
+async def main(settings: Settings, stop: asyncio.Event) -> None:
+    runner = Runner(settings)
+    await runner.start()
+    try:
+        await runner.wait(stop)
+    finally:
+        await runner.stop()

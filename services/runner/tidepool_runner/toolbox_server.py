@@ -1,0 +1,110 @@
+"""The runner's HTTP face: `ANY /sandboxes/{id}/toolbox/{path}` relayed to that sandbox's daemon socket.
+
+Only the proxy calls it (shared runner token); user credentials were checked there and are stripped here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from datetime import UTC, datetime
+from http import HTTPStatus
+
+from aiohttp import web
+from yarl import URL
+
+from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runner.forwarding import (
+    UpstreamRejectedUpgradeError,
+    UpstreamUnreachableError,
+    is_websocket_upgrade,
+    relay_http,
+    relay_websocket,
+    upstream_request_headers,
+)
+
+ERROR_SOURCE = "DAYTONA_PROXY"
+# Sandbox ids become a directory name on the host: letters, digits, `-`, `_`, `.` and never `..`.
+SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Credentials meant for the proxy/runner hop; the daemon never sees them.
+CREDENTIAL_HEADERS = ("Authorization", "X-Daytona-Authorization")
+
+MAX_HEADER_FIELD_SIZE = 64 * 1024
+
+DAEMONS_KEY = web.AppKey("daemons", DaemonConnections)
+RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
+
+
+def error_response(request: web.Request, status: int, message: str) -> web.Response:
+    return web.json_response(
+        {
+            "statusCode": status,
+            "message": message,
+            "error": _reason_phrase(status),
+            "source": ERROR_SOURCE,
+            "path": request.path,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
+        status=status,
+    )
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _has_runner_token(request: web.Request, runner_token: str) -> bool:
+    expected = f"Bearer {runner_token}".encode()
+    for header in CREDENTIAL_HEADERS:
+        presented = request.headers.get(header)
+        if presented is not None and hmac.compare_digest(presented.encode(), expected):
+            return True
+    return False
+
+
+def daemon_url(request: web.Request, sandbox_id: str) -> URL:
+    """The daemon URL for this request, keeping the path's and the query's raw escaping untouched."""
+    prefix = f"/sandboxes/{sandbox_id}/toolbox"
+    raw_path = request.rel_url.raw_path
+    path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
+    query = request.rel_url.raw_query_string
+    return URL(f"{DAEMON_BASE_URL}{path or '/'}{'?' + query if query else ''}", encoded=True)
+
+
+async def relay_toolbox(request: web.Request) -> web.StreamResponse:
+    if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
+        return error_response(request, 401, "invalid runner token")
+    sandbox_id = request.match_info["sandbox_id"]
+    if not SANDBOX_ID_PATTERN.match(sandbox_id) or ".." in sandbox_id:
+        return error_response(request, 404, f"sandbox {sandbox_id} not found")
+    session = request.app[DAEMONS_KEY].session(sandbox_id)
+    url = daemon_url(request, sandbox_id)
+    headers = upstream_request_headers(request.headers, drop=CREDENTIAL_HEADERS)
+    try:
+        if is_websocket_upgrade(request):
+            return await relay_websocket(request, session, url, headers)
+        return await relay_http(request, session, url, headers)
+    except UpstreamUnreachableError:
+        return error_response(request, 502, "sandbox toolbox is not reachable")
+    except UpstreamRejectedUpgradeError as rejected:
+        return error_response(
+            request, rejected.status, f"the sandbox toolbox refused the websocket ({rejected.status})"
+        )
+
+
+async def health(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def build_toolbox_app(daemons: DaemonConnections, runner_token: str) -> web.Application:
+    # Bodies are streamed, so client_max_size never applies. Long headers are allowed: a PTY's envs travel
+    # base64-encoded inside Sec-WebSocket-Protocol.
+    app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
+    app[DAEMONS_KEY] = daemons
+    app[RUNNER_TOKEN_KEY] = runner_token
+    app.router.add_get("/health", health)
+    app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", relay_toolbox)
+    return app

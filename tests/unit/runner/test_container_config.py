@@ -1,0 +1,79 @@
+"""The container body the runner sends to the engine: resources, isolation, mounts and identity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import SandboxSpec
+from tidepool_runner.container_config import (
+    CA_BUNDLE_ENV_VARS,
+    build_container_config,
+    container_name,
+)
+
+
+def make_spec(**overrides: object) -> SandboxSpec:
+    fields: dict[str, object] = {
+        "sandbox_id": "4f1c2a9e-0000-4000-8000-000000000001",
+        "organization_id": "org-1",
+        "image": "localhost/tidepool/default:0.1.0",
+        "cpu": 2,
+        "memory_gib": 3,
+        "env": {"FOO": "bar", "DAYTONA_SANDBOX_USER": "overridden"},
+    }
+    fields.update(overrides)
+    return SandboxSpec.model_validate(fields)
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=tmp_path, daemon_dir=tmp_path / "daemon", **overrides)  # type: ignore[arg-type]
+
+
+def test_resources_identity_and_isolation(tmp_path: Path) -> None:
+    spec = make_spec()
+    config = build_container_config(spec, make_settings(tmp_path), "runner-a")
+    host = config["HostConfig"]
+    assert container_name(spec.sandbox_id) == f"tidepool-{spec.sandbox_id}"
+    assert config["Image"] == spec.image
+    assert config["User"] == "daytona"
+    assert config["WorkingDir"] == "/home/daytona"
+    assert config["Hostname"] == spec.sandbox_id
+    assert config["Entrypoint"][:3] == ["python3", "-I", "/opt/tidepool/daemon/main.py"]
+    assert config["Entrypoint"][3:] == ["--socket", "/run/tidepool/toolbox.sock"]
+    assert config["Cmd"] is None
+    assert host["NanoCpus"] == 2_000_000_000
+    assert host["Memory"] == host["MemorySwap"] == 3 * 1024**3
+    assert host["PidsLimit"] == 4096
+    assert host["Init"] is True
+    assert host["Privileged"] is False
+    assert host["PortBindings"] == {}
+    assert {limit["Name"]: limit["Hard"] for limit in host["Ulimits"]} == {"nofile": 20000, "nproc": 4096}
+    assert host["Binds"] == [
+        f"{tmp_path / 'daemon'}:/opt/tidepool/daemon:ro",
+        f"{tmp_path / 'sockets' / spec.sandbox_id}:/run/tidepool",
+    ]
+    assert config["Labels"]["tidepool.sandbox"] == spec.sandbox_id
+    assert config["Labels"]["tidepool.organization"] == "org-1"
+    # The user's env wins over the defaults the runner adds.
+    assert "FOO=bar" in config["Env"]
+    assert "DAYTONA_SANDBOX_USER=overridden" in config["Env"]
+    assert f"DAYTONA_SANDBOX_ID={spec.sandbox_id}" in config["Env"]
+    assert host["NetworkMode"] == "default"
+
+
+def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None:
+    spec = make_spec(sandbox_id="x" * 80, os_user="root", network_block_all=True)
+    settings = make_settings(tmp_path, ca_bundle="/etc/corp-ca.pem", sandbox_network="tidepool")
+    config = build_container_config(spec, settings, "runner-a")
+    assert config["WorkingDir"] == "/root"
+    assert config["Hostname"] == "x" * 63
+    assert config["HostConfig"]["NetworkMode"] == "none"
+    assert "/etc/corp-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro" in config["HostConfig"]["Binds"]
+    for variable in CA_BUNDLE_ENV_VARS:
+        assert f"{variable}=/etc/ssl/certs/ca-certificates.crt" in config["Env"]
+
+
+def test_sandbox_network_setting(tmp_path: Path) -> None:
+    config = build_container_config(make_spec(), make_settings(tmp_path, sandbox_network="tidepool"), "r")
+    assert config["HostConfig"]["NetworkMode"] == "tidepool"

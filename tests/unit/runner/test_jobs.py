@@ -1,0 +1,202 @@
+"""Job handling with a scripted engine and a real nats-server: ordering, reported states, error policy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tidepool_contracts.bus import Bus, kv_get
+from tidepool_contracts.config import Settings
+from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import KV_ROUTES, event_sandbox
+from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, SandboxFailedError
+from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor, SandboxLocks
+
+RUNNER_ID = "runner-unit"
+
+
+class ScriptedEngine:
+    """An in-memory engine: containers are dicts; failures are injected per operation."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, dict[str, Any]] = {}
+        self.fail: dict[str, Exception] = {}
+        self.calls: list[str] = []
+
+    def _maybe_fail(self, operation: str) -> None:
+        self.calls.append(operation)
+        if operation in self.fail:
+            raise self.fail[operation]
+
+    async def inspect(self, name: str) -> ContainerStatus | None:
+        self._maybe_fail("inspect")
+        container = self.containers.get(name)
+        if container is None:
+            return None
+        return ContainerStatus(
+            container_id=name, running=container["running"], paused=False, status="", exit_code=0
+        )
+
+    async def ensure_image(self, image_ref: str) -> None:
+        self._maybe_fail("ensure_image")
+
+    async def create(self, name: str, config: dict[str, Any]) -> str:
+        self._maybe_fail("create")
+        self.containers[name] = {"running": False, "config": config}
+        return name
+
+    async def start(self, container_id: str) -> None:
+        self._maybe_fail("start")
+        self.containers[container_id]["running"] = True
+
+    async def stop(self, container_id: str, *, timeout_seconds: int) -> None:
+        self._maybe_fail("stop")
+        self.containers[container_id]["running"] = False
+
+    async def kill(self, container_id: str) -> None:
+        self._maybe_fail("kill")
+        self.containers[container_id]["running"] = False
+
+    async def remove(self, name: str) -> None:
+        self._maybe_fail("remove")
+        self.containers.pop(name, None)
+
+    async def log_tail(self, container_id: str, lines: int = 20) -> str:
+        return ""
+
+
+class AlwaysReadyDaemons(DaemonConnections):
+    async def probe_version(self, sandbox_id: str) -> str | None:
+        return "daemon-test"
+
+
+@pytest.fixture
+async def harness(
+    bus: Bus, short_tmp: Path
+) -> AsyncIterator[tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]]]:
+    settings = Settings(data_dir=short_tmp, runner_public_url="http://runner.test:3003")
+    engine = ScriptedEngine()
+    daemons = AlwaysReadyDaemons(lambda sandbox_id: short_tmp / sandbox_id)
+    executor = JobExecutor(
+        settings=settings,
+        runner_id=RUNNER_ID,
+        bus=bus,
+        routes=await bus.kv(KV_ROUTES),
+        engine=engine,  # type: ignore[arg-type]
+        daemons=daemons,
+    )
+    events: asyncio.Queue[SandboxStateEvent] = asyncio.Queue()
+
+    async def collect(msg: Any) -> None:
+        await events.put(SandboxStateEvent.model_validate(orjson.loads(msg.data)))
+
+    subscription = await bus.nc.subscribe(event_sandbox("*"), cb=collect)
+    yield executor, engine, events
+    await subscription.unsubscribe()
+    await daemons.close_all()
+
+
+def make_job(action: SandboxAction, sandbox_id: str, *, force: bool = False) -> RunnerJob:
+    spec = SandboxSpec(sandbox_id=sandbox_id, organization_id="org-1", image="img:1")
+    return RunnerJob(
+        intent_id=str(uuid.uuid4()), sandbox_id=sandbox_id, action=action, spec=spec, force=force
+    )
+
+
+async def test_lifecycle_reports_states_and_routes(
+    bus: Bus, harness: tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]]
+) -> None:
+    executor, engine, events = harness
+    sandbox_id = str(uuid.uuid4())
+    routes = await bus.kv(KV_ROUTES)
+
+    await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
+    started = await asyncio.wait_for(events.get(), 5)
+    assert (started.state, started.daemon_version, started.runner_id) == (
+        SandboxState.STARTED,
+        "daemon-test",
+        RUNNER_ID,
+    )
+    route = await kv_get(routes, sandbox_id, SandboxRoute)
+    assert route is not None
+    assert (route.state, route.runner_url, route.organization_id) == (
+        SandboxState.STARTED,
+        "http://runner.test:3003",
+        "org-1",
+    )
+
+    # A redelivered CREATE converges on the existing container instead of creating another.
+    await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
+    assert engine.calls.count("create") == 1
+
+    await executor.execute(make_job(SandboxAction.STOP, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STOPPED
+    route = await kv_get(routes, sandbox_id, SandboxRoute)
+    assert route is not None and route.state is SandboxState.STOPPED
+
+    await executor.execute(make_job(SandboxAction.DESTROY, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.DESTROYED
+    assert await kv_get(routes, sandbox_id, SandboxRoute) is None
+    assert not engine.containers
+
+
+async def test_stop_of_missing_container_is_an_error(
+    harness: tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]],
+) -> None:
+    executor, _, events = harness
+    await executor.execute(make_job(SandboxAction.STOP, str(uuid.uuid4())))
+    event = await asyncio.wait_for(events.get(), 5)
+    assert (event.state, event.error_reason) == (SandboxState.ERROR, "container missing")
+
+
+async def test_permanent_failure_reports_error_and_transient_retries_then_gives_up(
+    harness: tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]],
+) -> None:
+    executor, engine, events = harness
+    engine.fail["ensure_image"] = SandboxFailedError("image nope:1 not found")
+    await executor.execute(make_job(SandboxAction.CREATE, str(uuid.uuid4())))
+    event = await asyncio.wait_for(events.get(), 5)
+    assert (event.state, event.error_reason) == (SandboxState.ERROR, "image nope:1 not found")
+
+    engine.fail = {"inspect": EngineUnavailableError("engine down")}
+    flaky = make_job(SandboxAction.CREATE, str(uuid.uuid4()))
+    with pytest.raises(EngineUnavailableError):
+        await executor.execute(flaky, attempt=1)
+    await executor.execute(flaky, attempt=MAX_TRANSIENT_ATTEMPTS)
+    event = await asyncio.wait_for(events.get(), 5)
+    assert event.state is SandboxState.ERROR
+    assert "engine down" in (event.error_reason or "")
+
+
+async def test_sandbox_locks_keep_arrival_order_per_sandbox_only() -> None:
+    locks = SandboxLocks()
+    order: list[str] = []
+    release_first = asyncio.Event()
+
+    async def job(sandbox_id: str, name: str, wait: asyncio.Event | None = None) -> None:
+        async with locks.hold(sandbox_id):
+            if wait is not None:
+                await wait.wait()
+            order.append(name)
+
+    tasks = [
+        asyncio.create_task(job("a", "a1", release_first)),
+        asyncio.create_task(job("a", "a2")),
+        asyncio.create_task(job("a", "a3")),
+        asyncio.create_task(job("b", "b1")),
+    ]
+    await asyncio.sleep(0.01)
+    assert order == ["b1"]  # another sandbox is not held up by a's slow first job
+    release_first.set()
+    await asyncio.gather(*tasks)
+    assert order == ["b1", "a1", "a2", "a3"]
+    assert not locks._locks  # no lock kept for idle sandboxes

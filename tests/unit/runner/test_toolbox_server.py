@@ -1,0 +1,178 @@
+"""The runner's toolbox relay against a fake daemon listening on the sandbox's unix socket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.toolbox_server import build_toolbox_app
+
+RUNNER_TOKEN = "runner-secret"
+SANDBOX_ID = "sbx-1"
+DOWNLOAD = os.urandom(10 * 1024 * 1024)
+
+
+async def fake_daemon(request: web.Request) -> web.StreamResponse:
+    path = request.match_info["path"]
+    if path == "version":
+        return web.json_response({"version": "fake-1"})
+    if path == "empty":
+        return web.Response(status=204)
+    if path == "gzip":
+        return web.Response(body=b"\x1f\x8bnot-really-gzip", headers={"Content-Encoding": "gzip"})
+    if path == "upload":
+        digest = hashlib.sha256()
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+        return web.json_response({"sha256": digest.hexdigest()})
+    if path == "download":
+        response = web.StreamResponse()
+        response.content_length = len(DOWNLOAD)
+        await response.prepare(request)
+        for offset in range(0, len(DOWNLOAD), 1 << 20):
+            await response.write(DOWNLOAD[offset : offset + (1 << 20)])
+        return response
+    if path == "pty":
+        ws = web.WebSocketResponse(protocols=("X-Daytona-Pty-Exit-Control",))
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data.upper())
+            elif message.data == "exit":
+                await ws.close(code=1000, message=b'{"exitCode":0}')
+        return ws
+    return web.json_response(
+        {
+            "raw_path": request.rel_url.raw_path,
+            "raw_query": request.rel_url.raw_query_string,
+            "authorization": request.headers.get("Authorization"),
+            "content_type": request.headers.get("Content-Type"),
+        }
+    )
+
+
+@dataclass
+class RunnerUnderTest:
+    url: str
+    sockets_dir: Path
+
+
+@pytest.fixture
+async def runner(short_tmp: Path) -> AsyncIterator[RunnerUnderTest]:
+    sockets_dir = short_tmp / "sockets"
+    (sockets_dir / SANDBOX_ID).mkdir(parents=True)
+    daemon_app = web.Application()
+    daemon_app.router.add_route("*", "/{path:.*}", fake_daemon)
+    daemon_runner = web.AppRunner(daemon_app)
+    await daemon_runner.setup()
+    await web.UnixSite(daemon_runner, str(sockets_dir / SANDBOX_ID / "toolbox.sock")).start()
+
+    daemons = DaemonConnections(lambda sandbox_id: sockets_dir / sandbox_id / "toolbox.sock")
+    server = TestServer(build_toolbox_app(daemons, RUNNER_TOKEN), host="127.0.0.1")
+    await server.start_server()
+    yield RunnerUnderTest(url=str(server.make_url("")).rstrip("/"), sockets_dir=sockets_dir)
+    await server.close()
+    await daemons.close_all()
+    await daemon_runner.cleanup()
+
+
+AUTH = {"Authorization": f"Bearer {RUNNER_TOKEN}"}
+
+
+async def test_health_and_runner_token(runner: RunnerUnderTest) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{runner.url}/health") as response:
+            assert response.status == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with http.get(
+                f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/version", headers=headers
+            ) as response:
+                assert response.status == 401
+        async with http.get(f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/version", headers=AUTH) as response:
+            assert response.status == 200
+            assert await response.json() == {"version": "fake-1"}
+        # The alternative header upstream proxies use is accepted too.
+        alternative = {"X-Daytona-Authorization": f"Bearer {RUNNER_TOKEN}"}
+        async with http.get(
+            f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/version", headers=alternative
+        ) as response:
+            assert response.status == 200
+
+
+async def test_relays_raw_path_and_query_without_credentials(runner: RunnerUnderTest) -> None:
+    url = aiohttp.client.URL(
+        f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/files/a%2Fb/info?path=x%20y&n=1&n=2", encoded=True
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=b"{}", headers=AUTH, skip_auto_headers=["Content-Type"]) as response,
+    ):
+        echoed = await response.json()
+    assert echoed == {
+        "raw_path": "/files/a%2Fb/info",
+        "raw_query": "path=x%20y&n=1&n=2",
+        "authorization": None,
+        "content_type": None,
+    }
+
+
+async def test_empty_and_encoded_bodies_pass_untouched(runner: RunnerUnderTest) -> None:
+    base = f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox"
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.delete(f"{base}/empty", headers=AUTH) as response:
+            assert response.status == 204
+            assert await response.read() == b""
+        async with http.get(f"{base}/gzip", headers=AUTH) as response:
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert await response.read() == b"\x1f\x8bnot-really-gzip"
+        async with http.head(f"{base}/version", headers=AUTH) as response:
+            assert response.status == 200
+
+
+async def test_streams_10_mib_both_ways(runner: RunnerUnderTest) -> None:
+    payload = os.urandom(10 * 1024 * 1024)
+    base = f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/upload", data=payload, headers=AUTH) as response:
+            assert (await response.json())["sha256"] == hashlib.sha256(payload).hexdigest()
+        async with http.get(f"{base}/download", headers=AUTH) as response:
+            assert response.headers["Content-Length"] == str(len(DOWNLOAD))
+            assert await response.read() == DOWNLOAD
+
+
+async def test_websocket_relay_keeps_subprotocol_frames_and_close(runner: RunnerUnderTest) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(
+            f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/pty",
+            headers=AUTH,
+            protocols=("X-Daytona-Pty-Exit-Control",),
+        ) as ws,
+    ):
+        assert ws.protocol == "X-Daytona-Pty-Exit-Control"
+        await ws.send_bytes(b"ls\n")
+        assert await ws.receive_bytes(timeout=5) == b"LS\n"
+        await ws.send_str("exit")
+        closing = await ws.receive(timeout=5)
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert (closing.data, closing.extra) == (1000, '{"exitCode":0}')
+
+
+async def test_missing_socket_is_502_and_bad_id_is_404(runner: RunnerUnderTest) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{runner.url}/sandboxes/other/toolbox/version", headers=AUTH) as response:
+            assert response.status == 502
+            body = await response.json()
+            assert body["message"] == "sandbox toolbox is not reachable"
+            assert body["source"] == "DAYTONA_PROXY"
+        async with http.get(f"{runner.url}/sandboxes/..%2E/toolbox/version", headers=AUTH) as response:
+            assert response.status == 404
