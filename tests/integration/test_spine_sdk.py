@@ -132,14 +132,38 @@ def test_bad_input_and_auth(stack: StackThread) -> None:
         assert fragment in response.json()["message"]
     assert httpx.get(f"{stack.api_url}/sandbox").status_code == 401
     with pytest.raises(DaytonaAuthenticationError):
-        Daytona(DaytonaConfig(api_key="tp_wrong", api_url=stack.api_url)).list()
+        list(Daytona(DaytonaConfig(api_key="tp_wrong", api_url=stack.api_url)).list())
     toolbox = httpx.get(f"{stack.proxy_url}/toolbox/whatever/version")
     assert toolbox.status_code == 401
     assert {item.id for item in daytona.list()} == before, "rejected creates must leave nothing behind"
 
 
+def sandbox_containers() -> set[str]:
+    listing = subprocess.run(
+        ["podman", "ps", "-a", "--filter", "label=tidepool.sandbox", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return set(listing.stdout.split())
+
+
+def exec_when_reachable(sandbox: object, command: str, within: float = 60.0) -> str:
+    """A restarted runner needs a moment before it relays toolbox traffic again."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return sandbox.process.exec(command).result  # type: ignore[attr-defined]
+        except DaytonaError as error:
+            if getattr(error, "status_code", None) not in (502, 503) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 @pytest.mark.parametrize("service", ["scheduler", "runner"])
-def test_create_survives_a_crash(stack: StackThread, service: str) -> None:
+@pytest.mark.parametrize("moment", ["before", "during"])
+def test_create_survives_a_crash(stack: StackThread, service: str, moment: str) -> None:
+    """kill -9 a service with a create in flight: after its restart the sandbox starts, never stuck."""
     daytona = Daytona()
     created: dict[str, object] = {}
 
@@ -150,16 +174,28 @@ def test_create_survives_a_crash(stack: StackThread, service: str) -> None:
             created["error"] = error
 
     worker = threading.Thread(target=create)
-    worker.start()
-    time.sleep(0.4)  # the intent or job is in flight
-    stack.kill(service)
-    time.sleep(1.0)
+    if moment == "before":
+        stack.kill(service)  # the intent or job waits in JetStream
+        worker.start()
+        time.sleep(1.0)
+    else:
+        existing = sandbox_containers()
+        worker.start()
+        if service == "runner":
+            # Kill the runner between creating the container and seeing its daemon answer.
+            deadline = time.monotonic() + 30
+            while sandbox_containers() == existing and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            time.sleep(0.05)  # the intent is on its way to, or inside, the scheduler
+        stack.kill(service)
+        time.sleep(1.0)
     stack.restart(service)
     worker.join(timeout=240)
     assert "error" not in created, f"create failed after a {service} crash: {created.get('error')}"
     sandbox = created["sandbox"]
     try:
         assert sandbox.state == "started"  # type: ignore[attr-defined]
-        assert sandbox.process.exec("echo alive").result == "alive\n"  # type: ignore[attr-defined]
+        assert exec_when_reachable(sandbox, "echo alive") == "alive\n"
     finally:
         daytona.delete(sandbox)  # type: ignore[arg-type]

@@ -26,7 +26,8 @@ from tidepool_contracts.states import SandboxState
 
 @pytest.fixture
 async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, ApiContext, str]]:
-    settings = Settings(data_dir=tmp_path, nats_url=nats_url, create_wait_seconds=0.5)
+    # SQLite explicitly: the integration stack covers PostgreSQL when TIDEPOOL_DATABASE_URL is set.
+    settings = Settings(data_dir=tmp_path, nats_url=nats_url, database_url="", create_wait_seconds=0.5)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
     bus = await connect(nats_url, "test-api")

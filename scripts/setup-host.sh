@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Idempotent host setup for a fresh Debian (bookworm) machine: the container engine Tidepool drives
+# (podman + runc), the tools that build the base image, and `*.localhost` name resolution.
+# Run as root or via sudo. Prints one line per change; a fully set-up host is a fast no-op.
+set -euo pipefail
+
+REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname)
+NSSWITCH_FILE=/etc/nsswitch.conf
+
+if [[ ${EUID} -ne 0 ]]; then
+  exec sudo --preserve-env=DEBIAN_FRONTEND -- "$0" "$@"
+fi
+
+log() { echo "setup-host: $*"; }
+
+# apt's progress and debconf notices are noise on success; show them only when the command fails.
+run_quietly() {
+  local output
+  if ! output=$("$@" 2>&1); then
+    echo "${output}" >&2
+    log "failed: $*"
+    return 1
+  fi
+}
+
+missing_packages() {
+  local package status
+  for package in "${REQUIRED_PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "${package}" 2>/dev/null || true)
+    [[ ${status} == "install ok installed" ]] || echo "${package}"
+  done
+}
+
+# apt's package lists are needed only when something must be installed and apt doesn't know it yet
+# (fresh images ship without lists).
+apt_knows_candidates() {
+  local package
+  for package in "$@"; do
+    apt-cache policy "${package}" 2>/dev/null | grep -q 'Candidate: [^(]' || return 1
+  done
+}
+
+install_missing_packages() {
+  local -a missing
+  mapfile -t missing < <(missing_packages)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt_knows_candidates "${missing[@]}"; then
+    run_quietly apt-get update
+    log "ran apt-get update"
+  fi
+  run_quietly apt-get install -y --no-install-recommends "${missing[@]}"
+  log "installed ${missing[*]}"
+}
+
+# libnss-myhostname resolves *.localhost to loopback, so sandbox preview URLs like
+# http://3000-<id>.localhost work without DNS setup. It only acts when listed in the hosts line.
+ensure_myhostname_in_nsswitch() {
+  if grep -Eq '^hosts:.*\bmyhostname\b' "${NSSWITCH_FILE}" 2>/dev/null; then
+    return 0
+  fi
+  if grep -Eq '^hosts:' "${NSSWITCH_FILE}" 2>/dev/null; then
+    # Right after `files` so /etc/hosts still wins, before `dns` so *.localhost never leaves the host.
+    if grep -Eq '^hosts:.*\bfiles\b' "${NSSWITCH_FILE}"; then
+      sed -Ei '/^hosts:/ s/\bfiles\b/files myhostname/' "${NSSWITCH_FILE}"
+    else
+      sed -Ei '/^hosts:/ s/^hosts:[[:space:]]*/&myhostname /' "${NSSWITCH_FILE}"
+    fi
+  else
+    echo "hosts:          files myhostname dns" >>"${NSSWITCH_FILE}"
+  fi
+  log "added myhostname to the hosts line of ${NSSWITCH_FILE}"
+}
+
+install_missing_packages
+ensure_myhostname_in_nsswitch

@@ -1,0 +1,1 @@
+"""Tidepool image builder service."""
