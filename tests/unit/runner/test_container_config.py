@@ -27,7 +27,9 @@ def make_spec(**overrides: object) -> SandboxSpec:
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:
-    return Settings(data_dir=tmp_path, daemon_dir=tmp_path / "daemon", **overrides)  # type: ignore[arg-type]
+    # Independent of the environment (`make` exports TIDEPOOL_CA_BUNDLE).
+    values: dict[str, object] = {"ca_bundle": "", **overrides}
+    return Settings(data_dir=tmp_path, daemon_dir=tmp_path / "daemon", **values)  # type: ignore[arg-type]
 
 
 def test_resources_identity_and_isolation(tmp_path: Path) -> None:
