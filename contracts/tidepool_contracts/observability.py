@@ -34,11 +34,12 @@ def configure_logging(service: str, level: str = "INFO", json_output: bool = Fal
 
 
 def configure_tracing(service: str, otlp_endpoint: str) -> None:
-    """Export spans over OTLP/HTTP when an endpoint is configured; otherwise spans only carry context."""
-    if not otlp_endpoint:
-        return
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+    """Always record trace context (so it propagates through message headers); export only when configured."""
     provider = TracerProvider(resource=Resource.create({"service.name": f"tidepool-{service}"}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_endpoint}/v1/traces")))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_endpoint}/v1/traces"))
+        )
     trace.set_tracer_provider(provider)

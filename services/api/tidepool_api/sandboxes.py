@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 
 import structlog
+from opentelemetry import trace
 from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -24,6 +25,7 @@ from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxInte
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
 
 log = structlog.get_logger("tidepool.api.sandboxes")
+tracer = trace.get_tracer("tidepool.api")
 
 LANGUAGE_LABEL = "code-toolbox-language"
 SUPPORTED_LANGUAGES = {"python", "typescript", "javascript"}
@@ -92,6 +94,13 @@ async def announce(
     context: ApiContext, sandbox: Sandbox, action: SandboxAction, desired: DesiredState, force: bool = False
 ) -> None:
     """Record the desired state for the reconciler, then publish the intent (dedup by intent id)."""
+    with tracer.start_as_current_span(f"sandbox.{action.value}", attributes={"sandbox.id": sandbox.id}):
+        await _announce(context, sandbox, action, desired, force)
+
+
+async def _announce(
+    context: ApiContext, sandbox: Sandbox, action: SandboxAction, desired: DesiredState, force: bool
+) -> None:
     spec = spec_of(sandbox)
     intent = SandboxIntent(
         sandbox_id=sandbox.id, organization_id=sandbox.organization_id, action=action, spec=spec, force=force
