@@ -38,6 +38,7 @@ KV_BUCKETS: dict[str, float | None] = {
     subjects.KV_PLACEMENTS: None,
     subjects.KV_DESIRED: None,
     subjects.KV_API_KEYS: None,
+    subjects.KV_SIGNING_KEYS: None,
 }
 
 STREAMS: list[StreamConfig] = [

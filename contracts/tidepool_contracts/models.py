@@ -143,6 +143,15 @@ class ApiKeyRecord(BusModel):
     revoked: bool = False
 
 
+class SigningKeyRecord(BusModel):
+    """API -> KV: the per-sandbox HMAC key of signed file URLs; rotating it invalidates every old URL."""
+
+    sandbox_id: str
+    organization_id: str
+    key: str
+    rotated_at: datetime = Field(default_factory=utc_now)
+
+
 class SnapshotState(StrEnum):
     PENDING = "pending"
     PULLING = "pulling"
