@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     job_resend_after_seconds: float = 45.0
     job_max_attempts: int = 3
 
+    # Object storage (S3) for declarative-build context. Embedded: `rclone serve s3` over TLS (the SDK
+    # uploads only over https). `s3_ca_file` is the CA that signed the endpoint's certificate, if private.
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_bucket: str = "tidepool-builds"
+    s3_region: str = "us-east-1"
+    s3_ca_file: str = ""
+    # Declarative builds are cached by content for this long after their last use.
+    build_cache_hours: float = 24.0
+
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False

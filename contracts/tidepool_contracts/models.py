@@ -170,7 +170,13 @@ class BuildJob(BusModel):
     snapshot_name: str
     image_ref: str
     dockerfile: str
+    # Local directory whose files join the context (the platform's own images).
     context_dir: str | None = None
+    # Declarative builds: context archives `{organization_id}/{hash}/context.tar` in object storage.
+    organization_id: str | None = None
+    context_hashes: list[str] = Field(default_factory=list)
+    # Pull-only snapshots: make `source_image` available locally under `image_ref` instead of building.
+    source_image: str | None = None
     issued_at: datetime = Field(default_factory=utc_now)
 
 
