@@ -65,6 +65,13 @@ STREAMS: list[StreamConfig] = [
         max_age=7 * 24 * 3600.0,
         duplicate_window=120.0,
     ),
+    StreamConfig(
+        name=subjects.BUILD_LOGS_STREAM,
+        subjects=[f"{subjects.BUILD_LOG_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        max_age=2 * 24 * 3600.0,
+        max_msgs_per_subject=200_000,
+    ),
 ]
 
 
@@ -252,7 +259,7 @@ async def consume(
         while True:
             try:
                 messages = await subscription.fetch(batch=concurrency, timeout=1.0)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, TimeoutError):
                 continue
             except asyncio.CancelledError:
                 raise

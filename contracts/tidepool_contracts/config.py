@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     sandbox_network: str = ""
 
     default_snapshot: str = "daytona-small"
-    default_image: str = "localhost/tidepool/default:0.1.0"
+    default_image: str = "localhost/tidepool/default:0.2.0"
     default_dockerfile: Path = REPO_ROOT / "images" / "default" / "Dockerfile"
     base_image: str = "localhost/tidepool/base:bookworm"
 

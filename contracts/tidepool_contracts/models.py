@@ -187,5 +187,15 @@ class SnapshotEvent(BusModel):
     image_ref: str
     state: SnapshotState
     error_reason: str | None = None
-    log_line: str | None = None
+    # Filled when the image is ready: what the runner must run and how big it is.
+    entrypoint: list[str] | None = None
+    size_bytes: int | None = None
     occurred_at: datetime = Field(default_factory=utc_now)
+
+
+class BuildLogLine(BusModel):
+    """Builder -> API: one chunk of build output; `done` marks the end of one build attempt."""
+
+    image_ref: str
+    text: str = ""
+    done: bool = False

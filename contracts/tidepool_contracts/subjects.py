@@ -6,6 +6,7 @@ from __future__ import annotations
 INTENTS_STREAM = "TIDEPOOL_INTENTS"  # API -> scheduler: desired-state changes (work queue)
 JOBS_STREAM = "TIDEPOOL_JOBS"  # scheduler -> runner, API -> builder: durable work (work queue)
 EVENTS_STREAM = "TIDEPOOL_EVENTS"  # runner/builder -> everyone: actual state (fan-out, replayable)
+BUILD_LOGS_STREAM = "TIDEPOOL_BUILD_LOGS"  # builder -> API: build output, replayable from the start
 
 INTENT_SANDBOX_PREFIX = "tidepool.intent.sandbox"
 JOB_RUNNER_PREFIX = "tidepool.job.runner"
@@ -13,6 +14,7 @@ JOB_BUILD_SUBJECT = "tidepool.job.build"
 EVENT_SANDBOX_PREFIX = "tidepool.event.sandbox"
 EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
 EVENT_RUNNER_PREFIX = "tidepool.event.runner"
+BUILD_LOG_PREFIX = "tidepool.buildlog"
 
 # Core NATS request/reply (caller waits).
 RUNNER_PING_PREFIX = "tidepool.rpc.runner.ping"
@@ -40,6 +42,10 @@ def event_sandbox(sandbox_id: str) -> str:
 
 def event_snapshot(snapshot_name: str) -> str:
     return f"{EVENT_SNAPSHOT_PREFIX}.{kv_safe(snapshot_name)}"
+
+
+def build_log(image_ref: str) -> str:
+    return f"{BUILD_LOG_PREFIX}.{kv_safe(image_ref)}"
 
 
 def runner_ping(runner_id: str) -> str:

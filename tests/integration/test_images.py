@@ -316,11 +316,13 @@ def test_inject_ca_bundle_after_every_from_only() -> None:
     )
     lines = inject_ca_bundle(dockerfile).splitlines()
     copy_line = "COPY tidepool-ca.crt /etc/ssl/certs/ca-certificates.crt"
-    assert [index for index, line in enumerate(lines) if line == copy_line] == [3, 9, 13]
+    assert [index for index, line in enumerate(lines) if line == copy_line] == [3, 10, 15]
     assert lines[2].startswith("FROM --platform")
-    assert lines[4].startswith("ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt ")
-    assert lines[8] == "from build"
-    assert lines[12] == "  scratch AS final"
+    # A second copy outside /etc/ssl survives update-ca-certificates in later steps; env vars point there.
+    assert lines[4] == "COPY tidepool-ca.crt /usr/local/share/tidepool/ca-bundle.crt"
+    assert lines[5].startswith("ENV SSL_CERT_FILE=/usr/local/share/tidepool/ca-bundle.crt ")
+    assert lines[9] == "from build"
+    assert lines[14] == "  scratch AS final"
     assert "FROM not-an-instruction" in lines and lines[lines.index("FROM not-an-instruction") + 1] == "EOF"
 
 
@@ -328,5 +330,5 @@ def test_inject_ca_bundle_honours_escape_directive() -> None:
     dockerfile = "# escape=`\nFROM `\n  debian\nRUN echo \\\nFROM x\n"
     lines = inject_ca_bundle(dockerfile).splitlines()
     assert lines[3].startswith("COPY tidepool-ca.crt")
-    assert lines[6] == "FROM x"
-    assert lines[7].startswith("COPY tidepool-ca.crt")
+    assert lines[7] == "FROM x"
+    assert lines[8].startswith("COPY tidepool-ca.crt")

@@ -7,7 +7,9 @@ from fastapi import APIRouter, FastAPI
 from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes import organizations, platform, sandbox
+from tidepool_api.routes import organizations, platform, sandbox, snapshots
+from tidepool_api.routes.object_storage import router as object_storage_router
+from tidepool_api.routes.signing import router as signing_router
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -23,7 +25,10 @@ def create_app(context: ApiContext) -> FastAPI:
     install_error_handlers(app)
     api = APIRouter(prefix="/api")
     api.include_router(platform.router)
+    api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
+    api.include_router(snapshots.router)
+    api.include_router(object_storage_router)
     app.include_router(api)
     return app

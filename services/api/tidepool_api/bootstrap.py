@@ -85,14 +85,15 @@ async def ensure_default_snapshots(context: ApiContext) -> None:
                     id=str(uuid.uuid4()),
                     name=name,
                     image_name=settings.default_image,
+                    ref=settings.default_image,
                     state=SnapshotState.PENDING.value,
                     cpu=cpu,
                     memory=memory,
                     disk=disk,
                     general=True,
                 )
-            elif snapshot.image_name != settings.default_image:
-                snapshot.image_name = settings.default_image
+            elif snapshot.ref != settings.default_image:
+                snapshot.image_name = snapshot.ref = settings.default_image
                 snapshot.state = SnapshotState.PENDING.value
             session.add(snapshot)
         await session.commit()

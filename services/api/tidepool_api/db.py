@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, UniqueConstraint, event
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -52,7 +52,17 @@ class Snapshot(SQLModel, table=True):
     # None = a general snapshot every organization may use.
     organization_id: str | None = Field(default=None, index=True)
     name: str
+    # What the user asked for (an image reference), or None for a Dockerfile build.
     image_name: str
+    # The local image runners start: the source image, or a content-addressed build ref.
+    ref: str | None = Field(default=None, index=True)
+    # Builds made for `POST /sandbox` with buildInfo: cached, not listed to users.
+    hidden: bool = False
+    dockerfile: str | None = None
+    context_hashes: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    entrypoint: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    size_bytes: int | None = Field(default=None, sa_column=Column(BigInteger))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     state: str
     cpu: int = 1
     memory: int = 1
@@ -77,6 +87,8 @@ class Sandbox(SQLModel, table=True):
     desired_state: str
     snapshot: str | None = None
     image: str
+    # Set while the sandbox waits for its declarative image to be built.
+    build_ref: str | None = Field(default=None, index=True)
     os_user: str = "daytona"
     env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -90,6 +102,8 @@ class Sandbox(SQLModel, table=True):
     auto_archive_interval: int = 10080
     auto_delete_interval: int = -1
     error_reason: str | None = None
+    # HMAC key of signed file URLs (created on first use, replaced on rotation).
+    signing_key: str | None = None
     runner_id: str | None = None
     daemon_version: str | None = None
     created_at: datetime = timestamp_column()

@@ -13,10 +13,11 @@ from sqlmodel import select
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
-from tidepool_api.sandboxes import transition
+from tidepool_api.sandboxes import fail_build_waiters, mark_building, release_built_sandbox, transition
+from tidepool_api.snapshots import pending_build_sandboxes
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import consume
-from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent
+from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent, SnapshotState
 from tidepool_contracts.states import SandboxState, can_transition
 
 log = structlog.get_logger("tidepool.api.events")
@@ -48,17 +49,27 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
 
 
 async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> None:
-    if event.log_line is not None:
-        return
     async with context.database.sessions() as session:
-        rows = (await session.exec(select(Snapshot).where(Snapshot.image_name == event.image_ref))).all()
+        rows = (await session.exec(select(Snapshot).where(Snapshot.ref == event.image_ref))).all()
         for snapshot in rows:
             snapshot.state = event.state.value
             snapshot.error_reason = event.error_reason
+            if event.entrypoint is not None and not snapshot.entrypoint:
+                snapshot.entrypoint = event.entrypoint
+            if event.size_bytes is not None:
+                snapshot.size_bytes = event.size_bytes
             snapshot.updated_at = datetime.now(UTC)
             session.add(snapshot)
         await session.commit()
+        waiting = [sandbox.id for sandbox in await pending_build_sandboxes(session, event.image_ref)]
     log.info("snapshot.state", image=event.image_ref, state=event.state, reason=event.error_reason)
+    if event.state == SnapshotState.BUILDING:
+        await mark_building(context, waiting)
+    elif event.state == SnapshotState.ACTIVE:
+        for sandbox_id in waiting:
+            await release_built_sandbox(context, sandbox_id)
+    elif event.state in (SnapshotState.BUILD_FAILED, SnapshotState.ERROR):
+        await fail_build_waiters(context, waiting, event.error_reason)
 
 
 async def consume_sandbox_events(context: ApiContext) -> None:

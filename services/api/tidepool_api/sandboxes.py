@@ -19,9 +19,10 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import CreateSandboxRequest
+from tidepool_api.snapshots import ensure_build
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import kv_put, publish
-from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec
+from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
 
 log = structlog.get_logger("tidepool.api.sandboxes")
@@ -146,14 +147,15 @@ def validate_resources(request: CreateSandboxRequest, organization: Organization
         raise bad_request(f"label {LANGUAGE_LABEL} must be one of python, typescript, javascript")
     if request.volumes:
         raise bad_request("volumes are not supported yet on this installation")
-    if request.build_info is not None:
-        raise bad_request("building a sandbox from an image is not supported yet on this installation")
+    if request.build_info is not None and not request.build_info.dockerfile_content.strip():
+        raise bad_request("buildInfo.dockerfileContent is empty")
 
 
 async def resolve_snapshot(session: AsyncSession, organization_id: str, name: str) -> Snapshot:
     statement = select(Snapshot).where(
         or_(Snapshot.name == name, Snapshot.id == name),
         or_(Snapshot.organization_id == organization_id, col(Snapshot.general).is_(True)),
+        col(Snapshot.hidden).is_(False),
     )
     snapshot = (await session.exec(statement)).first()
     if snapshot is None:
@@ -169,9 +171,22 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
         if organization is None:
             raise ApiError(401, "organization of this API key no longer exists")
         validate_resources(request, organization)
-        snapshot = await resolve_snapshot(
-            session, organization_id, request.snapshot or context.settings.default_snapshot
-        )
+        build: Snapshot | None = None
+        if request.build_info is not None:
+            if request.snapshot:
+                raise bad_request("Give either a snapshot or buildInfo, not both")
+            build = await ensure_build(
+                context,
+                session,
+                organization_id,
+                request.build_info.dockerfile_content,
+                list(request.build_info.context_hashes or []),
+            )
+            snapshot = build
+        else:
+            snapshot = await resolve_snapshot(
+                session, organization_id, request.snapshot or context.settings.default_snapshot
+            )
         sandbox_id = str(uuid.uuid4())
         name = request.name or sandbox_id
         if request.name is not None:
@@ -188,21 +203,24 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
         auto_archive = request.auto_archive_interval
         if auto_archive is not None:
             auto_archive = MAX_AUTO_ARCHIVE if auto_archive == 0 else min(auto_archive, MAX_AUTO_ARCHIVE)
-        assert_transition(SandboxState.UNKNOWN, SandboxState.CREATING)
+        waits_for_build = build is not None and build.state != SnapshotState.ACTIVE.value
+        initial_state = SandboxState.PENDING_BUILD if waits_for_build else SandboxState.CREATING
+        assert_transition(SandboxState.UNKNOWN, initial_state)
         sandbox = Sandbox(
             id=sandbox_id,
             organization_id=organization_id,
             name=name,
-            state=SandboxState.CREATING.value,
+            state=initial_state.value,
             desired_state=DesiredState.STARTED.value,
-            snapshot=snapshot.name,
-            image=snapshot.image_name,
+            snapshot=None if build is not None else snapshot.name,
+            image=snapshot.ref or snapshot.image_name,
+            build_ref=build.ref if build is not None else None,
             os_user=request.user or "daytona",
             env=dict(request.env or {}),
             labels=labels,
-            cpu=request.cpu or snapshot.cpu,
-            memory=request.memory or snapshot.memory,
-            disk=request.disk or snapshot.disk,
+            cpu=request.cpu or (1 if build is not None else snapshot.cpu),
+            memory=request.memory or (1 if build is not None else snapshot.memory),
+            disk=request.disk or (3 if build is not None else snapshot.disk),
             public=bool(request.public),
             network_block_all=bool(request.network_block_all),
             target=request.target or context.settings.runner_region,
@@ -214,6 +232,12 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
         )
         session.add(sandbox)
         await session.commit()
+    if sandbox.state == SandboxState.PENDING_BUILD:
+        # The create intent follows when the builder reports the image ready (see events.py); the image may
+        # have become ready while this row was being written, so check once more now.
+        await release_built_sandbox(context, sandbox.id)
+        async with context.database.sessions() as session:
+            return await session.get(Sandbox, sandbox.id) or sandbox
     try:
         await announce(context, sandbox, SandboxAction.CREATE, DesiredState.STARTED)
     except Exception as error:
@@ -427,3 +451,50 @@ async def touch_activity(context: ApiContext, organization_id: str, id_or_name: 
         sandbox.last_activity_at = utc_now()
         session.add(sandbox)
         await session.commit()
+
+
+async def release_built_sandbox(context: ApiContext, sandbox_id: str) -> None:
+    """A sandbox waiting for its image goes on to `creating` once the image is ready (exactly once: CAS)."""
+    async with context.database.sessions() as session:
+        sandbox = await session.get(Sandbox, sandbox_id)
+        if sandbox is None or sandbox.build_ref is None:
+            return
+        if SandboxState(sandbox.state) not in (SandboxState.PENDING_BUILD, SandboxState.BUILDING_SNAPSHOT):
+            return
+        build = (
+            await session.exec(
+                select(Snapshot).where(Snapshot.ref == sandbox.build_ref, col(Snapshot.hidden).is_(True))
+            )
+        ).first()
+        if build is None or build.state != SnapshotState.ACTIVE.value:
+            return
+        if not await transition(session, sandbox, SandboxState.CREATING):
+            return  # someone else released it
+        await session.commit()
+    await announce(context, sandbox, SandboxAction.CREATE, DesiredState.STARTED)
+    context.waiters.notify(sandbox_id)
+
+
+async def fail_build_waiters(context: ApiContext, sandbox_ids: list[str], reason: str | None) -> None:
+    for sandbox_id in sandbox_ids:
+        async with context.database.sessions() as session:
+            sandbox = await session.get(Sandbox, sandbox_id)
+            if sandbox is None:
+                continue
+            if SandboxState(sandbox.state) not in (
+                SandboxState.PENDING_BUILD,
+                SandboxState.BUILDING_SNAPSHOT,
+            ):
+                continue
+            if await transition(session, sandbox, SandboxState.BUILD_FAILED, error_reason=reason):
+                await session.commit()
+        context.waiters.notify(sandbox_id)
+
+
+async def mark_building(context: ApiContext, sandbox_ids: list[str]) -> None:
+    for sandbox_id in sandbox_ids:
+        async with context.database.sessions() as session:
+            sandbox = await session.get(Sandbox, sandbox_id)
+            if sandbox is not None and sandbox.state == SandboxState.PENDING_BUILD:
+                await transition(session, sandbox, SandboxState.BUILDING_SNAPSHOT)
+                await session.commit()

@@ -87,6 +87,14 @@ def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
         "daemonVersion": sandbox.daemon_version,
         "sandboxClass": "container",
         "toolboxProxyUrl": toolbox_proxy_url,
+        # The SDK requires createdAt, updatedAt and snapshotRef whenever buildInfo is present.
+        "buildInfo": {
+            "snapshotRef": sandbox.build_ref,
+            "createdAt": iso(sandbox.created_at),
+            "updatedAt": iso(sandbox.updated_at),
+        }
+        if sandbox.build_ref
+        else None,
         "createdAt": iso(sandbox.created_at),
         "updatedAt": iso(sandbox.updated_at),
         "lastActivityAt": iso(sandbox.last_activity_at),
@@ -100,9 +108,10 @@ def snapshot_dto(snapshot: Snapshot) -> dict[str, object]:
         "general": snapshot.general,
         "name": snapshot.name,
         "imageName": snapshot.image_name,
+        "ref": snapshot.ref,
         "state": snapshot.state,
-        "size": None,
-        "entrypoint": None,
+        "size": round(snapshot.size_bytes / 1024**3, 3) if snapshot.size_bytes else None,
+        "entrypoint": snapshot.entrypoint,
         "cpu": snapshot.cpu,
         "gpu": 0,
         "mem": snapshot.memory,
@@ -110,7 +119,7 @@ def snapshot_dto(snapshot: Snapshot) -> dict[str, object]:
         "errorReason": snapshot.error_reason,
         "createdAt": iso(snapshot.created_at),
         "updatedAt": iso(snapshot.updated_at),
-        "lastUsedAt": None,
+        "lastUsedAt": iso(snapshot.last_used_at) if snapshot.last_used_at else None,
         "regionIds": [],
     }
 

@@ -26,11 +26,15 @@ DOCKERFILE_CONTEXT_NAME = "Dockerfile"
 LOG_TAIL_LINES = 40
 MAX_LOG_LINE_CHARS = 16 * 1024  # longer output lines reach on_log in pieces of this size
 
-# Every common TLS client in a sandbox (OpenSSL, Python requests, pip, Node) reads the bundle from here.
+# A copy outside /etc/ssl survives `update-ca-certificates` (run by apt when a step installs packages, which
+# rewrites the system bundle); every common TLS client (OpenSSL, requests, pip, Node, curl, git) reads it.
+CA_BUNDLE_STABLE_PATH = "/usr/local/share/tidepool/ca-bundle.crt"
 CA_INJECTION_LINES = (
     f"COPY {CA_BUNDLE_CONTEXT_NAME} {CA_BUNDLE_IMAGE_PATH}",
-    f"ENV SSL_CERT_FILE={CA_BUNDLE_IMAGE_PATH} REQUESTS_CA_BUNDLE={CA_BUNDLE_IMAGE_PATH} "
-    f"PIP_CERT={CA_BUNDLE_IMAGE_PATH} NODE_EXTRA_CA_CERTS={CA_BUNDLE_IMAGE_PATH}",
+    f"COPY {CA_BUNDLE_CONTEXT_NAME} {CA_BUNDLE_STABLE_PATH}",
+    f"ENV SSL_CERT_FILE={CA_BUNDLE_STABLE_PATH} REQUESTS_CA_BUNDLE={CA_BUNDLE_STABLE_PATH} "
+    f"PIP_CERT={CA_BUNDLE_STABLE_PATH} NODE_EXTRA_CA_CERTS={CA_BUNDLE_STABLE_PATH} "
+    f"CURL_CA_BUNDLE={CA_BUNDLE_STABLE_PATH} GIT_SSL_CAINFO={CA_BUNDLE_STABLE_PATH}",
 )
 
 _PARSER_DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*$")

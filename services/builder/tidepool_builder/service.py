@@ -1,4 +1,4 @@
-"""Build jobs from the bus: build (or find) the image, stream its log, report the snapshot's state."""
+"""Build jobs from the bus: pull or build the image, stream its log, check it can host a sandbox, report."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ import structlog
 from nats.aio.msg import Msg
 
 from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists
+from tidepool_builder.images import (
+    ImageUnusableError,
+    ensure_source_image,
+    inspect_image,
+    verify_toolbox_can_run,
+)
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import Bus, consume, keep_in_progress, publish
 from tidepool_contracts.config import Settings
-from tidepool_contracts.models import BuildJob, SnapshotEvent, SnapshotState
+from tidepool_contracts.models import BuildJob, BuildLogLine, SnapshotEvent, SnapshotState
 
 log = structlog.get_logger("tidepool.builder")
+
+# A build interrupted this many times (builder crashes) is reported failed instead of retried again.
+MAX_BUILD_DELIVERIES = 4
 
 
 def read_context(context_dir: str | None) -> dict[str, bytes]:
@@ -37,49 +46,95 @@ class Builder:
         self.bus = bus
         self.docker = docker
 
-    async def report(self, job: BuildJob, state: SnapshotState, reason: str | None = None) -> None:
+    async def report(
+        self, job: BuildJob, state: SnapshotState, reason: str | None = None, ready: bool = False
+    ) -> None:
+        facts = await inspect_image(self.docker, job.image_ref) if ready else None
         event = SnapshotEvent(
-            snapshot_name=job.snapshot_name, image_ref=job.image_ref, state=state, error_reason=reason
+            snapshot_name=job.snapshot_name,
+            image_ref=job.image_ref,
+            state=state,
+            error_reason=reason,
+            entrypoint=facts.entrypoint if facts else None,
+            size_bytes=facts.size_bytes if facts else None,
         )
         await publish(self.bus, subjects.event_snapshot(job.snapshot_name), event)
 
+    async def log_line(self, job: BuildJob, text: str, done: bool = False) -> None:
+        await publish(
+            self.bus,
+            subjects.build_log(job.image_ref),
+            BuildLogLine(image_ref=job.image_ref, text=text, done=done),
+        )
+
     async def handle(self, job: BuildJob, msg: Msg) -> None:
-        if await image_exists(self.docker, job.image_ref):
-            await self.report(job, SnapshotState.ACTIVE)
-            return
-        await self.report(job, SnapshotState.BUILDING)
-        log.info("build.started", image=job.image_ref)
-
-        async def on_log(line: str) -> None:
-            log.debug("build.log", image=job.image_ref, line=line)
-            event = SnapshotEvent(
-                snapshot_name=job.snapshot_name,
-                image_ref=job.image_ref,
-                state=SnapshotState.BUILDING,
-                log_line=line,
-            )
-            await publish(self.bus, subjects.event_snapshot(job.snapshot_name), event)
-
         heartbeat = asyncio.create_task(keep_in_progress(msg))
         try:
-            await build_image(
-                self.docker,
-                dockerfile=job.dockerfile,
-                context_files=read_context(job.context_dir),
-                tag=job.image_ref,
-                ca_bundle_path=self.settings.ca_bundle or None,
-                on_log=on_log,
-            )
-        except BuildFailedError as error:
-            log.error("build.failed", image=job.image_ref, error=str(error))
-            await self.report(job, SnapshotState.BUILD_FAILED, str(error))
-            return
+            await self.produce(job, msg)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+
+    async def produce(self, job: BuildJob, msg: Msg) -> None:
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if job.source_image:
+            await self.report(job, SnapshotState.PULLING)
+            try:
+                await ensure_source_image(self.docker, job.source_image, job.image_ref)
+                await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
+            except ImageUnusableError as error:
+                await self.report(job, SnapshotState.ERROR, str(error))
+                return
+            await self.report(job, SnapshotState.ACTIVE, ready=True)
+            return
+        if await image_exists(self.docker, job.image_ref):
+            # Content-addressed refs: an existing image is exactly this build (the build cache).
+            await self.log_line(job, f"Using cached image {job.image_ref}\n")
+            await self.log_line(job, "", done=True)
+            await self.report(job, SnapshotState.ACTIVE, ready=True)
+            return
+        if delivered > MAX_BUILD_DELIVERIES:
+            await self.fail(job, f"build was interrupted {delivered - 1} times; giving up")
+            return
+        await self.report(job, SnapshotState.BUILDING)
+        if delivered > 1:
+            await self.log_line(job, f"Restarting build (attempt {delivered})\n")
+        log.info("build.started", image=job.image_ref, attempt=delivered)
+        try:
+            context = read_context(job.context_dir)
+            if job.context_hashes:
+                from tidepool_builder.context_store import fetch_context
+
+                context |= await fetch_context(self.settings, job.organization_id or "", job.context_hashes)
+            await build_image(
+                self.docker,
+                dockerfile=job.dockerfile,
+                context_files=context,
+                tag=job.image_ref,
+                ca_bundle_path=self.settings.ca_bundle or None,
+                on_log=lambda line: self.log_line(job, line + "\n"),
+            )
+            await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
+        except (BuildFailedError, ImageUnusableError) as error:
+            await self.fail(job, str(error))
+            return
+        except Exception as error:  # context download, engine errors: a failed build, not a stuck one
+            log.exception("build.crashed", image=job.image_ref)
+            await self.fail(job, f"build failed: {error}")
+            return
         log.info("build.finished", image=job.image_ref)
-        await self.report(job, SnapshotState.ACTIVE)
+        await self.log_line(job, f"Built {job.image_ref}\n", done=True)
+        await self.report(job, SnapshotState.ACTIVE, ready=True)
+
+    async def fail(self, job: BuildJob, reason: str) -> None:
+        log.error("build.failed", image=job.image_ref, reason=reason)
+        await self.log_line(job, f"ERROR: {reason}\n", done=True)
+        if await image_exists(self.docker, job.image_ref):
+            # A half-good image (e.g. without python3) must not be mistaken for a cached build later.
+            with contextlib.suppress(aiodocker.DockerError):
+                await self.docker.images.delete(job.image_ref, force=True)
+        await self.report(job, SnapshotState.BUILD_FAILED, reason)
 
     async def run(self) -> None:
         await consume(
@@ -90,6 +145,6 @@ class Builder:
             model_type=BuildJob,
             handler=self.handle,
             ack_wait=30.0,
-            max_deliver=5,
+            max_deliver=MAX_BUILD_DELIVERIES + 1,
             concurrency=2,
         )

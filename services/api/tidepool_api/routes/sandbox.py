@@ -7,10 +7,12 @@ from typing import Annotated, Any, TypeVar
 import orjson
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from tidepool_api import sandboxes
+from tidepool_api.buildlogs import stream_build_log
+from tidepool_api.db import Sandbox
 from tidepool_api.errors import bad_request, describe_validation_error
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
@@ -162,3 +164,33 @@ async def set_interval(
 async def update_last_activity(context: Context, caller: Caller, sandbox_id: str) -> Response:
     await sandboxes.touch_activity(context, caller.organization_id, sandbox_id)
     return Response(status_code=201)
+
+
+@router.get("/{sandbox_id_or_name}/build-logs-url")
+async def build_logs_url(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+    if sandbox.build_ref is None:
+        raise bad_request(f"Sandbox {sandbox.id} was not built from an image")
+    return JsonResponse(
+        {"url": f"{context.settings.effective_public_api_url}/sandbox/{sandbox.id}/build-logs"}
+    )
+
+
+@router.get("/{sandbox_id_or_name}/build-logs")
+async def build_logs(
+    context: Context, caller: Caller, sandbox_id_or_name: str, follow: bool = False
+) -> Response:
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+    if sandbox.build_ref is None:
+        raise bad_request(f"Sandbox {sandbox.id} was not built from an image")
+
+    async def finished() -> bool:
+        async with context.database.sessions() as session:
+            row = await session.get(Sandbox, sandbox.id)
+        return row is None or row.state not in (SandboxState.PENDING_BUILD, SandboxState.BUILDING_SNAPSHOT)
+
+    return StreamingResponse(
+        stream_build_log(context.bus, sandbox.build_ref, follow, finished), media_type="text/plain"
+    )

@@ -1,0 +1,110 @@
+"""`/snapshots` endpoints (wire contract §2.5) and build logs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from tidepool_api import snapshots
+from tidepool_api.buildlogs import stream_build_log
+from tidepool_api.db import Snapshot
+from tidepool_api.responses import JsonResponse
+from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.sandbox import json_body
+from tidepool_api.schemas import snapshot_dto
+from tidepool_contracts.models import SnapshotState
+
+router = APIRouter(prefix="/snapshots", tags=["snapshots"])
+SETTLED = {SnapshotState.ACTIVE.value, SnapshotState.ERROR.value, SnapshotState.BUILD_FAILED.value}
+
+
+@router.get("")
+async def list_snapshots(
+    context: Context,
+    caller: Caller,
+    page: Annotated[int, Query(ge=1)] = 1,
+    limit: Annotated[int, Query(ge=1, le=200)] = 100,
+    name: str | None = None,
+) -> JsonResponse:
+    condition = [snapshots.visible_to(caller.organization_id), col(Snapshot.hidden).is_(False)]
+    if name:
+        condition.append(col(Snapshot.name).contains(name))
+    async with context.database.sessions() as session:
+        total = (await session.exec(select(func.count()).select_from(Snapshot).where(*condition))).one()
+        rows = (
+            await session.exec(
+                select(Snapshot)
+                .where(*condition)
+                .order_by(col(Snapshot.general).desc(), col(Snapshot.created_at), col(Snapshot.name))
+                .offset((page - 1) * limit)
+                .limit(limit)
+            )
+        ).all()
+    return JsonResponse(
+        {
+            "items": [snapshot_dto(row) for row in rows],
+            "total": total,
+            "page": page,
+            "totalPages": max(1, -(-total // limit)),
+        }
+    )
+
+
+@router.post("")
+async def create_snapshot(context: Context, caller: Caller, request: Request) -> JsonResponse:
+    body = await json_body(request, snapshots.CreateSnapshotRequest)
+    snapshot = await snapshots.create_snapshot(context, caller.organization_id, body)
+    return JsonResponse(snapshot_dto(snapshot))
+
+
+@router.get("/{id_or_name:path}/build-logs-url")
+async def build_logs_url(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
+    async with context.database.sessions() as session:
+        snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
+    return JsonResponse(
+        {"url": f"{context.settings.effective_public_api_url}/snapshots/{snapshot.id}/build-logs"}
+    )
+
+
+@router.get("/{id_or_name:path}/build-logs")
+async def build_logs(context: Context, caller: Caller, id_or_name: str, follow: bool = False) -> Response:
+    async with context.database.sessions() as session:
+        snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
+
+    async def finished() -> bool:
+        async with context.database.sessions() as session:
+            row = await session.get(Snapshot, snapshot.id)
+        return row is None or row.state in SETTLED
+
+    ref = snapshot.ref or snapshot.image_name
+    return StreamingResponse(stream_build_log(context.bus, ref, follow, finished), media_type="text/plain")
+
+
+@router.post("/{id_or_name:path}/activate")
+async def activate(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
+    return JsonResponse(
+        snapshot_dto(await snapshots.set_active(context, caller.organization_id, id_or_name, True))
+    )
+
+
+@router.post("/{id_or_name:path}/deactivate")
+async def deactivate(context: Context, caller: Caller, id_or_name: str) -> Response:
+    await snapshots.set_active(context, caller.organization_id, id_or_name, False)
+    return Response(status_code=204)
+
+
+@router.get("/{id_or_name:path}")
+async def get_snapshot(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
+    async with context.database.sessions() as session:
+        snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
+    return JsonResponse(snapshot_dto(snapshot))
+
+
+@router.delete("/{id_or_name:path}")
+async def delete_snapshot(context: Context, caller: Caller, id_or_name: str) -> Response:
+    await snapshots.delete_snapshot(context, caller.organization_id, id_or_name)
+    return Response(status_code=200)

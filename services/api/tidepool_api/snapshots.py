@@ -1,0 +1,227 @@
+"""Snapshot use cases: register images, build Dockerfiles (content-addressed, cached), track their state."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import or_
+from sqlmodel import col, select
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from tidepool_api.context import ApiContext
+from tidepool_api.db import Sandbox, Snapshot
+from tidepool_api.errors import ApiError, bad_request, conflict, not_found
+from tidepool_api.schemas import WireModel
+from tidepool_contracts import subjects
+from tidepool_contracts.bus import publish
+from tidepool_contracts.models import BuildJob, SnapshotState
+from tidepool_contracts.states import SandboxState
+
+SNAPSHOT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._:/@-]{0,254}$")
+IMAGE_REFERENCE = re.compile(
+    r"^(?P<name>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+FLOATING_TAGS = {"latest", "lts", "stable"}
+BUILD_REF_REPOSITORY = "localhost/tidepool/build"
+
+
+class BuildInfoBody(WireModel):
+    dockerfile_content: str
+    context_hashes: list[str] | None = None
+
+
+class CreateSnapshotRequest(WireModel):
+    name: str
+    image_name: str | None = None
+    entrypoint: list[str] | None = None
+    cpu: int | None = None
+    gpu: int | None = None
+    memory: int | None = None
+    disk: int | None = None
+    build_info: BuildInfoBody | None = None
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def validate_image_reference(image: str) -> None:
+    match = IMAGE_REFERENCE.match(image)
+    if match is None:
+        raise bad_request(f"Invalid image name {image}: use lowercase name[:tag] or name@sha256:<64 hex>")
+    tag, digest = match.group("tag"), match.group("digest")
+    if not tag and not digest:
+        raise bad_request(f"Image {image} must include a tag or a digest")
+    if tag in FLOATING_TAGS and not digest:
+        raise bad_request(f"Image tag '{tag}' is not supported: pin a specific tag or digest")
+
+
+def build_ref(dockerfile: str, context_hashes: list[str]) -> str:
+    """Same Dockerfile and context → same image: the ref is the build cache key."""
+    digest = hashlib.sha256((dockerfile + "".join(sorted(context_hashes))).encode()).hexdigest()
+    return f"{BUILD_REF_REPOSITORY}:{digest[:48]}"
+
+
+def visible_to(organization_id: str):  # type: ignore[no-untyped-def]
+    return or_(Snapshot.organization_id == organization_id, col(Snapshot.general).is_(True))
+
+
+async def find_snapshot(session: AsyncSession, organization_id: str, id_or_name: str) -> Snapshot:
+    snapshot = (
+        await session.exec(
+            select(Snapshot).where(
+                or_(Snapshot.id == id_or_name, Snapshot.name == id_or_name),
+                visible_to(organization_id),
+                col(Snapshot.hidden).is_(False),
+            )
+        )
+    ).first()
+    if snapshot is None:
+        raise not_found(f"Snapshot {id_or_name} not found")
+    return snapshot
+
+
+async def request_build(context: ApiContext, snapshot: Snapshot) -> None:
+    job = BuildJob(
+        snapshot_name=snapshot.name,
+        image_ref=snapshot.ref or snapshot.image_name,
+        dockerfile=snapshot.dockerfile or "",
+        organization_id=snapshot.organization_id,
+        context_hashes=list(snapshot.context_hashes or []),
+        source_image=None if snapshot.dockerfile else snapshot.image_name,
+    )
+    await publish(
+        context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"build:{snapshot.id}:{snapshot.updated_at}"
+    )
+
+
+async def create_snapshot(context: ApiContext, organization_id: str, body: CreateSnapshotRequest) -> Snapshot:
+    if not SNAPSHOT_NAME.match(body.name):
+        raise bad_request("Snapshot name may contain letters, digits, dots, colons, slashes and dashes only")
+    if body.gpu:
+        raise bad_request("GPU snapshots are not available on this installation")
+    for field_name, value in (("cpu", body.cpu), ("memory", body.memory), ("disk", body.disk)):
+        if value is not None and value < 1:
+            raise bad_request(f"{field_name} must be at least 1")
+    if body.build_info is None and not body.image_name:
+        raise bad_request("Either imageName or buildInfo is required")
+    dockerfile: str | None = None
+    hashes: list[str] = []
+    if body.build_info is not None:
+        dockerfile = body.build_info.dockerfile_content
+        hashes = list(body.build_info.context_hashes or [])
+        if not dockerfile.strip():
+            raise bad_request("buildInfo.dockerfileContent is empty")
+        ref = build_ref(dockerfile, hashes)
+        image_name = body.image_name or ref
+    else:
+        assert body.image_name is not None
+        validate_image_reference(body.image_name)
+        image_name = ref = body.image_name
+    async with context.database.sessions() as session:
+        taken = await session.exec(
+            select(Snapshot.id).where(Snapshot.name == body.name, visible_to(organization_id))
+        )
+        if taken.first() is not None:
+            raise conflict(f"Snapshot with name {body.name} already exists")
+        snapshot = Snapshot(
+            id=str(uuid.uuid4()),
+            organization_id=organization_id,
+            name=body.name,
+            image_name=image_name,
+            ref=ref,
+            dockerfile=dockerfile,
+            context_hashes=hashes,
+            entrypoint=body.entrypoint,
+            state=SnapshotState.PENDING.value,
+            cpu=body.cpu or 1,
+            memory=body.memory or 1,
+            disk=body.disk or 3,
+        )
+        session.add(snapshot)
+        await session.commit()
+    await request_build(context, snapshot)
+    return snapshot
+
+
+async def delete_snapshot(context: ApiContext, organization_id: str, id_or_name: str) -> None:
+    async with context.database.sessions() as session:
+        snapshot = await find_snapshot(session, organization_id, id_or_name)
+        if snapshot.general or snapshot.organization_id != organization_id:
+            raise ApiError(403, f"Snapshot {snapshot.name} is shared by the platform and cannot be deleted")
+        in_use = await session.exec(
+            select(Sandbox.id).where(
+                Sandbox.organization_id == organization_id,
+                Sandbox.snapshot == snapshot.name,
+                col(Sandbox.state).not_in([SandboxState.DESTROYED.value, SandboxState.DESTROYING.value]),
+            )
+        )
+        if in_use.first() is not None:
+            raise conflict(f"Snapshot {snapshot.name} is used by existing sandboxes; delete them first")
+        await session.delete(snapshot)
+        await session.commit()
+
+
+async def set_active(context: ApiContext, organization_id: str, id_or_name: str, active: bool) -> Snapshot:
+    async with context.database.sessions() as session:
+        snapshot = await find_snapshot(session, organization_id, id_or_name)
+        if snapshot.general:
+            raise ApiError(403, f"Snapshot {snapshot.name} is shared by the platform")
+        if active and snapshot.state != SnapshotState.INACTIVE.value:
+            if snapshot.state == SnapshotState.ACTIVE.value:
+                return snapshot
+            raise bad_request(f"Snapshot {snapshot.name} is not inactive (state: {snapshot.state})")
+        if not active and snapshot.state != SnapshotState.ACTIVE.value:
+            raise bad_request(f"Snapshot {snapshot.name} is not active (state: {snapshot.state})")
+        # Activation re-verifies the image (it may have been removed while inactive).
+        snapshot.state = SnapshotState.PENDING.value if active else SnapshotState.INACTIVE.value
+        snapshot.updated_at = utc_now()
+        session.add(snapshot)
+        await session.commit()
+    if active:
+        await request_build(context, snapshot)
+    return snapshot
+
+
+async def ensure_build(
+    context: ApiContext, session: AsyncSession, organization_id: str, dockerfile: str, hashes: list[str]
+) -> Snapshot:
+    """The hidden snapshot behind a declarative sandbox: reused while cached, built when missing."""
+    ref = build_ref(dockerfile, hashes)
+    snapshot = (
+        await session.exec(select(Snapshot).where(Snapshot.ref == ref, col(Snapshot.hidden).is_(True)))
+    ).first()
+    now = utc_now()
+    if snapshot is None:
+        snapshot = Snapshot(
+            id=str(uuid.uuid4()),
+            organization_id=organization_id,
+            name=ref,
+            image_name=ref,
+            ref=ref,
+            hidden=True,
+            dockerfile=dockerfile,
+            context_hashes=hashes,
+            state=SnapshotState.PENDING.value,
+        )
+    snapshot.last_used_at = now
+    session.add(snapshot)
+    await session.commit()
+    if snapshot.state not in (SnapshotState.ACTIVE.value, SnapshotState.BUILDING.value):
+        # Pending, failed earlier, or expired from the cache: (re)build; the builder reuses existing images.
+        snapshot.state = SnapshotState.PENDING.value
+        snapshot.updated_at = now
+        session.add(snapshot)
+        await session.commit()
+        await request_build(context, snapshot)
+    return snapshot
+
+
+async def pending_build_sandboxes(session: AsyncSession, ref: str) -> list[Sandbox]:
+    states = [SandboxState.PENDING_BUILD.value, SandboxState.BUILDING_SNAPSHOT.value]
+    rows = await session.exec(select(Sandbox).where(Sandbox.build_ref == ref, col(Sandbox.state).in_(states)))
+    return list(rows.all())

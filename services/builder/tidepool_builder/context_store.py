@@ -1,0 +1,212 @@
+"""Declarative-build context from object storage: the SDK's `{organizationId}/{hash}/context.tar` uploads.
+
+The SDK tars each local source (`add_local_file`, `add_local_dir`, requirements files, ...) under its
+archive path (the local path without its leading `/`) and lists the hashes in `buildInfo.contextHashes`.
+The builder downloads every tar and merges them into one `{relative_path: bytes}` build context, as
+Daytona's runner merges them into one tar.
+
+The archives come from users, so they are read, never extracted to disk, and anything that could escape
+the context is refused: absolute paths, `..` components, links pointing outside the archive's root
+(or absolute), device files and FIFOs. Links that stay inside are resolved to the content they point to
+(the map holds regular files only); dangling links are dropped. File modes are not kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import tarfile
+from collections.abc import Mapping
+from typing import IO
+from urllib.parse import urlsplit
+
+import urllib3
+import urllib3.exceptions
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error
+
+from tidepool_contracts.config import Settings
+
+CONTEXT_OBJECT = "context.tar"
+MAX_LINK_DEPTH = 40  # symlink chains, as the kernel's MAXSYMLINKS
+
+
+class ContextError(Exception):
+    """A build context could not be fetched or is unsafe; the message names the context hash."""
+
+
+class ContextNotFoundError(ContextError):
+    pass
+
+
+class UnsafeContextError(ContextError):
+    pass
+
+
+def context_key(organization_id: str, context_hash: str) -> str:
+    return f"{organization_id}/{context_hash}/{CONTEXT_OBJECT}"
+
+
+def make_client(settings: Settings) -> Minio:
+    parts = urlsplit(settings.s3_endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+        endpoint = settings.s3_endpoint
+        raise ContextError(f"TIDEPOOL_S3_ENDPOINT must be http(s)://host[:port], not {endpoint!r}")
+    # Verification is never turned off: the CA of a private endpoint comes from TIDEPOOL_S3_CA_FILE,
+    # otherwise the system trust store (which honours SSL_CERT_FILE) is used.
+    http_client = urllib3.PoolManager(
+        cert_reqs="CERT_REQUIRED",
+        ca_certs=settings.s3_ca_file or None,
+        timeout=urllib3.Timeout(connect=10, read=120),
+        retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)),
+        maxsize=4,
+    )
+    return Minio(
+        parts.netloc,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=parts.scheme == "https",
+        region=settings.s3_region,  # no GetBucketLocation round trip (rclone does not implement it)
+        http_client=http_client,
+    )
+
+
+def _is_missing(error: Exception) -> bool:
+    if isinstance(error, S3Error):
+        return error.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject")
+    # minio-py insists on `application/xml` error bodies; rclone answers `text/xml`.
+    return isinstance(error, InvalidResponseError) and getattr(error, "_code", None) == 404
+
+
+def _member_path(name: str, context_hash: str, what: str = "path") -> str:
+    """The normalised relative path of an archive member, or UnsafeContextError."""
+    if name.startswith("/") or name.startswith("\\"):
+        raise UnsafeContextError(f"context {context_hash}: absolute {what} {name!r} in the archive")
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeContextError(f"context {context_hash}: {what} {name!r} leaves the context ('..')")
+    return "/".join(parts)
+
+
+def read_context_archive(stream: IO[bytes], context_hash: str) -> dict[str, bytes]:
+    """The regular files of one context tar (streamed, any compression), after the safety checks."""
+    files: dict[str, bytes] = {}
+    symlinks: dict[str, str] = {}  # path -> normalised target path, both relative to the root
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                path = _member_path(member.name, context_hash)
+                if member.isdir():
+                    continue
+                if not path:
+                    raise UnsafeContextError(f"context {context_hash}: a non-directory member names the root")
+                if member.isreg():
+                    extracted = archive.extractfile(member)
+                    if extracted is None:
+                        raise UnsafeContextError(f"context {context_hash}: unreadable member {member.name!r}")
+                    files[path] = extracted.read()
+                elif member.issym():
+                    link = f"symlink {member.name!r} -> {member.linkname!r}"
+                    if member.linkname.startswith("/"):
+                        raise UnsafeContextError(f"context {context_hash}: {link} is absolute")
+                    target = posixpath.normpath(posixpath.join(posixpath.dirname(path), member.linkname))
+                    if target == ".." or target.startswith("../"):
+                        raise UnsafeContextError(f"context {context_hash}: {link} points outside the context")
+                    symlinks[path] = target
+                elif member.islnk():
+                    target = _member_path(member.linkname, context_hash, "hard link target")
+                    if target in files:
+                        files[path] = files[target]
+                    elif target in symlinks:
+                        symlinks[path] = symlinks[target]
+                    else:
+                        raise UnsafeContextError(
+                            f"context {context_hash}: hard link {member.name!r} -> {member.linkname!r} "
+                            "does not name an earlier file of the archive"
+                        )
+                else:
+                    raise UnsafeContextError(
+                        f"context {context_hash}: {member.name!r} is a device, FIFO or other special file"
+                    )
+    except tarfile.TarError as error:
+        raise ContextError(f"context {context_hash}: not a valid tar archive: {error}") from error
+    _resolve_symlinks(files, symlinks)
+    return files
+
+
+def _resolve_symlinks(files: dict[str, bytes], symlinks: Mapping[str, str]) -> None:
+    """Give in-root symlinks the content they point to: a file, or every file under a directory.
+
+    Resolution is textual, within the archive's own members: nothing on the builder's disk is read.
+    """
+
+    def resolve(path: str, depth: int = 0) -> str | None:
+        if depth > MAX_LINK_DEPTH:
+            return None  # a loop
+        parts = [] if path == "." else path.split("/")
+        # The longest prefix that is a link is followed first (a link to a directory may sit mid-path).
+        for index in range(len(parts), 0, -1):
+            prefix = "/".join(parts[:index])
+            if prefix in symlinks:
+                followed = posixpath.normpath(posixpath.join(symlinks[prefix], *parts[index:]))
+                return resolve(followed, depth + 1)
+        return path
+
+    for link in symlinks:
+        target = resolve(link)
+        if target is None or target == ".." or target.startswith("../"):
+            continue
+        if target in files:
+            files.setdefault(link, files[target])
+            continue
+        prefix = "" if target == "." else f"{target}/"
+        for path in [path for path in files if path.startswith(prefix)]:
+            files.setdefault(f"{link}/{path[len(prefix) :]}", files[path])
+        # Otherwise dangling (or a link to an empty directory): nothing to copy.
+
+
+def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: str) -> dict[str, bytes]:
+    key = context_key(organization_id, context_hash)
+    try:
+        response = client.get_object(bucket, key)
+    except (S3Error, InvalidResponseError, urllib3.exceptions.HTTPError) as error:
+        if _is_missing(error):
+            raise ContextNotFoundError(
+                f"build context {context_hash} not found in object storage (s3://{bucket}/{key}); "
+                "the SDK uploads it before creating the snapshot"
+            ) from error
+        message = f"downloading build context {context_hash} (s3://{bucket}/{key}): {error}"
+        raise ContextError(message) from error
+    try:
+        return read_context_archive(response, context_hash)
+    except urllib3.exceptions.HTTPError as error:  # the connection broke mid-download
+        raise ContextError(f"downloading build context {context_hash}: {error}") from error
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def fetch_context_sync(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
+    if not (settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key):
+        raise ContextError("object storage is not configured (TIDEPOOL_S3_ENDPOINT and keys)")
+    if not organization_id:
+        raise ContextError("a build with context hashes needs the organization that uploaded them")
+    client = make_client(settings)
+    merged: dict[str, bytes] = {}
+    for context_hash in hashes:
+        # A hash becomes part of an object key: refuse anything but a plain name.
+        if not context_hash or "/" in context_hash or context_hash in (".", ".."):
+            raise ContextError(f"invalid build context hash {context_hash!r}")
+        merged.update(_fetch_one(client, settings.s3_bucket, organization_id, context_hash))  # later wins
+    return merged
+
+
+async def fetch_context(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
+    """Download `{organization_id}/{hash}/context.tar` for every hash and merge them into one build context.
+
+    Raises ContextNotFoundError (naming the hash) for a missing object and UnsafeContextError for an
+    archive that tries to escape the context. The blocking S3 client runs in a worker thread.
+    """
+    if not hashes:
+        return {}
+    return await asyncio.to_thread(fetch_context_sync, settings, organization_id, list(hashes))

@@ -1,0 +1,194 @@
+"""Snapshots and declarative builds through the official SDK (issue: snapshots and the builder)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from daytona import (
+    CreateSandboxFromImageParams,
+    CreateSandboxFromSnapshotParams,
+    CreateSnapshotParams,
+    Daytona,
+    DaytonaConflictError,
+    DaytonaError,
+    DaytonaNotFoundError,
+    Image,
+)
+
+from tests.integration.images_fixture import ensure_python_slim_stand_in
+from tests.integration.stackthread import StackThread
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def python_slim() -> str:
+    return ensure_python_slim_stand_in()
+
+
+def test_snapshot_from_image_reference(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    name = unique("from-ref")
+    snapshot = daytona.snapshot.create(CreateSnapshotParams(name=name, image=python_slim))
+    assert snapshot.state == "active"
+    assert daytona.snapshot.get(name).id == snapshot.id
+    assert name in {item.name for item in daytona.snapshot.list().items}
+    sandbox = daytona.create(CreateSandboxFromSnapshotParams(snapshot=name))
+    try:
+        assert sandbox.process.exec("python3 -c 'print(6*7)'").result.strip() == "42"
+        with pytest.raises(DaytonaConflictError):
+            daytona.snapshot.delete(snapshot)
+    finally:
+        daytona.delete(sandbox)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            daytona.snapshot.delete(snapshot)
+            break
+        except DaytonaConflictError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with pytest.raises(DaytonaNotFoundError):
+        daytona.snapshot.get(name)
+
+
+def test_snapshot_image_rules(stack: StackThread) -> None:
+    daytona = Daytona()
+    with pytest.raises(DaytonaError, match="latest"):
+        daytona.snapshot.create(CreateSnapshotParams(name=unique("latest"), image="python:latest"))
+    with pytest.raises(DaytonaError, match="tag or a digest"):
+        daytona.snapshot.create(CreateSnapshotParams(name=unique("untagged"), image="python"))
+    # An image without python3 cannot host the toolbox: reported, not started broken.
+    with pytest.raises(DaytonaError, match="python3"):
+        daytona.snapshot.create(
+            CreateSnapshotParams(name=unique("no-python"), image="localhost/tidepool/base:bookworm")
+        )
+
+
+def test_declarative_image_build_streams_logs_and_caches(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    image = Image.debian_slim("3.12").pip_install(["six"]).env({"TIDEPOOL_TEST": "declarative"})
+    logs: list[str] = []
+    sandbox = daytona.create(
+        CreateSandboxFromImageParams(image=image), on_snapshot_create_logs=logs.append, timeout=900
+    )
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+
+    def build_log(sandbox_id: str) -> str:
+        response = httpx.get(f"{stack.api_url}/sandbox/{sandbox_id}/build-logs", headers=headers)
+        assert response.status_code == 200, response.text
+        return response.text
+
+    try:
+        assert sandbox.state == "started"
+        assert any(line.strip() for line in logs), "build logs must stream while building"
+        assert sandbox.process.exec("python3 -c 'import six; print(six.__name__)'").result.strip() == "six"
+        assert sandbox.process.exec("echo $TIDEPOOL_TEST").result.strip() == "declarative"
+        first_log = build_log(sandbox.id)
+        assert "STEP 1/" in first_log or "Using cached image" in first_log
+    finally:
+        daytona.delete(sandbox)
+    again = daytona.create(CreateSandboxFromImageParams(image=image), timeout=120)
+    try:
+        assert again.state == "started"
+        assert again.build_info is not None and sandbox.build_info is not None
+        assert again.build_info.snapshot_ref == sandbox.build_info.snapshot_ref, "content-addressed image ref"
+        assert build_log(again.id).count("STEP 1/") == first_log.count("STEP 1/"), (
+            "an identical declarative image must come from the cache, not be built again"
+        )
+    finally:
+        daytona.delete(again)
+
+
+def test_snapshot_from_declarative_image_with_logs(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    name = unique("declarative")
+    logs: list[str] = []
+    marker = f"building-{name}"  # unique content: a real build, not a cache hit
+    image = Image.base(python_slim).run_commands(f"echo {marker}")
+    snapshot = daytona.snapshot.create(CreateSnapshotParams(name=name, image=image), on_logs=logs.append)
+    assert snapshot.state == "active"
+    assert any(marker in line for line in logs)
+    replay = httpx.get(
+        f"{stack.api_url}/snapshots/{snapshot.id}/build-logs",
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    assert replay.status_code == 200 and marker in replay.text, "logs replay from the start"
+    daytona.snapshot.delete(snapshot)
+
+
+def test_bad_dockerfile_fails_the_build_with_its_step(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    image = Image.base(python_slim).run_commands("echo about-to-fail && exit 3")
+    with pytest.raises(DaytonaError, match=r"(?i)build_failed.*exit 3"):
+        daytona.create(CreateSandboxFromImageParams(image=image), timeout=300)
+    name = unique("broken")
+    with pytest.raises(DaytonaError) as failure:
+        daytona.snapshot.create(CreateSnapshotParams(name=name, image=image))
+    assert "exit 3" in str(failure.value) or "exit status 3" in str(failure.value)
+
+
+def test_builder_crash_during_build_is_retried(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    name = unique("crash")
+    image = Image.base(python_slim).run_commands(f"sleep 6 && echo {name}")
+    result: dict[str, object] = {}
+
+    def create() -> None:
+        try:
+            result["snapshot"] = daytona.snapshot.create(
+                CreateSnapshotParams(name=name, image=image), timeout=300
+            )
+        except Exception as error:  # reported below
+            result["error"] = error
+
+    worker = threading.Thread(target=create)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if daytona.snapshot.get(name).state == "building":
+                break
+        except DaytonaNotFoundError:
+            pass
+        time.sleep(0.2)
+    stack.kill("builder")
+    time.sleep(1)
+    stack.restart("builder")
+    worker.join(timeout=400)
+    assert "error" not in result, f"build after a builder crash failed: {result.get('error')}"
+    assert daytona.snapshot.get(name).state == "active"
+    daytona.snapshot.delete(name)
+
+
+def test_declarative_image_with_local_context(stack: StackThread, python_slim: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`add_local_file` pushes the context to object storage (https); the builder fetches it by hash."""
+    daytona = Daytona()
+    config = tmp_path / "cfg.toml"
+    content = f"token = '{uuid.uuid4().hex}'\n"
+    config.write_text(content)
+    name = unique("with-context")
+    image = (
+        Image.base(python_slim)
+        .pip_install(["six"])
+        .add_local_file(config, "/home/daytona/cfg.toml")
+        .workdir("/home/daytona")
+    )
+    logs: list[str] = []
+    snapshot = daytona.snapshot.create(CreateSnapshotParams(name=name, image=image), on_logs=logs.append)
+    assert snapshot.state == "active"
+    sandbox = daytona.create(CreateSandboxFromSnapshotParams(snapshot=name))
+    try:
+        assert sandbox.fs.download_file("/home/daytona/cfg.toml").decode() == content
+        assert sandbox.process.exec("python3 -c 'import six'").exit_code == 0
+    finally:
+        daytona.delete(sandbox)
