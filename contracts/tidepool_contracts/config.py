@@ -63,8 +63,15 @@ class Settings(BaseSettings):
     s3_bucket: str = "tidepool-builds"
     s3_region: str = "us-east-1"
     s3_ca_file: str = ""
+    # OCI registry that built and pulled snapshots are pushed to, so any runner can pull them on demand
+    # ("" = images stay on the engine that built them). Embedded: Debian's docker-registry on loopback.
+    registry_url: str = ""
+
     # Declarative builds are cached by content for this long after their last use.
     build_cache_hours: float = 24.0
+
+    # Encrypts secrets at rest (registry passwords). Empty: generated once under data_dir.
+    secret_key: str = ""
 
     otlp_endpoint: str = ""
     log_level: str = "INFO"

@@ -190,6 +190,8 @@ class SnapshotEvent(BusModel):
     # Filled when the image is ready: what the runner must run and how big it is.
     entrypoint: list[str] | None = None
     size_bytes: int | None = None
+    # Where runners pull the image from when they do not have it.
+    registry_ref: str | None = None
     occurred_at: datetime = Field(default_factory=utc_now)
 
 
@@ -199,3 +201,17 @@ class BuildLogLine(BusModel):
     image_ref: str
     text: str = ""
     done: bool = False
+
+
+class RegistryCredentialsRequest(BusModel):
+    """Which credentials an image pull needs: the organization's registry matching the image's host."""
+
+    organization_id: str
+    image: str
+
+
+class RegistryCredentialsReply(BusModel):
+    found: bool
+    username: str = ""
+    password: str = ""
+    server_address: str = ""

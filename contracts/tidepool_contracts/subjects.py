@@ -18,6 +18,8 @@ BUILD_LOG_PREFIX = "tidepool.buildlog"
 
 # Core NATS request/reply (caller waits).
 RUNNER_PING_PREFIX = "tidepool.rpc.runner.ping"
+# Builder/runner -> API: pull credentials of an organization's private registry (never stored on the bus).
+REGISTRY_CREDENTIALS_SUBJECT = "tidepool.rpc.registry.credentials"
 
 # KV buckets (shared read models).
 KV_RUNNERS = "tidepool_runners"  # runner id -> RunnerInfo (expires without heartbeats)

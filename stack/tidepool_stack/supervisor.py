@@ -47,6 +47,15 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def print_sink(service: str, line: str) -> None:
     sys.stdout.write(f"{service:<10}| {line}\n")
     sys.stdout.flush()
@@ -151,6 +160,7 @@ class StackConfig:
     nats_url: str = ""  # empty: start an embedded nats-server
     docker_host: str = ""  # empty: start `podman system service` on a socket in data_dir
     database_url: str = ""  # empty: SQLite in data_dir
+    registry_url: str = ""  # empty: start Debian's docker-registry on loopback (when we run the engine)
     ca_bundle: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     # The SDK uploads build context with obstore, which trusts only the system store: add our (localhost-only,
@@ -241,11 +251,47 @@ class Stack:
         await wait_for_port(port, 15)
         return f"nats://127.0.0.1:{port}"
 
-    async def start_engine(self) -> str:
+    async def start_registry(self) -> str:
+        """Debian's docker-registry (CNCF distribution) on loopback, storing under data_dir."""
+        binary = shutil.which("docker-registry")
+        if binary is None:
+            self.sink("stack", "docker-registry not installed: snapshots stay on this engine only")
+            return ""
+        # A stable port keeps pushed refs (stored with each snapshot) valid across restarts.
+        port_file = self.config.data_dir / "registry-port"
+        port = int(port_file.read_text()) if port_file.exists() else 0
+        if not port or not port_is_free(port):
+            port = free_port()
+            port_file.write_text(str(port))
+        storage = self.config.data_dir / "registry"
+        storage.mkdir(parents=True, exist_ok=True)
+        config_file = self.config.data_dir / "registry.yml"
+        config_file.write_text(
+            "version: 0.1\n"
+            "log: {level: warn}\n"
+            f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
+            f"http: {{addr: '127.0.0.1:{port}'}}\n"
+        )
+        await self.spawn("registry", [binary, "serve", str(config_file)])
+        await wait_for_port(port, 15)
+        return f"127.0.0.1:{port}"
+
+    def registries_conf(self, registry: str) -> Path:
+        """The embedded registry speaks plain http on loopback; tell the engine so (only for that host)."""
+        path = self.config.data_dir / "registries.conf"
+        path.write_text(
+            'unqualified-search-registries = ["docker.io"]\n'
+            f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n'
+        )
+        return path
+
+    async def start_engine(self, registry: str = "") -> str:
         socket_path = self.config.data_dir / "podman.sock"
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         env = {"CONTAINERS_CONF": str(CONTAINERS_CONF)} if CONTAINERS_CONF.exists() else {}
+        if registry:
+            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf(registry))
         await self.spawn("podman", ["podman", "system", "service", "--time=0", f"unix://{socket_path}"], env)
         deadline = time.monotonic() + 30
         while not socket_path.exists():
@@ -350,7 +396,8 @@ class Stack:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         nats_url = config.nats_url or await self.start_nats()
-        docker_host = config.docker_host or await self.start_engine()
+        registry = config.registry_url or (await self.start_registry() if not config.docker_host else "")
+        docker_host = config.docker_host or await self.start_engine(registry)
         await self.ensure_base_image()
         external_s3 = config.extra_env.get("TIDEPOOL_S3_ENDPOINT") or os.environ.get("TIDEPOOL_S3_ENDPOINT")
         object_storage_env = {} if external_s3 else await self.start_object_storage()
@@ -364,6 +411,7 @@ class Stack:
             "TIDEPOOL_RUNNER_TOKEN": self.runner_token(),
             "TIDEPOOL_DATABASE_URL": config.database_url,
             "TIDEPOOL_CA_BUNDLE": config.ca_bundle,
+            "TIDEPOOL_REGISTRY_URL": registry,
             **object_storage_env,
             **config.extra_env,
         }

@@ -9,6 +9,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from daytona import Daytona
@@ -54,20 +55,32 @@ def bench(daytona: Daytona) -> list[str]:
     ]
 
 
-def main() -> None:
+BenchFunction = Callable[[Daytona], list[str]]
+
+
+def run_with_stack(benches: list[BenchFunction]) -> None:
+    """Start one stack, run every bench function through the official SDK, print all figures at the end."""
     data_dir = Path(tempfile.mkdtemp(prefix="tidepool-bench-"))
     stack = StackThread(data_dir)
     print(f"starting a stack in {data_dir} …", flush=True)
     stack.start()
+    lines: list[str] = []
     try:
         os.environ["DAYTONA_API_URL"] = stack.api_url
         os.environ["DAYTONA_API_KEY"] = stack.api_key
-        lines = bench(Daytona())
+        daytona = Daytona()
+        for bench_function in benches:
+            print(f"running {bench_function.__name__} …", flush=True)
+            lines += bench_function(daytona)
     finally:
         stack.stop()
-    print("\nTidepool spine benchmark (official SDK 0.226.1, this machine)")
+    print("\nTidepool benchmark (official SDK 0.226.1, this machine)")
     for line in lines:
         print("  " + line)
+
+
+def main() -> None:
+    run_with_stack([bench])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Database
 from tidepool_api.events import consume_sandbox_events, consume_snapshot_events
 from tidepool_api.migrate import migrate
+from tidepool_api.registries import serve_credentials
+from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import connect
 from tidepool_contracts.config import Settings
@@ -35,10 +37,12 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         desired_kv=await bus.kv(subjects.KV_DESIRED),
         api_keys_kv=await bus.kv(subjects.KV_API_KEYS),
         authenticator=Authenticator(database),
+        secret_box=SecretBox(load_secret_key(settings)),
     )
     await ensure_admin(context)
     await mirror_api_keys(context)
     await ensure_default_snapshots(context)
+    await serve_credentials(context)
     consumers = [
         asyncio.create_task(consume_sandbox_events(context)),
         asyncio.create_task(consume_snapshot_events(context)),

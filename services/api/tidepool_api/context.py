@@ -10,6 +10,7 @@ from nats.js.kv import KeyValue
 
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
+from tidepool_api.secrets_box import SecretBox
 from tidepool_contracts.bus import Bus
 from tidepool_contracts.config import Settings
 
@@ -45,4 +46,5 @@ class ApiContext:
     desired_kv: KeyValue
     api_keys_kv: KeyValue
     authenticator: Authenticator
+    secret_box: SecretBox | None = None
     waiters: StateWaiters = field(default_factory=StateWaiters)

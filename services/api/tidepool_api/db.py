@@ -56,6 +56,8 @@ class Snapshot(SQLModel, table=True):
     image_name: str
     # The local image runners start: the source image, or a content-addressed build ref.
     ref: str | None = Field(default=None, index=True)
+    # The same image in the platform registry: what runners pull when they do not have `ref`.
+    registry_ref: str | None = None
     # Builds made for `POST /sandbox` with buildInfo: cached, not listed to users.
     hidden: bool = False
     dockerfile: str | None = None
@@ -109,6 +111,24 @@ class Sandbox(SQLModel, table=True):
     created_at: datetime = timestamp_column()
     updated_at: datetime = timestamp_column()
     last_activity_at: datetime = timestamp_column()
+
+
+class DockerRegistry(SQLModel, table=True):
+    """An organization's private registry; the password is encrypted (see secrets_box.py)."""
+
+    __tablename__ = "docker_registry"
+    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_registry_org_name"),)
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id", index=True)
+    name: str
+    url: str
+    username: str
+    password_sealed: str
+    project: str = ""
+    registry_type: str = "organization"
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
 
 
 class Database:

@@ -58,6 +58,8 @@ async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> Non
                 snapshot.entrypoint = event.entrypoint
             if event.size_bytes is not None:
                 snapshot.size_bytes = event.size_bytes
+            if event.registry_ref:
+                snapshot.registry_ref = event.registry_ref
             snapshot.updated_at = datetime.now(UTC)
             session.add(snapshot)
         await session.commit()

@@ -213,7 +213,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             state=initial_state.value,
             desired_state=DesiredState.STARTED.value,
             snapshot=None if build is not None else snapshot.name,
-            image=snapshot.ref or snapshot.image_name,
+            image=snapshot.registry_ref or snapshot.ref or snapshot.image_name,
             build_ref=build.ref if build is not None else None,
             os_user=request.user or "daytona",
             env=dict(request.env or {}),
@@ -468,7 +468,8 @@ async def release_built_sandbox(context: ApiContext, sandbox_id: str) -> None:
         ).first()
         if build is None or build.state != SnapshotState.ACTIVE.value:
             return
-        if not await transition(session, sandbox, SandboxState.CREATING):
+        image = build.registry_ref or build.ref or sandbox.image
+        if not await transition(session, sandbox, SandboxState.CREATING, image=image):
             return  # someone else released it
         await session.commit()
     await announce(context, sandbox, SandboxAction.CREATE, DesiredState.STARTED)

@@ -26,13 +26,18 @@ async def inspect_image(docker: aiodocker.Docker, ref: str) -> ImageFacts:
     return ImageFacts(entrypoint=entrypoint or None, size_bytes=info.get("Size"))
 
 
-async def ensure_source_image(docker: aiodocker.Docker, source: str, ref: str) -> None:
-    """Make `source` available locally as `ref`: use the local copy, else pull it from its registry."""
+async def ensure_source_image(
+    docker: aiodocker.Docker, source: str, ref: str, auth: dict[str, str] | None = None
+) -> None:
+    """Make `source` available locally as `ref`: use the local copy, else pull it (with `auth` if given)."""
     try:
         await docker.images.inspect(source)
     except aiodocker.DockerError:
         try:
-            await docker.images.pull(source)
+            progress = await docker.images.pull(source, auth=auth)
+            for entry in progress if isinstance(progress, list) else [progress]:
+                if isinstance(entry, dict) and entry.get("error"):
+                    raise aiodocker.DockerError(500, {"message": str(entry["error"])})
         except aiodocker.DockerError as error:
             raise ImageUnusableError(
                 f"image {source} is not available locally and could not be pulled: {error.message}"
@@ -73,3 +78,26 @@ async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, r
             )
     finally:
         await container.delete(force=True)
+
+
+def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
+    """Where `image_ref` lives in the platform registry: (repository, tag)."""
+    name, _, tag = image_ref.rpartition(":")
+    if not name or "/" in tag:
+        name, tag = image_ref, "latest"
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        name = rest  # drop the source registry host; keep the path
+    return f"{registry}/snapshots/{name}", tag
+
+
+async def push_to_registry(docker: aiodocker.Docker, registry: str, image_ref: str) -> str:
+    """Tag and push the image so other runners can pull it; returns the pullable reference."""
+    repository, tag = registry_reference(registry, image_ref)
+    await docker.images.tag(image_ref, repo=repository, tag=tag)
+    # An empty credential set: anonymous push (the engine rejects aiodocker's placeholder header).
+    progress = await docker.images.push(repository, tag=tag, auth={})
+    for entry in progress if isinstance(progress, list) else [progress]:
+        if isinstance(entry, dict) and entry.get("error"):
+            raise aiodocker.DockerError(500, {"message": str(entry["error"])})
+    return f"{repository}:{tag}"

@@ -15,12 +15,20 @@ from tidepool_builder.images import (
     ImageUnusableError,
     ensure_source_image,
     inspect_image,
+    push_to_registry,
     verify_toolbox_can_run,
 )
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, consume, keep_in_progress, publish
+from tidepool_contracts.bus import Bus, consume, decode, encode, keep_in_progress, publish
 from tidepool_contracts.config import Settings
-from tidepool_contracts.models import BuildJob, BuildLogLine, SnapshotEvent, SnapshotState
+from tidepool_contracts.models import (
+    BuildJob,
+    BuildLogLine,
+    RegistryCredentialsReply,
+    RegistryCredentialsRequest,
+    SnapshotEvent,
+    SnapshotState,
+)
 
 log = structlog.get_logger("tidepool.builder")
 
@@ -50,6 +58,7 @@ class Builder:
         self, job: BuildJob, state: SnapshotState, reason: str | None = None, ready: bool = False
     ) -> None:
         facts = await inspect_image(self.docker, job.image_ref) if ready else None
+        registry_ref = await self.publish_image(job) if ready else None
         event = SnapshotEvent(
             snapshot_name=job.snapshot_name,
             image_ref=job.image_ref,
@@ -57,8 +66,40 @@ class Builder:
             error_reason=reason,
             entrypoint=facts.entrypoint if facts else None,
             size_bytes=facts.size_bytes if facts else None,
+            registry_ref=registry_ref,
         )
         await publish(self.bus, subjects.event_snapshot(job.snapshot_name), event)
+
+    async def pull_credentials(self, job: BuildJob) -> dict[str, str] | None:
+        """Ask the API for the organization's registry credentials (request/reply: nothing persisted)."""
+        if not job.organization_id or not job.source_image:
+            return None
+        request = RegistryCredentialsRequest(organization_id=job.organization_id, image=job.source_image)
+        try:
+            reply = await self.bus.nc.request(
+                subjects.REGISTRY_CREDENTIALS_SUBJECT, encode(request), timeout=5
+            )
+        except Exception as error:  # no API answering: try anonymously
+            log.warning("registry.credentials_unavailable", error=str(error))
+            return None
+        credentials = decode(RegistryCredentialsReply, reply.data)
+        if not credentials.found:
+            return None
+        return {
+            "username": credentials.username,
+            "password": credentials.password,
+            "serveraddress": credentials.server_address,
+        }
+
+    async def publish_image(self, job: BuildJob) -> str | None:
+        """Push to the platform registry; without one (or if it fails) the image stays on this engine."""
+        if not self.settings.registry_url:
+            return None
+        try:
+            return await push_to_registry(self.docker, self.settings.registry_url, job.image_ref)
+        except aiodocker.DockerError as error:
+            log.warning("registry.push_failed", image=job.image_ref, error=error.message)
+            return None
 
     async def log_line(self, job: BuildJob, text: str, done: bool = False) -> None:
         await publish(
@@ -81,7 +122,8 @@ class Builder:
         if job.source_image:
             await self.report(job, SnapshotState.PULLING)
             try:
-                await ensure_source_image(self.docker, job.source_image, job.image_ref)
+                auth = await self.pull_credentials(job)
+                await ensure_source_image(self.docker, job.source_image, job.image_ref, auth)
                 await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
             except ImageUnusableError as error:
                 await self.report(job, SnapshotState.ERROR, str(error))

@@ -1,0 +1,135 @@
+"""`/docker-registry`: an organization's private registries (passwords encrypted, never returned)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlmodel import select
+
+from tidepool_api.db import DockerRegistry
+from tidepool_api.errors import ApiError, bad_request, conflict, not_found
+from tidepool_api.responses import JsonResponse
+from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.sandbox import json_body
+from tidepool_api.schemas import WireModel, iso
+
+router = APIRouter(prefix="/docker-registry", tags=["docker-registry"])
+
+
+class CreateRegistryRequest(WireModel):
+    name: str
+    url: str
+    username: str
+    password: str
+    project: str | None = None
+
+
+class UpdateRegistryRequest(WireModel):
+    name: str
+    url: str
+    username: str
+    password: str | None = None
+    project: str | None = None
+
+
+def registry_dto(registry: DockerRegistry) -> dict[str, object]:
+    return {
+        "id": registry.id,
+        "name": registry.name,
+        "url": registry.url,
+        "username": registry.username,
+        "project": registry.project,
+        "registryType": registry.registry_type,
+        "createdAt": iso(registry.created_at),
+        "updatedAt": iso(registry.updated_at),
+    }
+
+
+def require_box(context: Context):  # type: ignore[no-untyped-def]
+    if context.secret_box is None:
+        raise ApiError(503, "secret storage is not configured")
+    return context.secret_box
+
+
+async def find_registry(context: Context, organization_id: str, registry_id: str) -> DockerRegistry:
+    async with context.database.sessions() as session:
+        registry = await session.get(DockerRegistry, registry_id)
+    if registry is None or registry.organization_id != organization_id:
+        raise not_found(f"Registry {registry_id} not found")
+    return registry
+
+
+@router.post("", status_code=201)
+async def create_registry(context: Context, caller: Caller, request: Request) -> JsonResponse:
+    body = await json_body(request, CreateRegistryRequest)
+    if not body.url.strip() or not body.name.strip():
+        raise bad_request("name and url are required")
+    box = require_box(context)
+    registry = DockerRegistry(
+        id=str(uuid.uuid4()),
+        organization_id=caller.organization_id,
+        name=body.name,
+        url=body.url.strip(),
+        username=body.username,
+        password_sealed=box.seal(body.password),
+        project=body.project or "",
+    )
+    async with context.database.sessions() as session:
+        taken = await session.exec(
+            select(DockerRegistry.id).where(
+                DockerRegistry.organization_id == caller.organization_id, DockerRegistry.name == body.name
+            )
+        )
+        if taken.first() is not None:
+            raise conflict(f"Registry with name {body.name} already exists")
+        session.add(registry)
+        await session.commit()
+    return JsonResponse(registry_dto(registry), status_code=201)
+
+
+@router.get("")
+async def list_registries(context: Context, caller: Caller) -> JsonResponse:
+    async with context.database.sessions() as session:
+        rows = (
+            await session.exec(
+                select(DockerRegistry).where(DockerRegistry.organization_id == caller.organization_id)
+            )
+        ).all()
+    return JsonResponse([registry_dto(row) for row in rows])
+
+
+@router.get("/{registry_id}")
+async def get_registry(context: Context, caller: Caller, registry_id: str) -> JsonResponse:
+    return JsonResponse(registry_dto(await find_registry(context, caller.organization_id, registry_id)))
+
+
+@router.patch("/{registry_id}")
+async def update_registry(
+    context: Context, caller: Caller, registry_id: str, request: Request
+) -> JsonResponse:
+    body = await json_body(request, UpdateRegistryRequest)
+    registry = await find_registry(context, caller.organization_id, registry_id)
+    registry.name, registry.url, registry.username = body.name, body.url.strip(), body.username
+    if body.project is not None:
+        registry.project = body.project
+    if body.password is not None:
+        registry.password_sealed = require_box(context).seal(body.password)
+    registry.updated_at = datetime.now(UTC)
+    async with context.database.sessions() as session:
+        session.add(registry)
+        await session.commit()
+    return JsonResponse(registry_dto(registry))
+
+
+@router.delete("/{registry_id}", status_code=204)
+async def delete_registry(context: Context, caller: Caller, registry_id: str) -> Response:
+    registry = await find_registry(context, caller.organization_id, registry_id)
+    async with context.database.sessions() as session:
+        row = await session.get(DockerRegistry, registry.id)
+        if row is not None:
+            await session.delete(row)
+            await session.commit()
+    return Response(status_code=204)
