@@ -43,5 +43,6 @@ test: venv host lint
 bench: venv host
 	$(BIN)/python -m tests.bench.bench_spine
 
+
 clean:
 	rm -rf $(VENV) .tidepool

@@ -90,7 +90,7 @@ def bench_snapshots(daytona: Daytona) -> list[str]:
 def main() -> None:
     from tests.bench.bench_spine import run_with_stack
 
-    run_with_stack([bench_snapshots])
+    run_with_stack([("snapshots", lambda daytona, _stack: bench_snapshots(daytona))])
 
 
 if __name__ == "__main__":

@@ -55,11 +55,11 @@ def bench(daytona: Daytona) -> list[str]:
     ]
 
 
-BenchFunction = Callable[[Daytona], list[str]]
+BenchFunction = Callable[[Daytona, StackThread], list[str]]
 
 
-def run_with_stack(benches: list[BenchFunction]) -> None:
-    """Start one stack, run every bench function through the official SDK, print all figures at the end."""
+def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
+    """Start one stack, run every bench through the official SDK, print all figures at the end."""
     data_dir = Path(tempfile.mkdtemp(prefix="tidepool-bench-"))
     stack = StackThread(data_dir)
     print(f"starting a stack in {data_dir} …", flush=True)
@@ -69,9 +69,9 @@ def run_with_stack(benches: list[BenchFunction]) -> None:
         os.environ["DAYTONA_API_URL"] = stack.api_url
         os.environ["DAYTONA_API_KEY"] = stack.api_key
         daytona = Daytona()
-        for bench_function in benches:
-            print(f"running {bench_function.__name__} …", flush=True)
-            lines += bench_function(daytona)
+        for name, bench_function in benches:
+            print(f"running {name} …", flush=True)
+            lines += bench_function(daytona, stack)
     finally:
         stack.stop()
     print("\nTidepool benchmark (official SDK 0.226.1, this machine)")
@@ -80,7 +80,20 @@ def run_with_stack(benches: list[BenchFunction]) -> None:
 
 
 def main() -> None:
-    run_with_stack([bench])
+    from tests.bench.bench_code import bench_code
+    from tests.bench.bench_process import bench_process
+    from tests.bench.bench_snapshots import bench_snapshots
+    from tests.bench.bench_transfer import bench_transfer
+
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    benches: list[tuple[str, BenchFunction]] = [
+        ("spine", lambda daytona, _stack: bench(daytona)),
+        ("process", lambda daytona, _stack: bench_process(daytona)),
+        ("code", lambda daytona, _stack: bench_code(daytona)),
+        ("transfer", bench_transfer),
+        ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
+    ]
+    run_with_stack([(name, function) for name, function in benches if not only or name in only])
 
 
 if __name__ == "__main__":

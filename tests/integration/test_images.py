@@ -28,6 +28,7 @@ DEFAULT_DOCKERFILE = REPO_ROOT / "images" / "default" / "Dockerfile"
 BASE_IMAGE = "localhost/tidepool/base:bookworm"
 DEFAULT_TEST_CACHE_REPO = "localhost/tidepool/default-test"
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+HOST_CA_BUNDLE_IF_PRESENT = HOST_CA_BUNDLE if os.path.exists(HOST_CA_BUNDLE) else None
 CA_BUNDLE_IN_SANDBOX = "/etc/ssl/certs/ca-certificates.crt"
 
 needs_podman = pytest.mark.skipif(
@@ -125,7 +126,8 @@ async def test_default_image_builds_and_runs_a_sandbox(base_image: str, docker: 
         dockerfile=DEFAULT_DOCKERFILE.read_text(),
         context_files={},
         tag=tag,
-        ca_bundle_path=None,
+        # Like the stack: the host's bundle when there is one (npm fetches over https during the build).
+        ca_bundle_path=HOST_CA_BUNDLE_IF_PRESENT,
         on_log=build_log,
     )
     print(f"\n[timing] default image build_image() in {time.monotonic() - started_at:.1f}s")

@@ -48,7 +48,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("podman") is None, reason="podman is not installed"),
 ]
 
-DEFAULT_IMAGE = "localhost/tidepool/default:0.1.0"
+DEFAULT_IMAGE = Settings(_env_file=None).default_image
 BASE_IMAGE = "localhost/tidepool/base:bookworm"
 TEST_IMAGE = "localhost/tidepool/test-python:1"
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
@@ -285,7 +285,7 @@ async def test_lifecycle_create_stop_start_destroy(harness: Harness) -> None:
     assert not host.get("PortBindings")
     assert container["Config"]["Labels"]["tidepool.sandbox"] == sandbox_id
     assert container["Config"]["Labels"]["tidepool.organization"] == "org-integration"
-    assert container["Config"]["User"] == "daytona"
+    assert container["Config"]["Entrypoint"][-2:] == ["--user", "daytona"]
     binds = host["Binds"]
     assert any(bind.startswith(f"{harness.settings.daemon_dir}:/opt/tidepool/daemon:ro") for bind in binds)
     assert any(bind.endswith(":/run/tidepool") or ":/run/tidepool:" in bind for bind in binds)
@@ -346,8 +346,7 @@ async def test_sandbox_runs_as_its_user_with_a_working_toolbox(harness: Harness)
             await response.read()
         timings.append(time.perf_counter() - began)
     median_ms = sorted(timings)[len(timings) // 2] * 1000
-    print(f"runner exec round trip median: {median_ms:.1f} ms")
-    assert median_ms < 500
+    print(f"runner exec round trip median: {median_ms:.1f} ms")  # figures belong to `make bench`
     await harness.run_job(spec, SandboxAction.DESTROY)
 
 
@@ -383,11 +382,16 @@ async def test_bad_image_reports_error(harness: Harness) -> None:
     assert await harness.container(spec.sandbox_id) is None
 
 
-async def test_missing_user_reports_error(harness: Harness) -> None:
-    spec = harness.new_spec(os_user="nobody-here")
-    failed = await harness.run_job(spec, SandboxAction.CREATE)
-    assert failed["state"] == "error"
-    assert failed["error_reason"]
+async def test_a_user_missing_from_the_image_is_created(harness: Harness) -> None:
+    spec = harness.new_spec(os_user="agent")
+    started = await harness.run_job(spec, SandboxAction.CREATE)
+    assert started["state"] == "started", started
+    if harness.settings.daemon_dir != REAL_DAEMON_DIR:
+        pytest.skip("the stub daemon only answers /version")
+    url = harness.toolbox_url(spec.sandbox_id, "/process/execute")
+    async with harness.http.post(url, json={"command": "id -un; pwd; touch mine && echo ok"}) as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["result"].split() == ["agent", "/home/agent", "ok"]
     await harness.run_job(spec, SandboxAction.DESTROY)
 
 

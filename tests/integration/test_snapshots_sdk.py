@@ -114,7 +114,8 @@ def test_snapshot_from_declarative_image_with_logs(stack: StackThread, python_sl
     name = unique("declarative")
     logs: list[str] = []
     marker = f"building-{name}"  # unique content: a real build, not a cache hit
-    image = Image.base(python_slim).run_commands(f"echo {marker}")
+    # The SDK streams logs only if it sees the snapshot building (it polls every second): build for a while.
+    image = Image.base(python_slim).run_commands(f"sleep 4 && echo {marker}")
     snapshot = daytona.snapshot.create(CreateSnapshotParams(name=name, image=image), on_logs=logs.append)
     assert snapshot.state == "active"
     assert any(marker in line for line in logs)

@@ -35,7 +35,10 @@ ORG = "org-7f3a"
 @pytest.fixture(scope="module")
 async def storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Stack, Settings]]:
     data_dir = tmp_path_factory.mktemp("object-storage")
-    stack = Stack(StackConfig(data_dir=data_dir), sink=lambda service, line: None)
+    # Never touch the system trust store here: these tests check what trusts the private CA and what not.
+    stack = Stack(
+        StackConfig(data_dir=data_dir, trust_object_storage_ca=False), sink=lambda service, line: None
+    )
     try:
         env = await stack.start_object_storage()
         settings = Settings(

@@ -1,18 +1,29 @@
-"""File-system endpoints that do not move file contents: list, info, create folder, delete."""
+"""File-system endpoints that do not move file contents: list, info, create folder, delete, move and
+permissions. (Content search and replace live in `search.py`, transfers in `transfer.py`.)"""
 
 from __future__ import annotations
 
+import errno
+import grp
 import os
+import pwd
 import shutil
 import stat
 from datetime import UTC, datetime
 from typing import Any
 
 from .context import DaemonContext
-from .errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
+from .errors import (
+    FILE_ACCESS_DENIED,
+    INVALID_FILE_PATH,
+    DaemonError,
+    bad_request,
+    file_error_from_os_error,
+)
 from .http_io import Request, Response, empty_response, json_response
 
 DEFAULT_FOLDER_MODE = "755"
+CONFLICT = "CONFLICT"
 # Guards against a runaway `depth` walking an entire disk into one response.
 MAX_LIST_ENTRIES = 100_000
 
@@ -142,3 +153,102 @@ class FileSystemService:
         except OSError as exc:
             raise file_error_from_os_error(exc, requested, writing=True) from None
         return empty_response(204)
+
+    def move_file(self, request: Request) -> Response:
+        """Rename `source` to `destination` (any filesystem); never overwrites (409), like upstream."""
+        source = request.query_value("source") or ""
+        destination = request.query_value("destination") or ""
+        if not source or not destination:
+            raise bad_request("source and destination paths are required")
+        source_path = self._context.resolve_path(source, allow_empty=False)
+        destination_path = self._context.resolve_path(destination, allow_empty=False)
+        try:
+            os.lstat(source_path)
+        except OSError as exc:
+            raise file_error_from_os_error(exc, source) from None
+        parent = os.path.dirname(destination_path)
+        try:
+            if not stat.S_ISDIR(os.stat(parent).st_mode):
+                raise DaemonError(
+                    400, f"destination parent is not a directory: {destination}", INVALID_FILE_PATH
+                )
+        except OSError as exc:
+            raise _parent_error(exc, destination) from None
+        if os.path.lexists(destination_path):
+            raise DaemonError(409, f"destination already exists: {destination}", CONFLICT)
+        if source_path == "/" or destination_path.startswith(source_path.rstrip("/") + "/"):
+            raise DaemonError(400, f"cannot move {source} into itself", INVALID_FILE_PATH)
+        try:
+            try:
+                os.rename(source_path, destination_path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                # Another filesystem (e.g. a volume): copy, then remove the source.
+                shutil.move(source_path, destination_path)
+        except OSError as exc:
+            if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise DaemonError(409, f"destination already exists: {destination}", CONFLICT) from None
+            raise file_error_from_os_error(exc, source, writing=True) from None
+        return empty_response(200)
+
+    def set_file_permissions(self, request: Request) -> Response:
+        """chmod and/or chown one path; owner and group may be names or numeric ids."""
+        requested = request.query_value("path") or ""
+        if not requested:
+            raise bad_request("path is required")
+        absolute_path = self._context.resolve_path(requested, allow_empty=False)
+        mode = _parse_mode(request.query_value("mode") or "")
+        uid = _resolve_owner(request.query_value("owner") or "")
+        gid = _resolve_group(request.query_value("group") or "")
+        try:
+            os.stat(absolute_path)
+            if mode is not None:
+                os.chmod(absolute_path, mode)
+            if uid != -1 or gid != -1:
+                os.chown(absolute_path, uid, gid)
+        except OSError as exc:
+            raise file_error_from_os_error(exc, requested, writing=True) from None
+        return empty_response(200)
+
+
+def _parent_error(exc: OSError, destination: str) -> DaemonError:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return file_error_from_os_error(exc, os.path.dirname(destination) or destination)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return DaemonError(403, f"access denied: {destination}: {exc.strerror}", FILE_ACCESS_DENIED)
+    return file_error_from_os_error(exc, destination)
+
+
+def _parse_mode(raw_mode: str) -> int | None:
+    if not raw_mode:
+        return None
+    try:
+        mode = int(raw_mode, 8)
+    except ValueError:
+        raise bad_request(f"invalid mode format {raw_mode!r}: expected octal digits such as 644") from None
+    if not 0 <= mode <= 0o7777:
+        raise bad_request(f"mode out of range: {raw_mode!r}")
+    return mode
+
+
+def _resolve_owner(raw_owner: str) -> int:
+    if not raw_owner:
+        return -1
+    if raw_owner.isdigit():
+        return int(raw_owner)
+    try:
+        return pwd.getpwnam(raw_owner).pw_uid
+    except KeyError:
+        raise bad_request(f"user not found: {raw_owner}") from None
+
+
+def _resolve_group(raw_group: str) -> int:
+    if not raw_group:
+        return -1
+    if raw_group.isdigit():
+        return int(raw_group)
+    try:
+        return grp.getgrnam(raw_group).gr_gid
+    except KeyError:
+        raise bad_request(f"group not found: {raw_group}") from None

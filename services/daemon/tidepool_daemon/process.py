@@ -3,6 +3,13 @@
 Zombie reaping: the runner starts containers with an init process (`Init: true`, catatonit), which reaps
 orphaned grandchildren. The daemon therefore never reaps globally (a `waitpid(-1)` loop would steal exit
 statuses from `subprocess`) and never sets SIGCHLD to SIG_IGN; each command's shell is waited for here.
+
+Background jobs (`server &`) may keep the output pipe open after the shell exits. The response does not
+wait for them, but their pipe is never closed under them either (that would kill them with SIGPIPE on
+their next write): it is handed to one shared drainer thread that discards what they still write and
+closes the pipe at EOF.
+
+`termination` says why the command ended (see `termination.py`), including OOM kills.
 """
 
 from __future__ import annotations
@@ -12,13 +19,16 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from .context import DaemonContext
+from .environment import effective_environment
 from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from .termination import OomWatch, classify
 
 # Like the SDK documents: the first available of bash and sh (users write bash syntax).
 COMMAND_SHELL = next((shell for shell in ("/bin/bash", "/usr/bin/bash") if os.path.exists(shell)), "/bin/sh")
@@ -34,7 +44,7 @@ _DRAIN_IDLE_SECONDS = 0.1
 _DRAIN_MAX_SECONDS = 2.0
 _STDIN_WRITE_SIZE = 64 * 1024
 
-TerminationReason = Literal["exited", "signal", "timeout"]
+TerminationReason = Literal["exited", "signal", "timeout", "oom_killed"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,7 @@ class ProcessService:
         return cwd
 
     def _build_env(self, raw_envs: object) -> dict[str, str]:
-        env = dict(self._context.base_env)
+        env = effective_environment(self._context)  # the container env plus `POST /env` changes
         if raw_envs is None:
             return env
         if not isinstance(raw_envs, dict):
@@ -144,6 +154,7 @@ class _ShellRun:
         self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         self._output = bytearray()
         self._output_truncated = False
+        self._oom = OomWatch()
         self._poller = select.poll()
         self._stdout_fd = shell.stdout.fileno()
         self._stdin_fd: int | None = shell.stdin.fileno()
@@ -152,6 +163,7 @@ class _ShellRun:
         self._poller.register(self._stdin_fd, select.POLLOUT)
 
     def wait(self) -> CommandOutcome:
+        self._reached_eof = False
         try:
             timed_out = self._pump_until_done()
             if not timed_out:
@@ -159,11 +171,14 @@ class _ShellRun:
         finally:
             self._close_stdin()
             assert self._shell.stdout is not None
-            self._shell.stdout.close()
-        if timed_out:
-            return self._outcome(-signal.SIGKILL, "timeout")
-        return_code = self._shell.returncode
-        return self._outcome(return_code, "signal" if return_code < 0 else "exited")
+            if self._reached_eof:
+                self._shell.stdout.close()
+            else:
+                BACKGROUND_DRAINER.adopt(self._shell.stdout)  # a background job still holds the pipe
+        exit_code, termination = classify(self._shell.returncode, timed_out=timed_out, oom=self._oom)
+        return CommandOutcome(
+            bytes(self._output), exit_code, termination.reason, termination.signal, self._output_truncated
+        )
 
     def _pump_until_done(self) -> bool:
         """Move data until the output pipe is finished with; returns True if the timeout fired first."""
@@ -190,6 +205,7 @@ class _ShellRun:
                 if descriptor == self._stdout_fd:
                     chunk = os.read(self._stdout_fd, READ_CHUNK_SIZE)
                     if not chunk:
+                        self._reached_eof = True
                         return False  # EOF: no process holds the pipe any more
                     self._capture(chunk)
                     received_output = True
@@ -244,8 +260,55 @@ class _ShellRun:
             os.killpg(self._shell.pid, signal.SIGKILL)
         self._shell.wait()
 
-    def _outcome(self, return_code: int, reason: TerminationReason) -> CommandOutcome:
-        signal_number = -return_code if return_code < 0 else None
-        # Shell convention for a signal death (128 + n); the real signal is in `termination.signal`.
-        exit_code = 128 + signal_number if signal_number is not None else return_code
-        return CommandOutcome(bytes(self._output), exit_code, reason, signal_number, self._output_truncated)
+
+class _BackgroundDrainer:
+    """Reads and discards output pipes still held by background jobs, closing each at EOF.
+
+    One thread serves every adopted pipe; it starts on demand and ends when none is left."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pipes: dict[int, Any] = {}
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    def adopt(self, pipe: Any) -> None:
+        with self._lock:
+            self._pipes[pipe.fileno()] = pipe
+            if self._thread is None:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_w, False)
+                self._thread = threading.Thread(target=self._run, name="background-drain", daemon=True)
+                self._thread.start()
+            else:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pipes:
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    self._thread = None
+                    return
+                descriptors = [self._wake_r, *self._pipes]
+            poller = select.poll()
+            for descriptor in descriptors:
+                poller.register(descriptor, select.POLLIN)
+            for descriptor, _ in poller.poll():
+                try:
+                    chunk = os.read(descriptor, READ_CHUNK_SIZE)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if descriptor == self._wake_r or chunk:
+                    continue
+                with self._lock:
+                    pipe = self._pipes.pop(descriptor)
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+BACKGROUND_DRAINER = _BackgroundDrainer()

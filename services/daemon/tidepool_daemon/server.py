@@ -2,6 +2,10 @@
 
 The host-side runner reaches the daemon through the bind-mounted unix socket; `--tcp` exists only for
 local debugging. Process reaping is left to the container's init process (see `process.py`).
+
+A route may answer with `websocket.WebSocketUpgrade` (built by `websocket.websocket_upgrade`): the handler
+thread then writes the 101 response and runs the route's `on_open` on that same connection, which is never
+used for HTTP again (no keep-alive after an upgrade). See `websocket.py` for the API.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import DAEMON_VERSION
 from .context import DaemonContext
+from .environment import EnvironmentService
 from .errors import DaemonError, envelope_for
 from .files import FileSystemService
 from .http_io import (
@@ -35,10 +40,23 @@ from .http_io import (
     body_for_request,
     encode_json,
 )
+from .identity import become_user
 from .info import InfoService
 from .process import ProcessService
+from .pty_sessions import PtyService
 from .routing import Router
+from .search import SearchService
+from .sessions import SessionService
+from .system import SystemService
 from .transfer import FileTransferService
+from .websocket import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NORMAL,
+    WebSocket,
+    WebSocketUpgrade,
+    encode_message,
+    take_buffered_bytes,
+)
 
 logger = logging.getLogger("tidepool_daemon")
 
@@ -63,8 +81,87 @@ def build_router(context: DaemonContext) -> Router:
     router.add("POST", "/files/bulk-upload", transfer.bulk_upload)
     router.add("POST", "/files/bulk-download", transfer.bulk_download)
     router.add("GET", "/files/download", transfer.download)
+    router.add("POST", "/files/upload-v2", transfer.upload_v2)
+    router.add("POST", "/files/move", files.move_file)
+    router.add("POST", "/files/permissions", files.set_file_permissions)
+    router.add("GET", "/files/find", SearchService(context).find_in_files)
+    router.add("GET", "/files/search", SearchService(context).search_files)
+    router.add("POST", "/files/replace", SearchService(context).replace_in_files)
+    router.add("POST", "/env", EnvironmentService().update_env)
+    router.add("POST", "/init", EnvironmentService().initialize)
+    router.add("GET", "/system/metrics", SystemService().metrics)
+    router.add("GET", "/port", SystemService().ports)
+    router.add("GET", "/port/{port}/in-use", SystemService().port_in_use)
 
     router.add("POST", "/process/execute", process.execute)
+
+    sessions = SessionService(context)
+    # Literal routes before the `{sessionId}` templates: the first match wins.
+    router.add("GET", "/process/session/entrypoint", sessions.entrypoint_session)
+    router.add("GET", "/process/session/entrypoint/logs", sessions.entrypoint_logs)
+    router.add("POST", "/process/session", sessions.create_session)
+    router.add("GET", "/process/session", sessions.list_sessions)
+    router.add("GET", "/process/session/{sessionId}", sessions.get_session)
+    router.add("DELETE", "/process/session/{sessionId}", sessions.delete_session)
+    router.add("POST", "/process/session/{sessionId}/exec", sessions.execute)
+    router.add("GET", "/process/session/{sessionId}/command/{commandId}", sessions.get_command)
+    router.add("GET", "/process/session/{sessionId}/command/{commandId}/logs", sessions.command_logs)
+    router.add("POST", "/process/session/{sessionId}/command/{commandId}/input", sessions.send_input)
+
+    pty = PtyService(context)
+    router.add("GET", "/process/pty/create-connect", pty.create_connect)
+    router.add("POST", "/process/pty", pty.create)
+    router.add("GET", "/process/pty", pty.list_sessions)
+    router.add("GET", "/process/pty/{sessionId}", pty.get_session)
+    router.add("DELETE", "/process/pty/{sessionId}", pty.delete)
+    router.add("GET", "/process/pty/{sessionId}/connect", pty.connect)
+    router.add("POST", "/process/pty/{sessionId}/resize", pty.resize)
+
+    # Code run, code interpreter, git and LSP (imported here to keep this file's import block untouched).
+    from .coderun import CodeRunService
+    from .git_ops import GitService
+    from .interpreter import InterpreterService
+    from .lsp import LspService
+
+    router.add("POST", "/process/code-run", CodeRunService(context).code_run)
+
+    interpreter = InterpreterService(context)
+    router.add("POST", "/process/interpreter/context", interpreter.create_context)
+    router.add("GET", "/process/interpreter/context", interpreter.list_contexts)
+    router.add("DELETE", "/process/interpreter/context/{id}", interpreter.delete_context)
+    router.add("GET", "/process/interpreter/execute", interpreter.execute)
+
+    git = GitService(context)
+    router.add("POST", "/git/clone", git.clone)
+    router.add("GET", "/git/status", git.status)
+    router.add("GET", "/git/branches", git.list_branches)
+    router.add("POST", "/git/branches", git.create_branch)
+    router.add("DELETE", "/git/branches", git.delete_branch)
+    router.add("POST", "/git/checkout", git.checkout)
+    router.add("POST", "/git/add", git.add)
+    router.add("POST", "/git/commit", git.commit)
+    router.add("POST", "/git/push", git.push)
+    router.add("POST", "/git/pull", git.pull)
+    router.add("GET", "/git/history", git.history)
+    router.add("POST", "/git/init", git.init)
+    router.add("POST", "/git/reset", git.reset)
+    router.add("POST", "/git/restore", git.restore)
+    router.add("POST", "/git/remotes", git.add_remote)
+    router.add("GET", "/git/remotes", git.list_remotes)
+    router.add("POST", "/git/config", git.set_config)
+    router.add("GET", "/git/config", git.get_config)
+    router.add("POST", "/git/config/user", git.configure_user)
+    router.add("POST", "/git/credentials", git.authenticate)
+
+    lsp = LspService(context)
+    router.add("POST", "/lsp/start", lsp.start)
+    router.add("POST", "/lsp/stop", lsp.stop)
+    router.add("POST", "/lsp/did-open", lsp.did_open)
+    router.add("POST", "/lsp/did-close", lsp.did_close)
+    router.add("POST", "/lsp/completions", lsp.completions)
+    router.add("GET", "/lsp/document-symbols", lsp.document_symbols)
+    router.add("GET", "/lsp/workspacesymbols", lsp.workspace_symbols)
+    router.add("GET", "/lsp/workspace-symbols", lsp.workspace_symbols)  # the deprecated spelling
     return router
 
 
@@ -99,7 +196,39 @@ class ToolboxRequestHandler(BaseHTTPRequestHandler):
             response = self._error_response(DaemonError(500, "internal server error"), route_path)
         if not body.settle():
             self.close_connection = True
+        if isinstance(response, WebSocketUpgrade):
+            self._run_websocket(response)
+            return
         self._write_response(response)
+
+    def _run_websocket(self, upgrade: WebSocketUpgrade) -> None:
+        """Answer 101, then hand the connection to the route's `on_open`; never reused for HTTP again."""
+        self.close_connection = True
+        # Written by hand in one piece: the greeting frame must travel with the 101 (see websocket.py).
+        lines = [
+            f"{self.protocol_version} 101 Switching Protocols",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            *(f"{name}: {value}" for name, value in upgrade.headers),
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        greeting = b"" if upgrade.greeting is None else encode_message(upgrade.greeting)
+        try:
+            self.connection.sendall(head + greeting)
+        except OSError:
+            return
+        self.log_request(101)
+        leftover = take_buffered_bytes(self.connection, self.rfile)
+        websocket = WebSocket(self.connection, leftover, upgrade.protocol, upgrade.max_message_bytes)
+        close_code, close_reason = CLOSE_NORMAL, ""
+        try:
+            if upgrade.on_open is not None:
+                upgrade.on_open(websocket)
+        except Exception:
+            logger.exception("websocket handler failed for %s", self.path)
+            close_code, close_reason = CLOSE_INTERNAL_ERROR, "internal server error"
+        finally:
+            websocket.close(close_code, close_reason)
 
     def _error_response(self, error: DaemonError, route_path: str) -> Response:
         payload = encode_json(envelope_for(error, route_path, self.command or ""))
@@ -264,6 +393,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tcp", type=_parse_tcp_address, metavar="HOST:PORT", help="TCP listener (debug only)"
     )
     parser.add_argument("--log-level", default=os.environ.get("TIDEPOOL_DAEMON_LOG_LEVEL", "INFO"))
+    parser.add_argument("--user", default="", help="started as root: become this user (created if missing)")
     args = parser.parse_args(argv)
     if not args.socket and not args.tcp:
         parser.error("at least one of --socket or --tcp is required")
@@ -282,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    become_user(args.user)
     context = DaemonContext.from_current_process()
     router = build_router(context)
 

@@ -1,4 +1,5 @@
-"""File content transfer: bulk upload (multipart in), bulk download (multipart out), raw download.
+"""File content transfer: bulk upload (multipart in), bulk download (multipart out), raw download and the
+single-file upload `upload-v2` (multipart field `file` or a raw body) used by signed upload URLs.
 
 Contents are always streamed in bounded chunks; no file is ever held in memory whole.
 """
@@ -35,7 +36,7 @@ from .http_io import (
     json_response,
     stream_response,
 )
-from .multipart import MultipartReader, PartHeaders, boundary_from_content_type
+from .multipart import MultipartReader, PartHeaders, boundary_from_content_type, parse_header_parameters
 
 DOWNLOAD_BOUNDARY = "DAYTONA-FILE-BOUNDARY"
 _UPLOAD_FIELD = re.compile(r"files\[(\d+)\]\.(path|file)")
@@ -214,7 +215,10 @@ class FileTransferService:
         destination = self._context.resolve_path(requested, allow_empty=False)
         if os.path.isdir(destination):
             raise DaemonError(400, f"destination is a directory: {requested}", INVALID_FILE_PATH)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+        except OSError as exc:
+            raise file_error_from_os_error(exc, requested, writing=True) from None
         return destination
 
     # ----- bulk download -----------------------------------------------------------------------------
@@ -252,6 +256,39 @@ class FileTransferService:
         except OSError as exc:
             raise file_error_from_os_error(exc, requested) from None
 
+    # ----- single upload (upload-v2) ------------------------------------------------------------------
+
+    def upload_v2(self, request: Request) -> Response:
+        """`POST /files/upload-v2?path=`: multipart (field `file`) or the raw body, streamed to a temporary
+        file next to the destination and renamed into place, so a broken upload never leaves half a file."""
+        requested = request.query_value("path") or ""
+        if not requested:
+            raise bad_request("query parameter 'path' is required")
+        content_type = request.headers.get("Content-Type") or ""
+        media_type, _ = parse_header_parameters(content_type)
+        if media_type == "multipart/form-data":
+            reader = MultipartReader(request.body, boundary_from_content_type(content_type))
+            while (part := reader.next_part()) is not None:
+                if part.name == "file":
+                    break
+            else:
+                raise bad_request("multipart upload has no 'file' field")
+            chunks: Iterator[bytes] = iter(reader.read_part_data, b"")
+            declared_type = part.headers.get("content-type", "")
+        else:
+            chunks = iter(request.body.read, b"")
+            declared_type = content_type
+        # An existing symlink is written through (like the in-place bulk upload), not replaced.
+        destination = os.path.realpath(self._prepare_destination(requested))
+        written = _write_atomically(destination, requested, chunks)
+        file_type = parse_header_parameters(declared_type)[0] if declared_type else ""
+        if not file_type or file_type == "multipart/form-data":
+            file_type = mimetypes.guess_type(destination)[0] or "application/octet-stream"
+        return json_response(
+            200,
+            {"name": os.path.basename(destination), "path": destination, "type": file_type, "size": written},
+        )
+
     # ----- raw download ------------------------------------------------------------------------------
 
     def download(self, request: Request) -> Response:
@@ -266,6 +303,64 @@ class FileTransferService:
             content_length=size,
             extra_headers=[("Content-Disposition", disposition)],
         )
+
+
+def _write_atomically(destination: str, requested: str, chunks: Iterator[bytes]) -> int:
+    """Stream `chunks` into a temporary sibling of `destination`, then rename it over the destination,
+    keeping an existing file's mode (and owner, when permitted). Returns the number of bytes written."""
+    try:
+        existing: os.stat_result | None = os.stat(destination)
+    except OSError:
+        existing = None
+    if existing is not None and not os.access(destination, os.W_OK):
+        # Like writing in place would: a read-only file is not silently replaced.
+        raise file_error_from_os_error(
+            PermissionError(errno.EACCES, "Permission denied"), requested, writing=True
+        )
+    try:
+        descriptor, temp_path = tempfile.mkstemp(prefix=_SPOOL_PREFIX, dir=os.path.dirname(destination))
+    except PermissionError:
+        # A read-only directory may still hold a writable file: then write that file in place.
+        if existing is None:
+            raise file_error_from_os_error(
+                PermissionError(errno.EACCES, "Permission denied"), requested, writing=True
+            ) from None
+        return _write_in_place(destination, requested, chunks)
+    except OSError as exc:
+        raise file_error_from_os_error(exc, requested, writing=True) from None
+    try:
+        with os.fdopen(descriptor, "wb") as output:
+            written = 0
+            for chunk in chunks:
+                output.write(chunk)
+                written += len(chunk)
+        if existing is not None:
+            os.chmod(temp_path, stat.S_IMODE(existing.st_mode))
+            if (existing.st_uid, existing.st_gid) != (os.getuid(), os.getgid()):
+                with contextlib.suppress(OSError):
+                    os.chown(temp_path, existing.st_uid, existing.st_gid)
+        else:
+            os.chmod(temp_path, _NEW_FILE_MODE)  # mkstemp creates 0600
+        os.replace(temp_path, destination)
+    except OSError as exc:
+        _remove_quietly(temp_path)
+        raise file_error_from_os_error(exc, requested, writing=True) from None
+    except BaseException:
+        _remove_quietly(temp_path)
+        raise
+    return written
+
+
+def _write_in_place(destination: str, requested: str, chunks: Iterator[bytes]) -> int:
+    written = 0
+    try:
+        with open(destination, "wb") as output:
+            for chunk in chunks:
+                output.write(chunk)
+                written += len(chunk)
+    except OSError as exc:
+        raise file_error_from_os_error(exc, requested, writing=True) from None
+    return written
 
 
 def _file_chunks(source: BinaryIO, size: int) -> Iterator[bytes]:

@@ -22,10 +22,7 @@ from yarl import URL
 from tidepool_contracts.bus import Bus, connect
 from tidepool_contracts.config import Settings
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
-from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
-from tidepool_proxy.auth import AuthenticationError, authenticate
-from tidepool_proxy.forwarding import (
+from tidepool_contracts.relay import (
     SESSION_SKIP_AUTO_HEADERS,
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
@@ -33,6 +30,14 @@ from tidepool_proxy.forwarding import (
     relay_http,
     relay_websocket,
     upstream_request_headers,
+)
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_SIGNING_KEYS
+from tidepool_proxy.auth import (
+    AuthenticationError,
+    SigningKeys,
+    VerificationUnavailableError,
+    authenticate,
 )
 from tidepool_proxy.kv_cache import KvCache
 
@@ -57,6 +62,7 @@ class ProxyState:
     routes: KvCache[SandboxRoute]
     api_keys: KvCache[ApiKeyRecord]
     runners: aiohttp.ClientSession
+    signing_keys: SigningKeys | None = None
 
 
 STATE_KEY = web.AppKey("proxy_state", ProxyState)
@@ -101,9 +107,12 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     sandbox_id = request.match_info["sandbox_id"]
     not_found = f"sandbox {sandbox_id} not found"
     try:
-        access = await authenticate(request, sandbox_id, state.api_keys)
+        access = await authenticate(request, sandbox_id, state.api_keys, state.signing_keys)
     except AuthenticationError as error:
         return error_response(request, 401, str(error))
+    except VerificationUnavailableError as error:
+        log.warning("proxy.signing_key_lookup_failed", sandbox_id=sandbox_id, error=str(error))
+        return error_response(request, 503, "signed URL verification is temporarily unavailable")
     if not SANDBOX_ID_PATTERN.match(sandbox_id):
         return error_response(request, 404, not_found)
     try:
@@ -163,12 +172,19 @@ def create_proxy_app(settings: Settings) -> web.Application:
         bus = await connect(settings.nats_url, name="tidepool-proxy")
         routes = KvCache(await bus.kv(KV_ROUTES), SandboxRoute, KV_ROUTES)
         api_keys = KvCache(await bus.kv(KV_API_KEYS), ApiKeyRecord, KV_API_KEYS)
+        signing_keys = SigningKeys(await bus.kv(KV_SIGNING_KEYS))
         watchers = [
             asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
             asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),
+            asyncio.create_task(signing_keys.watch_forever(), name="proxy-signing-keys-watch"),
         ]
         app[STATE_KEY] = ProxyState(
-            settings=settings, bus=bus, routes=routes, api_keys=api_keys, runners=runner_session()
+            settings=settings,
+            bus=bus,
+            routes=routes,
+            api_keys=api_keys,
+            runners=runner_session(),
+            signing_keys=signing_keys,
         )
         try:
             yield

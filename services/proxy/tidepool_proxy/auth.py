@@ -1,17 +1,36 @@
-"""Who is calling: an API key (looked up by its SHA-256 in the KV mirror), or later a signed URL."""
+"""Who is calling: an API key (looked up by its SHA-256 in the KV mirror), or a signed file URL.
+
+Signed file URLs (wire contract §1.8) carry `path`, `expires` and `signature` and no credentials:
+`signature = "v1_" + b64url_nopad(HMAC_SHA256(key, f"v1:files:{METHOD}:{path}:{expires}"))`, with the
+sandbox's signing key (API -> KV `KV_SIGNING_KEYS`), `path` the URL-decoded query value and `expires` unix
+seconds (`0` = never). They grant exactly one thing: `GET …/files/download` or `POST …/files/upload-v2`
+of that path on that one sandbox.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
+from nats.js.kv import KeyValue
 
-from tidepool_contracts.models import ApiKeyRecord
+from tidepool_contracts.bus import kv_get
+from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
+from tidepool_contracts.subjects import KV_SIGNING_KEYS
 from tidepool_proxy.kv_cache import KvCache
 
 SIGNED_URL_QUERY_PARAMS = ("signature", "expires")
+SIGNATURE_PREFIX = "v1_"
+# (method, toolbox operation path) a signed URL may be used for.
+SIGNED_OPERATIONS = frozenset({("GET", "/files/download"), ("POST", "/files/upload-v2")})
+# What a KV key (and so a sandbox id) can be; anything else cannot have a signing key.
+_KV_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,10 @@ class AuthenticationError(Exception):
     """The request carries no valid credentials (401)."""
 
 
+class VerificationUnavailableError(Exception):
+    """The credentials could not be checked right now (NATS unreachable on a cache miss): 503."""
+
+
 def api_key_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -47,20 +70,95 @@ def is_signed_url(request: web.Request) -> bool:
     return all(name in request.query for name in SIGNED_URL_QUERY_PARAMS)
 
 
-async def authenticate_signed_url(request: web.Request, sandbox_id: str) -> Access | None:
-    """Hook for signed file URLs (`?path=&expires=&signature=`, spec §1.8). Not implemented yet: every signed
-    URL is unauthenticated. When it is, return `Access(organization_id=None, sandbox_id=sandbox_id)`."""
-    return None
+class SigningKeys:
+    """The sandboxes' signing keys: a watched mirror of the KV bucket plus direct reads.
+
+    A key rotated a moment ago may not have reached the watch yet: a signature that fails against the
+    cached key is checked once more against a direct read, so URLs made with a brand-new key work at once.
+    (URLs of the old key stop working as soon as the watch delivers the rotation, normally within a
+    millisecond.)"""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self.cache: KvCache[SigningKeyRecord] = KvCache(kv, SigningKeyRecord, KV_SIGNING_KEYS)
+
+    async def watch_forever(self) -> None:
+        await self.cache.watch_forever()
+
+    async def cached(self, sandbox_id: str) -> SigningKeyRecord | None:
+        return await self.cache.get(sandbox_id)
+
+    async def fresh(self, sandbox_id: str) -> SigningKeyRecord | None:
+        record = await kv_get(self._kv, sandbox_id, SigningKeyRecord)
+        if record is not None:
+            self.cache.apply(sandbox_id, record)
+        return record
 
 
-async def authenticate(request: web.Request, sandbox_id: str, api_keys: KvCache[ApiKeyRecord]) -> Access:
+def file_url_signature(key: str, method: str, path: str, expires: str) -> str:
+    canonical = f"v1:files:{method}:{path}:{expires}".encode()
+    digest = hmac.new(key.encode(), canonical, hashlib.sha256).digest()
+    return SIGNATURE_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _single_query_value(request: web.Request, name: str) -> str:
+    values = request.query.getall(name, [])
+    if len(values) != 1:
+        raise AuthenticationError(f"signed URL must carry exactly one '{name}' parameter")
+    return values[0]
+
+
+def _signature_matches(
+    record: SigningKeyRecord | None, method: str, path: str, expires: str, signature: str
+) -> bool:
+    if record is None:
+        return False
+    expected = file_url_signature(record.key, method, path, expires)
+    return hmac.compare_digest(expected.encode(), signature.encode())
+
+
+async def authenticate_signed_url(
+    request: web.Request, sandbox_id: str, signing_keys: SigningKeys | None
+) -> Access:
+    """Verify a signed file URL; raises AuthenticationError (401) for anything that is not a valid one."""
+    operation = "/" + request.match_info.get("path", "").strip("/")
+    if (request.method, operation) not in SIGNED_OPERATIONS:
+        raise AuthenticationError(
+            "signed URLs are only valid for GET /files/download and POST /files/upload-v2"
+        )
+    path = _single_query_value(request, "path")
+    expires = _single_query_value(request, "expires")
+    signature = _single_query_value(request, "signature")
+    if not expires.isdigit() or len(expires) > 20:
+        raise AuthenticationError("invalid signed URL: 'expires' must be unix seconds")
+    if int(expires) != 0 and int(expires) <= time.time():
+        raise AuthenticationError("signed URL has expired")
+    if not signature.startswith(SIGNATURE_PREFIX) or signing_keys is None:
+        raise AuthenticationError("invalid signed URL signature")
+    if not _KV_KEY_PATTERN.match(sandbox_id):
+        raise AuthenticationError("invalid signed URL signature")
+    try:
+        if _signature_matches(
+            await signing_keys.cached(sandbox_id), request.method, path, expires, signature
+        ):
+            return Access(organization_id=None, sandbox_id=sandbox_id)
+        if _signature_matches(await signing_keys.fresh(sandbox_id), request.method, path, expires, signature):
+            return Access(organization_id=None, sandbox_id=sandbox_id)
+    except Exception as error:  # NATS unavailable on a cache miss
+        raise VerificationUnavailableError(str(error)) from error
+    raise AuthenticationError("invalid signed URL signature")
+
+
+async def authenticate(
+    request: web.Request,
+    sandbox_id: str,
+    api_keys: KvCache[ApiKeyRecord],
+    signing_keys: SigningKeys | None = None,
+) -> Access:
     token = bearer_token(request)
     if token is None:
         if is_signed_url(request):
-            access = await authenticate_signed_url(request, sandbox_id)
-            if access is not None:
-                return access
-            raise AuthenticationError("invalid or expired signed URL")
+            return await authenticate_signed_url(request, sandbox_id, signing_keys)
         raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
     record = await api_keys.get(api_key_hash(token))
     if record is None:

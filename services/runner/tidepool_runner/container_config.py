@@ -113,12 +113,14 @@ def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str
     memory_bytes = spec.memory_gib * GIB
     return {
         "Image": spec.image,
-        "User": spec.os_user,
+        # Root only until the daemon has made sure the user exists (public images lack it), then it drops to
+        # `os_user` for good; every toolbox process runs as that user.
+        "User": "0",
         "Hostname": spec.sandbox_id[:HOSTNAME_MAX_LENGTH],
         "Env": container_env(spec, settings),
         "Labels": container_labels(spec, runner_id),
         "WorkingDir": home_dir(spec.os_user),
-        "Entrypoint": DAEMON_ENTRYPOINT,
+        "Entrypoint": [*DAEMON_ENTRYPOINT, "--user", spec.os_user],
         # An image Cmd would otherwise be appended to the daemon's argv.
         "Cmd": None,
         "Tty": False,

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from tidepool_runner.forwarding import SESSION_SKIP_AUTO_HEADERS
+from tidepool_contracts.relay import SESSION_SKIP_AUTO_HEADERS
 
 # The host part of URLs sent over a unix socket; only the Host header sees it.
 DAEMON_BASE_URL = "http://daemon"

@@ -13,8 +13,7 @@ from http import HTTPStatus
 from aiohttp import web
 from yarl import URL
 
-from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
-from tidepool_runner.forwarding import (
+from tidepool_contracts.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
     is_websocket_upgrade,
@@ -22,6 +21,7 @@ from tidepool_runner.forwarding import (
     relay_websocket,
     upstream_request_headers,
 )
+from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 
 ERROR_SOURCE = "DAYTONA_PROXY"
 # Sandbox ids become a directory name on the host: letters, digits, `-`, `_`, `.` and never `..`.

@@ -165,3 +165,17 @@ def test_many_concurrent_execs(daemon_client: httpx.Client) -> None:
         worker.join(timeout=20)
     assert time.monotonic() - started < 5
     assert sorted(results, key=int) == [str(index) for index in range(20)]
+
+
+def test_background_job_keeps_writing_after_the_response(daemon_client: httpx.Client, work_dir: Path) -> None:
+    # The pipe it inherited is drained by the daemon after the response, never closed under it: a late
+    # write must not kill it with SIGPIPE / BrokenPipeError (e.g. `nohup python3 -m http.server &`).
+    script = "import time; time.sleep(0.5); print('late', flush=True); time.sleep(0.3); open('alive', 'w')"
+    started = time.monotonic()
+    body = execute(daemon_client, f'python3 -c "{script}" &\necho launched').json()
+    assert time.monotonic() - started < 1.5
+    assert body["result"] == "launched\n"
+    deadline = time.monotonic() + 5
+    while not (work_dir / "alive").exists():
+        assert time.monotonic() < deadline, "the background job died when it wrote to its inherited pipe"
+        time.sleep(0.05)

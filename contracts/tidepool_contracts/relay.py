@@ -1,8 +1,8 @@
 """Streaming HTTP and WebSocket relay between an aiohttp server request and an upstream aiohttp session.
 
 Bodies are never buffered: request chunks go upstream as they arrive and response chunks go back as they come,
-so multi-GB transfers and long-running execs cost constant memory. (The proxy has its own copy of this module:
-services may only share `tidepool_contracts`.)
+so multi-GB transfers and long-running execs cost constant memory. Shared by the proxy (user -> runner) and
+the runner (runner -> daemon's unix socket), which may share nothing but this package.
 """
 
 from __future__ import annotations

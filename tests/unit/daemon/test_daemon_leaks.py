@@ -1,0 +1,106 @@
+"""No leaked descriptors, threads or zombie children after many execs, sessions and PTYs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import httpx
+from websockets.sync.client import unix_connect
+
+
+def daemon_pid(socket_path: Path) -> int:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--socket" in cmdline and str(socket_path).encode() in cmdline:
+            return int(entry)
+    raise AssertionError("daemon process not found")
+
+
+def snapshot(pid: int) -> tuple[int, int, int]:
+    """(open fds, threads, zombie children) of the daemon."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    zombies = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if fields[0] == "Z" and int(fields[1]) == pid:
+            zombies += 1
+    return fds, threads, zombies
+
+
+def settled_snapshot(pid: int, baseline: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+    """Threads and fds wind down asynchronously (pump threads, closing connections): wait a little."""
+    deadline = time.monotonic() + 5
+    current = snapshot(pid)
+    while baseline is not None and time.monotonic() < deadline:
+        if current[0] <= baseline[0] + 4 and current[1] <= baseline[1] + 2 and current[2] == 0:
+            break
+        time.sleep(0.1)
+        current = snapshot(pid)
+    return current
+
+
+def pty_cycle(socket_path: Path, client: httpx.Client, index: int) -> None:
+    uri = f"ws://daemon/process/pty/create-connect?id=leak-{index}"
+    with unix_connect(str(socket_path), uri, subprotocols=["X-Daytona-Pty-Exit-Control"]) as ws:  # type: ignore[list-item]
+        assert json.loads(ws.recv(timeout=10))["status"] == "connected"
+        if index % 2:
+            ws.send(b"exit\n")
+            while True:
+                message = ws.recv(timeout=10)
+                if isinstance(message, str) and '"exited"' in message:
+                    break
+    if index % 2 == 0:
+        assert client.delete(f"/process/pty/leak-{index}").status_code == 200
+
+
+def test_no_fd_thread_or_zombie_leaks(daemon_client: httpx.Client, daemon_socket: Path) -> None:
+    pid = daemon_pid(daemon_socket)
+    # Warm up every code path once so lazily created state (drainer thread, caches) is in the baseline.
+    daemon_client.post("/process/execute", json={"command": "echo warm"})
+    daemon_client.post("/process/session", json={"sessionId": "warm"})
+    daemon_client.post("/process/session/warm/exec", json={"command": "echo warm"})
+    daemon_client.delete("/process/session/warm")
+    pty_cycle(daemon_socket, daemon_client, 0)
+    time.sleep(0.5)
+    baseline = snapshot(pid)
+    assert baseline[2] == 0
+
+    for index in range(1000):
+        body = daemon_client.post("/process/execute", json={"command": f"echo {index}"}).json()
+        assert body["result"] == f"{index}\n"
+    for index in range(100):
+        session_id = f"leak-{index}"
+        assert daemon_client.post("/process/session", json={"sessionId": session_id}).status_code == 201
+        body = daemon_client.post(
+            f"/process/session/{session_id}/exec", json={"command": "echo a; echo b >&2"}
+        ).json()
+        assert body["stdout"] == "a\n"
+        if index % 10 == 0:  # some with an async command still running at delete time
+            daemon_client.post(
+                f"/process/session/{session_id}/exec", json={"command": "sleep 5", "runAsync": True}
+            )
+        assert daemon_client.delete(f"/process/session/{session_id}").status_code == 204
+    for index in range(1, 21):
+        pty_cycle(daemon_socket, daemon_client, index)
+
+    fds, threads, zombies = settled_snapshot(pid, baseline)
+    assert zombies == 0
+    assert fds <= baseline[0] + 4, (baseline, fds, sorted(os.listdir(f"/proc/{pid}/fd")))
+    assert threads <= baseline[1] + 2, (baseline, threads)
+    assert daemon_client.get("/process/session").json() == []
+    assert daemon_client.get("/process/pty").json() == {"sessions": []}
