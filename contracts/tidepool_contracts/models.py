@@ -177,6 +177,9 @@ class BuildJob(BusModel):
     context_hashes: list[str] = Field(default_factory=list)
     # Pull-only snapshots: make `source_image` available locally under `image_ref` instead of building.
     source_image: str | None = None
+    # Evict `image_ref` (and its registry copy) instead of producing it: an expired build-cache entry.
+    remove: bool = False
+    registry_ref: str | None = None
     issued_at: datetime = Field(default_factory=utc_now)
 
 

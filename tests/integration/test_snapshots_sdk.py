@@ -193,3 +193,30 @@ def test_declarative_image_with_local_context(stack: StackThread, python_slim: s
         assert sandbox.process.exec("python3 -c 'import six'").exit_code == 0
     finally:
         daytona.delete(sandbox)
+
+
+def test_snapshot_entrypoint_runs_in_the_entrypoint_session(stack: StackThread, python_slim: str) -> None:
+    daytona = Daytona()
+    name = unique("entrypoint")
+    server = [
+        "python3",
+        "-c",
+        "print('entrypoint-up', flush=True); import http.server as s; s.test(s.SimpleHTTPRequestHandler, port=8080)",
+    ]
+    daytona.snapshot.create(CreateSnapshotParams(name=name, image=python_slim, entrypoint=server))
+    sandbox = daytona.create(CreateSandboxFromSnapshotParams(snapshot=name))
+    try:
+        probe = (
+            "import time, urllib.request\n"
+            "for _ in range(50):\n"
+            "    try:\n"
+            "        print(urllib.request.urlopen('http://127.0.0.1:8080').status); break\n"
+            "    except OSError:\n"
+            "        time.sleep(0.1)\n"
+        )
+        assert sandbox.process.exec(f"python3 - <<'EOF'\n{probe}EOF").result.strip() == "200"
+        session = sandbox.process.get_entrypoint_session()
+        assert session.session_id == "entrypoint" and len(session.commands) == 1
+        assert "entrypoint-up" in sandbox.process.get_entrypoint_logs().stdout
+    finally:
+        daytona.delete(sandbox)

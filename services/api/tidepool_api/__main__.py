@@ -17,6 +17,7 @@ from tidepool_api.events import consume_sandbox_events, consume_snapshot_events
 from tidepool_api.migrate import migrate
 from tidepool_api.registries import serve_credentials
 from tidepool_api.secrets_box import SecretBox, load_secret_key
+from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import connect
 from tidepool_contracts.config import Settings
@@ -46,6 +47,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
     consumers = [
         asyncio.create_task(consume_sandbox_events(context)),
         asyncio.create_task(consume_snapshot_events(context)),
+        asyncio.create_task(evict_expired_builds_forever(context)),
     ]
     config = uvicorn.Config(
         create_app(context),

@@ -91,6 +91,8 @@ class Sandbox(SQLModel, table=True):
     image: str
     # Set while the sandbox waits for its declarative image to be built.
     build_ref: str | None = Field(default=None, index=True)
+    # The snapshot's entrypoint, run by the toolbox daemon in the "entrypoint" session.
+    entrypoint: list[str] | None = Field(default=None, sa_column=Column(JSON))
     os_user: str = "daytona"
     env: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     labels: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

@@ -76,6 +76,17 @@ async def transition(
     return True
 
 
+# Image commands that only start an interactive shell or REPL: nothing to run next to the toolbox.
+INTERACTIVE_COMMANDS = {"bash", "sh", "/bin/bash", "/bin/sh", "python", "python3", "node", "/bin/zsh", "zsh"}
+
+
+def service_entrypoint(entrypoint: list[str] | None) -> list[str] | None:
+    """The snapshot's entrypoint if it starts a service (e.g. a web server), not just a shell."""
+    if not entrypoint or (len(entrypoint) == 1 and entrypoint[0] in INTERACTIVE_COMMANDS):
+        return None
+    return entrypoint
+
+
 def spec_of(sandbox: Sandbox) -> SandboxSpec:
     return SandboxSpec(
         sandbox_id=sandbox.id,
@@ -88,6 +99,7 @@ def spec_of(sandbox: Sandbox) -> SandboxSpec:
         env=sandbox.env,
         labels=sandbox.labels,
         network_block_all=sandbox.network_block_all,
+        entrypoint=sandbox.entrypoint,
     )
 
 
@@ -215,6 +227,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             snapshot=None if build is not None else snapshot.name,
             image=snapshot.registry_ref or snapshot.ref or snapshot.image_name,
             build_ref=build.ref if build is not None else None,
+            entrypoint=service_entrypoint(snapshot.entrypoint),
             os_user=request.user or "daytona",
             env=dict(request.env or {}),
             labels=labels,
@@ -469,7 +482,8 @@ async def release_built_sandbox(context: ApiContext, sandbox_id: str) -> None:
         if build is None or build.state != SnapshotState.ACTIVE.value:
             return
         image = build.registry_ref or build.ref or sandbox.image
-        if not await transition(session, sandbox, SandboxState.CREATING, image=image):
+        entrypoint = service_entrypoint(build.entrypoint)
+        if not await transition(session, sandbox, SandboxState.CREATING, image=image, entrypoint=entrypoint):
             return  # someone else released it
         await session.commit()
     await announce(context, sandbox, SandboxAction.CREATE, DesiredState.STARTED)

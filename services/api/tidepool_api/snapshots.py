@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import structlog
 from sqlalchemy import or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -20,6 +22,7 @@ from tidepool_contracts.bus import publish
 from tidepool_contracts.models import BuildJob, SnapshotState
 from tidepool_contracts.states import SandboxState
 
+log = structlog.get_logger("tidepool.api.snapshots")
 SNAPSHOT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._:/@-]{0,254}$")
 IMAGE_REFERENCE = re.compile(
     r"^(?P<name>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
@@ -225,3 +228,46 @@ async def pending_build_sandboxes(session: AsyncSession, ref: str) -> list[Sandb
     states = [SandboxState.PENDING_BUILD.value, SandboxState.BUILDING_SNAPSHOT.value]
     rows = await session.exec(select(Sandbox).where(Sandbox.build_ref == ref, col(Sandbox.state).in_(states)))
     return list(rows.all())
+
+
+async def evict_expired_builds(context: ApiContext, now: datetime | None = None) -> list[str]:
+    """The declarative build cache: drop hidden build snapshots unused for `build_cache_hours`."""
+    moment = now or utc_now()
+    cutoff = moment - timedelta(hours=context.settings.build_cache_hours)
+    evicted: list[str] = []
+    async with context.database.sessions() as session:
+        candidates = (
+            await session.exec(
+                select(Snapshot).where(col(Snapshot.hidden).is_(True), Snapshot.last_used_at < cutoff)
+            )
+        ).all()
+        for snapshot in candidates:
+            in_use = await session.exec(
+                select(Sandbox.id).where(
+                    Sandbox.build_ref == snapshot.ref,
+                    col(Sandbox.state).not_in([SandboxState.DESTROYED.value, SandboxState.DESTROYING.value]),
+                )
+            )
+            if in_use.first() is not None:
+                continue  # a sandbox still runs from it
+            job = BuildJob(
+                snapshot_name=snapshot.name,
+                image_ref=snapshot.ref or snapshot.image_name,
+                dockerfile="",
+                remove=True,
+                registry_ref=snapshot.registry_ref,
+            )
+            await publish(context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"evict:{snapshot.id}")
+            await session.delete(snapshot)
+            evicted.append(snapshot.ref or snapshot.image_name)
+        await session.commit()
+    return evicted
+
+
+async def evict_expired_builds_forever(context: ApiContext, interval_seconds: float = 600.0) -> None:
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            await evict_expired_builds(context)
+        except Exception as error:  # the next round tries again
+            log.warning("build_cache.eviction_failed", error=str(error))

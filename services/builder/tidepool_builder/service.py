@@ -117,7 +117,17 @@ class Builder:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
 
+    async def evict(self, job: BuildJob) -> None:
+        """Drop an expired cached build; a later identical request builds it again."""
+        for reference in filter(None, (job.image_ref, job.registry_ref)):
+            with contextlib.suppress(aiodocker.DockerError):
+                await self.docker.images.delete(reference, force=True)
+        log.info("build.evicted", image=job.image_ref)
+
     async def produce(self, job: BuildJob, msg: Msg) -> None:
+        if job.remove:
+            await self.evict(job)
+            return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         if job.source_image:
             await self.report(job, SnapshotState.PULLING)

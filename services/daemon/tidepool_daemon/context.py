@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import INVALID_FILE_PATH, DaemonError
@@ -17,10 +17,18 @@ class DaemonContext:
     # The container's environment as the daemon found it; user commands start from this, never from
     # whatever the daemon itself may change later.
     base_env: Mapping[str, str]
+    # The image's own entrypoint + cmd, run in the "entrypoint" session (the daemon took its place as PID 1's
+    # child). Empty: nothing to run.
+    entrypoint: tuple[str, ...] = ()
 
     @classmethod
-    def from_current_process(cls) -> DaemonContext:
-        return cls(work_dir=os.getcwd(), home_dir=_home_dir(), base_env=dict(os.environ))
+    def from_current_process(cls, entrypoint: Sequence[str] = ()) -> DaemonContext:
+        return cls(
+            work_dir=os.getcwd(),
+            home_dir=_home_dir(),
+            base_env=dict(os.environ),
+            entrypoint=tuple(entrypoint),
+        )
 
     def resolve_path(self, raw_path: str, *, allow_empty: bool = True) -> str:
         """Absolute, normalised path for `raw_path`; relative paths resolve against the work dir."""

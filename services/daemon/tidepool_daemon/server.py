@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -393,6 +394,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tcp", type=_parse_tcp_address, metavar="HOST:PORT", help="TCP listener (debug only)"
     )
     parser.add_argument("--log-level", default=os.environ.get("TIDEPOOL_DAEMON_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--entrypoint-json",
+        default="",
+        help="JSON list: the image's entrypoint, run in the entrypoint session",
+    )
     parser.add_argument("--user", default="", help="started as root: become this user (created if missing)")
     args = parser.parse_args(argv)
     if not args.socket and not args.tcp:
@@ -413,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     become_user(args.user)
-    context = DaemonContext.from_current_process()
+    entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
+    context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
     router = build_router(context)
 
     servers: list[socketserver.BaseServer] = []

@@ -630,6 +630,12 @@ class SessionService:
         self._context = context
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._entrypoint: Session | None = None
+        self._entrypoint_command: SessionCommand | None = None
+        if context.entrypoint:
+            # Like upstream: the image's own entrypoint runs in a session whose logs the SDK can read.
+            self._entrypoint = Session(ENTRYPOINT_SESSION_ID, context)
+            self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
 
     def _session(self, request: Request) -> Session:
         session_id = request.path_params["sessionId"]
@@ -727,14 +733,23 @@ class SessionService:
 
     # GET /process/session/entrypoint
     def entrypoint_session(self, request: Request) -> Response:
-        # Tidepool runs no user entrypoint yet: the entrypoint session exists and has no commands.
-        return json_response(200, {"sessionId": ENTRYPOINT_SESSION_ID, "commands": []})
+        if self._entrypoint is None:
+            return json_response(200, {"sessionId": ENTRYPOINT_SESSION_ID, "commands": []})
+        return json_response(200, self._entrypoint.as_dict())
 
     # GET /process/session/entrypoint/logs[?follow=true]
     def entrypoint_logs(self, request: Request) -> Response:
+        session, command = self._entrypoint, self._entrypoint_command
+        if session is None or command is None:
+            if is_websocket_request(request):
+                return websocket_upgrade(request, lambda ws: ws.close(CLOSE_NORMAL))
+            return json_response(200, {"output": "", "stdout": "", "stderr": ""})
         if is_websocket_request(request):
-            return websocket_upgrade(request, lambda ws: ws.close(CLOSE_NORMAL))
-        return json_response(200, {"output": "", "stdout": "", "stderr": ""})
+            follow = (request.query_value("follow") or "").lower() == "true"
+            offset = _parse_offset(request.query_value("offset"))
+            return websocket_upgrade(request, lambda ws: session.follow(command, ws, offset, follow))
+        output, stdout, stderr = split_log(session.read_log(command))
+        return json_response(200, {"output": _text(output), "stdout": _text(stdout), "stderr": _text(stderr)})
 
     def close_all(self) -> None:
         with self._lock:

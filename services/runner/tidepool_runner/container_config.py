@@ -8,6 +8,7 @@ capacity accounting still sees it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,14 @@ def network_mode(spec: SandboxSpec, settings: Settings) -> str:
     return settings.sandbox_network or "default"
 
 
+def daemon_entrypoint(spec: SandboxSpec) -> list[str]:
+    argv = [*DAEMON_ENTRYPOINT, "--user", spec.os_user]
+    if spec.entrypoint:
+        # The image's own entrypoint runs under the daemon, in the toolbox's "entrypoint" session.
+        argv += ["--entrypoint-json", json.dumps(spec.entrypoint)]
+    return argv
+
+
 def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
     """`POST /containers/create` body. The daemon is the entrypoint; the toolbox is reached via a unix socket,
     so nothing is published on the host and the container never needs privileges."""
@@ -120,7 +129,7 @@ def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str
         "Env": container_env(spec, settings),
         "Labels": container_labels(spec, runner_id),
         "WorkingDir": home_dir(spec.os_user),
-        "Entrypoint": [*DAEMON_ENTRYPOINT, "--user", spec.os_user],
+        "Entrypoint": daemon_entrypoint(spec),
         # An image Cmd would otherwise be appended to the daemon's argv.
         "Cmd": None,
         "Tty": False,

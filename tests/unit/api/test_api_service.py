@@ -215,3 +215,46 @@ async def test_nothing_half_created_when_the_bus_is_down(api) -> None:  # type: 
         from tidepool_api.db import Sandbox
 
         assert (await session.exec(select(Sandbox).where(Sandbox.name == "orphan"))).first() is None
+
+
+async def test_build_cache_evicts_only_expired_unused_builds(api) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime, timedelta
+
+    from tidepool_api.db import Sandbox
+    from tidepool_api.snapshots import evict_expired_builds
+    from tidepool_contracts.models import BuildJob
+
+    client, context, _ = api
+    organization = (await client.post("/api/sandbox", json={})).json()["organizationId"]
+    now = datetime.now(UTC)
+    old = now - timedelta(hours=context.settings.build_cache_hours + 1)
+    async with context.database.sessions() as session:
+        for ref, used in (("build:expired", old), ("build:fresh", now), ("build:in-use", old)):
+            session.add(
+                Snapshot(
+                    id=ref, name=ref, image_name=ref, ref=ref, hidden=True, state="active", last_used_at=used
+                )
+            )
+        session.add(
+            Sandbox(
+                id="user-of-build",
+                organization_id=organization,
+                name="user-of-build",
+                state="started",
+                desired_state="started",
+                image="build:in-use",
+                build_ref="build:in-use",
+                cpu=1,
+                memory=1,
+                disk=3,
+            )
+        )
+        await session.commit()
+    assert await evict_expired_builds(context, now) == ["build:expired"]
+    async with context.database.sessions() as session:
+        assert await session.get(Snapshot, "build:expired") is None
+        assert await session.get(Snapshot, "build:fresh") is not None
+        assert await session.get(Snapshot, "build:in-use") is not None
+    message = await context.bus.js.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)
+    job = decode(BuildJob, message.data)
+    assert job.remove and job.image_ref == "build:expired"
