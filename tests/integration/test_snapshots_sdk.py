@@ -201,7 +201,8 @@ def test_snapshot_entrypoint_runs_in_the_entrypoint_session(stack: StackThread, 
     server = [
         "python3",
         "-c",
-        "print('entrypoint-up', flush=True); import http.server as s; s.test(s.SimpleHTTPRequestHandler, port=8080)",
+        "print('entrypoint-up', flush=True); import http.server as s; "
+        "s.test(s.SimpleHTTPRequestHandler, port=8080)",
     ]
     daytona.snapshot.create(CreateSnapshotParams(name=name, image=python_slim, entrypoint=server))
     sandbox = daytona.create(CreateSandboxFromSnapshotParams(snapshot=name))
