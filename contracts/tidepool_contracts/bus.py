@@ -60,6 +60,7 @@ STREAMS: list[StreamConfig] = [
             f"{subjects.EVENT_SANDBOX_PREFIX}.>",
             f"{subjects.EVENT_SNAPSHOT_PREFIX}.>",
             f"{subjects.EVENT_RUNNER_PREFIX}.>",
+            f"{subjects.EVENT_PROCESS_PREFIX}.>",
         ],
         retention=RetentionPolicy.LIMITS,
         max_age=7 * 24 * 3600.0,

@@ -84,6 +84,22 @@ class SandboxStateEvent(BusModel):
     occurred_at: datetime = Field(default_factory=utc_now)
 
 
+class ProcessTerminationEvent(BusModel):
+    """Runner -> API: a process in a sandbox ended abnormally (signal, timeout, OOM kill)."""
+
+    sandbox_id: str
+    organization_id: str
+    # One daemon run (a sandbox start); with `sequence` it identifies the record across redeliveries.
+    daemon_boot_id: str
+    sequence: int
+    kind: str  # exec | code_run | session | pty
+    command: str
+    exit_code: int | None = None
+    reason: str
+    signal: int | None = None
+    ended_at: datetime
+
+
 class DesiredSandbox(BusModel):
     """API -> KV: the desired state the scheduler reconciles towards."""
 

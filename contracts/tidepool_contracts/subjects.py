@@ -14,6 +14,7 @@ JOB_BUILD_SUBJECT = "tidepool.job.build"
 EVENT_SANDBOX_PREFIX = "tidepool.event.sandbox"
 EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
 EVENT_RUNNER_PREFIX = "tidepool.event.runner"
+EVENT_PROCESS_PREFIX = "tidepool.event.process"  # runner -> API: notable process terminations in sandboxes
 BUILD_LOG_PREFIX = "tidepool.buildlog"
 
 # Core NATS request/reply (caller waits).
@@ -40,6 +41,10 @@ def job_runner(runner_id: str) -> str:
 
 def event_sandbox(sandbox_id: str) -> str:
     return f"{EVENT_SANDBOX_PREFIX}.{sandbox_id}"
+
+
+def event_process(sandbox_id: str) -> str:
+    return f"{EVENT_PROCESS_PREFIX}.{sandbox_id}"
 
 
 def event_snapshot(snapshot_name: str) -> str:

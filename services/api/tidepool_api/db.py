@@ -133,6 +133,25 @@ class DockerRegistry(SQLModel, table=True):
     updated_at: datetime = timestamp_column()
 
 
+class SandboxEvent(SQLModel, table=True):
+    """What happened to a sandbox: state changes and notable process endings (signal, timeout, OOM kill)."""
+
+    __tablename__ = "sandbox_event"
+    __table_args__ = (
+        UniqueConstraint("sandbox_id", "dedupe_key", name="uq_sandbox_event_dedupe"),
+        Index("ix_sandbox_event_sandbox_time", "sandbox_id", "occurred_at"),
+    )
+
+    id: str = Field(primary_key=True)
+    sandbox_id: str
+    organization_id: str
+    type: str  # sandbox.state.updated | sandbox.process.terminated
+    # Redelivered bus messages map to the same key and are stored once.
+    dedupe_key: str
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    occurred_at: datetime = timestamp_column()
+
+
 class Database:
     def __init__(self, url: str) -> None:
         connect_args: dict[str, Any] = {}

@@ -13,6 +13,7 @@ from sqlmodel import select
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
+from tidepool_api.sandbox_events import STATE_UPDATED, add_event
 from tidepool_api.sandboxes import fail_build_waiters, mark_building, release_built_sandbox, transition
 from tidepool_api.snapshots import pending_build_sandboxes
 from tidepool_contracts import subjects
@@ -43,6 +44,20 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
             changes["name"] = f"DESTROYED_{sandbox.name}_{int(time.time() * 1000)}"
         if not await transition(session, sandbox, event.state, **changes):
             raise RuntimeError(f"sandbox {sandbox.id} changed concurrently; retrying the event")
+        if current != event.state:
+            await add_event(
+                session,
+                sandbox_id=sandbox.id,
+                organization_id=sandbox.organization_id,
+                event_type=STATE_UPDATED,
+                dedupe_key=f"state:{event.state}:{event.occurred_at.isoformat()}",
+                detail={
+                    "oldState": current.value,
+                    "newState": event.state.value,
+                    "errorReason": event.error_reason,
+                },
+                occurred_at=event.occurred_at,
+            )
         await session.commit()
     log.info("sandbox.state", sandbox_id=event.sandbox_id, state=event.state, reason=event.error_reason)
     context.waiters.notify(event.sandbox_id)

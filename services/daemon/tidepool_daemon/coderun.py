@@ -152,7 +152,7 @@ def run_program(
         )
     except OSError as exc:
         raise DaemonError(500, f"failed to start {command[0]}: {exc}") from None
-    return _ShellRun(process, stdin, timeout_seconds).wait()
+    return _ShellRun(process, stdin, timeout_seconds, kind="code_run").wait()
 
 
 def _read_charts(charts_path: str) -> list[dict[str, Any]]:

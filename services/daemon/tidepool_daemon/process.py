@@ -147,10 +147,18 @@ class _ShellRun:
     writing output, and no extra thread is left behind when a background child keeps stdin open.
     """
 
-    def __init__(self, shell: subprocess.Popen[bytes], script: bytes, timeout_seconds: float | None) -> None:
+    def __init__(
+        self,
+        shell: subprocess.Popen[bytes],
+        script: bytes,
+        timeout_seconds: float | None,
+        kind: str = "exec",
+    ) -> None:
         assert shell.stdin is not None and shell.stdout is not None
         self._shell = shell
+        self._kind = kind
         self._pending_input = memoryview(script)
+        self._script_preview = script[:200].decode("utf-8", "replace")
         self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         self._output = bytearray()
         self._output_truncated = False
@@ -175,7 +183,13 @@ class _ShellRun:
                 self._shell.stdout.close()
             else:
                 BACKGROUND_DRAINER.adopt(self._shell.stdout)  # a background job still holds the pipe
-        exit_code, termination = classify(self._shell.returncode, timed_out=timed_out, oom=self._oom)
+        exit_code, termination = classify(
+            self._shell.returncode,
+            timed_out=timed_out,
+            oom=self._oom,
+            kind=self._kind,
+            command=self._script_preview,
+        )
         return CommandOutcome(
             bytes(self._output), exit_code, termination.reason, termination.signal, self._output_truncated
         )

@@ -297,7 +297,7 @@ class PtySession:
                 self._broadcast(chunk)
         finally:
             returncode = process.wait()
-            exit_code, termination = classify(returncode, oom=self._oom)
+            exit_code, termination = classify(returncode, oom=self._oom, kind="pty", command=self.id)
             self._finish(termination, exit_code)
 
     def _broadcast(self, chunk: bytes) -> None:

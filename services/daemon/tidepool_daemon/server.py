@@ -49,6 +49,7 @@ from .routing import Router
 from .search import SearchService
 from .sessions import SessionService
 from .system import SystemService
+from .termination import list_terminations
 from .transfer import FileTransferService
 from .websocket import (
     CLOSE_INTERNAL_ERROR,
@@ -95,6 +96,7 @@ def build_router(context: DaemonContext) -> Router:
     router.add("GET", "/port/{port}/in-use", SystemService().port_in_use)
 
     router.add("POST", "/process/execute", process.execute)
+    router.add("GET", "/process/terminations", list_terminations)
 
     sessions = SessionService(context)
     # Literal routes before the `{sessionId}` templates: the first match wins.

@@ -521,7 +521,9 @@ class Session:
 
     def _mark_exited(self, command: SessionCommand, returncode: int) -> None:
         """Called with the lock held; `returncode` is subprocess-style (negative = killed by a signal)."""
-        command.exit_code, command.termination = classify(returncode, oom=command.oom)
+        command.exit_code, command.termination = classify(
+            returncode, oom=command.oom, kind="session", command=command.command
+        )
         command.exited_at = time.monotonic()
         self._cond.notify_all()
 

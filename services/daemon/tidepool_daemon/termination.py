@@ -17,10 +17,17 @@ mounts).
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
+import threading
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from .errors import bad_request
+from .http_io import Request, Response, json_response
 
 TerminationReason = Literal["exited", "signal", "timeout", "oom_killed"]
 
@@ -90,10 +97,57 @@ class OomWatch:
         return after is not None and after > self._before
 
 
+class TerminationLog:
+    """The most recent process endings, numbered, for the runner to collect (`GET /process/terminations`)."""
+
+    CAPACITY = 1000
+    COMMAND_PREVIEW = 200
+
+    def __init__(self) -> None:
+        self.boot_id = str(uuid.uuid4())
+        self._records: collections.deque[dict[str, Any]] = collections.deque(maxlen=self.CAPACITY)
+        self._sequence = 0
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, command: str, exit_code: int, termination: Termination) -> None:
+        with self._lock:
+            self._sequence += 1
+            self._records.append(
+                {
+                    "sequence": self._sequence,
+                    "kind": kind,
+                    "command": command[: self.COMMAND_PREVIEW],
+                    "exitCode": exit_code,
+                    "endedAt": time.time(),
+                    **termination.as_dict(),
+                }
+            )
+
+    def after(self, sequence: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [record for record in self._records if record["sequence"] > sequence]
+
+
+TERMINATIONS = TerminationLog()
+
+
 def classify(
-    returncode: int, *, timed_out: bool = False, oom: OomWatch | None = None
+    returncode: int,
+    *,
+    timed_out: bool = False,
+    oom: OomWatch | None = None,
+    kind: str | None = None,
+    command: str = "",
 ) -> tuple[int, Termination]:
-    """(exit code as reported to clients, termination) for a `subprocess`-style return code (-N = signal)."""
+    """(exit code as reported to clients, termination) for a `subprocess`-style return code (-N = signal).
+    With `kind`, the ending is also recorded in TERMINATIONS."""
+    exit_code, termination = _classify(returncode, timed_out, oom)
+    if kind is not None:
+        TERMINATIONS.record(kind, command, exit_code, termination)
+    return exit_code, termination
+
+
+def _classify(returncode: int, timed_out: bool, oom: OomWatch | None) -> tuple[int, Termination]:
     if timed_out:
         return _SIGKILL_STATUS, Termination("timeout", signal.SIGKILL)
     killed = returncode in (-signal.SIGKILL, _SIGKILL_STATUS)
@@ -103,3 +157,11 @@ def classify(
         # Shell convention for a signal death (128 + n); the real signal is in `termination.signal`.
         return 128 - returncode, Termination("signal", -returncode)
     return returncode, Termination("exited", None)
+
+
+def list_terminations(request: Request) -> Response:
+    """`GET /process/terminations?after=N`: endings recorded since sequence N (the runner polls this)."""
+    raw = request.query_value("after") or "0"
+    if not raw.isdigit():
+        raise bad_request("after must be a non-negative integer")
+    return json_response(200, {"bootId": TERMINATIONS.boot_id, "records": TERMINATIONS.after(int(raw))})

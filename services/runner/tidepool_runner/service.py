@@ -19,6 +19,7 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
+from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 
 log = structlog.get_logger("tidepool.runner")
@@ -89,8 +90,10 @@ class Runner:
                 concurrency=JOB_CONCURRENCY,
             )
 
+        collector = TerminationCollector(engine=engine, daemons=self.daemons, bus=bus)
         self._tasks = [
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
+            asyncio.create_task(collector.run_forever(), name="runner-terminations"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)

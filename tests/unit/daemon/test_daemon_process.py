@@ -179,3 +179,20 @@ def test_background_job_keeps_writing_after_the_response(daemon_client: httpx.Cl
     while not (work_dir / "alive").exists():
         assert time.monotonic() < deadline, "the background job died when it wrote to its inherited pipe"
         time.sleep(0.05)
+
+
+def test_terminations_are_recorded_for_the_runner(daemon_client: httpx.Client) -> None:
+    daemon = daemon_client
+    before = daemon.get("/process/terminations").json()
+    last = max((record["sequence"] for record in before["records"]), default=0)
+    assert daemon.post("/process/execute", json={"command": "sleep 5", "timeout": 1}).status_code == 408
+    daemon.post("/process/execute", json={"command": "exit 3"})
+    after = daemon.get("/process/terminations", params={"after": last}).json()
+    assert after["bootId"] == before["bootId"]
+    records = after["records"]
+    assert [(r["kind"], r["reason"], r["exitCode"]) for r in records] == [
+        ("exec", "timeout", 137),
+        ("exec", "exited", 3),
+    ]
+    assert records[0]["command"] == "sleep 5" and records[0]["signal"] == 9
+    assert daemon.get("/process/terminations", params={"after": "x"}).status_code == 400

@@ -16,6 +16,7 @@ from tidepool_api.db import Sandbox
 from tidepool_api.errors import bad_request, describe_validation_error
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.sandbox_events import list_events
 from tidepool_api.schemas import CreateSandboxRequest, ReplaceLabelsRequest, sandbox_dto
 from tidepool_contracts.states import SandboxState
 
@@ -194,3 +195,16 @@ async def build_logs(
     return StreamingResponse(
         stream_build_log(context.bus, sandbox.build_ref, follow, finished), media_type="text/plain"
     )
+
+
+@router.get("/{sandbox_id_or_name}/events")
+async def sandbox_events(
+    context: Context,
+    caller: Caller,
+    sandbox_id_or_name: str,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> JsonResponse:
+    """State changes and abnormal process endings (signal, timeout, OOM kill), newest first (an extension)."""
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+    return JsonResponse(await list_events(context, sandbox.id, limit))

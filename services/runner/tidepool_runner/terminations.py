@@ -1,0 +1,97 @@
+"""Collect notable process endings (signal, timeout, OOM kill) from each running sandbox's daemon and publish
+them, so the API can show them among the sandbox's events. Polling keeps the daemon free of any bus access."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+import structlog
+
+from tidepool_contracts.bus import Bus, publish
+from tidepool_contracts.models import ProcessTerminationEvent
+from tidepool_contracts.subjects import event_process
+from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL
+from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runner.engine import ContainerEngine
+
+log = structlog.get_logger("tidepool.runner.terminations")
+POLL_INTERVAL_SECONDS = 5.0
+# Plain exits are the normal case and stay in the daemon; these are worth an event.
+NOTABLE_REASONS = frozenset({"signal", "timeout", "oom_killed"})
+
+
+@dataclass
+class TerminationCollector:
+    engine: ContainerEngine
+    daemons: DaemonConnections
+    bus: Bus
+    # sandbox id -> (daemon boot id, last sequence seen)
+    _cursors: dict[str, tuple[str, int]] = field(default_factory=dict)
+
+    async def collect_once(self) -> int:
+        published = 0
+        running = [c for c in await self.engine.list_sandboxes() if c.state == "running"]
+        for container in running:
+            sandbox_id = container.labels.get(SANDBOX_LABEL)
+            if sandbox_id:
+                published += await self._collect(sandbox_id, container.labels.get(ORGANIZATION_LABEL, ""))
+        live = {c.labels.get(SANDBOX_LABEL) for c in running}
+        for gone in set(self._cursors) - live:
+            del self._cursors[gone]
+        return published
+
+    async def _collect(self, sandbox_id: str, organization_id: str) -> int:
+        boot_id, after = self._cursors.get(sandbox_id, ("", 0))
+        try:
+            async with self.daemons.session(sandbox_id).get(
+                f"{DAEMON_BASE_URL}/process/terminations",
+                params={"after": str(after)},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as response:
+                if response.status != 200:
+                    return 0  # an older daemon without the endpoint, or one shutting down
+                body = orjson.loads(await response.read())
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            return 0
+        if body.get("bootId") != boot_id and after:
+            # The daemon restarted (sandbox stop/start): its numbering starts over.
+            self._cursors[sandbox_id] = (body.get("bootId", ""), 0)
+            return await self._collect(sandbox_id, organization_id)
+        published = 0
+        for record in body.get("records", []):
+            after = max(after, int(record["sequence"]))
+            if record.get("reason") not in NOTABLE_REASONS:
+                continue
+            event = ProcessTerminationEvent(
+                sandbox_id=sandbox_id,
+                organization_id=organization_id,
+                daemon_boot_id=body["bootId"],
+                sequence=int(record["sequence"]),
+                kind=str(record.get("kind", "")),
+                command=str(record.get("command", "")),
+                exit_code=record.get("exitCode"),
+                reason=str(record["reason"]),
+                signal=record.get("signal"),
+                ended_at=datetime.fromtimestamp(float(record["endedAt"]), UTC),
+            )
+            await publish(
+                self.bus,
+                event_process(sandbox_id),
+                event,
+                msg_id=f"{sandbox_id}:{event.daemon_boot_id}:{event.sequence}",
+            )
+            published += 1
+        self._cursors[sandbox_id] = (body.get("bootId", ""), after)
+        return published
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.collect_once()
+            except Exception as error:  # the engine or the bus is away for a moment: next round
+                log.warning("terminations.collect_failed", error=str(error))
+            await asyncio.sleep(POLL_INTERVAL_SECONDS)
