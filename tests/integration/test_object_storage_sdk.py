@@ -25,6 +25,7 @@ import pytest
 from tests.integration.stackthread import StackThread
 from tidepool_builder.context_store import context_key, fetch_context, make_client
 from tidepool_contracts.config import Settings
+from tidepool_contracts.object_keys import parse_key, secret_for
 from tidepool_stack.supervisor import HOST_CA_BUNDLE
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
@@ -68,6 +69,7 @@ def storage_settings(stack: StackThread) -> Settings:
     return Settings(
         s3_endpoint=env["TIDEPOOL_S3_ENDPOINT"],
         s3_access_key=env["TIDEPOOL_S3_ACCESS_KEY"],
+        s3_scoped_keys=env.get("TIDEPOOL_S3_SCOPED_KEYS") == "true",
         s3_secret_key=env["TIDEPOOL_S3_SECRET_KEY"],
         s3_bucket=env["TIDEPOOL_S3_BUCKET"],
         s3_region=env["TIDEPOOL_S3_REGION"],
@@ -83,8 +85,11 @@ def test_push_access_points_at_the_embedded_storage(stack: StackThread) -> None:
     body = response.json()
     env = stack.stack.env
     assert body["storageUrl"] == env["TIDEPOOL_S3_ENDPOINT"] and body["storageUrl"].startswith("https://")
-    assert body["accessKey"] == env["TIDEPOOL_S3_ACCESS_KEY"]
-    assert body["secret"] == env["TIDEPOOL_S3_SECRET_KEY"]
+    # A key scoped to the caller's organization, never the storage's master secret.
+    scope = parse_key(body["accessKey"])
+    assert scope is not None and scope.organization_id == body["organizationId"] and not scope.service
+    assert body["secret"] == secret_for(env["TIDEPOOL_S3_SECRET_KEY"], body["accessKey"])
+    assert body["secret"] != env["TIDEPOOL_S3_SECRET_KEY"]
     assert (body["bucket"], body["region"]) == (env["TIDEPOOL_S3_BUCKET"], env["TIDEPOOL_S3_REGION"])
     assert body["organizationId"] and body["sessionToken"]
     ca = Path(env["TIDEPOOL_S3_CA_FILE"]).read_bytes()
@@ -111,12 +116,13 @@ def test_sdk_image_context_upload_round_trips(stack: StackThread, tmp_path: Path
         f"{stack.api_url}/object-storage/push-access", headers={"Authorization": f"Bearer {stack.api_key}"}
     ).json()["organizationId"]
     settings = storage_settings(stack)
-    client = make_client(settings)
+    client = make_client(settings, organization)
     for context_hash in hashes:
         info = client.stat_object(settings.s3_bucket, context_key(organization, context_hash))
         assert info.size and info.size > 0
-    # On disk where the launcher said: {data_dir}/objects/{bucket}/{org}/{hash}/context.tar
-    on_disk = stack.data_dir / "objects" / settings.s3_bucket / organization / hashes[0] / "context.tar"
+    # On disk in the organization's own root: {data_dir}/objects/orgs/{org}/{bucket}/{org}/{hash}/context.tar
+    root = stack.data_dir / "objects" / "orgs" / organization
+    on_disk = root / settings.s3_bucket / organization / hashes[0] / "context.tar"
     assert on_disk.is_file()
 
     merged = asyncio.run(fetch_context(settings, organization, hashes))

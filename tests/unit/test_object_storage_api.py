@@ -94,3 +94,18 @@ def test_session_token_is_signed_and_expires() -> None:
     assert verify_session_token(secret, f"{prefix}.{body}.", now=now) is None
     assert verify_session_token(secret, "garbage", now=now) is None
     assert secret not in token
+
+
+async def test_embedded_storage_gets_a_scoped_expiring_key() -> None:
+    import time
+
+    from tidepool_contracts.object_keys import parse_key, secret_for
+
+    scoped = CONFIGURED.model_copy(update={"s3_scoped_keys": True, "s3_access_key": ""})
+    async with client_for(scoped) as http:
+        body = (await http.get("/api/object-storage/push-access", headers=AUTH)).json()
+    scope = parse_key(body["accessKey"])
+    assert scope is not None and scope.organization_id == "org-42" and not scope.service
+    assert 3500 < scope.expires_at - time.time() <= 3600
+    assert body["secret"] == secret_for(scoped.s3_secret_key, body["accessKey"])
+    assert body["secret"] != scoped.s3_secret_key  # the master secret never leaves the platform

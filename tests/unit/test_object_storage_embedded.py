@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import urllib3
+from minio import Minio
 from minio.error import InvalidResponseError, S3Error
 
 from tidepool_builder.context_store import (
@@ -27,6 +29,7 @@ from tidepool_builder.context_store import (
     make_client,
 )
 from tidepool_contracts.config import Settings
+from tidepool_contracts.object_keys import service_key, user_key
 from tidepool_stack.supervisor import HOST_CA_BUNDLE, Stack, StackConfig, ensure_object_storage_tls
 
 ORG = "org-7f3a"
@@ -45,6 +48,7 @@ async def storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
             data_dir=data_dir,
             s3_endpoint=env["TIDEPOOL_S3_ENDPOINT"],
             s3_access_key=env["TIDEPOOL_S3_ACCESS_KEY"],
+            s3_scoped_keys=env["TIDEPOOL_S3_SCOPED_KEYS"] == "true",
             s3_secret_key=env["TIDEPOOL_S3_SECRET_KEY"],
             s3_bucket=env["TIDEPOOL_S3_BUCKET"],
             s3_region=env["TIDEPOOL_S3_REGION"],
@@ -79,7 +83,7 @@ def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo
 
 
 def upload(settings: Settings, context_hash: str, data: bytes, organization: str = ORG) -> None:
-    client = make_client(settings)
+    client = make_client(settings, organization)
     key = context_key(organization, context_hash)
     client.put_object(settings.s3_bucket, key, io.BytesIO(data), len(data))
 
@@ -95,7 +99,7 @@ def test_tls_material_keys_and_bundle(storage: tuple[Stack, Settings]) -> None:
     for secret in (tls_dir / "ca.key", tls_dir / "server.key", data_dir / "object-storage-keys.json"):
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
     assert settings.s3_endpoint.startswith("https://localhost:")
-    assert (data_dir / "objects" / settings.s3_bucket).is_dir()
+    assert (data_dir / "objects").is_dir()
     ca = (tls_dir / "ca.pem").read_bytes()
     bundle = Path(stack.client_ca_bundle).read_bytes()
     assert bundle.endswith(ca)
@@ -121,7 +125,7 @@ def test_restart_reuses_ca_and_keys(storage: tuple[Stack, Settings]) -> None:
     again = ensure_object_storage_tls(tls_dir)
     assert {name: (tls_dir / name).read_bytes() for name in before} == before
     assert again.client_bundle == Path(stack.client_ca_bundle)
-    assert stack.object_storage_keys() == (settings.s3_access_key, settings.s3_secret_key)
+    assert stack.object_storage_keys()[1] == settings.s3_secret_key
     # A server certificate not signed by the CA (e.g. a half-finished earlier run) is re-issued.
     (tls_dir / "server.pem").write_bytes((tls_dir / "ca.pem").read_bytes())
     ensure_object_storage_tls(tls_dir)
@@ -133,10 +137,11 @@ def test_restart_reuses_ca_and_keys(storage: tuple[Stack, Settings]) -> None:
 
 def test_storage_requires_the_keys(storage: tuple[Stack, Settings]) -> None:
     _, settings = storage
-    wrong = make_client(settings.model_copy(update={"s3_secret_key": "0" * 40}))
+    wrong = make_client(settings.model_copy(update={"s3_secret_key": "0" * 40}), ORG)
     with pytest.raises((S3Error, InvalidResponseError)) as caught:
         wrong.put_object(settings.s3_bucket, f"{ORG}/x/context.tar", io.BytesIO(b"x"), 1)
-    assert "403" in str(caught.value) or "SignatureDoesNotMatch" in str(caught.value)
+    refusal = str(caught.value)
+    assert "403" in refusal or "SignatureDoesNotMatch" in refusal or "AccessDenied" in refusal
 
 
 # -- fetch_context ------------------------------------------------------------------------------------------
@@ -267,11 +272,12 @@ SDK_UPLOAD = textwrap.dedent(
 
 
 def sdk_args(settings: Settings, paths: list[str]) -> str:
+    access_key, secret, _ = user_key(settings.s3_secret_key, ORG, 3600)  # what push-access hands out
     return json.dumps(
         {
             "endpoint": settings.s3_endpoint,
-            "access": settings.s3_access_key,
-            "secret": settings.s3_secret_key,
+            "access": access_key,
+            "secret": secret,
             "bucket": settings.s3_bucket,
             "region": settings.s3_region,
             "org": ORG,
@@ -358,3 +364,48 @@ async def test_sdk_upload_with_ca_in_system_store_round_trips(
     # Content-addressed: a second upload finds the object (HEAD 200) and returns the same hash.
     again = run_sdk_upload(settings, paths, dict(os.environ), system_bundle=stack.client_ca_bundle)
     assert json.loads(again) == hashes
+
+
+# -- per-organization scoping ----------------------------------------------------------------------------
+
+
+def client_with(settings: Settings, access_key: str, secret: str) -> Minio:
+    """A client with explicit keys (what an SDK user holds), not the builder's derived service key."""
+    return Minio(
+        settings.s3_endpoint.removeprefix("https://"),
+        access_key=access_key,
+        secret_key=secret,
+        secure=True,
+        region=settings.s3_region,
+        http_client=urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=settings.s3_ca_file),
+    )
+
+
+def test_keys_are_scoped_to_their_organization(storage: tuple[Stack, Settings]) -> None:
+    _, settings = storage
+    other = "org-other"
+    upload(settings, "h-private", tar_of(regular("secret.txt", b"theirs")), organization=other)
+    mine_key, mine_secret, _ = user_key(settings.s3_secret_key, ORG, 3600)
+    mine = client_with(settings, mine_key, mine_secret)
+    # The other organization's object does not exist in this key's view, even under its exact key.
+    with pytest.raises((S3Error, InvalidResponseError)):
+        mine.get_object(settings.s3_bucket, context_key(other, "h-private"))
+    mine.put_object(settings.s3_bucket, context_key(ORG, "h-mine"), io.BytesIO(b"ok"), 2)
+    theirs_key, theirs_secret = service_key(settings.s3_secret_key, other)
+    theirs = client_with(settings, theirs_key, theirs_secret)
+    with pytest.raises((S3Error, InvalidResponseError)):
+        theirs.get_object(settings.s3_bucket, context_key(ORG, "h-mine"))
+
+
+def test_expired_or_forged_keys_are_refused(storage: tuple[Stack, Settings]) -> None:
+    _, settings = storage
+    expired_key, expired_secret, _ = user_key(settings.s3_secret_key, ORG, -10)
+    with pytest.raises((S3Error, InvalidResponseError)):
+        client_with(settings, expired_key, expired_secret).put_object(
+            settings.s3_bucket, context_key(ORG, "h-late"), io.BytesIO(b"x"), 1
+        )
+    forged_key, _, _ = user_key(settings.s3_secret_key, ORG, 3600)
+    with pytest.raises((S3Error, InvalidResponseError)):
+        client_with(settings, forged_key, "f" * 40).put_object(
+            settings.s3_bucket, context_key(ORG, "h-forged"), io.BytesIO(b"x"), 1
+        )

@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import tarfile
+import time
 from collections.abc import Mapping
-from typing import IO
+from typing import IO, NoReturn
 from urllib.parse import urlsplit
 
 import urllib3
@@ -26,6 +27,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error
 
 from tidepool_contracts.config import Settings
+from tidepool_contracts.object_keys import service_key
 
 CONTEXT_OBJECT = "context.tar"
 MAX_LINK_DEPTH = 40  # symlink chains, as the kernel's MAXSYMLINKS
@@ -47,7 +49,7 @@ def context_key(organization_id: str, context_hash: str) -> str:
     return f"{organization_id}/{context_hash}/{CONTEXT_OBJECT}"
 
 
-def make_client(settings: Settings) -> Minio:
+def make_client(settings: Settings, organization_id: str) -> Minio:
     parts = urlsplit(settings.s3_endpoint)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
         endpoint = settings.s3_endpoint
@@ -61,10 +63,15 @@ def make_client(settings: Settings) -> Minio:
         retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)),
         maxsize=4,
     )
+    if settings.s3_scoped_keys:
+        # Embedded storage: a service key scoped to this organization's directory only.
+        access_key, secret_key = service_key(settings.s3_secret_key, organization_id)
+    else:
+        access_key, secret_key = settings.s3_access_key, settings.s3_secret_key
     return Minio(
         parts.netloc,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
+        access_key=access_key,
+        secret_key=secret_key,
         secure=parts.scheme == "https",
         region=settings.s3_region,  # no GetBucketLocation round trip (rclone does not implement it)
         http_client=http_client,
@@ -165,18 +172,23 @@ def _resolve_symlinks(files: dict[str, bytes], symlinks: Mapping[str, str]) -> N
         # Otherwise dangling (or a link to an empty directory): nothing to copy.
 
 
+# An object the SDK just wrote may take a moment to appear to another key (the embedded server lists
+# directories per key, refreshed every 100 ms): look again briefly before calling it missing.
+MISSING_RETRIES = 3
+MISSING_RETRY_SECONDS = 0.3
+
+
 def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: str) -> dict[str, bytes]:
     key = context_key(organization_id, context_hash)
-    try:
-        response = client.get_object(bucket, key)
-    except (S3Error, InvalidResponseError, urllib3.exceptions.HTTPError) as error:
-        if _is_missing(error):
-            raise ContextNotFoundError(
-                f"build context {context_hash} not found in object storage (s3://{bucket}/{key}); "
-                "the SDK uploads it before creating the snapshot"
-            ) from error
-        message = f"downloading build context {context_hash} (s3://{bucket}/{key}): {error}"
-        raise ContextError(message) from error
+    for attempt in range(MISSING_RETRIES + 1):
+        try:
+            response = client.get_object(bucket, key)
+            break
+        except (S3Error, InvalidResponseError, urllib3.exceptions.HTTPError) as error:
+            if _is_missing(error) and attempt < MISSING_RETRIES:
+                time.sleep(MISSING_RETRY_SECONDS)
+                continue
+            _raise_fetch_error(error, bucket, key, context_hash)
     try:
         return read_context_archive(response, context_hash)
     except urllib3.exceptions.HTTPError as error:  # the connection broke mid-download
@@ -186,12 +198,23 @@ def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: s
         response.release_conn()
 
 
+def _raise_fetch_error(error: Exception, bucket: str, key: str, context_hash: str) -> NoReturn:
+    if _is_missing(error):
+        raise ContextNotFoundError(
+            f"build context {context_hash} not found in object storage (s3://{bucket}/{key}); "
+            "the SDK uploads it before creating the snapshot"
+        ) from error
+    message = f"downloading build context {context_hash} (s3://{bucket}/{key}): {error}"
+    raise ContextError(message) from error
+
+
 def fetch_context_sync(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
-    if not (settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key):
+    has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
+    if not (settings.s3_endpoint and settings.s3_secret_key and has_keys):
         raise ContextError("object storage is not configured (TIDEPOOL_S3_ENDPOINT and keys)")
     if not organization_id:
         raise ContextError("a build with context hashes needs the organization that uploaded them")
-    client = make_client(settings)
+    client = make_client(settings, organization_id)
     merged: dict[str, bytes] = {}
     for context_hash in hashes:
         # A hash becomes part of an object key: refuse anything but a plain name.

@@ -3,12 +3,12 @@
 The SDK (`SnapshotService.process_image_context`) asks for these credentials before uploading each local
 context as `{organizationId}/{hash}/context.tar` to `storageUrl` (path-style, SigV4, https only).
 
-Daytona answers with STS credentials scoped to `{bucket}/{organizationId}/*` for one hour. The embedded
-object storage (`rclone serve s3`) has static keys only, so this returns the configured keys themselves:
-**any caller can read and write the whole bucket, including other organizations' prefixes**. The
-`sessionToken` is an HMAC-signed, expiring token naming the organization; the SDK signs it into every
-request (`x-amz-security-token`) but rclone ignores it, so it is informative only. Per-organization
-scoping needs an S3 server with STS (MinIO `AssumeRole`, AWS STS) behind `TIDEPOOL_S3_ENDPOINT`.
+Daytona answers with STS credentials scoped to `{bucket}/{organizationId}/*` for one hour. With the embedded
+object storage (`s3_scoped_keys`), the key is minted here: it names the organization and expires in an hour,
+and the storage's auth proxy maps it to that organization's own directory (tidepool_contracts.object_keys),
+so a tenant can neither read nor overwrite another's context. With an external S3 given as a static key
+pair, that pair is returned (scoping then needs STS on that server). The `sessionToken` is an HMAC-signed,
+expiring token naming the organization, which the SDK signs into every request.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_contracts.config import Settings
+from tidepool_contracts.object_keys import user_key
 
 log = structlog.get_logger("tidepool.api.object_storage")
 router = APIRouter()
@@ -81,7 +82,8 @@ def verify_session_token(secret_key: str, token: str, now: float | None = None) 
 
 
 def object_storage_configured(settings: Settings) -> bool:
-    return bool(settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key)
+    has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
+    return bool(settings.s3_endpoint and settings.s3_secret_key and has_keys)
 
 
 @router.get("/object-storage/push-access")
@@ -96,10 +98,16 @@ async def push_access(context: Context, caller: Caller) -> JsonResponse:
         )
     if not settings.s3_endpoint.startswith("https://"):
         log.warning("object_storage.plain_http", endpoint=settings.s3_endpoint, hint="the SDK requires https")
+    if settings.s3_scoped_keys:
+        access_key, secret, _ = user_key(
+            settings.s3_secret_key, caller.organization_id, SESSION_TOKEN_SECONDS
+        )
+    else:
+        access_key, secret = settings.s3_access_key, settings.s3_secret_key
     return JsonResponse(
         {
-            "accessKey": settings.s3_access_key,
-            "secret": settings.s3_secret_key,
+            "accessKey": access_key,
+            "secret": secret,
             "sessionToken": issue_session_token(settings.s3_secret_key, caller.organization_id),
             "storageUrl": settings.s3_endpoint.rstrip("/"),
             "organizationId": caller.organization_id,
