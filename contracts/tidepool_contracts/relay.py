@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from datetime import UTC, datetime
+from http import HTTPStatus
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -236,3 +238,28 @@ def _sendable_close(code: int | None, reason: str | None) -> tuple[int, bytes]:
     elif code == ABNORMAL_CLOSE_CODE:
         code = INTERNAL_ERROR_CLOSE_CODE
     return code, (reason or "").encode()
+
+
+ERROR_SOURCE = "DAYTONA_PROXY"
+
+
+def error_response(request: web.Request, status: int, message: str) -> web.Response:
+    """The toolbox error envelope for failures of the relay itself (not of the daemon)."""
+    return web.json_response(
+        {
+            "statusCode": status,
+            "message": message,
+            "error": _reason_phrase(status),
+            "source": ERROR_SOURCE,
+            "path": request.path,
+            "timestamp": datetime.now(UTC).isoformat(),
+        },
+        status=status,
+    )
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

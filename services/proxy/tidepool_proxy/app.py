@@ -11,8 +11,6 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from http import HTTPStatus
 
 import aiohttp
 import structlog
@@ -26,6 +24,7 @@ from tidepool_contracts.relay import (
     SESSION_SKIP_AUTO_HEADERS,
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
+    error_response,
     is_websocket_upgrade,
     relay_http,
     relay_websocket,
@@ -43,7 +42,6 @@ from tidepool_proxy.kv_cache import KvCache
 
 log = structlog.get_logger("tidepool.proxy")
 
-ERROR_SOURCE = "DAYTONA_PROXY"
 # Also what the KV accepts as a key; anything else cannot name a sandbox.
 SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # The user's credentials end here; the runner gets the runner token instead.
@@ -66,27 +64,6 @@ class ProxyState:
 
 
 STATE_KEY = web.AppKey("proxy_state", ProxyState)
-
-
-def error_response(request: web.Request, status: int, message: str) -> web.Response:
-    return web.json_response(
-        {
-            "statusCode": status,
-            "message": message,
-            "error": _reason_phrase(status),
-            "source": ERROR_SOURCE,
-            "path": request.path,
-            "timestamp": datetime.now(UTC).isoformat(),
-        },
-        status=status,
-    )
-
-
-def _reason_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 def runner_url(request: web.Request, route: SandboxRoute) -> URL:

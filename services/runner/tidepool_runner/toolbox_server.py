@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import hmac
 import re
-from datetime import UTC, datetime
-from http import HTTPStatus
 
 from aiohttp import web
 from yarl import URL
@@ -16,6 +14,7 @@ from yarl import URL
 from tidepool_contracts.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
+    error_response,
     is_websocket_upgrade,
     relay_http,
     relay_websocket,
@@ -23,7 +22,6 @@ from tidepool_contracts.relay import (
 )
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 
-ERROR_SOURCE = "DAYTONA_PROXY"
 # Sandbox ids become a directory name on the host: letters, digits, `-`, `_`, `.` and never `..`.
 SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Credentials meant for the proxy/runner hop; the daemon never sees them.
@@ -33,27 +31,6 @@ MAX_HEADER_FIELD_SIZE = 64 * 1024
 
 DAEMONS_KEY = web.AppKey("daemons", DaemonConnections)
 RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
-
-
-def error_response(request: web.Request, status: int, message: str) -> web.Response:
-    return web.json_response(
-        {
-            "statusCode": status,
-            "message": message,
-            "error": _reason_phrase(status),
-            "source": ERROR_SOURCE,
-            "path": request.path,
-            "timestamp": datetime.now(UTC).isoformat(),
-        },
-        status=status,
-    )
-
-
-def _reason_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
 
 
 def _has_runner_token(request: web.Request, runner_token: str) -> bool:
