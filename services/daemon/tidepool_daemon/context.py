@@ -7,7 +7,7 @@ import pwd
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import INVALID_FILE_PATH, DaemonError
+from .errors import INVALID_FILE_PATH, DaemonError, bad_request
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class DaemonContext:
             base_env=dict(os.environ),
             entrypoint=tuple(entrypoint),
         )
+
+    def resolve_cwd(self, raw_cwd: object) -> str:
+        """A request's `cwd`: the work dir when absent, else an existing directory (400 otherwise)."""
+        if raw_cwd is None or raw_cwd == "":
+            return self.work_dir
+        if not isinstance(raw_cwd, str):
+            raise bad_request("cwd must be a string")
+        cwd = self.resolve_path(raw_cwd)
+        if not os.path.isdir(cwd):
+            raise bad_request(f"cwd does not exist or is not a directory: {raw_cwd}")
+        return cwd
 
     def resolve_path(self, raw_path: str, *, allow_empty: bool = True) -> str:
         """Absolute, normalised path for `raw_path`; relative paths resolve against the work dir."""

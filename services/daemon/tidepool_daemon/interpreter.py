@@ -215,7 +215,7 @@ class InterpreterService:
 
     def create_context(self, request: Request) -> Response:
         payload = _optional_json_object(request)
-        cwd = self._resolve_cwd(payload.get("cwd"))
+        cwd = self._context.resolve_cwd(payload.get("cwd"))
         language = _parse_language(payload.get("language"))
         interpreter_context = InterpreterContext(
             id=str(uuid.uuid4()),
@@ -337,16 +337,6 @@ class InterpreterService:
             _Execution(interpreter_context, worker, code, envs, deadline, emit).run()
         finally:
             interpreter_context.lock.release()
-
-    def _resolve_cwd(self, raw_cwd: object) -> str:
-        if raw_cwd is None or raw_cwd == "":
-            return self._context.work_dir
-        if not isinstance(raw_cwd, str):
-            raise bad_request("cwd must be a string")
-        cwd = self._context.resolve_path(raw_cwd)
-        if not os.path.isdir(cwd):
-            raise bad_request(f"cwd does not exist or is not a directory: {raw_cwd}")
-        return cwd
 
 
 class _Execution:

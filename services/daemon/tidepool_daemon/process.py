@@ -68,7 +68,7 @@ class ProcessService:
         command = payload.get("command")
         if not isinstance(command, str) or not command.strip():
             raise bad_request("command is required")
-        cwd = self._resolve_cwd(payload.get("cwd"))
+        cwd = self._context.resolve_cwd(payload.get("cwd"))
         env = self._build_env(payload.get("envs"))
         timeout_seconds = _parse_timeout(payload.get("timeout"))
 
@@ -85,16 +85,6 @@ class ProcessService:
         if outcome.output_truncated:
             response["outputTruncated"] = True
         return json_response(200, response)
-
-    def _resolve_cwd(self, raw_cwd: object) -> str:
-        if raw_cwd is None or raw_cwd == "":
-            return self._context.work_dir
-        if not isinstance(raw_cwd, str):
-            raise bad_request("cwd must be a string")
-        cwd = self._context.resolve_path(raw_cwd)
-        if not os.path.isdir(cwd):
-            raise bad_request(f"cwd does not exist or is not a directory: {raw_cwd}")
-        return cwd
 
     def _build_env(self, raw_envs: object) -> dict[str, str]:
         env = effective_environment(self._context)  # the container env plus `POST /env` changes

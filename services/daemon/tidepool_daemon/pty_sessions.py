@@ -375,7 +375,7 @@ class PtyService:
             session_id = str(uuid.uuid4())
         if not isinstance(session_id, str) or len(session_id) > MAX_ID_LENGTH or "/" in session_id:
             raise bad_request("id must be a string of at most 256 characters without '/'")
-        resolved_cwd = self._resolve_cwd(cwd)
+        resolved_cwd = self._context.resolve_cwd(cwd)
         env = effective_environment(self._context)
         env.setdefault("TERM", "xterm-256color")
         env.update(envs)
@@ -391,16 +391,6 @@ class PtyService:
                 self._forget(session)
                 raise
         return session
-
-    def _resolve_cwd(self, raw_cwd: object) -> str:
-        if raw_cwd is None or raw_cwd == "":
-            return self._context.work_dir
-        if not isinstance(raw_cwd, str):
-            raise bad_request("cwd must be a string")
-        cwd = self._context.resolve_path(raw_cwd)
-        if not os.path.isdir(cwd):
-            raise bad_request(f"cwd does not exist or is not a directory: {raw_cwd}")
-        return cwd
 
     # GET /process/pty/create-connect
     def create_connect(self, request: Request) -> Response:
