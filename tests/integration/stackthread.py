@@ -82,36 +82,30 @@ class StackThread:
         return self.stack.env["TIDEPOOL_DOCKER_HOST"]
 
 
-def fresh_postgres_database(base_url: str) -> tuple[str, str]:
-    """Create an empty database next to the one in `base_url`; returns (url, name)."""
+def run_on_postgres_server(base_url: str, statement: str) -> None:
+    """Run one statement on the server of `base_url`, from its `postgres` maintenance database."""
     import asyncpg
 
-    name = f"tidepool_it_{secrets.token_hex(4)}"
     parts = urlsplit(base_url)
     admin_dsn = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
 
-    async def create() -> None:
+    async def run() -> None:
         connection = await asyncpg.connect(admin_dsn)
         try:
-            await connection.execute(f'CREATE DATABASE "{name}"')
+            await connection.execute(statement)
         finally:
             await connection.close()
 
-    asyncio.run(create())
+    asyncio.run(run())
+
+
+def fresh_postgres_database(base_url: str) -> tuple[str, str]:
+    """Create an empty database next to the one in `base_url`; returns (url, name)."""
+    name = f"tidepool_it_{secrets.token_hex(4)}"
+    run_on_postgres_server(base_url, f'CREATE DATABASE "{name}"')
+    parts = urlsplit(base_url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", "")), name
 
 
 def drop_postgres_database(base_url: str, name: str) -> None:
-    import asyncpg
-
-    parts = urlsplit(base_url)
-    admin_dsn = urlunsplit(("postgresql", parts.netloc, "/postgres", "", ""))
-
-    async def drop() -> None:
-        connection = await asyncpg.connect(admin_dsn)
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await connection.close()
-
-    asyncio.run(drop())
+    run_on_postgres_server(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -11,14 +11,13 @@ The overrides live for the daemon process's lifetime; a sandbox restart starts f
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import bad_request
-from .http_io import MAX_JSON_BODY_BYTES, Request, Response, json_response
+from .http_io import Request, Response, json_response
 
 
 class HasBaseEnv(Protocol):
@@ -119,23 +118,9 @@ def _validate_name(name: Any, field: str) -> str:
     return name
 
 
-def _optional_json_object(request: Request) -> dict[str, Any]:
-    """The SDK sends these bodies without a Content-Type; an empty body counts as `{}`."""
-    raw = request.body.read_all(MAX_JSON_BODY_BYTES)
-    if not raw.strip():
-        return {}
-    try:
-        payload = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object")
-    return payload
-
-
 class EnvironmentService:
     def update_env(self, request: Request) -> Response:
-        payload = _optional_json_object(request)
+        payload = request.json_object_body(optional=True)
         raw_set = payload.get("set")
         raw_unset = payload.get("unset")
         prefix = payload.get("unsetValuePrefix")
@@ -158,7 +143,7 @@ class EnvironmentService:
         return json_response(200, update_environment(set_vars, unset, prefix))
 
     def initialize(self, request: Request) -> Response:
-        payload = _optional_json_object(request)
+        payload = request.json_object_body(optional=True)
         token = payload.get("token")
         if token is not None and not isinstance(token, str):
             raise bad_request("'token' must be a string")

@@ -185,17 +185,21 @@ class Request:
             raise bad_request(f"query parameter '{name}' is required")
         return value
 
-    def json_body(self) -> Any:
+    def json_body(self, *, empty: Any = None) -> Any:
+        """The parsed JSON body; an empty body is `empty` when given, else a 400."""
         raw = self.body.read_all(MAX_JSON_BODY_BYTES)
         if not raw.strip():
+            if empty is not None:
+                return empty
             raise bad_request("request body is required")
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise bad_request(f"invalid JSON body: {exc}") from None
 
-    def json_object_body(self) -> dict[str, Any]:
-        payload = self.json_body()
+    def json_object_body(self, *, optional: bool = False) -> dict[str, Any]:
+        """A JSON object body. `optional`: an empty body counts as `{}` (some SDK calls send none)."""
+        payload = self.json_body(empty={} if optional else None)
         if not isinstance(payload, dict):
             raise bad_request("request body must be a JSON object")
         return payload

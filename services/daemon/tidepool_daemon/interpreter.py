@@ -214,7 +214,7 @@ class InterpreterService:
     # -- HTTP endpoints ---------------------------------------------------------------------------
 
     def create_context(self, request: Request) -> Response:
-        payload = _optional_json_object(request)
+        payload = request.json_object_body(optional=True)
         cwd = self._context.resolve_cwd(payload.get("cwd"))
         language = _parse_language(payload.get("language"))
         interpreter_context = InterpreterContext(
@@ -507,19 +507,6 @@ def _receive_until_closed(ws: WebSocket) -> None:
 
 def _error_event(name: str, value: str, traceback: str = "") -> dict[str, Any]:
     return {"type": "error", "name": name, "value": value, "traceback": traceback}
-
-
-def _optional_json_object(request: Request) -> dict[str, Any]:
-    raw = request.body.read_all(1024 * 1024)
-    if not raw.strip():
-        return {}
-    try:
-        payload = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    if not isinstance(payload, dict):
-        raise bad_request("request body must be a JSON object")
-    return payload
 
 
 def _parse_language(raw: object) -> str:
