@@ -72,5 +72,22 @@ ensure_myhostname_in_nsswitch() {
   log "added myhostname to the hosts line of ${NSSWITCH_FILE}"
 }
 
+# Podman's `--userns=auto` gives each sandbox its own slice of this range (65536 ids each: 16384
+# sandboxes), far above any uid the host uses, so a sandbox's root is nobody on the host (issue #7).
+SUBID_OWNER=containers
+SUBID_START=268435456
+SUBID_COUNT=1073741824
+ensure_subordinate_ids() {
+  local file
+  for file in /etc/subuid /etc/subgid; do
+    touch "${file}"
+    if ! grep -q "^${SUBID_OWNER}:" "${file}"; then
+      echo "${SUBID_OWNER}:${SUBID_START}:${SUBID_COUNT}" >>"${file}"
+      log "added ${SUBID_OWNER}:${SUBID_START}:${SUBID_COUNT} to ${file}"
+    fi
+  done
+}
+
 install_missing_packages
 ensure_myhostname_in_nsswitch
+ensure_subordinate_ids

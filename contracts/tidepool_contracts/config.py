@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     ca_bundle: str = ""
     container_nofile: int = 20000
     container_nproc: int = 4096
+    # Every sandbox runs in its own user namespace (Podman's `--userns=auto`): its root is an unprivileged
+    # host uid range of this size, distinct per sandbox, taken from the `containers` entry of
+    # /etc/subuid and /etc/subgid (set up by scripts/setup-host.sh).
+    sandbox_userns: str = "auto:size=65536"
     # Container network for sandboxes ("" = the engine's default bridge).
     sandbox_network: str = ""
 
@@ -110,8 +114,18 @@ class Settings(BaseSettings):
         return f"unix://{self.data_dir / 'podman.sock'}"
 
     @property
+    def runtime_dir(self) -> Path:
+        """The runner's private tmpfs: what it shares with sandboxes (daemon, CA bundle, socket folders)."""
+        return self.data_dir / "run"
+
+    @property
     def sockets_dir(self) -> Path:
-        return self.data_dir / "sockets"
+        return self.runtime_dir / "sockets"
+
+    @property
+    def disks_dir(self) -> Path:
+        """Each sandbox's disk: a sparse ext4 image holding its writable layer."""
+        return self.data_dir / "disks"
 
 
 def load_settings() -> Settings:

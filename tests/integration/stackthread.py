@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import subprocess
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from tidepool_stack.supervisor import Stack, StackConfig, free_port
+from tidepool_stack.supervisor import CONTAINERS_CONF, Stack, StackConfig, free_port
 
 T = TypeVar("T")
 
@@ -58,6 +59,7 @@ class StackThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
             self._log.close()
+            release_sandboxes(self.data_dir)
 
     def kill(self, service: str) -> None:
         self.run(self.stack.kill_service(service), timeout=30)
@@ -80,6 +82,34 @@ class StackThread:
     @property
     def docker_host(self) -> str:
         return self.stack.env["TIDEPOOL_DOCKER_HOST"]
+
+
+def release_sandboxes(data_dir: Path) -> None:
+    """What a test stack leaves on the host once its services are gone: the sandbox containers it made
+    (one per disk under `disks/`), their disks' mounts and loop devices, and the runner's tmpfs. A real
+    platform keeps all of these across restarts; a test's temporary data dir must not."""
+    disks = sorted((data_dir / "disks").glob("*.img"))
+    devices: set[str] = set()
+    for image in disks:
+        attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
+        for line in attached.splitlines():
+            rdev = os.stat(line.split(":", 1)[0]).st_rdev
+            devices.add(f"{os.major(rdev)}:{os.minor(rdev)}")
+    targets = [
+        fields[4]
+        for fields in (line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines())
+        if fields[2] in devices
+    ]
+    if os.path.ismount(data_dir / "run"):
+        targets.append(str(data_dir / "run"))
+    for target in sorted(targets, key=len, reverse=True):  # nested mounts first
+        subprocess.run(["umount", "--lazy", target], capture_output=True)
+    names = [f"tidepool-{image.stem}" for image in disks]
+    if names:
+        env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}  # runc: crun fails on this host
+        subprocess.run(["podman", "rm", "--force", "--ignore", *names], capture_output=True, env=env)
+    for image in disks:
+        image.unlink(missing_ok=True)
 
 
 def run_on_postgres_server(base_url: str, statement: str) -> None:

@@ -7,7 +7,6 @@ Containers are named `tidepool-<sandbox id>` and removed at the end even when a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import shutil
@@ -28,6 +27,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from tests.integration.stackthread import release_sandboxes
 from tidepool_contracts.bus import Bus, connect, kv_delete, kv_get, kv_put, publish
 from tidepool_contracts.config import REPO_ROOT, Settings
 from tidepool_contracts.models import (
@@ -254,10 +254,8 @@ async def harness(work_dir: Path, nats_url: str, podman_socket: str) -> AsyncIte
         yield harness
     finally:
         await harness.runner.stop()
-        for sandbox_id in harness.sandbox_ids:
-            with contextlib.suppress(aiodocker.DockerError):
-                await docker.containers.container(f"tidepool-{sandbox_id}").delete(force=True, v=True)
         await http.close()
+        release_sandboxes(settings.data_dir)
         await docker.close()
         await bus.close()
 
@@ -287,8 +285,9 @@ async def test_lifecycle_create_stop_start_destroy(harness: Harness) -> None:
     assert container["Config"]["Labels"]["tidepool.organization"] == "org-integration"
     assert container["Config"]["Entrypoint"][-2:] == ["--user", "daytona"]
     binds = host["Binds"]
-    assert any(bind.startswith(f"{harness.settings.daemon_dir}:/opt/tidepool/daemon:ro") for bind in binds)
-    assert any(bind.endswith(":/run/tidepool") or ":/run/tidepool:" in bind for bind in binds)
+    runtime = harness.settings.runtime_dir
+    assert any(bind.startswith(f"{runtime}/daemon:/opt/tidepool/daemon:ro") for bind in binds)
+    assert any(bind.startswith(f"{runtime}/sockets/{sandbox_id}:/run/tidepool:") for bind in binds)
 
     # Toolbox traffic through the runner's HTTP relay to the daemon's unix socket.
     async with harness.http.get(harness.toolbox_url(sandbox_id, "/version")) as response:

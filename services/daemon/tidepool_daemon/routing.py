@@ -32,6 +32,16 @@ class Router:
             self._routes[template] = route
         route.handlers[method.upper()] = handler
 
+    def extend(self, other: Router) -> None:
+        """Take every route of `other`, keeping its order (the first match wins)."""
+        for template, route in other._routes.items():
+            for method, handler in route.handlers.items():
+                self.add(method, template, handler)
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every (method, template) pair, in matching order: the toolbox API's route table."""
+        return [(method, template) for template, route in self._routes.items() for method in route.handlers]
+
     def resolve(self, method: str, raw_path: str) -> tuple[RouteHandler, dict[str, str]]:
         """Find the handler for `raw_path` (still percent-encoded); 404/405 as DaemonError otherwise."""
         path = raw_path.rstrip("/") or "/"

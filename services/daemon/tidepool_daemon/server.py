@@ -62,7 +62,9 @@ from .websocket import (
 
 logger = logging.getLogger("tidepool_daemon")
 
-SOCKET_MODE = 0o666  # the runner on the host connects as a different uid than the sandbox user
+# Owner-only: the socket is bound while the daemon is still the sandbox's root, so only that uid and the
+# host's root (the runner) may connect; the sandbox user's processes never reach the toolbox channel.
+SOCKET_MODE = 0o600
 
 
 def build_router(context: DaemonContext) -> Router:
@@ -420,16 +422,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    become_user(args.user)
-    entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
-    context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
-    router = build_router(context)
-
+    # Listeners first, while still root: the socket then belongs to the sandbox's root, not to the user
+    # whose processes the toolbox runs (issue #7: the sandbox user must not be able to replace it).
+    router = Router()
     servers: list[socketserver.BaseServer] = []
     if args.socket:
         servers.append(UnixToolboxServer(args.socket, router))
     if args.tcp:
         servers.append(TcpToolboxServer(args.tcp, router))
+    become_user(args.user)
+    entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
+    context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
+    # Filled in place: the servers already hold this router object.
+    router.extend(build_router(context))
     # PID 1 ignores SIGTERM unless a handler is installed, so always install one.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)

@@ -32,6 +32,7 @@ from tidepool_contracts.relay import (
 )
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_SIGNING_KEYS
+from tidepool_contracts.toolbox_routes import toolbox_route_status
 from tidepool_proxy.auth import (
     AuthenticationError,
     SigningKeys,
@@ -66,16 +67,19 @@ class ProxyState:
 STATE_KEY = web.AppKey("proxy_state", ProxyState)
 
 
-def runner_url(request: web.Request, route: SandboxRoute) -> URL:
-    """The runner's toolbox URL for this request; raw escaping of path and query passes through untouched."""
-    prefix = f"/toolbox/{route.sandbox_id}"
+def toolbox_path(request: web.Request, sandbox_id: str) -> str:
+    """The raw (percent-encoded) toolbox path of this request, after `/toolbox/{sandboxId}`."""
+    prefix = f"/toolbox/{sandbox_id}"
     raw_path = request.rel_url.raw_path
-    path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
+    return (raw_path[len(prefix) :] if raw_path.startswith(prefix) else "") or "/"
+
+
+def runner_url(request: web.Request, route: SandboxRoute, path: str) -> URL:
+    """The runner's toolbox URL for this request; raw escaping of path and query passes through untouched."""
     query = request.rel_url.raw_query_string
     base = route.runner_url.rstrip("/")
     return URL(
-        f"{base}/sandboxes/{route.sandbox_id}/toolbox{path or '/'}{'?' + query if query else ''}",
-        encoded=True,
+        f"{base}/sandboxes/{route.sandbox_id}/toolbox{path}{'?' + query if query else ''}", encoded=True
     )
 
 
@@ -100,6 +104,11 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     # Another tenant's sandbox is indistinguishable from a missing one.
     if route is None or not access.allows(sandbox_id, route.organization_id):
         return error_response(request, 404, not_found)
+    # Only the toolbox API's own routes are forwarded: nothing else of the runner or the daemon is reachable.
+    path = toolbox_path(request, sandbox_id)
+    refused = toolbox_route_status(request.method, path)
+    if refused is not None:
+        return error_response(request, refused, f"the toolbox API has no route {request.method} {path}")
     if route.state != SandboxState.STARTED:
         return error_response(request, 409, f"sandbox is not running (state: {route.state})")
 
@@ -108,7 +117,7 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
         drop=CREDENTIAL_HEADERS,
         extra={"Authorization": f"Bearer {state.settings.runner_token}", "X-Forwarded-Host": request.host},
     )
-    url = runner_url(request, route)
+    url = runner_url(request, route, path)
     try:
         if is_websocket_upgrade(request):
             return await relay_websocket(request, state.runners, url, headers)

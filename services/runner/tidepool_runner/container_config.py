@@ -1,9 +1,17 @@
 """The Docker Engine API body that turns a SandboxSpec into a container (pure: no I/O, unit-tested).
 
-Not enforced here: the disk quota (`spec.disk_gib`). Docker/Podman can only cap a container's writable
-layer with `StorageOpt size`, which needs overlay on xfs with project quotas (`pquota`); this host's
-overlay lives on ext4, where the engine rejects the option outright. The size is kept as a label so
-capacity accounting still sees it.
+Isolation (issue #7), in layers, each assuming the one above it failed:
+- a private user namespace per sandbox (`UsernsMode`): its root, which `sudo` reaches, is an unprivileged
+  host uid range of its own, so limits keyed by uid (processes, files) and file ownership are per sandbox;
+- the smallest capability set that keeps `sudo apt-get install` working (no MKNOD, NET_RAW,
+  NET_BIND_SERVICE: ports below 1024 are opened by the `ip_unprivileged_port_start` sysctl instead);
+- the engine's default seccomp profile (never `unconfined`) and its default AppArmor/SELinux profile
+  where the host has such an LSM;
+- every host path shared with the sandbox comes from the runner's private tmpfs (`runtime_dir`), so
+  `/proc/self/mountinfo` shows `/daemon` or `/sockets/<id>`, not where the platform lives on the host;
+- the writable layer lives on the sandbox's own filesystem of `disk_gib` (see disks.py), attached by the
+  runner between create and start; the engine's log of the container is capped.
+What is left is the kernel: see the README's "Isolation" section for adding gVisor or Kata as runtime.
 """
 
 from __future__ import annotations
@@ -47,6 +55,24 @@ CA_BUNDLE_ENV_VARS = (
 )
 
 PIDS_LIMIT = 4096
+# Docker's default set minus MKNOD, NET_RAW, NET_BIND_SERVICE and SETPCAP: enough for package managers
+# (ownership, setuid helpers such as apt's _apt user and sudo, file capabilities set by dpkg).
+SANDBOX_CAPABILITIES = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "AUDIT_WRITE",
+    "SYS_CHROOT",
+)
+# Lets the sandbox user serve on port 80 without sudo, as in Daytona, with no capability for it.
+SANDBOX_SYSCTLS = {"net.ipv4.ip_unprivileged_port_start": "0"}
+# The engine keeps the daemon's stdout/stderr on the host's disk: cap it (the sandbox's own disk is not).
+CONTAINER_LOG_MAX_SIZE = "10m"
 HOSTNAME_MAX_LENGTH = 63
 GIB = 1024**3
 
@@ -61,10 +87,6 @@ def sandbox_socket_dir(settings: Settings, sandbox_id: str) -> Path:
 
 def toolbox_socket_path(settings: Settings, sandbox_id: str) -> Path:
     return sandbox_socket_dir(settings, sandbox_id) / TOOLBOX_SOCKET_NAME
-
-
-def home_dir(os_user: str) -> str:
-    return "/root" if os_user == "root" else f"/home/{os_user}"
 
 
 def container_env(spec: SandboxSpec, settings: Settings) -> list[str]:
@@ -92,13 +114,23 @@ def container_labels(spec: SandboxSpec, runner_id: str) -> dict[str, str]:
     }
 
 
+def staged_daemon_dir(settings: Settings) -> Path:
+    """The runner's read-only copy of the daemon on its tmpfs (see staging.py)."""
+    return settings.runtime_dir / "daemon"
+
+
+def staged_ca_bundle(settings: Settings) -> Path:
+    return settings.runtime_dir / "ca-bundle.crt"
+
+
 def container_binds(spec: SandboxSpec, settings: Settings) -> list[str]:
     binds = [
-        f"{settings.daemon_dir}:{DAEMON_MOUNT_PATH}:ro",
-        f"{sandbox_socket_dir(settings, spec.sandbox_id)}:{SOCKET_MOUNT_DIR}",
+        f"{staged_daemon_dir(settings)}:{DAEMON_MOUNT_PATH}:ro",
+        # nosuid, nodev, noexec: the toolbox channel is a socket, nothing in it is ever run.
+        f"{sandbox_socket_dir(settings, spec.sandbox_id)}:{SOCKET_MOUNT_DIR}:rw,nosuid,nodev,noexec",
     ]
     if settings.ca_bundle:
-        binds.append(f"{settings.ca_bundle}:{CONTAINER_CA_BUNDLE_PATH}:ro")
+        binds.append(f"{staged_ca_bundle(settings)}:{CONTAINER_CA_BUNDLE_PATH}:ro")
     return binds
 
 
@@ -128,7 +160,8 @@ def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str
         "Hostname": spec.sandbox_id[:HOSTNAME_MAX_LENGTH],
         "Env": container_env(spec, settings),
         "Labels": container_labels(spec, runner_id),
-        "WorkingDir": home_dir(spec.os_user),
+        # No WorkingDir: the engine would create a missing one as the host's root, which a user namespace
+        # shows as `nobody`; the daemon makes the user's home itself and works from there.
         "Entrypoint": daemon_entrypoint(spec),
         # An image Cmd would otherwise be appended to the daemon's argv.
         "Cmd": None,
@@ -149,6 +182,11 @@ def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str
             # A tiny init (catatonit) as PID 1 reaps the zombies left by user processes.
             "Init": True,
             "Privileged": False,
+            "UsernsMode": settings.sandbox_userns,
+            "CapDrop": ["ALL"],
+            "CapAdd": list(SANDBOX_CAPABILITIES),
+            "Sysctls": dict(SANDBOX_SYSCTLS),
+            "LogConfig": {"Type": "k8s-file", "Config": {"max-size": CONTAINER_LOG_MAX_SIZE}},
             "Binds": container_binds(spec, settings),
             "NetworkMode": network_mode(spec, settings),
             "PublishAllPorts": False,

@@ -1,37 +1,153 @@
-"""One pooled HTTP session per sandbox to its daemon's unix socket, plus the daemon readiness probe."""
+"""One pooled HTTP session per sandbox to its daemon's unix socket, plus the daemon readiness probe.
+
+The socket lives in a folder the sandbox can write to (as its own root), so the runner, which is the host's
+root, must never trust the path (issue #7): a symlink or a swapped file there could point it at the host's
+container engine or another sandbox. Every new connection therefore
+
+- opens the socket folder and then the socket itself with `O_PATH | O_NOFOLLOW` (no link is followed,
+  not even a `..` trick in the last component), checks that it is a socket, and connects through the
+  `/proc/self/fd/N` handle of that very inode, so the checked file is the one connected to;
+- checks the peer's credentials (`SO_PEERCRED`): the listening process must run as the uid that owns the
+  socket folder, which the runner set to the sandbox's own root (a uid of its private user namespace
+  range) and which is never the host's root.
+
+A connection that fails either check is refused before a byte is sent, so it never enters the pool.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
+from aiohttp.client_exceptions import UnixClientConnectorError
+from aiohttp.helpers import ceil_timeout
 
 from tidepool_contracts.relay import SESSION_SKIP_AUTO_HEADERS
 
+if TYPE_CHECKING:
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.client_reqrep import ClientRequest
+    from aiohttp.tracing import Trace
+
 # The host part of URLs sent over a unix socket; only the Host header sees it.
 DAEMON_BASE_URL = "http://daemon"
+TOOLBOX_SOCKET_NAME = "toolbox.sock"
 PROBE_REQUEST_TIMEOUT = 1.0
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class UntrustedDaemonSocketError(OSError):
+    """The toolbox socket is not the sandbox daemon's own (a link, not a socket, or a foreign peer)."""
+
+
+async def connect_daemon_socket(socket_dir: Path, name: str = TOOLBOX_SOCKET_NAME) -> socket.socket:
+    """A connected, non-blocking unix socket to `socket_dir/name`, verified as described in the module doc.
+
+    Raises UntrustedDaemonSocketError when a check fails, or the OSError of the open/connect (e.g.
+    FileNotFoundError, ConnectionRefusedError) while the daemon is not listening yet.
+    """
+    socket_fd, owner = _open_socket_inode(socket_dir, name)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            # Connecting through the O_PATH handle reaches exactly the inode checked above.
+            await _connect_nonblocking(sock, f"/proc/self/fd/{socket_fd}")
+            _pid, peer_uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+            if peer_uid != owner:
+                raise UntrustedDaemonSocketError(
+                    f"the process behind {socket_dir}/{name} runs as uid {peer_uid}, not as {owner}"
+                )
+        except BaseException:
+            sock.close()
+            raise
+    finally:
+        os.close(socket_fd)
+    return sock
+
+
+def _open_socket_inode(socket_dir: Path, name: str) -> tuple[int, int]:
+    """An O_PATH handle on the socket (never through a link) and the uid owning its folder."""
+    dir_fd = os.open(socket_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        owner = os.fstat(dir_fd).st_uid
+        if owner == 0:
+            raise UntrustedDaemonSocketError(f"{socket_dir} belongs to the host's root, not to a sandbox")
+        try:
+            socket_fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UntrustedDaemonSocketError(f"{socket_dir}/{name} is a symbolic link") from None
+            raise
+    finally:
+        os.close(dir_fd)
+    if not stat.S_ISSOCK(os.fstat(socket_fd).st_mode):
+        os.close(socket_fd)
+        raise UntrustedDaemonSocketError(f"{socket_dir}/{name} is not a socket")
+    return socket_fd, owner
+
+
+async def _connect_nonblocking(sock: socket.socket, path: str) -> None:
+    """A unix connect never waits for the peer, but fails with EAGAIN while its accept backlog is full:
+    retry then, instead of blocking the event loop (the caller's connect timeout bounds the wait)."""
+    delay = 0.001
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+class DaemonSocketConnector(aiohttp.UnixConnector):
+    """aiohttp's unix connector, but every new connection goes through `connect_daemon_socket`."""
+
+    def __init__(self, socket_dir: Path, **kwargs: object) -> None:
+        super().__init__(path=str(socket_dir / TOOLBOX_SOCKET_NAME), **kwargs)  # type: ignore[arg-type]
+        self._socket_dir = socket_dir
+
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        try:
+            async with ceil_timeout(timeout.sock_connect, ceil_threshold=timeout.ceil_threshold):
+                # A unix connect either completes or fails at once (backlog full: EAGAIN), no waiting.
+                sock = await connect_daemon_socket(self._socket_dir)
+                _, proto = await self._loop.create_unix_connection(self._factory, sock=sock)
+        except OSError as error:
+            raise UnixClientConnectorError(self.path, req.connection_key, error) from error
+        return proto
 
 
 class DaemonConnections:
     """Keep-alive pools to the daemons, so a toolbox call costs no connection set-up.
 
     A pool is created on first use and closed when its sandbox stops or is destroyed (a restarted daemon
-    listens on a new socket, so pooled connections to the old one are useless).
+    listens on a new socket, so pooled connections to the old one are useless). Only connections that
+    passed `connect_daemon_socket`'s checks are ever pooled.
     """
 
-    def __init__(self, socket_path_for: Callable[[str], Path]) -> None:
-        self._socket_path_for = socket_path_for
+    def __init__(self, socket_dir_for: Callable[[str], Path]) -> None:
+        self._socket_dir_for = socket_dir_for
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def session(self, sandbox_id: str) -> aiohttp.ClientSession:
         session = self._sessions.get(sandbox_id)
         if session is None or session.closed:
-            connector = aiohttp.UnixConnector(
-                path=str(self._socket_path_for(sandbox_id)), limit=0, keepalive_timeout=30.0
+            connector = DaemonSocketConnector(
+                self._socket_dir_for(sandbox_id), limit=0, keepalive_timeout=30.0
             )
             session = aiohttp.ClientSession(
                 connector=connector,

@@ -48,6 +48,17 @@ class ContainerStatus:
     paused: bool
     status: str
     exit_code: int
+    # The container's writable layer (overlay upper and work dirs), where its disk is attached.
+    upper_dir: str = ""
+    work_dir: str = ""
+
+
+@dataclass(frozen=True)
+class RootIds:
+    """The host uid and gid that the container's root maps to (its user namespace's first ids)."""
+
+    uid: int
+    gid: int
 
 
 class ContainerEngine:
@@ -65,13 +76,34 @@ class ContainerEngine:
                 return None
             raise self._translate(error, "inspect the sandbox container") from error
         state: dict[str, Any] = container["State"]
+        layer: dict[str, Any] = (container._container.get("GraphDriver") or {}).get("Data") or {}
         return ContainerStatus(
             container_id=container.id,
             running=bool(state.get("Running")),
             paused=bool(state.get("Paused")),
             status=str(state.get("Status", "")),
             exit_code=int(state.get("ExitCode") or 0),
+            upper_dir=str(layer.get("UpperDir") or ""),
+            work_dir=str(layer.get("WorkDir") or ""),
         )
+
+    async def root_ids(self, container_id: str) -> RootIds:
+        """Where the container's root maps to on the host. Podman's own inspect has the id mappings (the
+        Docker-compatible one does not); a container without a user namespace is refused, since its root
+        would be the host's root."""
+        try:
+            raw = await self._docker._query_json(
+                f"v4.0.0/libpod/containers/{container_id}/json", versioned_api=False
+            )
+        except DockerError as error:
+            raise self._translate(error, "inspect the sandbox's user namespace") from error
+        mappings: dict[str, Any] = (raw.get("HostConfig") or {}).get("IDMappings") or {}
+        try:
+            uid = _first_host_id(mappings.get("UidMap") or [])
+            gid = _first_host_id(mappings.get("GidMap") or [])
+        except ValueError as error:
+            raise SandboxFailedError(f"the sandbox has no private user namespace: {error}") from None
+        return RootIds(uid=uid, gid=gid)
 
     async def ensure_image(self, image_ref: str) -> None:
         """Use the local image, else pull it once; a failing pull means the image can't be had."""
@@ -175,3 +207,14 @@ class ContainerEngine:
         if is_transient(error):
             return EngineUnavailableError(f"cannot {doing}: {error.message}")
         return SandboxFailedError(f"cannot {doing}: {error.message}")
+
+
+def _first_host_id(mapping: list[str]) -> int:
+    """`["0:268435456:65536", ...]` → 268435456: the host id of id 0 inside; never the host's root."""
+    for entry in mapping:
+        inside, outside, _size = (int(part) for part in entry.split(":"))
+        if inside == 0:
+            if outside == 0:
+                raise ValueError("its root is the host's root")
+            return outside
+    raise ValueError(f"no mapping for root in {mapping}")

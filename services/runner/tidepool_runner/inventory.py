@@ -14,6 +14,7 @@ from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerInfo, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.container_config import CPU_LABEL, MEMORY_LABEL, ORGANIZATION_LABEL, SANDBOX_LABEL
+from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import (
     ContainerEngine,
     ContainerSummary,
@@ -80,8 +81,10 @@ class Inventory:
         engine: ContainerEngine,
         runners: KeyValue,
         routes: KeyValue,
+        disks: SandboxDisks,
     ) -> None:
         self._settings = settings
+        self._disks = disks
         self._runner_id = runner_id
         self._engine = engine
         self._runners = runners
@@ -114,8 +117,13 @@ class Inventory:
 
     async def adopt_containers(self) -> int:
         """Publish a route with the real state of every sandbox container on this engine, so the proxy and the
-        API converge after a runner restart. Returns how many were adopted."""
+        API converge after a runner restart, and delete the disks of sandboxes whose container is gone (a
+        destroy interrupted between removing the container and its disk). Returns how many were adopted."""
         containers = await self._engine.list_sandboxes()
+        hosted = {container.labels.get(SANDBOX_LABEL) for container in containers}
+        for orphan in self._disks.disk_ids() - hosted:
+            log.info("inventory.orphan_disk_removed", sandbox_id=orphan)
+            await asyncio.to_thread(self._disks.remove, orphan)
         for container in containers:
             sandbox_id = container.labels.get(SANDBOX_LABEL)
             if not sandbox_id:

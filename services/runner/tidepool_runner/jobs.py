@@ -29,7 +29,8 @@ from tidepool_runner.container_config import (
     toolbox_socket_path,
 )
 from tidepool_runner.daemon_connections import DaemonConnections
-from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+from tidepool_runner.disks import SandboxDisks
+from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
 
 log = structlog.get_logger("tidepool.runner.jobs")
 
@@ -76,8 +77,10 @@ class JobExecutor:
         routes: KeyValue,
         engine: ContainerEngine,
         daemons: DaemonConnections,
+        disks: SandboxDisks,
     ) -> None:
         self._settings = settings
+        self._disks = disks
         self._runner_id = runner_id
         self._bus = bus
         self._routes = routes
@@ -124,7 +127,6 @@ class JobExecutor:
 
     async def _ensure_running(self, spec: SandboxSpec) -> str:
         name = container_name(spec.sandbox_id)
-        self._prepare_socket_dir(spec.sandbox_id)
         status = await self._engine.inspect(name)
         if status is None:
             await self._engine.ensure_image(spec.image)
@@ -133,20 +135,29 @@ class JobExecutor:
             status = await self._engine.inspect(container_id)
             if status is None:
                 raise EngineUnavailableError("the container vanished right after it was created")
+        root = await self._engine.root_ids(status.container_id)
+        self._prepare_socket_dir(spec.sandbox_id, root)
+        if not status.running:
+            await asyncio.to_thread(
+                self._disks.attach, spec.sandbox_id, spec.disk_gib, status.upper_dir, status.work_dir
+            )
         if status.paused:
             await self._engine.unpause(status.container_id)
         elif not status.running:
             # A stale socket from the previous run would only answer "connection refused"; start clean.
-            toolbox_socket_path(self._settings, spec.sandbox_id).unlink(missing_ok=True)
+            _remove_entry(toolbox_socket_path(self._settings, spec.sandbox_id))
             await self._daemons.close(spec.sandbox_id)
             await self._engine.start(status.container_id)
         return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
 
-    def _prepare_socket_dir(self, sandbox_id: str) -> None:
+    def _prepare_socket_dir(self, sandbox_id: str, root: RootIds) -> None:
+        """The toolbox channel's folder belongs to the sandbox's root (a uid of its own user namespace),
+        0700: the daemon binds its socket there before dropping to the sandbox user, who cannot enter it;
+        the runner connects only to a socket served by that same uid (daemon_connections.py)."""
         socket_dir = sandbox_socket_dir(self._settings, sandbox_id)
-        socket_dir.mkdir(parents=True, exist_ok=True)
-        # World-writable: the daemon runs as the sandbox's (maybe non-root) user and creates its socket here.
-        os.chmod(socket_dir, 0o777)
+        socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(socket_dir, root.uid, root.gid, follow_symlinks=False)
+        os.chmod(socket_dir, 0o700, follow_symlinks=False)
 
     async def _wait_for_daemon(self, sandbox_id: str, container_id: str) -> str:
         loop = asyncio.get_running_loop()
@@ -190,6 +201,8 @@ class JobExecutor:
     async def _destroy(self, job: RunnerJob) -> None:
         await self._daemons.close(job.sandbox_id)
         await self._engine.remove(container_name(job.sandbox_id))
+        # After the container: its writable layer lives on the disk until the engine has let go of it.
+        await asyncio.to_thread(self._disks.remove, job.sandbox_id)
         await asyncio.to_thread(_remove_tree, sandbox_socket_dir(self._settings, job.sandbox_id))
         # Only our own route: if the sandbox has since been placed on another runner, that route is not ours.
         route = await kv_get(self._routes, job.sandbox_id, SandboxRoute)
@@ -239,3 +252,11 @@ class JobExecutor:
 
 def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_entry(path: Path) -> None:
+    """Whatever the sandbox left at `path` (a socket, a link, a folder) goes; links are not followed."""
+    try:
+        path.unlink(missing_ok=True)
+    except IsADirectoryError:
+        shutil.rmtree(path, ignore_errors=True)

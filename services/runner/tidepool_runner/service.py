@@ -14,11 +14,13 @@ from tidepool_contracts.bus import Bus, connect, consume, encode
 from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerJob
 from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
-from tidepool_runner.container_config import toolbox_socket_path
+from tidepool_runner.container_config import sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
+from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 
@@ -26,9 +28,6 @@ log = structlog.get_logger("tidepool.runner")
 
 JOB_ACK_WAIT_SECONDS = 15.0
 JOB_CONCURRENCY = 16
-# sun_path holds 108 bytes including the NUL; daemon sockets live at <data_dir>/sockets/<uuid>/toolbox.sock.
-MAX_UNIX_SOCKET_PATH_BYTES = 107
-UUID_LENGTH = 36
 
 
 class Runner:
@@ -37,7 +36,8 @@ class Runner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runner_id = settings.effective_runner_id
-        self.daemons = DaemonConnections(lambda sandbox_id: toolbox_socket_path(settings, sandbox_id))
+        self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
+        self.disks = SandboxDisks(settings.disks_dir)
         self._bus: Bus | None = None
         self._engine: ContainerEngine | None = None
         self._web: web.AppRunner | None = None
@@ -45,18 +45,18 @@ class Runner:
 
     async def start(self) -> None:
         settings = self.settings
-        settings.sockets_dir.mkdir(parents=True, exist_ok=True)
-        longest_socket_path = toolbox_socket_path(settings, "x" * UUID_LENGTH)
-        if len(str(longest_socket_path).encode()) > MAX_UNIX_SOCKET_PATH_BYTES:
-            log.warning(
-                "runner.socket_path_too_long", example=str(longest_socket_path), hint="shorten data_dir"
-            )
+        await asyncio.to_thread(prepare_runtime_dir, settings)
         self._bus = bus = await connect(settings.nats_url, name=f"tidepool-runner-{self.runner_id}")
         routes = await bus.kv(KV_ROUTES)
         runners = await bus.kv(KV_RUNNERS)
         self._engine = engine = ContainerEngine(aiodocker.Docker(url=settings.effective_docker_host))
         inventory = Inventory(
-            settings=settings, runner_id=self.runner_id, engine=engine, runners=runners, routes=routes
+            settings=settings,
+            runner_id=self.runner_id,
+            engine=engine,
+            runners=runners,
+            routes=routes,
+            disks=self.disks,
         )
         executor = JobExecutor(
             settings=settings,
@@ -65,6 +65,7 @@ class Runner:
             routes=routes,
             engine=engine,
             daemons=self.daemons,
+            disks=self.disks,
         )
 
         self._web = web.AppRunner(build_toolbox_app(self.daemons, settings.runner_token), access_log=None)

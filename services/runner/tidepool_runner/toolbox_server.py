@@ -1,6 +1,8 @@
 """The runner's HTTP face: `ANY /sandboxes/{id}/toolbox/{path}` relayed to that sandbox's daemon socket.
 
 Only the proxy calls it (shared runner token); user credentials were checked there and are stripped here.
+Only the toolbox API's own routes are forwarded (tidepool_contracts.toolbox_routes), over a connection
+verified to reach that sandbox's daemon (daemon_connections.py).
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from tidepool_contracts.relay import (
     relay_websocket,
     upstream_request_headers,
 )
+from tidepool_contracts.toolbox_routes import toolbox_route_status
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 
 # Sandbox ids become a directory name on the host: letters, digits, `-`, `_`, `.` and never `..`.
-SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 # Credentials meant for the proxy/runner hop; the daemon never sees them.
 CREDENTIAL_HEADERS = ("Authorization", "X-Daytona-Authorization")
 
@@ -42,23 +45,31 @@ def _has_runner_token(request: web.Request, runner_token: str) -> bool:
     return False
 
 
-def daemon_url(request: web.Request, sandbox_id: str) -> URL:
-    """The daemon URL for this request, keeping the path's and the query's raw escaping untouched."""
+def toolbox_path(request: web.Request, sandbox_id: str) -> str:
+    """The raw (percent-encoded) toolbox path of this request, after `/sandboxes/{id}/toolbox`."""
     prefix = f"/sandboxes/{sandbox_id}/toolbox"
     raw_path = request.rel_url.raw_path
-    path = raw_path[len(prefix) :] if raw_path.startswith(prefix) else "/"
+    return (raw_path[len(prefix) :] if raw_path.startswith(prefix) else "") or "/"
+
+
+def daemon_url(request: web.Request, path: str) -> URL:
+    """The daemon URL for this request, keeping the path's and the query's raw escaping untouched."""
     query = request.rel_url.raw_query_string
-    return URL(f"{DAEMON_BASE_URL}{path or '/'}{'?' + query if query else ''}", encoded=True)
+    return URL(f"{DAEMON_BASE_URL}{path}{'?' + query if query else ''}", encoded=True)
 
 
 async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
         return error_response(request, 401, "invalid runner token")
     sandbox_id = request.match_info["sandbox_id"]
-    if not SANDBOX_ID_PATTERN.match(sandbox_id) or ".." in sandbox_id:
+    if not SANDBOX_ID_PATTERN.match(sandbox_id):
         return error_response(request, 404, f"sandbox {sandbox_id} not found")
+    path = toolbox_path(request, sandbox_id)
+    refused = toolbox_route_status(request.method, path)
+    if refused is not None:
+        return error_response(request, refused, f"the toolbox API has no route {request.method} {path}")
     session = request.app[DAEMONS_KEY].session(sandbox_id)
-    url = daemon_url(request, sandbox_id)
+    url = daemon_url(request, path)
     headers = upstream_request_headers(request.headers, drop=CREDENTIAL_HEADERS)
     try:
         if is_websocket_upgrade(request):

@@ -96,10 +96,11 @@ def test_malformed_request_line_gets_json_error(daemon_socket: Path) -> None:
     assert json.loads(body)["statusCode"] == 400
 
 
-def test_socket_is_world_connectable(daemon_socket: Path) -> None:
+def test_socket_is_for_its_owner_only(daemon_socket: Path) -> None:
+    # Issue #7: only the sandbox's root (which binds it) and the host's root (the runner) may connect.
     mode = daemon_socket.stat().st_mode
     assert stat.S_ISSOCK(mode)
-    assert stat.S_IMODE(mode) == 0o666
+    assert stat.S_IMODE(mode) == 0o600
 
 
 def test_replaces_stale_socket_and_removes_it_on_sigterm(

@@ -32,7 +32,8 @@ def download_payload() -> bytes:
 
 
 class FakeRunner:
-    """Stands in for a runner's toolbox endpoint and records what reached it."""
+    """Stands in for a runner's toolbox endpoint (on a few of the toolbox API's real routes) and records
+    what reached it."""
 
     def __init__(self) -> None:
         self.download = download_payload()
@@ -55,11 +56,11 @@ class FakeRunner:
                 "headers": dict(request.headers),
             }
         )
-        if path == "ws-echo":
+        if path == "process/pty/pty1/connect":
             return await self.websocket_echo(request)
-        if path == "ws-reject":
+        if path == "process/pty/busy/connect":
             return web.json_response({"message": "pty session exists"}, status=409)
-        if path == "upload":
+        if path == "files/upload-v2" and request.query.get("path") == "10mib.bin":
             digest = hashlib.sha256()
             size = 0
             async for chunk in request.content.iter_any():
@@ -72,7 +73,7 @@ class FakeRunner:
                     "chunked": request.headers.get("Transfer-Encoding"),
                 }
             )
-        if path == "download":
+        if path == "files/download" and request.query.get("path") == "10mib.bin":
             response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
             response.content_length = len(self.download)
             await response.prepare(request)

@@ -129,6 +129,37 @@ async def test_stopped_sandbox_is_409(
         assert body["message"] == "sandbox is not running (state: stopped)"
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/containers/json",
+        "/v4.0.0/libpod/info",
+        "/files/../../containers/json",
+        "/files/%2e%2e/%2e%2e/containers/json",
+        "//version",
+        "/",
+    ],
+)
+async def test_only_toolbox_routes_reach_the_runner(
+    http: aiohttp.ClientSession,
+    proxy_url: str,
+    fake_runner: tuple[FakeRunner, str],
+    sandbox: str,
+    api_key: str,
+    path: str,
+) -> None:
+    """Issue #7: the proxy relays the toolbox API, not whatever path a caller makes up."""
+    runner, _ = fake_runner
+    before = len(runner.requests)
+    url = aiohttp.client.URL(f"{proxy_url}/toolbox/{sandbox}{path}", encoded=True)
+    async with http.get(url, headers=bearer(api_key)) as response:
+        assert response.status == 404
+        assert "no route" in str((await error_body(response))["message"])
+    async with http.put(f"{proxy_url}/toolbox/{sandbox}/version", headers=bearer(api_key)) as response:
+        assert response.status == 405
+    assert len(runner.requests) == before
+
+
 async def test_forwards_method_raw_path_query_and_headers(
     http: aiohttp.ClientSession,
     proxy_url: str,
@@ -137,7 +168,8 @@ async def test_forwards_method_raw_path_query_and_headers(
     api_key: str,
 ) -> None:
     runner, _ = fake_runner
-    url = f"{proxy_url}/toolbox/{sandbox}/files/a%2Fb%20c/info?path=x%2Fy%20z&multi=1&multi=2&star=%2A"
+    query = "path=x%2Fy%20z&multi=1&multi=2&star=%2A"
+    url = f"{proxy_url}/toolbox/{sandbox}/process/session/a%2Fb%20c/exec?{query}"
     headers = {**bearer(api_key), "X-Daytona-Source": "sdk-python", "Connection": "keep-alive, X-Drop-Me"}
     headers["X-Drop-Me"] = "hop-by-hop via Connection"
     # `POST /env` arrives without a Content-Type and must leave the proxy without one too.
@@ -150,7 +182,7 @@ async def test_forwards_method_raw_path_query_and_headers(
         assert response.status == 200
         echoed = await response.json()
     assert echoed["method"] == "POST"
-    assert echoed["raw_path"] == f"/sandboxes/{sandbox}/toolbox/files/a%2Fb%20c/info"
+    assert echoed["raw_path"] == f"/sandboxes/{sandbox}/toolbox/process/session/a%2Fb%20c/exec"
     assert echoed["raw_query"] == "path=x%2Fy%20z&multi=1&multi=2&star=%2A"
     assert echoed["content_type"] is None
     assert echoed["body"] == '{"set":{"A":"1"}}'
@@ -215,7 +247,7 @@ async def test_streams_10_mib_upload_byte_identical(
     http: aiohttp.ClientSession, proxy_url: str, sandbox: str, api_key: str
 ) -> None:
     payload = os.urandom(10 * 1024 * 1024)
-    url = f"{proxy_url}/toolbox/{sandbox}/upload"
+    url = f"{proxy_url}/toolbox/{sandbox}/files/upload-v2?path=10mib.bin"
     async with http.post(url, data=payload, headers=bearer(api_key)) as response:
         assert response.status == 200
         answer = await response.json()
@@ -244,7 +276,9 @@ async def test_streams_10_mib_download_byte_identical(
     api_key: str,
 ) -> None:
     runner, _ = fake_runner
-    async with http.get(f"{proxy_url}/toolbox/{sandbox}/download", headers=bearer(api_key)) as response:
+    async with http.get(
+        f"{proxy_url}/toolbox/{sandbox}/files/download?path=10mib.bin", headers=bearer(api_key)
+    ) as response:
         assert response.status == 200
         assert response.headers["Content-Length"] == str(len(runner.download))
         assert response.headers["Content-Type"] == "application/octet-stream"
@@ -255,7 +289,7 @@ async def test_streams_10_mib_download_byte_identical(
 async def test_websocket_passthrough(
     http: aiohttp.ClientSession, proxy_url: str, sandbox: str, api_key: str
 ) -> None:
-    url = f"{proxy_url}/toolbox/{sandbox}/ws-echo?id=pty1&cols=80&rows=24"
+    url = f"{proxy_url}/toolbox/{sandbox}/process/pty/pty1/connect?cols=80&rows=24"
     async with http.ws_connect(
         url, headers=bearer(api_key), protocols=("X-Daytona-Pty-Exit-Control", "X-Daytona-Pty-Envs~e30")
     ) as ws:
@@ -276,8 +310,10 @@ async def test_websocket_needs_auth_and_keeps_rejection_status(
     http: aiohttp.ClientSession, proxy_url: str, sandbox: str, api_key: str
 ) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as unauthenticated:
-        await http.ws_connect(f"{proxy_url}/toolbox/{sandbox}/ws-echo")
+        await http.ws_connect(f"{proxy_url}/toolbox/{sandbox}/process/pty/pty1/connect")
     assert unauthenticated.value.status == 401
     with pytest.raises(aiohttp.WSServerHandshakeError) as rejected:
-        await http.ws_connect(f"{proxy_url}/toolbox/{sandbox}/ws-reject", headers=bearer(api_key))
+        await http.ws_connect(
+            f"{proxy_url}/toolbox/{sandbox}/process/pty/busy/connect", headers=bearer(api_key)
+        )
     assert rejected.value.status == 409

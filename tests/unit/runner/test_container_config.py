@@ -39,7 +39,7 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     assert container_name(spec.sandbox_id) == f"tidepool-{spec.sandbox_id}"
     assert config["Image"] == spec.image
     assert config["User"] == "0"  # the daemon creates the user if needed, then drops to it
-    assert config["WorkingDir"] == "/home/daytona"
+    assert "WorkingDir" not in config  # the daemon makes the home directory inside the user namespace
     assert config["Hostname"] == spec.sandbox_id
     assert config["Entrypoint"][:3] == ["python3", "-I", "/opt/tidepool/daemon/main.py"]
     assert config["Entrypoint"][3:] == ["--socket", "/run/tidepool/toolbox.sock", "--user", "daytona"]
@@ -49,11 +49,31 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     assert host["PidsLimit"] == 4096
     assert host["Init"] is True
     assert host["Privileged"] is False
+    # Issue #7: a user namespace of its own, the smallest capability set, the engine's seccomp profile.
+    assert host["UsernsMode"] == "auto:size=65536"
+    assert host["CapDrop"] == ["ALL"]
+    assert set(host["CapAdd"]) == {
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "SETGID",
+        "SETUID",
+        "SETFCAP",
+        "AUDIT_WRITE",
+        "SYS_CHROOT",
+    }
+    assert not {"MKNOD", "NET_RAW", "NET_ADMIN", "SYS_ADMIN"} & set(host["CapAdd"])
+    assert "SecurityOpt" not in host  # never seccomp=unconfined or a disabled LSM profile
+    assert host["Sysctls"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    assert host["LogConfig"]["Config"]["max-size"] == "10m"
     assert host["PortBindings"] == {}
     assert {limit["Name"]: limit["Hard"] for limit in host["Ulimits"]} == {"nofile": 20000, "nproc": 4096}
+    # Shared host paths come from the runner's private tmpfs, never from where the platform lives.
     assert host["Binds"] == [
-        f"{tmp_path / 'daemon'}:/opt/tidepool/daemon:ro",
-        f"{tmp_path / 'sockets' / spec.sandbox_id}:/run/tidepool",
+        f"{tmp_path / 'run' / 'daemon'}:/opt/tidepool/daemon:ro",
+        f"{tmp_path / 'run' / 'sockets' / spec.sandbox_id}:/run/tidepool:rw,nosuid,nodev,noexec",
     ]
     assert config["Labels"]["tidepool.sandbox"] == spec.sandbox_id
     assert config["Labels"]["tidepool.organization"] == "org-1"
@@ -68,10 +88,10 @@ def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None
     spec = make_spec(sandbox_id="x" * 80, os_user="root", network_block_all=True)
     settings = make_settings(tmp_path, ca_bundle="/etc/corp-ca.pem", sandbox_network="tidepool")
     config = build_container_config(spec, settings, "runner-a")
-    assert config["WorkingDir"] == "/root"
     assert config["Hostname"] == "x" * 63
     assert config["HostConfig"]["NetworkMode"] == "none"
-    assert "/etc/corp-ca.pem:/etc/ssl/certs/ca-certificates.crt:ro" in config["HostConfig"]["Binds"]
+    staged = tmp_path / "run" / "ca-bundle.crt"  # the runner's copy of /etc/corp-ca.pem
+    assert f"{staged}:/etc/ssl/certs/ca-certificates.crt:ro" in config["HostConfig"]["Binds"]
     for variable in CA_BUNDLE_ENV_VARS:
         assert f"{variable}=/etc/ssl/certs/ca-certificates.crt" in config["Env"]
 

@@ -17,10 +17,26 @@ from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, Sa
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_ROUTES, event_sandbox
 from tidepool_runner.daemon_connections import DaemonConnections
-from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, SandboxFailedError
+from tidepool_runner.disks import SandboxDisks
+from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, RootIds, SandboxFailedError
 from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor, SandboxLocks
 
 RUNNER_ID = "runner-unit"
+SANDBOX_ROOT_UID = 268_500_000
+
+
+class RecordingDisks(SandboxDisks):
+    """Records what the executor asks of the sandbox disks instead of mounting anything."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__(Path("/nonexistent"))
+        self.calls = calls  # shared with the engine's, so their order shows
+
+    def attach(self, sandbox_id: str, size_gib: int, upper_dir: str, work_dir: str) -> None:
+        self.calls.append(f"disk.attach {sandbox_id} {size_gib} {upper_dir} {work_dir}")
+
+    def remove(self, sandbox_id: str) -> None:
+        self.calls.append(f"disk.remove {sandbox_id}")
 
 
 class ScriptedEngine:
@@ -42,8 +58,18 @@ class ScriptedEngine:
         if container is None:
             return None
         return ContainerStatus(
-            container_id=name, running=container["running"], paused=False, status="", exit_code=0
+            container_id=name,
+            running=container["running"],
+            paused=False,
+            status="",
+            exit_code=0,
+            upper_dir=f"/layers/{name}/diff",
+            work_dir=f"/layers/{name}/work",
         )
+
+    async def root_ids(self, container_id: str) -> RootIds:
+        self._maybe_fail("root_ids")
+        return RootIds(uid=SANDBOX_ROOT_UID, gid=SANDBOX_ROOT_UID)
 
     async def ensure_image(self, image_ref: str) -> None:
         self._maybe_fail("ensure_image")
@@ -92,6 +118,7 @@ async def harness(
         routes=await bus.kv(KV_ROUTES),
         engine=engine,  # type: ignore[arg-type]
         daemons=daemons,
+        disks=RecordingDisks(engine.calls),
     )
     events: asyncio.Queue[SandboxStateEvent] = asyncio.Queue()
 
@@ -133,10 +160,24 @@ async def test_lifecycle_reports_states_and_routes(
         "org-1",
     )
 
+    # The toolbox channel's folder belongs to the sandbox's own root, and no one else may enter it.
+    socket_dir = executor._settings.sockets_dir / sandbox_id
+    info = socket_dir.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (SANDBOX_ROOT_UID, SANDBOX_ROOT_UID, 0o700)
+    layer = f"/layers/tidepool-{sandbox_id}"
+    attach = f"disk.attach {sandbox_id} 3 {layer}/diff {layer}/work"
+    # The disk goes onto the writable layer between create and the first start.
+    assert [call for call in engine.calls if call in ("create", attach, "start")] == [
+        "create",
+        attach,
+        "start",
+    ]
+
     # A redelivered CREATE converges on the existing container instead of creating another.
     await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
     assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
     assert engine.calls.count("create") == 1
+    assert engine.calls.count(attach) == 1  # a running sandbox's disk is not touched again
 
     await executor.execute(make_job(SandboxAction.STOP, sandbox_id))
     assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STOPPED
@@ -147,6 +188,9 @@ async def test_lifecycle_reports_states_and_routes(
     assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.DESTROYED
     assert await kv_get(routes, sandbox_id, SandboxRoute) is None
     assert not engine.containers
+    # The disk holds the container's writable layer: deleted only once the container is gone.
+    assert engine.calls[-2:] == ["remove", f"disk.remove {sandbox_id}"]
+    assert not socket_dir.exists()
 
 
 async def test_stop_of_missing_container_is_an_error(

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.unit.runner.sockets import SANDBOX_ROOT_UID, serve_as
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.toolbox_server import build_toolbox_app
 
@@ -22,26 +23,27 @@ DOWNLOAD = os.urandom(10 * 1024 * 1024)
 
 
 async def fake_daemon(request: web.Request) -> web.StreamResponse:
-    path = request.match_info["path"]
-    if path == "version":
+    """Stands in for the daemon on a few of the toolbox API's real routes."""
+    route = (request.method, request.rel_url.path)
+    if route == ("GET", "/version"):
         return web.json_response({"version": "fake-1"})
-    if path == "empty":
+    if route == ("DELETE", "/files"):
         return web.Response(status=204)
-    if path == "gzip":
+    if route == ("GET", "/files/info"):
         return web.Response(body=b"\x1f\x8bnot-really-gzip", headers={"Content-Encoding": "gzip"})
-    if path == "upload":
+    if route == ("POST", "/files/upload-v2"):
         digest = hashlib.sha256()
         async for chunk in request.content.iter_any():
             digest.update(chunk)
         return web.json_response({"sha256": digest.hexdigest()})
-    if path == "download":
+    if route == ("GET", "/files/download"):
         response = web.StreamResponse()
         response.content_length = len(DOWNLOAD)
         await response.prepare(request)
         for offset in range(0, len(DOWNLOAD), 1 << 20):
             await response.write(DOWNLOAD[offset : offset + (1 << 20)])
         return response
-    if path == "pty":
+    if route == ("GET", "/process/pty/pty-1/connect"):
         ws = web.WebSocketResponse(protocols=("X-Daytona-Pty-Exit-Control",))
         await ws.prepare(request)
         async for message in ws:
@@ -69,14 +71,14 @@ class RunnerUnderTest:
 @pytest.fixture
 async def runner(short_tmp: Path) -> AsyncIterator[RunnerUnderTest]:
     sockets_dir = short_tmp / "sockets"
-    (sockets_dir / SANDBOX_ID).mkdir(parents=True)
     daemon_app = web.Application()
     daemon_app.router.add_route("*", "/{path:.*}", fake_daemon)
     daemon_runner = web.AppRunner(daemon_app)
     await daemon_runner.setup()
-    await web.UnixSite(daemon_runner, str(sockets_dir / SANDBOX_ID / "toolbox.sock")).start()
+    # As the runner prepares it: the sandbox's root owns the folder and serves the socket.
+    await serve_as(SANDBOX_ROOT_UID, daemon_runner, sockets_dir / SANDBOX_ID)
 
-    daemons = DaemonConnections(lambda sandbox_id: sockets_dir / sandbox_id / "toolbox.sock")
+    daemons = DaemonConnections(lambda sandbox_id: sockets_dir / sandbox_id)
     server = TestServer(build_toolbox_app(daemons, RUNNER_TOKEN), host="127.0.0.1")
     await server.start_server()
     yield RunnerUnderTest(url=str(server.make_url("")).rstrip("/"), sockets_dir=sockets_dir)
@@ -110,7 +112,8 @@ async def test_health_and_runner_token(runner: RunnerUnderTest) -> None:
 
 async def test_relays_raw_path_and_query_without_credentials(runner: RunnerUnderTest) -> None:
     url = aiohttp.client.URL(
-        f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/files/a%2Fb/info?path=x%20y&n=1&n=2", encoded=True
+        f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/process/session/a%2Fb/exec?path=x%20y&n=1&n=2",
+        encoded=True,
     )
     async with (
         aiohttp.ClientSession() as http,
@@ -118,7 +121,7 @@ async def test_relays_raw_path_and_query_without_credentials(runner: RunnerUnder
     ):
         echoed = await response.json()
     assert echoed == {
-        "raw_path": "/files/a%2Fb/info",
+        "raw_path": "/process/session/a%2Fb/exec",
         "raw_query": "path=x%20y&n=1&n=2",
         "authorization": None,
         "content_type": None,
@@ -128,23 +131,21 @@ async def test_relays_raw_path_and_query_without_credentials(runner: RunnerUnder
 async def test_empty_and_encoded_bodies_pass_untouched(runner: RunnerUnderTest) -> None:
     base = f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox"
     async with aiohttp.ClientSession(auto_decompress=False) as http:
-        async with http.delete(f"{base}/empty", headers=AUTH) as response:
+        async with http.delete(f"{base}/files", headers=AUTH) as response:
             assert response.status == 204
             assert await response.read() == b""
-        async with http.get(f"{base}/gzip", headers=AUTH) as response:
+        async with http.get(f"{base}/files/info", headers=AUTH) as response:
             assert response.headers["Content-Encoding"] == "gzip"
             assert await response.read() == b"\x1f\x8bnot-really-gzip"
-        async with http.head(f"{base}/version", headers=AUTH) as response:
-            assert response.status == 200
 
 
 async def test_streams_10_mib_both_ways(runner: RunnerUnderTest) -> None:
     payload = os.urandom(10 * 1024 * 1024)
     base = f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox"
     async with aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/upload", data=payload, headers=AUTH) as response:
+        async with http.post(f"{base}/files/upload-v2", data=payload, headers=AUTH) as response:
             assert (await response.json())["sha256"] == hashlib.sha256(payload).hexdigest()
-        async with http.get(f"{base}/download", headers=AUTH) as response:
+        async with http.get(f"{base}/files/download", headers=AUTH) as response:
             assert response.headers["Content-Length"] == str(len(DOWNLOAD))
             assert await response.read() == DOWNLOAD
 
@@ -153,7 +154,7 @@ async def test_websocket_relay_keeps_subprotocol_frames_and_close(runner: Runner
     async with (
         aiohttp.ClientSession() as http,
         http.ws_connect(
-            f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/pty",
+            f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/process/pty/pty-1/connect",
             headers=AUTH,
             protocols=("X-Daytona-Pty-Exit-Control",),
         ) as ws,

@@ -1,0 +1,156 @@
+"""Each sandbox's disk: its own ext4 filesystem of `disk_gib`, holding the container's writable layer.
+
+Why: the engine can cap a writable layer only with `StorageOpt size` (overlay on XFS with project quotas),
+which this kind of host lacks, and an uncapped layer lets one sandbox fill the disk that also holds the
+database, NATS and the registry (issue #7). So the runner gives every sandbox a sparse image file,
+formatted ext4 and loop-mounted under `Settings.disks_dir`, and after the engine created the container
+(before it starts it) replaces the container's overlay upper and work dirs by symbolic links to the
+disk's `upper/` and `work/`. Links, not bind mounts: overlayfs wants both dirs on one mount, and links
+let the engine delete the layer as usual. Then
+
+- a writer inside gets `ENOSPC` at the sandbox's own limit, never the host's;
+- `df /` inside shows the configured size (overlayfs reports its upper filesystem);
+- the image is sparse and mounted with `discard`, so the host pays only for what is used, and deleted
+  files give their blocks back.
+
+Every step is idempotent (a redelivered job, a runner restarted half-way, a host reboot that dropped the
+mounts: attaching again converges). Blocking calls (mkfs, mount): run through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from tidepool_runner.engine import SandboxFailedError
+
+log = structlog.get_logger("tidepool.runner.disks")
+
+GIB = 1024**3
+# Set once the writable layer's first content has been copied in: later attaches must not copy again.
+INITIALIZED_MARKER = ".tidepool-disk"
+# No reserved blocks (the whole size is the user's); inode tables and the journal are initialised lazily
+# by the kernel, so formatting a sparse file takes milliseconds whatever its size.
+MKFS_ARGS = ("-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
+MOUNT_OPTIONS = "loop,discard,noatime"
+
+
+@dataclass(frozen=True)
+class DiskPaths:
+    image: Path  # <disks_dir>/<sandboxId>.img, the sparse file
+    mount: Path  # <disks_dir>/<sandboxId>/, where the filesystem is mounted
+
+    @property
+    def upper(self) -> Path:
+        return self.mount / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.mount / "work"
+
+
+class SandboxDisks:
+    """Attach, detach and remove sandbox disks under `root` (root-only, 0700)."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def paths(self, sandbox_id: str) -> DiskPaths:
+        return DiskPaths(image=self._root / f"{sandbox_id}.img", mount=self._root / sandbox_id)
+
+    def attach(self, sandbox_id: str, size_gib: int, upper_dir: str, work_dir: str) -> None:
+        """Make the container's layer dirs (`upper_dir`, `work_dir`, from the engine's inspect) live on the
+        sandbox's disk of `size_gib` GiB, creating the disk on first use. Raises SandboxFailedError."""
+        if not upper_dir or not work_dir:
+            raise SandboxFailedError("the engine reported no overlay layer for the sandbox container")
+        disk = self.paths(sandbox_id)
+        try:
+            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not disk.image.exists():
+                _format(disk.image, size_gib)
+            if not os.path.ismount(disk.mount):
+                disk.mount.mkdir(mode=0o700, exist_ok=True)
+                _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
+            if not (disk.mount / INITIALIZED_MARKER).exists():
+                _take_over_layer(Path(upper_dir), disk.upper, Path(work_dir), disk.work)
+                (disk.mount / INITIALIZED_MARKER).touch(mode=0o600)
+            for layer_dir, target in ((Path(upper_dir), disk.upper), (Path(work_dir), disk.work)):
+                _point_at(layer_dir, target)
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise SandboxFailedError(f"cannot attach the sandbox's disk: {_describe(error)}") from error
+
+    def detach(self, sandbox_id: str) -> None:
+        """Unmount the disk (the container must be gone or stopped). Lazily: an overlay still being torn
+        down keeps the filesystem until it is unmounted; the loop device goes with the last user (`loop`
+        mounts are autoclear). A missing mount is fine."""
+        disk = self.paths(sandbox_id)
+        if os.path.ismount(disk.mount):
+            _run("umount", "--lazy", str(disk.mount))
+
+    def remove(self, sandbox_id: str) -> None:
+        """Detach and delete the disk and everything on it."""
+        self.detach(sandbox_id)
+        disk = self.paths(sandbox_id)
+        disk.image.unlink(missing_ok=True)
+        if disk.mount.exists() and not os.path.ismount(disk.mount):
+            shutil.rmtree(disk.mount, ignore_errors=True)
+
+    def disk_ids(self) -> set[str]:
+        """Sandbox ids that have a disk here (for cleaning up after containers that vanished)."""
+        if not self._root.is_dir():
+            return set()
+        return {path.stem for path in self._root.glob("*.img")}
+
+
+def _format(image: Path, size_gib: int) -> None:
+    partial = image.with_name(image.name + ".partial")
+    partial.unlink(missing_ok=True)
+    with open(partial, "wb") as handle:
+        handle.truncate(size_gib * GIB)
+    _run("mkfs.ext4", *MKFS_ARGS, str(partial))
+    partial.rename(image)
+
+
+def _take_over_layer(old_upper: Path, new_upper: Path, old_work: Path, new_work: Path) -> None:
+    """Copy what the engine already put in the layer onto the disk, with the same owners and modes (the
+    layer's root belongs to the sandbox's root, a uid of its user namespace)."""
+    shutil.rmtree(new_upper, ignore_errors=True)
+    shutil.rmtree(new_work, ignore_errors=True)
+    new_upper.mkdir()
+    new_work.mkdir()
+    if old_upper.is_dir() and not old_upper.is_symlink() and any(old_upper.iterdir()):
+        # cp -a keeps owners, modes, xattrs and overlay whiteouts (device nodes) exactly.
+        _run("cp", "-a", f"{old_upper}/.", str(new_upper))
+    for old, new in ((old_upper, new_upper), (old_work, new_work)):
+        info = old.stat() if old.exists() else old.parent.stat()
+        os.chown(new, info.st_uid, info.st_gid)
+        os.chmod(new, info.st_mode & 0o7777)
+
+
+def _point_at(layer_dir: Path, target: Path) -> None:
+    """Make `layer_dir` a link to `target`, whatever it is now (the engine's empty dir, a link already)."""
+    if layer_dir.is_symlink():
+        if os.readlink(layer_dir) == str(target):
+            return
+        layer_dir.unlink()
+    elif layer_dir.exists():
+        shutil.rmtree(layer_dir)
+    partial = layer_dir.with_name(layer_dir.name + ".link")
+    partial.unlink(missing_ok=True)
+    partial.symlink_to(target)
+    partial.rename(layer_dir)
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, subprocess.CalledProcessError):
+        return f"{error.cmd[0]} failed: {(error.stderr or '').strip() or f'exit {error.returncode}'}"
+    return str(error)

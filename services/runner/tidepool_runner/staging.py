@@ -1,0 +1,79 @@
+"""The runner's private tmpfs (`Settings.runtime_dir`): everything a sandbox sees of the host comes from here.
+
+Layout: `daemon/` (a read-only copy of the toolbox daemon), `ca-bundle.crt` (the configured CA bundle) and
+`sockets/<sandboxId>/` (one folder per sandbox, owned by that sandbox's root, holding its toolbox socket).
+
+Why a tmpfs of its own: a bind mount shows its source path inside the sandbox (`/proc/self/mountinfo`),
+relative to the source's filesystem; from here that is `/daemon` or `/sockets/<id>`, never the host's
+directory layout. The mount is made once and kept across runner restarts, because running sandboxes hold
+their sockets in it; `sockets/` is root-only (0700), so no other host user can reach any toolbox.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import structlog
+
+from tidepool_contracts.config import Settings
+from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir
+
+log = structlog.get_logger("tidepool.runner.staging")
+
+RUNTIME_TMPFS_OPTIONS = "mode=0711,size=64m,nosuid,nodev"
+# What the daemon needs of its source tree; caches and tests stay out.
+DAEMON_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
+
+
+def prepare_runtime_dir(settings: Settings) -> None:
+    """Mount the tmpfs if it is not mounted yet, then (re)stage the daemon and the CA bundle. Idempotent.
+
+    Raises OSError / CalledProcessError when the tmpfs cannot be mounted (the runner must run as root).
+    """
+    runtime = settings.runtime_dir
+    runtime.mkdir(parents=True, exist_ok=True)
+    if not os.path.ismount(runtime):
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", RUNTIME_TMPFS_OPTIONS, "tidepool-runtime", str(runtime)],
+            check=True,
+            capture_output=True,
+        )
+        log.info("staging.mounted", path=str(runtime))
+    settings.sockets_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(settings.sockets_dir, 0o700)
+    _stage_daemon(settings.daemon_dir, staged_daemon_dir(settings))
+    if settings.ca_bundle:
+        _replace_file(Path(settings.ca_bundle), staged_ca_bundle(settings))
+
+
+def _stage_daemon(source: Path, target: Path) -> None:
+    """Swap in a fresh copy; sandboxes started earlier keep the one they mounted (mounts hold inodes)."""
+    fresh = target.with_name(target.name + ".new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    shutil.copytree(source, fresh, ignore=DAEMON_COPY_IGNORE)
+    _make_world_readable(fresh)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_file(source: Path, target: Path) -> None:
+    fresh = target.with_name(target.name + ".new")
+    shutil.copyfile(source, fresh)
+    fresh.chmod(0o644)
+    fresh.replace(target)
+
+
+def _make_world_readable(root: Path) -> None:
+    # Inside a user namespace the host's root is `nobody`: only "other" permission bits apply.
+    for directory, _dirs, files in os.walk(root):
+        os.chmod(directory, 0o755)
+        for name in files:
+            os.chmod(os.path.join(directory, name), 0o644)
+
