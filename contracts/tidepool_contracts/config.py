@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # host uid range of this size, distinct per sandbox, taken from the `containers` entry of
     # /etc/subuid and /etc/subgid (set up by scripts/setup-host.sh).
     sandbox_userns: str = "auto:size=65536"
+    # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
+    # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
+    sandbox_runtime: str = ""
     # Container network for sandboxes ("" = the engine's default bridge).
     sandbox_network: str = ""
 

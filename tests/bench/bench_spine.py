@@ -81,6 +81,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 
 def main() -> None:
     from tests.bench.bench_code import bench_code
+    from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_process import bench_process
     from tests.bench.bench_snapshots import bench_snapshots
     from tests.bench.bench_transfer import bench_transfer
@@ -92,6 +93,7 @@ def main() -> None:
         ("code", lambda daytona, _stack: bench_code(daytona)),
         ("transfer", bench_transfer),
         ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
+        ("isolation", lambda daytona, _stack: bench_isolation(daytona)),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

@@ -151,6 +151,13 @@ def daemon_entrypoint(spec: SandboxSpec) -> list[str]:
 def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
     """`POST /containers/create` body. The daemon is the entrypoint; the toolbox is reached via a unix socket,
     so nothing is published on the host and the container never needs privileges."""
+    config = _container_config(spec, settings, runner_id)
+    if settings.sandbox_runtime:
+        config["HostConfig"]["Runtime"] = settings.sandbox_runtime
+    return config
+
+
+def _container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
     memory_bytes = spec.memory_gib * GIB
     return {
         "Image": spec.image,

@@ -99,3 +99,10 @@ def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None
 def test_sandbox_network_setting(tmp_path: Path) -> None:
     config = build_container_config(make_spec(), make_settings(tmp_path, sandbox_network="tidepool"), "r")
     assert config["HostConfig"]["NetworkMode"] == "tidepool"
+
+
+def test_an_operator_chosen_oci_runtime(tmp_path: Path) -> None:
+    default = build_container_config(make_spec(), make_settings(tmp_path), "r")
+    assert "Runtime" not in default["HostConfig"]  # the engine's default (runc here)
+    gvisor = build_container_config(make_spec(), make_settings(tmp_path, sandbox_runtime="runsc"), "r")
+    assert gvisor["HostConfig"]["Runtime"] == "runsc"
