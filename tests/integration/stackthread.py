@@ -89,8 +89,9 @@ def release_sandboxes(data_dir: Path) -> None:
     (one per disk under `disks/`), their disks' mounts and loop devices, and the runner's tmpfs. A real
     platform keeps all of these across restarts; a test's temporary data dir must not."""
     disks = sorted((data_dir / "disks").glob("*.img"))
+    ready = sorted((data_dir / "disks" / "pool").glob("*.img"))  # formatted ahead of creates
     devices: set[str] = set()
-    for image in disks:
+    for image in disks + ready:
         attached = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
         for line in attached.splitlines():
             rdev = os.stat(line.split(":", 1)[0]).st_rdev
@@ -108,7 +109,7 @@ def release_sandboxes(data_dir: Path) -> None:
     if names:
         env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}  # runc: crun fails on this host
         subprocess.run(["podman", "rm", "--force", "--ignore", *names], capture_output=True, env=env)
-    for image in disks:
+    for image in disks + ready:
         image.unlink(missing_ok=True)
 
 

@@ -13,15 +13,24 @@ let the engine delete the layer as usual. Then
 - the image is sparse and mounted with `discard`, so the host pays only for what is used, and deleted
   files give their blocks back.
 
+Formatting and mounting cost tens of milliseconds (more on a busy host), so a few disks of each size in
+recent demand are kept formatted and mounted ahead of time under `pool/`; a create takes one with two
+renames (the image file, and the mount moved with `MS_MOVE`) and a refill follows in the background.
+
 Every step is idempotent (a redelivered job, a runner restarted half-way, a host reboot that dropped the
 mounts: attaching again converges). Blocking calls (mkfs, mount): run through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import secrets
 import shutil
 import subprocess
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +47,11 @@ INITIALIZED_MARKER = ".tidepool-disk"
 # by the kernel, so formatting a sparse file takes milliseconds whatever its size.
 MKFS_ARGS = ("-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
 MOUNT_OPTIONS = "loop,discard,noatime"
+# Ready disks kept per size, and how many recent creates decide which sizes are worth keeping ready.
+POOL_DISKS_PER_SIZE = 2
+POOL_RECENT_CREATES = 20
+MS_MOVE = 8192
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -57,8 +71,12 @@ class DiskPaths:
 class SandboxDisks:
     """Attach, detach and remove sandbox disks under `root` (root-only, 0700)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, default_size_gib: int = 3) -> None:
         self._root = root
+        self._pool_root = root / "pool"
+        self._lock = threading.Lock()
+        self._ready: dict[int, list[DiskPaths]] = {}
+        self._recent_sizes: deque[int] = deque([default_size_gib], maxlen=POOL_RECENT_CREATES)
 
     def paths(self, sandbox_id: str) -> DiskPaths:
         return DiskPaths(image=self._root / f"{sandbox_id}.img", mount=self._root / sandbox_id)
@@ -72,7 +90,10 @@ class SandboxDisks:
         try:
             self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not disk.image.exists():
-                _format(disk.image, size_gib)
+                with self._lock:
+                    self._recent_sizes.append(size_gib)
+                if not self._claim_ready(disk, size_gib):
+                    _format(disk.image, size_gib)
             if not os.path.ismount(disk.mount):
                 disk.mount.mkdir(mode=0o700, exist_ok=True)
                 _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
@@ -99,6 +120,67 @@ class SandboxDisks:
         disk.image.unlink(missing_ok=True)
         if disk.mount.exists() and not os.path.ismount(disk.mount):
             shutil.rmtree(disk.mount, ignore_errors=True)
+
+    # -- the pool of ready disks ----------------------------------------------------------------------------
+
+    def _claim_ready(self, disk: DiskPaths, size_gib: int) -> bool:
+        """Give `disk` a ready (formatted, mounted) disk of the size from the pool; False when none is."""
+        with self._lock:
+            ready = self._ready.get(size_gib)
+            if not ready:
+                return False
+            taken = ready.pop()
+        try:
+            taken.image.rename(disk.image)  # the loop device holds the inode: a rename is safe
+            disk.mount.mkdir(mode=0o700, exist_ok=True)
+            _move_mount(taken.mount, disk.mount)
+            taken.mount.rmdir()
+        except OSError:
+            # Fall back to a disk of its own; what is left of the ready one is unmounted and deleted.
+            _unmount_quietly(taken.mount)
+            _unmount_quietly(disk.mount)
+            disk.image.unlink(missing_ok=True)
+            taken.image.unlink(missing_ok=True)
+            return False
+        return True
+
+    def refill_pool(self) -> int:
+        """Prepare ready disks for the sizes of recent creates; returns how many were made. Blocking."""
+        with self._lock:
+            wanted = sorted(set(self._recent_sizes))
+            missing = {size: POOL_DISKS_PER_SIZE - len(self._ready.get(size, [])) for size in wanted}
+            unwanted = {size: disks for size, disks in self._ready.items() if size not in wanted}
+            for size in unwanted:
+                del self._ready[size]
+        for disks in unwanted.values():
+            for disk in disks:
+                _discard(disk)
+        made = 0
+        for size, count in missing.items():
+            for _ in range(count):
+                disk = self._prepare_ready(size)
+                with self._lock:
+                    self._ready.setdefault(size, []).append(disk)
+                made += 1
+        return made
+
+    def _prepare_ready(self, size_gib: int) -> DiskPaths:
+        self._pool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = f"{size_gib}g-{secrets.token_hex(6)}"
+        disk = DiskPaths(image=self._pool_root / f"{token}.img", mount=self._pool_root / token)
+        _format(disk.image, size_gib)
+        disk.mount.mkdir(mode=0o700)
+        _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
+        return disk
+
+    def discard_pool(self) -> None:
+        """Unmount and delete every ready disk, also those a previous runner left (at start and stop)."""
+        with self._lock:
+            self._ready.clear()
+        if not self._pool_root.is_dir():
+            return
+        for image in self._pool_root.glob("*.img"):
+            _discard(DiskPaths(image=image, mount=image.with_suffix("")))
 
     def disk_ids(self) -> set[str]:
         """Sandbox ids that have a disk here (for cleaning up after containers that vanished)."""
@@ -144,6 +226,25 @@ def _point_at(layer_dir: Path, target: Path) -> None:
     partial.unlink(missing_ok=True)
     partial.symlink_to(target)
     partial.rename(layer_dir)
+
+
+def _move_mount(source: Path, target: Path) -> None:
+    """mount(2) with MS_MOVE: one syscall instead of unmounting and mounting again."""
+    if _libc.mount(str(source).encode(), str(target).encode(), None, MS_MOVE, None) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"moving the mount {source} to {target}: {os.strerror(code)}")
+
+
+def _unmount_quietly(target: Path) -> None:
+    if os.path.ismount(target):
+        subprocess.run(["umount", "--lazy", str(target)], capture_output=True, check=False)
+
+
+def _discard(disk: DiskPaths) -> None:
+    _unmount_quietly(disk.mount)
+    with contextlib.suppress(OSError):
+        disk.mount.rmdir()
+    disk.image.unlink(missing_ok=True)
 
 
 def _run(*argv: str) -> None:

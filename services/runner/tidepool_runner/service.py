@@ -28,6 +28,7 @@ log = structlog.get_logger("tidepool.runner")
 
 JOB_ACK_WAIT_SECONDS = 15.0
 JOB_CONCURRENCY = 16
+DISK_POOL_CHECK_SECONDS = 0.2
 
 
 class Runner:
@@ -46,6 +47,8 @@ class Runner:
     async def start(self) -> None:
         settings = self.settings
         await asyncio.to_thread(prepare_runtime_dir, settings)
+        # Ready disks a previous run left are of unknown state: start the pool afresh.
+        await asyncio.to_thread(self.disks.discard_pool)
         self._bus = bus = await connect(settings.nats_url, name=f"tidepool-runner-{self.runner_id}")
         routes = await bus.kv(KV_ROUTES)
         runners = await bus.kv(KV_RUNNERS)
@@ -96,8 +99,20 @@ class Runner:
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
             asyncio.create_task(collector.run_forever(), name="runner-terminations"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
+            asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
+
+    async def _keep_disk_pool_filled(self) -> None:
+        """Keep formatted, mounted disks ready for the next creates (see disks.py), off the create path."""
+        while True:
+            try:
+                made = await asyncio.to_thread(self.disks.refill_pool)
+            except Exception as error:  # the pool is an optimisation: creates format their own disk
+                log.warning("runner.disk_pool_refill_failed", error=str(error))
+                made = 0
+            if not made:
+                await asyncio.sleep(DISK_POOL_CHECK_SECONDS)
 
     async def stop(self) -> None:
         for task in self._tasks:
