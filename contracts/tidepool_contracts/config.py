@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # OCI registry that built and pulled snapshots are pushed to, so any runner can pull them on demand
     # ("" = images stay on the engine that built them). Embedded: Debian's docker-registry on loopback.
     registry_url: str = ""
+    # Its login (htpasswd, bcrypt): only the builder (push) and the runners (pull) are given it.
+    registry_username: str = ""
+    registry_password: str = ""
 
     # Declarative builds are cached by content for this long after their last use.
     build_cache_hours: float = 24.0

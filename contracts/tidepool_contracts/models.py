@@ -183,12 +183,15 @@ class BuildJob(BusModel):
     """API -> builder: build this snapshot image (Dockerfile plus context files)."""
 
     job_id: str = Field(default_factory=new_id)
+    # The snapshot row this job is for; None for the platform's own image (its general snapshots).
+    snapshot_id: str | None = None
     snapshot_name: str
     image_ref: str
     dockerfile: str
     # Local directory whose files join the context (the platform's own images).
     context_dir: str | None = None
-    # Declarative builds: context archives `{organization_id}/{hash}/context.tar` in object storage.
+    # Whose build it is (None: the platform's own image). Declarative builds: context archives
+    # `{organization_id}/{hash}/context.tar` in object storage, each checked against its hash.
     organization_id: str | None = None
     context_hashes: list[str] = Field(default_factory=list)
     # Pull-only snapshots: make `source_image` available locally under `image_ref` instead of building.
@@ -200,8 +203,9 @@ class BuildJob(BusModel):
 
 
 class SnapshotEvent(BusModel):
-    """Builder -> everyone: a snapshot image changed state."""
+    """Builder -> everyone: a snapshot image changed state (the snapshot `snapshot_id`, when given)."""
 
+    snapshot_id: str | None = None
     snapshot_name: str
     image_ref: str
     state: SnapshotState

@@ -22,11 +22,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bcrypt
 import httpx
 
 from tidepool_contracts.config import REPO_ROOT, Settings
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
+# Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
+REGISTRY_CLIENTS = ("builder", "runner")
+REGISTRY_USERNAME = "tidepool"
+REGISTRY_BCRYPT_ROUNDS = 12
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
 BASE_IMAGE_SCRIPT = REPO_ROOT / "images" / "base" / "build-base.sh"
 
@@ -193,6 +198,8 @@ class Stack:
         self.client_ca_bundle = ""
         self.object_storage_ca = ""
         self.trusted_ca_file: Path | None = None
+        # TIDEPOOL_REGISTRY_USERNAME/PASSWORD, for the REGISTRY_CLIENTS only (empty: no embedded registry).
+        self.registry_env: dict[str, str] = {}
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -235,7 +242,8 @@ class Stack:
         await self.stop_child(name, signal.SIGKILL)
 
     async def start_service(self, name: str) -> None:
-        await self.spawn(name, [sys.executable, "-m", f"tidepool_{name}"], self.env)
+        env = {**self.env, **self.registry_env} if name in REGISTRY_CLIENTS else self.env
+        await self.spawn(name, [sys.executable, "-m", f"tidepool_{name}"], env)
 
     # -- infrastructure -----------------------------------------------------------------------------------
     async def start_nats(self) -> str:
@@ -251,8 +259,33 @@ class Stack:
         await wait_for_port(port, 15)
         return f"nats://127.0.0.1:{port}"
 
+    def registry_credentials(self) -> tuple[str, str]:
+        """The embedded registry's login: generated once, kept 0600 under data_dir with its htpasswd.
+
+        The password is random; the htpasswd file holds only its bcrypt hash (the registry reads it).
+        """
+        path = self.config.data_dir / "registry-credentials.json"
+        htpasswd = self.config.data_dir / "registry.htpasswd"
+        if not (path.exists() and htpasswd.exists()):
+            password = secrets.token_urlsafe(32)
+            hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(REGISTRY_BCRYPT_ROUNDS))
+            for target, content in (
+                (htpasswd, f"{REGISTRY_USERNAME}:".encode() + hashed + b"\n"),
+                (path, json.dumps({"username": REGISTRY_USERNAME, "password": password}).encode()),
+            ):
+                tmp = target.with_name(target.name + ".tmp")
+                create_private_file(tmp)
+                tmp.write_bytes(content)
+                os.replace(tmp, target)
+        credentials = json.loads(path.read_text())
+        return credentials["username"], credentials["password"]
+
     async def start_registry(self) -> str:
-        """Debian's docker-registry (CNCF distribution) on loopback, storing under data_dir."""
+        """Debian's docker-registry (CNCF distribution) on loopback, storing under data_dir.
+
+        It requires a login (htpasswd, bcrypt) that only the builder and the runners are given: tenants
+        cannot read each other's images from it, nor push into it.
+        """
         binary = shutil.which("docker-registry")
         if binary is None:
             self.sink("stack", "docker-registry not installed: snapshots stay on this engine only")
@@ -265,15 +298,19 @@ class Stack:
             port_file.write_text(str(port))
         storage = self.config.data_dir / "registry"
         storage.mkdir(parents=True, exist_ok=True)
+        username, password = self.registry_credentials()
+        htpasswd = self.config.data_dir / "registry.htpasswd"
         config_file = self.config.data_dir / "registry.yml"
         config_file.write_text(
             "version: 0.1\n"
             "log: {level: warn}\n"
             f"storage: {{filesystem: {{rootdirectory: {storage}}}, delete: {{enabled: true}}}}\n"
             f"http: {{addr: '127.0.0.1:{port}'}}\n"
+            f"auth: {{htpasswd: {{realm: tidepool-registry, path: {htpasswd}}}}}\n"
         )
         await self.spawn("registry", [binary, "serve", str(config_file)])
         await wait_for_port(port, 15)
+        self.registry_env = {"TIDEPOOL_REGISTRY_USERNAME": username, "TIDEPOOL_REGISTRY_PASSWORD": password}
         return f"127.0.0.1:{port}"
 
     def registries_conf(self, registry: str) -> Path:

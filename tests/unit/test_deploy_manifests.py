@@ -37,3 +37,19 @@ def test_workloads_run_real_service_modules_unprivileged() -> None:
             module = container["command"][-1]
             assert importlib.util.find_spec(module) is not None, module
             assert not container.get("securityContext", {}).get("privileged", False)
+
+
+def test_only_builder_and_runner_get_the_registry_login() -> None:
+    secrets = {doc["metadata"]["name"]: doc for doc in documents() if doc["kind"] == "Secret"}
+    login = secrets["tidepool-registry"]["stringData"]
+    assert set(login) == {"TIDEPOOL_REGISTRY_USERNAME", "TIDEPOOL_REGISTRY_PASSWORD"}
+    assert not any(name.startswith("TIDEPOOL_REGISTRY_") for name in secrets["tidepool"]["stringData"])
+    holders = set()
+    for doc in documents():
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            refs = {source.get("secretRef", {}).get("name") for source in container.get("envFrom", [])}
+            if "tidepool-registry" in refs:
+                holders.add(container["command"][-1])
+    assert holders == {"tidepool_builder", "tidepool_runner"}

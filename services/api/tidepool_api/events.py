@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import structlog
 from nats.aio.msg import Msg
-from sqlmodel import select
+from sqlmodel import col, select
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
@@ -64,8 +64,20 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
 
 
 async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> None:
+    """Apply a build event to the snapshot it is about, never to others that happen to share an image.
+
+    An event names its snapshot by id; one without an id comes from the platform's own image job and
+    applies to the general (platform) snapshots of that image only.
+    """
     async with context.database.sessions() as session:
-        rows = (await session.exec(select(Snapshot).where(Snapshot.ref == event.image_ref))).all()
+        if event.snapshot_id is not None:
+            row = await session.get(Snapshot, event.snapshot_id)
+            rows = [row] if row is not None and (row.ref or row.image_name) == event.image_ref else []
+        else:
+            platform = select(Snapshot).where(
+                Snapshot.ref == event.image_ref, col(Snapshot.general).is_(True)
+            )
+            rows = list((await session.exec(platform)).all())
         for snapshot in rows:
             snapshot.state = event.state.value
             snapshot.error_reason = event.error_reason
@@ -78,8 +90,15 @@ async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> Non
             snapshot.updated_at = datetime.now(UTC)
             session.add(snapshot)
         await session.commit()
-        waiting = [sandbox.id for sandbox in await pending_build_sandboxes(session, event.image_ref)]
-    log.info("snapshot.state", image=event.image_ref, state=event.state, reason=event.error_reason)
+        waiting = [sandbox.id for row in rows for sandbox in await pending_build_sandboxes(session, row)]
+    log.info(
+        "snapshot.state",
+        snapshot_id=event.snapshot_id,
+        image=event.image_ref,
+        state=event.state,
+        reason=event.error_reason,
+        applied=len(rows),
+    )
     if event.state == SnapshotState.BUILDING:
         await mark_building(context, waiting)
     elif event.state == SnapshotState.ACTIVE:

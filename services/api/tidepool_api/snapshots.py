@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,13 @@ from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import WireModel
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import publish
+from tidepool_contracts.image_refs import (
+    ReferenceRefusedError,
+    build_ref,
+    check_reference,
+    dockerfile_image_references,
+    snapshot_ref,
+)
 from tidepool_contracts.models import BuildJob, SnapshotState
 from tidepool_contracts.states import SandboxState
 
@@ -29,7 +35,6 @@ IMAGE_REFERENCE = re.compile(
     r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
 FLOATING_TAGS = {"latest", "lts", "stable"}
-BUILD_REF_REPOSITORY = "localhost/tidepool/build"
 
 
 class BuildInfoBody(WireModel):
@@ -63,10 +68,29 @@ def validate_image_reference(image: str) -> None:
         raise bad_request(f"Image tag '{tag}' is not supported: pin a specific tag or digest")
 
 
-def build_ref(dockerfile: str, context_hashes: list[str]) -> str:
-    """Same Dockerfile and context → same image: the ref is the build cache key."""
-    digest = hashlib.sha256((dockerfile + "".join(sorted(context_hashes))).encode()).hexdigest()
-    return f"{BUILD_REF_REPOSITORY}:{digest[:48]}"
+def check_image(context: ApiContext, organization_id: str, image: str) -> None:
+    """Refuse images the organization may not use (tidepool_contracts.image_refs): 400, or 404 for another
+    organization's image (whether it exists or not)."""
+    settings = context.settings
+    try:
+        check_reference(
+            image,
+            organization_id,
+            internal_registry=settings.registry_url,
+            platform_images=(settings.default_image, settings.base_image),
+        )
+    except ReferenceRefusedError as error:
+        raise ApiError(error.status, error.message) from error
+
+
+def check_build_sources(context: ApiContext, organization_id: str, dockerfile: str) -> None:
+    """Every image the Dockerfile reads (FROM, COPY --from, RUN --mount from) must be one it may use."""
+    try:
+        references = dockerfile_image_references(dockerfile)
+    except ValueError as error:
+        raise bad_request(f"buildInfo.dockerfileContent: {error}") from error
+    for reference in references:
+        check_image(context, organization_id, reference)
 
 
 def visible_to(organization_id: str):  # type: ignore[no-untyped-def]
@@ -90,6 +114,7 @@ async def find_snapshot(session: AsyncSession, organization_id: str, id_or_name:
 
 async def request_build(context: ApiContext, snapshot: Snapshot) -> None:
     job = BuildJob(
+        snapshot_id=snapshot.id,
         snapshot_name=snapshot.name,
         image_ref=snapshot.ref or snapshot.image_name,
         dockerfile=snapshot.dockerfile or "",
@@ -112,6 +137,7 @@ async def create_snapshot(context: ApiContext, organization_id: str, body: Creat
             raise bad_request(f"{field_name} must be at least 1")
     if body.build_info is None and not body.image_name:
         raise bad_request("Either imageName or buildInfo is required")
+    snapshot_id = str(uuid.uuid4())
     dockerfile: str | None = None
     hashes: list[str] = []
     if body.build_info is not None:
@@ -119,12 +145,16 @@ async def create_snapshot(context: ApiContext, organization_id: str, body: Creat
         hashes = list(body.build_info.context_hashes or [])
         if not dockerfile.strip():
             raise bad_request("buildInfo.dockerfileContent is empty")
-        ref = build_ref(dockerfile, hashes)
+        check_build_sources(context, organization_id, dockerfile)
+        ref = build_ref(organization_id, dockerfile, hashes)
         image_name = body.image_name or ref
     else:
         assert body.image_name is not None
         validate_image_reference(body.image_name)
-        image_name = ref = body.image_name
+        check_image(context, organization_id, body.image_name)
+        image_name = body.image_name
+        # The image under this organization's own local name: nothing keyed by a shared name.
+        ref = snapshot_ref(organization_id, snapshot_id)
     async with context.database.sessions() as session:
         taken = await session.exec(
             select(Snapshot.id).where(Snapshot.name == body.name, visible_to(organization_id))
@@ -132,7 +162,7 @@ async def create_snapshot(context: ApiContext, organization_id: str, body: Creat
         if taken.first() is not None:
             raise conflict(f"Snapshot with name {body.name} already exists")
         snapshot = Snapshot(
-            id=str(uuid.uuid4()),
+            id=snapshot_id,
             organization_id=organization_id,
             name=body.name,
             image_name=image_name,
@@ -193,10 +223,20 @@ async def set_active(context: ApiContext, organization_id: str, id_or_name: str,
 async def ensure_build(
     context: ApiContext, session: AsyncSession, organization_id: str, dockerfile: str, hashes: list[str]
 ) -> Snapshot:
-    """The hidden snapshot behind a declarative sandbox: reused while cached, built when missing."""
-    ref = build_ref(dockerfile, hashes)
+    """The hidden snapshot behind a declarative sandbox: reused while cached, built when missing.
+
+    The cache is per organization: the ref covers the organization, and only its own rows are reused.
+    """
+    check_build_sources(context, organization_id, dockerfile)
+    ref = build_ref(organization_id, dockerfile, hashes)
     snapshot = (
-        await session.exec(select(Snapshot).where(Snapshot.ref == ref, col(Snapshot.hidden).is_(True)))
+        await session.exec(
+            select(Snapshot).where(
+                Snapshot.ref == ref,
+                Snapshot.organization_id == organization_id,
+                col(Snapshot.hidden).is_(True),
+            )
+        )
     ).first()
     now = utc_now()
     if snapshot is None:
@@ -224,9 +264,18 @@ async def ensure_build(
     return snapshot
 
 
-async def pending_build_sandboxes(session: AsyncSession, ref: str) -> list[Sandbox]:
+async def pending_build_sandboxes(session: AsyncSession, build: Snapshot) -> list[Sandbox]:
+    """The organization's sandboxes waiting for the hidden build snapshot `build`."""
+    if not build.hidden or build.ref is None:
+        return []
     states = [SandboxState.PENDING_BUILD.value, SandboxState.BUILDING_SNAPSHOT.value]
-    rows = await session.exec(select(Sandbox).where(Sandbox.build_ref == ref, col(Sandbox.state).in_(states)))
+    rows = await session.exec(
+        select(Sandbox).where(
+            Sandbox.build_ref == build.ref,
+            Sandbox.organization_id == build.organization_id,
+            col(Sandbox.state).in_(states),
+        )
+    )
     return list(rows.all())
 
 
@@ -250,7 +299,15 @@ async def evict_expired_builds(context: ApiContext, now: datetime | None = None)
             )
             if in_use.first() is not None:
                 continue  # a sandbox still runs from it
+            await session.delete(snapshot)
+            evicted.append(snapshot.ref or snapshot.image_name)
+            shared = await session.exec(
+                select(Snapshot.id).where(Snapshot.ref == snapshot.ref, Snapshot.id != snapshot.id)
+            )
+            if shared.first() is not None:
+                continue  # a named snapshot of the organization is the same build: keep the image
             job = BuildJob(
+                snapshot_id=snapshot.id,
                 snapshot_name=snapshot.name,
                 image_ref=snapshot.ref or snapshot.image_name,
                 dockerfile="",
@@ -258,8 +315,6 @@ async def evict_expired_builds(context: ApiContext, now: datetime | None = None)
                 registry_ref=snapshot.registry_ref,
             )
             await publish(context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"evict:{snapshot.id}")
-            await session.delete(snapshot)
-            evicted.append(snapshot.ref or snapshot.image_name)
         await session.commit()
     return evicted
 

@@ -18,6 +18,7 @@ import posixpath
 import tarfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import IO, NoReturn
 from urllib.parse import urlsplit
 
@@ -95,18 +96,31 @@ def _member_path(name: str, context_hash: str, what: str = "path") -> str:
     return "/".join(parts)
 
 
-def read_context_archive(stream: IO[bytes], context_hash: str) -> dict[str, bytes]:
-    """The regular files of one context tar (streamed, any compression), after the safety checks."""
-    files: dict[str, bytes] = {}
-    symlinks: dict[str, str] = {}  # path -> normalised target path, both relative to the root
+@dataclass
+class ContextArchive:
+    """One context tar as read: its members in archive order, before symlinks are resolved."""
+
+    order: list[str] = field(default_factory=list)  # every member path, first one first
+    files: dict[str, bytes] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)  # path -> normalised target, both from the root
+    directories: set[str] = field(default_factory=set)
+
+
+def parse_context_archive(stream: IO[bytes], context_hash: str) -> ContextArchive:
+    """The members of one context tar (streamed, any compression), after the safety checks."""
+    contents = ContextArchive()
+    files, symlinks = contents.files, contents.symlinks
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as archive:
             for member in archive:
                 path = _member_path(member.name, context_hash)
                 if member.isdir():
+                    contents.directories.add(path)
+                    contents.order.append(path)
                     continue
                 if not path:
                     raise UnsafeContextError(f"context {context_hash}: a non-directory member names the root")
+                contents.order.append(path)
                 if member.isreg():
                     extracted = archive.extractfile(member)
                     if extracted is None:
@@ -137,8 +151,28 @@ def read_context_archive(stream: IO[bytes], context_hash: str) -> dict[str, byte
                     )
     except tarfile.TarError as error:
         raise ContextError(f"context {context_hash}: not a valid tar archive: {error}") from error
-    _resolve_symlinks(files, symlinks)
-    return files
+    return contents
+
+
+def read_context_archive(stream: IO[bytes], context_hash: str) -> dict[str, bytes]:
+    """The regular files of one context tar (streamed, any compression), after the safety checks."""
+    contents = parse_context_archive(stream, context_hash)
+    _resolve_symlinks(contents.files, contents.symlinks)
+    return contents.files
+
+
+def _resolve_link(symlinks: Mapping[str, str], path: str, depth: int = 0) -> str | None:
+    """Where `path` leads once every symlink on it is followed (textually), or None for a loop."""
+    if depth > MAX_LINK_DEPTH:
+        return None
+    parts = [] if path == "." else path.split("/")
+    # The longest prefix that is a link is followed first (a link to a directory may sit mid-path).
+    for index in range(len(parts), 0, -1):
+        prefix = "/".join(parts[:index])
+        if prefix in symlinks:
+            followed = posixpath.normpath(posixpath.join(symlinks[prefix], *parts[index:]))
+            return _resolve_link(symlinks, followed, depth + 1)
+    return path
 
 
 def _resolve_symlinks(files: dict[str, bytes], symlinks: Mapping[str, str]) -> None:
@@ -146,21 +180,8 @@ def _resolve_symlinks(files: dict[str, bytes], symlinks: Mapping[str, str]) -> N
 
     Resolution is textual, within the archive's own members: nothing on the builder's disk is read.
     """
-
-    def resolve(path: str, depth: int = 0) -> str | None:
-        if depth > MAX_LINK_DEPTH:
-            return None  # a loop
-        parts = [] if path == "." else path.split("/")
-        # The longest prefix that is a link is followed first (a link to a directory may sit mid-path).
-        for index in range(len(parts), 0, -1):
-            prefix = "/".join(parts[:index])
-            if prefix in symlinks:
-                followed = posixpath.normpath(posixpath.join(symlinks[prefix], *parts[index:]))
-                return resolve(followed, depth + 1)
-        return path
-
     for link in symlinks:
-        target = resolve(link)
+        target = _resolve_link(symlinks, link)
         if target is None or target == ".." or target.startswith("../"):
             continue
         if target in files:
@@ -178,7 +199,7 @@ MISSING_RETRIES = 3
 MISSING_RETRY_SECONDS = 0.3
 
 
-def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: str) -> dict[str, bytes]:
+def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: str) -> ContextArchive:
     key = context_key(organization_id, context_hash)
     for attempt in range(MISSING_RETRIES + 1):
         try:
@@ -190,7 +211,7 @@ def _fetch_one(client: Minio, bucket: str, organization_id: str, context_hash: s
                 continue
             _raise_fetch_error(error, bucket, key, context_hash)
     try:
-        return read_context_archive(response, context_hash)
+        return parse_context_archive(response, context_hash)
     except urllib3.exceptions.HTTPError as error:  # the connection broke mid-download
         raise ContextError(f"downloading build context {context_hash}: {error}") from error
     finally:
@@ -208,28 +229,43 @@ def _raise_fetch_error(error: Exception, bucket: str, key: str, context_hash: st
     raise ContextError(message) from error
 
 
-def fetch_context_sync(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
+def fetch_archives_sync(settings: Settings, organization_id: str, hashes: list[str]) -> list[ContextArchive]:
     has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
     if not (settings.s3_endpoint and settings.s3_secret_key and has_keys):
         raise ContextError("object storage is not configured (TIDEPOOL_S3_ENDPOINT and keys)")
     if not organization_id:
         raise ContextError("a build with context hashes needs the organization that uploaded them")
     client = make_client(settings, organization_id)
-    merged: dict[str, bytes] = {}
+    archives: list[ContextArchive] = []
     for context_hash in hashes:
         # A hash becomes part of an object key: refuse anything but a plain name.
         if not context_hash or "/" in context_hash or context_hash in (".", ".."):
             raise ContextError(f"invalid build context hash {context_hash!r}")
-        merged.update(_fetch_one(client, settings.s3_bucket, organization_id, context_hash))  # later wins
+        archives.append(_fetch_one(client, settings.s3_bucket, organization_id, context_hash))
+    return archives
+
+
+def merge_archives(archives: list[ContextArchive]) -> dict[str, bytes]:
+    """One build context from several archives; a later archive wins, as in one merged tar."""
+    merged: dict[str, bytes] = {}
+    for archive in archives:
+        files = dict(archive.files)
+        _resolve_symlinks(files, archive.symlinks)
+        merged.update(files)
     return merged
 
 
-async def fetch_context(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
-    """Download `{organization_id}/{hash}/context.tar` for every hash and merge them into one build context.
+async def fetch_archives(settings: Settings, organization_id: str, hashes: list[str]) -> list[ContextArchive]:
+    """Download and parse `{organization_id}/{hash}/context.tar` for every hash, in order.
 
     Raises ContextNotFoundError (naming the hash) for a missing object and UnsafeContextError for an
     archive that tries to escape the context. The blocking S3 client runs in a worker thread.
     """
     if not hashes:
-        return {}
-    return await asyncio.to_thread(fetch_context_sync, settings, organization_id, list(hashes))
+        return []
+    return await asyncio.to_thread(fetch_archives_sync, settings, organization_id, list(hashes))
+
+
+async def fetch_context(settings: Settings, organization_id: str, hashes: list[str]) -> dict[str, bytes]:
+    """Every archive of `hashes` merged into one build context (see fetch_archives; no hash check)."""
+    return merge_archives(await fetch_archives(settings, organization_id, hashes))

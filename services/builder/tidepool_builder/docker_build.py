@@ -55,14 +55,31 @@ class BuildFailedError(Exception):
         return self.message
 
 
+ORGANIZATION_LABEL = "io.tidepool.organization"
+
+
+def organization_lines(organization_id: str) -> tuple[str, ...]:
+    """A LABEL step naming the organization, first after every FROM: every later step's layer-cache key
+    includes it, so builds of two organizations never share a cached layer (e.g. a `RUN` that generated a
+    key), even for identical Dockerfiles and context."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", organization_id)  # ids are UUIDs; never Dockerfile syntax
+    return (f'LABEL {ORGANIZATION_LABEL}="{safe}"',)
+
+
 def inject_ca_bundle(dockerfile: str) -> str:
-    """Return `dockerfile` with the CA bundle COPY + ENV lines inserted after every FROM instruction.
+    """Return `dockerfile` with the CA bundle COPY + ENV lines inserted after every FROM instruction."""
+    return inject_after_from(dockerfile, CA_INJECTION_LINES)
+
+
+def inject_after_from(dockerfile: str, injected: Iterable[str]) -> str:
+    """Return `dockerfile` with `injected` lines inserted after every FROM instruction.
 
     A line scanner rather than a regex over the text, so that `FROM` inside continuation lines or heredoc
     bodies (e.g. `RUN python -c "...\\` / `from x import y`) is not mistaken for an instruction, and
     multi-line FROMs (`FROM --platform=$BUILDPLATFORM \\` / `image AS builder`) get the lines after
     their last line. COPY creates missing parent directories, so images without /etc/ssl/certs work.
     """
+    injected = tuple(injected)
     lines = dockerfile.splitlines()
     escape_char = _escape_directive(lines)
     output: list[str] = []
@@ -92,7 +109,7 @@ def inject_ca_bundle(dockerfile: str) -> str:
                 (match.group(3), match.group(1) == "-") for match in _HEREDOC_START.finditer(line)
             )
         if current_is_from and not in_continuation:
-            output.extend(CA_INJECTION_LINES)
+            output.extend(injected)
 
     trailing_newline = "\n" if dockerfile.endswith("\n") or not dockerfile else ""
     return "\n".join(output) + trailing_newline
@@ -173,17 +190,22 @@ async def build_image(
     tag: str,
     ca_bundle_path: str | None,
     on_log: LogCallback,
+    organization_id: str | None = None,
 ) -> str:
     """Build `dockerfile` with `context_files` as the context, tag it `tag`, and return the image id.
 
     Each build log line is passed to `on_log` as it arrives. When `ca_bundle_path` is given, that bundle
     is added to the context and installed after every FROM, so https works in RUN steps behind a
-    TLS-intercepting proxy (and stays trusted in the resulting image).
+    TLS-intercepting proxy (and stays trusted in the resulting image). An `organization_id` is labelled
+    right after every FROM, which keeps the engine's layer cache per organization (organization_lines).
     Raises BuildFailedError on a failing step or an engine error.
     """
     ca_bundle = await asyncio.to_thread(Path(ca_bundle_path).read_bytes) if ca_bundle_path else None
+    injected = organization_lines(organization_id) if organization_id else ()
     if ca_bundle is not None:
-        dockerfile = inject_ca_bundle(dockerfile)
+        injected += CA_INJECTION_LINES
+    if injected:
+        dockerfile = inject_after_from(dockerfile, injected)
     # Contexts can be large (user files): keep tarring off the event loop.
     context_tar = await asyncio.to_thread(build_context_tar, dockerfile, context_files, ca_bundle)
     log_lines = _LogLineSplitter(on_log)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import aiodocker
 
 from tidepool_contracts.config import Settings
+from tidepool_contracts.image_refs import ImageReference, parse_reference
 
 
 class ImageUnusableError(Exception):
@@ -26,25 +28,78 @@ async def inspect_image(docker: aiodocker.Docker, ref: str) -> ImageFacts:
     return ImageFacts(entrypoint=entrypoint or None, size_bytes=info.get("Size"))
 
 
+def _names_match(reference: ImageReference, names: list[str]) -> bool:
+    for name in names:
+        try:
+            if parse_reference(name).canonical == reference.canonical:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+async def find_local_image(docker: aiodocker.Docker, reference: ImageReference) -> str | None:
+    """The id of the local image named exactly `reference`, else None.
+
+    The engine's own lookup is not used as the answer: podman resolves short names by path suffix and
+    `any-name@digest` by digest alone, which would hand one organization another's image.
+    """
+    try:
+        info = await docker.images.inspect(reference.canonical)
+    except aiodocker.DockerError as error:
+        if error.status == 404:
+            return None
+        raise
+    if reference.digest:
+        by_digest = reference.tag is None or _names_match(
+            ImageReference(reference.host, reference.path, reference.tag), list(info.get("RepoTags") or [])
+        )
+        digests = [name for name in info.get("RepoDigests") or [] if "@" in name]
+        exact = _names_match(ImageReference(reference.host, reference.path, None, reference.digest), digests)
+        return str(info["Id"]) if exact and by_digest else None
+    return str(info["Id"]) if _names_match(reference, list(info.get("RepoTags") or [])) else None
+
+
+async def _pull(docker: aiodocker.Docker, reference: ImageReference, auth: dict[str, str] | None) -> None:
+    progress = await docker.images.pull(reference.canonical, auth=auth)
+    for entry in progress if isinstance(progress, list) else [progress]:
+        if isinstance(entry, dict) and entry.get("error"):
+            raise aiodocker.DockerError(500, {"message": str(entry["error"])})
+
+
 async def ensure_source_image(
     docker: aiodocker.Docker, source: str, ref: str, auth: dict[str, str] | None = None
 ) -> None:
-    """Make `source` available locally as `ref`: use the local copy, else pull it (with `auth` if given)."""
+    """Make `source` available locally as `ref` (the snapshot's own name).
+
+    Without credentials: the local image of exactly that name, else an anonymous pull. With the
+    organization's credentials: always a pull with them (which proves the organization may read the
+    image), and a name the pull added is removed again afterwards, so that an image pulled with one
+    organization's credentials is reachable only under that organization's `ref`. Callers serialise calls
+    (another build must not find the name in between).
+    """
     try:
-        await docker.images.inspect(source)
-    except aiodocker.DockerError:
-        try:
-            progress = await docker.images.pull(source, auth=auth)
-            for entry in progress if isinstance(progress, list) else [progress]:
-                if isinstance(entry, dict) and entry.get("error"):
-                    raise aiodocker.DockerError(500, {"message": str(entry["error"])})
-        except aiodocker.DockerError as error:
-            raise ImageUnusableError(
-                f"image {source} is not available locally and could not be pulled: {error.message}"
-            ) from error
-    if ref != source:
-        repository, _, tag = ref.rpartition(":")
-        await docker.images.tag(source, repo=repository, tag=tag)
+        reference = parse_reference(source)
+    except ValueError as error:
+        raise ImageUnusableError(f"invalid image name {source}: {error}") from error
+    existed = await find_local_image(docker, reference)
+    try:
+        if auth is not None or existed is None:
+            await _pull(docker, reference, auth)
+    except aiodocker.DockerError as error:
+        where = "could not be pulled with the organization's registry credentials"
+        if auth is None:
+            where = "is not available locally and could not be pulled"
+        raise ImageUnusableError(f"image {source} {where}: {error.message}") from error
+    image_id = await find_local_image(docker, reference)
+    if image_id is None:
+        raise ImageUnusableError(f"image {source} was pulled but is not in the image store under that name")
+    repository, _, tag = ref.rpartition(":")
+    await docker.images.tag(image_id, repo=repository, tag=tag)
+    if auth is not None and existed is None:
+        name = reference.canonical
+        with contextlib.suppress(aiodocker.DockerError):
+            await docker.images.delete(name)  # only a name: `ref` still holds the image
 
 
 async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, ref: str) -> None:
@@ -91,12 +146,17 @@ def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
     return f"{registry}/snapshots/{name}", tag
 
 
-async def push_to_registry(docker: aiodocker.Docker, registry: str, image_ref: str) -> str:
-    """Tag and push the image so other runners can pull it; returns the pullable reference."""
+async def push_to_registry(
+    docker: aiodocker.Docker, registry: str, image_ref: str, auth: dict[str, str] | None = None
+) -> str:
+    """Tag and push the image so other runners can pull it; returns the pullable reference.
+
+    `auth` ({username, password, serveraddress}) is sent as X-Registry-Auth; None pushes anonymously.
+    """
     repository, tag = registry_reference(registry, image_ref)
     await docker.images.tag(image_ref, repo=repository, tag=tag)
     # An empty credential set: anonymous push (the engine rejects aiodocker's placeholder header).
-    progress = await docker.images.push(repository, tag=tag, auth={})
+    progress = await docker.images.push(repository, tag=tag, auth=auth or {})
     for entry in progress if isinstance(progress, list) else [progress]:
         if isinstance(entry, dict) and entry.get("error"):
             raise aiodocker.DockerError(500, {"message": str(entry["error"])})

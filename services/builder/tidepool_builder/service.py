@@ -10,6 +10,8 @@ import aiodocker
 import structlog
 from nats.aio.msg import Msg
 
+from tidepool_builder.context_hash import HashCheck, check_context_hash
+from tidepool_builder.context_store import fetch_archives, merge_archives
 from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists
 from tidepool_builder.images import (
     ImageUnusableError,
@@ -21,6 +23,12 @@ from tidepool_builder.images import (
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import Bus, consume, decode, encode, keep_in_progress, publish
 from tidepool_contracts.config import Settings
+from tidepool_contracts.image_refs import (
+    ReferenceRefusedError,
+    check_reference,
+    dockerfile_image_references,
+    registry_host,
+)
 from tidepool_contracts.models import (
     BuildJob,
     BuildLogLine,
@@ -34,6 +42,14 @@ log = structlog.get_logger("tidepool.builder")
 
 # A build interrupted this many times (builder crashes) is reported failed instead of retried again.
 MAX_BUILD_DELIVERIES = 4
+
+
+class ContextHashMismatchError(Exception):
+    """An uploaded context does not hold the content its hash names."""
+
+
+class SourceRefusedError(Exception):
+    """The job names an image its organization may not use (the API refuses these already)."""
 
 
 def read_context(context_dir: str | None) -> dict[str, bytes]:
@@ -53,6 +69,59 @@ class Builder:
         self.settings = settings
         self.bus = bus
         self.docker = docker
+        # Source pulls run one at a time: a name pulled with one organization's credentials is removed
+        # again before another job can look for it (images.ensure_source_image).
+        self.source_lock = asyncio.Lock()
+
+    def registry_auth(self) -> dict[str, str] | None:
+        """The internal registry's login (X-Registry-Auth), when it has one."""
+        settings = self.settings
+        if not settings.registry_username:
+            return None
+        return {
+            "username": settings.registry_username,
+            "password": settings.registry_password,
+            "serveraddress": registry_host(settings.registry_url),
+        }
+
+    def check_sources(self, job: BuildJob) -> None:
+        """Defence in depth behind the API: an organization's job reads only images it may use."""
+        if not job.organization_id:
+            return  # the platform's own image
+        sources = [job.source_image] if job.source_image else []
+        if job.dockerfile:
+            try:
+                sources += dockerfile_image_references(job.dockerfile)
+            except ValueError as error:
+                raise SourceRefusedError(f"Dockerfile: {error}") from error
+        for source in sources:
+            try:
+                check_reference(
+                    source,
+                    job.organization_id,
+                    internal_registry=self.settings.registry_url,
+                    platform_images=(self.settings.default_image, self.settings.base_image),
+                )
+            except ReferenceRefusedError as error:
+                raise SourceRefusedError(error.message) from error
+
+    async def fetch_verified_context(self, job: BuildJob) -> dict[str, bytes]:
+        """The job's uploaded context, each archive checked against the SDK hash it was requested by."""
+        archives = await fetch_archives(self.settings, job.organization_id or "", job.context_hashes)
+        for context_hash, archive in zip(job.context_hashes, archives, strict=True):
+            verdict = await asyncio.to_thread(check_context_hash, archive, context_hash)
+            if verdict == HashCheck.MISMATCH:
+                raise ContextHashMismatchError(
+                    f"build context {context_hash} does not match its hash: the uploaded archive holds "
+                    "other content than the hash names; nothing was built or cached from it"
+                )
+            if verdict == HashCheck.UNDECIDED:
+                await self.log_line(
+                    job,
+                    f"Context {context_hash}: a directory whose listing order the archive does not keep; "
+                    "its hash could not be recomputed\n",
+                )
+        return merge_archives(archives)
 
     async def report(
         self, job: BuildJob, state: SnapshotState, reason: str | None = None, ready: bool = False
@@ -60,6 +129,7 @@ class Builder:
         facts = await inspect_image(self.docker, job.image_ref) if ready else None
         registry_ref = await self.publish_image(job) if ready else None
         event = SnapshotEvent(
+            snapshot_id=job.snapshot_id,
             snapshot_name=job.snapshot_name,
             image_ref=job.image_ref,
             state=state,
@@ -96,7 +166,9 @@ class Builder:
         if not self.settings.registry_url:
             return None
         try:
-            return await push_to_registry(self.docker, self.settings.registry_url, job.image_ref)
+            return await push_to_registry(
+                self.docker, self.settings.registry_url, job.image_ref, self.registry_auth()
+            )
         except aiodocker.DockerError as error:
             log.warning("registry.push_failed", image=job.image_ref, error=error.message)
             return None
@@ -129,11 +201,18 @@ class Builder:
             await self.evict(job)
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
+        try:
+            self.check_sources(job)
+        except SourceRefusedError as error:
+            state = SnapshotState.ERROR if job.source_image else SnapshotState.BUILD_FAILED
+            await self.report(job, state, str(error))
+            return
         if job.source_image:
             await self.report(job, SnapshotState.PULLING)
             try:
                 auth = await self.pull_credentials(job)
-                await ensure_source_image(self.docker, job.source_image, job.image_ref, auth)
+                async with self.source_lock:
+                    await ensure_source_image(self.docker, job.source_image, job.image_ref, auth)
                 await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
             except ImageUnusableError as error:
                 await self.report(job, SnapshotState.ERROR, str(error))
@@ -156,9 +235,7 @@ class Builder:
         try:
             context = read_context(job.context_dir)
             if job.context_hashes:
-                from tidepool_builder.context_store import fetch_context
-
-                context |= await fetch_context(self.settings, job.organization_id or "", job.context_hashes)
+                context |= await self.fetch_verified_context(job)
             await build_image(
                 self.docker,
                 dockerfile=job.dockerfile,
@@ -166,9 +243,10 @@ class Builder:
                 tag=job.image_ref,
                 ca_bundle_path=self.settings.ca_bundle or None,
                 on_log=lambda line: self.log_line(job, line + "\n"),
+                organization_id=job.organization_id,
             )
             await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
-        except (BuildFailedError, ImageUnusableError) as error:
+        except (BuildFailedError, ImageUnusableError, ContextHashMismatchError) as error:
             await self.fail(job, str(error))
             return
         except Exception as error:  # context download, engine errors: a failed build, not a stuck one

@@ -4,6 +4,7 @@ Podman's compat socket also speaks), translating engine failures into transient 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,12 @@ class RootIds:
 
 
 class ContainerEngine:
-    def __init__(self, docker: aiodocker.Docker) -> None:
+    def __init__(
+        self, docker: aiodocker.Docker, registry_auth: Callable[[str], dict[str, str] | None] | None = None
+    ) -> None:
         self._docker = docker
+        # The login an image's registry needs (the platform's internal one), by image reference.
+        self._registry_auth = registry_auth
 
     async def close(self) -> None:
         await self._docker.close()
@@ -113,8 +118,9 @@ class ContainerEngine:
         except DockerError as error:
             if error.status != 404:
                 raise self._translate(error, f"inspect image {image_ref}") from error
+        auth = self._registry_auth(image_ref) if self._registry_auth else None
         try:
-            await self._docker.images.pull(image_ref)
+            await self._docker.images.pull(image_ref, auth=auth)
         except DockerError as error:
             if error.status == ENGINE_UNREACHABLE_STATUS:
                 raise EngineUnavailableError(str(error)) from error

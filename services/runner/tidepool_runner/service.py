@@ -12,6 +12,7 @@ from nats.aio.msg import Msg
 
 from tidepool_contracts.bus import Bus, connect, consume, encode
 from tidepool_contracts.config import Settings
+from tidepool_contracts.image_refs import internal_registry_auth
 from tidepool_contracts.models import RunnerJob
 from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
 from tidepool_runner.container_config import sandbox_socket_dir
@@ -52,7 +53,12 @@ class Runner:
         self._bus = bus = await connect(settings.nats_url, name=f"tidepool-runner-{self.runner_id}")
         routes = await bus.kv(KV_ROUTES)
         runners = await bus.kv(KV_RUNNERS)
-        self._engine = engine = ContainerEngine(aiodocker.Docker(url=settings.effective_docker_host))
+        self._engine = engine = ContainerEngine(
+            aiodocker.Docker(url=settings.effective_docker_host),
+            registry_auth=lambda image: internal_registry_auth(
+                image, settings.registry_url, settings.registry_username, settings.registry_password
+            ),
+        )
         inventory = Inventory(
             settings=settings,
             runner_id=self.runner_id,
