@@ -50,10 +50,9 @@ def test_attach_puts_the_layer_on_a_disk_of_its_size(disks: SandboxDisks, short_
     disks.attach("sbx-a", 1, str(upper), str(work))
     assert (upper / "new-file").read_text() == "x"
     assert (paths.mount / INITIALIZED_MARKER).exists()
-    with pytest.raises(OSError) as full:
-        with open(upper / "too-big", "wb") as handle:
-            handle.truncate(0)
-            os.posix_fallocate(handle.fileno(), 0, 2 * GIB)
+    with pytest.raises(OSError) as full, open(upper / "too-big", "wb") as handle:
+        handle.truncate(0)
+        os.posix_fallocate(handle.fileno(), 0, 2 * GIB)
     assert full.value.errno == 28  # ENOSPC at the sandbox's own limit
     disks.remove("sbx-a")
     assert not os.path.ismount(paths.mount) and not paths.image.exists()
