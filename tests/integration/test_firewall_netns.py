@@ -118,15 +118,17 @@ class Lab:
         apply(policy, self.commands, lock_file=self.lock_file)
 
     def probe(self, namespace: str, *targets: tuple[str, str, int]) -> list[str]:
-        output = self.ns(namespace, sys.executable, "-c", PROBE, json.dumps(targets), str(PROBE_TIMEOUT_SECONDS))
-        return json.loads(output)
+        argv = (sys.executable, "-c", PROBE, json.dumps(targets), str(PROBE_TIMEOUT_SECONDS))
+        return json.loads(self.ns(namespace, *argv))
 
     def filter_table(self, family: int = 4) -> list[str]:
-        return self.ns(self.host, "iptables-save" if family == 4 else "ip6tables-save", "-t", "filter").splitlines()
+        save = "iptables-save" if family == 4 else "ip6tables-save"
+        return self.ns(self.host, save, "-t", "filter").splitlines()
 
 
 def link_local(lab: Lab, namespace: str, device: str) -> str:
-    addresses = json.loads(lab.ns(namespace, "ip", "-j", "-6", "addr", "show", "dev", device, "scope", "link"))
+    shown = lab.ns(namespace, "ip", "-j", "-6", "addr", "show", "dev", device, "scope", "link")
+    addresses = json.loads(shown)
     return str(addresses[0]["addr_info"][0]["local"])
 
 
@@ -299,7 +301,7 @@ def test_reapplying_never_duplicates_jumps_and_keeps_them_first(lab: Lab) -> Non
     table = lab.filter_table()
     forward = [line for line in table if line.startswith("-A FORWARD ")]
     assert forward[0].endswith("-j TIDEPOOL-FORWARD") and forward[1].endswith("-j TIDEPOOL-FORWARD")
-    assert [line for line in table if line.startswith("-A INPUT ")][0].endswith("-j TIDEPOOL-INPUT")
+    assert next(line for line in table if line.startswith("-A INPUT ")).endswith("-j TIDEPOOL-INPUT")
     assert lab.probe(lab.a, *sandbox_targets(lab)) == DEFAULT_VERDICTS
     lab.ns(lab.host, "iptables", "-D", "FORWARD", "-s", "10.77.0.0/24", "-j", "ACCEPT")
     lab.ns(lab.host, "iptables", "-D", "INPUT", "-s", "10.77.0.0/24", "-j", "ACCEPT")

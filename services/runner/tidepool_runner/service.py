@@ -19,6 +19,7 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
+from tidepool_runner.network import prepare_sandbox_network
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 
@@ -55,6 +56,8 @@ class Runner:
         routes = await bus.kv(KV_ROUTES)
         runners = await bus.kv(KV_RUNNERS)
         self._engine = engine = ContainerEngine(aiodocker.Docker(url=settings.effective_docker_host))
+        # Before any job can start a container: no sandbox ever runs on an unisolated network.
+        await prepare_sandbox_network(engine, settings)
         inventory = Inventory(
             settings=settings, runner_id=self.runner_id, engine=engine, runners=runners, routes=routes
         )
