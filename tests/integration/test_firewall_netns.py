@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.netprobe import BLOCKED_TCP, BLOCKED_UDP, PROBE, SERVER
 from tidepool_runner.firewall import Commands, FirewallPolicy, apply
 
 pytestmark = [
@@ -37,57 +38,6 @@ BRIDGE = "tpfwbr0"
 RESOLVER = "10.99.0.53"
 INTERNET = "198.51.100.2"
 PROBE_TIMEOUT_SECONDS = 10
-
-SERVER = r"""
-import json, socket, sys, threading
-def serve_tcp(sock):
-    while True:
-        conn, _ = sock.accept()
-        conn.sendall(b"ok")
-        conn.close()
-def serve_udp(sock):
-    while True:
-        _, peer = sock.recvfrom(64)
-        sock.sendto(b"ok", peer)
-for kind, host, port in json.loads(sys.argv[1]):
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host, port))
-    if kind == "tcp":
-        sock.listen(16)
-    threading.Thread(target=serve_tcp if kind == "tcp" else serve_udp, args=(sock,), daemon=True).start()
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-PROBE = r"""
-import errno, json, socket, sys
-results = []
-for kind, host, port in json.loads(sys.argv[1]):
-    try:
-        family, socktype, _, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)[0]
-        with socket.socket(family, socktype) as sock:
-            sock.settimeout(float(sys.argv[2]))
-            sock.connect(address)
-            if kind == "udp":
-                sock.send(b"?")
-            results.append("ok" if sock.recv(2) == b"ok" else "closed")
-    except ConnectionRefusedError:
-        results.append("refused")
-    except TimeoutError:
-        results.append("timeout")
-    except OSError as error:
-        results.append(errno.errorcode.get(error.errno, str(error)))
-print(json.dumps(results))
-"""
-
-# A blocked TCP connect is answered with a reset; a blocked UDP datagram with ICMP "prohibited".
-BLOCKED_TCP = "refused"
-BLOCKED_UDP = "EHOSTUNREACH"
 
 
 def run(*argv: str, stdin: str | None = None) -> str:
@@ -222,6 +172,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
 
 
+def forget_neighbours(lab: Lab) -> None:
+    for namespace in (lab.host, lab.a, lab.b):
+        lab.ns(namespace, "ip", "neigh", "flush", "all")
+        lab.ns(namespace, "ip", "-6", "neigh", "flush", "all")
+
+
 def sandbox_targets(lab: Lab) -> list[tuple[str, str, int]]:
     """From sandbox a: other sandbox (v4, v6), host (bridge gateway, uplink, v6), internet, DNS, private."""
     return [
@@ -269,6 +225,7 @@ def test_firewall_isolates_sandboxes_and_keeps_dns_and_internet(lab: Lab) -> Non
     assert lab.probe(lab.a, *targets) == ["ok"] * len(targets), "everything is reachable without the firewall"
 
     lab.apply(POLICY)
+    forget_neighbours(lab)  # a fresh sandbox has to resolve its peer's address first (ARP/ND)
 
     assert lab.probe(lab.a, *targets) == DEFAULT_VERDICTS
     assert lab.probe(lab.b, ("tcp", "10.77.0.2", 8080), ("tcp", "10.77.0.3", 8080)) == [BLOCKED_TCP, "ok"]

@@ -255,7 +255,12 @@ def render(policy: FirewallPolicy, family: Family, current: str = "") -> str:
     add(fwd, "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
     # Reached through the `-o bridge` jump: a new connection into a sandbox from outside the bridge.
     add(fwd, f"! -i {bridge} -j {reject}")
-    # Bridged sandbox-to-sandbox traffic (seen here thanks to br_netfilter).
+    # Bridged sandbox-to-sandbox traffic (seen here thanks to br_netfilter). Address resolution passes, as
+    # ARP does for IPv4: without it a connect to a neighbour's link-local address hangs until it times out,
+    # instead of reaching the rejection below.
+    if family == 6:
+        for icmp_type in ICMPV6_NEIGHBOR_DISCOVERY:
+            add(fwd, f"-o {bridge} -p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -j ACCEPT")
     add(fwd, f"-o {bridge} -j {'ACCEPT' if policy.allow_inter_sandbox else reject}")
     add(fwd, f"-j {policy.sandboxes_chain}")
     add(fwd, f"-j {egress}")

@@ -106,6 +106,12 @@ def test_ipv6_rules_block_link_local_and_private_ranges_and_let_neighbour_discov
     assert "-p ipv6-icmp -m icmp6 --icmpv6-type neighbour-solicitation -j RETURN" in inp
     assert "-d fd00::53 -p udp -m udp --dport 53 -j RETURN" in inp
     assert inp[-1] == "-j TIDEPOOL-REJECT"
+    # Between sandboxes only address resolution passes, so a connect is rejected rather than left hanging.
+    assert rules_of(text, "TIDEPOOL-FORWARD")[2:5] == [
+        "-o tidepool0 -p ipv6-icmp -m icmp6 --icmpv6-type neighbour-solicitation -j ACCEPT",
+        "-o tidepool0 -p ipv6-icmp -m icmp6 --icmpv6-type neighbour-advertisement -j ACCEPT",
+        "-o tidepool0 -j TIDEPOOL-REJECT",
+    ]
     egress = rules_of(text, "TIDEPOOL-EGRESS")
     assert [f"-d {cidr} -j TIDEPOOL-REJECT" for cidr in BLOCKED_IPV6] == egress[2:-1]
     assert {"fe80::/10", "fc00::/7", "::1/128"} <= set(BLOCKED_IPV6)
