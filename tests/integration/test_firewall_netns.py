@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.netprobe import BLOCKED_TCP, BLOCKED_UDP, PROBE, SERVER
-from tidepool_runner.firewall import Commands, FirewallPolicy, apply
+from tidepool_runner.firewall import BRIDGE_NETFILTER_SYSCTLS, Commands, FirewallPolicy, apply
 
 pytestmark = [
     pytest.mark.integration,
@@ -126,6 +126,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             lab.ns(namespace, "sysctl", "-q", "-w", "net.ipv6.conf.default.accept_dad=0")
         h = lab.host
         lab.ns(h, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        # Off, as on a host where nothing enabled them: bridged packets would then skip iptables entirely.
+        for name in BRIDGE_NETFILTER_SYSCTLS:
+            lab.ns(h, "sysctl", "-q", "-w", f"{name}=0")
         lab.ns(h, "ip", "link", "add", BRIDGE, "type", "bridge")
         lab.ns(h, "ip", "addr", "add", "10.77.0.1/24", "dev", BRIDGE)
         lab.ns(h, "ip", "link", "set", BRIDGE, "up")
@@ -226,6 +229,8 @@ def test_firewall_isolates_sandboxes_and_keeps_dns_and_internet(lab: Lab) -> Non
 
     lab.apply(POLICY)
     forget_neighbours(lab)  # a fresh sandbox has to resolve its peer's address first (ARP/ND)
+    for name in BRIDGE_NETFILTER_SYSCTLS:
+        assert lab.ns(lab.host, "sysctl", "-n", name).strip() == "1"
 
     assert lab.probe(lab.a, *targets) == DEFAULT_VERDICTS
     assert lab.probe(lab.b, ("tcp", "10.77.0.2", 8080), ("tcp", "10.77.0.3", 8080)) == [BLOCKED_TCP, "ok"]

@@ -308,7 +308,9 @@ def ensure_bridge_netfilter(commands: Commands) -> None:
             commands.run(["modprobe", "br_netfilter"])
     for name in BRIDGE_NETFILTER_SYSCTLS:
         try:
-            commands.run(["sysctl", "-q", "-w", f"{name}=1"])
+            # Written only when needed: /proc/sys is read-only in many containers (a runner in a pod).
+            if commands.run(["sysctl", "-n", name]).strip() != "1":
+                commands.run(["sysctl", "-q", "-w", f"{name}=1"])
         except FirewallError as error:
             raise FirewallError(
                 f"cannot enable {name} ({error}): without br_netfilter, traffic between sandboxes on the "
