@@ -244,7 +244,9 @@ def render(policy: FirewallPolicy, family: Family, current: str = "") -> str:
     inp = policy.input_chain
     add(inp, "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN")
     if family == 6:
-        for icmp_type in ICMPV6_NEIGHBOR_DISCOVERY:  # address resolution, should the bridge carry IPv6
+        # Address resolution (ARP's job for IPv4), so a connect to the host's link-local address is rejected
+        # below instead of hanging.
+        for icmp_type in ICMPV6_NEIGHBOR_DISCOVERY:
             add(inp, f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -j RETURN")
     dns_to_resolvers(inp, "RETURN")
     for cidr in allowed:
