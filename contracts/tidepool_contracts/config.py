@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TIDEPOOL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TIDEPOOL_", extra="ignore", use_attribute_docstrings=True)
 
     data_dir: Path = REPO_ROOT / ".tidepool"
     nats_url: str = "nats://127.0.0.1:4222"
@@ -49,8 +52,29 @@ class Settings(BaseSettings):
     # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
     # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
     sandbox_runtime: str = ""
-    # Container network for sandboxes ("" = the engine's default bridge).
-    sandbox_network: str = ""
+
+    # Sandbox networking. The runner creates the network at start when missing and keeps its host firewall
+    # (tidepool_runner.firewall) keyed on the bridge: no sandbox reaches the host, another sandbox, link-local
+    # (cloud metadata) or private addresses; DNS to the sandbox resolvers and the internet are allowed.
+    sandbox_network: str = "tidepool-sandboxes"
+    """Engine network every sandbox joins (not with `networkBlockAll`, which gets no network at all)."""
+    sandbox_network_subnet: str = "10.90.0.0/16"
+    """IPv4 subnet of `sandbox_network`, used when the runner creates it. To change the subnet or bridge of
+    an existing network, remove the network (`podman network rm`) while no sandbox uses it."""
+    sandbox_network_bridge: str = "tidepool0"
+    """Linux bridge of `sandbox_network` (at most 15 characters); the firewall matches on it."""
+    sandbox_firewall: bool = True
+    """Let the runner manage the sandbox firewall (needs root / CAP_NET_ADMIN in the host's network
+    namespace and iptables). Off only if you isolate sandboxes yourself: they then reach the host, each
+    other and the cloud metadata service."""
+    sandbox_allow_inter_sandbox: bool = False
+    """Widen on purpose: let sandboxes on this runner open connections to each other over the bridge."""
+    sandbox_allowed_cidrs: Annotated[list[str], NoDecode] = []
+    """Widen on purpose: destinations sandboxes may reach although private or on the host, e.g.
+    `10.1.2.0/24,fd00:1::/64` (comma-separated or a JSON list; IPv4 and IPv6)."""
+    sandbox_dns_servers: Annotated[list[str], NoDecode] = []
+    """DNS servers given to sandboxes (comma-separated or a JSON list); sandboxes reach them on port 53 even
+    when they are private. Empty: the engine's default, the host's resolv.conf nameservers."""
 
     default_snapshot: str = "daytona-small"
     default_image: str = "localhost/tidepool/default:0.2.0"
@@ -89,6 +113,17 @@ class Settings(BaseSettings):
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("sandbox_allowed_cidrs", "sandbox_dns_servers", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Environment variables hold lists as `a,b` or as JSON (`["a", "b"]`)."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
 
     @cached_property
     def effective_database_url(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
 import shutil
 import socket
@@ -41,6 +42,7 @@ from tidepool_contracts.models import (
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_RUNNERS, event_sandbox, job_runner
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runner.network import SandboxNetworkError
 from tidepool_runner.service import Runner
 
 pytestmark = [
@@ -430,6 +432,60 @@ async def test_blocked_network_sandbox_starts_without_network(harness: Harness) 
     container = await harness.container(spec.sandbox_id)
     assert container is not None and container["HostConfig"]["NetworkMode"] == "none"
     await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+def firewall_jumps() -> dict[str, int]:
+    """Jumps into the runner's firewall chains, per hook chain, over iptables and ip6tables."""
+    counts: dict[str, int] = {}
+    for save in ("iptables-save", "ip6tables-save"):
+        table = subprocess.run([save, "-t", "filter"], capture_output=True, text=True, check=True).stdout
+        for line in table.splitlines():
+            parts = line.split()
+            hook = parts[:1] == ["-A"] and parts[1] in ("INPUT", "FORWARD", "CNI-ADMIN")
+            if hook and parts[-2] == "-j" and parts[-1].startswith("TIDEPOOL-"):
+                key = f"{save.removesuffix('-save')} {parts[1]}"
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+async def test_sandbox_network_and_firewall_are_set_up_once_per_runner_start(harness: Harness) -> None:
+    settings = harness.settings
+    spec = harness.new_spec()
+    assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
+    container = await harness.container(spec.sandbox_id)
+    assert container is not None
+    # Podman reports NetworkMode "bridge" for any bridge network: the attached networks say which.
+    networks = container["NetworkSettings"]["Networks"]
+    assert list(networks) == [settings.sandbox_network]
+    address = networks[settings.sandbox_network]["IPAddress"]
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(settings.sandbox_network_subnet)
+
+    expected = {
+        f"{tool} {chain}": count
+        for tool in ("iptables", "ip6tables")
+        for chain, count in (("INPUT", 1), ("FORWARD", 2), ("CNI-ADMIN", 2))
+    }
+    assert firewall_jumps() == expected
+    for _ in range(2):  # restarts re-apply the rules without adding jumps
+        await harness.runner.stop()
+        harness.runner = Runner(settings)
+        await harness.runner.start()
+    assert firewall_jumps() == expected
+    await harness.run_job(spec, SandboxAction.DESTROY)
+
+
+async def test_runner_refuses_a_network_its_firewall_cannot_protect(harness: Harness) -> None:
+    """The engine's default network has another bridge: the runner must not start, rather than run
+    sandboxes the firewall does not cover."""
+    settings = harness.settings.model_copy(
+        update={"sandbox_network": "podman", "runner_id": f"runner-it-{uuid.uuid4().hex[:8]}"}
+    )
+    runner = Runner(settings)
+    try:
+        with pytest.raises(SandboxNetworkError, match="exists with bridge"):
+            await runner.start()
+    finally:
+        await runner.stop()
 
 
 async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> None:

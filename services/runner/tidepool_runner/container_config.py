@@ -135,9 +135,15 @@ def container_binds(spec: SandboxSpec, settings: Settings) -> list[str]:
 
 
 def network_mode(spec: SandboxSpec, settings: Settings) -> str:
+    """The runner's sandbox network (isolated by its host firewall), or none at all for `networkBlockAll`."""
     if spec.network_block_all:
         return "none"
-    return settings.sandbox_network or "default"
+    return settings.sandbox_network
+
+
+def dns_servers(spec: SandboxSpec, settings: Settings) -> list[str]:
+    """Empty: the engine's default (the host's resolvers), which the firewall then allows."""
+    return [] if spec.network_block_all else list(settings.sandbox_dns_servers)
 
 
 def daemon_entrypoint(spec: SandboxSpec) -> list[str]:
@@ -196,6 +202,7 @@ def _container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> 
             "LogConfig": {"Type": "k8s-file", "Config": {"max-size": CONTAINER_LOG_MAX_SIZE}},
             "Binds": container_binds(spec, settings),
             "NetworkMode": network_mode(spec, settings),
+            "Dns": dns_servers(spec, settings),
             "PublishAllPorts": False,
             "PortBindings": {},
             "RestartPolicy": {"Name": "no"},

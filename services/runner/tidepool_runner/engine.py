@@ -189,6 +189,25 @@ class ContainerEngine:
             return ""
         return "".join(chunks).strip()
 
+    async def ensure_network(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Create the network `config["Name"]` (a `POST /networks/create` body) unless it exists; either way
+        return its inspect document. Raises EngineUnavailableError (retry) or SandboxFailedError."""
+        name = config["Name"]
+        try:
+            return dict(await (await self._docker.networks.get(name)).show())
+        except DockerError as error:
+            if error.status != 404:
+                raise self._translate(error, f"inspect network {name}") from error
+        try:
+            await self._docker.networks.create(config)
+        except DockerError as error:
+            if error.status != 409:  # 409: created meanwhile by another runner on this engine
+                raise self._translate(error, f"create network {name}") from error
+        try:
+            return dict(await (await self._docker.networks.get(name)).show())
+        except DockerError as error:
+            raise self._translate(error, f"inspect network {name}") from error
+
     async def list_sandboxes(self) -> list[ContainerSummary]:
         try:
             containers = await self._docker.containers.list(

@@ -21,6 +21,7 @@ from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
+from tidepool_runner.network import prepare_sandbox_network
 from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
@@ -59,6 +60,8 @@ class Runner:
                 image, settings.registry_url, settings.registry_username, settings.registry_password
             ),
         )
+        # Before any job can start a container: no sandbox ever runs on an unisolated network.
+        await prepare_sandbox_network(engine, settings)
         inventory = Inventory(
             settings=settings,
             runner_id=self.runner_id,

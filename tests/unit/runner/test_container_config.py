@@ -81,7 +81,9 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     assert "FOO=bar" in config["Env"]
     assert "DAYTONA_SANDBOX_USER=overridden" in config["Env"]
     assert f"DAYTONA_SANDBOX_ID={spec.sandbox_id}" in config["Env"]
-    assert host["NetworkMode"] == "default"
+    # The runner's isolated sandbox network (see tidepool_runner.network), never the engine's default one.
+    assert host["NetworkMode"] == "tidepool-sandboxes"
+    assert host["Dns"] == []  # the engine's default resolvers
 
 
 def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None:
@@ -96,9 +98,13 @@ def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None
         assert f"{variable}=/etc/ssl/certs/ca-certificates.crt" in config["Env"]
 
 
-def test_sandbox_network_setting(tmp_path: Path) -> None:
-    config = build_container_config(make_spec(), make_settings(tmp_path, sandbox_network="tidepool"), "r")
+def test_sandbox_network_and_dns_settings(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, sandbox_network="tidepool", sandbox_dns_servers=["192.168.1.53"])
+    config = build_container_config(make_spec(), settings, "r")
     assert config["HostConfig"]["NetworkMode"] == "tidepool"
+    assert config["HostConfig"]["Dns"] == ["192.168.1.53"]
+    blocked = build_container_config(make_spec(network_block_all=True), settings, "r")
+    assert (blocked["HostConfig"]["NetworkMode"], blocked["HostConfig"]["Dns"]) == ("none", [])
 
 
 def test_an_operator_chosen_oci_runtime(tmp_path: Path) -> None:
