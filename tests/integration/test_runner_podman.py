@@ -338,16 +338,6 @@ async def test_sandbox_runs_as_its_user_with_a_working_toolbox(harness: Harness)
         assert response.status == 200, await response.text()
         result = await response.json()
     assert result["result"].split() == ["daytona", "/home/daytona", "1"]
-    # Warm round trips through runner -> unix socket -> daemon; printed for the record, bounded loosely.
-    timings = []
-    for _ in range(20):
-        began = time.perf_counter()
-        async with harness.http.post(url, json={"command": "true"}) as response:
-            assert response.status == 200
-            await response.read()
-        timings.append(time.perf_counter() - began)
-    median_ms = sorted(timings)[len(timings) // 2] * 1000
-    print(f"runner exec round trip median: {median_ms:.1f} ms")  # figures belong to `make bench`
     await harness.run_job(spec, SandboxAction.DESTROY)
 
 
@@ -366,11 +356,18 @@ async def test_start_recreates_a_missing_container_and_stop_of_missing_is_error(
 async def test_force_stop_kills(harness: Harness) -> None:
     spec = harness.new_spec()
     assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
-    began = time.monotonic()
     stopped = await harness.run_job(spec, SandboxAction.STOP, force=True)
     assert stopped["state"] == "stopped"
-    assert time.monotonic() - began < 8
+    container = await harness.container(spec.sandbox_id)
+    # SIGKILL, not the graceful SIGTERM a plain stop sends (after which the daemon exits 0).
+    assert container is not None and container["State"]["ExitCode"] == 137, container["State"]
+    graceful = harness.new_spec()
+    assert (await harness.run_job(graceful, SandboxAction.CREATE))["state"] == "started"
+    assert (await harness.run_job(graceful, SandboxAction.STOP))["state"] == "stopped"
+    container = await harness.container(graceful.sandbox_id)
+    assert container is not None and container["State"]["ExitCode"] != 137, container["State"]
     await harness.run_job(spec, SandboxAction.DESTROY)
+    await harness.run_job(graceful, SandboxAction.DESTROY)
 
 
 async def test_bad_image_reports_error(harness: Harness) -> None:
@@ -489,7 +486,7 @@ async def test_runner_refuses_a_network_its_firewall_cannot_protect(harness: Har
 
 
 async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> None:
-    """SDK-shaped traffic: API key -> proxy -> runner -> unix socket -> daemon, with the latency on record."""
+    """SDK-shaped traffic: API key -> proxy -> runner -> unix socket -> daemon."""
     if harness.settings.daemon_dir != REAL_DAEMON_DIR:
         pytest.skip("needs the real daemon")
     spec = harness.new_spec()
@@ -506,18 +503,9 @@ async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> N
                 assert response.status == 200, await response.text()
                 result = await response.json()
             assert (result["result"].strip(), result["exitCode"]) == ("hi", 3)
-            for path, body in (("/version", None), ("/process/execute", {"command": "true"})):
-                timings = []
-                for _ in range(30):
-                    began = time.perf_counter()
-                    method = sdk.post if body is not None else sdk.get
-                    async with method(f"{base}{path}", json=body) as response:
-                        assert response.status == 200
-                        await response.read()
-                    timings.append(time.perf_counter() - began)
-                median_ms = sorted(timings)[len(timings) // 2] * 1000
-                print(f"proxy+runner+daemon {path} median: {median_ms:.1f} ms")
-                assert median_ms < 250
+            # Latency of this path is measured by `make bench`, not here.
+            async with sdk.get(f"{base}/version") as response:
+                assert response.status == 200
     finally:
         await proxy.close()
         await harness.run_job(spec, SandboxAction.DESTROY)
