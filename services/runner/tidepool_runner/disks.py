@@ -88,7 +88,7 @@ class SandboxDisks:
             raise SandboxFailedError("the engine reported no overlay layer for the sandbox container")
         disk = self.paths(sandbox_id)
         try:
-            self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._ensure_roots()
             if not disk.image.exists():
                 with self._lock:
                     self._recent_sizes.append(size_gib)
@@ -164,8 +164,14 @@ class SandboxDisks:
                 made += 1
         return made
 
+    def _ensure_roots(self) -> None:
+        # Root-only: the images hold every sandbox's files. mkdir's mode does not reach parents it makes.
+        for directory in (self._root, self._pool_root):
+            directory.mkdir(mode=0o700, exist_ok=True)
+            directory.chmod(0o700)
+
     def _prepare_ready(self, size_gib: int) -> DiskPaths:
-        self._pool_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._ensure_roots()
         token = f"{size_gib}g-{secrets.token_hex(6)}"
         disk = DiskPaths(image=self._pool_root / f"{token}.img", mount=self._pool_root / token)
         _format(disk.image, size_gib)

@@ -61,6 +61,8 @@ def test_attach_puts_the_layer_on_a_disk_of_its_size(disks: SandboxDisks, short_
 def test_a_ready_disk_is_claimed_and_the_pool_refilled(disks: SandboxDisks, short_tmp: Path) -> None:
     assert disks.refill_pool() == 2
     pool = short_tmp / "disks" / "pool"
+    for folder in (pool.parent, pool):  # root-only: the images hold every sandbox's files
+        assert folder.stat().st_mode & 0o777 == 0o700
     ready_before = sorted(pool.glob("*.img"))
     assert len(ready_before) == 2
     upper, work = layer(short_tmp, "layer-b")
