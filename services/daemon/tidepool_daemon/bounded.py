@@ -183,12 +183,11 @@ class _Watch:
         deadline = time.monotonic() + self._bounds.wall_seconds
         wall_exceeded = output_exceeded = False
         spool_error = ""
-        # The job reads its whole request before it writes anything, so this cannot deadlock.
-        with contextlib.suppress(BrokenPipeError):
-            child.stdin.write(request)
-        with contextlib.suppress(BrokenPipeError):
-            child.stdin.close()
+        pending = memoryview(request)
+        # Written as the child reads it, under the same deadline (a stopped child never reads).
+        os.set_blocking(child.stdin.fileno(), False)
         with selectors.DefaultSelector() as selector:
+            selector.register(child.stdin, selectors.EVENT_WRITE, "in")
             selector.register(child.stdout, selectors.EVENT_READ, "out")
             selector.register(child.stderr, selectors.EVENT_READ, "err")
             while selector.get_map():
@@ -197,6 +196,18 @@ class _Watch:
                     wall_exceeded = True
                     break
                 for key, _events in selector.select(timeout=remaining):
+                    if key.data == "in":
+                        try:
+                            pending = pending[os.write(key.fd, pending[:READ_CHUNK_SIZE]) :]
+                        except BlockingIOError:
+                            continue
+                        except BrokenPipeError:  # the child ended early; its status tells why
+                            pending = pending[:0]
+                        if not pending:
+                            selector.unregister(key.fileobj)
+                            with contextlib.suppress(OSError):
+                                child.stdin.close()
+                        continue
                     chunk = os.read(key.fd, READ_CHUNK_SIZE)
                     if not chunk:
                         selector.unregister(key.fileobj)
@@ -214,8 +225,9 @@ class _Watch:
                             spool_error = str(exc)
                             _kill(child, signal.SIGKILL)
         status, cpu_seconds, overran = self._reap(deadline)
-        child.stdout.close()
-        child.stderr.close()
+        for pipe in (child.stdin, child.stdout, child.stderr):
+            with contextlib.suppress(OSError):
+                pipe.close()
         return _Outcome(
             status, cpu_seconds, bytes(self._stderr), wall_exceeded or overran, output_exceeded, spool_error
         )
