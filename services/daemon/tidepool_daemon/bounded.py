@@ -11,8 +11,9 @@ thread watches:
   later: SIGKILL);
 - memory: `RLIMIT_AS` of `memory_bytes` (allocations fail, the job stops with MemoryError);
 - wall-clock time: past `wall_seconds` the child gets SIGTERM (it cleans up), then SIGKILL;
-- output: the result is spooled (in memory, then in an unlinked temporary file) so the status can still be
-  chosen once the job has ended; past `output_bytes` the child is killed;
+- output: the result is spooled (in memory, then in an unlinked temporary file; in memory up to 64 MiB if
+  the disk is full) so the status can still be chosen once the job has ended; past `output_bytes` the child
+  is killed;
 - concurrency: at most `concurrency` jobs at once; a request waits for a slot up to `wall_seconds`.
 
 Past a bound the request gets a 4xx in the daemon's error envelope whose message names the bound and its
@@ -33,6 +34,8 @@ sandbox whose environment sets them.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
 import selectors
@@ -67,6 +70,8 @@ _BOOTSTRAP = (
 )
 # Results up to this size stay in memory; larger ones go to an unlinked temporary file.
 _SPOOL_IN_MEMORY_BYTES = 4 * MIB
+# When no temporary file can be made (a full disk), results up to this size are still kept in memory.
+_SPOOL_MEMORY_FALLBACK_BYTES = 64 * MIB
 _MAX_STDERR_BYTES = 64 * 1024
 # After SIGTERM, how long the job may take to clean up (e.g. remove a half-written file) before SIGKILL.
 _TERM_GRACE_SECONDS = 2.0
@@ -126,7 +131,7 @@ def run_bounded(kind: str, params: dict[str, Any], *, what: str, bounds: Bounds 
     return stream_response(200, "application/json", _drain(spool), content_length=size)
 
 
-def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> tuple[IO[bytes], int]:
+def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> tuple[_Spool, int]:
     request = json.dumps(
         {
             "kind": kind,
@@ -145,16 +150,14 @@ def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> 
         )
     except OSError as exc:
         raise DaemonError(500, f"{what}: cannot start the worker process: {exc}") from None
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY_BYTES)  # noqa: SIM115
+    spool = _Spool()
     try:
         outcome = _Watch(child, spool, bounds).run(request)
         _raise_for_outcome(outcome, what, bounds)
     except BaseException:
         spool.close()
         raise
-    size = spool.tell()
-    spool.seek(0)
-    return spool, size
+    return spool, spool.rewind()
 
 
 @dataclass
@@ -170,7 +173,7 @@ class _Outcome:
 class _Watch:
     """Feeds the request, spools stdout, keeps stderr, and enforces the wall-clock and output bounds."""
 
-    def __init__(self, child: subprocess.Popen[bytes], spool: IO[bytes], bounds: Bounds) -> None:
+    def __init__(self, child: subprocess.Popen[bytes], spool: _Spool, bounds: Bounds) -> None:
         self._child = child
         self._spool = spool
         self._bounds = bounds
@@ -315,7 +318,54 @@ def _raise_for_outcome(outcome: _Outcome, what: str, bounds: Bounds) -> None:
     raise DaemonError(500, f"{what} failed (worker exit status {status}): {tail}")
 
 
-def _drain(spool: IO[bytes]) -> Iterator[bytes]:
+class _Spool:
+    """A job's output: in memory up to _SPOOL_IN_MEMORY_BYTES, then in an unlinked temporary file; if no
+    temporary file can be made (a full disk), in memory up to _SPOOL_MEMORY_FALLBACK_BYTES. `write` raises
+    OSError when there is no room left."""
+
+    def __init__(self) -> None:
+        self._target: IO[bytes] = io.BytesIO()
+        self._in_memory = True
+        self._no_file = False
+        self._size = 0
+
+    def write(self, chunk: bytes) -> None:
+        size = self._size + len(chunk)
+        if self._in_memory and size > _SPOOL_IN_MEMORY_BYTES and not self._no_file:
+            self._move_to_file()
+        if self._in_memory and size > _SPOOL_MEMORY_FALLBACK_BYTES:
+            raise OSError(errno.ENOSPC, "no temporary file can be made and the result is too big for memory")
+        self._target.write(chunk)
+        self._size = size
+
+    def _move_to_file(self) -> None:
+        try:
+            file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        except OSError:
+            self._no_file = True
+            return
+        try:
+            file.write(self._target.getbuffer())  # type: ignore[attr-defined]
+        except OSError:
+            file.close()
+            self._no_file = True
+            return
+        self._target = file
+        self._in_memory = False
+
+    def rewind(self) -> int:
+        """Ready to be read from the start; returns the size."""
+        self._target.seek(0)
+        return self._size
+
+    def read(self, size: int) -> bytes:
+        return self._target.read(size)
+
+    def close(self) -> None:
+        self._target.close()
+
+
+def _drain(spool: _Spool) -> Iterator[bytes]:
     try:
         while chunk := spool.read(READ_CHUNK_SIZE):
             yield chunk

@@ -90,9 +90,7 @@ def socket_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def launch_daemon(
-    tmp_path: Path, work_dir: Path
-) -> Callable[..., contextlib.AbstractContextManager[Path]]:
+def launch_daemon(tmp_path: Path, work_dir: Path) -> Callable[..., contextlib.AbstractContextManager[Path]]:
     """Factory for tests that need to control how the daemon starts (e.g. over a stale socket, or with
     `extra_env`)."""
 
