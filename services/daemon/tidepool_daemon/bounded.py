@@ -49,20 +49,17 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .errors import DaemonError
+from .bounded_job import EXIT_DAEMON_ERROR, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
+from .errors import (
+    MEMORY_LIMIT_EXCEEDED,
+    OUTPUT_LIMIT_EXCEEDED,
+    TIME_LIMIT_EXCEEDED,
+    TOO_MANY_OPERATIONS,
+    DaemonError,
+)
 from .http_io import READ_CHUNK_SIZE, Response, stream_response
 
 MIB = 1024 * 1024
-TIME_LIMIT_EXCEEDED = "TIME_LIMIT_EXCEEDED"
-MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
-OUTPUT_LIMIT_EXCEEDED = "OUTPUT_LIMIT_EXCEEDED"
-TOO_MANY_OPERATIONS = "TOO_MANY_OPERATIONS"
-
-# Exit statuses of bounded_job.py (anything else is a crash).
-EXIT_OK = 0
-EXIT_DAEMON_ERROR = 3  # a DaemonError, as one JSON object on stderr
-EXIT_OUT_OF_MEMORY = 4
-EXIT_STOPPED = 5  # SIGXCPU (CPU bound) or SIGTERM (wall-clock bound) reached the job, which cleaned up
 
 _DAEMON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BOOTSTRAP = (
@@ -142,7 +139,16 @@ def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> 
     ).encode("utf-8", "surrogatepass")
     try:
         child = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOTSTRAP, _DAEMON_ROOT],
+            [
+                sys.executable,
+                "-I",
+                "-S",
+                "-X",
+                f"pycache_prefix={_bytecode_cache()}",
+                "-c",
+                _BOOTSTRAP,
+                _DAEMON_ROOT,
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -158,6 +164,14 @@ def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> 
         spool.close()
         raise
     return spool, spool.rewind()
+
+
+def _bytecode_cache() -> str:
+    """Where the job process keeps compiled modules. The daemon is mounted read-only without bytecode
+    (its python3 is the image's, of any version), so without a cache every job would compile every module
+    again: most of its start-up. The user's own cache folder: the job runs as the user, so nothing written
+    there can run with more rights than its author's (the worker, which imports as root, never uses it)."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "tidepool-daemon", "bytecode")
 
 
 @dataclass

@@ -5,7 +5,8 @@ stdin; the job writes its response body (JSON) to stdout. Exit status 0 means su
 `EXIT_*` statuses in bounded.py (a DaemonError goes to stderr as one JSON object line).
 
 The limits are set here, first thing, rather than in the parent between fork and exec, because the parent
-is multi-threaded (no Python code may run between its fork and exec).
+is multi-threaded (no Python code may run between its fork and exec). Every request pays for this process's
+start, so it imports only what the jobs need (no HTTP machinery, no subprocess handling).
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO
 
-from .bounded import EXIT_DAEMON_ERROR, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 from .errors import DaemonError
 
+# Exit statuses (anything else is a crash).
+EXIT_OK = 0
+EXIT_DAEMON_ERROR = 3  # a DaemonError, as one JSON object on stderr
+EXIT_OUT_OF_MEMORY = 4
+EXIT_STOPPED = 5  # SIGXCPU (CPU bound) or SIGTERM (wall-clock bound) reached the job, which cleaned up
 _OUTPUT_BUFFER_BYTES = 64 * 1024
 
 
@@ -70,7 +75,7 @@ def main() -> None:
     except JobStopped:
         _clean_up()
         os._exit(EXIT_STOPPED)
-    os._exit(0)
+    os._exit(EXIT_OK)
 
 
 def _clean_up() -> None:

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
-from .bounded import OUTPUT_LIMIT_EXCEEDED, run_bounded
 from .context import DaemonContext
 from .errors import (
     FILE_ACCESS_DENIED,
     INVALID_FILE_PATH,
+    OUTPUT_LIMIT_EXCEEDED,
     DaemonError,
     bad_request,
     file_error_from_os_error,
@@ -155,6 +155,9 @@ class FileSystemService:
         except OSError as exc:
             raise file_error_from_os_error(exc, requested) from None
         except _TooManyEntries:
+            # Imported here: the bounded child imports this module for list_job and must start fast.
+            from .bounded import run_bounded
+
             params = {"directory": directory, "requested": requested, "depth": depth}
             return run_bounded("list", params, what="list")
         return json_response(200, entries)

@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import signal
 import stat
-import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from .bounded import run_bounded
 from .context import DaemonContext
 from .errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
 from .globs import Glob, GlobError
@@ -57,6 +54,8 @@ _temp_files: set[str] = set()
 
 
 class SearchService:
+    """The HTTP side, in the daemon; the work itself runs in a bounded child (the `*_job` functions)."""
+
     def __init__(self, context: DaemonContext) -> None:
         self._context = context
 
@@ -80,7 +79,7 @@ class SearchService:
         else:
             kind = "other"
         params = {"root": root, "requested": requested, "kind": kind, "pattern": pattern}
-        return run_bounded("find", params, what="find")
+        return _run_bounded("find", params)
 
     # ----- /files/search --------------------------------------------------------------------------------
 
@@ -98,7 +97,7 @@ class SearchService:
             raise file_error_from_os_error(exc, requested) from None
         _require_listable(root, requested)
         params = {"root": root, "requested": requested, "pattern": pattern}
-        return run_bounded("search", params, what="search")
+        return _run_bounded("search", params)
 
     # ----- /files/replace -------------------------------------------------------------------------------
 
@@ -122,7 +121,14 @@ class SearchService:
             except DaemonError as exc:
                 targets.append([requested, None, exc.message])
         params = {"files": targets, "pattern": pattern, "newValue": new_value}
-        return run_bounded("replace", params, what="replace")
+        return _run_bounded("replace", params)
+
+
+def _run_bounded(kind: str, params: dict[str, Any]) -> Response:
+    # Imported here: the bounded child imports this module for its jobs and must start fast.
+    from .bounded import run_bounded
+
+    return run_bounded(kind, params, what=kind)
 
 
 # ----- jobs (run in the bounded child, see bounded_job.py) -------------------------------------------------
@@ -377,9 +383,11 @@ def _stream_replace(source: BinaryIO, output: BinaryIO, old: bytes, new: bytes) 
 def _make_temp_near(target: str) -> tuple[int, str]:
     """A new file (0600) next to `target`, or in the temp dir when that folder is read-only for us. Its
     path is registered before the file exists, so a stop at any moment finds it (remove_temp_files)."""
+    import tempfile  # only here: the job process starts faster without it
+
     for directory in (os.path.dirname(target), tempfile.gettempdir()):
         for _attempt in range(100):
-            path = os.path.join(directory, _REPLACE_TEMP_PREFIX + secrets.token_hex(8))
+            path = os.path.join(directory, _REPLACE_TEMP_PREFIX + os.urandom(8).hex())
             _temp_files.add(path)
             try:
                 return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path

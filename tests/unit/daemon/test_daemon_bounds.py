@@ -181,6 +181,17 @@ def test_catastrophic_regexes_are_plain_text(
     assert daemon_client.post("/process/execute", json={"command": "echo ok"}).json()["result"] == "ok\n"
 
 
+def test_job_processes_cache_their_bytecode_in_the_users_home(
+    daemon_client: httpx.Client, work_dir: Path, tmp_path: Path
+) -> None:
+    """In a sandbox the daemon is mounted read-only without bytecode: each job would compile every module
+    again (most of its start-up) without the cache in the user's home (HOME is tmp_path/home here)."""
+    (work_dir / "a.txt").write_text("x\n")
+    assert daemon_client.get("/files/find", params={"path": ".", "pattern": "x"}).status_code == 200
+    cache = tmp_path / "home" / ".cache" / "tidepool-daemon" / "bytecode"
+    assert any(cache.rglob("bounded_job.*.pyc")), sorted(cache.rglob("*"))[:20]
+
+
 def test_a_literal_regex_lookalike_is_found(daemon_client: httpx.Client, work_dir: Path) -> None:
     (work_dir / "catastrophic.txt").write_text(CATASTROPHIC_SUBJECT + "\n(a+)+$ in a comment\n")
     matches = daemon_client.get("/files/find", params={"path": ".", "pattern": "(a+)+$"}).json()
