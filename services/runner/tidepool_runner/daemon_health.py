@@ -20,6 +20,11 @@ After `daemon_health_failures` checks in a row without an answer within `daemon_
    and start it); the proxy then answers its toolbox calls at once instead of letting them hang.
 4. A sandbox this checker put in `error` whose daemon answers again later (its supervisor got to run
    after all) is reported `started` again, with a `recovered` event.
+
+A socket that fails the runner's checks (a link or a foreign peer: the sandbox's root tampered with its
+own toolbox channel, see daemon_connections.py) is not a silent daemon: toolbox calls are refused at
+once, nothing hangs, and no restart would help (a stop and a start restores the channel). Such checks
+count as neither answered nor silent.
 """
 
 from __future__ import annotations
@@ -43,7 +48,11 @@ from tidepool_contracts.models import (
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import event_daemon, event_sandbox
 from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL, container_name
-from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runner.daemon_connections import (
+    DAEMON_BASE_URL,
+    DaemonConnections,
+    UntrustedDaemonSocketError,
+)
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
 from tidepool_runner.jobs import SandboxLocks
 
@@ -118,7 +127,11 @@ class DaemonHealthChecker:
         elif not (route.state == SandboxState.ERROR and tracked.errored):
             tracked.failures = 0
             return  # starting, stopping or failed by a job: the job owns the state
-        version = await self._version(sandbox_id, self.settings.daemon_health_timeout_seconds)
+        try:
+            version = await self._version(sandbox_id, self.settings.daemon_health_timeout_seconds)
+        except UntrustedDaemonSocketError as error:
+            log.warning("daemon_health.untrusted_socket", sandbox_id=sandbox_id, error=str(error))
+            return
         if version is not None:
             tracked.failures = 0
             if tracked.errored and route.state == SandboxState.ERROR:
@@ -134,7 +147,8 @@ class DaemonHealthChecker:
             )
 
     async def _version(self, sandbox_id: str, timeout: float) -> str | None:
-        """The daemon's version if it answers `GET /version` within `timeout` seconds, else None."""
+        """The daemon's version if it answers `GET /version` within `timeout` seconds, else None. Raises
+        UntrustedDaemonSocketError when the socket fails the runner's checks."""
         try:
             async with self.daemons.session(sandbox_id).get(
                 f"{DAEMON_BASE_URL}/version", timeout=aiohttp.ClientTimeout(total=timeout)
@@ -142,6 +156,10 @@ class DaemonHealthChecker:
                 body = await response.json(content_type=None)
                 if response.status != 200:
                     return None
+        except aiohttp.ClientConnectorError as error:
+            if isinstance(error.os_error, UntrustedDaemonSocketError):
+                raise error.os_error from None
+            return None
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
         version = body.get("version") if isinstance(body, dict) else None
@@ -187,6 +205,8 @@ class DaemonHealthChecker:
         except (EngineUnavailableError, SandboxFailedError) as error:
             # The engine is away or the container ended meanwhile: try again from the next checks.
             log.warning("daemon_health.restart_failed", sandbox_id=sandbox_id, error=str(error))
+        except UntrustedDaemonSocketError as error:  # tampered with meanwhile: see the module docstring
+            log.warning("daemon_health.untrusted_socket", sandbox_id=sandbox_id, error=str(error))
         except Exception:  # the bus is away for a moment: the next checks try again
             log.exception("daemon_health.restart_error", sandbox_id=sandbox_id)
         finally:

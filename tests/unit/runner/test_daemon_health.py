@@ -236,3 +236,17 @@ async def test_a_stopped_container_is_not_restarted(harness: Harness) -> None:
     await harness.round()
     assert harness.engine.signals == []
     assert harness.checker._tracked == {}
+
+
+async def test_a_tampered_channel_is_not_taken_for_a_silent_daemon(harness: Harness, short_tmp: Path) -> None:
+    """The sandbox's root swapped its socket for a link (test_isolation_sdk.py's attack): calls are refused
+    at once, nothing hangs, a restart would not help; the sandbox stays as it is."""
+    socket_dir = short_tmp / "sockets" / harness.sandbox_id
+    (socket_dir / "toolbox.sock").rename(socket_dir / "real.sock")
+    (socket_dir / "toolbox.sock").symlink_to(socket_dir / "real.sock")
+    await harness.checker.daemons.close(harness.sandbox_id)  # no pooled connection from before the swap
+    for _ in range(4):
+        await harness.round()
+    assert harness.engine.signals == []
+    assert harness.states.empty() and harness.health.empty()
+    assert (await harness.route()).state == SandboxState.STARTED  # type: ignore[union-attr]
