@@ -174,7 +174,15 @@ class Supervisor:
         while not self._stopping:
             started = time.monotonic()
             requested_before = self._restarts_requested
-            self._worker = self._spawn(first)
+            try:
+                self._worker = self._spawn(first)
+            except OSError as error:
+                # E.g. the sandbox's process limit is exhausted (a fork bomb): never give up the socket,
+                # or the container would end with every user process; try again a little later.
+                quick_exits += 1
+                logger.error("cannot start a worker: %s", error)
+                self._pause(min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** (quick_exits - 1)))
+                continue
             first = False
             status = self._wait_for_worker(self._worker)
             if self._stopping:

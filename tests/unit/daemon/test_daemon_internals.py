@@ -132,3 +132,25 @@ def test_bounded_output_spool_moves_to_a_file_or_stays_in_memory_on_a_full_disk(
     assert full.rewind() == 64 * len(block)
     assert full.read(10) == block[:10]
     full.close()
+
+
+def test_supervisor_keeps_trying_when_no_worker_can_be_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork bomb exhausts the sandbox's process limit: the supervisor must not exit (its exit ends the
+    container with every user process) but try again until a worker starts."""
+    import subprocess
+
+    from tidepool_daemon.supervisor import Supervisor, parse_args
+
+    supervisor = Supervisor(parse_args(["--socket", "/nonexistent/toolbox.sock"]))
+    attempts: list[bool] = []
+
+    def spawn(first: bool) -> subprocess.Popen[bytes]:
+        attempts.append(first)
+        if len(attempts) < 3:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        supervisor._stopping = True  # the third worker starts, ends, and the supervisor is asked to stop
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    supervisor._supervise()
+    assert attempts == [True, True, True], "every attempt is still the first worker (entrypoint included)"
