@@ -61,6 +61,7 @@ STREAMS: list[StreamConfig] = [
             f"{subjects.EVENT_SNAPSHOT_PREFIX}.>",
             f"{subjects.EVENT_RUNNER_PREFIX}.>",
             f"{subjects.EVENT_PROCESS_PREFIX}.>",
+            f"{subjects.EVENT_DAEMON_PREFIX}.>",
         ],
         retention=RetentionPolicy.LIMITS,
         max_age=7 * 24 * 3600.0,

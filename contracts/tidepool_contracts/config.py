@@ -81,6 +81,15 @@ class Settings(BaseSettings):
     default_dockerfile: Path = REPO_ROOT / "images" / "default" / "Dockerfile"
     base_image: str = "localhost/tidepool/base:bookworm"
 
+    # Toolbox health checks (runner): every running sandbox's daemon gets `GET /version` this often; after
+    # `daemon_health_failures` unanswered checks in a row (each waiting `daemon_health_timeout_seconds`)
+    # its worker is restarted, and if it still does not answer within `daemon_restart_wait_seconds` the
+    # sandbox is reported `error` (recoverable).
+    daemon_health_interval_seconds: float = 10.0
+    daemon_health_timeout_seconds: float = 5.0
+    daemon_health_failures: int = 3
+    daemon_restart_wait_seconds: float = 30.0
+
     # Scheduler reconciliation: how long a job may stay unanswered before it is re-sent, and how often.
     reconcile_interval_seconds: float = 5.0
     job_resend_after_seconds: float = 45.0

@@ -78,6 +78,8 @@ class SandboxStateEvent(BusModel):
     organization_id: str
     state: SandboxState
     error_reason: str | None = None
+    # With `error`: the sandbox can get back to `started` (e.g. by a stop and a start), as Daytona's flag.
+    recoverable: bool = False
     runner_id: str | None = None
     daemon_version: str | None = None
     source: str
@@ -98,6 +100,25 @@ class ProcessTerminationEvent(BusModel):
     reason: str
     signal: int | None = None
     ended_at: datetime
+
+
+class DaemonHealthOutcome(StrEnum):
+    RESTARTED = "restarted"  # the toolbox stopped answering; its worker was replaced and it answers again
+    RESTART_FAILED = "restart_failed"  # it stopped answering and still does not after the restart
+    RECOVERED = "recovered"  # it answers again after a failed restart
+
+
+class DaemonHealthEvent(BusModel):
+    """Runner -> API: what the runner's health check did about a sandbox's toolbox daemon."""
+
+    sandbox_id: str
+    organization_id: str
+    outcome: DaemonHealthOutcome
+    # Why, in words: what did not answer, for how long, and what was done.
+    reason: str
+    # Identifies one incident across redeliveries.
+    incident_id: str = Field(default_factory=new_id)
+    occurred_at: datetime = Field(default_factory=utc_now)
 
 
 class DesiredSandbox(BusModel):

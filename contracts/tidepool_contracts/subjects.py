@@ -15,6 +15,7 @@ EVENT_SANDBOX_PREFIX = "tidepool.event.sandbox"
 EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
 EVENT_RUNNER_PREFIX = "tidepool.event.runner"
 EVENT_PROCESS_PREFIX = "tidepool.event.process"  # runner -> API: notable process terminations in sandboxes
+EVENT_DAEMON_PREFIX = "tidepool.event.daemon"  # runner -> API: toolbox daemon health (restarts, failures)
 BUILD_LOG_PREFIX = "tidepool.buildlog"
 
 # Core NATS request/reply (caller waits).
@@ -45,6 +46,10 @@ def event_sandbox(sandbox_id: str) -> str:
 
 def event_process(sandbox_id: str) -> str:
     return f"{EVENT_PROCESS_PREFIX}.{sandbox_id}"
+
+
+def event_daemon(sandbox_id: str) -> str:
+    return f"{EVENT_DAEMON_PREFIX}.{sandbox_id}"
 
 
 def event_snapshot(snapshot_name: str) -> str:

@@ -83,6 +83,7 @@ def main() -> None:
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_process import bench_process
+    from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
     from tests.bench.bench_transfer import bench_transfer
 
@@ -91,6 +92,7 @@ def main() -> None:
         ("spine", lambda daytona, _stack: bench(daytona)),
         ("process", lambda daytona, _stack: bench_process(daytona)),
         ("code", lambda daytona, _stack: bench_code(daytona)),
+        ("search", lambda daytona, _stack: bench_search(daytona)),
         ("transfer", bench_transfer),
         ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
         ("isolation", lambda daytona, _stack: bench_isolation(daytona)),

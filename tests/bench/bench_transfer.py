@@ -109,21 +109,27 @@ class RssWatch:
 
 
 def daemon_pid(sandbox: Sandbox) -> int:
-    """The sandbox's toolbox daemon as seen from the host: a child of the container's init process."""
+    """The sandbox's toolbox daemon worker as seen from the host: the child of the daemon's supervisor,
+    which is the child of the container's init process (see tidepool_daemon/supervisor.py)."""
     init_pid = subprocess.run(
         ["podman", "inspect", "--format", "{{.State.Pid}}", f"tidepool-{sandbox.id}"],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    found = subprocess.run(
+    supervisors = subprocess.run(
         ["pgrep", "-P", init_pid, "-f", "python3 -I /opt/tidepool/daemon/main.py"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.split()
+    if len(supervisors) != 1:
+        raise RuntimeError(f"expected one daemon supervisor under container init {init_pid}: {supervisors}")
+    found = subprocess.run(
+        ["pgrep", "-P", supervisors[0], "-f", "--listen-fd"], capture_output=True, text=True, check=False
+    ).stdout.split()
     if len(found) != 1:
-        raise RuntimeError(f"expected one daemon process under container init {init_pid}, found {found}")
+        raise RuntimeError(f"expected one daemon worker under supervisor {supervisors[0]}, found {found}")
     return int(found[0])
 
 

@@ -36,8 +36,17 @@ class StackThread:
             proxy_port=free_port(),
             database_url=database_url,
             ca_bundle=ca_bundle,
-            # Tests kill services on purpose: resend unanswered jobs sooner than in production.
-            extra_env={"TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20", "TIDEPOOL_LOG_LEVEL": "INFO"},
+            extra_env={
+                # Tests kill services on purpose: resend unanswered jobs sooner than in production.
+                "TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20",
+                "TIDEPOOL_LOG_LEVEL": "INFO",
+                # Tests wedge toolbox daemons on purpose: notice it sooner than in production (the
+                # timeout stays generous, so a loaded test machine is not mistaken for a wedged daemon).
+                "TIDEPOOL_DAEMON_HEALTH_INTERVAL_SECONDS": "2",
+                "TIDEPOOL_DAEMON_HEALTH_TIMEOUT_SECONDS": "5",
+                "TIDEPOOL_DAEMON_HEALTH_FAILURES": "2",
+                "TIDEPOOL_DAEMON_RESTART_WAIT_SECONDS": "15",
+            },
             untrust_ca_on_stop=True,
         )
         self.stack = Stack(self.config, sink=self._write)

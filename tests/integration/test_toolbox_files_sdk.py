@@ -96,12 +96,11 @@ def test_find_search_and_replace(sandbox: Sandbox, folder: str) -> None:
         (f"{folder}/src/main.py", 3, "    return 'hello world'"),
         (f"{folder}/src/deep/notes.txt", 1, "TODO(alice): hello"),
     }
-    regex = sandbox.fs.find_files(folder, r"^def \w+\(\):")
-    assert [(m.file, m.line) for m in regex] == [(f"{folder}/src/main.py", 2)]
-    literal = sandbox.fs.find_files(folder, "TODO(alice)")  # not a valid match as a regex, found literally
-    assert [m.line for m in literal] == [1]
-    with pytest.raises(DaytonaBadRequestError, match="invalid regular expression"):
-        sandbox.fs.find_files(folder, "TODO(")
+    # Plain text, like Daytona's daemon (grep -F): no character is special (issue #19 item 4).
+    assert sandbox.fs.find_files(folder, r"^def \w+\(\):") == []
+    literal = sandbox.fs.find_files(folder, "TODO(")
+    assert [(m.file, m.line) for m in literal] == [(f"{folder}/src/deep/notes.txt", 1)]
+    assert [m.line for m in sandbox.fs.find_files(folder, "hello(")] == [2]
     with pytest.raises(DaytonaFileNotFoundError):
         sandbox.fs.find_files(f"{folder}/missing", "x")
 

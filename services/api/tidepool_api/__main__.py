@@ -16,7 +16,7 @@ from tidepool_api.db import Database
 from tidepool_api.events import consume_sandbox_events, consume_snapshot_events
 from tidepool_api.migrate import migrate
 from tidepool_api.registries import serve_credentials
-from tidepool_api.sandbox_events import consume_process_events
+from tidepool_api.sandbox_events import consume_daemon_events, consume_process_events
 from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_contracts import subjects
@@ -50,6 +50,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         asyncio.create_task(consume_snapshot_events(context)),
         asyncio.create_task(evict_expired_builds_forever(context)),
         asyncio.create_task(consume_process_events(context)),
+        asyncio.create_task(consume_daemon_events(context)),
     ]
     config = uvicorn.Config(
         create_app(context),

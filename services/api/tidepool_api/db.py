@@ -106,6 +106,8 @@ class Sandbox(SQLModel, table=True):
     auto_archive_interval: int = 10080
     auto_delete_interval: int = -1
     error_reason: str | None = None
+    # Set with `error` by the runner: a stop and a start bring the sandbox back (shown only while in error).
+    recoverable: bool = False
     # HMAC key of signed file URLs (created on first use, replaced on rotation).
     signing_key: str | None = None
     runner_id: str | None = None

@@ -34,7 +34,7 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
             # A stale report (e.g. `started` for a sandbox the user already deleted): the state machine wins.
             log.info("sandbox.event_ignored", sandbox_id=sandbox.id, current=current, reported=event.state)
             return
-        changes: dict[str, object] = {"error_reason": event.error_reason}
+        changes: dict[str, object] = {"error_reason": event.error_reason, "recoverable": event.recoverable}
         if event.runner_id:
             changes["runner_id"] = event.runner_id
         if event.daemon_version:
@@ -55,6 +55,7 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
                     "oldState": current.value,
                     "newState": event.state.value,
                     "errorReason": event.error_reason,
+                    "recoverable": event.recoverable,
                 },
                 occurred_at=event.occurred_at,
             )

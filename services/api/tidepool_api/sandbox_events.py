@@ -1,4 +1,5 @@
-"""A sandbox's event history: state changes and notable process endings reported by its runner."""
+"""A sandbox's event history: state changes, notable process endings and toolbox daemon restarts, as reported
+by its runner."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from tidepool_api.db import SandboxEvent
 from tidepool_api.schemas import iso
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import consume
-from tidepool_contracts.models import ProcessTerminationEvent
+from tidepool_contracts.models import DaemonHealthEvent, ProcessTerminationEvent
 
 STATE_UPDATED = "sandbox.state.updated"
 PROCESS_TERMINATED = "sandbox.process.terminated"
+# + the outcome: sandbox.daemon.restarted | sandbox.daemon.restart_failed | sandbox.daemon.recovered
+DAEMON_HEALTH_PREFIX = "sandbox.daemon."
 
 
 async def add_event(
@@ -82,6 +85,34 @@ async def consume_process_events(context: ApiContext) -> None:
         durable="api-process-events",
         subject=f"{subjects.EVENT_PROCESS_PREFIX}.>",
         model_type=ProcessTerminationEvent,
+        handler=handle,
+    )
+
+
+async def record_daemon_health(context: ApiContext, event: DaemonHealthEvent) -> None:
+    async with context.database.sessions() as session:
+        await add_event(
+            session,
+            sandbox_id=event.sandbox_id,
+            organization_id=event.organization_id,
+            event_type=f"{DAEMON_HEALTH_PREFIX}{event.outcome.value}",
+            dedupe_key=f"daemon:{event.incident_id}",
+            detail={"reason": event.reason},
+            occurred_at=event.occurred_at,
+        )
+        await session.commit()
+
+
+async def consume_daemon_events(context: ApiContext) -> None:
+    async def handle(event: DaemonHealthEvent, _msg: Msg) -> None:
+        await record_daemon_health(context, event)
+
+    await consume(
+        context.bus,
+        stream=subjects.EVENTS_STREAM,
+        durable="api-daemon-events",
+        subject=f"{subjects.EVENT_DAEMON_PREFIX}.>",
+        model_type=DaemonHealthEvent,
         handler=handle,
     )
 

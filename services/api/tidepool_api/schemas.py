@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from tidepool_api.db import Sandbox, Snapshot
+from tidepool_contracts.states import SandboxState
 
 
 class WireModel(BaseModel):
@@ -77,7 +78,7 @@ def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
         "state": sandbox.state,
         "desiredState": sandbox.desired_state,
         "errorReason": sandbox.error_reason,
-        "recoverable": False,
+        "recoverable": sandbox.recoverable and sandbox.state == SandboxState.ERROR,
         "backupState": "None",
         "autoStopInterval": sandbox.auto_stop_interval,
         "autoArchiveInterval": sandbox.auto_archive_interval,

@@ -9,23 +9,27 @@ import os
 import pwd
 import shutil
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from .context import DaemonContext
 from .errors import (
     FILE_ACCESS_DENIED,
     INVALID_FILE_PATH,
+    OUTPUT_LIMIT_EXCEEDED,
     DaemonError,
     bad_request,
     file_error_from_os_error,
 )
-from .http_io import Request, Response, empty_response, json_response
+from .http_io import Request, Response, empty_response, encode_json, json_response
 
 DEFAULT_FOLDER_MODE = "755"
 CONFLICT = "CONFLICT"
-# Guards against a runaway `depth` walking an entire disk into one response.
-MAX_LIST_ENTRIES = 100_000
+# Listings up to this many entries are made in the daemon itself; larger ones in a bounded child.
+IN_PROCESS_LIST_ENTRIES = 5_000
+# Guards against a runaway `depth` walking an entire disk into one response (answered 422).
+MAX_LIST_ENTRIES = 2_000_000
 
 
 def go_style_mod_time(moment: datetime, nanoseconds: int) -> str:
@@ -60,6 +64,67 @@ def stat_entry(absolute_path: str) -> os.stat_result:
         return os.lstat(absolute_path)
 
 
+class _TooManyEntries(Exception):
+    pass
+
+
+def iter_entries(directory: str, depth: int, limit: int) -> Iterator[dict[str, Any]]:
+    """The file infos below `directory` (sorted by name, depth-first, `depth` levels); raises
+    _TooManyEntries once more than `limit` are found. Only one folder's names are held at a time.
+
+    Raises OSError when `directory` itself cannot be listed; deeper unreadable folders are skipped.
+    """
+    count = 0
+
+    def walk(folder: str, levels: int) -> Iterator[dict[str, Any]]:
+        nonlocal count
+        names: list[str] = []
+        with os.scandir(folder) as iterator:
+            for entry in iterator:
+                names.append(entry.name)
+                if count + len(names) > limit:
+                    raise _TooManyEntries
+        names.sort()
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                status = stat_entry(path)
+            except OSError:
+                continue  # vanished between listing and stat
+            count += 1
+            yield file_info(path, status)
+            # Recurse into real directories only: following symlinked dirs could loop forever.
+            if levels > 1 and stat.S_ISDIR(status.st_mode) and not os.path.islink(path):
+                try:
+                    yield from walk(path, levels - 1)
+                except PermissionError:
+                    continue  # an unreadable subdirectory should not fail the whole listing
+
+    return walk(directory, depth)
+
+
+def list_job(params: dict[str, Any], out: BinaryIO) -> None:
+    """The bounded child's listing (see bounded_job.py): `params` directory (absolute), requested, depth."""
+    requested = params["requested"]
+    try:
+        entries = iter_entries(params["directory"], int(params["depth"]), MAX_LIST_ENTRIES)
+        out.write(b"[")
+        first = True
+        for entry in entries:
+            out.write(encode_json(entry) if first else b"," + encode_json(entry))
+            first = False
+        out.write(b"]")
+    except OSError as exc:
+        raise file_error_from_os_error(exc, requested) from None
+    except _TooManyEntries:
+        raise DaemonError(
+            422,
+            f"list: more than {MAX_LIST_ENTRIES} entries (the listing bound); list a smaller folder or use "
+            "a smaller depth",
+            OUTPUT_LIMIT_EXCEEDED,
+        ) from None
+
+
 def _parse_depth(raw_depth: str | None) -> int:
     if raw_depth is None or raw_depth == "":
         return 1
@@ -77,35 +142,25 @@ class FileSystemService:
         self._context = context
 
     def list_files(self, request: Request) -> Response:
+        """Sorted by name, depth-first. Small listings are made right here; one that turns out to have more
+        than IN_PROCESS_LIST_ENTRIES entries is made again by a bounded child process (see bounded.py),
+        so a folder of millions of entries can neither exhaust the daemon's memory nor hold it up."""
         requested = request.query_value("path") or ""
         depth = _parse_depth(request.query_value("depth"))
         directory = self._context.resolve_path(requested)
         try:
             if not stat.S_ISDIR(os.stat(directory).st_mode):
                 raise DaemonError(400, f"not a directory: {requested}", INVALID_FILE_PATH)
-            entries: list[dict[str, Any]] = []
-            self._collect_entries(directory, depth, entries)
+            entries = list(iter_entries(directory, depth, IN_PROCESS_LIST_ENTRIES))
         except OSError as exc:
             raise file_error_from_os_error(exc, requested) from None
-        return json_response(200, entries)
+        except _TooManyEntries:
+            # Imported here: the bounded child imports this module for list_job and must start fast.
+            from .bounded import run_bounded
 
-    def _collect_entries(self, directory: str, depth: int, into: list[dict[str, Any]]) -> None:
-        with os.scandir(directory) as iterator:
-            children = sorted(iterator, key=lambda entry: entry.name)
-        for child in children:
-            try:
-                status = stat_entry(child.path)
-            except OSError:
-                continue  # vanished between listing and stat
-            into.append(file_info(child.path, status))
-            if len(into) > MAX_LIST_ENTRIES:
-                raise bad_request(f"listing exceeds {MAX_LIST_ENTRIES} entries; use a smaller depth")
-            # Recurse into real directories only: following symlinked dirs could loop forever.
-            if depth > 1 and child.is_dir(follow_symlinks=False):
-                try:
-                    self._collect_entries(child.path, depth - 1, into)
-                except PermissionError:
-                    continue  # an unreadable subdirectory should not fail the whole listing
+            params = {"directory": directory, "requested": requested, "depth": depth}
+            return run_bounded("list", params, what="list")
+        return json_response(200, entries)
 
     def get_file_info(self, request: Request) -> Response:
         requested = request.require_query("path")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from email.message import Message
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import DaemonError, bad_request
+
+if TYPE_CHECKING:  # annotations only: the bounded job process (bounded_job.py) imports this module too
+    from email.message import Message
 
 READ_CHUNK_SIZE = 64 * 1024
 # JSON bodies (commands, path lists) are small; this only stops a runaway client from exhausting memory.

@@ -1,48 +1,61 @@
 """Content search (`/files/find`), name search (`/files/search`) and search-and-replace (`/files/replace`).
 
-Results are streamed as JSON while the tree is walked, and file contents are read in bounded chunks, so
-neither a huge tree nor a huge file is ever held in memory.
+How each one matches, exactly as Daytona's daemon does (issue #19 item 4):
 
-Semantics, reconciling upstream (v0.190 daemon) with the SDK's documentation:
-- find: upstream matches a plain substring per line; the SDK documents it as "similar to grep". A line
-  matches when it contains the pattern literally OR the pattern, as a Python regular expression, matches
-  somewhere in it. So every upstream (substring) match is still found, and regexes work too. A pattern
-  that is not a valid regular expression is refused with 400 and a message saying how to escape it.
-- search: a glob on the basename, recursive (`*.txt` finds `a/b/c.txt`); a pattern containing `/` is
-  matched against the path relative to the search root instead, with `**` spanning directories.
-  `{a,b}` alternatives are supported. Files and directories are both reported (SDK docs).
-- replace: a literal (not regex) replacement, like upstream `strings.ReplaceAll`.
+- find: a plain-text match, like `grep -F`: a line matches when it contains the pattern's bytes literally
+  (case-sensitive; no character is special, so `$5.00 (` finds `price: $5.00 (approx)`). Every regular
+  file below the path is read line by line (`\n` ends a line, a `\r` before it is dropped); a file
+  whose first 8 KiB contain a NUL byte is binary and skipped, symlinks are not followed, unreadable files
+  and folders are skipped. Results: `[{file, line, content}]`, `line` 1-based, `file` joined to the path
+  as given. A line longer than 1 MiB is examined in 1 MiB pieces (overlapping by the pattern's length, so
+  no occurrence is missed) and reported once, with the piece where the pattern first occurs.
+- search: a glob (`*`, `?`, `[...]`, `**`, `{a,b}`; see globs.py) on each entry's basename, recursively
+  (`*.txt` finds `a/b/c.txt`); a pattern containing `/` is matched against the path relative to the
+  search root instead (`src/**/*.go`). Files and folders are both reported; symlinked folders are not
+  entered. The glob is matched in linear time (never as a backtracking regex).
+- replace: literal, like Go's `strings.ReplaceAll` upstream: every non-overlapping occurrence of the
+  pattern's bytes, leftmost first. A file is only rewritten if the pattern occurs in it (atomically,
+  through a temporary file, keeping its mode and owner); a symlink's target is rewritten.
+
+No pattern is ever a regular expression, so no pattern can make matching super-linear. All three still
+run in a bounded child process (bounded.py): their cost grows with the tree, the files and the result,
+which the user controls. Results are streamed from the walk into the child's output, so neither a huge
+tree nor a huge file is ever held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
+import signal
 import stat
-import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from .context import DaemonContext
 from .errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
-from .http_io import READ_CHUNK_SIZE, Request, Response, encode_json, json_response, stream_response
+from .globs import Glob, GlobError
+from .http_io import READ_CHUNK_SIZE, Request, Response, encode_json
 
 # Files whose first bytes contain a NUL are treated as binary and skipped (upstream checks 512 bytes,
 # grep a buffer; this is in between).
 BINARY_SNIFF_BYTES = 8192
-# A "line" longer than this is examined (and reported) in pieces of this size, so one giant line (a
-# minified bundle, a log without newlines) cannot exhaust memory.
+# A "line" longer than this is examined in pieces of this size, so one giant line (a minified bundle, a
+# log without newlines) cannot exhaust memory.
 MAX_LINE_BYTES = 1024 * 1024
 # Matched lines are reported truncated to this many characters.
 MAX_REPORTED_LINE_CHARS = 64 * 1024
-# Results are flushed to the socket in batches of about this size.
+# Results are written out in batches of about this size.
 _STREAM_BATCH_BYTES = 64 * 1024
 _REPLACE_CHUNK_BYTES = 1024 * 1024
 _REPLACE_TEMP_PREFIX = ".tidepool-replace-"
+# Temporary files of replacements under way (bounded child only, one thread).
+_temp_files: set[str] = set()
 
 
 class SearchService:
+    """The HTTP side, in the daemon; the work itself runs in a bounded child (the `*_job` functions)."""
+
     def __init__(self, context: DaemonContext) -> None:
         self._context = context
 
@@ -53,7 +66,6 @@ class SearchService:
         pattern = request.query_value("pattern") or ""
         if not requested or not pattern:
             raise bad_request("path and pattern are required")
-        matcher = LineMatcher(pattern)
         root = self._context.resolve_path(requested)
         try:
             root_status = os.stat(root)
@@ -61,17 +73,13 @@ class SearchService:
             raise file_error_from_os_error(exc, requested) from None
         if stat.S_ISDIR(root_status.st_mode):
             _require_listable(root, requested)
-            files = _walk_files(root, requested)
+            kind = "dir"
         elif stat.S_ISREG(root_status.st_mode):
-            files = iter([(root, os.path.normpath(requested))])
+            kind = "file"
         else:
-            files = iter(())
-        matches = (
-            {"file": shown, "line": line_number, "content": content}
-            for absolute_path, shown in files
-            for line_number, content in _matching_lines(absolute_path, matcher)
-        )
-        return stream_response(200, "application/json", _json_array(matches))
+            kind = "other"
+        params = {"root": root, "requested": requested, "kind": kind, "pattern": pattern}
+        return _run_bounded("find", params)
 
     # ----- /files/search --------------------------------------------------------------------------------
 
@@ -80,8 +88,7 @@ class SearchService:
         pattern = request.query_value("pattern") or ""
         if not requested or not pattern:
             raise bad_request("path and pattern are required")
-        glob = compile_glob(pattern)
-        match_relative_path = "/" in pattern
+        _compile_glob(pattern)  # a refused pattern fails here, before any process is started
         root = self._context.resolve_path(requested)
         try:
             if not stat.S_ISDIR(os.stat(root).st_mode):
@@ -89,15 +96,8 @@ class SearchService:
         except OSError as exc:
             raise file_error_from_os_error(exc, requested) from None
         _require_listable(root, requested)
-
-        def found() -> Iterator[str]:
-            for relative, _is_dir in _walk_entries(root):
-                subject = relative if match_relative_path else os.path.basename(relative)
-                if glob.fullmatch(subject):
-                    yield os.path.normpath(os.path.join(requested, relative))
-
-        chunks = _json_object_with_array('{"files":', found())
-        return stream_response(200, "application/json", chunks)
+        params = {"root": root, "requested": requested, "pattern": pattern}
+        return _run_bounded("search", params)
 
     # ----- /files/replace -------------------------------------------------------------------------------
 
@@ -114,42 +114,90 @@ class SearchService:
             new_value = ""
         if not isinstance(new_value, str):
             raise bad_request("'newValue' must be a string")
-        old = pattern.encode("utf-8", "surrogatepass")
-        new = new_value.encode("utf-8", "surrogatepass")
-        results: list[dict[str, Any]] = []
+        targets: list[list[str | None]] = []
         for requested in files:
             try:
-                absolute_path = self._context.resolve_path(requested, allow_empty=False)
+                targets.append([requested, self._context.resolve_path(requested, allow_empty=False), None])
+            except DaemonError as exc:
+                targets.append([requested, None, exc.message])
+        params = {"files": targets, "pattern": pattern, "newValue": new_value}
+        return _run_bounded("replace", params)
+
+
+def _run_bounded(kind: str, params: dict[str, Any]) -> Response:
+    # Imported here: the bounded child imports this module for its jobs and must start fast.
+    from .bounded import run_bounded
+
+    return run_bounded(kind, params, what=kind)
+
+
+# ----- jobs (run in the bounded child, see bounded_job.py) -------------------------------------------------
+
+
+def find_job(params: dict[str, Any], out: BinaryIO) -> None:
+    """`params`: root (absolute), requested (as given), kind (dir | file | other), pattern."""
+    root, requested, kind = params["root"], params["requested"], params["kind"]
+    needle = str(params["pattern"]).encode("utf-8", "surrogatepass")
+    if kind == "dir":
+        files = _walk_files(root, requested)
+    elif kind == "file":
+        files = iter([(root, os.path.normpath(requested))])
+    else:
+        files = iter(())
+    matches = (
+        {"file": shown, "line": line_number, "content": content}
+        for absolute_path, shown in files
+        for line_number, content in _matching_lines(absolute_path, needle)
+    )
+    _write_batched(out, b"[", matches, b"]")
+
+
+def search_job(params: dict[str, Any], out: BinaryIO) -> None:
+    """`params`: root (absolute, a folder), requested (as given), pattern (a glob)."""
+    root, requested, pattern = params["root"], params["requested"], str(params["pattern"])
+    glob = _compile_glob(pattern)
+    match_relative_path = "/" in pattern
+
+    def found() -> Iterator[str]:
+        for relative, _is_dir in _walk_entries(root):
+            subject = relative if match_relative_path else os.path.basename(relative)
+            if glob.matches(subject):
+                yield os.path.normpath(os.path.join(requested, relative))
+
+    _write_batched(out, b'{"files":[', found(), b"]}")
+
+
+def replace_job(params: dict[str, Any], out: BinaryIO) -> None:
+    """`params`: files ([requested, absolute or None, error or None] each), pattern, newValue."""
+    old = str(params["pattern"]).encode("utf-8", "surrogatepass")
+    new = str(params["newValue"]).encode("utf-8", "surrogatepass")
+
+    def results() -> Iterator[dict[str, Any]]:
+        for requested, absolute_path, error in params["files"]:
+            if absolute_path is None:
+                yield {"file": requested, "success": False, "error": error}
+                continue
+            try:
                 count = replace_in_file(absolute_path, requested, old, new)
             except DaemonError as exc:
-                results.append({"file": requested, "success": False, "error": exc.message})
+                yield {"file": requested, "success": False, "error": exc.message}
                 continue
-            results.append({"file": requested, "success": True, "replacements": count})
-        return json_response(200, results)
+            yield {"file": requested, "success": True, "replacements": count}
+
+    _write_batched(out, b"[", results(), b"]")
 
 
 # ----- matching -------------------------------------------------------------------------------------------
 
 
-class LineMatcher:
-    """A line matches if it contains the pattern literally or the pattern (as a regex) finds a match."""
-
-    def __init__(self, pattern: str) -> None:
-        self.literal = pattern
-        try:
-            self.regex: re.Pattern[str] = re.compile(pattern)
-        except re.error as exc:
-            raise bad_request(
-                f"invalid regular expression {pattern!r}: {exc}. The pattern is a regular expression "
-                "(lines containing it literally match too); escape special characters such as "
-                r"( ) [ ] { } * + ? | \ with a backslash, e.g. 'foo\(' to find 'foo('"
-            ) from None
-
-    def matches(self, line: str) -> bool:
-        return self.literal in line or self.regex.search(line) is not None
+def _compile_glob(pattern: str) -> Glob:
+    try:
+        return Glob(pattern)
+    except GlobError as exc:
+        raise bad_request(f"invalid glob pattern: {exc}") from None
 
 
-def _matching_lines(absolute_path: str, matcher: LineMatcher) -> Iterator[tuple[int, str]]:
+def _matching_lines(absolute_path: str, needle: bytes) -> Iterator[tuple[int, str]]:
     try:
         source = open(absolute_path, "rb")  # noqa: SIM115 - closed below
     except OSError:
@@ -160,107 +208,30 @@ def _matching_lines(absolute_path: str, matcher: LineMatcher) -> Iterator[tuple[
             if b"\x00" in head:
                 return
             source.seek(0)
-            yield from _scan_lines(source, matcher)
+            yield from _scan_lines(source, needle)
         except OSError:
             return
 
 
-def _scan_lines(source: BinaryIO, matcher: LineMatcher) -> Iterator[tuple[int, str]]:
+def _scan_lines(source: BinaryIO, needle: bytes) -> Iterator[tuple[int, str]]:
+    """(line number, content) of every line containing `needle`, reading at most MAX_LINE_BYTES at once."""
     line_number = 1
+    overlap = len(needle) - 1
+    tail = b""  # the end of the previous piece of the same (long) line
+    reported = False  # this line was already reported
     while piece := source.readline(MAX_LINE_BYTES):
         complete = piece.endswith(b"\n")
-        text = piece.decode("utf-8", "replace")
         if complete:
-            text = text[:-2] if text.endswith("\r\n") else text[:-1]
-        if matcher.matches(text):
-            yield line_number, text[:MAX_REPORTED_LINE_CHARS]
+            piece = piece[:-2] if piece.endswith(b"\r\n") else piece[:-1]
+        if not reported and needle in (tail + piece if tail else piece):
+            reported = True
+            yield line_number, piece.decode("utf-8", "replace")[:MAX_REPORTED_LINE_CHARS]
         if complete:
             line_number += 1
-
-
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """Translate a glob into a regex: `*` and `?` stay within one path segment, `**` spans segments,
-    `[...]` is a character class (`[!...]` negated) and `{a,b}` an alternative."""
-    try:
-        return re.compile(_glob_to_regex(pattern, 0, len(pattern))[0], re.DOTALL)
-    except (IndexError, re.error):
-        return re.compile(re.escape(pattern), re.DOTALL)  # malformed glob: match it literally
-
-
-def _glob_to_regex(pattern: str, index: int, end: int, in_braces: bool = False) -> tuple[str, int]:
-    out: list[str] = []
-    while index < end:
-        char = pattern[index]
-        if char == "*":
-            if pattern.startswith("**", index):
-                index += 2
-                if pattern.startswith("/", index):
-                    out.append("(?:.*/)?")  # `**/` also matches zero directories
-                    index += 1
-                else:
-                    out.append(".*")
-                continue
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[":
-            closing = _class_end(pattern, index)
-            if closing < 0:
-                out.append(re.escape(char))
-            else:
-                body = pattern[index + 1 : closing]
-                negate = body[:1] in ("!", "^")
-                if negate:
-                    body = body[1:]
-                body = body.replace("\\", "\\\\")
-                out.append(f"[{'^' if negate else ''}{body}]")
-                index = closing
-        elif char == "{" and _brace_end(pattern, index) > 0:
-            alternatives: list[str] = []
-            index += 1
-            while True:
-                alternative, index = _glob_to_regex(pattern, index, end, in_braces=True)
-                alternatives.append(alternative)
-                if pattern[index] == "}":
-                    break
-                index += 1  # the comma
-            out.append("(?:" + "|".join(alternatives) + ")")
-        elif in_braces and char in ",}":
-            return "".join(out), index
-        elif char == "\\" and index + 1 < end:
-            index += 1
-            out.append(re.escape(pattern[index]))
+            tail = b""
+            reported = False
         else:
-            out.append(re.escape(char))
-        index += 1
-    return "".join(out), index
-
-
-def _class_end(pattern: str, start: int) -> int:
-    index = start + 1
-    if index < len(pattern) and pattern[index] in "!^":
-        index += 1
-    if index < len(pattern) and pattern[index] == "]":
-        index += 1  # a leading `]` is literal
-    closing = pattern.find("]", index)
-    return closing
-
-
-def _brace_end(pattern: str, start: int) -> int:
-    depth = 0
-    index = start
-    while index < len(pattern):
-        if pattern[index] == "\\":
-            index += 2
-            continue
-        if pattern[index] == "{":
-            depth += 1
-        elif pattern[index] == "}":
-            depth -= 1
-            if depth == 0:
-                return index
-        index += 1
-    return -1
+            tail = piece[-overlap:] if overlap else b""
 
 
 def _require_listable(directory: str, requested: str) -> None:
@@ -308,18 +279,11 @@ def _walk_files(root: str, requested: str) -> Iterator[tuple[str, str]]:
         yield absolute_path, os.path.normpath(os.path.join(requested, relative))
 
 
-# ----- JSON streaming -------------------------------------------------------------------------------------
+# ----- output -------------------------------------------------------------------------------------------
 
 
-def _json_array(items: Iterator[Any]) -> Iterator[bytes]:
-    yield from _batched(b"[", items, b"]")
-
-
-def _json_object_with_array(prefix: str, items: Iterator[Any]) -> Iterator[bytes]:
-    yield from _batched(prefix.encode() + b"[", items, b"]}")
-
-
-def _batched(opening: bytes, items: Iterator[Any], closing: bytes) -> Iterator[bytes]:
+def _write_batched(out: BinaryIO, opening: bytes, items: Iterator[Any], closing: bytes) -> None:
+    """Write `opening`, the items as comma-separated JSON, then `closing`, in batches."""
     buffer = bytearray(opening)
     first = True
     for item in items:
@@ -328,10 +292,10 @@ def _batched(opening: bytes, items: Iterator[Any], closing: bytes) -> Iterator[b
         first = False
         buffer += encode_json(item)
         if len(buffer) >= _STREAM_BATCH_BYTES:
-            yield bytes(buffer)
+            out.write(buffer)
             buffer.clear()
     buffer += closing
-    yield bytes(buffer)
+    out.write(buffer)
 
 
 # ----- replacing ------------------------------------------------------------------------------------------
@@ -352,18 +316,45 @@ def replace_in_file(absolute_path: str, requested: str, old: bytes, new: bytes) 
     temp_path: str | None = None
     try:
         with source:
+            if not _contains(source, old):
+                return 0  # nothing to do: no temporary file, no rewrite
+            source.seek(0)
             temp_fd, temp_path = _make_temp_near(target)
             with os.fdopen(temp_fd, "wb") as output:
                 count = _stream_replace(source, output, old, new)
         if count:
-            _install(temp_path, target, status)
+            # A stop (bound reached) waits until the file is whole again: never leave it half-copied.
+            with _stops_deferred():
+                _install(temp_path, target, status)
+                _remove_temp_file(temp_path)  # gone already if it was renamed into place
     except OSError as exc:
         raise file_error_from_os_error(exc, requested, writing=True) from None
     finally:
         if temp_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_path)
+            _remove_temp_file(temp_path)
     return count
+
+
+def _contains(source: BinaryIO, needle: bytes) -> bool:
+    """Whether `needle` occurs in the rest of `source`, reading it in bounded chunks."""
+    keep = len(needle) - 1
+    tail = b""
+    while chunk := source.read(_REPLACE_CHUNK_BYTES):
+        if needle in (tail + chunk if tail else chunk):
+            return True
+        tail = chunk[-keep:] if keep else b""
+    return False
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold back the bounded job's stop signals (SIGTERM, SIGXCPU) for the duration of the block."""
+    stops = {signal.SIGTERM, signal.SIGXCPU}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _stream_replace(source: BinaryIO, output: BinaryIO, old: bytes, new: bytes) -> int:
@@ -390,12 +381,38 @@ def _stream_replace(source: BinaryIO, output: BinaryIO, old: bytes, new: bytes) 
 
 
 def _make_temp_near(target: str) -> tuple[int, str]:
-    try:
-        return tempfile.mkstemp(prefix=_REPLACE_TEMP_PREFIX, dir=os.path.dirname(target))
-    except PermissionError:
-        # The directory is read-only for us but the file may still be writable: spool elsewhere and
-        # copy back in place.
-        return tempfile.mkstemp(prefix=_REPLACE_TEMP_PREFIX)
+    """A new file (0600) next to `target`, or in the temp dir when that folder is read-only for us. Its
+    path is registered before the file exists, so a stop at any moment finds it (remove_temp_files)."""
+    import tempfile  # only here: the job process starts faster without it
+
+    for directory in (os.path.dirname(target), tempfile.gettempdir()):
+        for _attempt in range(100):
+            path = os.path.join(directory, _REPLACE_TEMP_PREFIX + os.urandom(8).hex())
+            _temp_files.add(path)
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+            except FileExistsError:
+                _temp_files.discard(path)
+            except PermissionError:
+                # The folder is read-only for us but the file may still be writable: spool elsewhere
+                # and copy back in place.
+                _temp_files.discard(path)
+                break
+    raise PermissionError(f"cannot create a temporary file for {target}")
+
+
+def _remove_temp_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    _temp_files.discard(path)
+
+
+def remove_temp_files() -> None:
+    """Remove the temporary files of replacements still under way: the bounded job calls this when it is
+    stopped (a bound was reached), whatever it was doing at that moment."""
+    for path in list(_temp_files):
+        with contextlib.suppress(OSError):
+            _remove_temp_file(path)
 
 
 def _install(temp_path: str, target: str, original: os.stat_result) -> None:

@@ -1,7 +1,9 @@
 """HTTP/1.1 server (keep-alive, one thread per connection) on a unix socket, plus the route table.
 
-The host-side runner reaches the daemon through the bind-mounted unix socket; `--tcp` exists only for
-local debugging. Process reaping is left to the container's init process (see `process.py`).
+This is the worker process: the supervisor (`supervisor.py`) binds the socket and starts `serve`, which
+serves the inherited listener as the sandbox user. The host-side runner reaches it through the
+bind-mounted unix socket; `--tcp` exists only for local debugging. Process reaping is left to the
+container's init process (see `process.py`).
 
 A route may answer with `websocket.WebSocketUpgrade` (built by `websocket.websocket_upgrade`): the handler
 thread then writes the 101 response and runs the route's `on_open` on that same connection, which is never
@@ -16,11 +18,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import socketserver
-import stat
-import sys
 import threading
-from collections.abc import Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
@@ -48,6 +48,7 @@ from .pty_sessions import PtyService
 from .routing import Router
 from .search import SearchService
 from .sessions import SessionService
+from .supervisor import LISTEN_BACKLOG, bind_unix_listener
 from .system import SystemService
 from .termination import list_terminations
 from .transfer import FileTransferService
@@ -61,10 +62,6 @@ from .websocket import (
 )
 
 logger = logging.getLogger("tidepool_daemon")
-
-# Owner-only: the socket is bound while the daemon is still the sandbox's root, so only that uid and the
-# host's root (the runner) may connect; the sandbox user's processes never reach the toolbox channel.
-SOCKET_MODE = 0o600
 
 
 def build_router(context: DaemonContext) -> Router:
@@ -339,28 +336,40 @@ class TcpToolboxRequestHandler(ToolboxRequestHandler):
 class ToolboxServerMixin(socketserver.ThreadingMixIn):
     daemon_threads = True  # a hung command must not keep the daemon from exiting
     block_on_close = False
-    request_queue_size = 256  # the SDK may open many connections at once
+    request_queue_size = LISTEN_BACKLOG
     router: Router
+
+    def adopt_listener(self, listener: socket.socket) -> None:
+        """Serve an already listening socket (inherited from the supervisor) instead of binding one."""
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
 
 
 class UnixToolboxServer(ToolboxServerMixin, socketserver.UnixStreamServer):
-    def __init__(self, socket_path: str, router: Router) -> None:
+    """Binds `socket_path` itself (tests, tools), or serves `listener` when one is given (the worker)."""
+
+    def __init__(self, socket_path: str, router: Router, listener: socket.socket | None = None) -> None:
         self.router = router
         self._socket_inode: int | None = None
-        super().__init__(socket_path, ToolboxRequestHandler)
+        super().__init__(socket_path, ToolboxRequestHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self.adopt_listener(listener)
 
     def server_bind(self) -> None:
         socket_path = str(self.server_address)
-        _remove_stale_socket(socket_path)
-        os.makedirs(os.path.dirname(socket_path) or ".", exist_ok=True)
-        super().server_bind()
-        os.chmod(socket_path, SOCKET_MODE)
+        self.socket.close()
+        self.socket = bind_unix_listener(socket_path)
         self._socket_inode = os.stat(socket_path).st_ino
+
+    def server_activate(self) -> None:
+        pass  # bind_unix_listener already listens
 
     def server_close(self) -> None:
         super().server_close()
         socket_path = str(self.server_address)
-        # Only remove the socket we created, not one a newer daemon has put in its place.
+        # Only remove a socket this server bound (never the supervisor's), and not one a newer daemon has
+        # put in its place.
         with contextlib.suppress(OSError):
             if self._socket_inode is not None and os.stat(socket_path).st_ino == self._socket_inode:
                 os.unlink(socket_path)
@@ -369,45 +378,13 @@ class UnixToolboxServer(ToolboxServerMixin, socketserver.UnixStreamServer):
 class TcpToolboxServer(ToolboxServerMixin, socketserver.TCPServer):
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], router: Router) -> None:
+    def __init__(
+        self, address: tuple[str, int], router: Router, listener: socket.socket | None = None
+    ) -> None:
         self.router = router
-        super().__init__(address, TcpToolboxRequestHandler)
-
-
-def _remove_stale_socket(socket_path: str) -> None:
-    try:
-        mode = os.lstat(socket_path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise SystemExit(f"refusing to replace non-socket file at {socket_path}")
-    os.unlink(socket_path)
-
-
-def _parse_tcp_address(raw: str) -> tuple[str, int]:
-    host, separator, port = raw.rpartition(":")
-    if not separator or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {raw!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tidepool-daemon", description="Tidepool in-sandbox toolbox daemon")
-    parser.add_argument("--socket", help="unix socket path to listen on, e.g. /run/tidepool/toolbox.sock")
-    parser.add_argument(
-        "--tcp", type=_parse_tcp_address, metavar="HOST:PORT", help="TCP listener (debug only)"
-    )
-    parser.add_argument("--log-level", default=os.environ.get("TIDEPOOL_DAEMON_LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--entrypoint-json",
-        default="",
-        help="JSON list: the image's entrypoint, run in the entrypoint session",
-    )
-    parser.add_argument("--user", default="", help="started as root: become this user (created if missing)")
-    args = parser.parse_args(argv)
-    if not args.socket and not args.tcp:
-        parser.error("at least one of --socket or --tcp is required")
-    return args
+        super().__init__(address, TcpToolboxRequestHandler, bind_and_activate=listener is None)
+        if listener is not None:
+            self.adopt_listener(listener)
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -415,26 +392,23 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    # Listeners first, while still root: the socket then belongs to the sandbox's root, not to the user
-    # whose processes the toolbox runs (issue #7: the sandbox user must not be able to replace it).
-    router = Router()
-    servers: list[socketserver.BaseServer] = []
-    if args.socket:
-        servers.append(UnixToolboxServer(args.socket, router))
-    if args.tcp:
-        servers.append(TcpToolboxServer(args.tcp, router))
+def serve(args: argparse.Namespace) -> int:
+    """The worker (see supervisor.py): serve the listeners inherited from the supervisor as the sandbox
+    user until SIGTERM. `args.listen_fd` holds `unix:FD` / `tcp:FD` entries."""
+    listeners: list[tuple[str, socket.socket]] = []
+    for entry in args.listen_fd:
+        kind, _, raw_fd = entry.partition(":")
+        listeners.append((kind, socket.socket(fileno=int(raw_fd))))
     become_user(args.user)
     entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
     context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
-    # Filled in place: the servers already hold this router object.
-    router.extend(build_router(context))
+    router = build_router(context)
+    servers: list[socketserver.BaseServer] = []
+    for kind, listener in listeners:
+        if kind == "unix":
+            servers.append(UnixToolboxServer(args.socket or "", router, listener))
+        else:
+            servers.append(TcpToolboxServer(args.tcp or ("", 0), router, listener))
     # PID 1 ignores SIGTERM unless a handler is installed, so always install one.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
@@ -442,8 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for extra_server in servers[1:]:
         threading.Thread(target=extra_server.serve_forever, name="tcp-listener", daemon=True).start()
     logger.info(
-        "tidepool daemon %s listening on %s (work dir %s)",
+        "tidepool daemon %s worker %d serving %s (work dir %s)",
         DAEMON_VERSION,
+        os.getpid(),
         ", ".join(_describe(server) for server in servers),
         context.work_dir,
     )

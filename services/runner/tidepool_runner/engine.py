@@ -171,6 +171,14 @@ class ContainerEngine:
                 return
             raise self._translate(error, "kill the sandbox container") from error
 
+    async def signal(self, container_id: str, signal_name: str) -> None:
+        """Send `signal_name` (e.g. "SIGUSR1") to the container's init process, which forwards it to its
+        child (the sandbox's daemon supervisor). Raises SandboxFailedError if the container is not running."""
+        try:
+            await self._docker.containers.container(container_id).kill(signal=signal_name)
+        except DockerError as error:
+            raise self._translate(error, f"send {signal_name} to the sandbox container") from error
+
     async def remove(self, name_or_id: str) -> None:
         """Remove the container and its anonymous volumes; an already missing container is fine."""
         try:

@@ -88,6 +88,11 @@ class JobExecutor:
         self._daemons = daemons
         self._locks = SandboxLocks()
 
+    @property
+    def locks(self) -> SandboxLocks:
+        """The per-sandbox locks its jobs run under (the daemon health checker takes them too)."""
+        return self._locks
+
     async def handle(self, job: RunnerJob, msg: Msg) -> None:
         """The bus handler. Must take the sandbox's lock before its first await to keep arrival order."""
         # Started first so a job queued behind a slow one of the same sandbox is not redelivered meanwhile.

@@ -17,6 +17,7 @@ from tidepool_contracts.models import RunnerJob
 from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
 from tidepool_runner.container_config import sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
+from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
@@ -45,6 +46,7 @@ class Runner:
         self._engine: ContainerEngine | None = None
         self._web: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._health: DaemonHealthChecker | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -104,9 +106,19 @@ class Runner:
             )
 
         collector = TerminationCollector(engine=engine, daemons=self.daemons, bus=bus)
+        self._health = DaemonHealthChecker(
+            settings=settings,
+            runner_id=self.runner_id,
+            engine=engine,
+            daemons=self.daemons,
+            bus=bus,
+            routes=routes,
+            locks=executor.locks,
+        )
         self._tasks = [
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
             asyncio.create_task(collector.run_forever(), name="runner-terminations"),
+            asyncio.create_task(self._health.run_forever(), name="runner-daemon-health"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
         ]
@@ -129,6 +141,8 @@ class Runner:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._health is not None:
+            await self._health.close()
         if self._web is not None:
             await self._web.cleanup()
         await self.daemons.close_all()

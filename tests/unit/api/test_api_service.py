@@ -17,10 +17,18 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Database, Snapshot
 from tidepool_api.events import consume_sandbox_events
 from tidepool_api.migrate import migrate
+from tidepool_api.sandbox_events import consume_daemon_events
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import Bus, connect, decode, kv_get, publish
 from tidepool_contracts.config import Settings
-from tidepool_contracts.models import ApiKeyRecord, DesiredSandbox, SandboxIntent, SandboxStateEvent
+from tidepool_contracts.models import (
+    ApiKeyRecord,
+    DaemonHealthEvent,
+    DaemonHealthOutcome,
+    DesiredSandbox,
+    SandboxIntent,
+    SandboxStateEvent,
+)
 from tidepool_contracts.states import SandboxState
 
 
@@ -258,3 +266,48 @@ async def test_build_cache_evicts_only_expired_unused_builds(api) -> None:  # ty
     message = await context.bus.js.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)
     job = decode(BuildJob, message.data)
     assert job.remove and job.image_ref == "build:expired"
+
+
+async def test_recoverable_error_and_daemon_restarts_reach_the_sandbox(api) -> None:  # type: ignore[no-untyped-def]
+    """Issue #7 item 8: what the runner's toolbox health check reports shows on the sandbox and its events."""
+    client, context, _ = api
+    daemon_events = asyncio.create_task(consume_daemon_events(context))
+    try:
+        created = (await client.post("/api/sandbox", json={"name": "wedged"})).json()
+        sandbox_id, organization = created["id"], created["organizationId"]
+        await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
+        assert (await wait_state(client, sandbox_id, "started"))["recoverable"] is False
+        restarted = DaemonHealthEvent(
+            sandbox_id=sandbox_id,
+            organization_id=organization,
+            outcome=DaemonHealthOutcome.RESTARTED,
+            reason="did not answer; restarted",
+        )
+        await publish(context.bus, subjects.event_daemon(sandbox_id), restarted, msg_id=restarted.incident_id)
+        reason = "the toolbox daemon stopped answering. Recoverable: stop and start the sandbox"
+        error = SandboxStateEvent(
+            sandbox_id=sandbox_id,
+            organization_id=organization,
+            state=SandboxState.ERROR,
+            error_reason=reason,
+            recoverable=True,
+            source="test",
+        )
+        await publish(context.bus, subjects.event_sandbox(sandbox_id), error)
+        errored = await wait_state(client, sandbox_id, "error")
+        assert errored["recoverable"] is True and errored["errorReason"] == reason
+        for _ in range(100):
+            events = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
+            if any(event["type"] == "sandbox.daemon.restarted" for event in events):
+                break
+            await asyncio.sleep(0.05)
+        restart = next(event for event in events if event["type"] == "sandbox.daemon.restarted")
+        assert restart["reason"] == "did not answer; restarted"
+        states = [event for event in events if event["type"] == "sandbox.state.updated"]
+        assert states[0]["newState"] == "error" and states[0]["recoverable"] is True
+        # Stopping it (the recovery) clears the flag with the error.
+        assert (await client.post(f"/api/sandbox/{sandbox_id}/stop")).json()["recoverable"] is False
+    finally:
+        daemon_events.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await daemon_events

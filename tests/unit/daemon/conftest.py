@@ -46,9 +46,21 @@ def work_dir(tmp_path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_daemon(socket_path: Path, work_dir: Path, home_dir: Path, log_path: Path) -> Iterator[Path]:
-    """Run the daemon the way the runner does and stop it (SIGTERM) afterwards."""
-    env = {**os.environ, CONTAINER_ENV_MARKER[0]: CONTAINER_ENV_MARKER[1], "HOME": str(home_dir)}
+def running_daemon(
+    socket_path: Path,
+    work_dir: Path,
+    home_dir: Path,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Path]:
+    """Run the daemon the way the runner does and stop it (SIGTERM) afterwards. `extra_env` joins the
+    daemon's environment (in a sandbox: the container's), e.g. to tighten its bounds."""
+    env = {
+        **os.environ,
+        CONTAINER_ENV_MARKER[0]: CONTAINER_ENV_MARKER[1],
+        "HOME": str(home_dir),
+        **(extra_env or {}),
+    }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
             [_system_python(), "-I", str(DAEMON_ENTRY), "--socket", str(socket_path), "--log-level", "DEBUG"],
@@ -78,20 +90,21 @@ def socket_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def launch_daemon(
-    tmp_path: Path, work_dir: Path
-) -> Callable[[Path], contextlib.AbstractContextManager[Path]]:
-    """Factory for tests that need to control how the daemon starts (e.g. over a stale socket)."""
+def launch_daemon(tmp_path: Path, work_dir: Path) -> Callable[..., contextlib.AbstractContextManager[Path]]:
+    """Factory for tests that need to control how the daemon starts (e.g. over a stale socket, or with
+    `extra_env`)."""
 
-    def launch(socket_path: Path) -> contextlib.AbstractContextManager[Path]:
-        return running_daemon(socket_path, work_dir, tmp_path / "home", tmp_path / "daemon.log")
+    def launch(
+        socket_path: Path, extra_env: dict[str, str] | None = None
+    ) -> contextlib.AbstractContextManager[Path]:
+        return running_daemon(socket_path, work_dir, tmp_path / "home", tmp_path / "daemon.log", extra_env)
 
     return launch
 
 
 @pytest.fixture
 def daemon_socket(
-    socket_dir: Path, launch_daemon: Callable[[Path], contextlib.AbstractContextManager[Path]]
+    socket_dir: Path, launch_daemon: Callable[..., contextlib.AbstractContextManager[Path]]
 ) -> Iterator[Path]:
     with launch_daemon(socket_dir / "toolbox.sock") as socket_path:
         yield socket_path
@@ -102,6 +115,28 @@ def daemon_client(daemon_socket: Path) -> Iterator[httpx.Client]:
     transport = httpx.HTTPTransport(uds=str(daemon_socket))
     with httpx.Client(transport=transport, base_url="http://daemon", timeout=30.0) as client:
         yield client
+
+
+def daemon_pids(socket_path: Path) -> tuple[int, int]:
+    """(supervisor, serving worker) of the daemon listening on `socket_path` (see supervisor.py): both
+    carry `--socket PATH`, only the worker `--listen-fd`."""
+    supervisor = worker = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--socket" not in cmdline or str(socket_path).encode() not in cmdline:
+            continue
+        if b"--listen-fd" in cmdline:
+            assert not worker, "two workers serve one socket"
+            worker = int(entry)
+        else:
+            supervisor = int(entry)
+    assert supervisor and worker, f"daemon processes not found: supervisor {supervisor}, worker {worker}"
+    return supervisor, worker
 
 
 def _wait_for_socket(process: subprocess.Popen[bytes], socket_path: Path, log_path: Path) -> None:

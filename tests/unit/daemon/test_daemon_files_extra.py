@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.unit.daemon.conftest import daemon_pids
 
 MIB = 1024 * 1024
 
@@ -162,20 +163,39 @@ def test_find_with_absolute_path_and_single_file(daemon_client: httpx.Client, se
     assert single == [{"file": "proj/README.md", "line": 1, "content": "# Hello"}]
 
 
-def test_find_pattern_is_a_regex_and_a_substring(daemon_client: httpx.Client, search_tree: Path) -> None:
-    regex = daemon_client.get("/files/find", params={"path": "proj", "pattern": r"^def \w+\(\):$"}).json()
-    assert [(m["file"], m["line"]) for m in regex] == [("proj/src/main.py", 3)]
-    # `foo(bar)` as a regex would match "foobar"; the literal text still matches, like upstream.
-    literal = daemon_client.get("/files/find", params={"path": "proj", "pattern": "foo(bar)"}).json()
-    assert [(m["file"], m["line"]) for m in literal] == [("proj/README.md", 2)]
+def test_find_is_literal_like_grep_f(daemon_client: httpx.Client, work_dir: Path) -> None:
+    """Issue #19 item 4: the pattern is plain text, every regex metacharacter included."""
+    folder = work_dir / "prices"
+    folder.mkdir()
+    (folder / "list.txt").write_text("price: $5.00 (approx)\nprice: 5000\n^def \\w+\\(\\):$ as text\n")
+    (folder / "main.py").write_text("def hello():\n")
+
+    def find(pattern: str) -> list[tuple[str, int, str]]:
+        response = daemon_client.get("/files/find", params={"path": "prices", "pattern": pattern})
+        assert response.status_code == 200, response.text
+        return [(m["file"], m["line"], m["content"]) for m in response.json()]
+
+    assert find("$5.00 (") == [("prices/list.txt", 1, "price: $5.00 (approx)")]
+    assert find("5.00") == [("prices/list.txt", 1, "price: $5.00 (approx)")], "`.` is not a wildcard"
+    assert find("TODO(") == [], "an unbalanced parenthesis is just text"
+    # As a regex this would match `def hello():`; as text it matches only the line that spells it out.
+    assert find(r"^def \w+\(\):$") == [("prices/list.txt", 3, r"^def \w+\(\):$ as text")]
+    assert find("[") == [] and find("*") == []
+    assert find("\\") == [("prices/list.txt", 3, r"^def \w+\(\):$ as text")]
+    assert find("Price") == [], "case-sensitive"
 
 
-def test_find_invalid_regex_is_400(daemon_client: httpx.Client, search_tree: Path) -> None:
-    response = daemon_client.get("/files/find", params={"path": "proj", "pattern": "TODO("})
-    assert response.status_code == 400
-    body = response.json()
-    assert body["source"] == "DAYTONA_DAEMON"
-    assert "invalid regular expression" in body["message"] and "escape" in body["message"]
+def test_find_skips_binary_files(daemon_client: httpx.Client, work_dir: Path) -> None:
+    folder = work_dir / "mixed"
+    folder.mkdir()
+    (folder / "text.txt").write_bytes(b"needle in text\n")
+    (folder / "blob.bin").write_bytes(b"needle before a NUL\n\x00\x01\x02needle\n")
+    # A NUL after the first 8 KiB does not make a file binary (as upstream sniffs only the head).
+    (folder / "late.txt").write_bytes(b"x" * 9000 + b"\n\x00needle late\n")
+    matches = daemon_client.get("/files/find", params={"path": "mixed", "pattern": "needle"}).json()
+    assert sorted((m["file"], m["line"]) for m in matches) == [("mixed/late.txt", 2), ("mixed/text.txt", 1)]
+    single = daemon_client.get("/files/find", params={"path": "mixed/blob.bin", "pattern": "needle"})
+    assert single.status_code == 200 and single.json() == []
 
 
 def test_find_errors(daemon_client: httpx.Client, search_tree: Path) -> None:
@@ -350,11 +370,8 @@ def test_upload_v2_errors(daemon_client: httpx.Client, work_dir: Path) -> None:
 
 
 def _daemon_memory_kib(socket_path: Path, field: str) -> int:
-    pids = subprocess.run(
-        ["pgrep", "-f", "--", f"--socket {socket_path}"], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert len(pids) == 1, pids
-    for line in Path(f"/proc/{pids[0]}/status").read_text().splitlines():
+    _supervisor, worker = daemon_pids(socket_path)  # the worker serves the requests
+    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise AssertionError(f"no {field}")

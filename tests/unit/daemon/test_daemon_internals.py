@@ -101,3 +101,56 @@ def test_os_errors_map_to_sdk_error_codes(error_number: int, status: int, code: 
     error = file_error_from_os_error(OSError(error_number, os.strerror(error_number)), "some/path")
     assert (error.status, error.code) == (status, code)
     assert "some/path" in error.message
+
+
+def test_bounded_output_spool_moves_to_a_file_or_stays_in_memory_on_a_full_disk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bounded job's result is kept until the job's status is known: past 4 MiB in a temporary file, or,
+    when none can be made (a full disk), in memory up to 64 MiB, then OSError (answered 507)."""
+    from tidepool_daemon import bounded
+
+    block = bytes(range(256)) * 4096  # 1 MiB
+    spool = bounded._Spool()
+    for _ in range(6):
+        spool.write(block)
+    assert spool.rewind() == 6 * len(block)
+    assert not spool._in_memory
+    assert spool.read(len(block)) == block
+    spool.close()
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bounded.tempfile, "TemporaryFile", no_room)
+    full = bounded._Spool()
+    for _ in range(64):
+        full.write(block)
+    assert full._in_memory
+    with pytest.raises(OSError):
+        full.write(b"one byte too many")
+    assert full.rewind() == 64 * len(block)
+    assert full.read(10) == block[:10]
+    full.close()
+
+
+def test_supervisor_keeps_trying_when_no_worker_can_be_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork bomb exhausts the sandbox's process limit: the supervisor must not exit (its exit ends the
+    container with every user process) but try again until a worker starts."""
+    import subprocess
+
+    from tidepool_daemon.supervisor import Supervisor, parse_args
+
+    supervisor = Supervisor(parse_args(["--socket", "/nonexistent/toolbox.sock"]))
+    attempts: list[bool] = []
+
+    def spawn(first: bool) -> subprocess.Popen[bytes]:
+        attempts.append(first)
+        if len(attempts) < 3:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        supervisor._stopping = True  # the third worker starts, ends, and the supervisor is asked to stop
+        return subprocess.Popen(["true"])
+
+    monkeypatch.setattr(supervisor, "_spawn", spawn)
+    supervisor._supervise()
+    assert attempts == [True, True, True], "every attempt is still the first worker (entrypoint included)"

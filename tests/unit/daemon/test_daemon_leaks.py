@@ -10,18 +10,7 @@ from pathlib import Path
 import httpx
 from websockets.sync.client import unix_connect
 
-
-def daemon_pid(socket_path: Path) -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--socket" in cmdline and str(socket_path).encode() in cmdline:
-            return int(entry)
-    raise AssertionError("daemon process not found")
+from tests.unit.daemon.conftest import daemon_pids
 
 
 def snapshot(pid: int) -> tuple[int, int, int]:
@@ -69,7 +58,7 @@ def pty_cycle(socket_path: Path, client: httpx.Client, index: int) -> None:
 
 
 def test_no_fd_thread_or_zombie_leaks(daemon_client: httpx.Client, daemon_socket: Path) -> None:
-    pid = daemon_pid(daemon_socket)
+    _supervisor, pid = daemon_pids(daemon_socket)  # the worker serves the requests
     # Warm up every code path once so lazily created state (drainer thread, caches) is in the baseline.
     daemon_client.post("/process/execute", json={"command": "echo warm"})
     daemon_client.post("/process/session", json={"sessionId": "warm"})
