@@ -3,6 +3,7 @@ toolbox behaviours built on it (timeouts, session deletion, stdin) against the r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,10 +58,8 @@ def cleanup_token() -> Iterator[list[str]]:
     yield tokens
     for token in tokens:  # never leave a test's processes behind, whatever happened
         for pid in processes_with(token):
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 # ----- parsing and membership ------------------------------------------------------------------------------
@@ -106,7 +105,9 @@ def test_members_never_include_the_daemon_itself_or_init(tmp_path: Path) -> None
 # ----- ending real trees -----------------------------------------------------------------------------------
 
 
-def test_kill_tree_ends_children_grandchildren_escapees_and_sigterm_ignorers(cleanup_token: list[str]) -> None:
+def test_kill_tree_ends_children_grandchildren_escapees_and_sigterm_ignorers(
+    cleanup_token: list[str],
+) -> None:
     token = unique_sleep()
     cleanup_token.append(token)
     spec = TreeSpec()
