@@ -73,6 +73,7 @@ class CommandOutcome:
 class ProcessService:
     def __init__(self, context: DaemonContext) -> None:
         self._context = context
+        DEADLINE_REAPER.start()  # now, while threads can still be started (see DeadlineReaper)
 
     def execute(self, request: Request) -> Response:
         payload = request.json_object_body()
@@ -193,22 +194,23 @@ class _ShellRun:
 
     def wait(self) -> CommandOutcome:
         self._reached_eof = False
+        timed_out = True
         try:
             timed_out = self._pump_until_done()
             if not timed_out:
                 timed_out = self._wait_for_shell_exit()
         finally:
+            if not timed_out and self._deadline is not None:
+                # The shell returned in time; what it left in the background ends at the deadline. Its pid
+                # is reaped now and may be reused: only its session id and the marker name the tree now.
+                leftovers = TreeSpec(marker=self._tree.marker, sessions=set(self._tree.sessions))
+                DEADLINE_REAPER.schedule(leftovers, self._deadline)
             self._close_stdin()
             assert self._shell.stdout is not None
             if self._reached_eof:
                 self._shell.stdout.close()
             else:
                 BACKGROUND_DRAINER.adopt(self._shell.stdout)  # a background job still holds the pipe
-        if not timed_out and self._deadline is not None:
-            # The shell returned in time; what it left in the background ends at the deadline. Its pid is
-            # reaped now and may be reused: only its session id and the marker name the tree from here on.
-            leftovers = TreeSpec(marker=self._tree.marker, sessions=set(self._tree.sessions))
-            DEADLINE_REAPER.schedule(leftovers, self._deadline)
         exit_code, termination = classify(
             self._shell.returncode,
             timed_out=timed_out,
@@ -323,7 +325,16 @@ class _BackgroundDrainer:
                 self._wake_r, self._wake_w = os.pipe()
                 os.set_blocking(self._wake_w, False)
                 self._thread = threading.Thread(target=self._run, name="background-drain", daemon=True)
-                self._thread.start()
+                try:
+                    self._thread.start()
+                except RuntimeError:
+                    # No thread can be started (the sandbox's pids are exhausted, e.g. a fork bomb): let
+                    # go of the pipe rather than fail the request; its writers get EPIPE from now on.
+                    self._thread = None
+                    del self._pipes[pipe.fileno()]
+                    pipe.close()
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
             else:
                 with contextlib.suppress(OSError):
                     os.write(self._wake_w, b"x")

@@ -218,7 +218,8 @@ class DeadlineReaper:
     """Ends trees at their deadline: a command whose shell returned before its timeout may have left
     background processes (`server &`, a fork bomb); the timeout bounds them too.
 
-    One thread serves every scheduled tree; it starts on demand and ends when nothing is scheduled."""
+    One long-lived thread serves every scheduled tree. `start` it before user commands run: once a fork bomb
+    has taken every pid of the sandbox, no new thread could be started to end it."""
 
     def __init__(self) -> None:
         self._lock = threading.Condition()
@@ -226,16 +227,19 @@ class DeadlineReaper:
         self._counter = 0
         self._thread: threading.Thread | None = None
 
-    def schedule(self, spec: TreeSpec, deadline: float) -> None:
-        """End `spec`'s tree at `deadline` (a `time.monotonic()` value)."""
+    def start(self) -> None:
         with self._lock:
-            self._counter += 1
-            heapq.heappush(self._heap, (deadline, self._counter, spec))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="tree-deadlines", daemon=True)
                 self._thread.start()
-            else:
-                self._lock.notify()
+
+    def schedule(self, spec: TreeSpec, deadline: float) -> None:
+        """End `spec`'s tree at `deadline` (a `time.monotonic()` value)."""
+        self.start()
+        with self._lock:
+            self._counter += 1
+            heapq.heappush(self._heap, (deadline, self._counter, spec))
+            self._lock.notify()
 
     def pending(self) -> int:
         with self._lock:
@@ -245,8 +249,8 @@ class DeadlineReaper:
         while True:
             with self._lock:
                 if not self._heap:
-                    self._thread = None
-                    return
+                    self._lock.wait()
+                    continue
                 wait = self._heap[0][0] - time.monotonic()
                 if wait > 0:
                     self._lock.wait(wait)
