@@ -182,7 +182,7 @@ def test_delete_session_ends_its_processes_and_nothing_of_another_session(sandbo
         wait_for(lambda: count_processes(sandbox, bystander) == 6, "the other session's did not start")
         process.delete_session("tree-doomed")
         wait_for(lambda: count_processes(sandbox, doomed) == 0, "a deleted session's processes survived")
-        assert count_processes(sandbox, bystander) == 6, "deleting a session ended another session's processes"
+        assert count_processes(sandbox, bystander) == 6, "another session lost processes"
     finally:
         process.delete_session("tree-bystander")
     wait_for(lambda: count_processes(sandbox, bystander) == 0, "the second session's processes survived")
