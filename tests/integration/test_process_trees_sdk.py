@@ -93,7 +93,7 @@ def escaping_processes(token: str) -> str:
         f"sleep {token} >/dev/null 2>&1 & "
         f"(sleep {token} & wait) >/dev/null 2>&1 & "
         f"setsid sleep {token} >/dev/null 2>&1 & "
-        f"(setsid sh -c 'trap \"\" TERM HUP; sleep {token}' >/dev/null 2>&1 &); "
+        f"(setsid sh -c 'trap \"\" TERM HUP; exec sleep {token}' >/dev/null 2>&1 &); "
         f"nohup sleep {token} >/dev/null 2>&1 & "
     )
 
@@ -137,7 +137,7 @@ def test_code_run_timeout_ends_processes_it_started(sandbox: Sandbox) -> None:
     )
     try:
         response = sandbox.process.code_run(code, timeout=3)
-    except DaytonaError as error:
+    except Exception as error:  # this SDK call lets the toolbox client's own 408 exception through
         assert "timeout" in str(error).lower()
     else:
         assert response.exit_code != 0
