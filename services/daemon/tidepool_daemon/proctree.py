@@ -4,7 +4,8 @@ A tree is described by a `TreeSpec`:
 
 * `roots`: live processes the daemon started and has not reaped yet (so their pids cannot have been reused);
 * `sessions`: session ids (`setsid`) the daemon's shells lead. A session id stays taken while any process
-  is still in that session, even after its leader died, so it never names an unrelated process;
+  is still in that session, even after its leader died; it counts once its leader is a root or one of its
+  processes carries the marker (an emptied session's id may be reused by an unrelated one);
 * `marker`: the value of `TREE_ENV` put into the environment of the tree's first process. Processes inherit
   it through `setsid`, `nohup`, double forks and daemonizing, which leave the process tree and the session.
 
@@ -129,14 +130,41 @@ def members(
     proc_root: str = PROC_ROOT,
     known: Iterable[int] = (),
 ) -> set[int]:
-    """The pids in `processes` that belong to the tree `spec`. `known` members (from an earlier scan) are
-    not checked again. Never the calling process, its ancestors or pid 1."""
+    """The pids in `processes` that belong to the tree `spec` (see `resolve`)."""
+    return resolve(spec, processes, proc_root, known)[0]
+
+
+def resolve(
+    spec: TreeSpec,
+    processes: dict[int, ProcessEntry],
+    proc_root: str = PROC_ROOT,
+    known: Iterable[int] = (),
+) -> tuple[set[int], set[int]]:
+    """(member pids, trusted session ids) of the tree `spec` among `processes`. `known` members (from an
+    earlier scan) are not checked again. Never the calling process, its ancestors or pid 1.
+
+    A session id of `spec.sessions` is trusted only when its leader is one of `spec.roots` or one of its
+    processes carries the marker: once a session has emptied, its id is free for reuse (pids wrap quickly
+    with a small `pid_max`), and a new, unrelated session may have it."""
     protected = _protected_pids(processes)
     found = {pid for pid in known if pid in processes}
+    trusted = {session for session in spec.sessions if session in spec.roots}
+    unchecked = []
+    # Candidate sessions first: usually their leader carries the marker, which settles the whole session
+    # (a fork bomb's thousands of processes) without reading every environment.
     for pid, entry in processes.items():
-        if pid in found or pid in protected:
+        if pid in protected:
             continue
-        if pid in spec.roots or entry.session in spec.sessions or has_marker(pid, spec.marker, proc_root):
+        candidate = entry.session in spec.sessions and entry.session not in trusted
+        if candidate and has_marker(pid, spec.marker, proc_root):
+            trusted.add(entry.session)
+            found.add(pid)
+            continue
+        unchecked.append(pid)
+    for pid in unchecked:
+        if pid in found:
+            continue
+        if pid in spec.roots or processes[pid].session in trusted or has_marker(pid, spec.marker, proc_root):
             found.add(pid)
     children: dict[int, list[int]] = {}
     for pid, entry in processes.items():
@@ -147,7 +175,7 @@ def members(
             if child not in found and child not in protected:
                 found.add(child)
                 pending.append(child)
-    return found
+    return found, trusted
 
 
 def _protected_pids(processes: dict[int, ProcessEntry]) -> set[int]:
@@ -179,10 +207,10 @@ def kill_tree(spec: TreeSpec, proc_root: str = PROC_ROOT) -> int:
     for _ in range(MAX_KILL_PASSES):
         frozen: set[int] = set()
         for _ in range(MAX_FREEZE_ROUNDS):
+            current, trusted = resolve(spec, snapshot(proc_root), proc_root, known=frozen)
             # One call stops a whole process group in the kernel, faster than a fork bomb multiplies
             # (background jobs of a shell without job control stay in its group); the scan finds the rest.
-            _signal_groups(spec.sessions, signal.SIGSTOP)
-            current = members(spec, snapshot(proc_root), proc_root, known=frozen)
+            _signal_groups(trusted, signal.SIGSTOP)
             new = {pid for pid in current - frozen if pid not in killed}
             if not new:
                 break
@@ -191,7 +219,7 @@ def kill_tree(spec: TreeSpec, proc_root: str = PROC_ROOT) -> int:
             frozen |= new
         if not frozen:
             break
-        _signal_groups(spec.sessions, signal.SIGKILL)
+        _signal_groups(trusted, signal.SIGKILL)
         for pid in frozen:
             if _signal(pid, signal.SIGKILL):
                 killed.add(pid)

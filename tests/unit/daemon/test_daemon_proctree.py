@@ -84,13 +84,26 @@ def test_members_are_roots_sessions_markers_and_their_descendants(tmp_path: Path
     fake_proc(tmp_path, 100, 50, 50)  # a root
     fake_proc(tmp_path, 101, 100, 50)  # its child
     fake_proc(tmp_path, 102, 101, 102)  # a grandchild that called setsid
-    fake_proc(tmp_path, 201, 1, 200)  # an orphan still in the session
+    fake_proc(tmp_path, 200, 1, 200, {TREE_ENV: spec.marker})  # a session leader of the tree
+    fake_proc(tmp_path, 201, 1, 200)  # an orphan in that session, its environment cleared
     fake_proc(tmp_path, 300, 1, 300, {TREE_ENV: spec.marker, "A": "b"})  # double-forked and setsid
     fake_proc(tmp_path, 301, 300, 301)  # its child
     fake_proc(tmp_path, 400, 1, 400, {TREE_ENV: "another-tree"})  # another command's
     fake_proc(tmp_path, 401, 1, 401, {"X": f"{TREE_ENV}={spec.marker}x"})  # only looks alike
     found = members(spec, proctree.snapshot(str(tmp_path)), str(tmp_path))
-    assert found == {100, 101, 102, 201, 300, 301}
+    assert found == {100, 101, 102, 200, 201, 300, 301}
+
+
+def test_a_session_id_counts_only_while_the_tree_is_in_it(tmp_path: Path) -> None:
+    """Once a session emptied, its id may be taken by an unrelated session: that one is not the tree's."""
+    spec = TreeSpec(sessions={500, 600})
+    fake_proc(tmp_path, 500, 1, 500, {TREE_ENV: "someone-else"})  # reused id, another tree's leader
+    fake_proc(tmp_path, 501, 500, 500, {})
+    fake_proc(tmp_path, 601, 1, 600, {})  # leader gone, unmarked: cannot tell, so left alone
+    found, trusted = proctree.resolve(spec, proctree.snapshot(str(tmp_path)), str(tmp_path))
+    assert (found, trusted) == (set(), set())
+    rooted = TreeSpec(roots={500}, sessions={500})
+    assert proctree.resolve(rooted, proctree.snapshot(str(tmp_path)), str(tmp_path)) == ({500, 501}, {500})
 
 
 def test_members_never_include_the_daemon_itself_or_init(tmp_path: Path) -> None:
@@ -98,7 +111,8 @@ def test_members_never_include_the_daemon_itself_or_init(tmp_path: Path) -> None
     fake_proc(tmp_path, 1, 0, 1)
     fake_proc(tmp_path, me, 1, 7)
     fake_proc(tmp_path, 9999999, me, 7)
-    found = members(TreeSpec(sessions={7, 1}), proctree.snapshot(str(tmp_path)), str(tmp_path))
+    spec = TreeSpec(roots={7, 1}, sessions={7, 1})
+    found = members(spec, proctree.snapshot(str(tmp_path)), str(tmp_path))
     assert found == {9999999}
 
 
