@@ -509,9 +509,16 @@ class Stack:
                 raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
 
     def write_env_file(self) -> Path:
+        """`.tidepool/env`: shell lines to `source` (`export DAYTONA_API_URL=…`, `export DAYTONA_API_KEY=…`).
+        Written to a private temporary file and renamed, so `make up-detached` never reads half of it."""
         path = self.config.data_dir / "env"
-        path.write_text(f"DAYTONA_API_URL={self.api_url}\nDAYTONA_API_KEY={self.admin_key}\n")
-        path.chmod(0o600)
+        fresh = path.with_name("env.new")
+        with contextlib.suppress(FileNotFoundError):
+            fresh.unlink()
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"export DAYTONA_API_URL={self.api_url}\nexport DAYTONA_API_KEY={self.admin_key}\n")
+        fresh.replace(path)
         return path
 
     async def stop(self) -> None:
