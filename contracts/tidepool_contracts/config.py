@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # Its login (htpasswd, bcrypt): only the builder (push) and the runners (pull) are given it.
     registry_username: str = ""
     registry_password: str = ""
+    # Registries on the platform's own host (loopback, its addresses and names) are refused as image
+    # sources, so no tenant reaches the host's ports through a pull; an operator lists exceptions here,
+    # as `host:port` (JSON list in the environment: TIDEPOOL_ALLOWED_HOST_REGISTRIES='["vm:5000"]').
+    allowed_host_registries: list[str] = []
 
     # Declarative builds are cached by content for this long after their last use.
     build_cache_hours: float = 24.0

@@ -9,7 +9,9 @@ The platform's own images (`localhost/tidepool/default:*`, `localhost/tidepool/b
 A user-given reference (a snapshot's `imageName`, a Dockerfile's FROM / `--from=`) may name a public or
 private registry image, the platform's images, or its own organization's images. It may not name another
 organization's local image (answered as not found, whether it exists or not), nor the platform's internal
-registry (which only the builder and the runners can log in to).
+registry (which only the builder and the runners can log in to), nor any registry on the platform's own
+host (a loopback, unspecified, link-local or local address, however it is spelt or named): pulls run in
+the host's network, where a tenant could otherwise reach, or probe, the platform's own ports.
 
 Podman resolves short names against local images by path suffix (`base:bookworm` finds
 `localhost/tidepool/base:bookworm`), so short names that could reach another organization's namespace are
@@ -18,8 +20,11 @@ refused as well.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import re
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -168,6 +173,53 @@ def same_registry(host: str, registry_url: str) -> bool:
     return bool(port) and port == target_port and name in LOOPBACK_HOSTS and target_name in LOOPBACK_HOSTS
 
 
+def _host_name(host: str) -> str:
+    """`host[:port]` → the name or address alone (brackets of an IPv6 literal removed)."""
+    if host.startswith("["):
+        return host[1 : host.index("]")] if "]" in host else host
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _address_is_host_local(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if ip.is_loopback or ip.is_unspecified or ip.is_link_local:
+        return True
+    # An address this machine can bind is one of its own (any interface, bridge or alias).
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=512)
+def registry_is_host_local(host: str) -> bool:
+    """Whether a registry `host[:port]` is this machine: a loopback, unspecified, link-local or local
+    address, or a name resolving to one (`0.0.0.0`, `[::]`, the host name, `127.1`, a DNS name pointing to
+    127.0.0.1). A name that does not resolve here is not local (its pull fails on its own). Cached: the
+    answer concerns this host's addresses, which do not move under a running service."""
+    name = _host_name(host)
+    try:
+        infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    return any(_address_is_host_local(str(info[4][0])) for info in infos)
+
+
+def check_registry_host(host: str, allowed_host_registries: Iterable[str], *, what: str) -> None:
+    """ReferenceRefusedError (400) when `host[:port]` is a registry on the platform's own host, unless the
+    operator listed it (`TIDEPOOL_ALLOWED_HOST_REGISTRIES`)."""
+    host = host.lower()
+    if host in {allowed.lower() for allowed in allowed_host_registries}:
+        return
+    if registry_is_host_local(host):
+        raise ReferenceRefusedError(
+            400, f"{what} is in a registry on the platform's own host ({host}): use a remote registry"
+        )
+
+
 def internal_registry_auth(
     image: str, registry_url: str, username: str, password: str
 ) -> dict[str, str] | None:
@@ -189,7 +241,12 @@ def platform_repositories(images: Iterable[str]) -> frozenset[str]:
 
 
 def check_reference(
-    text: str, organization_id: str, *, internal_registry: str, platform_images: Iterable[str]
+    text: str,
+    organization_id: str,
+    *,
+    internal_registry: str,
+    platform_images: Iterable[str],
+    allowed_host_registries: Iterable[str] = (),
 ) -> ImageReference:
     """The parsed reference if `organization_id` may use it, else ReferenceRefusedError (400 or 404).
 
@@ -209,6 +266,8 @@ def check_reference(
     own = _org_component(organization_id)
     if reference.repository in platform_repositories(platform_images):
         return reference
+    if reference.host not in (None, LOCAL_HOST):
+        check_registry_host(reference.host, allowed_host_registries, what=f"Image {text}")
     if reference.host == LOCAL_HOST:
         if local_owner(reference) != own:
             raise ReferenceRefusedError(404, f"Image {text} not found")

@@ -30,6 +30,8 @@ class StackThread:
         # Like `make`: trust the host's bundle unless told otherwise (TLS-intercepting proxy here).
         host_bundle = "/etc/ssl/certs/ca-certificates.crt"
         ca_bundle = os.environ.get("TIDEPOOL_CA_BUNDLE", host_bundle if os.path.exists(host_bundle) else "")
+        # The private-registry tests serve one on loopback: the one host registry this stack allows.
+        self.private_registry_port = free_port()
         self.config = StackConfig(
             data_dir=data_dir,
             api_port=free_port(),
@@ -46,6 +48,7 @@ class StackThread:
                 "TIDEPOOL_DAEMON_HEALTH_TIMEOUT_SECONDS": "5",
                 "TIDEPOOL_DAEMON_HEALTH_FAILURES": "2",
                 "TIDEPOOL_DAEMON_RESTART_WAIT_SECONDS": "15",
+                "TIDEPOOL_ALLOWED_HOST_REGISTRIES": f'["127.0.0.1:{self.private_registry_port}"]',
             },
             untrust_ca_on_stop=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ import pytest
 from Crypto.Protocol.KDF import bcrypt
 from daytona import CreateSandboxFromSnapshotParams, CreateSnapshotParams, Daytona, DaytonaError
 
-from tests.conftest import free_port, wait_for_port
+from tests.conftest import wait_for_port
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
 
@@ -26,7 +27,7 @@ def private_registry(stack: StackThread, tmp_path_factory: pytest.TempPathFactor
     tls = Path(stack.data_dir) / "tls"
     root = tmp_path_factory.mktemp("private-registry")
     (root / "htpasswd").write_bytes(f"{USERNAME}:".encode() + bcrypt(PASSWORD.encode(), 10) + b"\n")
-    port = free_port()
+    port = stack.private_registry_port  # the host registry the test stack allows (stackthread.py)
     (root / "config.yml").write_text(
         "version: 0.1\n"
         "log: {level: warn}\n"
@@ -58,6 +59,38 @@ def push_private_image(registry: str) -> str:
         # This engine must not have the image locally: the platform has to pull it with the credentials.
         subprocess.run(["podman", "rmi", target], check=False, capture_output=True)
     return target
+
+
+def test_registries_on_the_platforms_own_host_are_refused(stack: StackThread) -> None:
+    """Any spelling of this host (unspecified address, host name, loopback alias, link-local) is refused
+    as a registry and as an image source, so no tenant pulls from or probes the host's own ports."""
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    nats_port = stack.stack.env["TIDEPOOL_NATS_URL"].rsplit(":", 1)[1]
+    for host in (
+        f"0.0.0.0:{nats_port}",
+        f"{socket.gethostname()}:{nats_port}",
+        "127.1:3000",
+        "169.254.169.254",
+    ):
+        created = httpx.post(
+            f"{stack.api_url}/docker-registry",
+            json={
+                "name": f"r-{uuid.uuid4().hex[:6]}",
+                "url": f"https://{host}",
+                "username": "u",
+                "password": "p",
+            },
+            headers=headers,
+        )
+        assert created.status_code == 400, (host, created.text)
+        assert "own host" in created.json()["message"]
+        snapshot = httpx.post(
+            f"{stack.api_url}/snapshots",
+            json={"name": f"s-{uuid.uuid4().hex[:6]}", "imageName": f"{host}/x/y:1"},
+            headers=headers,
+        )
+        assert snapshot.status_code == 400, (host, snapshot.text)
+        assert "own host" in snapshot.json()["message"]
 
 
 def test_private_registry_credentials_are_used_for_pulls(stack: StackThread, private_registry: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from tidepool_contracts.image_refs import (
@@ -11,6 +13,7 @@ from tidepool_contracts.image_refs import (
     dockerfile_image_references,
     internal_registry_auth,
     parse_reference,
+    registry_is_host_local,
     snapshot_ref,
 )
 
@@ -90,7 +93,9 @@ def test_the_internal_registry_is_refused() -> None:
     ):
         status, message = refused(text)
         assert status == 400 and "internal registry" in message, text
-    assert check("127.0.0.1:6000/other/registry:1"), "another registry on the same host is not ours"
+    # Another registry on the same host is not the internal one, but it is on the platform's own host.
+    status, message = refused("127.0.0.1:6000/other/registry:1")
+    assert status == 400 and "own host" in message
     assert refused("Not An Image")[0] == 400
 
 
@@ -132,3 +137,45 @@ def test_internal_registry_login_goes_to_that_registry_only() -> None:
     assert internal_registry_auth("ghcr.io/acme/tool:1", REGISTRY, "tidepool", "pw") is None
     assert internal_registry_auth("python:3.12", REGISTRY, "tidepool", "pw") is None
     assert internal_registry_auth(image, REGISTRY, "", "") is None
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "0.0.0.0:5000/x/y:1",
+        "[::]:5000/x/y:1",
+        "127.1:5000/x/y:1",
+        "[::1]:5000/x/y:1",
+        "169.254.169.254/x/y:1",
+        f"{socket.gethostname()}:4222/x/y:1",
+    ],
+)
+def test_registries_on_the_platforms_own_host_are_refused(image: str) -> None:
+    with pytest.raises(ReferenceRefusedError) as refused:
+        check_reference(image, ORG_A, internal_registry="", platform_images=())
+    assert refused.value.status == 400
+    assert "own host" in refused.value.message
+
+
+def test_an_operator_may_allow_a_host_registry() -> None:
+    reference = check_reference(
+        "127.0.0.1:5999/x/y:1",
+        ORG_A,
+        internal_registry="",
+        platform_images=(),
+        allowed_host_registries=["127.0.0.1:5999"],
+    )
+    assert reference.host == "127.0.0.1:5999"
+    with pytest.raises(ReferenceRefusedError):
+        check_reference(
+            "127.0.0.1:6000/x/y:1",
+            ORG_A,
+            internal_registry="",
+            platform_images=(),
+            allowed_host_registries=["127.0.0.1:5999"],
+        )
+
+
+def test_remote_and_unresolvable_registries_are_not_host_local() -> None:
+    assert not registry_is_host_local("192.0.2.200:5000")  # TEST-NET-1: not this host's address
+    assert not registry_is_host_local("registry.invalid:5000")

@@ -78,6 +78,7 @@ def check_image(context: ApiContext, organization_id: str, image: str) -> None:
             organization_id,
             internal_registry=settings.registry_url,
             platform_images=(settings.default_image, settings.base_image),
+            allowed_host_registries=settings.allowed_host_registries,
         )
     except ReferenceRefusedError as error:
         raise ApiError(error.status, error.message) from error

@@ -101,6 +101,7 @@ class Builder:
                     job.organization_id,
                     internal_registry=self.settings.registry_url,
                     platform_images=(self.settings.default_image, self.settings.base_image),
+                    allowed_host_registries=self.settings.allowed_host_registries,
                 )
             except ReferenceRefusedError as error:
                 raise SourceRefusedError(error.message) from error

@@ -15,6 +15,12 @@ from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.routes.sandbox import json_body
 from tidepool_api.schemas import WireModel, iso
+from tidepool_contracts.image_refs import (
+    ReferenceRefusedError,
+    check_registry_host,
+    registry_host,
+    same_registry,
+)
 
 router = APIRouter(prefix="/docker-registry", tags=["docker-registry"])
 
@@ -54,6 +60,19 @@ def require_box(context: Context):  # type: ignore[no-untyped-def]
     return context.secret_box
 
 
+def check_registry_url(context: Context, url: str) -> None:
+    """400 for the platform's internal registry or any registry on the platform's own host: credentials
+    for it would only serve to pull from, or probe, the host's own ports (tidepool_contracts.image_refs)."""
+    host = registry_host(url.strip())
+    settings = context.settings
+    if same_registry(host, settings.registry_url):
+        raise bad_request(f"url: {url} is the platform's internal registry")
+    try:
+        check_registry_host(host, settings.allowed_host_registries, what=f"url: {url}")
+    except ReferenceRefusedError as error:
+        raise ApiError(error.status, error.message) from error
+
+
 async def find_registry(context: Context, organization_id: str, registry_id: str) -> DockerRegistry:
     async with context.database.sessions() as session:
         registry = await session.get(DockerRegistry, registry_id)
@@ -67,6 +86,7 @@ async def create_registry(context: Context, caller: Caller, request: Request) ->
     body = await json_body(request, CreateRegistryRequest)
     if not body.url.strip() or not body.name.strip():
         raise bad_request("name and url are required")
+    check_registry_url(context, body.url)
     box = require_box(context)
     registry = DockerRegistry(
         id=str(uuid.uuid4()),
@@ -111,6 +131,7 @@ async def update_registry(
     context: Context, caller: Caller, registry_id: str, request: Request
 ) -> JsonResponse:
     body = await json_body(request, UpdateRegistryRequest)
+    check_registry_url(context, body.url)
     registry = await find_registry(context, caller.organization_id, registry_id)
     registry.name, registry.url, registry.username = body.name, body.url.strip(), body.username
     if body.project is not None:
