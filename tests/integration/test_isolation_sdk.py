@@ -214,6 +214,16 @@ def test_the_disk_size_is_enforced(stack: StackThread, attacker: Sandbox) -> Non
     assert out.strip() == "freed"
 
 
+def test_the_toolbox_folder_is_a_filesystem_of_its_own(attacker: Sandbox, neighbour: Sandbox) -> None:
+    """Sandbox root may write in /run/tidepool (it binds the socket there): filling it fills no one else's."""
+    code, out = run(attacker, "sudo dd if=/dev/zero of=/run/tidepool/filler bs=1M count=16 2>&1; echo rc=$?")
+    assert "No space left on device" in out and "rc=1" in out, out
+    code, out = run(neighbour, "df -B1 --output=avail /run/tidepool | tail -1")
+    assert code == 0 and int(out) > 128 * 1024, out  # the neighbour's folder still has its room
+    assert run(attacker, "sudo rm -f /run/tidepool/filler && echo ok")[1].strip() == "ok"
+    assert run(attacker, "true")[0] == 0
+
+
 def test_a_deleted_sandbox_leaves_no_disk(stack: StackThread, tenant: Daytona) -> None:
     sandbox = tenant.create()
     image = stack.data_dir / "disks" / f"{sandbox.id}.img"

@@ -31,6 +31,7 @@ from tidepool_runner.container_config import (
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
+from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 
 log = structlog.get_logger("tidepool.runner.jobs")
 
@@ -161,6 +162,7 @@ class JobExecutor:
         the runner connects only to a socket served by that same uid (daemon_connections.py)."""
         socket_dir = sandbox_socket_dir(self._settings, sandbox_id)
         socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mount_socket_dir(socket_dir, root.uid, root.gid)
         os.chown(socket_dir, root.uid, root.gid, follow_symlinks=False)
         os.chmod(socket_dir, 0o700, follow_symlinks=False)
 
@@ -208,7 +210,9 @@ class JobExecutor:
         await self._engine.remove(container_name(job.sandbox_id))
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, job.sandbox_id)
-        await asyncio.to_thread(_remove_tree, sandbox_socket_dir(self._settings, job.sandbox_id))
+        socket_dir = sandbox_socket_dir(self._settings, job.sandbox_id)
+        await asyncio.to_thread(unmount_socket_dir, socket_dir)
+        await asyncio.to_thread(_remove_tree, socket_dir)
         # Only our own route: if the sandbox has since been placed on another runner, that route is not ours.
         route = await kv_get(self._routes, job.sandbox_id, SandboxRoute)
         if route is None or route.runner_id == self._runner_id:

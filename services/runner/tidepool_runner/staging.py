@@ -12,6 +12,8 @@ their sockets in it; `sockets/` is root-only (0700), so no other host user can r
 from __future__ import annotations
 
 import compileall
+import ctypes
+import functools
 import os
 import py_compile
 import shutil
@@ -26,6 +28,12 @@ from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir
 log = structlog.get_logger("tidepool.runner.staging")
 
 RUNTIME_TMPFS_OPTIONS = "mode=0711,size=64m,nosuid,nodev"
+# Each sandbox's toolbox folder is a tmpfs of its own, so a sandbox's root filling it (it may write there)
+# fills nothing of its neighbours'. Room for the socket and little else.
+SOCKET_TMPFS_SIZE = "256k"
+SOCKET_TMPFS_INODES = 64
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x2, 0x4, 0x8
+_MNT_DETACH = 0x2
 # What the daemon needs of its source tree; caches and tests stay out.
 DAEMON_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
 
@@ -49,6 +57,35 @@ def prepare_runtime_dir(settings: Settings) -> None:
     _stage_daemon(settings.daemon_dir, staged_daemon_dir(settings))
     if settings.ca_bundle:
         _replace_file(Path(settings.ca_bundle), staged_ca_bundle(settings))
+
+
+def mount_socket_dir(path: Path, uid: int, gid: int) -> None:
+    """Make `path` (an existing folder) a private tmpfs owned by `uid:gid`, mode 0700; a no-op when it is
+    one already (a restart). mount(2) directly: this is on every start's path. Raises OSError."""
+    if os.path.ismount(path):
+        return
+    options = f"size={SOCKET_TMPFS_SIZE},nr_inodes={SOCKET_TMPFS_INODES},mode=0700,uid={uid},gid={gid}"
+    result = _libc().mount(
+        b"tidepool-toolbox",
+        os.fsencode(path),
+        b"tmpfs",
+        _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+        options.encode(),
+    )
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount tmpfs on {path}: {os.strerror(errno)}")
+
+
+def unmount_socket_dir(path: Path) -> None:
+    """Detach the folder's tmpfs if it has one (lazily: a dying container may still hold it)."""
+    if os.path.ismount(path):
+        _libc().umount2(os.fsencode(path), _MNT_DETACH)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _stage_daemon(source: Path, target: Path) -> None:

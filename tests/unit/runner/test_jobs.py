@@ -164,6 +164,11 @@ async def test_lifecycle_reports_states_and_routes(
     socket_dir = executor._settings.sockets_dir / sandbox_id
     info = socket_dir.stat()
     assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (SANDBOX_ROOT_UID, SANDBOX_ROOT_UID, 0o700)
+    # ...and is a small filesystem of its own: filling it fills nothing of another sandbox's.
+    assert socket_dir.is_mount()
+    with pytest.raises(OSError, match="No space left"):
+        (socket_dir / "filler").write_bytes(b"\0" * (1 << 20))
+    (socket_dir / "filler").unlink()
     layer = f"/layers/tidepool-{sandbox_id}"
     attach = f"disk.attach {sandbox_id} 3 {layer}/diff {layer}/work"
     # The disk goes onto the writable layer between create and the first start.
