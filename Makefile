@@ -10,10 +10,11 @@ export TIDEPOOL_CA_BUNDLE
 
 .PHONY: up up-detached down test unit integration lint bench host venv clean
 
+# A machine's pip configuration may name package folders it lacks; pip warns once per package: filtered.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	set -o pipefail; $(BIN)/pip install --quiet --upgrade pip 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	set -o pipefail; $(BIN)/pip install --quiet -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
 venv: $(STAMP)
