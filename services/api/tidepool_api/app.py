@@ -21,6 +21,7 @@ def create_app(context: ApiContext) -> FastAPI:
         openapi_url="/api/openapi.json",
         docs_url="/api/docs",
         redoc_url=None,
+        max_body_size=context.settings.api_max_body_bytes,  # 413 before reading more (issue #9)
     )
     app.state.context = context
     install_error_handlers(app)

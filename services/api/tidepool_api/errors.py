@@ -8,7 +8,8 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.status import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+from starlette.status import HTTP_400_BAD_REQUEST, HTTP_413_CONTENT_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
 from tidepool_api.responses import JsonResponse
 
@@ -22,8 +23,10 @@ REASONS = {
     405: "Method Not Allowed",
     409: "Conflict",
     410: "Gone",
+    413: "Payload Too Large",
     422: "Unprocessable Entity",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
@@ -63,15 +66,33 @@ def error_response(request: Request, status_code: int, message: str) -> JsonResp
     )
 
 
+# Where FastAPI says a value came from; the message names the field itself (`env`, `states.0`, ...).
+SOURCES = {"body", "query", "path", "header", "cookie"}
+NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
 def describe_validation_error(error: RequestValidationError) -> str:
+    """One line naming each bad field by its wire name, e.g. `autoDeleteInterval: Input should be ...`."""
     parts: list[str] = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-        if item.get("type") == "json_invalid":
+        loc = tuple(item.get("loc", ()))
+        kind = item.get("type")
+        if kind == "json_invalid":
             parts.append("request body is not valid JSON")
             continue
+        if loc == ("body",) and kind in NOT_AN_OBJECT:
+            parts.append("request body must be a JSON object")
+            continue
+        if loc == ("body",) and kind == "missing":
+            parts.append("request body is required")
+            continue
+        location = ".".join(str(part) for part in (loc[1:] if loc and loc[0] in SOURCES else loc))
         parts.append(f"{location}: {item.get('msg')}" if location else str(item.get("msg")))
     return "; ".join(parts) or "invalid request"
+
+
+def body_too_large_message(limit: int) -> str:
+    return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -81,6 +102,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:
+        if error.status_code == HTTP_413_CONTENT_TOO_LARGE:
+            # Raised by FastAPI's body limit (`max_body_size`) before the body is read past the limit.
+            limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
+            message = body_too_large_message(limit) if isinstance(limit, int) else str(error.detail)
+            response = error_response(request, error.status_code, message)
+            response.headers["Connection"] = "close"  # the rest of the body is not read
+            return response
         return error_response(request, error.status_code, str(error.detail))
 
     @app.exception_handler(RequestValidationError)
