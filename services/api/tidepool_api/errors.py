@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -95,7 +96,36 @@ def body_too_large_message(limit: int) -> str:
     return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
 
 
+def document_400_not_422(app: FastAPI) -> None:
+    """The OpenAPI document says what the API answers: invalid input is a 400 envelope, never a 422."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.get("responses", {})
+                    validation = responses.pop("422", None)
+                    if validation is not None and "400" not in responses:
+                        responses["400"] = {
+                            "description": "Invalid input: the message names the field",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                            },
+                        }
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    document_400_not_422(app)
+
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, error: ApiError) -> JsonResponse:
         return error_response(request, error.status_code, error.message)
