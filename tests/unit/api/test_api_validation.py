@@ -279,6 +279,9 @@ async def test_bad_organization_or_key_is_refused(api, path: str, body: Any, fie
 
 async def test_openapi_documents_bodies_and_errors(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
     client, _, _ = api
+    # (An authenticated call first: a session whose last test never reaches the database hangs in the
+    # fixture's teardown, also before this change; not investigated further.)
+    assert (await client.get("/api/sandbox")).status_code == 200
     spec = (await client.get("/api/openapi.json")).json()
     paths = spec["paths"]
     body_routes = [
