@@ -9,8 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
-from starlette.status import HTTP_400_BAD_REQUEST, HTTP_413_CONTENT_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
+from starlette.status import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
 from tidepool_api.responses import JsonResponse
 
@@ -92,10 +91,6 @@ def describe_validation_error(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def body_too_large_message(limit: int) -> str:
-    return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
-
-
 def document_400_not_422(app: FastAPI) -> None:
     """The OpenAPI document says what the API answers: invalid input is a 400 envelope, never a 422."""
     generate = app.openapi
@@ -132,14 +127,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:
-        if error.status_code == HTTP_413_CONTENT_TOO_LARGE:
-            # Raised by FastAPI's body limit (`max_body_size`) before the body is read past the limit.
-            limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
-            message = body_too_large_message(limit) if isinstance(limit, int) else str(error.detail)
-            response = error_response(request, error.status_code, message)
-            response.headers["Connection"] = "close"  # the rest of the body is not read
-            return response
-        return error_response(request, error.status_code, str(error.detail))
+        response = error_response(request, error.status_code, str(error.detail))
+        response.headers.update(error.headers or {})  # e.g. Connection: close after a refused body
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def handle_validation_error(request: Request, error: RequestValidationError) -> JsonResponse:

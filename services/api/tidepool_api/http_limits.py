@@ -1,4 +1,12 @@
-"""A request head (request line plus headers) larger than a limit gets 431, before it is buffered further.
+"""Request size limits at the edge (issue #9 item 3): bodies over a limit get 413, heads get 431.
+
+Bodies (`BodyLimitMiddleware`): a declared Content-Length over the limit is answered at once, before the
+body is read; a chunked body is counted while it streams and refused as soon as it passes the limit. The
+answer is the API's error envelope with `Connection: close` (the rest of the body is never read). No API
+route takes a large body: file uploads go to the toolbox proxy and build context to object storage.
+
+Heads (`BoundedHttpToolsProtocol`): a request head (request line plus headers) larger than a limit gets
+431, before it is buffered further.
 
 uvicorn's httptools protocol has no head limit (httptools accumulates a header value until it ends, so a
 32 MB header costs 32 MB), and its h11 protocol answers 400 to a head over `h11_max_incomplete_event_size`.
@@ -14,10 +22,68 @@ import asyncio
 from typing import Any
 
 import orjson
+from fastapi import HTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tidepool_api.errors import error_response
 
 DISCARD_MAX_BYTES = 4 * 1024 * 1024  # after a 431, read and drop at most this much ...
 DISCARD_SECONDS = 2.0  # ... for at most this long, then close
+
+
+class BodyTooLargeError(HTTPException):
+    """Raised from `receive` while a body streams past the limit; FastAPI re-raises HTTPExceptions met while
+    parsing a body (anything else would become its 400 "error parsing the body"), and the API's handler
+    answers with the envelope."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, body_too_large_message(limit), headers={"Connection": "close"})
+
+
+def body_too_large_message(limit: int) -> str:
+    return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            response = error_response(Request(scope), 413, body_too_large_message(limit))
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses a malformed length itself
+    return None
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
