@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from daytona_api_client.models.sandbox import Sandbox as SdkSandbox
 from sqlalchemy import func
 from sqlmodel import select
 from test_api_service import api  # noqa: F401 (the fixture, shared with the API service tests)
@@ -130,6 +131,8 @@ async def test_good_values_at_the_limits_are_accepted(api) -> None:  # noqa: F81
     created = response.json()
     assert created["user"] == "_svc-user_01" and created["autoDeleteInterval"] == -1
     SandboxDto.model_validate(created)
+    # The documented shape is the one the official SDK parses.
+    assert SdkSandbox.from_dict(created).user == "_svc-user_01"
     # An empty body (or none at all) is a valid create, as in Daytona.
     assert (await client.post("/api/sandbox")).status_code == 200
     listed = await client.get("/api/sandbox", params=[("states", "creating"), ("states", "started")])
