@@ -19,7 +19,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
@@ -34,6 +44,9 @@ ENV_MAX_ENTRIES = 512
 ENV_KEY_MAX = 256
 ENV_VALUE_MAX = 32 * 1024
 ENV_TOTAL_MAX = 256 * 1024
+# env and labels travel in every intent and desired-state record: bounded so that each fits one NATS message
+# (1 MiB max payload) with room to spare, whatever their characters serialize to.
+SPEC_JSON_MAX = 512 * 1024
 LABELS_MAX_ENTRIES = 64
 LABEL_KEY_MAX = 256
 LABEL_VALUE_MAX = 1024
@@ -254,6 +267,13 @@ class CreateSandboxRequest(WireModel):
     auto_delete_interval: DeleteMinutes | None = None
     volumes: Annotated[list[VolumeMount], Field(max_length=64)] | None = None
     build_info: BuildInfoRequest | None = None
+
+    @model_validator(mode="after")
+    def fits_one_bus_message(self) -> CreateSandboxRequest:
+        size = len(orjson.dumps(self.env or {})) + len(orjson.dumps(self.labels or {}))
+        if size > SPEC_JSON_MAX:
+            raise invalid("env and labels: together at most {limit} bytes as JSON", limit=SPEC_JSON_MAX)
+        return self
 
 
 class ReplaceLabelsRequest(WireModel):
