@@ -137,10 +137,13 @@ def test_oversized_bodies_get_413_unread_and_nothing_is_created(api_process) -> 
 
     # Chunked (no declared size): counted while streaming, refused once past the limit.
     head = create_head(port, key, "Transfer-Encoding: chunked\r\n")
+
     def framed(data: bytes) -> bytes:
         return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
-    answer, sent = exchange(port, head + framed(b'{"name": "big", "pad": "'), repeat(framed(padding), OFFERED))
+    answer, sent = exchange(
+        port, head + framed(b'{"name": "big", "pad": "'), repeat(framed(padding), OFFERED)
+    )
     status, body = status_and_body(answer)
     assert status == 413, answer[:300]
     assert sent < OFFERED
