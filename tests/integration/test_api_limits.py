@@ -158,6 +158,7 @@ def test_oversized_bodies_get_413_unread_and_nothing_is_created(api_process) -> 
     under = client.post("/api/api-keys", json={"name": "under-limit", "pad": "x" * (900 * 1024)})
     assert under.status_code == 201, under.text
     assert client.get("/api/health").status_code == 200
+    client.close()
 
 
 def test_oversized_heads_get_431_and_memory_stays_flat(api_process) -> None:  # type: ignore[no-untyped-def]
