@@ -24,6 +24,11 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 3000
+    # Largest request body the API reads (bytes): larger ones get 413 without being read. Uploads go to the
+    # toolbox proxy, never through the API, so 1 MiB is ample for JSON (and under NATS's 1 MiB payload).
+    api_max_body_bytes: int = 1024 * 1024
+    # Largest request line plus headers (bytes): larger ones get 431 before they are buffered further.
+    api_max_header_bytes: int = 64 * 1024
     # What clients are told: DAYTONA_API_URL and the toolbox proxy base.
     public_api_url: str = ""
     proxy_host: str = "127.0.0.1"

@@ -14,6 +14,7 @@ from tidepool_api.bootstrap import ensure_admin, ensure_default_snapshots, mirro
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Database
 from tidepool_api.events import consume_sandbox_events, consume_snapshot_events
+from tidepool_api.http_limits import bounded_http_protocol
 from tidepool_api.migrate import migrate
 from tidepool_api.registries import serve_credentials
 from tidepool_api.sandbox_events import consume_daemon_events, consume_process_events
@@ -60,6 +61,7 @@ async def main(settings: Settings, stop: asyncio.Event) -> None:
         access_log=False,
         lifespan="off",
         timeout_keep_alive=75,
+        http=bounded_http_protocol(settings.api_max_header_bytes),  # 431 for oversized heads (issue #9)
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -22,8 +23,10 @@ REASONS = {
     405: "Method Not Allowed",
     409: "Conflict",
     410: "Gone",
+    413: "Payload Too Large",
     422: "Unprocessable Entity",
     429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     501: "Not Implemented",
     503: "Service Unavailable",
@@ -63,25 +66,70 @@ def error_response(request: Request, status_code: int, message: str) -> JsonResp
     )
 
 
+# Where FastAPI says a value came from; the message names the field itself (`env`, `states.0`, ...).
+SOURCES = {"body", "query", "path", "header", "cookie"}
+NOT_AN_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
+
+
 def describe_validation_error(error: RequestValidationError) -> str:
+    """One line naming each bad field by its wire name, e.g. `autoDeleteInterval: Input should be ...`."""
     parts: list[str] = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body")
-        if item.get("type") == "json_invalid":
+        loc = tuple(item.get("loc", ()))
+        kind = item.get("type")
+        if kind == "json_invalid":
             parts.append("request body is not valid JSON")
             continue
+        if loc == ("body",) and kind in NOT_AN_OBJECT:
+            parts.append("request body must be a JSON object")
+            continue
+        if loc == ("body",) and kind == "missing":
+            parts.append("request body is required")
+            continue
+        location = ".".join(str(part) for part in (loc[1:] if loc and loc[0] in SOURCES else loc))
         parts.append(f"{location}: {item.get('msg')}" if location else str(item.get("msg")))
     return "; ".join(parts) or "invalid request"
 
 
+def document_400_not_422(app: FastAPI) -> None:
+    """The OpenAPI document says what the API answers: invalid input is a 400 envelope, never a 422."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    responses = operation.get("responses", {})
+                    validation = responses.pop("422", None)
+                    if validation is not None and "400" not in responses:
+                        responses["400"] = {
+                            "description": "Invalid input: the message names the field",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                            },
+                        }
+            components = schema.get("components", {}).get("schemas", {})
+            for unused in ("HTTPValidationError", "ValidationError"):
+                components.pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    document_400_not_422(app)
+
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, error: ApiError) -> JsonResponse:
         return error_response(request, error.status_code, error.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:
-        return error_response(request, error.status_code, str(error.detail))
+        response = error_response(request, error.status_code, str(error.detail))
+        response.headers.update(error.headers or {})  # e.g. Connection: close after a refused body
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def handle_validation_error(request: Request, error: RequestValidationError) -> JsonResponse:

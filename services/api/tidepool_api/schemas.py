@@ -1,14 +1,232 @@
-"""Wire models of the Daytona-compatible API (camelCase on the wire, as SDK 0.226.1 sends and expects)."""
+"""Wire models of the Daytona-compatible API (camelCase on the wire, as SDK 0.226.1 sends and expects).
+
+Request models validate every field at the edge (issue #9 item 2): a bad value is a 400 whose message names
+the field (`errors.describe_validation_error`), before anything is written or published. Field names and
+types follow the SDK's generated models (`daytona_api_client.models.CreateSandbox`, ...); integers and
+booleans are strict as there (`"cpu": "2"` or `"public": "yes"` is refused). Unknown fields are ignored, as
+Daytona's API does. Where Daytona documents no limit, the limits below are Tidepool's: they keep every intent
+small enough for the bus (NATS max payload 1 MiB) and every value usable by the runner (env, user, names).
+
+Response models describe what the routes return (the `*_dto` functions build exactly these shapes; a unit
+test checks that), so `/api/openapi.json` documents bodies and the 4xx answers.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_contracts.states import SandboxState
+
+# Limits where Daytona documents none (units: characters, entries, minutes).
+INT32_MAX = 2**31 - 1  # every integer column is a 32-bit integer in PostgreSQL
+NAME_MAX = 255
+USER_PATTERN = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # POSIX portable user name, as useradd accepts
+ENV_MAX_ENTRIES = 512
+ENV_KEY_MAX = 256
+ENV_VALUE_MAX = 32 * 1024
+ENV_TOTAL_MAX = 256 * 1024
+# env and labels travel in every intent and desired-state record: bounded so that each fits one NATS message
+# (1 MiB max payload) with room to spare, whatever their characters serialize to.
+SPEC_JSON_MAX = 512 * 1024
+LABELS_MAX_ENTRIES = 64
+LABEL_KEY_MAX = 256
+LABEL_VALUE_MAX = 1024
+DOCKERFILE_MAX = 256 * 1024
+CONTEXT_HASHES_MAX = 1024
+CONTEXT_HASH = re.compile(r"^[0-9a-f]{32,128}$")  # hex digests (the Python SDK sends MD5, others SHA-256)
+NETWORK_ALLOW_LIST_MAX = 10  # Daytona: "Network allow list cannot contain more than 10 networks"
+ENTRYPOINT_MAX_ENTRIES = 64
+ENTRYPOINT_ARG_MAX = 4096
+SECRET_MAX = 8192
+URL_MAX = 2048
+QUERY_TEXT_MAX = 512
+SNAPSHOT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._:/@-]{0,254}$")
+TARGET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def invalid(message: str, **context: Any) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", message, context)
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "…")
+
+
+def no_control(value: str) -> str:
+    if CONTROL.search(value):
+        raise invalid("must not contain control characters (NUL, newline, ...)")
+    return value
+
+
+def no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise invalid("must not contain NUL")
+    return value
+
+
+def sandbox_name(value: str) -> str:
+    if not value.strip():
+        raise invalid("must not be empty")
+    if len(value) > NAME_MAX:
+        raise invalid("must be at most {limit} characters", limit=NAME_MAX)
+    if "/" in value:
+        raise invalid("must not contain '/'")
+    return no_control(value)
+
+
+def plain_name(value: str) -> str:
+    """A display name (organization, registry, API key): 1..255 characters, no '/', no control characters."""
+    return sandbox_name(value)
+
+
+def posix_user(value: str) -> str:
+    if not USER_PATTERN.match(value):
+        raise invalid(
+            "must be a POSIX user name (a-z, 0-9, _ or -; not starting with a digit or -; at most 32)"
+        )
+    return value
+
+
+def env_map(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > ENV_MAX_ENTRIES:
+        raise invalid("at most {limit} variables", limit=ENV_MAX_ENTRIES)
+    total = 0
+    for key, item in value.items():
+        if not key or len(key) > ENV_KEY_MAX:
+            raise invalid("key {key} must be 1 to {limit} characters", key=_shown(key), limit=ENV_KEY_MAX)
+        if "\x00" in key or "=" in key:
+            raise invalid("key {key} must not contain NUL or '='", key=_shown(key))
+        if "\x00" in item:
+            raise invalid("value of {key} must not contain NUL", key=_shown(key))
+        if len(item) > ENV_VALUE_MAX:
+            raise invalid(
+                "value of {key} must be at most {limit} characters", key=_shown(key), limit=ENV_VALUE_MAX
+            )
+        total += len(key) + len(item)
+    if total > ENV_TOTAL_MAX:
+        raise invalid("keys and values must total at most {limit} characters", limit=ENV_TOTAL_MAX)
+    return value
+
+
+def label_map(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > LABELS_MAX_ENTRIES:
+        raise invalid("at most {limit} labels", limit=LABELS_MAX_ENTRIES)
+    for key, item in value.items():
+        if not key or len(key) > LABEL_KEY_MAX:
+            raise invalid("key {key} must be 1 to {limit} characters", key=_shown(key), limit=LABEL_KEY_MAX)
+        if CONTROL.search(key):
+            raise invalid("key {key} must not contain control characters", key=_shown(key))
+        if len(item) > LABEL_VALUE_MAX:
+            raise invalid(
+                "value of {key} must be at most {limit} characters", key=_shown(key), limit=LABEL_VALUE_MAX
+            )
+        if "\x00" in item:
+            raise invalid("value of {key} must not contain NUL", key=_shown(key))
+    return value
+
+
+def context_hashes(value: list[str]) -> list[str]:
+    if len(value) > CONTEXT_HASHES_MAX:
+        raise invalid("at most {limit} hashes", limit=CONTEXT_HASHES_MAX)
+    for item in value:
+        if not CONTEXT_HASH.match(item):
+            raise invalid("{item} is not a hex digest", item=_shown(item))
+    return value
+
+
+def dockerfile(value: str) -> str:
+    if not value.strip():
+        raise invalid("must not be empty")
+    if len(value) > DOCKERFILE_MAX:
+        raise invalid("must be at most {limit} characters", limit=DOCKERFILE_MAX)
+    return no_nul(value)
+
+
+def snapshot_name(value: str) -> str:
+    if not SNAPSHOT_NAME.match(value):
+        raise invalid(
+            "may contain letters, digits, dots, colons, slashes, @ and dashes only (1 to 255, "
+            "starting with a letter or digit)"
+        )
+    return value
+
+
+def target(value: str) -> str:
+    if not TARGET.match(value):
+        raise invalid("must be a region name: letters, digits, '.', '_' or '-', at most 64 characters")
+    return value
+
+
+def network_allow_list(value: str) -> str:
+    """Comma-separated CIDRs (`10.0.0.0/8,192.168.1.0/24`), at most 10; empty entries are skipped."""
+    entries = value.split(",")
+    if len(entries) > NETWORK_ALLOW_LIST_MAX:
+        raise invalid(
+            "Network allow list cannot contain more than {limit} networks", limit=NETWORK_ALLOW_LIST_MAX
+        )
+    for entry in (item.strip() for item in entries):
+        if not entry:
+            continue
+        if "/" not in entry:
+            raise invalid("Missing CIDR prefix length in {entry}", entry=_shown(entry))
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise invalid("Invalid network {entry}", entry=_shown(entry)) from None
+    return value
+
+
+def entrypoint(value: list[str]) -> list[str]:
+    if len(value) > ENTRYPOINT_MAX_ENTRIES:
+        raise invalid("at most {limit} arguments", limit=ENTRYPOINT_MAX_ENTRIES)
+    for item in value:
+        if len(item) > ENTRYPOINT_ARG_MAX or "\x00" in item:
+            raise invalid(
+                "arguments must be at most {limit} characters, without NUL", limit=ENTRYPOINT_ARG_MAX
+            )
+    return value
+
+
+SandboxName = Annotated[StrictStr, AfterValidator(sandbox_name)]
+PlainName = Annotated[StrictStr, AfterValidator(plain_name)]
+PosixUser = Annotated[StrictStr, AfterValidator(posix_user)]
+EnvMap = Annotated[dict[StrictStr, StrictStr], AfterValidator(env_map)]
+LabelMap = Annotated[dict[StrictStr, StrictStr], AfterValidator(label_map)]
+ContextHashes = Annotated[list[StrictStr], AfterValidator(context_hashes)]
+Dockerfile = Annotated[StrictStr, AfterValidator(dockerfile)]
+SnapshotName = Annotated[StrictStr, AfterValidator(snapshot_name)]
+Target = Annotated[StrictStr, AfterValidator(target)]
+NetworkAllowList = Annotated[StrictStr, AfterValidator(network_allow_list)]
+Entrypoint = Annotated[list[StrictStr], AfterValidator(entrypoint)]
+Cores = Annotated[StrictInt, Field(ge=1, le=INT32_MAX)]
+GpuCount = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+Minutes = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
+# Daytona: "negative value means disabled"; the interval endpoint accepts -1 only, and so does create.
+DeleteMinutes = Annotated[StrictInt, Field(ge=-1, le=INT32_MAX)]
+Text = Annotated[StrictStr, Field(max_length=NAME_MAX), AfterValidator(no_control)]
+ImageName = Annotated[StrictStr, Field(min_length=1, max_length=URL_MAX), AfterValidator(no_control)]
+Url = Annotated[StrictStr, Field(min_length=1, max_length=URL_MAX), AfterValidator(no_control)]
+Secret = Annotated[StrictStr, Field(max_length=SECRET_MAX), AfterValidator(no_nul)]
 
 
 class WireModel(BaseModel):
@@ -16,39 +234,193 @@ class WireModel(BaseModel):
 
 
 class VolumeMount(WireModel):
-    volume_id: str
-    mount_path: str
-    subpath: str | None = None
+    volume_id: Text
+    mount_path: Annotated[StrictStr, Field(max_length=4096), AfterValidator(no_control)]
+    subpath: Annotated[StrictStr, Field(max_length=4096), AfterValidator(no_control)] | None = None
 
 
 class BuildInfoRequest(WireModel):
-    dockerfile_content: str
-    context_hashes: list[str] | None = None
+    """`CreateBuildInfo`: a declarative build (Dockerfile plus the hashes of uploaded local context)."""
+
+    dockerfile_content: Dockerfile
+    context_hashes: ContextHashes | None = None
 
 
 class CreateSandboxRequest(WireModel):
-    name: str | None = None
-    snapshot: str | None = None
-    user: str | None = None
-    env: dict[str, str] | None = None
-    labels: dict[str, str] | None = None
-    public: bool | None = None
-    target: str | None = None
-    network_block_all: bool | None = None
-    network_allow_list: str | None = None
-    cpu: int | None = None
-    gpu: int | None = None
-    memory: int | None = None
-    disk: int | None = None
-    auto_stop_interval: int | None = None
-    auto_archive_interval: int | None = None
-    auto_delete_interval: int | None = None
-    volumes: list[VolumeMount] | None = None
+    """`CreateSandbox` (SDK 0.226.1); `{}` is valid. Fields Tidepool doesn't implement are ignored."""
+
+    name: SandboxName | None = None
+    snapshot: SnapshotName | None = None
+    user: PosixUser | None = None
+    env: EnvMap | None = None
+    labels: LabelMap | None = None
+    public: StrictBool | None = None
+    target: Target | None = None
+    network_block_all: StrictBool | None = None
+    network_allow_list: NetworkAllowList | None = None
+    cpu: Cores | None = None
+    gpu: GpuCount | None = None
+    memory: Cores | None = None
+    disk: Cores | None = None
+    auto_stop_interval: Minutes | None = None
+    auto_archive_interval: Minutes | None = None
+    auto_delete_interval: DeleteMinutes | None = None
+    volumes: Annotated[list[VolumeMount], Field(max_length=64)] | None = None
     build_info: BuildInfoRequest | None = None
+
+    @model_validator(mode="after")
+    def fits_one_bus_message(self) -> CreateSandboxRequest:
+        size = len(orjson.dumps(self.env or {})) + len(orjson.dumps(self.labels or {}))
+        if size > SPEC_JSON_MAX:
+            raise invalid("env and labels: together at most {limit} bytes as JSON", limit=SPEC_JSON_MAX)
+        return self
 
 
 class ReplaceLabelsRequest(WireModel):
+    """`SandboxLabels`: the full new label set."""
+
+    labels: LabelMap
+
+
+class SandboxStateFilter(StrEnum):
+    """Values of `GET /sandbox?states=`: Daytona's `SandboxState` enum (some never occur in Tidepool)."""
+
+    CREATING = "creating"
+    RESTORING = "restoring"
+    DESTROYED = "destroyed"
+    DESTROYING = "destroying"
+    STARTED = "started"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    ERROR = "error"
+    BUILD_FAILED = "build_failed"
+    PENDING_BUILD = "pending_build"
+    BUILDING_SNAPSHOT = "building_snapshot"
+    UNKNOWN = "unknown"
+    PULLING_SNAPSHOT = "pulling_snapshot"
+    ARCHIVED = "archived"
+    ARCHIVING = "archiving"
+    RESIZING = "resizing"
+    SNAPSHOTTING = "snapshotting"
+    FORKING = "forking"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+
+
+# --- Response models (documentation of what the *_dto functions build; checked by a unit test) ---
+
+
+class ErrorResponse(BaseModel):
+    """The Nest-style error envelope of every 4xx/5xx (errors.error_response); the SDK reads `message`."""
+
+    statusCode: int
+    message: str
+    error: str
+    path: str
+    timestamp: str
+    source: str = "DAYTONA_API"
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each code documented with the error envelope."""
+    descriptions = {
+        400: "Invalid input: the message names the field",
+        401: "Missing or invalid API key",
+        403: "Not allowed for this organization",
+        404: "Not found (or owned by another organization)",
+        409: "Conflict (e.g. the name is taken)",
+        413: "Request body too large (TIDEPOOL_API_MAX_BODY_BYTES)",
+        503: "A platform dependency is unavailable; retry",
+    }
+    return {code: {"model": ErrorResponse, "description": descriptions[code]} for code in codes}
+
+
+class BuildInfoDto(WireModel):
+    snapshot_ref: str | None
+    created_at: str
+    updated_at: str
+
+
+class SandboxDto(WireModel):
+    """`Sandbox` (daytona_api_client.models.Sandbox): every field the SDK requires, times as ISO-8601 UTC."""
+
+    id: str
+    organization_id: str
+    name: str
+    snapshot: str | None
+    user: str
+    env: dict[str, str]
     labels: dict[str, str]
+    public: bool
+    network_block_all: bool
+    kvm: bool
+    target: str
+    cpu: int
+    gpu: int
+    memory: int
+    disk: int
+    state: SandboxState
+    desired_state: str | None
+    error_reason: str | None
+    recoverable: bool
+    backup_state: str
+    auto_stop_interval: int
+    auto_archive_interval: int
+    auto_delete_interval: int
+    volumes: list[VolumeMount]
+    runner_id: str | None
+    daemon_version: str | None
+    sandbox_class: str
+    toolbox_proxy_url: str
+    build_info: BuildInfoDto | None
+    created_at: str
+    updated_at: str
+    last_activity_at: str
+
+
+class ListSandboxesDto(WireModel):
+    items: list[SandboxDto]
+    next_cursor: str | None
+
+
+class SandboxLabelsDto(WireModel):
+    labels: dict[str, str]
+
+
+class UrlDto(WireModel):
+    url: str
+
+
+class SnapshotDto(WireModel):
+    """`SnapshotDto`: `size` in GB, `mem` in GiB."""
+
+    id: str
+    organization_id: str | None
+    general: bool
+    name: str
+    image_name: str | None
+    ref: str | None
+    state: str
+    size: float | None
+    entrypoint: list[str] | None
+    cpu: int
+    gpu: int
+    mem: int
+    disk: int
+    error_reason: str | None
+    created_at: str
+    updated_at: str
+    last_used_at: str | None
+    region_ids: list[str]
+
+
+class PaginatedSnapshotsDto(WireModel):
+    items: list[SnapshotDto]
+    total: int
+    page: int
+    total_pages: int
 
 
 def iso(moment: datetime) -> str:

@@ -15,7 +15,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
-from tidepool_api.schemas import WireModel
+from tidepool_api.schemas import (
+    BuildInfoRequest,
+    Cores,
+    Entrypoint,
+    GpuCount,
+    ImageName,
+    SnapshotName,
+    WireModel,
+)
 from tidepool_contracts import subjects
 from tidepool_contracts.bus import publish
 from tidepool_contracts.image_refs import (
@@ -37,20 +45,17 @@ IMAGE_REFERENCE = re.compile(
 FLOATING_TAGS = {"latest", "lts", "stable"}
 
 
-class BuildInfoBody(WireModel):
-    dockerfile_content: str
-    context_hashes: list[str] | None = None
-
-
 class CreateSnapshotRequest(WireModel):
-    name: str
-    image_name: str | None = None
-    entrypoint: list[str] | None = None
-    cpu: int | None = None
-    gpu: int | None = None
-    memory: int | None = None
-    disk: int | None = None
-    build_info: BuildInfoBody | None = None
+    """`CreateSnapshot` (SDK 0.226.1): an image to register, or a Dockerfile to build (`buildInfo`)."""
+
+    name: SnapshotName
+    image_name: ImageName | None = None
+    entrypoint: Entrypoint | None = None
+    cpu: Cores | None = None
+    gpu: GpuCount | None = None
+    memory: Cores | None = None
+    disk: Cores | None = None
+    build_info: BuildInfoRequest | None = None
 
 
 def utc_now() -> datetime:

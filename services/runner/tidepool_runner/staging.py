@@ -130,4 +130,3 @@ def _make_world_readable(root: Path) -> None:
         os.chmod(directory, 0o755)
         for name in files:
             os.chmod(os.path.join(directory, name), 0o644)
-

@@ -130,8 +130,8 @@ async def test_runner_events_drive_the_state_machine(api) -> None:  # type: igno
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
-        ('{"cpu": 0}', 400, "cpu must be at least 1"),
-        ('{"memory": -1}', 400, "memory must be at least 1"),
+        ('{"cpu": 0}', 400, "cpu: Input should be greater than or equal to 1"),
+        ('{"memory": -1}', 400, "memory: Input should be greater than or equal to 1"),
         ('{"cpu": 64}', 400, "at most 4"),
         ('{"snapshot": "nope"}', 400, "Snapshot nope not found"),
         ("{not json", 400, "not valid JSON"),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
+from pydantic import Field
 from sqlmodel import col, select
 
 from tidepool_api.auth import generate_key, hash_key
@@ -15,21 +17,42 @@ from tidepool_api.db import ApiKey, Organization
 from tidepool_api.errors import ApiError, conflict, not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_api.routes.sandbox import json_body
-from tidepool_api.schemas import WireModel, iso
+from tidepool_api.schemas import PlainName, Text, WireModel, error_responses, iso
 from tidepool_contracts.bus import kv_put
 from tidepool_contracts.models import ApiKeyRecord
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(401))
 
 
 class CreateOrganizationRequest(WireModel):
-    name: str
+    """`CreateOrganization` (`defaultRegionId` is ignored: one region per installation)."""
+
+    name: PlainName
 
 
 class CreateApiKeyRequest(WireModel):
-    name: str
+    """`CreateApiKey`: `permissions` is accepted and ignored (every key has its organization's rights)."""
+
+    name: PlainName
+    permissions: Annotated[list[Text], Field(max_length=64)] | None = None
     expires_at: datetime | None = None
+
+
+class ApiKeyDto(WireModel):
+    """`ApiKeyResponse`/`ApiKeyList`: `value` is the full key only in the answer that creates it."""
+
+    name: str
+    value: str
+    created_at: str
+    expires_at: str | None
+    permissions: list[str]
+
+
+class OrganizationCreatedDto(WireModel):
+    id: str
+    name: str
+    created_at: str
+    api_key: ApiKeyDto
 
 
 async def issue_key(
@@ -86,12 +109,18 @@ async def is_admin(context: ApiContext, organization_id: str) -> bool:
     return first is not None and first.id == organization_id
 
 
-@router.post("/organizations", status_code=201)
-async def create_organization(context: Context, caller: Caller, request: Request) -> JsonResponse:
+@router.post(
+    "/organizations",
+    status_code=201,
+    response_model=OrganizationCreatedDto,
+    responses=error_responses(400, 403, 409, 413),
+)
+async def create_organization(
+    context: Context, caller: Caller, body: CreateOrganizationRequest
+) -> JsonResponse:
     """Self-hosted administration: the admin organization creates tenants, each with a first key."""
     if not await is_admin(context, caller.organization_id):
         raise ApiError(403, "only the admin organization can create organizations")
-    body = await json_body(request, CreateOrganizationRequest)
     organization = Organization(id=str(uuid.uuid4()), name=body.name)
     async with context.database.sessions() as session:
         session.add(organization)
@@ -108,7 +137,7 @@ async def create_organization(context: Context, caller: Caller, request: Request
     )
 
 
-@router.get("/api-keys")
+@router.get("/api-keys", response_model=list[ApiKeyDto])
 async def list_api_keys(context: Context, caller: Caller) -> JsonResponse:
     async with context.database.sessions() as session:
         keys = (
@@ -121,14 +150,13 @@ async def list_api_keys(context: Context, caller: Caller) -> JsonResponse:
     return JsonResponse([key_dto(api_key) for api_key in keys])
 
 
-@router.post("/api-keys", status_code=201)
-async def create_api_key(context: Context, caller: Caller, request: Request) -> JsonResponse:
-    body = await json_body(request, CreateApiKeyRequest)
+@router.post("/api-keys", status_code=201, response_model=ApiKeyDto, responses=error_responses(400, 409, 413))
+async def create_api_key(context: Context, caller: Caller, body: CreateApiKeyRequest) -> JsonResponse:
     api_key, value = await issue_key(context, caller.organization_id, body.name, body.expires_at)
     return JsonResponse(status_code=201, content=key_dto(api_key, value))
 
 
-@router.delete("/api-keys/{name}")
+@router.delete("/api-keys/{name}", status_code=204, responses=error_responses(404))
 async def revoke_api_key(context: Context, caller: Caller, name: str) -> Response:
     async with context.database.sessions() as session:
         api_key = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import Response
 from sqlmodel import select
 
@@ -13,8 +13,7 @@ from tidepool_api.db import DockerRegistry
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_api.routes.sandbox import json_body
-from tidepool_api.schemas import WireModel, iso
+from tidepool_api.schemas import PlainName, Secret, Text, Url, WireModel, error_responses, iso
 from tidepool_contracts.image_refs import (
     ReferenceRefusedError,
     check_registry_host,
@@ -22,23 +21,40 @@ from tidepool_contracts.image_refs import (
     same_registry,
 )
 
-router = APIRouter(prefix="/docker-registry", tags=["docker-registry"])
+router = APIRouter(prefix="/docker-registry", tags=["docker-registry"], responses=error_responses(401))
 
 
 class CreateRegistryRequest(WireModel):
-    name: str
-    url: str
-    username: str
-    password: str
-    project: str | None = None
+    """`CreateDockerRegistry` (SDK 0.226.1); the password is stored encrypted and never returned."""
+
+    name: PlainName
+    url: Url
+    username: Text
+    password: Secret
+    project: Text | None = None
 
 
 class UpdateRegistryRequest(WireModel):
+    """`UpdateDockerRegistry`: a missing password keeps the stored one."""
+
+    name: PlainName
+    url: Url
+    username: Text
+    password: Secret | None = None
+    project: Text | None = None
+
+
+class RegistryDto(WireModel):
+    """`DockerRegistry`, without the password."""
+
+    id: str
     name: str
     url: str
     username: str
-    password: str | None = None
-    project: str | None = None
+    project: str
+    registry_type: str
+    created_at: str
+    updated_at: str
 
 
 def registry_dto(registry: DockerRegistry) -> dict[str, object]:
@@ -81,11 +97,8 @@ async def find_registry(context: Context, organization_id: str, registry_id: str
     return registry
 
 
-@router.post("", status_code=201)
-async def create_registry(context: Context, caller: Caller, request: Request) -> JsonResponse:
-    body = await json_body(request, CreateRegistryRequest)
-    if not body.url.strip() or not body.name.strip():
-        raise bad_request("name and url are required")
+@router.post("", status_code=201, response_model=RegistryDto, responses=error_responses(400, 409, 413, 503))
+async def create_registry(context: Context, caller: Caller, body: CreateRegistryRequest) -> JsonResponse:
     check_registry_url(context, body.url)
     box = require_box(context)
     registry = DockerRegistry(
@@ -110,7 +123,7 @@ async def create_registry(context: Context, caller: Caller, request: Request) ->
     return JsonResponse(registry_dto(registry), status_code=201)
 
 
-@router.get("")
+@router.get("", response_model=list[RegistryDto])
 async def list_registries(context: Context, caller: Caller) -> JsonResponse:
     async with context.database.sessions() as session:
         rows = (
@@ -121,16 +134,15 @@ async def list_registries(context: Context, caller: Caller) -> JsonResponse:
     return JsonResponse([registry_dto(row) for row in rows])
 
 
-@router.get("/{registry_id}")
+@router.get("/{registry_id}", response_model=RegistryDto, responses=error_responses(404))
 async def get_registry(context: Context, caller: Caller, registry_id: str) -> JsonResponse:
     return JsonResponse(registry_dto(await find_registry(context, caller.organization_id, registry_id)))
 
 
-@router.patch("/{registry_id}")
+@router.patch("/{registry_id}", response_model=RegistryDto, responses=error_responses(400, 404, 413, 503))
 async def update_registry(
-    context: Context, caller: Caller, registry_id: str, request: Request
+    context: Context, caller: Caller, registry_id: str, body: UpdateRegistryRequest
 ) -> JsonResponse:
-    body = await json_body(request, UpdateRegistryRequest)
     check_registry_url(context, body.url)
     registry = await find_registry(context, caller.organization_id, registry_id)
     registry.name, registry.url, registry.username = body.name, body.url.strip(), body.username
@@ -145,7 +157,7 @@ async def update_registry(
     return JsonResponse(registry_dto(registry))
 
 
-@router.delete("/{registry_id}", status_code=204)
+@router.delete("/{registry_id}", status_code=204, responses=error_responses(404))
 async def delete_registry(context: Context, caller: Caller, registry_id: str) -> Response:
     registry = await find_registry(context, caller.organization_id, registry_id)
     async with context.database.sessions() as session:

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, Path, Query
 from fastapi.responses import Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 
 from tidepool_api import sandboxes
 from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Sandbox
-from tidepool_api.errors import bad_request, describe_validation_error
+from tidepool_api.errors import bad_request
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.sandbox_events import list_events
-from tidepool_api.schemas import CreateSandboxRequest, ReplaceLabelsRequest, sandbox_dto
+from tidepool_api.schemas import (
+    INT32_MAX,
+    LABEL_KEY_MAX,
+    LABEL_VALUE_MAX,
+    LABELS_MAX_ENTRIES,
+    NAME_MAX,
+    QUERY_TEXT_MAX,
+    CreateSandboxRequest,
+    ListSandboxesDto,
+    ReplaceLabelsRequest,
+    SandboxDto,
+    SandboxLabelsDto,
+    SandboxStateFilter,
+    UrlDto,
+    error_responses,
+    sandbox_dto,
+)
 from tidepool_contracts.states import SandboxState
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
-router = APIRouter(prefix="/sandbox", tags=["sandbox"])
+router = APIRouter(prefix="/sandbox", tags=["sandbox"], responses=error_responses(401))
+READ = error_responses(400, 404)
+WRITE = error_responses(400, 404, 409, 413)
 
 AFTER_START = {SandboxState.STARTED, SandboxState.ERROR, SandboxState.BUILD_FAILED}
 AFTER_STOP = {SandboxState.STOPPED, SandboxState.ERROR}
@@ -32,68 +47,66 @@ def dto(context: Context, sandbox: Any) -> dict[str, object]:
     return sandbox_dto(sandbox, context.settings.toolbox_proxy_url)
 
 
-async def json_body(request: Request, model: type[ModelT]) -> ModelT:
-    """Parse the body whatever its Content-Type (some clients omit it); every failure is a clear 400."""
-    raw = await request.body()
-    try:
-        data = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as error:
-        raise bad_request(f"request body is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise bad_request("request body must be a JSON object")
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise bad_request(describe_validation_error(RequestValidationError(error.errors()))) from error
-
-
-@router.post("", status_code=200)
-async def create_sandbox(context: Context, caller: Caller, request: Request) -> JsonResponse:
-    body = await json_body(request, CreateSandboxRequest)
-    sandbox = await sandboxes.create_sandbox(context, caller.organization_id, body)
+@router.post("", status_code=200, response_model=SandboxDto, responses=error_responses(400, 409, 413, 503))
+async def create_sandbox(
+    context: Context, caller: Caller, body: Annotated[CreateSandboxRequest | None, Body()] = None
+) -> JsonResponse:
+    """Create a sandbox (`{}` is valid) and wait up to `create_wait_seconds` for it to start (§2.2)."""
+    sandbox = await sandboxes.create_sandbox(context, caller.organization_id, body or CreateSandboxRequest())
     return JsonResponse(dto(context, sandbox))
 
 
-@router.get("")
+def parse_label_filter(labels: str) -> dict[str, str]:
+    """`labels` of `GET /sandbox`: a JSON object of strings, bounded like the labels themselves."""
+    try:
+        label_filter = orjson.loads(labels)
+    except orjson.JSONDecodeError as error:
+        raise bad_request("labels: must be a JSON object of strings") from error
+    if not isinstance(label_filter, dict) or not all(isinstance(v, str) for v in label_filter.values()):
+        raise bad_request("labels: must be a JSON object of strings")
+    if len(label_filter) > LABELS_MAX_ENTRIES:
+        raise bad_request(f"labels: at most {LABELS_MAX_ENTRIES} labels")
+    for key, value in label_filter.items():
+        if len(key) > LABEL_KEY_MAX or len(value) > LABEL_VALUE_MAX:
+            raise bad_request(
+                f"labels: keys are at most {LABEL_KEY_MAX}, values {LABEL_VALUE_MAX} characters"
+            )
+    return label_filter
+
+
+@router.get("", response_model=ListSandboxesDto, responses=error_responses(400))
 async def list_sandboxes(
     context: Context,
     caller: Caller,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(max_length=QUERY_TEXT_MAX)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 100,
-    labels: str | None = None,
-    states: Annotated[list[str] | None, Query()] = None,
-    name: str | None = None,
-    id: str | None = None,
+    labels: Annotated[str | None, Query(max_length=16 * 1024, description="JSON object of labels")] = None,
+    states: Annotated[list[SandboxStateFilter] | None, Query()] = None,
+    name: Annotated[str | None, Query(max_length=NAME_MAX, description="name prefix")] = None,
+    id: Annotated[str | None, Query(max_length=NAME_MAX, description="ID prefix")] = None,
 ) -> JsonResponse:
-    label_filter: dict[str, str] | None = None
-    if labels:
-        try:
-            label_filter = orjson.loads(labels)
-        except orjson.JSONDecodeError as error:
-            raise bad_request("labels must be a JSON object of strings") from error
-        if not isinstance(label_filter, dict):
-            raise bad_request("labels must be a JSON object of strings")
+    label_filter = parse_label_filter(labels) if labels else None
     items, next_cursor = await sandboxes.list_sandboxes(
         context,
         caller.organization_id,
         cursor=cursor,
         limit=limit,
         labels=label_filter,
-        states=states,
+        states=[state.value for state in states] if states else None,
         name_prefix=name,
         id_prefix=id,
     )
     return JsonResponse({"items": [dto(context, item) for item in items], "nextCursor": next_cursor})
 
 
-@router.get("/{sandbox_id_or_name}")
+@router.get("/{sandbox_id_or_name}", response_model=SandboxDto, responses=READ)
 async def get_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
     return JsonResponse(dto(context, sandbox))
 
 
-@router.delete("/{sandbox_id_or_name}")
+@router.delete("/{sandbox_id_or_name}", response_model=SandboxDto, responses=WRITE)
 async def delete_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
     sandbox = await sandboxes.delete_sandbox(context, caller.organization_id, sandbox_id_or_name)
     sandbox = await sandboxes.wait_for_state(
@@ -102,7 +115,7 @@ async def delete_sandbox(context: Context, caller: Caller, sandbox_id_or_name: s
     return JsonResponse(dto(context, sandbox))
 
 
-@router.post("/{sandbox_id_or_name}/start")
+@router.post("/{sandbox_id_or_name}/start", response_model=SandboxDto, responses=WRITE)
 async def start_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
     sandbox = await sandboxes.start_sandbox(context, caller.organization_id, sandbox_id_or_name)
     sandbox = await sandboxes.wait_for_state(
@@ -111,7 +124,7 @@ async def start_sandbox(context: Context, caller: Caller, sandbox_id_or_name: st
     return JsonResponse(dto(context, sandbox))
 
 
-@router.post("/{sandbox_id_or_name}/stop")
+@router.post("/{sandbox_id_or_name}/stop", response_model=SandboxDto, responses=WRITE)
 async def stop_sandbox(
     context: Context, caller: Caller, sandbox_id_or_name: str, force: bool = False
 ) -> JsonResponse:
@@ -122,16 +135,15 @@ async def stop_sandbox(
     return JsonResponse(dto(context, sandbox))
 
 
-@router.put("/{sandbox_id_or_name}/labels")
+@router.put("/{sandbox_id_or_name}/labels", response_model=SandboxLabelsDto, responses=WRITE)
 async def replace_labels(
-    context: Context, caller: Caller, sandbox_id_or_name: str, request: Request
+    context: Context, caller: Caller, sandbox_id_or_name: str, body: ReplaceLabelsRequest
 ) -> JsonResponse:
-    body = await json_body(request, ReplaceLabelsRequest)
     labels = await sandboxes.replace_labels(context, caller.organization_id, sandbox_id_or_name, body.labels)
     return JsonResponse({"labels": labels})
 
 
-@router.get("/{sandbox_id_or_name}/toolbox-proxy-url")
+@router.get("/{sandbox_id_or_name}/toolbox-proxy-url", response_model=UrlDto, responses=READ)
 async def toolbox_proxy_url(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
@@ -145,10 +157,16 @@ INTERVAL_FIELDS = {
 }
 
 
-@router.post("/{sandbox_id_or_name}/{kind}/{minutes}")
+@router.post("/{sandbox_id_or_name}/{kind}/{minutes}", response_model=SandboxDto, responses=WRITE)
 async def set_interval(
-    context: Context, caller: Caller, sandbox_id_or_name: str, kind: str, minutes: int
+    context: Context,
+    caller: Caller,
+    sandbox_id_or_name: str,
+    kind: str,
+    minutes: Annotated[int, Path(le=INT32_MAX, description="minutes; -1 disables autodelete")],
 ) -> JsonResponse:
+    """`autostop`, `autoarchive` or `autodelete` in minutes (0 disables autostop; 0 is the maximum for
+    autoarchive; -1 disables autodelete, 0 deletes on stop)."""
     field_name = INTERVAL_FIELDS.get(kind)
     if field_name is None:
         return JsonResponse(
@@ -161,13 +179,13 @@ async def set_interval(
     return JsonResponse(dto(context, sandbox))
 
 
-@router.post("/{sandbox_id}/last-activity", status_code=201)
+@router.post("/{sandbox_id}/last-activity", status_code=201, responses=error_responses(404))
 async def update_last_activity(context: Context, caller: Caller, sandbox_id: str) -> Response:
     await sandboxes.touch_activity(context, caller.organization_id, sandbox_id)
     return Response(status_code=201)
 
 
-@router.get("/{sandbox_id_or_name}/build-logs-url")
+@router.get("/{sandbox_id_or_name}/build-logs-url", response_model=UrlDto, responses=READ)
 async def build_logs_url(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
@@ -178,7 +196,7 @@ async def build_logs_url(context: Context, caller: Caller, sandbox_id_or_name: s
     )
 
 
-@router.get("/{sandbox_id_or_name}/build-logs")
+@router.get("/{sandbox_id_or_name}/build-logs", responses=READ)
 async def build_logs(
     context: Context, caller: Caller, sandbox_id_or_name: str, follow: bool = False
 ) -> Response:
@@ -197,7 +215,7 @@ async def build_logs(
     )
 
 
-@router.get("/{sandbox_id_or_name}/events")
+@router.get("/{sandbox_id_or_name}/events", responses=READ)
 async def sandbox_events(
     context: Context,
     caller: Caller,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import func
 from sqlmodel import col, select
@@ -14,21 +14,29 @@ from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Snapshot
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_api.routes.sandbox import json_body
-from tidepool_api.schemas import snapshot_dto
+from tidepool_api.schemas import (
+    NAME_MAX,
+    PaginatedSnapshotsDto,
+    SnapshotDto,
+    UrlDto,
+    error_responses,
+    snapshot_dto,
+)
 from tidepool_contracts.models import SnapshotState
 
-router = APIRouter(prefix="/snapshots", tags=["snapshots"])
+router = APIRouter(prefix="/snapshots", tags=["snapshots"], responses=error_responses(401))
+READ = error_responses(404)
+WRITE = error_responses(400, 403, 404, 409)
 SETTLED = {SnapshotState.ACTIVE.value, SnapshotState.ERROR.value, SnapshotState.BUILD_FAILED.value}
 
 
-@router.get("")
+@router.get("", response_model=PaginatedSnapshotsDto, responses=error_responses(400))
 async def list_snapshots(
     context: Context,
     caller: Caller,
     page: Annotated[int, Query(ge=1)] = 1,
     limit: Annotated[int, Query(ge=1, le=200)] = 100,
-    name: str | None = None,
+    name: Annotated[str | None, Query(max_length=NAME_MAX, description="substring of the name")] = None,
 ) -> JsonResponse:
     condition = [snapshots.visible_to(caller.organization_id), col(Snapshot.hidden).is_(False)]
     if name:
@@ -54,14 +62,15 @@ async def list_snapshots(
     )
 
 
-@router.post("")
-async def create_snapshot(context: Context, caller: Caller, request: Request) -> JsonResponse:
-    body = await json_body(request, snapshots.CreateSnapshotRequest)
+@router.post("", response_model=SnapshotDto, responses=error_responses(400, 404, 409, 413))
+async def create_snapshot(
+    context: Context, caller: Caller, body: snapshots.CreateSnapshotRequest
+) -> JsonResponse:
     snapshot = await snapshots.create_snapshot(context, caller.organization_id, body)
     return JsonResponse(snapshot_dto(snapshot))
 
 
-@router.get("/{id_or_name:path}/build-logs-url")
+@router.get("/{id_or_name:path}/build-logs-url", response_model=UrlDto, responses=READ)
 async def build_logs_url(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
@@ -70,7 +79,7 @@ async def build_logs_url(context: Context, caller: Caller, id_or_name: str) -> J
     )
 
 
-@router.get("/{id_or_name:path}/build-logs")
+@router.get("/{id_or_name:path}/build-logs", responses=READ)
 async def build_logs(context: Context, caller: Caller, id_or_name: str, follow: bool = False) -> Response:
     async with context.database.sessions() as session:
         snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
@@ -84,27 +93,27 @@ async def build_logs(context: Context, caller: Caller, id_or_name: str, follow: 
     return StreamingResponse(stream_build_log(context.bus, ref, follow, finished), media_type="text/plain")
 
 
-@router.post("/{id_or_name:path}/activate")
+@router.post("/{id_or_name:path}/activate", response_model=SnapshotDto, responses=WRITE)
 async def activate(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
     return JsonResponse(
         snapshot_dto(await snapshots.set_active(context, caller.organization_id, id_or_name, True))
     )
 
 
-@router.post("/{id_or_name:path}/deactivate")
+@router.post("/{id_or_name:path}/deactivate", status_code=204, responses=WRITE)
 async def deactivate(context: Context, caller: Caller, id_or_name: str) -> Response:
     await snapshots.set_active(context, caller.organization_id, id_or_name, False)
     return Response(status_code=204)
 
 
-@router.get("/{id_or_name:path}")
+@router.get("/{id_or_name:path}", response_model=SnapshotDto, responses=READ)
 async def get_snapshot(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
     return JsonResponse(snapshot_dto(snapshot))
 
 
-@router.delete("/{id_or_name:path}")
+@router.delete("/{id_or_name:path}", responses=WRITE)
 async def delete_snapshot(context: Context, caller: Caller, id_or_name: str) -> Response:
     await snapshots.delete_snapshot(context, caller.organization_id, id_or_name)
     return Response(status_code=200)
