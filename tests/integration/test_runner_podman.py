@@ -29,8 +29,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.integration.stackthread import release_sandboxes
-from tidepool_contracts.bus import Bus, connect, kv_delete, kv_get, kv_put, publish
-from tidepool_contracts.config import REPO_ROOT, Settings
 from tidepool_contracts.models import (
     ApiKeyRecord,
     RunnerInfo,
@@ -44,6 +42,8 @@ from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_RUNNERS, even
 from tidepool_proxy.app import create_proxy_app
 from tidepool_runner.network import SandboxNetworkError
 from tidepool_runner.service import Runner
+from tidepool_runtime.bus import Bus, connect, kv_delete, kv_get, kv_put, publish
+from tidepool_runtime.settings import REPO_ROOT, Settings
 
 pytestmark = [
     pytest.mark.integration,

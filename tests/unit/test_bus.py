@@ -10,9 +10,9 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect, consume, publish
 from tidepool_contracts.models import SandboxStateEvent
 from tidepool_contracts.states import SandboxState
+from tidepool_runtime.bus import connect, consume, publish
 
 trace.set_tracer_provider(TracerProvider())
 

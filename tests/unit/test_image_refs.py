@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidepool_contracts.image_refs import (
+from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     build_ref,
     check_reference,

@@ -20,9 +20,9 @@ from tidepool_api.sandbox_events import consume_daemon_events, consume_process_e
 from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect
-from tidepool_contracts.config import Settings
-from tidepool_contracts.service import run_service
+from tidepool_runtime.bus import connect
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.api")
 

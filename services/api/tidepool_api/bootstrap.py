@@ -13,8 +13,8 @@ from tidepool_api.auth import generate_key, hash_key
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, Organization, Snapshot
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_put, publish
 from tidepool_contracts.models import ApiKeyRecord, BuildJob, SnapshotState
+from tidepool_runtime.bus import kv_put, publish
 
 log = structlog.get_logger("tidepool.api.bootstrap")
 

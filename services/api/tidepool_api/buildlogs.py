@@ -10,8 +10,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, decode
 from tidepool_contracts.models import BuildLogLine
+from tidepool_runtime.bus import Bus, decode
 
 # While idle, how often the caller's "is the build over?" check runs.
 IDLE_CHECK_SECONDS = 2.0

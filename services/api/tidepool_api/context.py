@@ -11,8 +11,8 @@ from nats.js.kv import KeyValue
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
-from tidepool_contracts.bus import Bus
-from tidepool_contracts.config import Settings
+from tidepool_runtime.bus import Bus
+from tidepool_runtime.settings import Settings
 
 
 @dataclass

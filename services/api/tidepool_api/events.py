@@ -17,9 +17,9 @@ from tidepool_api.sandbox_events import STATE_UPDATED, add_event
 from tidepool_api.sandboxes import fail_build_waiters, mark_building, release_built_sandbox, transition
 from tidepool_api.snapshots import pending_build_sandboxes
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import consume
 from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent, SnapshotState
 from tidepool_contracts.states import SandboxState, can_transition
+from tidepool_runtime.bus import consume
 
 log = structlog.get_logger("tidepool.api.events")
 

@@ -9,8 +9,8 @@ from sqlmodel import select
 from tidepool_api.context import ApiContext
 from tidepool_api.db import DockerRegistry
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import decode, encode
 from tidepool_contracts.models import RegistryCredentialsReply, RegistryCredentialsRequest
+from tidepool_runtime.bus import decode, encode
 
 log = structlog.get_logger("tidepool.api.registries")
 DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}

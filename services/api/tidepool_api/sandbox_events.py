@@ -15,8 +15,8 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import SandboxEvent
 from tidepool_api.schemas import iso
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import consume
 from tidepool_contracts.models import DaemonHealthEvent, ProcessTerminationEvent
+from tidepool_runtime.bus import consume
 
 STATE_UPDATED = "sandbox.state.updated"
 PROCESS_TERMINATED = "sandbox.process.terminated"

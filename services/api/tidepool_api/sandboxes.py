@@ -21,9 +21,9 @@ from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import CreateSandboxRequest
 from tidepool_api.snapshots import ensure_build
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_put, publish
 from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
+from tidepool_runtime.bus import kv_put, publish
 
 log = structlog.get_logger("tidepool.api.sandboxes")
 tracer = trace.get_tracer("tidepool.api")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import Settings
 
 
 def load_secret_key(settings: Settings) -> str:

@@ -17,16 +17,16 @@ from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import WireModel
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import publish
-from tidepool_contracts.image_refs import (
+from tidepool_contracts.models import BuildJob, SnapshotState
+from tidepool_contracts.states import SandboxState
+from tidepool_runtime.bus import publish
+from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     build_ref,
     check_reference,
     dockerfile_image_references,
     snapshot_ref,
 )
-from tidepool_contracts.models import BuildJob, SnapshotState
-from tidepool_contracts.states import SandboxState
 
 log = structlog.get_logger("tidepool.api.snapshots")
 SNAPSHOT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._:/@-]{0,254}$")
@@ -69,7 +69,7 @@ def validate_image_reference(image: str) -> None:
 
 
 def check_image(context: ApiContext, organization_id: str, image: str) -> None:
-    """Refuse images the organization may not use (tidepool_contracts.image_refs): 400, or 404 for another
+    """Refuse images the organization may not use (tidepool_runtime.image_refs): 400, or 404 for another
     organization's image (whether it exists or not)."""
     settings = context.settings
     try:

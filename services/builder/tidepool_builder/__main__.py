@@ -9,9 +9,9 @@ import aiodocker
 import structlog
 
 from tidepool_builder.service import Builder
-from tidepool_contracts.bus import connect
-from tidepool_contracts.config import Settings
-from tidepool_contracts.service import run_service
+from tidepool_runtime.bus import connect
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.builder")
 

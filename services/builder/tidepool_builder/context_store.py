@@ -27,8 +27,8 @@ import urllib3.exceptions
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error
 
-from tidepool_contracts.config import Settings
-from tidepool_contracts.object_keys import service_key
+from tidepool_runtime.object_keys import service_key
+from tidepool_runtime.settings import Settings
 
 CONTEXT_OBJECT = "context.tar"
 MAX_LINK_DEPTH = 40  # symlink chains, as the kernel's MAXSYMLINKS

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import aiodocker
 
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import ImageReference, parse_reference
+from tidepool_runtime.image_refs import ImageReference, parse_reference
+from tidepool_runtime.settings import Settings
 
 
 class ImageUnusableError(Exception):

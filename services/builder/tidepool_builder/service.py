@@ -21,14 +21,6 @@ from tidepool_builder.images import (
     verify_toolbox_can_run,
 )
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, consume, decode, encode, keep_in_progress, publish
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import (
-    ReferenceRefusedError,
-    check_reference,
-    dockerfile_image_references,
-    registry_host,
-)
 from tidepool_contracts.models import (
     BuildJob,
     BuildLogLine,
@@ -37,6 +29,14 @@ from tidepool_contracts.models import (
     SnapshotEvent,
     SnapshotState,
 )
+from tidepool_runtime.bus import Bus, consume, decode, encode, keep_in_progress, publish
+from tidepool_runtime.image_refs import (
+    ReferenceRefusedError,
+    check_reference,
+    dockerfile_image_references,
+    registry_host,
+)
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.builder")
 

@@ -17,19 +17,7 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from tidepool_contracts.bus import Bus, connect
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
-from tidepool_contracts.relay import (
-    SESSION_SKIP_AUTO_HEADERS,
-    UpstreamRejectedUpgradeError,
-    UpstreamUnreachableError,
-    error_response,
-    is_websocket_upgrade,
-    relay_http,
-    relay_websocket,
-    upstream_request_headers,
-)
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_SIGNING_KEYS
 from tidepool_contracts.toolbox_routes import toolbox_route_status
@@ -40,6 +28,18 @@ from tidepool_proxy.auth import (
     authenticate,
 )
 from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime.bus import Bus, connect
+from tidepool_runtime.relay import (
+    SESSION_SKIP_AUTO_HEADERS,
+    UpstreamRejectedUpgradeError,
+    UpstreamUnreachableError,
+    error_response,
+    is_websocket_upgrade,
+    relay_http,
+    relay_websocket,
+    upstream_request_headers,
+)
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.proxy")
 

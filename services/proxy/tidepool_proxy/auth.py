@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 from aiohttp import web
 from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import kv_get
 from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
 from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime.bus import kv_get
 
 SIGNED_URL_QUERY_PARAMS = ("signature", "expires")
 SIGNATURE_PREFIX = "v1_"

@@ -7,8 +7,8 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from tidepool_contracts.config import Settings
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.proxy")
 

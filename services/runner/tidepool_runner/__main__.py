@@ -1,5 +1,5 @@
-from tidepool_contracts.service import run_service
 from tidepool_runner.service import main
+from tidepool_runtime.process import run_service
 
 if __name__ == "__main__":
     run_service("runner", main)

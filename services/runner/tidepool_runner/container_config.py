@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import SandboxSpec
+from tidepool_runtime.settings import Settings
 
 CONTAINER_NAME_PREFIX = "tidepool-"
 SANDBOX_LABEL = "tidepool.sandbox"

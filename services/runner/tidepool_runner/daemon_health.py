@@ -37,8 +37,6 @@ import aiohttp
 import structlog
 from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import Bus, kv_get, kv_put, publish
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import (
     DaemonHealthEvent,
     DaemonHealthOutcome,
@@ -55,6 +53,8 @@ from tidepool_runner.daemon_connections import (
 )
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
 from tidepool_runner.jobs import SandboxLocks
+from tidepool_runtime.bus import Bus, kv_get, kv_put, publish
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.daemon_health")
 

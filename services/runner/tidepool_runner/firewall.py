@@ -43,7 +43,7 @@ from typing import Literal
 
 import structlog
 
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.firewall")
 

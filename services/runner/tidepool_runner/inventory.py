@@ -9,8 +9,6 @@ from pathlib import Path
 import structlog
 from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import kv_put
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerInfo, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.container_config import CPU_LABEL, MEMORY_LABEL, ORGANIZATION_LABEL, SANDBOX_LABEL
@@ -21,6 +19,8 @@ from tidepool_runner.engine import (
     EngineUnavailableError,
     SandboxFailedError,
 )
+from tidepool_runtime.bus import kv_put
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.inventory")
 

@@ -17,8 +17,6 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import Bus, keep_in_progress, kv_delete, kv_get, kv_put, publish
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import event_sandbox
@@ -31,6 +29,8 @@ from tidepool_runner.container_config import (
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
+from tidepool_runtime.bus import Bus, keep_in_progress, kv_delete, kv_get, kv_put, publish
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.jobs")
 

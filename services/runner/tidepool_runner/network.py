@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from tidepool_contracts.config import Settings
 from tidepool_runner import firewall
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.network")
 

@@ -10,9 +10,6 @@ import structlog
 from aiohttp import web
 from nats.aio.msg import Msg
 
-from tidepool_contracts.bus import Bus, connect, consume, encode
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import internal_registry_auth
 from tidepool_contracts.models import RunnerJob
 from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
 from tidepool_runner.container_config import sandbox_socket_dir
@@ -26,6 +23,9 @@ from tidepool_runner.network import prepare_sandbox_network
 from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
+from tidepool_runtime.bus import Bus, connect, consume, encode
+from tidepool_runtime.image_refs import internal_registry_auth
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import structlog
 
-from tidepool_contracts.config import Settings
 from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir
+from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.staging")
 

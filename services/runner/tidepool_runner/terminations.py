@@ -11,12 +11,12 @@ import aiohttp
 import orjson
 import structlog
 
-from tidepool_contracts.bus import Bus, publish
 from tidepool_contracts.models import ProcessTerminationEvent
 from tidepool_contracts.subjects import event_process
 from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 from tidepool_runner.engine import ContainerEngine
+from tidepool_runtime.bus import Bus, publish
 
 log = structlog.get_logger("tidepool.runner.terminations")
 POLL_INTERVAL_SECONDS = 5.0

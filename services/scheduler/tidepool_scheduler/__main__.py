@@ -7,9 +7,9 @@ import contextlib
 
 import structlog
 
-from tidepool_contracts.bus import connect
-from tidepool_contracts.config import Settings
-from tidepool_contracts.service import run_service
+from tidepool_runtime.bus import connect
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import Settings
 from tidepool_scheduler.scheduler import Scheduler
 
 log = structlog.get_logger("tidepool.scheduler")

@@ -18,8 +18,6 @@ from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, consume, kv_delete, kv_get, kv_items, kv_put, publish
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import (
     DesiredSandbox,
     Placement,
@@ -31,6 +29,8 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import DesiredState, SandboxState
+from tidepool_runtime.bus import Bus, consume, kv_delete, kv_get, kv_items, kv_put, publish
+from tidepool_runtime.settings import Settings
 from tidepool_scheduler.placement import choose_runner
 
 log = structlog.get_logger("tidepool.scheduler")

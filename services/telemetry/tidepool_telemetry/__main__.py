@@ -8,10 +8,10 @@ import structlog
 from nats.js.api import DeliverPolicy
 
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect, decode
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import SandboxStateEvent
-from tidepool_contracts.service import run_service
+from tidepool_runtime.bus import connect, decode
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import Settings
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
 

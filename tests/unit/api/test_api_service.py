@@ -19,8 +19,6 @@ from tidepool_api.events import consume_sandbox_events
 from tidepool_api.migrate import migrate
 from tidepool_api.sandbox_events import consume_daemon_events
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, connect, decode, kv_get, publish
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import (
     ApiKeyRecord,
     DaemonHealthEvent,
@@ -30,6 +28,8 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import SandboxState
+from tidepool_runtime.bus import Bus, connect, decode, kv_get, publish
+from tidepool_runtime.settings import Settings
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from test_api_service import api  # noqa: F401 (the fixture, shared with the API
 
 from tidepool_api.db import Sandbox
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_delete, kv_get
 from tidepool_contracts.models import SigningKeyRecord
+from tidepool_runtime.bus import kv_delete, kv_get
 
 
 async def test_signing_key_is_created_once_and_mirrored(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]

@@ -17,9 +17,9 @@ from tidepool_api.db import Database, Snapshot
 from tidepool_api.events import apply_snapshot_event
 from tidepool_api.migrate import migrate
 from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect, decode
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import BuildJob, SnapshotEvent, SnapshotState
+from tidepool_runtime.bus import connect, decode
+from tidepool_runtime.settings import Settings
 
 REGISTRY = "127.0.0.1:5999"
 

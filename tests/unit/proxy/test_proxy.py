@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_delete, kv_put
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
+from tidepool_runtime.bus import Bus, kv_delete, kv_put
 
 from .conftest import RUNNER_TOKEN, FakeRunner
 

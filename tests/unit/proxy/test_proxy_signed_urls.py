@@ -12,9 +12,9 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_put
 from tidepool_contracts.models import SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
+from tidepool_runtime.bus import Bus, kv_put
 
 from .conftest import FakeRunner
 from .test_proxy import ORG, add_api_key, add_route, error_body

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tidepool_contracts.bus import Bus, connect
+from tidepool_runtime.bus import Bus, connect
 
 
 @pytest.fixture

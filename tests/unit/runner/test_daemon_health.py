@@ -16,8 +16,6 @@ import pytest
 from aiohttp import web
 
 from tests.unit.runner.sockets import SANDBOX_ROOT_UID, serve_as
-from tidepool_contracts.bus import Bus, kv_get, kv_put
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import (
     DaemonHealthEvent,
     DaemonHealthOutcome,
@@ -31,6 +29,8 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.engine import ContainerStatus, ContainerSummary
 from tidepool_runner.jobs import SandboxLocks
+from tidepool_runtime.bus import Bus, kv_get, kv_put
+from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-health-unit"
 ORGANIZATION_ID = "org-health"

@@ -11,8 +11,6 @@ from typing import Any
 import orjson
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_get
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_ROUTES, event_sandbox
@@ -20,6 +18,8 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, RootIds, SandboxFailedError
 from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor, SandboxLocks
+from tidepool_runtime.bus import Bus, kv_get
+from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-unit"
 SANDBOX_ROOT_UID = 268_500_000

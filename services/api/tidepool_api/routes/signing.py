@@ -24,9 +24,9 @@ from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_contracts.bus import kv_get, kv_put
 from tidepool_contracts.models import SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
+from tidepool_runtime.bus import kv_get, kv_put
 
 log = structlog.get_logger("tidepool.api.signing")
 router = APIRouter(prefix="/sandbox", tags=["sandbox"])

@@ -7,8 +7,8 @@ import contextlib
 import signal
 from collections.abc import Awaitable, Callable
 
-from tidepool_contracts.config import Settings, load_settings
-from tidepool_contracts.observability import configure_logging, configure_tracing
+from tidepool_runtime.observability import configure_logging, configure_tracing
+from tidepool_runtime.settings import Settings, load_settings
 
 
 def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:

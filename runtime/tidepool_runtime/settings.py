@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_ca_file: str = ""
     # Embedded storage: `s3_secret_key` is a master secret from which per-organization keys are derived
-    # (tidepool_contracts.object_keys); with an external S3, the static key pair is used as given.
+    # (tidepool_runtime.object_keys); with an external S3, the static key pair is used as given.
     s3_scoped_keys: bool = False
     # OCI registry that built and pulled snapshots are pushed to, so any runner can pull them on demand
     # ("" = images stay on the engine that built them). Embedded: Debian's docker-registry on loopback.
