@@ -1,9 +1,10 @@
-"""Process plumbing every service shares: settings, logging, tracing, graceful shutdown on SIGTERM/SIGINT."""
+"""Process plumbing: a service's settings, logging, tracing, graceful stop; children that die with us."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -25,3 +26,15 @@ def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[N
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(runner())
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a child process: it gets SIGTERM when the thread that started it ends (Linux).
+
+    So a launcher that is killed, or a test session that ends without stopping its stack, leaves no
+    nats-server or service behind.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

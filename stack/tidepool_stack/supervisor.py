@@ -25,6 +25,7 @@ from pathlib import Path
 import bcrypt
 import httpx
 
+from tidepool_runtime.process import die_with_parent
 from tidepool_runtime.settings import REPO_ROOT, Settings
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
@@ -210,6 +211,7 @@ class Stack:
             env={**os.environ, **(env or {})},
             cwd=str(REPO_ROOT),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+            preexec_fn=die_with_parent,  # but a launcher that dies takes them along
         )
         pump = asyncio.create_task(self._pump(name, process))
         child = Child(name, process, pump)

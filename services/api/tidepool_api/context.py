@@ -11,7 +11,7 @@ from nats.js.kv import KeyValue
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
-from tidepool_runtime.bus import Bus
+from tidepool_runtime.broker import Bus
 from tidepool_runtime.settings import Settings
 
 

@@ -16,10 +16,9 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import WireModel
-from tidepool_contracts import subjects
+from tidepool_contracts import channels
 from tidepool_contracts.models import BuildJob, SnapshotState
 from tidepool_contracts.states import SandboxState
-from tidepool_runtime.bus import publish
 from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     build_ref,
@@ -122,9 +121,7 @@ async def request_build(context: ApiContext, snapshot: Snapshot) -> None:
         context_hashes=list(snapshot.context_hashes or []),
         source_image=None if snapshot.dockerfile else snapshot.image_name,
     )
-    await publish(
-        context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"build:{snapshot.id}:{snapshot.updated_at}"
-    )
+    await context.bus.publish(channels.BUILD_JOBS, job, msg_id=f"build:{snapshot.id}:{snapshot.updated_at}")
 
 
 async def create_snapshot(context: ApiContext, organization_id: str, body: CreateSnapshotRequest) -> Snapshot:
@@ -314,7 +311,7 @@ async def evict_expired_builds(context: ApiContext, now: datetime | None = None)
                 remove=True,
                 registry_ref=snapshot.registry_ref,
             )
-            await publish(context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"evict:{snapshot.id}")
+            await context.bus.publish(channels.BUILD_JOBS, job, msg_id=f"evict:{snapshot.id}")
         await session.commit()
     return evicted
 

@@ -1,4 +1,4 @@
-from tidepool_proxy.service import main
+from tidepool_proxy.main import main
 from tidepool_runtime.process import run_service
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
+from tidepool_contracts import channels
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_SIGNING_KEYS
+from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
 from tidepool_contracts.toolbox_routes import toolbox_route_status
 from tidepool_proxy.auth import (
     AuthenticationError,
@@ -28,7 +29,7 @@ from tidepool_proxy.auth import (
     authenticate,
 )
 from tidepool_proxy.kv_cache import KvCache
-from tidepool_runtime.bus import Bus, connect
+from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.relay import (
     SESSION_SKIP_AUTO_HEADERS,
     UpstreamRejectedUpgradeError,
@@ -156,9 +157,9 @@ def create_proxy_app(settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         bus = await connect(settings.nats_url, name="tidepool-proxy")
-        routes = KvCache(await bus.kv(KV_ROUTES), SandboxRoute, KV_ROUTES)
-        api_keys = KvCache(await bus.kv(KV_API_KEYS), ApiKeyRecord, KV_API_KEYS)
-        signing_keys = SigningKeys(await bus.kv(KV_SIGNING_KEYS))
+        routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)
+        api_keys = KvCache(await bus.kv(channels.API_KEYS), ApiKeyRecord, KV_API_KEYS)
+        signing_keys = SigningKeys(await bus.kv(channels.SIGNING_KEYS))
         watchers = [
             asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
             asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),

@@ -9,7 +9,7 @@ import structlog
 from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from tidepool_runtime.bus import kv_get, kv_watch
+from tidepool_runtime.broker import kv_get, kv_watch
 
 log = structlog.get_logger("tidepool.proxy.cache")
 

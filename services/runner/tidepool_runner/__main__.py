@@ -1,4 +1,6 @@
-from tidepool_runner.service import main
+"""Entry point: `python -m tidepool_runner`."""
+
+from tidepool_runner.main import main
 from tidepool_runtime.process import run_service
 
 if __name__ == "__main__":

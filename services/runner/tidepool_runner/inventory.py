@@ -19,7 +19,7 @@ from tidepool_runner.engine import (
     EngineUnavailableError,
     SandboxFailedError,
 )
-from tidepool_runtime.bus import kv_put
+from tidepool_runtime.broker import kv_put
 from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.inventory")

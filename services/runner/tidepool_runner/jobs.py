@@ -17,9 +17,9 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import event_sandbox
 from tidepool_runner.container_config import (
     build_container_config,
     container_name,
@@ -29,7 +29,7 @@ from tidepool_runner.container_config import (
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
-from tidepool_runtime.bus import Bus, keep_in_progress, kv_delete, kv_get, kv_put, publish
+from tidepool_runtime.broker import Bus, keep_in_progress, kv_delete, kv_get, kv_put
 from tidepool_runtime.settings import Settings
 
 log = structlog.get_logger("tidepool.runner.jobs")
@@ -252,7 +252,9 @@ class JobExecutor:
             source=EVENT_SOURCE,
         )
         # A redelivered job that reaches the same outcome publishes nothing new (JetStream de-duplication).
-        await publish(self._bus, event_sandbox(job.sandbox_id), event, msg_id=f"{job.job_id}:{state}")
+        await self._bus.publish(
+            channels.SANDBOX_EVENTS, event, msg_id=f"{job.job_id}:{state}", sandbox_id=job.sandbox_id
+        )
 
 
 def _remove_tree(path: Path) -> None:

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tidepool_proxy.app import create_proxy_app
-from tidepool_runtime.bus import Bus, connect
+from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.settings import Settings
 
 RUNNER_TOKEN = "test-runner-token"

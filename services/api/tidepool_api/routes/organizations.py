@@ -18,7 +18,7 @@ from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.routes.sandbox import json_body
 from tidepool_api.schemas import WireModel, iso
 from tidepool_contracts.models import ApiKeyRecord
-from tidepool_runtime.bus import kv_put
+from tidepool_runtime.broker import kv_put
 
 router = APIRouter()
 

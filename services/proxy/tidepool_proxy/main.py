@@ -1,4 +1,4 @@
-"""Proxy process: serve the proxy app until SIGTERM/SIGINT."""
+"""Start-up of the proxy: serve the proxy app (app.py; it only reads KV buckets) until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
