@@ -7,13 +7,22 @@ import contextlib
 import ctypes
 import signal
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from tidepool_runtime.observability import configure_logging, configure_tracing
-from tidepool_runtime.settings import Settings, load_settings
+from tidepool_runtime.settings import CommonSettings
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 
 
-def run_service(name: str, main: Callable[[Settings, asyncio.Event], Awaitable[None]]) -> None:
-    settings = load_settings()
+def run_service(
+    name: str, main: Callable[[SettingsT, asyncio.Event], Awaitable[None]], settings_type: type[SettingsT]
+) -> None:
+    """Run `main(settings, stop)` until it returns; `stop` is set on SIGTERM/SIGINT.
+
+    `settings_type` is the service's own settings class: it reads only the environment it needs.
+    """
+    settings = settings_type()
     configure_logging(name, settings.log_level, settings.log_json)
     configure_tracing(name, settings.otlp_endpoint)
 

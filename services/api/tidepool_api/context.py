@@ -12,7 +12,7 @@ from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
 from tidepool_runtime.broker import Bus
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import ApiSettings
 
 
 @dataclass
@@ -40,7 +40,7 @@ class StateWaiters:
 
 @dataclass
 class ApiContext:
-    settings: Settings
+    settings: ApiSettings
     database: Database
     bus: Bus
     desired_kv: KeyValue

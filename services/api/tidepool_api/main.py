@@ -19,12 +19,12 @@ from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_api.subscribers import register
 from tidepool_contracts import channels
 from tidepool_runtime.broker import Bus, create_broker
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import ApiSettings
 
 log = structlog.get_logger("tidepool.api")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)

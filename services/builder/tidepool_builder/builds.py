@@ -37,7 +37,9 @@ from tidepool_runtime.image_refs import (
     dockerfile_image_references,
     registry_host,
 )
-from tidepool_runtime.settings import Settings
+
+# The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 log = structlog.get_logger("tidepool.builder")
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import aiodocker
 
 from tidepool_runtime.image_refs import ImageReference, parse_reference
-from tidepool_runtime.settings import Settings
+
+# The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 
 class ImageUnusableError(Exception):

@@ -10,12 +10,12 @@ import structlog
 from tidepool_builder.builds import Builder
 from tidepool_builder.subscribers import register
 from tidepool_runtime.broker import Bus, create_broker
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import BuilderSettings
 
 log = structlog.get_logger("tidepool.builder")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
     bus = Bus(create_broker(settings.nats_url, "tidepool-builder"))
     await bus.connect()
     docker = aiodocker.Docker(url=settings.effective_docker_host)

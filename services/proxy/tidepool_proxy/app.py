@@ -40,7 +40,7 @@ from tidepool_runtime.relay import (
     relay_websocket,
     upstream_request_headers,
 )
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
 
@@ -57,7 +57,7 @@ RUNNER_CONNECT_TIMEOUT_SECONDS = 10.0
 
 @dataclass
 class ProxyState:
-    settings: Settings
+    settings: ProxySettings
     bus: Bus
     routes: KvCache[SandboxRoute]
     api_keys: KvCache[ApiKeyRecord]
@@ -150,7 +150,7 @@ def runner_session() -> aiohttp.ClientSession:
     )
 
 
-def create_proxy_app(settings: Settings) -> web.Application:
+def create_proxy_app(settings: ProxySettings) -> web.Application:
     """The whole proxy as one aiohttp app: its cleanup context connects NATS, mirrors the KV buckets and owns
     the runner connection pool, so `web.run_app` or a test server runs exactly what production runs."""
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})

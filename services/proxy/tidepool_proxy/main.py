@@ -8,12 +8,12 @@ import structlog
 from aiohttp import web
 
 from tidepool_proxy.app import create_proxy_app
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: ProxySettings, stop: asyncio.Event) -> None:
     runner = web.AppRunner(create_proxy_app(settings), access_log=None)
     await runner.setup()
     try:

@@ -2,6 +2,7 @@
 
 from tidepool_runner.main import main
 from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import RunnerSettings
 
 if __name__ == "__main__":
-    run_service("runner", main)
+    run_service("runner", main, RunnerSettings)

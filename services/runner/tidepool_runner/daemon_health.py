@@ -54,7 +54,7 @@ from tidepool_runner.daemon_connections import (
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
 from tidepool_runner.jobs import SandboxLocks
 from tidepool_runtime.broker import Bus, kv_get, kv_put
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.daemon_health")
 
@@ -76,7 +76,7 @@ class _Tracked:
 
 @dataclass
 class DaemonHealthChecker:
-    settings: Settings
+    settings: RunnerSettings
     runner_id: str
     engine: ContainerEngine
     daemons: DaemonConnections

@@ -20,7 +20,7 @@ from tidepool_runner.engine import (
     SandboxFailedError,
 )
 from tidepool_runtime.broker import kv_put
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.inventory")
 
@@ -54,7 +54,9 @@ def _int_label(container: ContainerSummary, label: str) -> int:
         return 0
 
 
-def runner_info(settings: Settings, runner_id: str, containers: list[ContainerSummary] | None) -> RunnerInfo:
+def runner_info(
+    settings: RunnerSettings, runner_id: str, containers: list[ContainerSummary] | None
+) -> RunnerInfo:
     """Capacity and allocation; `containers` None means the engine is unreachable (then: unschedulable)."""
     running = [container for container in containers or [] if container.state == "running"]
     return RunnerInfo(
@@ -76,7 +78,7 @@ class Inventory:
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: RunnerSettings,
         runner_id: str,
         engine: ContainerEngine,
         runners: KeyValue,

@@ -30,7 +30,7 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
 from tidepool_runtime.broker import Bus, keep_in_progress, kv_delete, kv_get, kv_put
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.jobs")
 
@@ -71,7 +71,7 @@ class JobExecutor:
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: RunnerSettings,
         runner_id: str,
         bus: Bus,
         routes: KeyValue,

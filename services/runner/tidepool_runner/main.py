@@ -24,7 +24,7 @@ from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.image_refs import internal_registry_auth
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner")
 
@@ -34,7 +34,7 @@ DISK_POOL_CHECK_SECONDS = 0.2
 class Runner:
     """Everything one runner process runs; `start()` then `stop()` (tests drive it the same way)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RunnerSettings) -> None:
         self.settings = settings
         self.runner_id = settings.effective_runner_id
         self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
@@ -152,7 +152,7 @@ class Runner:
             raise RuntimeError(f"runner loop {task.get_name()} died") from error
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: RunnerSettings, stop: asyncio.Event) -> None:
     runner = Runner(settings)
     await runner.start()
     try:

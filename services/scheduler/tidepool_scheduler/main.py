@@ -8,14 +8,14 @@ import contextlib
 import structlog
 
 from tidepool_runtime.broker import Bus, create_broker
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.scheduler import Scheduler
 from tidepool_scheduler.subscribers import register
 
 log = structlog.get_logger("tidepool.scheduler")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     bus = Bus(create_broker(settings.nats_url, "tidepool-scheduler"))
     await bus.connect()
     scheduler = await Scheduler.create(settings, bus)

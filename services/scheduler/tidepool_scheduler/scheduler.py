@@ -30,7 +30,7 @@ from tidepool_contracts.models import (
 )
 from tidepool_contracts.states import DesiredState, SandboxState
 from tidepool_runtime.broker import Bus, kv_delete, kv_get, kv_items, kv_put
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.placement import choose_runner
 
 log = structlog.get_logger("tidepool.scheduler")
@@ -51,7 +51,7 @@ CONVERGED_ROUTE_STATE = {
 
 @dataclass
 class Scheduler:
-    settings: Settings
+    settings: SchedulerSettings
     bus: Bus
     runners_kv: KeyValue
     placements_kv: KeyValue
@@ -59,7 +59,7 @@ class Scheduler:
     routes_kv: KeyValue
 
     @classmethod
-    async def create(cls, settings: Settings, bus: Bus) -> Scheduler:
+    async def create(cls, settings: SchedulerSettings, bus: Bus) -> Scheduler:
         return cls(
             settings=settings,
             bus=bus,

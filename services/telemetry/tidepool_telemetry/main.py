@@ -7,7 +7,7 @@ import asyncio
 import structlog
 
 from tidepool_runtime.broker import Bus, create_broker
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import TelemetrySettings
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
 from tidepool_telemetry.subscribers import register
@@ -15,7 +15,7 @@ from tidepool_telemetry.subscribers import register
 log = structlog.get_logger("tidepool.telemetry")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
     bus = Bus(create_broker(settings.nats_url, "tidepool-telemetry"))
     await bus.connect()
     counts = SandboxCounts()

@@ -26,7 +26,7 @@ from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_runtime.object_keys import user_key
-from tidepool_runtime.settings import Settings
+from tidepool_runtime.settings import ApiSettings
 
 log = structlog.get_logger("tidepool.api.object_storage")
 router = APIRouter()
@@ -81,7 +81,7 @@ def verify_session_token(secret_key: str, token: str, now: float | None = None) 
     return claims["org"]
 
 
-def object_storage_configured(settings: Settings) -> bool:
+def object_storage_configured(settings: ApiSettings) -> bool:
     has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
     return bool(settings.s3_endpoint and settings.s3_secret_key and has_keys)
 
