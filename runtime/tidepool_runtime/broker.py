@@ -46,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 from tidepool_contracts.channels import BUCKETS, STREAMS, Bucket, Channel, Stream, stream_subjects
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+# Services name `Msg` (a JetStream message a handler is given) and `KeyValue` (a bucket) from here.
 log = structlog.get_logger("tidepool.bus")
 
 Registrar = NatsBroker | NatsRouter

@@ -6,12 +6,10 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from nats.js.kv import KeyValue
-
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
-from tidepool_runtime.broker import Bus
+from tidepool_runtime.broker import Bus, KeyValue
 from tidepool_runtime.settings import ApiSettings
 
 

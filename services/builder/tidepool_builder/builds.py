@@ -8,7 +8,6 @@ from pathlib import Path
 
 import aiodocker
 import structlog
-from nats.aio.msg import Msg
 
 from tidepool_builder.context_hash import HashCheck, check_context_hash
 from tidepool_builder.context_store import fetch_archives, merge_archives
@@ -30,7 +29,7 @@ from tidepool_contracts.models import (
     SnapshotState,
 )
 from tidepool_contracts.subjects import kv_safe
-from tidepool_runtime.broker import Bus, keep_in_progress
+from tidepool_runtime.broker import Bus, Msg, keep_in_progress
 from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     check_reference,

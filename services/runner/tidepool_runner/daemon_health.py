@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
-from nats.js.kv import KeyValue
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
@@ -53,7 +52,7 @@ from tidepool_runner.daemon_connections import (
 )
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
 from tidepool_runner.jobs import SandboxLocks
-from tidepool_runtime.broker import Bus, kv_get, kv_put
+from tidepool_runtime.broker import Bus, KeyValue, kv_get, kv_put
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.daemon_health")

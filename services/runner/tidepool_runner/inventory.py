@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import structlog
-from nats.js.kv import KeyValue
 
 from tidepool_contracts.models import RunnerInfo, SandboxRoute
 from tidepool_contracts.states import SandboxState
@@ -19,7 +18,7 @@ from tidepool_runner.engine import (
     EngineUnavailableError,
     SandboxFailedError,
 )
-from tidepool_runtime.broker import kv_put
+from tidepool_runtime.broker import KeyValue, kv_put
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.inventory")

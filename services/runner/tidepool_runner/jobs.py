@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
@@ -29,7 +27,7 @@ from tidepool_runner.container_config import (
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
-from tidepool_runtime.broker import Bus, keep_in_progress, kv_delete, kv_get, kv_put
+from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.jobs")

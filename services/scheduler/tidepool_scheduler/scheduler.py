@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
@@ -29,7 +27,7 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import DesiredState, SandboxState
-from tidepool_runtime.broker import Bus, kv_delete, kv_get, kv_items, kv_put
+from tidepool_runtime.broker import Bus, KeyValue, Msg, kv_delete, kv_get, kv_items, kv_put
 from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.placement import choose_runner
 

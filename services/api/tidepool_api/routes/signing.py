@@ -15,7 +15,6 @@ import secrets
 
 import structlog
 from fastapi import APIRouter, Request
-from nats.js.kv import KeyValue
 from sqlalchemy import and_, update
 from sqlmodel import col
 
@@ -26,7 +25,7 @@ from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
-from tidepool_runtime.broker import kv_get, kv_put
+from tidepool_runtime.broker import KeyValue, kv_get, kv_put
 
 log = structlog.get_logger("tidepool.api.signing")
 router = APIRouter(prefix="/sandbox", tags=["sandbox"])
