@@ -44,6 +44,7 @@ from tidepool_proxy.app import create_proxy_app
 from tidepool_runner.main import Runner
 from tidepool_runner.network import SandboxNetworkError
 from tidepool_runtime.broker import Bus, connect, kv_delete, kv_get, kv_put
+from tidepool_runtime.process import die_with_parent
 from tidepool_runtime.settings import REPO_ROOT, Settings
 
 pytestmark = [
@@ -132,6 +133,7 @@ def nats_url(work_dir: Path) -> Iterator[str]:
         [str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(work_dir / "nats")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # gone with pytest, even if pytest is killed
     )
     try:
         wait_for(lambda: port_open(port), "nats-server")
