@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TIDEPOOL_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 export TIDEPOOL_CA_BUNDLE
 
-.PHONY: up up-detached down test unit integration lint bench host venv clean
+.PHONY: up up-detached down test unit integration lint bench host venv clean asyncapi
 
 # A machine's pip configuration may name package folders it lacks; pip warns once per package: filtered.
 $(STAMP): pyproject.toml
@@ -34,6 +34,9 @@ down: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+
+asyncapi: venv  # regenerate docs/asyncapi/asyncapi.yaml from the services' subscribers and publishers
+	$(BIN)/python scripts/asyncapi.py
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit -q

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tidepool_runtime.process import die_with_parent
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -46,6 +48,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         [nats_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # gone with pytest, even if pytest is killed
     )
     try:
         wait_for_port(port)

@@ -1,4 +1,4 @@
-"""NATS subjects, JetStream streams and KV buckets: the only names services share on the bus."""
+"""NATS subjects, JetStream streams and KV buckets by name; `channels.py` pairs each with its model."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ JOB_RUNNER_PREFIX = "tidepool.job.runner"
 JOB_BUILD_SUBJECT = "tidepool.job.build"
 EVENT_SANDBOX_PREFIX = "tidepool.event.sandbox"
 EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
-EVENT_RUNNER_PREFIX = "tidepool.event.runner"
 EVENT_PROCESS_PREFIX = "tidepool.event.process"  # runner -> API: notable process terminations in sandboxes
 EVENT_DAEMON_PREFIX = "tidepool.event.daemon"  # runner -> API: toolbox daemon health (restarts, failures)
 BUILD_LOG_PREFIX = "tidepool.buildlog"
 
-# Core NATS request/reply (caller waits).
-RUNNER_PING_PREFIX = "tidepool.rpc.runner.ping"
-# Builder/runner -> API: pull credentials of an organization's private registry (never stored on the bus).
+# Core NATS request/reply (caller waits). Builder -> API: pull credentials of an organization's private
+# registry (never stored on the bus).
 REGISTRY_CREDENTIALS_SUBJECT = "tidepool.rpc.registry.credentials"
 
 # KV buckets (shared read models).
@@ -58,10 +56,6 @@ def event_snapshot(snapshot_name: str) -> str:
 
 def build_log(image_ref: str) -> str:
     return f"{BUILD_LOG_PREFIX}.{kv_safe(image_ref)}"
-
-
-def runner_ping(runner_id: str) -> str:
-    return f"{RUNNER_PING_PREFIX}.{runner_id}"
 
 
 def kv_safe(name: str) -> str:

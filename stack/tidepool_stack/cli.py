@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tidepool_contracts.config import REPO_ROOT
+from tidepool_runtime.settings import REPO_ROOT
 from tidepool_stack.supervisor import Stack, StackConfig
 
 app = typer.Typer(add_completion=False, help="Run Tidepool on this machine.")

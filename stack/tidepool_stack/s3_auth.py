@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tidepool_contracts.object_keys import parse_key, secret_for
+from tidepool_runtime.object_keys import parse_key, secret_for
 
 REFUSED = {"type": "local", "_root": "/nonexistent", "_secret_access_key": ""}
 

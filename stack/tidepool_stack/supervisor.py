@@ -25,7 +25,8 @@ from pathlib import Path
 import bcrypt
 import httpx
 
-from tidepool_contracts.config import REPO_ROOT, Settings
+from tidepool_runtime.process import die_with_parent
+from tidepool_runtime.settings import REPO_ROOT, Settings
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
 # Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
@@ -210,6 +211,7 @@ class Stack:
             env={**os.environ, **(env or {})},
             cwd=str(REPO_ROOT),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+            preexec_fn=die_with_parent,  # but a launcher that dies takes them along
         )
         pump = asyncio.create_task(self._pump(name, process))
         child = Child(name, process, pump)
@@ -372,7 +374,7 @@ class Stack:
         """`rclone serve s3` over TLS on a loopback port, serving `{data_dir}/objects`; returns service env.
 
         Every access key is resolved by our auth proxy (`tidepool_stack.s3_auth`): keys are scoped to one
-        organization's directory and user keys expire (see tidepool_contracts.object_keys).
+        organization's directory and user keys expire (see tidepool_runtime.object_keys).
         The SDK (obstore/rustls) refuses plain http, hence TLS with a private CA (see client_ca_bundle).
         """
         binary = shutil.which("rclone", path=str(Path(sys.executable).parent))

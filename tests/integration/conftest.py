@@ -7,11 +7,29 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.integration.spans import SpanCollector
 from tests.integration.stackthread import StackThread, drop_postgres_database, fresh_postgres_database
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
+def spans() -> Iterator[SpanCollector]:
+    """Every span the stack's services export (they get TIDEPOOL_OTLP_ENDPOINT pointing here)."""
+    collector = SpanCollector()
+    collector.start()
+    saved = os.environ.get("TIDEPOOL_OTLP_ENDPOINT")
+    os.environ["TIDEPOOL_OTLP_ENDPOINT"] = collector.url
+    try:
+        yield collector
+    finally:
+        if saved is None:
+            os.environ.pop("TIDEPOOL_OTLP_ENDPOINT", None)
+        else:
+            os.environ["TIDEPOOL_OTLP_ENDPOINT"] = saved
+        collector.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, spans: SpanCollector) -> Iterator[StackThread]:
     base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
     database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
     running = StackThread(tmp_path_factory.mktemp("tidepool"), database_url=database_url)

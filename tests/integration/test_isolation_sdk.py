@@ -19,7 +19,7 @@ import pytest
 from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
 
 from tests.integration.stackthread import StackThread
-from tidepool_contracts.config import REPO_ROOT
+from tidepool_runtime.settings import REPO_ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 

@@ -24,8 +24,8 @@ import pytest
 
 from tests.integration.stackthread import StackThread
 from tidepool_builder.context_store import context_key, fetch_context, make_client
-from tidepool_contracts.config import Settings
-from tidepool_contracts.object_keys import parse_key, secret_for
+from tidepool_runtime.object_keys import parse_key, secret_for
+from tidepool_runtime.settings import Settings
 from tidepool_stack.supervisor import HOST_CA_BUNDLE
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]

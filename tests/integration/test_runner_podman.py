@@ -29,8 +29,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.integration.stackthread import release_sandboxes
-from tidepool_contracts.bus import Bus, connect, kv_delete, kv_get, kv_put, publish
-from tidepool_contracts.config import REPO_ROOT, Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import (
     ApiKeyRecord,
     RunnerInfo,
@@ -40,10 +39,13 @@ from tidepool_contracts.models import (
     SandboxSpec,
 )
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_RUNNERS, event_sandbox, job_runner
+from tidepool_contracts.subjects import event_sandbox
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runner.main import Runner
 from tidepool_runner.network import SandboxNetworkError
-from tidepool_runner.service import Runner
+from tidepool_runtime.broker import Bus, connect, kv_delete, kv_get, kv_put
+from tidepool_runtime.process import die_with_parent
+from tidepool_runtime.settings import REPO_ROOT, Settings
 
 pytestmark = [
     pytest.mark.integration,
@@ -131,6 +133,7 @@ def nats_url(work_dir: Path) -> Iterator[str]:
         [str(binary), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(work_dir / "nats")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # gone with pytest, even if pytest is killed
     )
     try:
         wait_for(lambda: port_open(port), "nats-server")
@@ -208,18 +211,18 @@ class Harness:
         async def collect(msg: Any) -> None:
             await events.put(orjson.loads(msg.data))
 
-        subscription = await self.bus.nc.subscribe(event_sandbox(spec.sandbox_id), cb=collect)
+        subscription = await self.bus.broker.connection.subscribe(event_sandbox(spec.sandbox_id), cb=collect)
         try:
             job = RunnerJob(
                 intent_id=str(uuid.uuid4()), sandbox_id=spec.sandbox_id, action=action, spec=spec, force=force
             )
-            await publish(self.bus, job_runner(self.runner.runner_id), job)
+            await self.bus.publish(channels.RUNNER_JOBS, job, runner_id=self.runner.runner_id)
             return await asyncio.wait_for(events.get(), EVENT_TIMEOUT)
         finally:
             await subscription.unsubscribe()
 
     async def route(self, sandbox_id: str) -> SandboxRoute | None:
-        return await kv_get(await self.bus.kv(KV_ROUTES), sandbox_id, SandboxRoute)
+        return await kv_get(await self.bus.kv(channels.ROUTES), sandbox_id, SandboxRoute)
 
     async def container(self, sandbox_id: str) -> dict[str, Any] | None:
         try:
@@ -248,7 +251,7 @@ async def harness(work_dir: Path, nats_url: str, podman_socket: str) -> AsyncIte
     )
     runner = Runner(settings)
     await runner.start()
-    bus = await connect(nats_url, name="runner-integration-test")
+    bus = await connect(nats_url, name="runner-integration-test", publishes=(channels.RUNNER_JOBS,))
     docker = aiodocker.Docker(url=podman_socket)
     http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {RUNNER_TOKEN}"})
     harness = Harness(settings=settings, runner=runner, bus=bus, docker=docker, http=http, image=image)
@@ -396,13 +399,13 @@ async def test_a_user_missing_from_the_image_is_created(harness: Harness) -> Non
 async def test_heartbeat_and_adoption_after_restart(harness: Harness) -> None:
     spec = harness.new_spec()
     assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
-    runners = await harness.bus.kv(KV_RUNNERS)
+    runners = await harness.bus.kv(channels.RUNNERS)
     info = await kv_get(runners, harness.runner.runner_id, RunnerInfo)
     assert info is not None and info.url == harness.settings.effective_runner_url
     assert info.cpu_total == os.cpu_count()
 
     # A runner restart re-publishes the real state of the containers it finds.
-    await kv_delete(await harness.bus.kv(KV_ROUTES), spec.sandbox_id)
+    await kv_delete(await harness.bus.kv(channels.ROUTES), spec.sandbox_id)
     await harness.runner.stop()
     harness.runner = Runner(harness.settings)
     await harness.runner.start()
@@ -493,7 +496,8 @@ async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> N
     assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
     api_key = f"dtn_{uuid.uuid4().hex}"
     record = ApiKeyRecord(key_id="key-1", organization_id=spec.organization_id)
-    await kv_put(await harness.bus.kv(KV_API_KEYS), hashlib.sha256(api_key.encode()).hexdigest(), record)
+    api_keys = await harness.bus.kv(channels.API_KEYS)
+    await kv_put(api_keys, hashlib.sha256(api_key.encode()).hexdigest(), record)
     proxy = TestServer(create_proxy_app(harness.settings), host="127.0.0.1")
     await proxy.start_server()
     try:

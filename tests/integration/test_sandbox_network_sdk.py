@@ -22,7 +22,7 @@ from daytona import CreateSandboxFromSnapshotParams, Daytona, Sandbox, SessionEx
 
 from tests.integration.netprobe import BLOCKED_TCP, PROBE, SERVER
 from tests.integration.stackthread import StackThread
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 

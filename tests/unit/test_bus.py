@@ -1,18 +1,20 @@
-"""The bus helpers against a real nats-server: typed messages, trace propagation, redelivery."""
+"""The broker against a real nats-server: typed channels, trace propagation, redelivery, poison messages."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from nats.aio.msg import Msg
+import pytest
+from faststream.nats.annotations import NatsMessage
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect, consume, publish
-from tidepool_contracts.models import SandboxStateEvent
+from tidepool_contracts import channels
+from tidepool_contracts.models import BuildLogLine, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
+from tidepool_runtime.broker import Bus, connect, create_broker, jetstream_subscriber
 
 trace.set_tracer_provider(TracerProvider())
 
@@ -23,70 +25,103 @@ def event(sandbox_id: str) -> SandboxStateEvent:
     )
 
 
-async def run_consumer(bus, durable: str, subject: str, handler) -> asyncio.Task[None]:  # type: ignore[no-untyped-def]
-    return asyncio.create_task(
-        consume(
-            bus,
-            stream=subjects.EVENTS_STREAM,
-            durable=durable,
-            subject=subject,
-            model_type=SandboxStateEvent,
-            handler=handler,
-            ack_wait=2,
-        )
+async def consumer(
+    nats_url: str, durable: str, sandbox_id: str, handler: Callable[[SandboxStateEvent, Any], Awaitable[None]]
+) -> Bus:
+    """A started bus whose one subscriber (ack wait 2 s) hands each event and NATS message to `handler`."""
+    bus = Bus(create_broker(nats_url, f"test-{durable}"))
+
+    @jetstream_subscriber(
+        bus.broker,
+        channels.SANDBOX_EVENTS,
+        durable=durable,
+        subject=channels.SANDBOX_EVENTS.address(sandbox_id=sandbox_id),
+        ack_wait=2,
     )
+    async def on_event(model: SandboxStateEvent, msg: NatsMessage) -> None:
+        await handler(model, msg.raw_message)
 
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await bus.connect()
+    await bus.start()
+    return bus
 
 
 async def test_trace_context_travels_in_headers(nats_url: str) -> None:
-    bus = await connect(nats_url, "test-trace")
+    publisher = await connect(nats_url, "test-trace-publisher", publishes=(channels.SANDBOX_EVENTS,))
     received: asyncio.Future[tuple[SandboxStateEvent, int]] = asyncio.get_running_loop().create_future()
 
-    async def handler(model: SandboxStateEvent, _msg: Msg) -> None:
+    async def handler(model: SandboxStateEvent, _msg: Any) -> None:
         received.set_result((model, trace.get_current_span().get_span_context().trace_id))
 
-    task = await run_consumer(bus, "trace-test", subjects.event_sandbox("trace"), handler)
+    bus = await consumer(nats_url, "trace-test", "trace", handler)
     with trace.get_tracer("test").start_as_current_span("publisher") as span:
-        await publish(bus, subjects.event_sandbox("trace"), event("trace"))
+        await publisher.publish(channels.SANDBOX_EVENTS, event("trace"), sandbox_id="trace")
         expected = span.get_span_context().trace_id
     model, trace_id = await asyncio.wait_for(received, 10)
     assert model.sandbox_id == "trace"
     assert trace_id == expected
-    await stop(task)
     await bus.close()
+    await publisher.close()
 
 
 async def test_failed_handler_gets_the_message_again(nats_url: str) -> None:
-    bus = await connect(nats_url, "test-redelivery")
+    publisher = await connect(nats_url, "test-redelivery-publisher", publishes=(channels.SANDBOX_EVENTS,))
     attempts: list[int] = []
     done = asyncio.Event()
 
-    async def handler(_model: SandboxStateEvent, msg: Msg) -> None:
+    async def handler(_model: SandboxStateEvent, msg: Any) -> None:
         attempts.append(msg.metadata.num_delivered)
         if len(attempts) < 2:
             raise RuntimeError("transient")
         done.set()
 
-    task = await run_consumer(bus, "redelivery-test", subjects.event_sandbox("redeliver"), handler)
-    await publish(bus, subjects.event_sandbox("redeliver"), event("redeliver"))
+    bus = await consumer(nats_url, "redelivery-test", "redeliver", handler)
+    await publisher.publish(channels.SANDBOX_EVENTS, event("redeliver"), sandbox_id="redeliver")
     await asyncio.wait_for(done.wait(), 15)
     assert attempts == [1, 2]
-    await stop(task)
     await bus.close()
+    await publisher.close()
+
+
+async def test_undecodable_message_is_terminated_not_redelivered(nats_url: str) -> None:
+    """A poison message is terminated at once; the next good message is still handled."""
+    publisher = await connect(nats_url, "test-poison-publisher", publishes=(channels.SANDBOX_EVENTS,))
+    seen: list[str] = []
+    good = asyncio.Event()
+
+    async def handler(model: SandboxStateEvent, _msg: Any) -> None:
+        seen.append(model.sandbox_id)
+        good.set()
+
+    bus = await consumer(nats_url, "poison-test", "poison", handler)
+    js = publisher.jetstream
+    await js.publish(channels.SANDBOX_EVENTS.address(sandbox_id="poison"), b'{"not": "an event"}')
+    await publisher.publish(channels.SANDBOX_EVENTS, event("poison"), sandbox_id="poison")
+    await asyncio.wait_for(good.wait(), 15)
+    info = await js.consumer_info(channels.EVENTS.name, "poison-test")
+    assert seen == ["poison"]
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    await bus.close()
+    await publisher.close()
 
 
 async def test_duplicate_publish_is_dropped(nats_url: str) -> None:
-    bus = await connect(nats_url, "test-dedupe")
-    subject = subjects.event_sandbox("dedupe")
-    await publish(bus, subject, event("dedupe"), msg_id="same-id")
-    await publish(bus, subject, event("dedupe"), msg_id="same-id")
-    subscription = await bus.js.pull_subscribe(subject, durable="dedupe-probe", stream=subjects.EVENTS_STREAM)
+    bus = await connect(nats_url, "test-dedupe", publishes=(channels.SANDBOX_EVENTS,))
+    await bus.publish(channels.SANDBOX_EVENTS, event("dedupe"), msg_id="same-id", sandbox_id="dedupe")
+    await bus.publish(channels.SANDBOX_EVENTS, event("dedupe"), msg_id="same-id", sandbox_id="dedupe")
+    js = bus.jetstream
+    subject = channels.SANDBOX_EVENTS.address(sandbox_id="dedupe")
+    subscription = await js.pull_subscribe(subject, durable="dedupe-probe", stream=channels.EVENTS.name)
     messages = await subscription.fetch(batch=10, timeout=2)
     assert len(messages) == 1
     await subscription.unsubscribe()
+    await bus.close()
+
+
+async def test_a_channel_refuses_another_model(nats_url: str) -> None:
+    bus = await connect(nats_url, "test-typed", publishes=(channels.SANDBOX_EVENTS,))
+    with pytest.raises(TypeError):
+        await bus.publish(channels.SANDBOX_EVENTS, BuildLogLine(image_ref="x"), sandbox_id="typed")  # type: ignore[arg-type]
+    with pytest.raises(KeyError):  # not declared by this bus
+        await bus.publish(channels.BUILD_LOG_LINES, BuildLogLine(image_ref="x"), image="x")
     await bus.close()

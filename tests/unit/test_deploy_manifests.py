@@ -1,4 +1,4 @@
-"""The Kubernetes manifests parse and start modules that exist."""
+"""The Kubernetes manifests parse, start modules that exist, and give each service only what it reads."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import importlib.util
 from pathlib import Path
 
 import yaml
+
+from tidepool_runtime import settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 
@@ -43,7 +45,9 @@ def test_only_builder_and_runner_get_the_registry_login() -> None:
     secrets = {doc["metadata"]["name"]: doc for doc in documents() if doc["kind"] == "Secret"}
     login = secrets["tidepool-registry"]["stringData"]
     assert set(login) == {"TIDEPOOL_REGISTRY_USERNAME", "TIDEPOOL_REGISTRY_PASSWORD"}
-    assert not any(name.startswith("TIDEPOOL_REGISTRY_") for name in secrets["tidepool"]["stringData"])
+    for name, secret in secrets.items():
+        if name != "tidepool-registry":
+            assert not any(key.startswith("TIDEPOOL_REGISTRY_") for key in secret["stringData"]), name
     holders = set()
     for doc in documents():
         if doc["kind"] not in ("Deployment", "DaemonSet"):
@@ -53,3 +57,43 @@ def test_only_builder_and_runner_get_the_registry_login() -> None:
             if "tidepool-registry" in refs:
                 holders.add(container["command"][-1])
     assert holders == {"tidepool_builder", "tidepool_runner"}
+
+
+SETTINGS_OF = {
+    "tidepool_api": settings.ApiSettings,
+    "tidepool_scheduler": settings.SchedulerSettings,
+    "tidepool_builder": settings.BuilderSettings,
+    "tidepool_proxy": settings.ProxySettings,
+    "tidepool_telemetry": settings.TelemetrySettings,
+    "tidepool_runner": settings.RunnerSettings,
+}
+
+
+def test_each_workload_gets_only_the_settings_its_service_reads() -> None:
+    data = {
+        (doc["kind"], doc["metadata"]["name"]): doc.get("data") or doc.get("stringData") or {}
+        for doc in documents()
+        if doc["kind"] in ("ConfigMap", "Secret")
+    }
+    seen = set()
+    for doc in documents():
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            module = container["command"][-1]
+            given: set[str] = set()
+            for source in container.get("envFrom", []):
+                kind, ref = (
+                    ("ConfigMap", source["configMapRef"])
+                    if "configMapRef" in source
+                    else ("Secret", source["secretRef"])
+                )
+                given |= set(data[(kind, ref["name"])])
+            given |= {
+                item["name"] for item in container.get("env", []) if item["name"].startswith("TIDEPOOL_")
+            }
+            reads = {f"TIDEPOOL_{field.upper()}" for field in SETTINGS_OF[module].model_fields}
+            assert given <= reads, f"{module} is given what it does not read: {sorted(given - reads)}"
+            assert "TIDEPOOL_NATS_URL" in given, module
+            seen.add(module)
+    assert seen == set(SETTINGS_OF)

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tidepool_contracts.image_refs import (
+from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     build_ref,
     check_reference,

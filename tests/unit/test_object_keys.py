@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidepool_contracts.object_keys import parse_key, secret_for, service_key, user_key
+from tidepool_runtime.object_keys import parse_key, secret_for, service_key, user_key
 from tidepool_stack.s3_auth import REFUSED, answer
 
 MASTER = "m" * 40

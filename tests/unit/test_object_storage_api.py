@@ -15,7 +15,7 @@ from tidepool_api.auth import Principal
 from tidepool_api.errors import ApiError, install_error_handlers
 from tidepool_api.routes import object_storage
 from tidepool_api.routes.object_storage import issue_session_token, verify_session_token
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import Settings
 
 AUTH = {"Authorization": "Bearer good-key"}
 FIELDS = {"accessKey", "secret", "sessionToken", "storageUrl", "organizationId", "bucket", "region"}
@@ -99,7 +99,7 @@ def test_session_token_is_signed_and_expires() -> None:
 async def test_embedded_storage_gets_a_scoped_expiring_key() -> None:
     import time
 
-    from tidepool_contracts.object_keys import parse_key, secret_for
+    from tidepool_runtime.object_keys import parse_key, secret_for
 
     scoped = CONFIGURED.model_copy(update={"s3_scoped_keys": True, "s3_access_key": ""})
     async with client_for(scoped) as http:

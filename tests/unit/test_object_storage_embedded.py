@@ -28,8 +28,8 @@ from tidepool_builder.context_store import (
     fetch_context,
     make_client,
 )
-from tidepool_contracts.config import Settings
-from tidepool_contracts.object_keys import service_key, user_key
+from tidepool_runtime.object_keys import service_key, user_key
+from tidepool_runtime.settings import Settings
 from tidepool_stack.supervisor import HOST_CA_BUNDLE, Stack, StackConfig, ensure_object_storage_tls
 
 ORG = "org-7f3a"

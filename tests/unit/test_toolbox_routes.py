@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from tidepool_contracts.config import REPO_ROOT
 from tidepool_contracts.toolbox_routes import TOOLBOX_ROUTES, toolbox_route_status
+from tidepool_runtime.settings import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "services" / "daemon"))
 from tidepool_daemon.context import DaemonContext

@@ -1,82 +1,8 @@
 """Entry point: `python -m tidepool_api`."""
 
-from __future__ import annotations
-
-import asyncio
-import contextlib
-
-import structlog
-import uvicorn
-
-from tidepool_api.app import create_app
-from tidepool_api.auth import Authenticator
-from tidepool_api.bootstrap import ensure_admin, ensure_default_snapshots, mirror_api_keys
-from tidepool_api.context import ApiContext
-from tidepool_api.db import Database
-from tidepool_api.events import consume_sandbox_events, consume_snapshot_events
-from tidepool_api.http_limits import bounded_http_protocol
-from tidepool_api.migrate import migrate
-from tidepool_api.registries import serve_credentials
-from tidepool_api.sandbox_events import consume_daemon_events, consume_process_events
-from tidepool_api.secrets_box import SecretBox, load_secret_key
-from tidepool_api.snapshots import evict_expired_builds_forever
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect
-from tidepool_contracts.config import Settings
-from tidepool_contracts.service import run_service
-
-log = structlog.get_logger("tidepool.api")
-
-
-async def main(settings: Settings, stop: asyncio.Event) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    await migrate(settings.effective_database_url)
-    database = Database(settings.effective_database_url)
-    bus = await connect(settings.nats_url, "tidepool-api")
-    context = ApiContext(
-        settings=settings,
-        database=database,
-        bus=bus,
-        desired_kv=await bus.kv(subjects.KV_DESIRED),
-        api_keys_kv=await bus.kv(subjects.KV_API_KEYS),
-        authenticator=Authenticator(database),
-        secret_box=SecretBox(load_secret_key(settings)),
-    )
-    await ensure_admin(context)
-    await mirror_api_keys(context)
-    await ensure_default_snapshots(context)
-    await serve_credentials(context)
-    consumers = [
-        asyncio.create_task(consume_sandbox_events(context)),
-        asyncio.create_task(consume_snapshot_events(context)),
-        asyncio.create_task(evict_expired_builds_forever(context)),
-        asyncio.create_task(consume_process_events(context)),
-        asyncio.create_task(consume_daemon_events(context)),
-    ]
-    config = uvicorn.Config(
-        create_app(context),
-        host=settings.api_host,
-        port=settings.api_port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        timeout_keep_alive=75,
-        http=bounded_http_protocol(settings.api_max_header_bytes),  # 431 for oversized heads (issue #9)
-    )
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    serving = asyncio.create_task(server.serve())
-    log.info("api.listening", url=settings.effective_public_api_url)
-    await stop.wait()
-    server.should_exit = True
-    await serving
-    for task in consumers:
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.gather(*consumers, return_exceptions=True)
-    await bus.close()
-    await database.close()
-
+from tidepool_api.main import main
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import ApiSettings
 
 if __name__ == "__main__":
-    run_service("api", main)
+    run_service("api", main, ApiSettings)

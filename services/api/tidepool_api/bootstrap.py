@@ -12,9 +12,9 @@ from sqlmodel import select
 from tidepool_api.auth import generate_key, hash_key
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, Organization, Snapshot
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_put, publish
+from tidepool_contracts import channels
 from tidepool_contracts.models import ApiKeyRecord, BuildJob, SnapshotState
+from tidepool_runtime.broker import kv_put
 
 log = structlog.get_logger("tidepool.api.bootstrap")
 
@@ -105,6 +105,4 @@ async def ensure_default_snapshots(context: ApiContext) -> None:
         dockerfile=dockerfile,
         context_dir=str(settings.default_dockerfile.parent),
     )
-    await publish(
-        context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"default-image:{settings.default_image}"
-    )
+    await context.bus.publish(channels.BUILD_JOBS, job, msg_id=f"default-image:{settings.default_image}")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
-
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, decode
+from tidepool_contracts import channels
 from tidepool_contracts.models import BuildLogLine
+from tidepool_contracts.subjects import kv_safe
+from tidepool_runtime.broker import Bus, follow_subject, subject_has_messages
 
 # While idle, how often the caller's "is the build over?" check runs.
 IDLE_CHECK_SECONDS = 2.0
@@ -23,23 +20,13 @@ async def stream_build_log(
     """Yield the log of every build attempt of `image_ref`; with `follow`, keep going until the build ends."""
     queue: asyncio.Queue[tuple[BuildLogLine, int]] = asyncio.Queue()
 
-    async def on_message(msg: Msg) -> None:
-        pending = msg.metadata.num_pending if msg.metadata else 0
-        await queue.put((decode(BuildLogLine, msg.data), pending))
+    async def on_line(line: BuildLogLine, pending: int) -> None:
+        await queue.put((line, pending))
 
-    subscription = await bus.js.subscribe(
-        subjects.build_log(image_ref),
-        cb=on_message,
-        ordered_consumer=True,
-        deliver_policy=DeliverPolicy.ALL,
-        stream=subjects.BUILD_LOGS_STREAM,
-    )
-    caught_up = False
+    subject = channels.BUILD_LOG_LINES.address(image=kv_safe(image_ref))
+    stop = await follow_subject(bus, channels.BUILD_LOG_LINES, subject, on_line)
     try:
-        info = await bus.js.stream_info(
-            subjects.BUILD_LOGS_STREAM, subjects_filter=subjects.build_log(image_ref)
-        )
-        caught_up = not (info.state.subjects or {}).get(subjects.build_log(image_ref))
+        caught_up = not await subject_has_messages(bus, channels.BUILD_LOG_LINES, subject)
         while True:
             try:
                 idle = IDLE_CHECK_SECONDS if follow else 0.5
@@ -54,5 +41,4 @@ async def stream_build_log(
             if caught_up and (line.done or not follow):
                 return
     finally:
-        with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+        await stop()

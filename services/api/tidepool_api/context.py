@@ -6,13 +6,11 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from nats.js.kv import KeyValue
-
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
-from tidepool_contracts.bus import Bus
-from tidepool_contracts.config import Settings
+from tidepool_runtime.broker import Bus, KeyValue
+from tidepool_runtime.settings import ApiSettings
 
 
 @dataclass
@@ -40,7 +38,7 @@ class StateWaiters:
 
 @dataclass
 class ApiContext:
-    settings: Settings
+    settings: ApiSettings
     database: Database
     bus: Bus
     desired_kv: KeyValue

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 
 import structlog
-from nats.aio.msg import Msg
 from sqlmodel import col, select
 
 from tidepool_api.context import ApiContext
@@ -16,8 +13,6 @@ from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.sandbox_events import STATE_UPDATED, add_event
 from tidepool_api.sandboxes import fail_build_waiters, mark_building, release_built_sandbox, transition
 from tidepool_api.snapshots import pending_build_sandboxes
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import consume
 from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent, SnapshotState
 from tidepool_contracts.states import SandboxState, can_transition
 
@@ -107,39 +102,3 @@ async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> Non
             await release_built_sandbox(context, sandbox_id)
     elif event.state in (SnapshotState.BUILD_FAILED, SnapshotState.ERROR):
         await fail_build_waiters(context, waiting, event.error_reason)
-
-
-async def consume_sandbox_events(context: ApiContext) -> None:
-    # Events of one sandbox are applied in arrival order even though the consumer runs several at once.
-    locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-    async def handle(event: SandboxStateEvent, _msg: Msg) -> None:
-        lock = locks[event.sandbox_id]
-        async with lock:
-            await apply_sandbox_event(context, event)
-        if not lock.locked() and not lock._waiters:
-            locks.pop(event.sandbox_id, None)
-
-    await consume(
-        context.bus,
-        stream=subjects.EVENTS_STREAM,
-        durable="api-sandbox-state",
-        subject=f"{subjects.EVENT_SANDBOX_PREFIX}.>",
-        model_type=SandboxStateEvent,
-        handler=handle,
-        concurrency=8,
-    )
-
-
-async def consume_snapshot_events(context: ApiContext) -> None:
-    async def handle(event: SnapshotEvent, _msg: Msg) -> None:
-        await apply_snapshot_event(context, event)
-
-    await consume(
-        context.bus,
-        stream=subjects.EVENTS_STREAM,
-        durable="api-snapshot-state",
-        subject=f"{subjects.EVENT_SNAPSHOT_PREFIX}.>",
-        model_type=SnapshotEvent,
-        handler=handle,
-    )

@@ -1,18 +1,13 @@
-"""Private registries: which stored credentials an image pull needs, answered over NATS request/reply."""
+"""Private registries: which stored credentials an image pull needs (asked by the builder over the bus)."""
 
 from __future__ import annotations
 
-import structlog
-from nats.aio.msg import Msg
 from sqlmodel import select
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import DockerRegistry
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import decode, encode
-from tidepool_contracts.models import RegistryCredentialsReply, RegistryCredentialsRequest
+from tidepool_contracts.models import RegistryCredentialsReply
 
-log = structlog.get_logger("tidepool.api.registries")
 DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 
@@ -45,18 +40,3 @@ async def credentials_for(context: ApiContext, organization_id: str, image: str)
                 server_address=host,
             )
     return RegistryCredentialsReply(found=False)
-
-
-async def serve_credentials(context: ApiContext) -> None:
-    """Answer pull-credential requests; a queue group spreads them over API replicas."""
-
-    async def answer(msg: Msg) -> None:
-        try:
-            request = decode(RegistryCredentialsRequest, msg.data)
-            reply = await credentials_for(context, request.organization_id, request.image)
-        except Exception as error:
-            log.warning("registry.credentials_failed", error=str(error))
-            reply = RegistryCredentialsReply(found=False)
-        await msg.respond(encode(reply))
-
-    await context.bus.nc.subscribe(subjects.REGISTRY_CREDENTIALS_SUBJECT, queue="api", cb=answer)

@@ -7,15 +7,12 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from nats.aio.msg import Msg
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import SandboxEvent
 from tidepool_api.schemas import iso
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import consume
 from tidepool_contracts.models import DaemonHealthEvent, ProcessTerminationEvent
 
 STATE_UPDATED = "sandbox.state.updated"
@@ -75,20 +72,6 @@ async def record_process_termination(context: ApiContext, event: ProcessTerminat
         await session.commit()
 
 
-async def consume_process_events(context: ApiContext) -> None:
-    async def handle(event: ProcessTerminationEvent, _msg: Msg) -> None:
-        await record_process_termination(context, event)
-
-    await consume(
-        context.bus,
-        stream=subjects.EVENTS_STREAM,
-        durable="api-process-events",
-        subject=f"{subjects.EVENT_PROCESS_PREFIX}.>",
-        model_type=ProcessTerminationEvent,
-        handler=handle,
-    )
-
-
 async def record_daemon_health(context: ApiContext, event: DaemonHealthEvent) -> None:
     async with context.database.sessions() as session:
         await add_event(
@@ -101,20 +84,6 @@ async def record_daemon_health(context: ApiContext, event: DaemonHealthEvent) ->
             occurred_at=event.occurred_at,
         )
         await session.commit()
-
-
-async def consume_daemon_events(context: ApiContext) -> None:
-    async def handle(event: DaemonHealthEvent, _msg: Msg) -> None:
-        await record_daemon_health(context, event)
-
-    await consume(
-        context.bus,
-        stream=subjects.EVENTS_STREAM,
-        durable="api-daemon-events",
-        subject=f"{subjects.EVENT_DAEMON_PREFIX}.>",
-        model_type=DaemonHealthEvent,
-        handler=handle,
-    )
 
 
 async def list_events(context: ApiContext, sandbox_id: str, limit: int) -> list[dict[str, Any]]:

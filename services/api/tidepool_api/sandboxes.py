@@ -20,10 +20,10 @@ from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.schemas import CreateSandboxRequest
 from tidepool_api.snapshots import ensure_build
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_put, publish
+from tidepool_contracts import channels
 from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
+from tidepool_runtime.broker import kv_put
 
 log = structlog.get_logger("tidepool.api.sandboxes")
 tracer = trace.get_tracer("tidepool.api")
@@ -130,7 +130,9 @@ async def _announce(
             intent_id=intent.intent_id,
         ),
     )
-    await publish(context.bus, subjects.intent_sandbox(sandbox.id), intent, msg_id=intent.intent_id)
+    await context.bus.publish(
+        channels.SANDBOX_INTENTS, intent, msg_id=intent.intent_id, sandbox_id=sandbox.id
+    )
 
 
 def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:

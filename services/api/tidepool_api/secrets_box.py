@@ -10,10 +10,10 @@ from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import ApiSettings
 
 
-def load_secret_key(settings: Settings) -> str:
+def load_secret_key(settings: ApiSettings) -> str:
     """The configured key, or one generated on first start and kept (0600) in the data directory."""
     if settings.secret_key:
         return settings.secret_key

@@ -24,17 +24,16 @@ from tidepool_api.schemas import (
     SnapshotName,
     WireModel,
 )
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import publish
-from tidepool_contracts.image_refs import (
+from tidepool_contracts import channels
+from tidepool_contracts.models import BuildJob, SnapshotState
+from tidepool_contracts.states import SandboxState
+from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     build_ref,
     check_reference,
     dockerfile_image_references,
     snapshot_ref,
 )
-from tidepool_contracts.models import BuildJob, SnapshotState
-from tidepool_contracts.states import SandboxState
 
 log = structlog.get_logger("tidepool.api.snapshots")
 SNAPSHOT_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._:/@-]{0,254}$")
@@ -74,7 +73,7 @@ def validate_image_reference(image: str) -> None:
 
 
 def check_image(context: ApiContext, organization_id: str, image: str) -> None:
-    """Refuse images the organization may not use (tidepool_contracts.image_refs): 400, or 404 for another
+    """Refuse images the organization may not use (tidepool_runtime.image_refs): 400, or 404 for another
     organization's image (whether it exists or not)."""
     settings = context.settings
     try:
@@ -128,9 +127,7 @@ async def request_build(context: ApiContext, snapshot: Snapshot) -> None:
         context_hashes=list(snapshot.context_hashes or []),
         source_image=None if snapshot.dockerfile else snapshot.image_name,
     )
-    await publish(
-        context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"build:{snapshot.id}:{snapshot.updated_at}"
-    )
+    await context.bus.publish(channels.BUILD_JOBS, job, msg_id=f"build:{snapshot.id}:{snapshot.updated_at}")
 
 
 async def create_snapshot(context: ApiContext, organization_id: str, body: CreateSnapshotRequest) -> Snapshot:
@@ -320,7 +317,7 @@ async def evict_expired_builds(context: ApiContext, now: datetime | None = None)
                 remove=True,
                 registry_ref=snapshot.registry_ref,
             )
-            await publish(context.bus, subjects.JOB_BUILD_SUBJECT, job, msg_id=f"evict:{snapshot.id}")
+            await context.bus.publish(channels.BUILD_JOBS, job, msg_id=f"evict:{snapshot.id}")
         await session.commit()
     return evicted
 

@@ -27,8 +27,10 @@ import urllib3.exceptions
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error
 
-from tidepool_contracts.config import Settings
-from tidepool_contracts.object_keys import service_key
+from tidepool_runtime.object_keys import service_key
+
+# The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 CONTEXT_OBJECT = "context.tar"
 MAX_LINK_DEPTH = 40  # symlink chains, as the kernel's MAXSYMLINKS

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 import aiodocker
 
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import ImageReference, parse_reference
+from tidepool_runtime.image_refs import ImageReference, parse_reference
+
+# The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 
 class ImageUnusableError(Exception):

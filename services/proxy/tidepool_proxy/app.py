@@ -17,10 +17,20 @@ import structlog
 from aiohttp import web
 from yarl import URL
 
-from tidepool_contracts.bus import Bus, connect
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
-from tidepool_contracts.relay import (
+from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
+from tidepool_contracts.toolbox_routes import toolbox_route_status
+from tidepool_proxy.auth import (
+    AuthenticationError,
+    SigningKeys,
+    VerificationUnavailableError,
+    authenticate,
+)
+from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime.broker import Bus, connect
+from tidepool_runtime.relay import (
     SESSION_SKIP_AUTO_HEADERS,
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
@@ -30,16 +40,7 @@ from tidepool_contracts.relay import (
     relay_websocket,
     upstream_request_headers,
 )
-from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES, KV_SIGNING_KEYS
-from tidepool_contracts.toolbox_routes import toolbox_route_status
-from tidepool_proxy.auth import (
-    AuthenticationError,
-    SigningKeys,
-    VerificationUnavailableError,
-    authenticate,
-)
-from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
 
@@ -56,7 +57,7 @@ RUNNER_CONNECT_TIMEOUT_SECONDS = 10.0
 
 @dataclass
 class ProxyState:
-    settings: Settings
+    settings: ProxySettings
     bus: Bus
     routes: KvCache[SandboxRoute]
     api_keys: KvCache[ApiKeyRecord]
@@ -149,16 +150,16 @@ def runner_session() -> aiohttp.ClientSession:
     )
 
 
-def create_proxy_app(settings: Settings) -> web.Application:
+def create_proxy_app(settings: ProxySettings) -> web.Application:
     """The whole proxy as one aiohttp app: its cleanup context connects NATS, mirrors the KV buckets and owns
     the runner connection pool, so `web.run_app` or a test server runs exactly what production runs."""
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         bus = await connect(settings.nats_url, name="tidepool-proxy")
-        routes = KvCache(await bus.kv(KV_ROUTES), SandboxRoute, KV_ROUTES)
-        api_keys = KvCache(await bus.kv(KV_API_KEYS), ApiKeyRecord, KV_API_KEYS)
-        signing_keys = SigningKeys(await bus.kv(KV_SIGNING_KEYS))
+        routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)
+        api_keys = KvCache(await bus.kv(channels.API_KEYS), ApiKeyRecord, KV_API_KEYS)
+        signing_keys = SigningKeys(await bus.kv(channels.SIGNING_KEYS))
         watchers = [
             asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
             asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),

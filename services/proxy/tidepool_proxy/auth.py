@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiohttp import web
-from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import kv_get
 from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
 from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime.broker import KeyValue, kv_get
 
 SIGNED_URL_QUERY_PARAMS = ("signature", "expires")
 SIGNATURE_PREFIX = "v1_"

@@ -6,10 +6,9 @@ import asyncio
 from typing import Generic, TypeVar
 
 import structlog
-from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from tidepool_contracts.bus import kv_get, kv_watch
+from tidepool_runtime.broker import KeyValue, kv_get, kv_watch
 
 log = structlog.get_logger("tidepool.proxy.cache")
 

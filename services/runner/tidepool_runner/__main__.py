@@ -1,5 +1,8 @@
-from tidepool_contracts.service import run_service
-from tidepool_runner.service import main
+"""Entry point: `python -m tidepool_runner`."""
+
+from tidepool_runner.main import main
+from tidepool_runtime.process import run_service
+from tidepool_runtime.settings import RunnerSettings
 
 if __name__ == "__main__":
-    run_service("runner", main)
+    run_service("runner", main, RunnerSettings)

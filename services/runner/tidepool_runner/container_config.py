@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import SandboxSpec
+from tidepool_runtime.settings import RunnerSettings
 
 CONTAINER_NAME_PREFIX = "tidepool-"
 SANDBOX_LABEL = "tidepool.sandbox"
@@ -81,15 +81,15 @@ def container_name(sandbox_id: str) -> str:
     return f"{CONTAINER_NAME_PREFIX}{sandbox_id}"
 
 
-def sandbox_socket_dir(settings: Settings, sandbox_id: str) -> Path:
+def sandbox_socket_dir(settings: RunnerSettings, sandbox_id: str) -> Path:
     return settings.sockets_dir / sandbox_id
 
 
-def toolbox_socket_path(settings: Settings, sandbox_id: str) -> Path:
+def toolbox_socket_path(settings: RunnerSettings, sandbox_id: str) -> Path:
     return sandbox_socket_dir(settings, sandbox_id) / TOOLBOX_SOCKET_NAME
 
 
-def container_env(spec: SandboxSpec, settings: Settings) -> list[str]:
+def container_env(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     env: dict[str, str] = {
         # What upstream runners expose to sandbox code; the user's own env wins on conflicts.
         "DAYTONA_SANDBOX_ID": spec.sandbox_id,
@@ -114,16 +114,16 @@ def container_labels(spec: SandboxSpec, runner_id: str) -> dict[str, str]:
     }
 
 
-def staged_daemon_dir(settings: Settings) -> Path:
+def staged_daemon_dir(settings: RunnerSettings) -> Path:
     """The runner's read-only copy of the daemon on its tmpfs (see staging.py)."""
     return settings.runtime_dir / "daemon"
 
 
-def staged_ca_bundle(settings: Settings) -> Path:
+def staged_ca_bundle(settings: RunnerSettings) -> Path:
     return settings.runtime_dir / "ca-bundle.crt"
 
 
-def container_binds(spec: SandboxSpec, settings: Settings) -> list[str]:
+def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     binds = [
         f"{staged_daemon_dir(settings)}:{DAEMON_MOUNT_PATH}:ro",
         # nosuid, nodev, noexec: the toolbox channel is a socket, nothing in it is ever run.
@@ -134,14 +134,14 @@ def container_binds(spec: SandboxSpec, settings: Settings) -> list[str]:
     return binds
 
 
-def network_mode(spec: SandboxSpec, settings: Settings) -> str:
+def network_mode(spec: SandboxSpec, settings: RunnerSettings) -> str:
     """The runner's sandbox network (isolated by its host firewall), or none at all for `networkBlockAll`."""
     if spec.network_block_all:
         return "none"
     return settings.sandbox_network
 
 
-def dns_servers(spec: SandboxSpec, settings: Settings) -> list[str]:
+def dns_servers(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     """Empty: the engine's default (the host's resolvers), which the firewall then allows."""
     return [] if spec.network_block_all else list(settings.sandbox_dns_servers)
 
@@ -154,7 +154,7 @@ def daemon_entrypoint(spec: SandboxSpec) -> list[str]:
     return argv
 
 
-def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
+def build_container_config(spec: SandboxSpec, settings: RunnerSettings, runner_id: str) -> dict[str, Any]:
     """`POST /containers/create` body. The daemon is the entrypoint; the toolbox is reached via a unix socket,
     so nothing is published on the host and the container never needs privileges."""
     config = _container_config(spec, settings, runner_id)
@@ -163,7 +163,7 @@ def build_container_config(spec: SandboxSpec, settings: Settings, runner_id: str
     return config
 
 
-def _container_config(spec: SandboxSpec, settings: Settings, runner_id: str) -> dict[str, Any]:
+def _container_config(spec: SandboxSpec, settings: RunnerSettings, runner_id: str) -> dict[str, Any]:
     memory_bytes = spec.memory_gib * GIB
     return {
         "Image": spec.image,

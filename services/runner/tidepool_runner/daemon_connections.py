@@ -32,7 +32,7 @@ import orjson
 from aiohttp.client_exceptions import UnixClientConnectorError
 from aiohttp.helpers import ceil_timeout
 
-from tidepool_contracts.relay import SESSION_SKIP_AUTO_HEADERS
+from tidepool_runtime.relay import SESSION_SKIP_AUTO_HEADERS
 
 if TYPE_CHECKING:
     from aiohttp.client_proto import ResponseHandler

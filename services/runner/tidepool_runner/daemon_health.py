@@ -35,10 +35,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
-from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import Bus, kv_get, kv_put, publish
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DaemonHealthEvent,
     DaemonHealthOutcome,
@@ -46,7 +44,6 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import event_daemon, event_sandbox
 from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL, container_name
 from tidepool_runner.daemon_connections import (
     DAEMON_BASE_URL,
@@ -55,6 +52,8 @@ from tidepool_runner.daemon_connections import (
 )
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
 from tidepool_runner.jobs import SandboxLocks
+from tidepool_runtime.broker import Bus, KeyValue, kv_get, kv_put
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.daemon_health")
 
@@ -76,7 +75,7 @@ class _Tracked:
 
 @dataclass
 class DaemonHealthChecker:
-    settings: Settings
+    settings: RunnerSettings
     runner_id: str
     engine: ContainerEngine
     daemons: DaemonConnections
@@ -242,7 +241,9 @@ class DaemonHealthChecker:
         event = DaemonHealthEvent(
             sandbox_id=sandbox_id, organization_id=tracked.organization_id, outcome=outcome, reason=reason
         )
-        await publish(self.bus, event_daemon(sandbox_id), event, msg_id=f"daemon-health:{event.incident_id}")
+        await self.bus.publish(
+            channels.DAEMON_EVENTS, event, msg_id=f"daemon-health:{event.incident_id}", sandbox_id=sandbox_id
+        )
 
     async def _report(
         self,
@@ -273,4 +274,4 @@ class DaemonHealthChecker:
             source=EVENT_SOURCE,
         )
         msg_id = f"health:{sandbox_id}:{state}:{event.occurred_at.isoformat()}"
-        await publish(self.bus, event_sandbox(sandbox_id), event, msg_id=msg_id)
+        await self.bus.publish(channels.SANDBOX_EVENTS, event, msg_id=msg_id, sandbox_id=sandbox_id)

@@ -43,7 +43,7 @@ from typing import Literal
 
 import structlog
 
-from tidepool_contracts.config import Settings
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.firewall")
 
@@ -149,7 +149,7 @@ class FirewallPolicy:
         return (*self.rewritten_chains, self.sandboxes_chain)
 
 
-def policy_from_settings(settings: Settings, host_resolvers: Sequence[str]) -> FirewallPolicy:
+def policy_from_settings(settings: RunnerSettings, host_resolvers: Sequence[str]) -> FirewallPolicy:
     """The policy for `settings`; `host_resolvers` are used when `sandbox_dns_servers` is empty (the engine
     then gives sandboxes the host's resolvers). Raises FirewallError on an invalid address or bridge name."""
     resolvers = tuple(settings.sandbox_dns_servers) or tuple(host_resolvers)

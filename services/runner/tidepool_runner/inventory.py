@@ -7,10 +7,7 @@ import os
 from pathlib import Path
 
 import structlog
-from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import kv_put
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import RunnerInfo, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.container_config import CPU_LABEL, MEMORY_LABEL, ORGANIZATION_LABEL, SANDBOX_LABEL
@@ -21,6 +18,8 @@ from tidepool_runner.engine import (
     EngineUnavailableError,
     SandboxFailedError,
 )
+from tidepool_runtime.broker import KeyValue, kv_put
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.inventory")
 
@@ -54,7 +53,9 @@ def _int_label(container: ContainerSummary, label: str) -> int:
         return 0
 
 
-def runner_info(settings: Settings, runner_id: str, containers: list[ContainerSummary] | None) -> RunnerInfo:
+def runner_info(
+    settings: RunnerSettings, runner_id: str, containers: list[ContainerSummary] | None
+) -> RunnerInfo:
     """Capacity and allocation; `containers` None means the engine is unreachable (then: unschedulable)."""
     running = [container for container in containers or [] if container.state == "running"]
     return RunnerInfo(
@@ -76,7 +77,7 @@ class Inventory:
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: RunnerSettings,
         runner_id: str,
         engine: ContainerEngine,
         runners: KeyValue,

@@ -14,14 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 
-from tidepool_contracts.bus import Bus, keep_in_progress, kv_delete, kv_get, kv_put, publish
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import event_sandbox
 from tidepool_runner.container_config import (
     build_container_config,
     container_name,
@@ -32,6 +28,8 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
+from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.jobs")
 
@@ -72,7 +70,7 @@ class JobExecutor:
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: RunnerSettings,
         runner_id: str,
         bus: Bus,
         routes: KeyValue,
@@ -256,7 +254,9 @@ class JobExecutor:
             source=EVENT_SOURCE,
         )
         # A redelivered job that reaches the same outcome publishes nothing new (JetStream de-duplication).
-        await publish(self._bus, event_sandbox(job.sandbox_id), event, msg_id=f"{job.job_id}:{state}")
+        await self._bus.publish(
+            channels.SANDBOX_EVENTS, event, msg_id=f"{job.job_id}:{state}", sandbox_id=job.sandbox_id
+        )
 
 
 def _remove_tree(path: Path) -> None:

@@ -14,9 +14,9 @@ from typing import Any
 
 import structlog
 
-from tidepool_contracts.config import Settings
 from tidepool_runner import firewall
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.network")
 
@@ -31,7 +31,7 @@ class SandboxNetworkError(RuntimeError):
     """The sandbox network or its firewall cannot be set up; the message says what to fix."""
 
 
-def network_config(settings: Settings) -> dict[str, Any]:
+def network_config(settings: RunnerSettings) -> dict[str, Any]:
     """`POST /networks/create` body (Docker and Podman's compat API both honour the bridge name option).
 
     Raises SandboxNetworkError when the name, subnet or bridge setting is unusable.
@@ -63,7 +63,7 @@ def network_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def check_network(inspect: dict[str, Any], settings: Settings) -> None:
+def check_network(inspect: dict[str, Any], settings: RunnerSettings) -> None:
     """Raises SandboxNetworkError unless the existing network is the one `settings` describe."""
     name, bridge = settings.sandbox_network, settings.sandbox_network_bridge
     labels = inspect.get("Labels") or {}
@@ -84,7 +84,7 @@ def check_network(inspect: dict[str, Any], settings: Settings) -> None:
         )
 
 
-async def prepare_sandbox_network(engine: ContainerEngine, settings: Settings) -> None:
+async def prepare_sandbox_network(engine: ContainerEngine, settings: RunnerSettings) -> None:
     """Ensure the sandbox network exists as configured, then apply the host firewall (idempotent).
 
     Waits up to ENGINE_WAIT_SECONDS for an unreachable engine. Raises SandboxNetworkError (misconfiguration,

@@ -1,4 +1,4 @@
-"""The runner's private tmpfs (`Settings.runtime_dir`): everything a sandbox sees of the host comes from here.
+"""The runner's private tmpfs (`RunnerSettings.runtime_dir`): all a sandbox sees of the host comes from here.
 
 Layout: `daemon/` (a read-only copy of the toolbox daemon), `ca-bundle.crt` (the configured CA bundle) and
 `sockets/<sandboxId>/` (one folder per sandbox, owned by that sandbox's root, holding its toolbox socket).
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import structlog
 
-from tidepool_contracts.config import Settings
 from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.staging")
 
@@ -38,7 +38,7 @@ _MNT_DETACH = 0x2
 DAEMON_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
 
 
-def prepare_runtime_dir(settings: Settings) -> None:
+def prepare_runtime_dir(settings: RunnerSettings) -> None:
     """Mount the tmpfs if it is not mounted yet, then (re)stage the daemon and the CA bundle. Idempotent.
 
     Raises OSError / CalledProcessError when the tmpfs cannot be mounted (the runner must run as root).

@@ -11,12 +11,12 @@ import aiohttp
 import orjson
 import structlog
 
-from tidepool_contracts.bus import Bus, publish
+from tidepool_contracts import channels
 from tidepool_contracts.models import ProcessTerminationEvent
-from tidepool_contracts.subjects import event_process
 from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 from tidepool_runner.engine import ContainerEngine
+from tidepool_runtime.broker import Bus
 
 log = structlog.get_logger("tidepool.runner.terminations")
 POLL_INTERVAL_SECONDS = 5.0
@@ -78,11 +78,11 @@ class TerminationCollector:
                 signal=record.get("signal"),
                 ended_at=datetime.fromtimestamp(float(record["endedAt"]), UTC),
             )
-            await publish(
-                self.bus,
-                event_process(sandbox_id),
+            await self.bus.publish(
+                channels.PROCESS_EVENTS,
                 event,
                 msg_id=f"{sandbox_id}:{event.daemon_boot_id}:{event.sequence}",
+                sandbox_id=sandbox_id,
             )
             published += 1
         self._cursors[sandbox_id] = (body.get("bootId", ""), after)

@@ -13,7 +13,9 @@ import re
 from aiohttp import web
 from yarl import URL
 
-from tidepool_contracts.relay import (
+from tidepool_contracts.toolbox_routes import toolbox_route_status
+from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
     error_response,
@@ -22,8 +24,6 @@ from tidepool_contracts.relay import (
     relay_websocket,
     upstream_request_headers,
 )
-from tidepool_contracts.toolbox_routes import toolbox_route_status
-from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 
 # Sandbox ids become a directory name on the host: letters, digits, `-`, `_`, `.` and never `..`.
 SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")

@@ -14,12 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from nats.aio.msg import Msg
-from nats.js.kv import KeyValue
 
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, consume, kv_delete, kv_get, kv_items, kv_put, publish
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DesiredSandbox,
     Placement,
@@ -31,6 +27,8 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import DesiredState, SandboxState
+from tidepool_runtime.broker import Bus, KeyValue, Msg, kv_delete, kv_get, kv_items, kv_put
+from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.placement import choose_runner
 
 log = structlog.get_logger("tidepool.scheduler")
@@ -51,7 +49,7 @@ CONVERGED_ROUTE_STATE = {
 
 @dataclass
 class Scheduler:
-    settings: Settings
+    settings: SchedulerSettings
     bus: Bus
     runners_kv: KeyValue
     placements_kv: KeyValue
@@ -59,14 +57,14 @@ class Scheduler:
     routes_kv: KeyValue
 
     @classmethod
-    async def create(cls, settings: Settings, bus: Bus) -> Scheduler:
+    async def create(cls, settings: SchedulerSettings, bus: Bus) -> Scheduler:
         return cls(
             settings=settings,
             bus=bus,
-            runners_kv=await bus.kv(subjects.KV_RUNNERS),
-            placements_kv=await bus.kv(subjects.KV_PLACEMENTS),
-            desired_kv=await bus.kv(subjects.KV_DESIRED),
-            routes_kv=await bus.kv(subjects.KV_ROUTES),
+            runners_kv=await bus.kv(channels.RUNNERS),
+            placements_kv=await bus.kv(channels.PLACEMENTS),
+            desired_kv=await bus.kv(channels.DESIRED),
+            routes_kv=await bus.kv(channels.ROUTES),
         )
 
     async def report(self, intent: SandboxIntent, state: SandboxState, reason: str | None = None) -> None:
@@ -77,7 +75,7 @@ class Scheduler:
             error_reason=reason,
             source="scheduler",
         )
-        await publish(self.bus, subjects.event_sandbox(intent.sandbox_id), event)
+        await self.bus.publish(channels.SANDBOX_EVENTS, event, sandbox_id=intent.sandbox_id)
 
     async def send_job(self, intent: SandboxIntent, placement: Placement, attempt: int) -> None:
         job = RunnerJob(
@@ -87,11 +85,8 @@ class Scheduler:
             spec=intent.spec,
             force=intent.force,
         )
-        await publish(
-            self.bus,
-            subjects.job_runner(placement.runner_id),
-            job,
-            msg_id=f"{intent.intent_id}:{attempt}",
+        await self.bus.publish(
+            channels.RUNNER_JOBS, job, msg_id=f"{intent.intent_id}:{attempt}", runner_id=placement.runner_id
         )
         log.info("job.sent", sandbox_id=intent.sandbox_id, action=intent.action, runner=placement.runner_id)
 
@@ -139,19 +134,6 @@ class Scheduler:
             )
         await kv_put(self.placements_kv, intent.sandbox_id, placement)
         await self.send_job(intent, placement, attempt=placement.attempts)
-
-    async def consume_intents(self) -> None:
-        await consume(
-            self.bus,
-            stream=subjects.INTENTS_STREAM,
-            durable="scheduler-intents",
-            subject=f"{subjects.INTENT_SANDBOX_PREFIX}.>",
-            model_type=SandboxIntent,
-            handler=self.handle_intent,
-            ack_wait=10.0,
-            max_deliver=MAX_DELIVERIES_WITHOUT_RUNNER + 2,
-            concurrency=4,
-        )
 
     async def reconcile_once(self) -> None:
         now = datetime.now(UTC)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,12 +14,9 @@ from tidepool_api.auth import Authenticator, hash_key
 from tidepool_api.bootstrap import ensure_admin, mirror_api_keys
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Database, Snapshot
-from tidepool_api.events import consume_sandbox_events
 from tidepool_api.migrate import migrate
-from tidepool_api.sandbox_events import consume_daemon_events
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, connect, decode, kv_get, publish
-from tidepool_contracts.config import Settings
+from tidepool_api.subscribers import register
+from tidepool_contracts import channels, subjects
 from tidepool_contracts.models import (
     ApiKeyRecord,
     DaemonHealthEvent,
@@ -30,6 +26,8 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import SandboxState
+from tidepool_runtime.broker import Bus, create_broker, declare_publishers, decode, kv_get
+from tidepool_runtime.settings import Settings
 
 
 @pytest.fixture
@@ -38,15 +36,20 @@ async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncC
     settings = Settings(data_dir=tmp_path, nats_url=nats_url, database_url="", create_wait_seconds=0.5)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
-    bus = await connect(nats_url, "test-api")
+    bus = Bus(create_broker(nats_url, "test-api"))
+    await bus.connect()
     context = ApiContext(
         settings=settings,
         database=database,
         bus=bus,
-        desired_kv=await bus.kv(subjects.KV_DESIRED),
-        api_keys_kv=await bus.kv(subjects.KV_API_KEYS),
+        desired_kv=await bus.kv(channels.DESIRED),
+        api_keys_kv=await bus.kv(channels.API_KEYS),
         authenticator=Authenticator(database),
     )
+    bus.add_publishers(register(bus.broker, context))
+    # The test plays the runner too.
+    runner_channels = (channels.SANDBOX_EVENTS, channels.DAEMON_EVENTS)
+    bus.add_publishers(declare_publishers(bus.broker, *runner_channels, service="test"))
     await ensure_admin(context)
     await mirror_api_keys(context)
     async with database.sessions() as session:
@@ -54,16 +57,13 @@ async def api(nats_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncC
             Snapshot(id="snap", name="daytona-small", image_name="img:1", state="active", general=True)
         )
         await session.commit()
-    consumer = asyncio.create_task(consume_sandbox_events(context))
+    await bus.start()
     key = (tmp_path / "admin-api-key").read_text().strip()
     transport = httpx.ASGITransport(app=create_app(context))
     async with httpx.AsyncClient(
         transport=transport, base_url="http://api", headers={"Authorization": f"Bearer {key}"}
     ) as client:
         yield client, context, key
-    consumer.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await consumer
     await bus.close()
     await database.close()
 
@@ -72,7 +72,7 @@ async def report(bus: Bus, sandbox_id: str, organization_id: str, state: Sandbox
     event = SandboxStateEvent(
         sandbox_id=sandbox_id, organization_id=organization_id, state=state, source="test"
     )
-    await publish(bus, subjects.event_sandbox(sandbox_id), event)
+    await bus.publish(channels.SANDBOX_EVENTS, event, sandbox_id=sandbox_id)
 
 
 async def wait_state(client: httpx.AsyncClient, sandbox_id: str, state: str) -> dict[str, object]:
@@ -95,9 +95,10 @@ async def test_create_publishes_intent_and_desired_state(api) -> None:  # type: 
     assert body["createdAt"].endswith("Z")
     desired = await kv_get(context.desired_kv, body["id"], DesiredSandbox)
     assert desired is not None and desired.desired_state == "started" and desired.spec.image == "img:1"
-    info = await context.bus.js.stream_info(subjects.INTENTS_STREAM)
+    info = await context.bus.jetstream.stream_info(subjects.INTENTS_STREAM)
     assert info.state.messages >= 1
-    message = await context.bus.js.get_last_msg(subjects.INTENTS_STREAM, subjects.intent_sandbox(body["id"]))
+    subject = channels.SANDBOX_INTENTS.address(sandbox_id=body["id"])
+    message = await context.bus.jetstream.get_last_msg(subjects.INTENTS_STREAM, subject)
     assert decode(SandboxIntent, message.data).action == "create"
 
 
@@ -214,7 +215,11 @@ async def test_intervals(api) -> None:  # type: ignore[no-untyped-def]
 
 async def test_nothing_half_created_when_the_bus_is_down(api) -> None:  # type: ignore[no-untyped-def]
     client, context, _ = api
-    await context.bus.nc.close()
+    # Subscribers first: FastStream's pull loop would spin on a connection closed under it (in production
+    # the connection reconnects forever and is closed only at shutdown, after the subscribers stop).
+    for subscriber in context.bus.broker.subscribers:
+        await subscriber.stop()
+    await context.bus.broker.connection.close()
     response = await client.post("/api/sandbox", json={"name": "orphan"})
     assert response.status_code == 503
     async with context.database.sessions() as session:
@@ -263,7 +268,7 @@ async def test_build_cache_evicts_only_expired_unused_builds(api) -> None:  # ty
         assert await session.get(Snapshot, "build:expired") is None
         assert await session.get(Snapshot, "build:fresh") is not None
         assert await session.get(Snapshot, "build:in-use") is not None
-    message = await context.bus.js.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)
+    message = await context.bus.jetstream.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)
     job = decode(BuildJob, message.data)
     assert job.remove and job.image_ref == "build:expired"
 
@@ -271,43 +276,40 @@ async def test_build_cache_evicts_only_expired_unused_builds(api) -> None:  # ty
 async def test_recoverable_error_and_daemon_restarts_reach_the_sandbox(api) -> None:  # type: ignore[no-untyped-def]
     """Issue #7 item 8: what the runner's toolbox health check reports shows on the sandbox and its events."""
     client, context, _ = api
-    daemon_events = asyncio.create_task(consume_daemon_events(context))
-    try:
-        created = (await client.post("/api/sandbox", json={"name": "wedged"})).json()
-        sandbox_id, organization = created["id"], created["organizationId"]
-        await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
-        assert (await wait_state(client, sandbox_id, "started"))["recoverable"] is False
-        restarted = DaemonHealthEvent(
-            sandbox_id=sandbox_id,
-            organization_id=organization,
-            outcome=DaemonHealthOutcome.RESTARTED,
-            reason="did not answer; restarted",
-        )
-        await publish(context.bus, subjects.event_daemon(sandbox_id), restarted, msg_id=restarted.incident_id)
-        reason = "the toolbox daemon stopped answering. Recoverable: stop and start the sandbox"
-        error = SandboxStateEvent(
-            sandbox_id=sandbox_id,
-            organization_id=organization,
-            state=SandboxState.ERROR,
-            error_reason=reason,
-            recoverable=True,
-            source="test",
-        )
-        await publish(context.bus, subjects.event_sandbox(sandbox_id), error)
-        errored = await wait_state(client, sandbox_id, "error")
-        assert errored["recoverable"] is True and errored["errorReason"] == reason
-        for _ in range(100):
-            events = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
-            if any(event["type"] == "sandbox.daemon.restarted" for event in events):
-                break
-            await asyncio.sleep(0.05)
-        restart = next(event for event in events if event["type"] == "sandbox.daemon.restarted")
-        assert restart["reason"] == "did not answer; restarted"
-        states = [event for event in events if event["type"] == "sandbox.state.updated"]
-        assert states[0]["newState"] == "error" and states[0]["recoverable"] is True
-        # Stopping it (the recovery) clears the flag with the error.
-        assert (await client.post(f"/api/sandbox/{sandbox_id}/stop")).json()["recoverable"] is False
-    finally:
-        daemon_events.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await daemon_events
+    # The API's daemon-events subscriber runs with the others (subscribers.register).
+    created = (await client.post("/api/sandbox", json={"name": "wedged"})).json()
+    sandbox_id, organization = created["id"], created["organizationId"]
+    await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
+    assert (await wait_state(client, sandbox_id, "started"))["recoverable"] is False
+    restarted = DaemonHealthEvent(
+        sandbox_id=sandbox_id,
+        organization_id=organization,
+        outcome=DaemonHealthOutcome.RESTARTED,
+        reason="did not answer; restarted",
+    )
+    await context.bus.publish(
+        channels.DAEMON_EVENTS, restarted, msg_id=restarted.incident_id, sandbox_id=sandbox_id
+    )
+    reason = "the toolbox daemon stopped answering. Recoverable: stop and start the sandbox"
+    error = SandboxStateEvent(
+        sandbox_id=sandbox_id,
+        organization_id=organization,
+        state=SandboxState.ERROR,
+        error_reason=reason,
+        recoverable=True,
+        source="test",
+    )
+    await context.bus.publish(channels.SANDBOX_EVENTS, error, sandbox_id=sandbox_id)
+    errored = await wait_state(client, sandbox_id, "error")
+    assert errored["recoverable"] is True and errored["errorReason"] == reason
+    for _ in range(100):
+        events = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
+        if any(event["type"] == "sandbox.daemon.restarted" for event in events):
+            break
+        await asyncio.sleep(0.05)
+    restart = next(event for event in events if event["type"] == "sandbox.daemon.restarted")
+    assert restart["reason"] == "did not answer; restarted"
+    states = [event for event in events if event["type"] == "sandbox.state.updated"]
+    assert states[0]["newState"] == "error" and states[0]["recoverable"] is True
+    # Stopping it (the recovery) clears the flag with the error.
+    assert (await client.post(f"/api/sandbox/{sandbox_id}/stop")).json()["recoverable"] is False

@@ -8,9 +8,9 @@ from sqlmodel import select
 from test_api_service import api  # noqa: F401 (the fixture, shared with the API service tests)
 
 from tidepool_api.db import Sandbox
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import kv_delete, kv_get
+from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
+from tidepool_runtime.broker import kv_delete, kv_get
 
 
 async def test_signing_key_is_created_once_and_mirrored(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
@@ -31,7 +31,7 @@ async def test_signing_key_is_created_once_and_mirrored(api) -> None:  # noqa: F
     async with context.database.sessions() as session:
         row = (await session.exec(select(Sandbox).where(Sandbox.id == sandbox_id))).one()
     assert row.signing_key == key, "the database is the source of truth"
-    kv = await context.bus.kv(subjects.KV_SIGNING_KEYS)
+    kv = await context.bus.kv(channels.SIGNING_KEYS)
     record = await kv_get(kv, sandbox_id, SigningKeyRecord)
     assert record is not None and record.key == key
     assert record.organization_id == sandbox["organizationId"] and record.sandbox_id == sandbox_id
@@ -52,7 +52,7 @@ async def test_rotate_replaces_the_key(api) -> None:  # noqa: F811  # type: igno
     new = rotated.json()
     assert isinstance(new, str) and new != old
     assert (await client.get(f"/api/sandbox/{sandbox_id}/signing-key")).json() == new
-    record = await kv_get(await context.bus.kv(subjects.KV_SIGNING_KEYS), sandbox_id, SigningKeyRecord)
+    record = await kv_get(await context.bus.kv(channels.SIGNING_KEYS), sandbox_id, SigningKeyRecord)
     assert record is not None and record.key == new
     # Rotating without any earlier key also works (and by name, like every sandbox path).
     fresh_id = (await client.post("/api/sandbox", json={"name": "never-read"})).json()["id"]
@@ -72,5 +72,5 @@ async def test_signing_key_is_organization_scoped(api) -> None:  # noqa: F811  #
     bad_key = {"Authorization": "Bearer not-a-key"}
     assert (await client.get(f"/api/sandbox/{sandbox_id}/signing-key", headers=bad_key)).status_code == 401
     # Nothing was created by the refused calls.
-    record = await kv_get(await context.bus.kv(subjects.KV_SIGNING_KEYS), sandbox_id, SigningKeyRecord)
+    record = await kv_get(await context.bus.kv(channels.SIGNING_KEYS), sandbox_id, SigningKeyRecord)
     assert record is None

@@ -92,8 +92,8 @@ async def count(context, model) -> int:  # type: ignore[no-untyped-def]
 
 
 async def last_sequences(context) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    intents = await context.bus.js.stream_info(subjects.INTENTS_STREAM)
-    jobs = await context.bus.js.stream_info(subjects.JOBS_STREAM)
+    intents = await context.bus.jetstream.stream_info(subjects.INTENTS_STREAM)
+    jobs = await context.bus.jetstream.stream_info(subjects.JOBS_STREAM)
     return intents.state.last_seq, jobs.state.last_seq
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tidepool_api import subscribers as api_subscribers
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator
 from tidepool_api.bootstrap import ensure_admin, mirror_api_keys
@@ -16,10 +17,10 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Database, Snapshot
 from tidepool_api.events import apply_snapshot_event
 from tidepool_api.migrate import migrate
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import connect, decode
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels, subjects
 from tidepool_contracts.models import BuildJob, SnapshotEvent, SnapshotState
+from tidepool_runtime.broker import connect, decode
+from tidepool_runtime.settings import Settings
 
 REGISTRY = "127.0.0.1:5999"
 
@@ -32,13 +33,13 @@ async def tenants(
     settings = Settings(data_dir=tmp_path, nats_url=nats_url, database_url="", registry_url=REGISTRY)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
-    bus = await connect(nats_url, "test-api-isolation")
+    bus = await connect(nats_url, "test-api-isolation", publishes=api_subscribers.PUBLISHES)
     context = ApiContext(
         settings=settings,
         database=database,
         bus=bus,
-        desired_kv=await bus.kv(subjects.KV_DESIRED),
-        api_keys_kv=await bus.kv(subjects.KV_API_KEYS),
+        desired_kv=await bus.kv(channels.DESIRED),
+        api_keys_kv=await bus.kv(channels.API_KEYS),
         authenticator=Authenticator(database),
     )
     await ensure_admin(context)
@@ -113,7 +114,7 @@ async def test_identical_builds_get_one_ref_per_organization(tenants) -> None:  
     assert made_a.json()["ref"] != made_b.json()["ref"]
     job = decode(
         BuildJob,
-        (await context.bus.js.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)).data,
+        (await context.bus.jetstream.get_last_msg(subjects.JOBS_STREAM, subjects.JOB_BUILD_SUBJECT)).data,
     )
     assert (job.snapshot_id, job.organization_id) == (made_b.json()["id"], made_b.json()["organizationId"])
     assert job.image_ref == made_b.json()["ref"]

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tidepool_contracts.bus import Bus, connect
-from tidepool_contracts.config import Settings
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runtime.broker import Bus, connect
+from tidepool_runtime.settings import Settings
 
 RUNNER_TOKEN = "test-runner-token"
 DOWNLOAD_SIZE = 10 * 1024 * 1024

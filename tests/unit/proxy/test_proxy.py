@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_delete, kv_put
+from tidepool_contracts import channels
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
+from tidepool_runtime.broker import Bus, kv_delete, kv_put
 
 from .conftest import RUNNER_TOKEN, FakeRunner
 
@@ -30,7 +30,7 @@ async def add_api_key(
     record = ApiKeyRecord(
         key_id=str(uuid.uuid4()), organization_id=organization_id, revoked=revoked, expires_at=expires_at
     )
-    await kv_put(await bus.kv(KV_API_KEYS), hashlib.sha256(token.encode()).hexdigest(), record)
+    await kv_put(await bus.kv(channels.API_KEYS), hashlib.sha256(token.encode()).hexdigest(), record)
     return token
 
 
@@ -45,7 +45,7 @@ async def add_route(
         runner_url=runner_url,
         state=state,
     )
-    await kv_put(await bus.kv(KV_ROUTES), sandbox_id, route)
+    await kv_put(await bus.kv(channels.ROUTES), sandbox_id, route)
     return sandbox_id
 
 
@@ -209,7 +209,7 @@ async def test_route_changes_reach_the_proxy(
     sandbox_id = await add_route(bus, fake_runner[1])
     async with http.get(f"{proxy_url}/toolbox/{sandbox_id}/version", headers=bearer(api_key)) as response:
         assert response.status == 200
-    routes = await bus.kv(KV_ROUTES)
+    routes = await bus.kv(channels.ROUTES)
     stopped = SandboxRoute(
         sandbox_id=sandbox_id,
         organization_id=ORG,

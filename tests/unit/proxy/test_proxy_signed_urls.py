@@ -12,9 +12,9 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_put
+from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
-from tidepool_contracts.subjects import KV_SIGNING_KEYS
+from tidepool_runtime.broker import Bus, kv_put
 
 from .conftest import FakeRunner
 from .test_proxy import ORG, add_api_key, add_route, error_body
@@ -35,7 +35,7 @@ def signed_url(
 
 async def set_key(bus: Bus, sandbox_id: str, key: str) -> None:
     record = SigningKeyRecord(sandbox_id=sandbox_id, organization_id=ORG, key=key)
-    await kv_put(await bus.kv(KV_SIGNING_KEYS), sandbox_id, record)
+    await kv_put(await bus.kv(channels.SIGNING_KEYS), sandbox_id, record)
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tidepool_contracts.bus import Bus, connect
+from tidepool_runner import subscribers as runner_subscribers
+from tidepool_runtime.broker import Bus, connect
 
 
 @pytest.fixture
@@ -22,6 +23,6 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    connected = await connect(nats_url, name="runner-unit-tests")
+    connected = await connect(nats_url, name="runner-unit-tests", publishes=runner_subscribers.PUBLISHES)
     yield connected
     await connected.close()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidepool_contracts.config import Settings
 from tidepool_contracts.models import SandboxSpec
 from tidepool_runner.container_config import (
     CA_BUNDLE_ENV_VARS,
     build_container_config,
     container_name,
 )
+from tidepool_runtime.settings import Settings
 
 
 def make_spec(**overrides: object) -> SandboxSpec:

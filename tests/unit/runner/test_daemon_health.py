@@ -16,8 +16,7 @@ import pytest
 from aiohttp import web
 
 from tests.unit.runner.sockets import SANDBOX_ROOT_UID, serve_as
-from tidepool_contracts.bus import Bus, kv_get, kv_put
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DaemonHealthEvent,
     DaemonHealthOutcome,
@@ -25,12 +24,14 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_ROUTES, event_daemon, event_sandbox
+from tidepool_contracts.subjects import event_daemon, event_sandbox
 from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL, container_name
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.engine import ContainerStatus, ContainerSummary
 from tidepool_runner.jobs import SandboxLocks
+from tidepool_runtime.broker import Bus, kv_get, kv_put
+from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-health-unit"
 ORGANIZATION_ID = "org-health"
@@ -100,7 +101,7 @@ class Harness:
             await tracked.incident
 
     async def route(self) -> SandboxRoute | None:
-        return await kv_get(await self.bus.kv(KV_ROUTES), self.sandbox_id, SandboxRoute)
+        return await kv_get(await self.bus.kv(channels.ROUTES), self.sandbox_id, SandboxRoute)
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ async def harness(bus: Bus, short_tmp: Path) -> AsyncIterator[Harness]:
         daemon_health_failures=2,
         daemon_restart_wait_seconds=2.0,
     )
-    routes = await bus.kv(KV_ROUTES)
+    routes = await bus.kv(channels.ROUTES)
     await kv_put(
         routes,
         sandbox_id,
@@ -149,8 +150,8 @@ async def harness(bus: Bus, short_tmp: Path) -> AsyncIterator[Harness]:
         await health.put(DaemonHealthEvent.model_validate(orjson.loads(msg.data)))
 
     subscriptions = [
-        await bus.nc.subscribe(event_sandbox(sandbox_id), cb=on_state),
-        await bus.nc.subscribe(event_daemon(sandbox_id), cb=on_health),
+        await bus.broker.connection.subscribe(event_sandbox(sandbox_id), cb=on_state),
+        await bus.broker.connection.subscribe(event_daemon(sandbox_id), cb=on_health),
     ]
     yield Harness(checker, daemon, engine, bus, sandbox_id, states, health)
     for subscription in subscriptions:
@@ -219,7 +220,7 @@ async def test_a_daemon_that_stays_silent_makes_the_sandbox_error_then_recovers(
 
 @pytest.mark.parametrize("state", [SandboxState.STARTING, SandboxState.STOPPING, SandboxState.ERROR])
 async def test_sandboxes_a_job_owns_are_not_checked(harness: Harness, state: SandboxState) -> None:
-    routes = await harness.bus.kv(KV_ROUTES)
+    routes = await harness.bus.kv(channels.ROUTES)
     route = await harness.route()
     assert route is not None
     await kv_put(routes, harness.sandbox_id, route.model_copy(update={"state": state}))

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tidepool_contracts.config import Settings
 from tidepool_runner.firewall import (
     BLOCKED_IPV4,
     BLOCKED_IPV6,
@@ -16,6 +15,7 @@ from tidepool_runner.firewall import (
     policy_from_settings,
     render,
 )
+from tidepool_runtime.settings import Settings
 
 JUMP = '-m comment --comment "tidepool sandbox isolation"'
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tidepool_contracts.config import Settings
 from tidepool_runner.engine import ContainerSummary
 from tidepool_runner.inventory import memory_total_gib, runner_info
+from tidepool_runtime.settings import Settings
 
 
 def sandbox(state: str, cpu: str, memory: str) -> ContainerSummary:

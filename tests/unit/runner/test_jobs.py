@@ -11,15 +11,16 @@ from typing import Any
 import orjson
 import pytest
 
-from tidepool_contracts.bus import Bus, kv_get
-from tidepool_contracts.config import Settings
+from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_ROUTES, event_sandbox
+from tidepool_contracts.subjects import event_sandbox
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, RootIds, SandboxFailedError
 from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor, SandboxLocks
+from tidepool_runtime.broker import Bus, kv_get
+from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-unit"
 SANDBOX_ROOT_UID = 268_500_000
@@ -115,7 +116,7 @@ async def harness(
         settings=settings,
         runner_id=RUNNER_ID,
         bus=bus,
-        routes=await bus.kv(KV_ROUTES),
+        routes=await bus.kv(channels.ROUTES),
         engine=engine,  # type: ignore[arg-type]
         daemons=daemons,
         disks=RecordingDisks(engine.calls),
@@ -125,7 +126,7 @@ async def harness(
     async def collect(msg: Any) -> None:
         await events.put(SandboxStateEvent.model_validate(orjson.loads(msg.data)))
 
-    subscription = await bus.nc.subscribe(event_sandbox("*"), cb=collect)
+    subscription = await bus.broker.connection.subscribe(event_sandbox("*"), cb=collect)
     yield executor, engine, events
     await subscription.unsubscribe()
     await daemons.close_all()
@@ -143,7 +144,7 @@ async def test_lifecycle_reports_states_and_routes(
 ) -> None:
     executor, engine, events = harness
     sandbox_id = str(uuid.uuid4())
-    routes = await bus.kv(KV_ROUTES)
+    routes = await bus.kv(channels.ROUTES)
 
     await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
     started = await asyncio.wait_for(events.get(), 5)

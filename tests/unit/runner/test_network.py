@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tidepool_contracts.config import Settings
 from tidepool_runner.network import SandboxNetworkError, check_network, network_config
+from tidepool_runtime.settings import Settings
 
 
 def make_settings(tmp_path: Path, **overrides: object) -> Settings:

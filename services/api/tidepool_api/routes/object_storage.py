@@ -5,7 +5,7 @@ context as `{organizationId}/{hash}/context.tar` to `storageUrl` (path-style, Si
 
 Daytona answers with STS credentials scoped to `{bucket}/{organizationId}/*` for one hour. With the embedded
 object storage (`s3_scoped_keys`), the key is minted here: it names the organization and expires in an hour,
-and the storage's auth proxy maps it to that organization's own directory (tidepool_contracts.object_keys),
+and the storage's auth proxy maps it to that organization's own directory (tidepool_runtime.object_keys),
 so a tenant can neither read nor overwrite another's context. With an external S3 given as a static key
 pair, that pair is returned (scoping then needs STS on that server). The `sessionToken` is an HMAC-signed,
 expiring token naming the organization, which the SDK signs into every request.
@@ -25,8 +25,8 @@ from fastapi import APIRouter
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_contracts.config import Settings
-from tidepool_contracts.object_keys import user_key
+from tidepool_runtime.object_keys import user_key
+from tidepool_runtime.settings import ApiSettings
 
 log = structlog.get_logger("tidepool.api.object_storage")
 router = APIRouter()
@@ -81,7 +81,7 @@ def verify_session_token(secret_key: str, token: str, now: float | None = None) 
     return claims["org"]
 
 
-def object_storage_configured(settings: Settings) -> bool:
+def object_storage_configured(settings: ApiSettings) -> bool:
     has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
     return bool(settings.s3_endpoint and settings.s3_secret_key and has_keys)
 

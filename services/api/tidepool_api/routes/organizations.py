@@ -18,8 +18,8 @@ from tidepool_api.errors import ApiError, conflict, not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.schemas import PlainName, Text, WireModel, error_responses, iso
-from tidepool_contracts.bus import kv_put
 from tidepool_contracts.models import ApiKeyRecord
+from tidepool_runtime.broker import kv_put
 
 router = APIRouter(responses=error_responses(401))
 

@@ -14,7 +14,7 @@ from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.schemas import PlainName, Secret, Text, Url, WireModel, error_responses, iso
-from tidepool_contracts.image_refs import (
+from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
     check_registry_host,
     registry_host,
@@ -78,7 +78,7 @@ def require_box(context: Context):  # type: ignore[no-untyped-def]
 
 def check_registry_url(context: Context, url: str) -> None:
     """400 for the platform's internal registry or any registry on the platform's own host: credentials
-    for it would only serve to pull from, or probe, the host's own ports (tidepool_contracts.image_refs)."""
+    for it would only serve to pull from, or probe, the host's own ports (tidepool_runtime.image_refs)."""
     host = registry_host(url.strip())
     settings = context.settings
     if same_registry(host, settings.registry_url):

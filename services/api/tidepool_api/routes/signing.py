@@ -15,7 +15,6 @@ import secrets
 
 import structlog
 from fastapi import APIRouter, Request
-from nats.js.kv import KeyValue
 from sqlalchemy import and_, update
 from sqlmodel import col
 
@@ -24,9 +23,9 @@ from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
-from tidepool_contracts.bus import kv_get, kv_put
+from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
-from tidepool_contracts.subjects import KV_SIGNING_KEYS
+from tidepool_runtime.broker import KeyValue, kv_get, kv_put
 
 log = structlog.get_logger("tidepool.api.signing")
 router = APIRouter(prefix="/sandbox", tags=["sandbox"])
@@ -43,7 +42,7 @@ async def signing_keys_kv(request: Request, context: Context) -> KeyValue:
     state = request.app.state
     kv: KeyValue | None = getattr(state, "signing_keys_kv", None)
     if kv is None:
-        kv = await context.bus.kv(KV_SIGNING_KEYS)
+        kv = await context.bus.kv(channels.SIGNING_KEYS)
         state.signing_keys_kv = kv
     return kv
 

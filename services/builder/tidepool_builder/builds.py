@@ -8,7 +8,6 @@ from pathlib import Path
 
 import aiodocker
 import structlog
-from nats.aio.msg import Msg
 
 from tidepool_builder.context_hash import HashCheck, check_context_hash
 from tidepool_builder.context_store import fetch_archives, merge_archives
@@ -20,15 +19,7 @@ from tidepool_builder.images import (
     push_to_registry,
     verify_toolbox_can_run,
 )
-from tidepool_contracts import subjects
-from tidepool_contracts.bus import Bus, consume, decode, encode, keep_in_progress, publish
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import (
-    ReferenceRefusedError,
-    check_reference,
-    dockerfile_image_references,
-    registry_host,
-)
+from tidepool_contracts import channels
 from tidepool_contracts.models import (
     BuildJob,
     BuildLogLine,
@@ -37,6 +28,17 @@ from tidepool_contracts.models import (
     SnapshotEvent,
     SnapshotState,
 )
+from tidepool_contracts.subjects import kv_safe
+from tidepool_runtime.broker import Bus, Msg, keep_in_progress
+from tidepool_runtime.image_refs import (
+    ReferenceRefusedError,
+    check_reference,
+    dockerfile_image_references,
+    registry_host,
+)
+
+# The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 log = structlog.get_logger("tidepool.builder")
 
@@ -139,7 +141,7 @@ class Builder:
             size_bytes=facts.size_bytes if facts else None,
             registry_ref=registry_ref,
         )
-        await publish(self.bus, subjects.event_snapshot(job.snapshot_name), event)
+        await self.bus.publish(channels.SNAPSHOT_EVENTS, event, snapshot=kv_safe(job.snapshot_name))
 
     async def pull_credentials(self, job: BuildJob) -> dict[str, str] | None:
         """Ask the API for the organization's registry credentials (request/reply: nothing persisted)."""
@@ -147,13 +149,11 @@ class Builder:
             return None
         request = RegistryCredentialsRequest(organization_id=job.organization_id, image=job.source_image)
         try:
-            reply = await self.bus.nc.request(
-                subjects.REGISTRY_CREDENTIALS_SUBJECT, encode(request), timeout=5
-            )
+            credentials = await self.bus.request(channels.REGISTRY_CREDENTIALS, request, timeout=5)
         except Exception as error:  # no API answering: try anonymously
             log.warning("registry.credentials_unavailable", error=str(error))
             return None
-        credentials = decode(RegistryCredentialsReply, reply.data)
+        assert isinstance(credentials, RegistryCredentialsReply)
         if not credentials.found:
             return None
         return {
@@ -175,11 +175,8 @@ class Builder:
             return None
 
     async def log_line(self, job: BuildJob, text: str, done: bool = False) -> None:
-        await publish(
-            self.bus,
-            subjects.build_log(job.image_ref),
-            BuildLogLine(image_ref=job.image_ref, text=text, done=done),
-        )
+        line = BuildLogLine(image_ref=job.image_ref, text=text, done=done)
+        await self.bus.publish(channels.BUILD_LOG_LINES, line, image=kv_safe(job.image_ref))
 
     async def handle(self, job: BuildJob, msg: Msg) -> None:
         heartbeat = asyncio.create_task(keep_in_progress(msg))
@@ -266,16 +263,3 @@ class Builder:
             with contextlib.suppress(aiodocker.DockerError):
                 await self.docker.images.delete(job.image_ref, force=True)
         await self.report(job, SnapshotState.BUILD_FAILED, reason)
-
-    async def run(self) -> None:
-        await consume(
-            self.bus,
-            stream=subjects.JOBS_STREAM,
-            durable="builder",
-            subject=subjects.JOB_BUILD_SUBJECT,
-            model_type=BuildJob,
-            handler=self.handle,
-            ack_wait=30.0,
-            max_deliver=MAX_BUILD_DELIVERIES + 1,
-            concurrency=2,
-        )

@@ -1,4 +1,4 @@
-"""Proxy process: serve the proxy app until SIGTERM/SIGINT."""
+"""Start-up of the proxy: serve the proxy app (app.py; it only reads KV buckets) until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import asyncio
 import structlog
 from aiohttp import web
 
-from tidepool_contracts.config import Settings
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: ProxySettings, stop: asyncio.Event) -> None:
     runner = web.AppRunner(create_proxy_app(settings), access_log=None)
     await runner.setup()
     try:

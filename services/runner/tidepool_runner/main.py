@@ -1,4 +1,4 @@
-"""Runner process: wires the bus, the container engine, the job consumer, heartbeat and toolbox server."""
+"""Start-up of a runner: the bus (subscribers.py), the container engine, jobs, heartbeat, toolbox server."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import contextlib
 import aiodocker
 import structlog
 from aiohttp import web
-from nats.aio.msg import Msg
 
-from tidepool_contracts.bus import Bus, connect, consume, encode
-from tidepool_contracts.config import Settings
-from tidepool_contracts.image_refs import internal_registry_auth
-from tidepool_contracts.models import RunnerJob
-from tidepool_contracts.subjects import JOBS_STREAM, KV_ROUTES, KV_RUNNERS, job_runner, runner_ping
+from tidepool_contracts import channels
 from tidepool_runner.container_config import sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
@@ -24,20 +19,22 @@ from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runner.network import prepare_sandbox_network
 from tidepool_runner.staging import prepare_runtime_dir
+from tidepool_runner.subscribers import publishers, register_jobs
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
+from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.image_refs import internal_registry_auth
+from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner")
 
-JOB_ACK_WAIT_SECONDS = 15.0
-JOB_CONCURRENCY = 16
 DISK_POOL_CHECK_SECONDS = 0.2
 
 
 class Runner:
     """Everything one runner process runs; `start()` then `stop()` (tests drive it the same way)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: RunnerSettings) -> None:
         self.settings = settings
         self.runner_id = settings.effective_runner_id
         self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
@@ -53,9 +50,11 @@ class Runner:
         await asyncio.to_thread(prepare_runtime_dir, settings)
         # Ready disks a previous run left are of unknown state: start the pool afresh.
         await asyncio.to_thread(self.disks.discard_pool)
-        self._bus = bus = await connect(settings.nats_url, name=f"tidepool-runner-{self.runner_id}")
-        routes = await bus.kv(KV_ROUTES)
-        runners = await bus.kv(KV_RUNNERS)
+        self._bus = bus = Bus(create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}"))
+        await bus.connect()
+        bus.add_publishers(publishers(bus.broker))
+        routes = await bus.kv(channels.ROUTES)
+        runners = await bus.kv(channels.RUNNERS)
         self._engine = engine = ContainerEngine(
             aiodocker.Docker(url=settings.effective_docker_host),
             registry_auth=lambda image: internal_registry_auth(
@@ -86,24 +85,14 @@ class Runner:
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
 
-        async def answer_ping(msg: Msg) -> None:
-            await msg.respond(encode(await inventory.current_info()))
-
-        await bus.nc.subscribe(runner_ping(self.runner_id), cb=answer_ping)
+        register_jobs(bus.broker, self.runner_id, executor)
 
         async def adopt_then_serve_jobs() -> None:
             # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.
             await inventory.adopt_until_done()
-            await consume(
-                bus,
-                stream=JOBS_STREAM,
-                durable=f"runner-{self.runner_id}",
-                subject=job_runner(self.runner_id),
-                model_type=RunnerJob,
-                handler=executor.handle,
-                ack_wait=JOB_ACK_WAIT_SECONDS,
-                concurrency=JOB_CONCURRENCY,
-            )
+            await bus.start()
+            # The broker consumes jobs from here on; this task stays so that `wait` watches adoption too.
+            await asyncio.Event().wait()
 
         collector = TerminationCollector(engine=engine, daemons=self.daemons, bus=bus)
         self._health = DaemonHealthChecker(
@@ -149,9 +138,7 @@ class Runner:
         if self._engine is not None:
             await self._engine.close()
         if self._bus is not None:
-            # Close, not drain: unacked jobs are redelivered anyway, and draining waits 30 s on the pull
-            # subscription that `consume` leaves behind when cancelled.
-            await self._bus.nc.close()
+            await self._bus.close()
         log.info("runner.stopped", runner_id=self.runner_id)
 
     async def wait(self, stop: asyncio.Event) -> None:
@@ -165,7 +152,7 @@ class Runner:
             raise RuntimeError(f"runner loop {task.get_name()} died") from error
 
 
-async def main(settings: Settings, stop: asyncio.Event) -> None:
+async def main(settings: RunnerSettings, stop: asyncio.Event) -> None:
     runner = Runner(settings)
     await runner.start()
     try:

@@ -1,0 +1,206 @@
+"""The channel table: every stream, subject and KV bucket on the bus, each paired with its one model.
+
+Publishers and subscribers are built from these entries (`tidepool_runtime.broker`), never from bare subject
+strings, so a service cannot put the wrong model on a subject and the AsyncAPI document
+(`docs/asyncapi/asyncapi.yaml`, generated from the subscribers and publishers) lists exactly these.
+
+A channel's `subject` is a template: `{name}` stands for one subject token (an id, or a `kv_safe` name).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from tidepool_contracts import subjects
+from tidepool_contracts.models import (
+    ApiKeyRecord,
+    BuildJob,
+    BuildLogLine,
+    DaemonHealthEvent,
+    DesiredSandbox,
+    Placement,
+    ProcessTerminationEvent,
+    RegistryCredentialsReply,
+    RegistryCredentialsRequest,
+    RunnerInfo,
+    RunnerJob,
+    SandboxIntent,
+    SandboxRoute,
+    SandboxStateEvent,
+    SigningKeyRecord,
+    SnapshotEvent,
+)
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+_TOKEN = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A JetStream stream. `retention`: work queue (each message to one consumer, removed on ack) or limits
+    (kept until `max_age` seconds / `max_msgs_per_subject`, replayable). `duplicate_window` (seconds) makes a
+    publish with a repeated `Nats-Msg-Id` a no-op."""
+
+    name: str
+    retention: Literal["workqueue", "limits"]
+    description: str
+    max_age: float | None = None
+    max_msgs_per_subject: int | None = None
+    duplicate_window: float | None = None
+
+
+@dataclass(frozen=True)
+class Channel(Generic[ModelT]):
+    """One subject (template) and the model every message on it has.
+
+    `stream` None: core NATS request/reply; `reply` is then the model of the answer.
+    """
+
+    subject: str
+    model: type[ModelT]
+    description: str
+    stream: Stream | None = None
+    reply: type[BaseModel] | None = None
+
+    def address(self, **tokens: str) -> str:
+        """The concrete subject, e.g. `SANDBOX_EVENTS.address(sandbox_id="abc")`; KeyError: token missing."""
+        return _TOKEN.sub(lambda match: tokens[match.group(1)], self.subject)
+
+    @property
+    def filter(self) -> str:
+        """What a consumer of every instance of the template subscribes to (`a.b.{x}` -> `a.b.>`)."""
+        head, brace, _ = self.subject.partition("{")
+        return f"{head}>" if brace else self.subject
+
+
+@dataclass(frozen=True)
+class Bucket(Generic[ModelT]):
+    """A KV bucket: key -> model. `ttl` (seconds): entries vanish unless rewritten within it (None: kept)."""
+
+    name: str
+    model: type[ModelT]
+    key: str
+    description: str
+    ttl: float | None = None
+
+
+INTENTS = Stream(
+    subjects.INTENTS_STREAM, "workqueue", "API -> scheduler: desired-state changes", duplicate_window=120.0
+)
+JOBS = Stream(
+    subjects.JOBS_STREAM,
+    "workqueue",
+    "scheduler -> runner, API -> builder: durable work",
+    duplicate_window=120.0,
+)
+EVENTS = Stream(
+    subjects.EVENTS_STREAM,
+    "limits",
+    "runner / builder / scheduler -> API and telemetry: actual state, replayable",
+    max_age=7 * 24 * 3600.0,
+    duplicate_window=120.0,
+)
+BUILD_LOGS = Stream(
+    subjects.BUILD_LOGS_STREAM,
+    "limits",
+    "builder -> API: build output, replayable from the start",
+    max_age=2 * 24 * 3600.0,
+    max_msgs_per_subject=200_000,
+)
+STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS)
+
+SANDBOX_INTENTS = Channel(
+    f"{subjects.INTENT_SANDBOX_PREFIX}.{{sandbox_id}}",
+    SandboxIntent,
+    "API -> scheduler: create / start / stop / destroy a sandbox (work queue)",
+    INTENTS,
+)
+RUNNER_JOBS = Channel(
+    f"{subjects.JOB_RUNNER_PREFIX}.{{runner_id}}",
+    RunnerJob,
+    "scheduler -> the runner a sandbox is placed on: what to do with its container",
+    JOBS,
+)
+BUILD_JOBS = Channel(
+    subjects.JOB_BUILD_SUBJECT, BuildJob, "API -> builder: pull, build or evict a snapshot's image", JOBS
+)
+SANDBOX_EVENTS = Channel(
+    f"{subjects.EVENT_SANDBOX_PREFIX}.{{sandbox_id}}",
+    SandboxStateEvent,
+    "runner / scheduler -> API, telemetry: a sandbox's actual state",
+    EVENTS,
+)
+SNAPSHOT_EVENTS = Channel(
+    f"{subjects.EVENT_SNAPSHOT_PREFIX}.{{snapshot}}",
+    SnapshotEvent,
+    "builder -> API: a snapshot's build state (`snapshot`: its kv_safe name)",
+    EVENTS,
+)
+PROCESS_EVENTS = Channel(
+    f"{subjects.EVENT_PROCESS_PREFIX}.{{sandbox_id}}",
+    ProcessTerminationEvent,
+    "runner -> API: a notable process ending in a sandbox (signal, timeout, OOM kill)",
+    EVENTS,
+)
+DAEMON_EVENTS = Channel(
+    f"{subjects.EVENT_DAEMON_PREFIX}.{{sandbox_id}}",
+    DaemonHealthEvent,
+    "runner -> API: a sandbox's toolbox daemon restarted, failed to restart or recovered",
+    EVENTS,
+)
+BUILD_LOG_LINES = Channel(
+    f"{subjects.BUILD_LOG_PREFIX}.{{image}}",
+    BuildLogLine,
+    "builder -> API (replayed per request of a build log): build output of an image (`image`: kv_safe ref)",
+    BUILD_LOGS,
+)
+REGISTRY_CREDENTIALS = Channel(
+    subjects.REGISTRY_CREDENTIALS_SUBJECT,
+    RegistryCredentialsRequest,
+    "builder -> API (request/reply): pull credentials of an organization's private registry; never stored",
+    reply=RegistryCredentialsReply,
+)
+CHANNELS: tuple[Channel, ...] = (
+    SANDBOX_INTENTS,
+    RUNNER_JOBS,
+    BUILD_JOBS,
+    SANDBOX_EVENTS,
+    SNAPSHOT_EVENTS,
+    PROCESS_EVENTS,
+    DAEMON_EVENTS,
+    BUILD_LOG_LINES,
+    REGISTRY_CREDENTIALS,
+)
+
+RUNNERS = Bucket(
+    subjects.KV_RUNNERS,
+    RunnerInfo,
+    "runner_id",
+    "runner -> scheduler: capacity; expires without heartbeats",
+    30.0,
+)
+ROUTES = Bucket(
+    subjects.KV_ROUTES, SandboxRoute, "sandbox_id", "runner -> proxy, scheduler: where a sandbox runs"
+)
+PLACEMENTS = Bucket(
+    subjects.KV_PLACEMENTS, Placement, "sandbox_id", "scheduler's memory of placements and jobs"
+)
+DESIRED = Bucket(
+    subjects.KV_DESIRED, DesiredSandbox, "sandbox_id", "API -> scheduler: what a sandbox should be"
+)
+API_KEYS = Bucket(
+    subjects.KV_API_KEYS, ApiKeyRecord, "sha256(key)", "API -> proxy: API keys, checked without the database"
+)
+SIGNING_KEYS = Bucket(
+    subjects.KV_SIGNING_KEYS, SigningKeyRecord, "sandbox_id", "API -> proxy: keys of signed file URLs"
+)
+BUCKETS: tuple[Bucket, ...] = (RUNNERS, ROUTES, PLACEMENTS, DESIRED, API_KEYS, SIGNING_KEYS)
+
+
+def stream_subjects(stream: Stream) -> list[str]:
+    """The subjects a stream captures: the filters of its channels."""
+    return [channel.filter for channel in CHANNELS if channel.stream == stream]

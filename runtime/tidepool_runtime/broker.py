@@ -1,0 +1,423 @@
+"""The bus: FastStream's NatsBroker, set up the same way in every service from the channel table.
+
+- Topology: every stream and KV bucket of `tidepool_contracts.channels` is declared at connect (idempotent, so
+  any service may start first).
+- Subscribers: `jetstream_subscriber` makes a durable JetStream pull consumer with explicit ack; a handler
+  that raises is nak'ed with a growing delay (redelivered), a message that can never succeed (undecodable,
+  or the handler raises `PermanentError`) is terminated. Handlers therefore must be idempotent.
+- Publishers: `declare_publishers` registers a FastStream publisher per channel (they appear in the AsyncAPI
+  document); `Bus.publish` refuses a model that is not the channel's.
+- Trace context rides in message headers through FastStream's `NatsTelemetryMiddleware`; a structlog
+  middleware binds service, subject and sandbox id for everything a handler logs.
+
+nats-py is used directly only here, and only where FastStream has no equivalent (each place says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from faststream import BaseMiddleware
+from faststream.exceptions import HandlerException, NackMessage, RejectMessage
+from faststream.message import StreamMessage
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsRouter, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.publisher.usecase import LogicPublisher
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import (
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
+
+from tidepool_contracts.channels import BUCKETS, STREAMS, Bucket, Channel, Stream, stream_subjects
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+# Services name `Msg` (a JetStream message a handler is given) and `KeyValue` (a bucket) from here.
+log = structlog.get_logger("tidepool.bus")
+
+Registrar = NatsBroker | NatsRouter
+
+
+class PermanentError(Exception):
+    """A message that can never succeed: terminate it instead of redelivering."""
+
+
+def nak_delay(delivered: int) -> float:
+    """Seconds before a failed message is offered again: 1, 2, 4 … 30 (delivered = attempts so far)."""
+    return min(30.0, 0.5 * 2 ** min(delivered, 6))
+
+
+def _jetstream_msg(msg: StreamMessage[Any]) -> Msg | None:
+    raw = msg.raw_message
+    if isinstance(raw, Msg) and raw.reply and raw.reply.startswith("$JS.ACK."):
+        return raw
+    return None
+
+
+class DeliveryPolicyMiddleware(BaseMiddleware):
+    """Nak with backoff on failure, term poison messages (JetStream messages only; core ones just log)."""
+
+    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+        try:
+            return await call_next(msg)
+        except (HandlerException, asyncio.CancelledError):
+            raise
+        except (ValidationError, orjson.JSONDecodeError, PermanentError) as error:
+            log.error("bus.message_terminated", subject=_subject(msg), error=str(error))
+            if _jetstream_msg(msg) is not None:
+                raise RejectMessage() from error
+            raise
+        except Exception as error:
+            raw = _jetstream_msg(msg)
+            if raw is None:
+                log.exception("bus.handler_failed", subject=_subject(msg), error=str(error))
+                raise
+            delivered = raw.metadata.num_delivered or 1
+            log.exception("bus.handler_failed", subject=_subject(msg), delivered=delivered, error=str(error))
+            raise NackMessage(delay=nak_delay(delivered)) from error
+
+
+class LogContextMiddleware(BaseMiddleware):
+    """Everything logged while handling a message carries its subject and, when it has one, the sandbox id."""
+
+    async def consume_scope(self, call_next: Callable[[Any], Awaitable[Any]], msg: StreamMessage[Any]) -> Any:
+        fields: dict[str, Any] = {"subject": _subject(msg)}
+        with contextlib.suppress(Exception):
+            body = await msg.decode()
+            if isinstance(body, dict) and body.get("sandbox_id"):
+                fields["sandbox_id"] = body["sandbox_id"]
+        with structlog.contextvars.bound_contextvars(**fields):
+            return await call_next(msg)
+
+
+def _subject(msg: StreamMessage[Any]) -> str:
+    return str(getattr(msg.raw_message, "subject", "") or "")
+
+
+# FastStream's own lines (one per message, task start/stop) only from WARNING on: ours say what matters.
+_faststream_log = logging.getLogger("tidepool.faststream")
+_faststream_log.setLevel(logging.WARNING)
+
+
+def create_broker(nats_url: str, name: str) -> NatsBroker:
+    """A broker that reconnects forever, with the telemetry, log-context and delivery-policy middlewares."""
+    return NatsBroker(
+        nats_url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]
+        connect_timeout=5,
+        middlewares=(NatsTelemetryMiddleware(), LogContextMiddleware, DeliveryPolicyMiddleware),
+        logger=_faststream_log,
+        log_level=logging.DEBUG,
+    )
+
+
+def jetstream_subscriber(
+    registrar: Registrar,
+    channel: Channel[Any],
+    *,
+    durable: str,
+    subject: str | None = None,
+    ack_wait: float = 30.0,
+    max_deliver: int = 20,
+    concurrency: int = 1,
+) -> Any:
+    """A durable pull consumer of `channel` (all its subjects, or the one `subject`), explicit ack.
+
+    A handler runs while its message is unacked, so a crash of the process means redelivery to the next
+    instance after `ack_wait` seconds; long handlers call `keep_in_progress`. At most `concurrency` messages
+    of this consumer are handled at once; `max_deliver` bounds the deliveries of one message.
+    """
+    assert channel.stream is not None, f"{channel.subject} is request/reply, not on a stream"
+    subject = subject or channel.filter
+    config = ConsumerConfig(
+        durable_name=durable,
+        ack_wait=ack_wait,
+        max_deliver=max_deliver,
+        filter_subject=subject,
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    return registrar.subscriber(
+        subject,
+        stream=JStream(channel.stream.name, declare=False),
+        durable=durable,
+        config=config,
+        pull_sub=PullSub(batch_size=concurrency, timeout=1.0),
+        max_workers=concurrency,
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title=f"{durable} <- {subject}",
+        description=channel.description,
+    )
+
+
+def replay_subscriber(registrar: Registrar, channel: Channel[Any], *, service: str) -> Any:
+    """An ordered, ephemeral consumer: replays everything the stream retains on `channel`, then follows."""
+    assert channel.stream is not None
+    return registrar.subscriber(
+        channel.filter,
+        stream=JStream(channel.stream.name, declare=False),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{service} (replay) <- {channel.filter}",
+        description=channel.description,
+    )
+
+
+def reply_subscriber(registrar: Registrar, channel: Channel[Any], *, queue: str) -> Any:
+    """A core NATS responder for a request/reply channel; the queue group spreads requests over replicas."""
+    assert channel.reply is not None
+    return registrar.subscriber(
+        channel.subject, queue=queue, title=f"{queue} <- {channel.subject}", description=channel.description
+    )
+
+
+def declare_publishers(
+    registrar: Registrar, *channels: Channel[Any], service: str
+) -> dict[Channel[Any], LogicPublisher]:
+    """One FastStream publisher per channel `service` sends on (documented in AsyncAPI with its model)."""
+    publishers: dict[Channel[Any], LogicPublisher] = {}
+    for channel in channels:
+        publishers[channel] = registrar.publisher(
+            channel.subject,
+            stream=JStream(channel.stream.name, declare=False) if channel.stream else None,
+            schema=channel.model,
+            title=f"{service} -> {channel.subject}",
+            description=channel.description,
+        )
+    return publishers
+
+
+class Bus:
+    """One service's bus: its broker, its publishers, its KV handles."""
+
+    def __init__(
+        self, broker: NatsBroker, publishers: dict[Channel[Any], LogicPublisher] | None = None
+    ) -> None:
+        self.broker = broker
+        self.publishers: dict[Channel[Any], LogicPublisher] = dict(publishers or {})
+
+    @property
+    def jetstream(self) -> JetStreamContext:
+        """The connection's JetStream context, for tests and tools that inspect streams (services don't)."""
+        return self.broker.config.connection_state.stream
+
+    def add_publishers(self, publishers: dict[Channel[Any], LogicPublisher]) -> None:
+        self.publishers.update(publishers)
+
+    async def connect(self) -> None:
+        """Connect (subscribers are not started yet: `start`) and declare the topology."""
+        await self.broker.connect()
+        await declare_topology(self.broker)
+
+    async def start(self) -> None:
+        """Start every subscriber registered on the broker."""
+        await self.broker.start()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.broker.stop()
+
+    async def kv(self, bucket: Bucket[Any]) -> KeyValue:
+        return await self.broker.key_value(bucket.name, declare=False)
+
+    async def publish(
+        self, channel: Channel[ModelT], model: ModelT, *, msg_id: str | None = None, **tokens: str
+    ) -> None:
+        """Publish `model` on the channel's subject filled with `tokens` (durably: the channel's stream).
+
+        `msg_id` makes a retried publish a no-op within the stream's duplicate window.
+        Raises TypeError for a model that is not the channel's, KeyError for an undeclared channel.
+        """
+        if not isinstance(model, channel.model):
+            raise TypeError(
+                f"{type(model).__name__} on {channel.subject}, which carries {channel.model.__name__}"
+            )
+        publisher = self.publishers[channel]
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await publisher.publish(model, subject=channel.address(**tokens), headers=headers)
+
+    async def request(self, channel: Channel[ModelT], model: ModelT, *, timeout: float) -> BaseModel:
+        """Ask on a request/reply channel; wait up to `timeout` seconds for the answer (its reply model)."""
+        if not isinstance(model, channel.model) or channel.reply is None:
+            raise TypeError(f"{type(model).__name__} is not a request on {channel.subject}")
+        response = await self.broker.request(model, channel.subject, timeout=timeout)
+        return channel.reply.model_validate(await response.decode())
+
+
+async def connect(nats_url: str, name: str, publishes: tuple[Channel[Any], ...] = ()) -> Bus:
+    """A connected bus with the topology declared, publishers for `publishes`, and no subscribers."""
+    broker = create_broker(nats_url, name)
+    bus = Bus(broker, declare_publishers(broker, *publishes, service=name))
+    await bus.connect()
+    return bus
+
+
+def _stream_config(stream: Stream) -> StreamConfig:
+    return StreamConfig(
+        name=stream.name,
+        subjects=stream_subjects(stream),
+        retention=RetentionPolicy.WORK_QUEUE if stream.retention == "workqueue" else RetentionPolicy.LIMITS,
+        max_age=stream.max_age,
+        max_msgs_per_subject=stream.max_msgs_per_subject or -1,
+        duplicate_window=stream.duplicate_window or 0.0,
+    )
+
+
+async def declare_topology(broker: NatsBroker) -> None:
+    """Create or update every stream and bucket of the channel table.
+
+    nats-py directly: FastStream declares a stream only for its subscribers, with only their subjects, and
+    creates a bucket with a fixed configuration; here each stream gets all its channels' subjects and limits
+    even in a service that only publishes, and an existing bucket is left as it is.
+    """
+    js = broker.config.connection_state.stream
+    for stream in STREAMS:
+        config = _stream_config(stream)
+        try:
+            await js.add_stream(config=config)
+        except BadRequestError:
+            await js.update_stream(config=config)
+    for bucket in BUCKETS:
+        try:
+            await js.key_value(bucket.name)
+        except (NotFoundError, BadRequestError):
+            with contextlib.suppress(BadRequestError):
+                await js.create_key_value(
+                    config=KeyValueConfig(bucket=bucket.name, history=1, ttl=bucket.ttl)
+                )
+
+
+# KV values are the channel table's models as JSON.
+
+
+def encode(model: BaseModel) -> bytes:
+    return orjson.dumps(model.model_dump(mode="json"))
+
+
+def decode(model_type: type[ModelT], data: bytes) -> ModelT:
+    return model_type.model_validate(orjson.loads(data))
+
+
+async def kv_put(kv: KeyValue, key: str, model: BaseModel) -> int:
+    return await kv.put(key, encode(model))
+
+
+async def kv_get(kv: KeyValue, key: str, model_type: type[ModelT]) -> ModelT | None:
+    try:
+        entry = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    if entry.value is None or entry.operation in ("DEL", "PURGE"):
+        return None
+    return decode(model_type, entry.value)
+
+
+async def kv_delete(kv: KeyValue, key: str) -> None:
+    with contextlib.suppress(KeyNotFoundError):
+        await kv.delete(key)
+
+
+async def kv_items(kv: KeyValue, model_type: type[ModelT]) -> list[ModelT]:
+    """All current values of a bucket (a snapshot; for reconciliation loops)."""
+    try:
+        keys = await kv.keys()
+    except NotFoundError:
+        return []
+    except Exception as error:  # nats-py raises a generic NoKeysError subclass for an empty bucket
+        if type(error).__name__ == "NoKeysError":
+            return []
+        raise
+    items: list[ModelT] = []
+    for key in keys:
+        item = await kv_get(kv, key, model_type)
+        if item is not None:
+            items.append(item)
+    return items
+
+
+async def kv_watch(kv: KeyValue, model_type: type[ModelT]) -> AsyncIterator[tuple[str, ModelT | None]]:
+    """Yield (key, value) for every current entry and then every change; value None means deleted.
+
+    On the KeyValue handle FastStream gives (`broker.key_value`): its watch subscriber is a broker-wide
+    handler started with the broker, while the proxy's caches each own a watch they restart after a failure.
+    """
+    watcher = await kv.watchall()
+    try:
+        async for entry in watcher:
+            if entry is None:  # end of the initial snapshot
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                yield entry.key, None
+                continue
+            try:
+                yield entry.key, decode(model_type, entry.value)
+            except ValidationError:
+                log.warning("kv.undecodable", bucket=kv._name, key=entry.key)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+
+
+async def follow_subject(
+    bus: Bus,
+    channel: Channel[ModelT],
+    subject: str,
+    on_message: Callable[[ModelT, int], Awaitable[None]],
+) -> Callable[[], Awaitable[None]]:
+    """Replay one subject of a stream from its start and follow it; returns the function that stops it.
+
+    `on_message(message, messages still pending)`. nats-py directly: a short-lived ordered consumer per HTTP
+    request (one build's log), which FastStream's broker-wide subscribers are not made for.
+    """
+    assert channel.stream is not None
+
+    async def deliver(msg: Msg) -> None:
+        pending = msg.metadata.num_pending if msg.metadata else 0
+        await on_message(decode(channel.model, msg.data), pending)
+
+    js = bus.broker.config.connection_state.stream
+    subscription = await js.subscribe(
+        subject,
+        cb=deliver,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.ALL,
+        stream=channel.stream.name,
+    )
+
+    async def stop() -> None:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+
+    return stop
+
+
+async def subject_has_messages(bus: Bus, channel: Channel[Any], subject: str) -> bool:
+    """Whether the stream holds anything on `subject` (nats-py: FastStream has no stream info)."""
+    assert channel.stream is not None
+    js = bus.broker.config.connection_state.stream
+    info = await js.stream_info(channel.stream.name, subjects_filter=subject)
+    return bool((info.state.subjects or {}).get(subject))
+
+
+async def keep_in_progress(msg: Msg, interval: float = 5.0) -> None:
+    """Tell JetStream a long handler is alive so the message is not redelivered meanwhile."""
+    while True:
+        await asyncio.sleep(interval)
+        with contextlib.suppress(Exception):
+            await msg.in_progress()

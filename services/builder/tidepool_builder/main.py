@@ -1,0 +1,28 @@
+"""Start-up of the builder: the bus (subscribers.py) and the container engine; stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiodocker
+import structlog
+
+from tidepool_builder.builds import Builder
+from tidepool_builder.subscribers import register
+from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.settings import BuilderSettings
+
+log = structlog.get_logger("tidepool.builder")
+
+
+async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
+    bus = Bus(create_broker(settings.nats_url, "tidepool-builder"))
+    await bus.connect()
+    docker = aiodocker.Docker(url=settings.effective_docker_host)
+    builder = Builder(settings, bus, docker)
+    bus.add_publishers(register(bus.broker, builder))
+    await bus.start()
+    log.info("builder.ready", engine=settings.effective_docker_host)
+    await stop.wait()
+    await bus.close()
+    await docker.close()
