@@ -115,6 +115,15 @@ class Settings(BaseSettings):
 
     # Declarative builds are cached by content for this long after their last use.
     build_cache_hours: float = 24.0
+    # Bounds of each RUN step of a snapshot build (tenant code, confined like a sandbox: see isolation.py).
+    build_cpu: float = 2.0
+    """CPU cores a build step may use (a CFS quota)."""
+    build_memory_gib: float = 4.0
+    """Memory of a build step, swap included."""
+    build_pids: int = 4096
+    """Processes of a build (RLIMIT_NPROC of its private uid range)."""
+    build_network_wait_seconds: float = 120.0
+    """How long a build waits for the sandbox network (a runner on the engine's host creates it)."""
 
     # Encrypts secrets at rest (registry passwords). Empty: generated once under data_dir.
     secret_key: str = ""

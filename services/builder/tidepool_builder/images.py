@@ -10,6 +10,9 @@ import aiodocker
 from tidepool_contracts.config import Settings
 from tidepool_contracts.image_refs import ImageReference, parse_reference
 
+VERIFY_MEMORY_BYTES = 512 * 1024**2
+VERIFY_PIDS_LIMIT = 64
+
 
 class ImageUnusableError(Exception):
     """The image exists but cannot host a sandbox (e.g. no python3 for the toolbox daemon)."""
@@ -103,7 +106,11 @@ async def ensure_source_image(
 
 
 async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, ref: str) -> None:
-    """The daemon runs on the image's own python3: refuse images without one instead of failing later."""
+    """The daemon runs on the image's own python3: refuse images without one instead of failing later.
+
+    The image's python3 is tenant code: it runs confined like a sandbox (private user namespace, no
+    capabilities, no network, bounded memory and processes).
+    """
     config = {
         "Image": ref,
         "Entrypoint": ["python3", "-c", "import sys; assert sys.version_info >= (3, 8)"],
@@ -116,6 +123,12 @@ async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, r
                 {"Name": "nproc", "Soft": settings.container_nproc, "Hard": settings.container_nproc},
             ],
             "NetworkMode": "none",
+            "UsernsMode": settings.sandbox_userns,
+            "CapDrop": ["ALL"],
+            "SecurityOpt": ["no-new-privileges"],
+            "Memory": VERIFY_MEMORY_BYTES,
+            "MemorySwap": VERIFY_MEMORY_BYTES,
+            "PidsLimit": VERIFY_PIDS_LIMIT,
         },
     }
     container = await docker.containers.create(config=config)

@@ -12,7 +12,13 @@ from nats.aio.msg import Msg
 
 from tidepool_builder.context_hash import HashCheck, check_context_hash
 from tidepool_builder.context_store import fetch_archives, merge_archives
-from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists
+from tidepool_builder.docker_build import (
+    BuildFailedError,
+    BuildIsolation,
+    build_image,
+    image_exists,
+    wait_for_sandbox_network,
+)
 from tidepool_builder.images import (
     ImageUnusableError,
     ensure_source_image,
@@ -29,6 +35,7 @@ from tidepool_contracts.image_refs import (
     dockerfile_image_references,
     registry_host,
 )
+from tidepool_contracts.isolation import SandboxNetworkError
 from tidepool_contracts.models import (
     BuildJob,
     BuildLogLine,
@@ -69,6 +76,8 @@ class Builder:
         self.settings = settings
         self.bus = bus
         self.docker = docker
+        # How RUN steps are confined; a setting that can't confine them stops the builder here (ValueError).
+        self.isolation = BuildIsolation.from_settings(settings)
         # Source pulls run one at a time: a name pulled with one organization's credentials is removed
         # again before another job can look for it (images.ensure_source_image).
         self.source_lock = asyncio.Lock()
@@ -233,6 +242,8 @@ class Builder:
             await self.log_line(job, f"Restarting build (attempt {delivered})\n")
         log.info("build.started", image=job.image_ref, attempt=delivered)
         try:
+            # RUN steps are tenant code: they run only on the firewalled sandbox network.
+            await wait_for_sandbox_network(self.docker, self.settings)
             context = read_context(job.context_dir)
             if job.context_hashes:
                 context |= await self.fetch_verified_context(job)
@@ -244,9 +255,10 @@ class Builder:
                 ca_bundle_path=self.settings.ca_bundle or None,
                 on_log=lambda line: self.log_line(job, line + "\n"),
                 organization_id=job.organization_id,
+                isolation=self.isolation,
             )
             await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
-        except (BuildFailedError, ImageUnusableError, ContextHashMismatchError) as error:
+        except (BuildFailedError, ImageUnusableError, ContextHashMismatchError, SandboxNetworkError) as error:
             await self.fail(job, str(error))
             return
         except Exception as error:  # context download, engine errors: a failed build, not a stuck one

@@ -1,0 +1,71 @@
+"""How the builder confines RUN steps: `/libpod/build` parameters from the sandboxes' shared definitions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tidepool_builder.docker_build import BuildIsolation
+from tidepool_contracts.config import Settings
+from tidepool_contracts.isolation import SANDBOX_CAPABILITIES, auto_userns_size
+from tidepool_runner import container_config
+
+
+def make_settings(tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
+
+
+def test_run_steps_get_a_private_user_namespace_the_sandbox_network_and_no_host_namespace(
+    tmp_path: Path,
+) -> None:
+    query = BuildIsolation.from_settings(make_settings(tmp_path, sandbox_userns="auto:size=4096")).query()
+    namespaces = {entry["Name"]: entry for entry in json.loads(query["nsoptions"])}
+    assert namespaces["user"]["Host"] is False
+    # Without nsoptions podman puts RUN steps in the HOST's network namespace.
+    assert namespaces["network"] == {"Name": "network", "Host": False, "Path": "tidepool-sandboxes"}
+    assert query["networkmode"] == "NetworkEnabled"
+    mappings = json.loads(query["idmappingoptions"])
+    assert mappings["AutoUserNs"] is True
+    assert mappings["AutoUserNsOpts"] == {"Size": 4096}
+    assert mappings["HostUIDMapping"] is False and mappings["HostGIDMapping"] is False
+
+
+def test_run_steps_keep_only_the_sandbox_capabilities(tmp_path: Path) -> None:
+    query = BuildIsolation.from_settings(make_settings(tmp_path)).query()
+    assert json.loads(query["dropcaps"]) == ["ALL"]
+    added = json.loads(query["addcaps"])
+    assert added == [f"CAP_{name}" for name in SANDBOX_CAPABILITIES]
+    assert not {"CAP_MKNOD", "CAP_NET_RAW", "CAP_SYS_ADMIN", "CAP_NET_ADMIN"} & set(added)
+    # One definition: the runner gives sandboxes exactly the same set.
+    assert container_config.SANDBOX_CAPABILITIES is SANDBOX_CAPABILITIES
+
+
+def test_run_steps_are_bounded_in_cpu_memory_and_processes(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path, build_cpu=1.5, build_memory_gib=2, build_pids=512, container_nofile=1000
+    )
+    query = BuildIsolation.from_settings(settings).query()
+    assert query["memory"] == query["memswap"] == str(2 * 1024**3)
+    assert int(query["cpuquota"]) / int(query["cpuperiod"]) == 1.5
+    assert json.loads(query["ulimits"]) == ["nproc=512:512", "nofile=1000:1000"]
+    assert "dnsservers" not in query
+
+
+def test_run_steps_use_the_sandbox_dns_servers_when_set(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, sandbox_dns_servers="9.9.9.9,1.1.1.1")
+    assert json.loads(BuildIsolation.from_settings(settings).query()["dnsservers"]) == ["9.9.9.9", "1.1.1.1"]
+
+
+@pytest.mark.parametrize(
+    ("userns", "size"), [("auto", 65536), ("auto:size=1024", 1024), ("auto:uidmapping=0:0:1,size=2048", 2048)]
+)
+def test_auto_userns_size(userns: str, size: int) -> None:
+    assert auto_userns_size(userns) == size
+
+
+@pytest.mark.parametrize("userns", ["", "host", "keep-id", "private"])
+def test_builds_refuse_a_user_namespace_that_is_not_private(tmp_path: Path, userns: str) -> None:
+    with pytest.raises(ValueError, match="auto"):
+        BuildIsolation.from_settings(make_settings(tmp_path, sandbox_userns=userns))
