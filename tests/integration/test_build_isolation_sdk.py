@@ -1,0 +1,200 @@
+"""Issue #7: a tenant's snapshot build runs its RUN steps as confined as a sandbox, through the official SDK.
+
+A fresh organization builds a declarative `Image` whose RUN steps record what they could see and do into
+`/evidence` (their uid map, capabilities, cgroup and process limits, and how connections to the host, the
+control plane and the metadata address ended), then a sandbox from that snapshot reads the evidence. Before
+the fix, RUN steps ran as the host's root in the host's network namespace with the default capabilities.
+A package install through the TLS-intercepting proxy (the injected CA bundle) must keep working.
+
+Only this host's own addresses, loopback-bound services of the stack and 169.254.169.254 are targeted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from daytona import CreateSandboxFromSnapshotParams, CreateSnapshotParams, Daytona, DaytonaConfig, Image
+
+from tests.integration.images_fixture import ensure_python_slim_stand_in
+from tests.integration.netprobe import BLOCKED_TCP, PROBE, SERVER
+from tests.integration.stackthread import StackThread
+from tidepool_contracts.config import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
+
+SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
+# Capability bits (linux/capability.h) a build step's root must not hold.
+FORBIDDEN_CAPABILITIES = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_MODULE": 16, "SYS_ADMIN": 21, "MKNOD": 27}
+HOST_ROOT_UID_MAP = ["0", "0", "4294967295"]
+# A hang detector, not a threshold: blocked connections are refused at once.
+PROBE_TIMEOUT_SECONDS = 20
+
+# Runs in a RUN step (any python3, stdlib only): records the evidence; never fails the step itself.
+EVIDENCE = r"""
+import json, os, socket, subprocess, sys
+out = "/evidence"
+os.makedirs(out, exist_ok=True)
+def write(name, text):
+    with open(os.path.join(out, name), "w") as f:
+        f.write(text)
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as error:
+        return f"unreadable: {error}"
+write("uid_map", read("/proc/self/uid_map"))
+write("status", read("/proc/self/status"))
+write("nproc", subprocess.run(["sh", "-c", "ulimit -u"], capture_output=True, text=True).stdout)
+write("memory_limit", read("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+      if os.path.exists("/sys/fs/cgroup/memory/memory.limit_in_bytes") else read("/sys/fs/cgroup/memory.max"))
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close()
+    write("raw_socket", "ok")
+except OSError as error:
+    write("raw_socket", f"blocked: {error}")
+try:
+    os.mknod("/tmp/evidence-null", 0o600 | 0o020000, os.makedev(1, 3))
+    write("mknod", "ok")
+except OSError as error:
+    write("mknod", f"blocked: {error}")
+probe = subprocess.run([sys.executable, *sys.argv[1:4]], capture_output=True, text=True)
+write("probes", json.dumps({"targets": json.loads(sys.argv[2]), "results": probe.stdout.strip(),
+                            "error": probe.stderr}))
+"""
+
+
+def uplink_address() -> str:
+    """The host's address on its default route (eth0 here)."""
+    route = subprocess.run(["ip", "-j", "-4", "route", "get", "1.1.1.1"], capture_output=True, text=True)
+    return str(json.loads(route.stdout)[0]["prefsrc"])
+
+
+def probe_from_host(*targets: tuple[str, str, int]) -> list[str]:
+    argv = [sys.executable, "-c", PROBE, json.dumps(targets), str(PROBE_TIMEOUT_SECONDS)]
+    return list(json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout))
+
+
+@pytest.fixture(scope="module")
+def host_server() -> Iterator[int]:
+    """A server of the test's own on every host address (0.0.0.0), answering "ok"."""
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("0.0.0.0", 0))
+        port = int(probe_socket.getsockname()[1])
+    argv = [sys.executable, "-c", SERVER, json.dumps([("tcp", "0.0.0.0", port)])]
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def tenant(stack: StackThread) -> Daytona:
+    created = httpx.post(
+        f"{stack.api_url}/organizations",
+        json={"name": f"builder-{uuid.uuid4().hex[:6]}"},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    assert created.status_code == 201, created.text
+    return Daytona(DaytonaConfig(api_key=created.json()["apiKey"]["value"], api_url=stack.api_url))
+
+
+def control_plane_ports(stack: StackThread, host_server: int) -> list[int]:
+    env = stack.stack.env
+    ports = [
+        stack.config.api_port,
+        stack.config.proxy_port,
+        int(env["TIDEPOOL_RUNNER_PORT"]),
+        int(urlsplit(env["TIDEPOOL_NATS_URL"]).port or 0),
+        int(urlsplit(env["TIDEPOOL_S3_ENDPOINT"]).port or 0),
+        host_server,
+    ]
+    if env.get("TIDEPOOL_REGISTRY_URL"):
+        ports.append(int(env["TIDEPOOL_REGISTRY_URL"].rsplit(":", 1)[1]))
+    return [port for port in ports if port]
+
+
+def test_build_steps_are_confined_like_sandboxes(
+    stack: StackThread, tenant: Daytona, host_server: int, tmp_path: Path
+) -> None:
+    uplink = uplink_address()
+    # Only the firewall (and the namespaces) stand between a build step and this server.
+    assert probe_from_host(("tcp", uplink, host_server)) == ["ok"]
+    # The host as a build step would find it: the sandbox bridge's gateway, eth0, and loopback (the host's own
+    # when a step shares the host's network namespace).
+    bridge_gateway = str(next(ipaddress.ip_network(SETTINGS.sandbox_network_subnet).hosts()))
+    hosts = (bridge_gateway, uplink, "127.0.0.1")
+    targets = [("connect", host, port) for port in control_plane_ports(stack, host_server) for host in hosts]
+    targets.append(("connect", "169.254.169.254", 80))
+    (tmp_path / "evidence.py").write_text(EVIDENCE)
+    (tmp_path / "netprobe.py").write_text(PROBE)
+    marker = f"build-isolation-{uuid.uuid4().hex[:8]}"
+    image = (
+        Image.base(ensure_python_slim_stand_in())
+        .add_local_file(tmp_path / "evidence.py", "/opt/evidence/evidence.py")
+        .add_local_file(tmp_path / "netprobe.py", "/opt/evidence/netprobe.py")
+        .run_commands(
+            f"echo {marker} && python3 /opt/evidence/evidence.py /opt/evidence/netprobe.py "
+            f"{shlex.quote(json.dumps(targets))} {PROBE_TIMEOUT_SECONDS}",
+            # A package install through the TLS-intercepting proxy: the injected CA bundle is trusted.
+            "pip install --no-cache-dir six > /evidence/pip.log 2>&1 && python3 -c 'import six' "
+            "&& echo installed > /evidence/pip",
+        )
+    )
+    logs: list[str] = []
+    name = f"build-isolation-{uuid.uuid4().hex[:8]}"
+    snapshot = tenant.snapshot.create(CreateSnapshotParams(name=name, image=image), on_logs=logs.append)
+    try:
+        assert snapshot.state == "active"
+        assert any(marker in line for line in logs), "build logs stream while building"
+        sandbox = tenant.create(CreateSandboxFromSnapshotParams(snapshot=name), timeout=300)
+        try:
+            evidence = {
+                item: sandbox.fs.download_file(f"/evidence/{item}").decode()
+                for item in ("uid_map", "status", "nproc", "memory_limit", "raw_socket", "mknod", "probes")
+            }
+            pip_log = sandbox.process.exec("cat /evidence/pip.log; cat /evidence/pip").result
+        finally:
+            tenant.delete(sandbox)
+    finally:
+        tenant.snapshot.delete(snapshot)
+
+    # Root in a build step is an unprivileged host uid range of its own, not the host's root.
+    uid_map = [line.split() for line in evidence["uid_map"].strip().splitlines()]
+    assert uid_map and uid_map[0] != HOST_ROOT_UID_MAP, f"RUN steps ran as the host's root: {uid_map}"
+    assert len(uid_map) == 1 and uid_map[0][0] == "0" and uid_map[0][1] != "0", uid_map
+    assert int(uid_map[0][2]) <= 65536, uid_map
+
+    cap_eff = next(line for line in evidence["status"].splitlines() if line.startswith("CapEff:"))
+    bits = int(cap_eff.split()[1], 16)
+    held = sorted(name for name, bit in FORBIDDEN_CAPABILITIES.items() if bits & (1 << bit))
+    assert held == [], f"build step root holds {held} ({cap_eff})"
+    assert evidence["raw_socket"].startswith("blocked"), evidence["raw_socket"]
+    assert evidence["mknod"].startswith("blocked"), evidence["mknod"]
+
+    # Bounds: the build step's cgroup memory limit and its own process limit.
+    assert int(evidence["memory_limit"].strip()) <= SETTINGS.build_memory_gib * 1024**3, evidence[
+        "memory_limit"
+    ]
+    assert int(evidence["nproc"].strip()) == SETTINGS.build_pids, evidence["nproc"]
+
+    # The host, the control plane (NATS, API, proxy, runner, S3, registry) and metadata: all refused.
+    probes = json.loads(evidence["probes"])
+    results = json.loads(probes["results"] or "null")
+    assert results == [BLOCKED_TCP] * len(targets), probes
+
+    assert pip_log.strip().endswith("installed"), pip_log
