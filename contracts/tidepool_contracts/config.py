@@ -121,7 +121,11 @@ class Settings(BaseSettings):
     build_memory_gib: float = 4.0
     """Memory of a build step, swap included."""
     build_pids: int = 4096
-    """Processes of a build (RLIMIT_NPROC of its private uid range)."""
+    """RLIMIT_NPROC of a build step (root is exempt unless `build_userns` gives the build its own range)."""
+    build_userns: str = ""
+    """User namespace of build steps: "" = none, else Podman's `auto[:size=N]`. Off by default: Podman 4.3.1
+    on kernels with idmapped overlay layers commits layers built in a user namespace with host-range owners
+    (measured here), which breaks every image; enable it on an engine that builds such images correctly."""
     build_network_wait_seconds: float = 120.0
     """How long a build waits for the sandbox network (a runner on the engine's host creates it)."""
 

@@ -17,15 +17,20 @@ def make_settings(tmp_path: Path, **overrides: object) -> Settings:
     return Settings(data_dir=tmp_path, **overrides)  # type: ignore[arg-type]
 
 
-def test_run_steps_get_a_private_user_namespace_the_sandbox_network_and_no_host_namespace(
-    tmp_path: Path,
-) -> None:
-    query = BuildIsolation.from_settings(make_settings(tmp_path, sandbox_userns="auto:size=4096")).query()
+def test_run_steps_join_the_sandbox_network_not_the_host_namespace(tmp_path: Path) -> None:
+    query = BuildIsolation.from_settings(make_settings(tmp_path)).query()
+    # Without nsoptions podman puts RUN steps in the HOST's network namespace.
+    network = {"Name": "network", "Host": False, "Path": "tidepool-sandboxes"}
+    assert json.loads(query["nsoptions"]) == [network]
+    assert query["networkmode"] == "NetworkEnabled"
+    assert "idmappingoptions" not in query  # no user namespace unless asked for (TIDEPOOL_BUILD_USERNS)
+
+
+def test_run_steps_get_a_private_user_namespace_when_enabled(tmp_path: Path) -> None:
+    query = BuildIsolation.from_settings(make_settings(tmp_path, build_userns="auto:size=4096")).query()
     namespaces = {entry["Name"]: entry for entry in json.loads(query["nsoptions"])}
     assert namespaces["user"]["Host"] is False
-    # Without nsoptions podman puts RUN steps in the HOST's network namespace.
     assert namespaces["network"] == {"Name": "network", "Host": False, "Path": "tidepool-sandboxes"}
-    assert query["networkmode"] == "NetworkEnabled"
     mappings = json.loads(query["idmappingoptions"])
     assert mappings["AutoUserNs"] is True
     assert mappings["AutoUserNsOpts"] == {"Size": 4096}
@@ -65,7 +70,7 @@ def test_auto_userns_size(userns: str, size: int) -> None:
     assert auto_userns_size(userns) == size
 
 
-@pytest.mark.parametrize("userns", ["", "host", "keep-id", "private"])
+@pytest.mark.parametrize("userns", ["host", "keep-id", "private"])
 def test_builds_refuse_a_user_namespace_that_is_not_private(tmp_path: Path, userns: str) -> None:
     with pytest.raises(ValueError, match="auto"):
-        BuildIsolation.from_settings(make_settings(tmp_path, sandbox_userns=userns))
+        BuildIsolation.from_settings(make_settings(tmp_path, build_userns=userns))

@@ -67,56 +67,51 @@ GIB = 1024**3
 
 @dataclass(frozen=True)
 class BuildIsolation:
-    """How a build's RUN steps are confined: as a sandbox is (issue #7), they run tenant code.
+    """How a build's RUN steps are confined: as a sandbox is (issue #7), since they run tenant code.
 
     - `network`: the engine network they join, the sandbox network behind the runner's host firewall (no
-      host, control plane, other sandboxes, private or metadata addresses; DNS and the internet allowed);
-    - `userns_size`: a private user namespace (podman's `--userns=auto:size=N`), so root in a step is an
-      unprivileged host uid range of its own, distinct from every sandbox's and every other build's;
-    - `capabilities`: all others dropped (the sandboxes' set: no MKNOD, NET_RAW, ...);
-    - `cpu` (cores), `memory_bytes` (swap included), `pids` (RLIMIT_NPROC of the private uid range, so
-      per build), `nofile`: bounds, so one tenant's build can't starve the host.
+      host, control plane, other sandboxes, private or metadata addresses; DNS and the internet allowed).
+      Without it podman runs RUN steps in the HOST's network namespace;
+    - `capabilities`: all others dropped (the sandboxes' set: no MKNOD, NET_RAW, SYS_ADMIN, ...), under the
+      engine's default seccomp profile;
+    - `cpu` (cores) and `memory_bytes` (swap included): cgroup limits of every step;
+    - `pids`, `nofile`: RLIMIT_NPROC / RLIMIT_NOFILE of every step. The kernel exempts uid 0 from
+      RLIMIT_NPROC, so `pids` bounds root only inside a user namespace; podman's build API has no pids
+      cgroup limit (buildah 1.28 sets none);
+    - `userns_size`: a private user namespace per build (podman's `--userns=auto:size=N`), root in a step
+      being an unprivileged host uid range of its own. Opt-in (`TIDEPOOL_BUILD_USERNS`): podman 4.3.1 with
+      idmapped overlay layers (this host's kernel) commits build layers with the host-range owners and
+      leaves `/` unwritable, so on that engine it breaks images (see the README's Isolation section).
     """
 
     network: str
-    userns_size: int
     cpu: float
     memory_bytes: int
     pids: int
     nofile: int
     capabilities: tuple[str, ...] = SANDBOX_CAPABILITIES
     dns_servers: tuple[str, ...] = ()
+    userns_size: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BuildIsolation:
-        """Raises ValueError unless `sandbox_userns` is an `auto` mode (tenant code needs a private range)."""
+        """Raises ValueError when `build_userns` is set but not an `auto` mode (a private range per build)."""
         return cls(
             network=settings.sandbox_network,
-            userns_size=auto_userns_size(settings.sandbox_userns),
             cpu=settings.build_cpu,
             memory_bytes=int(settings.build_memory_gib * GIB),
             pids=settings.build_pids,
             nofile=settings.container_nofile,
             dns_servers=tuple(settings.sandbox_dns_servers),
+            userns_size=auto_userns_size(settings.build_userns) if settings.build_userns else None,
         )
 
     def query(self) -> dict[str, str]:
         """`/libpod/build` query parameters (JSON-valued ones as podman's own client encodes them)."""
-        namespaces = [
-            {"Name": "user", "Host": False, "Path": ""},
-            # A name (not an absolute path) is a network to join.
-            {"Name": "network", "Host": False, "Path": self.network},
-        ]
-        id_mappings = {
-            "HostUIDMapping": False,
-            "HostGIDMapping": False,
-            "AutoUserNs": True,
-            "AutoUserNsOpts": {"Size": self.userns_size},
-        }
+        # A name (not an absolute path) is a network to join.
+        namespaces: list[dict[str, object]] = [{"Name": "network", "Host": False, "Path": self.network}]
         params = {
-            "nsoptions": json.dumps(namespaces),
             "networkmode": "NetworkEnabled",
-            "idmappingoptions": json.dumps(id_mappings),
             "dropcaps": json.dumps(["ALL"]),
             "addcaps": json.dumps([f"CAP_{name}" for name in self.capabilities]),
             "memory": str(self.memory_bytes),
@@ -125,6 +120,16 @@ class BuildIsolation:
             "cpuquota": str(max(1000, int(self.cpu * CPU_PERIOD_MICROSECONDS))),
             "ulimits": json.dumps([f"nproc={self.pids}:{self.pids}", f"nofile={self.nofile}:{self.nofile}"]),
         }
+        if self.userns_size is not None:
+            namespaces.append({"Name": "user", "Host": False, "Path": ""})
+            id_mappings = {
+                "HostUIDMapping": False,
+                "HostGIDMapping": False,
+                "AutoUserNs": True,
+                "AutoUserNsOpts": {"Size": self.userns_size},
+            }
+            params["idmappingoptions"] = json.dumps(id_mappings)
+        params["nsoptions"] = json.dumps(namespaces)
         if self.dns_servers:
             params["dnsservers"] = json.dumps(list(self.dns_servers))
         return params
