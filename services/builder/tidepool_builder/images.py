@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 
 import aiodocker
@@ -12,6 +14,8 @@ from tidepool_contracts.image_refs import ImageReference, parse_reference
 
 VERIFY_MEMORY_BYTES = 512 * 1024**2
 VERIFY_PIDS_LIMIT = 64
+DELETE_RETRY_SECONDS = 30.0
+DELETE_RETRY_INTERVAL_SECONDS = 0.2
 
 
 class ImageUnusableError(Exception):
@@ -145,7 +149,23 @@ async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, r
                 f"image {ref} has no usable python3 >= 3.8 (needed by the sandbox toolbox)"
             )
     finally:
-        await container.delete(force=True)
+        await _delete_when_released(container)
+
+
+async def _delete_when_released(container: aiodocker.containers.DockerContainer) -> None:
+    """Delete a just-exited container. Right after the exit, the engine's own cleanup may still hold its
+    mounts ("device or resource busy", seen with user namespaces): retry until released or the deadline."""
+    deadline = time.monotonic() + DELETE_RETRY_SECONDS
+    while True:
+        try:
+            await container.delete(force=True)
+            return
+        except aiodocker.DockerError as error:
+            if error.status == 404:
+                return
+            if "busy" not in str(error.message) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(DELETE_RETRY_INTERVAL_SECONDS)
 
 
 def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
