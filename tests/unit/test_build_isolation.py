@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import aiodocker
 import pytest
 
-from tidepool_builder.docker_build import BuildIsolation
+from tidepool_builder.docker_build import BuildIsolation, wait_for_sandbox_network
 from tidepool_contracts.config import Settings
-from tidepool_contracts.isolation import SANDBOX_CAPABILITIES, auto_userns_size
+from tidepool_contracts.isolation import (
+    SANDBOX_CAPABILITIES,
+    SandboxNetworkError,
+    auto_userns_size,
+    network_config,
+)
 from tidepool_runner import container_config
 
 
@@ -74,3 +80,61 @@ def test_auto_userns_size(userns: str, size: int) -> None:
 def test_builds_refuse_a_user_namespace_that_is_not_private(tmp_path: Path, userns: str) -> None:
     with pytest.raises(ValueError, match="auto"):
         BuildIsolation.from_settings(make_settings(tmp_path, build_userns=userns))
+
+
+class FakeNetwork:
+    def __init__(self, inspect: dict[str, object]) -> None:
+        self.inspect = inspect
+
+    async def show(self) -> dict[str, object]:
+        return self.inspect
+
+
+class FakeNetworks:
+    """`docker.networks.get`: 404 for the first `missing_for` calls, then the network."""
+
+    def __init__(self, inspect: dict[str, object], missing_for: int) -> None:
+        self.inspect = inspect
+        self.missing_for = missing_for
+        self.calls = 0
+
+    async def get(self, name: str) -> FakeNetwork:
+        self.calls += 1
+        if self.calls <= self.missing_for:
+            raise aiodocker.DockerError(404, {"message": f"network {name} not found"})
+        return FakeNetwork(self.inspect)
+
+
+class FakeDocker:
+    def __init__(self, networks: FakeNetworks) -> None:
+        self.networks = networks
+
+
+def network_inspect(settings: Settings, bridge: str | None = None) -> dict[str, object]:
+    config = network_config(settings)
+    return {
+        "Name": config["Name"],
+        "Labels": {**config["Labels"], "tidepool.bridge": bridge or settings.sandbox_network_bridge},
+        "IPAM": config["IPAM"],
+    }
+
+
+async def test_builds_wait_for_the_runner_to_create_the_sandbox_network(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    networks = FakeNetworks(network_inspect(settings), missing_for=2)
+    await wait_for_sandbox_network(FakeDocker(networks), settings, poll_seconds=0)  # type: ignore[arg-type]
+    assert networks.calls == 3
+
+
+async def test_builds_refuse_to_run_without_the_sandbox_network(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, build_network_wait_seconds=0)
+    networks = FakeNetworks(network_inspect(settings), missing_for=10**6)
+    with pytest.raises(SandboxNetworkError, match="start a runner"):
+        await wait_for_sandbox_network(FakeDocker(networks), settings, poll_seconds=0)  # type: ignore[arg-type]
+
+
+async def test_builds_refuse_a_sandbox_network_on_another_bridge(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    networks = FakeNetworks(network_inspect(settings, bridge="elsewhere0"), missing_for=0)
+    with pytest.raises(SandboxNetworkError, match="firewall could not protect it"):
+        await wait_for_sandbox_network(FakeDocker(networks), settings, poll_seconds=0)  # type: ignore[arg-type]

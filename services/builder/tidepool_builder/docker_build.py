@@ -357,7 +357,9 @@ async def image_exists(docker: aiodocker.Docker, tag: str) -> bool:
 NETWORK_POLL_SECONDS = 1.0
 
 
-async def wait_for_sandbox_network(docker: aiodocker.Docker, settings: Settings) -> None:
+async def wait_for_sandbox_network(
+    docker: aiodocker.Docker, settings: Settings, poll_seconds: float = NETWORK_POLL_SECONDS
+) -> None:
     """Return once the sandbox network exists on the engine as `settings` describe it.
 
     The builder never creates it: a runner on the engine's host does, together with the host firewall that
@@ -381,5 +383,5 @@ async def wait_for_sandbox_network(docker: aiodocker.Docker, settings: Settings)
                 "(behind the firewall that keeps them from the host and the control plane): start a runner "
                 "on the engine's host, which creates the network and its firewall"
             )
-        await asyncio.sleep(NETWORK_POLL_SECONDS)
+        await asyncio.sleep(poll_seconds)
     check_network(inspect, settings)
