@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     build_memory_gib: float = 4.0
     """Memory of a build step, swap included."""
     build_pids: int = 4096
-    """RLIMIT_NPROC of a build step (root is exempt unless `build_userns` gives the build its own range)."""
+    """Processes of a build: `pids.max` of its own cgroup, and RLIMIT_NPROC of its steps."""
     build_userns: str = ""
     """User namespace of build steps: "" = none, else Podman's `auto[:size=N]`. Off by default: Podman 4.3.1
     on kernels with idmapped overlay layers commits layers built in a user namespace with host-range owners

@@ -43,6 +43,8 @@ FORBIDDEN_CAPABILITIES = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_MODULE": 16, "SYS
 HOST_ROOT_UID_MAP = ["0", "0", "4294967295"]
 # A hang detector, not a threshold: blocked connections are refused at once.
 PROBE_TIMEOUT_SECONDS = 20
+# Tasks a build step tries to start beyond the build's process limit.
+TASK_MARGIN = 256
 
 # Runs in a RUN step (any python3, stdlib only): records the evidence; never fails the step itself.
 EVIDENCE = r"""
@@ -77,6 +79,18 @@ try:
     write("mknod", "ok")
 except OSError as error:
     write("mknod", f"blocked: {error}")
+# Tasks (threads count) until the kernel refuses one, at most the build's limit plus a margin.
+import threading
+threading.stack_size(64 * 1024)
+stop, started = threading.Event(), 0
+try:
+    while started < int(sys.argv[4]):
+        threading.Thread(target=stop.wait, daemon=True).start()
+        started += 1
+except RuntimeError:
+    pass
+stop.set()
+write("tasks", str(started))
 probe = subprocess.run([sys.executable, *sys.argv[1:4]], capture_output=True, text=True)
 write("probes", json.dumps({"targets": json.loads(sys.argv[2]), "results": probe.stdout.strip(),
                             "error": probe.stderr}))
@@ -160,7 +174,7 @@ def evidence(
         .add_local_file(context / "netprobe.py", "/opt/evidence-tools/netprobe.py")
         .run_commands(
             f"echo {marker} && python3 /opt/evidence-tools/evidence.py /opt/evidence-tools/netprobe.py "
-            f"{shlex.quote(json.dumps(targets))} {PROBE_TIMEOUT_SECONDS}",
+            f"{shlex.quote(json.dumps(targets))} {PROBE_TIMEOUT_SECONDS} {SETTINGS.build_pids + TASK_MARGIN}",
             # A package install through the TLS-intercepting proxy: the injected CA bundle is trusted.
             "pip install --no-cache-dir six > /opt/evidence/pip.log 2>&1 && python3 -c 'import six' "
             "&& echo installed >> /opt/evidence/pip.log",
@@ -227,6 +241,11 @@ def test_build_steps_reach_neither_the_host_nor_the_control_plane_nor_metadata(
     probes = json.loads(evidence["probes"])
     results = json.loads(probes["results"] or "null")
     assert results == [BLOCKED_TCP] * len(targets), probes
+
+
+def test_a_build_is_bounded_in_processes(evidence: dict[str, str]) -> None:
+    # Its own cgroup's pids.max (the kernel exempts the host's uid 0 from RLIMIT_NPROC).
+    assert 0 < int(evidence["tasks"]) < SETTINGS.build_pids, evidence["tasks"]
 
 
 def test_build_steps_are_bounded_in_memory_and_cpu(evidence: dict[str, str]) -> None:

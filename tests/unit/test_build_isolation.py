@@ -8,6 +8,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 
+from tidepool_builder.build_cgroup import PARENT, BuildCgroup, BuildCgroupError
 from tidepool_builder.docker_build import BuildIsolation, wait_for_sandbox_network
 from tidepool_contracts.config import Settings
 from tidepool_contracts.isolation import (
@@ -138,3 +139,46 @@ async def test_builds_refuse_a_sandbox_network_on_another_bridge(tmp_path: Path)
     networks = FakeNetworks(network_inspect(settings, bridge="elsewhere0"), missing_for=0)
     with pytest.raises(SandboxNetworkError, match="firewall could not protect it"):
         await wait_for_sandbox_network(FakeDocker(networks), settings, poll_seconds=0)  # type: ignore[arg-type]
+
+
+def fake_v1_root(tmp_path: Path) -> Path:
+    root = tmp_path / "cgroup"
+    for hierarchy in ("pids", "memory", "cpu", "unified"):
+        (root / hierarchy).mkdir(parents=True)
+    return root
+
+
+def test_a_build_cgroup_bounds_the_builds_processes_and_is_removed_everywhere(tmp_path: Path) -> None:
+    root = fake_v1_root(tmp_path)
+    cgroup = BuildCgroup(root, "b1")
+    cgroup.create(pids_max=123)
+    assert (root / "pids" / PARENT / "b1" / "pids.max").read_text() == "123\n"
+    assert cgroup.step_path == f"/{PARENT}/b1/step"
+    (root / "pids" / PARENT / "b1" / "pids.max").unlink()  # a real cgroup dir has no removable files
+    # The OCI runtime makes the step's parents in every hierarchy and leaves them behind.
+    for hierarchy in ("memory", "cpu", "unified"):
+        (root / hierarchy / PARENT / "b1").mkdir(parents=True)
+    cgroup.remove()
+    assert not any((root / hierarchy / PARENT).exists() for hierarchy in ("pids", "memory", "cpu", "unified"))
+
+
+def test_a_build_cgroup_keeps_the_parent_other_builds_use(tmp_path: Path) -> None:
+    root = fake_v1_root(tmp_path)
+    (root / "pids" / PARENT / "other").mkdir(parents=True)
+    cgroup = BuildCgroup(root, "b2")
+    cgroup.create(pids_max=5)
+    (root / "pids" / PARENT / "b2" / "pids.max").unlink()
+    cgroup.remove()
+    assert (root / "pids" / PARENT / "other").is_dir() and not (root / "pids" / PARENT / "b2").exists()
+
+
+def test_a_build_cgroup_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")  # where a directory should be: mkdir fails
+    with pytest.raises(BuildCgroupError, match="cannot make the build's cgroup"):
+        BuildCgroup(tmp_path / "a-file", "b3").create(pids_max=5)
+    BuildCgroup(tmp_path / "nowhere", "b4").remove()  # nothing made: nothing to do, no error
+
+
+def test_build_cgroup_names_are_plain(tmp_path: Path) -> None:
+    with pytest.raises(BuildCgroupError, match="plain name"):
+        BuildCgroup(fake_v1_root(tmp_path), "../escape").create(pids_max=5)

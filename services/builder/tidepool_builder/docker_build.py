@@ -76,8 +76,8 @@ class BuildIsolation:
       engine's default seccomp profile;
     - `cpu` (cores) and `memory_bytes` (swap included): cgroup limits of every step;
     - `pids`, `nofile`: RLIMIT_NPROC / RLIMIT_NOFILE of every step. The kernel exempts uid 0 from
-      RLIMIT_NPROC, so `pids` bounds root only inside a user namespace; podman's build API has no pids
-      cgroup limit (buildah 1.28 sets none);
+      RLIMIT_NPROC and podman's build API has no pids limit: the build's own cgroup bounds its processes
+      (build_cgroup);
     - `userns_size`: a private user namespace per build (podman's `--userns=auto:size=N`), root in a step
       being an unprivileged host uid range of its own. Opt-in (`TIDEPOOL_BUILD_USERNS`): podman 4.3.1 with
       idmapped overlay layers (this host's kernel) commits build layers with the host-range owners and
@@ -284,6 +284,7 @@ async def build_image(
     on_log: LogCallback,
     organization_id: str | None = None,
     isolation: BuildIsolation | None = None,
+    cgroup_parent: str | None = None,
 ) -> str:
     """Build `dockerfile` with `context_files` as the context, tag it `tag`, and return the image id.
 
@@ -292,7 +293,8 @@ async def build_image(
     TLS-intercepting proxy (and stays trusted in the resulting image). An `organization_id` is labelled
     right after every FROM, which keeps the engine's layer cache per organization (organization_lines).
     `isolation` confines the RUN steps (the builder always gives it; None = the engine's defaults, i.e.
-    host root in the host's network: only for the platform's own Dockerfiles in tests).
+    host root in the host's network: only for the platform's own Dockerfiles in tests). `cgroup_parent` is
+    the cgroup path every RUN step runs in (build_cgroup.BuildCgroup.step_path: bounds its processes).
     Raises BuildFailedError on a failing step or an engine error.
     """
     ca_bundle = await asyncio.to_thread(Path(ca_bundle_path).read_bytes) if ca_bundle_path else None
@@ -312,6 +314,8 @@ async def build_image(
         "forcerm": "true",  # no leftover build containers after a failed step
         **(isolation.query() if isolation else {}),
     }
+    if cgroup_parent:
+        params["cgroupparent"] = cgroup_parent
 
     try:
         response_context = docker._query(
