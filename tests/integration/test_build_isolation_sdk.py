@@ -82,15 +82,18 @@ except OSError as error:
 # Tasks (threads count) until the kernel refuses one, at most the build's limit plus a margin.
 import threading
 threading.stack_size(64 * 1024)
-stop, started = threading.Event(), 0
+stop, threads = threading.Event(), []
 try:
-    while started < int(sys.argv[4]):
-        threading.Thread(target=stop.wait, daemon=True).start()
-        started += 1
+    while len(threads) < int(sys.argv[4]):
+        thread = threading.Thread(target=stop.wait, daemon=True)
+        thread.start()
+        threads.append(thread)
 except RuntimeError:
     pass
 stop.set()
-write("tasks", str(started))
+for thread in threads:
+    thread.join()
+write("tasks", str(len(threads)))
 probe = subprocess.run([sys.executable, *sys.argv[1:4]], capture_output=True, text=True)
 write("probes", json.dumps({"targets": json.loads(sys.argv[2]), "results": probe.stdout.strip(),
                             "error": probe.stderr}))
