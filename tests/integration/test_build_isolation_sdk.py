@@ -23,12 +23,20 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from daytona import CreateSandboxFromSnapshotParams, CreateSnapshotParams, Daytona, DaytonaConfig, Image
+from daytona import (
+    CreateSandboxFromSnapshotParams,
+    CreateSnapshotParams,
+    Daytona,
+    DaytonaConfig,
+    DaytonaError,
+    Image,
+)
 
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.netprobe import BLOCKED_TCP, PROBE, SERVER
@@ -138,6 +146,15 @@ def tenant(stack: StackThread) -> Daytona:
     return Daytona(DaytonaConfig(api_key=created.json()["apiKey"]["value"], api_url=stack.api_url))
 
 
+def cleanup(action: Callable[[], object]) -> None:
+    """Best effort: the evidence is read by then, and what is under test here is the build. (Podman 4.3.1
+    sometimes refuses to remove a container whose shm mount its own cleanup still holds.)"""
+    try:
+        action()
+    except DaytonaError as error:
+        warnings.warn(f"cleanup failed: {error}", stacklevel=2)
+
+
 def control_plane_ports(stack: StackThread, host_server: int) -> list[int]:
     env = stack.stack.env
     ports = [
@@ -203,9 +220,9 @@ def evidence(
             found = {item: sandbox.fs.download_file(f"/opt/evidence/{item}").decode() for item in items}
             found["pip"] = sandbox.fs.download_file("/opt/evidence/pip.log").decode()
         finally:
-            tenant.delete(sandbox)
+            cleanup(lambda: tenant.delete(sandbox))
     finally:
-        tenant.snapshot.delete(snapshot)
+        cleanup(lambda: tenant.snapshot.delete(snapshot))
     found["logs"] = "\n".join(logs)
     found["marker"] = marker
     found["targets"] = json.dumps(targets)
