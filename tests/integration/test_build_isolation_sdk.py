@@ -102,6 +102,7 @@ stop.set()
 for thread in threads:
     thread.join()
 write("tasks", str(len(threads)))
+write("cgroup", read("/proc/self/cgroup"))
 probe = subprocess.run([sys.executable, *sys.argv[1:4]], capture_output=True, text=True)
 write("probes", json.dumps({"targets": json.loads(sys.argv[2]), "results": probe.stdout.strip(),
                             "error": probe.stderr}))
@@ -216,6 +217,8 @@ def evidence(
                 "raw_socket",
                 "mknod",
                 "probes",
+                "tasks",
+                "cgroup",
             )
             found = {item: sandbox.fs.download_file(f"/opt/evidence/{item}").decode() for item in items}
             found["pip"] = sandbox.fs.download_file("/opt/evidence/pip.log").decode()
@@ -265,7 +268,7 @@ def test_build_steps_reach_neither_the_host_nor_the_control_plane_nor_metadata(
 
 def test_a_build_is_bounded_in_processes(evidence: dict[str, str]) -> None:
     # Its own cgroup's pids.max (the kernel exempts the host's uid 0 from RLIMIT_NPROC).
-    assert 0 < int(evidence["tasks"]) < SETTINGS.build_pids, evidence["tasks"]
+    assert 0 < int(evidence["tasks"]) < SETTINGS.build_pids, (evidence["tasks"], evidence["cgroup"])
 
 
 def test_build_steps_are_bounded_in_memory_and_cpu(evidence: dict[str, str]) -> None:
