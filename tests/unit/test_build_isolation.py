@@ -8,7 +8,7 @@ from pathlib import Path
 import aiodocker
 import pytest
 
-from tidepool_builder.build_cgroup import PARENT, BuildCgroup, BuildCgroupError
+from tidepool_builder.build_cgroup import PARENT, BuildCgroup, BuildCgroupError, sweep_stale
 from tidepool_builder.docker_build import BuildIsolation, wait_for_sandbox_network
 from tidepool_contracts.config import Settings
 from tidepool_contracts.isolation import (
@@ -182,3 +182,12 @@ def test_a_build_cgroup_that_cannot_be_made_says_why(tmp_path: Path) -> None:
 def test_build_cgroup_names_are_plain(tmp_path: Path) -> None:
     with pytest.raises(BuildCgroupError, match="plain name"):
         BuildCgroup(fake_v1_root(tmp_path), "../escape").create(pids_max=5)
+
+
+def test_a_restarted_builder_sweeps_the_cgroups_a_stopped_one_left(tmp_path: Path) -> None:
+    root = fake_v1_root(tmp_path)
+    for hierarchy in ("pids", "memory"):
+        (root / hierarchy / PARENT / "crashed" / "step").mkdir(parents=True)
+    sweep_stale(root)
+    assert not (root / "pids" / PARENT).exists() and not (root / "memory" / PARENT).exists()
+    sweep_stale(tmp_path / "nowhere")  # no cgroup filesystem: nothing to do

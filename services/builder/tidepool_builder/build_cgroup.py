@@ -90,3 +90,23 @@ class BuildCgroup:
                         log.warning("build_cgroup.not_removed", path=str(directory), error=str(error))
             with contextlib.suppress(OSError):
                 os.rmdir(hierarchy / PARENT)  # only when no other build uses it
+
+
+def sweep_stale(root: Path = CGROUP_ROOT) -> None:
+    """Remove build cgroups a stopped builder left behind (at builder start, before any build: a directory
+    still in use refuses removal and stays)."""
+    try:
+        hierarchies = (
+            [root] if (root / "cgroup.controllers").exists() else [p for p in root.iterdir() if p.is_dir()]
+        )
+    except OSError:
+        return
+    for hierarchy in hierarchies:
+        parent = hierarchy / PARENT
+        with contextlib.suppress(OSError):
+            for build_dir in [path for path in parent.iterdir() if path.is_dir()]:
+                with contextlib.suppress(OSError):
+                    if (build_dir / STEP).is_dir():
+                        os.rmdir(build_dir / STEP)
+                    os.rmdir(build_dir)
+            os.rmdir(parent)

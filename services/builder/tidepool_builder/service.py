@@ -11,7 +11,7 @@ import aiodocker
 import structlog
 from nats.aio.msg import Msg
 
-from tidepool_builder.build_cgroup import CGROUP_ROOT, BuildCgroup, BuildCgroupError
+from tidepool_builder.build_cgroup import CGROUP_ROOT, BuildCgroup, BuildCgroupError, sweep_stale
 from tidepool_builder.context_hash import HashCheck, check_context_hash
 from tidepool_builder.context_store import fetch_archives, merge_archives
 from tidepool_builder.docker_build import (
@@ -297,6 +297,7 @@ class Builder:
         await self.report(job, SnapshotState.BUILD_FAILED, reason)
 
     async def run(self) -> None:
+        await asyncio.to_thread(sweep_stale)
         await consume(
             self.bus,
             stream=subjects.JOBS_STREAM,
