@@ -18,6 +18,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _split_list(value: Any) -> Any:
+    """Environment variables hold lists as `a,b` or as JSON (`["a", "b"]`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIDEPOOL_", extra="ignore", use_attribute_docstrings=True)
 
@@ -112,21 +122,17 @@ class EngineSettings(_Base):
         return f"unix://{self.data_dir / 'podman.sock'}"
 
 
-class SandboxHostSettings(_Base):
-    """A runner: its identity and address, the daemon it injects, sandbox isolation and health checks."""
+class SandboxNetworkSettings(_Base):
+    """What confines tenant code in sandboxes and build steps alike: user namespace, network, resolvers
+    (tidepool_runtime.isolation)."""
 
-    runner_id: str = ""
-    runner_host: str = "127.0.0.1"
-    runner_port: int = 3003
-    runner_public_url: str = ""
-    daemon_dir: Path = REPO_ROOT / "services" / "daemon"
     # Every sandbox runs in its own user namespace (Podman's `--userns=auto`): its root is an unprivileged
     # host uid range of this size, distinct per sandbox, taken from the `containers` entry of
     # /etc/subuid and /etc/subgid (set up by scripts/setup-host.sh).
     sandbox_userns: str = "auto:size=65536"
-    # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
-    # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
-    sandbox_runtime: str = ""
+    sandbox_dns_servers: Annotated[list[str], NoDecode] = []
+    """DNS servers given to sandboxes (comma-separated or a JSON list); sandboxes reach them on port 53 even
+    when they are private. Empty: the engine's default, the host's resolv.conf nameservers."""
     # Sandbox networking. The runner creates the network at start when missing and keeps its host firewall
     # (tidepool_runner.firewall) keyed on the bridge: no sandbox reaches the host, another sandbox, link-local
     # (cloud metadata) or private addresses; DNS to the sandbox resolvers and the internet are allowed.
@@ -137,6 +143,42 @@ class SandboxHostSettings(_Base):
     an existing network, remove the network (`podman network rm`) while no sandbox uses it."""
     sandbox_network_bridge: str = "tidepool0"
     """Linux bridge of `sandbox_network` (at most 15 characters); the firewall matches on it."""
+
+
+    @field_validator("sandbox_dns_servers", mode="before")
+    @classmethod
+    def _split_dns_servers(cls, value: Any) -> Any:
+        return _split_list(value)
+
+
+class BuildIsolationSettings(_Base):
+    """Bounds of each RUN step of a snapshot build (tenant code, confined like a sandbox: isolation.py)."""
+
+    build_cpu: float = 2.0
+    """CPU cores a build step may use (a CFS quota)."""
+    build_memory_gib: float = 4.0
+    """Memory of a build step, swap included."""
+    build_pids: int = 4096
+    """Processes of a build: `pids.max` of its own cgroup, and RLIMIT_NPROC of its steps."""
+    build_userns: str = ""
+    """User namespace of build steps: "" = none, else Podman's `auto[:size=N]`. Off by default: Podman 4.3.1
+    on kernels with idmapped overlay layers commits layers built in a user namespace with host-range owners
+    (measured here), which breaks every image; enable it on an engine that builds such images correctly."""
+    build_network_wait_seconds: float = 120.0
+    """How long a build waits for the sandbox network (a runner on the engine's host creates it)."""
+
+
+class SandboxHostSettings(_Base):
+    """A runner: its identity and address, the daemon it injects, sandbox isolation and health checks."""
+
+    runner_id: str = ""
+    runner_host: str = "127.0.0.1"
+    runner_port: int = 3003
+    runner_public_url: str = ""
+    daemon_dir: Path = REPO_ROOT / "services" / "daemon"
+    # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
+    # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
+    sandbox_runtime: str = ""
     sandbox_firewall: bool = True
     """Let the runner manage the sandbox firewall (needs root / CAP_NET_ADMIN in the host's network
     namespace and iptables). Off only if you isolate sandboxes yourself: they then reach the host, each
@@ -146,9 +188,6 @@ class SandboxHostSettings(_Base):
     sandbox_allowed_cidrs: Annotated[list[str], NoDecode] = []
     """Widen on purpose: destinations sandboxes may reach although private or on the host, e.g.
     `10.1.2.0/24,fd00:1::/64` (comma-separated or a JSON list; IPv4 and IPv6)."""
-    sandbox_dns_servers: Annotated[list[str], NoDecode] = []
-    """DNS servers given to sandboxes (comma-separated or a JSON list); sandboxes reach them on port 53 even
-    when they are private. Empty: the engine's default, the host's resolv.conf nameservers."""
     # Toolbox health checks (runner): every running sandbox's daemon gets `GET /version` this often; after
     # `daemon_health_failures` unanswered checks in a row (each waiting `daemon_health_timeout_seconds`)
     # its worker is restarted, and if it still does not answer within `daemon_restart_wait_seconds` the
@@ -158,16 +197,10 @@ class SandboxHostSettings(_Base):
     daemon_health_failures: int = 3
     daemon_restart_wait_seconds: float = 30.0
 
-    @field_validator("sandbox_allowed_cidrs", "sandbox_dns_servers", mode="before")
+    @field_validator("sandbox_allowed_cidrs", mode="before")
     @classmethod
-    def _split_list(cls, value: Any) -> Any:
-        """Environment variables hold lists as `a,b` or as JSON (`["a", "b"]`)."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
+    def _split_allowed_cidrs(cls, value: Any) -> Any:
+        return _split_list(value)
 
     @cached_property
     def effective_runner_id(self) -> str:
@@ -289,6 +322,8 @@ class BuilderSettings(
     ObjectStorageSettings,
     RegistryUrlSettings,
     RegistryLoginSettings,
+    BuildIsolationSettings,
+    SandboxNetworkSettings,
 ):
     pass
 
@@ -309,6 +344,7 @@ class RunnerSettings(
     RegionSettings,
     RegistryUrlSettings,
     RegistryLoginSettings,
+    SandboxNetworkSettings,
 ):
     pass
 

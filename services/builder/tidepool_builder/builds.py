@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from pathlib import Path
 
 import aiodocker
 import structlog
 
+from tidepool_builder.build_cgroup import CGROUP_ROOT, BuildCgroup, BuildCgroupError
 from tidepool_builder.context_hash import HashCheck, check_context_hash
 from tidepool_builder.context_store import fetch_archives, merge_archives
-from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists
+from tidepool_builder.docker_build import (
+    BuildFailedError,
+    BuildIsolation,
+    build_image,
+    image_exists,
+    wait_for_sandbox_network,
+)
 from tidepool_builder.images import (
     ImageUnusableError,
     ensure_source_image,
@@ -36,6 +44,7 @@ from tidepool_runtime.image_refs import (
     dockerfile_image_references,
     registry_host,
 )
+from tidepool_runtime.isolation import SandboxNetworkError
 
 # The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
 from tidepool_runtime.settings import BuilderSettings as Settings
@@ -71,6 +80,8 @@ class Builder:
         self.settings = settings
         self.bus = bus
         self.docker = docker
+        # How RUN steps are confined; a setting that can't confine them stops the builder here (ValueError).
+        self.isolation = BuildIsolation.from_settings(settings)
         # Source pulls run one at a time: a name pulled with one organization's credentials is removed
         # again before another job can look for it (images.ensure_source_image).
         self.source_lock = asyncio.Lock()
@@ -230,7 +241,11 @@ class Builder:
         if delivered > 1:
             await self.log_line(job, f"Restarting build (attempt {delivered})\n")
         log.info("build.started", image=job.image_ref, attempt=delivered)
+        cgroup = BuildCgroup(CGROUP_ROOT, uuid.uuid4().hex)
         try:
+            # RUN steps are tenant code: they run only on the firewalled sandbox network.
+            await wait_for_sandbox_network(self.docker, self.settings)
+            cgroup_parent = await self.bounded_cgroup(cgroup)
             context = read_context(job.context_dir)
             if job.context_hashes:
                 context |= await self.fetch_verified_context(job)
@@ -242,18 +257,33 @@ class Builder:
                 ca_bundle_path=self.settings.ca_bundle or None,
                 on_log=lambda line: self.log_line(job, line + "\n"),
                 organization_id=job.organization_id,
+                isolation=self.isolation,
+                cgroup_parent=cgroup_parent,
             )
             await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
-        except (BuildFailedError, ImageUnusableError, ContextHashMismatchError) as error:
+        except (BuildFailedError, ImageUnusableError, ContextHashMismatchError, SandboxNetworkError) as error:
             await self.fail(job, str(error))
             return
         except Exception as error:  # context download, engine errors: a failed build, not a stuck one
             log.exception("build.crashed", image=job.image_ref)
             await self.fail(job, f"build failed: {error}")
             return
+        finally:
+            await asyncio.to_thread(cgroup.remove)
         log.info("build.finished", image=job.image_ref)
         await self.log_line(job, f"Built {job.image_ref}\n", done=True)
         await self.report(job, SnapshotState.ACTIVE, ready=True)
+
+    async def bounded_cgroup(self, cgroup: BuildCgroup) -> str | None:
+        """The build's own cgroup (`pids.max` = `build_pids`) as the build API's `cgroupparent`; None, with a
+        warning, where the builder can't make cgroups (e.g. a pod without the host's cgroup filesystem): then
+        the build's processes are bounded only by the engine's host limits."""
+        try:
+            await asyncio.to_thread(cgroup.create, self.settings.build_pids)
+        except BuildCgroupError as error:
+            log.warning("build.pids_unbounded", error=str(error))
+            return None
+        return cgroup.step_path
 
     async def fail(self, job: BuildJob, reason: str) -> None:
         log.error("build.failed", image=job.image_ref, reason=reason)

@@ -1,24 +1,43 @@
-"""Image builds through the Docker Engine API (`POST /build`), as served by Docker or podman's compat API.
+"""Image builds through podman's build API (`POST /libpod/build`); tenant RUN steps confined like sandboxes.
 
-Podman 4.3 compat `/build` facts this module relies on (measured):
+Podman 4.3 `/build` facts this module relies on (measured; `/libpod/build` is the same handler):
 - the body must be sent with `Content-Type: application/x-tar` (other types make it look for the
   Dockerfile in an empty context); plain or gzip'd tar both work;
 - query parameters follow Docker's: `t`, `dockerfile`, `rm`, `forcerm`, `nocache`, `pull`, `buildargs`;
   `pull=1` means *always* pull, so it is never set (the base images are local, there is no registry);
+- the libpod parameters express what Docker's API cannot (see BuildIsolation.query): `nsoptions` (without
+  it RUN steps share the HOST's network namespace), `idmappingoptions` (the user namespace), `addcaps` /
+  `dropcaps`, `memory`/`memswap`, `cpuperiod`/`cpuquota`, `ulimits`; `layers` defaults to false on the
+  libpod path (the layer cache), so it is always sent;
 - progress arrives as JSON lines `{"stream": "..."}`; a failure is an in-band
   `{"errorDetail": {"message": ...}, "error": ...}` line with HTTP 200; success ends with
-  `{"aux": {"ID": "sha256:..."}}` and "Successfully built/tagged" stream lines.
+  "Successfully built/tagged" stream lines.
 """
+
+from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import tarfile
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiodocker
+from aiodocker.jsonstream import json_stream_stream
+
+from tidepool_runtime.isolation import (
+    SANDBOX_CAPABILITIES,
+    SandboxNetworkError,
+    auto_userns_size,
+    check_network,
+    network_config,
+)
+from tidepool_runtime.settings import BuilderSettings as Settings
 
 CA_BUNDLE_CONTEXT_NAME = "tidepool-ca.crt"
 CA_BUNDLE_IMAGE_PATH = "/etc/ssl/certs/ca-certificates.crt"
@@ -41,6 +60,79 @@ _PARSER_DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*$")
 _HEREDOC_START = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
 
 LogCallback = Callable[[str], Awaitable[None]]
+
+CPU_PERIOD_MICROSECONDS = 100_000
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class BuildIsolation:
+    """How a build's RUN steps are confined: as a sandbox is (issue #7), since they run tenant code.
+
+    - `network`: the engine network they join, the sandbox network behind the runner's host firewall (no
+      host, control plane, other sandboxes, private or metadata addresses; DNS and the internet allowed).
+      Without it podman runs RUN steps in the HOST's network namespace;
+    - `capabilities`: all others dropped (the sandboxes' set: no MKNOD, NET_RAW, SYS_ADMIN, ...), under the
+      engine's default seccomp profile;
+    - `cpu` (cores) and `memory_bytes` (swap included): cgroup limits of every step;
+    - `pids`, `nofile`: RLIMIT_NPROC / RLIMIT_NOFILE of every step. The kernel exempts uid 0 from
+      RLIMIT_NPROC and podman's build API has no pids limit: the build's own cgroup bounds its processes
+      (build_cgroup);
+    - `userns_size`: a private user namespace per build (podman's `--userns=auto:size=N`), root in a step
+      being an unprivileged host uid range of its own. Opt-in (`TIDEPOOL_BUILD_USERNS`): podman 4.3.1 with
+      idmapped overlay layers (this host's kernel) commits build layers with the host-range owners and
+      leaves `/` unwritable, so on that engine it breaks images (see the README's Isolation section).
+    """
+
+    network: str
+    cpu: float
+    memory_bytes: int
+    pids: int
+    nofile: int
+    capabilities: tuple[str, ...] = SANDBOX_CAPABILITIES
+    dns_servers: tuple[str, ...] = ()
+    userns_size: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BuildIsolation:
+        """Raises ValueError when `build_userns` is set but not an `auto` mode (a private range per build)."""
+        return cls(
+            network=settings.sandbox_network,
+            cpu=settings.build_cpu,
+            memory_bytes=int(settings.build_memory_gib * GIB),
+            pids=settings.build_pids,
+            nofile=settings.container_nofile,
+            dns_servers=tuple(settings.sandbox_dns_servers),
+            userns_size=auto_userns_size(settings.build_userns) if settings.build_userns else None,
+        )
+
+    def query(self) -> dict[str, str]:
+        """`/libpod/build` query parameters (JSON-valued ones as podman's own client encodes them)."""
+        # A name (not an absolute path) is a network to join.
+        namespaces: list[dict[str, object]] = [{"Name": "network", "Host": False, "Path": self.network}]
+        params = {
+            "networkmode": "NetworkEnabled",
+            "dropcaps": json.dumps(["ALL"]),
+            "addcaps": json.dumps([f"CAP_{name}" for name in self.capabilities]),
+            "memory": str(self.memory_bytes),
+            "memswap": str(self.memory_bytes),
+            "cpuperiod": str(CPU_PERIOD_MICROSECONDS),
+            "cpuquota": str(max(1000, int(self.cpu * CPU_PERIOD_MICROSECONDS))),
+            "ulimits": json.dumps([f"nproc={self.pids}:{self.pids}", f"nofile={self.nofile}:{self.nofile}"]),
+        }
+        if self.userns_size is not None:
+            namespaces.append({"Name": "user", "Host": False, "Path": ""})
+            id_mappings = {
+                "HostUIDMapping": False,
+                "HostGIDMapping": False,
+                "AutoUserNs": True,
+                "AutoUserNsOpts": {"Size": self.userns_size},
+            }
+            params["idmappingoptions"] = json.dumps(id_mappings)
+        params["nsoptions"] = json.dumps(namespaces)
+        if self.dns_servers:
+            params["dnsservers"] = json.dumps(list(self.dns_servers))
+        return params
 
 
 class BuildFailedError(Exception):
@@ -191,6 +283,8 @@ async def build_image(
     ca_bundle_path: str | None,
     on_log: LogCallback,
     organization_id: str | None = None,
+    isolation: BuildIsolation | None = None,
+    cgroup_parent: str | None = None,
 ) -> str:
     """Build `dockerfile` with `context_files` as the context, tag it `tag`, and return the image id.
 
@@ -198,6 +292,9 @@ async def build_image(
     is added to the context and installed after every FROM, so https works in RUN steps behind a
     TLS-intercepting proxy (and stays trusted in the resulting image). An `organization_id` is labelled
     right after every FROM, which keeps the engine's layer cache per organization (organization_lines).
+    `isolation` confines the RUN steps (the builder always gives it; None = the engine's defaults, i.e.
+    host root in the host's network: only for the platform's own Dockerfiles in tests). `cgroup_parent` is
+    the cgroup path every RUN step runs in (build_cgroup.BuildCgroup.step_path: bounds its processes).
     Raises BuildFailedError on a failing step or an engine error.
     """
     ca_bundle = await asyncio.to_thread(Path(ca_bundle_path).read_bytes) if ca_bundle_path else None
@@ -209,19 +306,30 @@ async def build_image(
     # Contexts can be large (user files): keep tarring off the event loop.
     context_tar = await asyncio.to_thread(build_context_tar, dockerfile, context_files, ca_bundle)
     log_lines = _LogLineSplitter(on_log)
+    params = {
+        "t": tag,
+        "dockerfile": DOCKERFILE_CONTEXT_NAME,
+        "layers": "true",  # the layer cache (off by default on the libpod path)
+        "rm": "true",
+        "forcerm": "true",  # no leftover build containers after a failed step
+        **(isolation.query() if isolation else {}),
+    }
+    if cgroup_parent:
+        params["cgroupparent"] = cgroup_parent
 
     try:
-        async for chunk in docker.images.build(
-            fileobj=io.BytesIO(context_tar),
-            encoding="identity",
-            path_dockerfile=DOCKERFILE_CONTEXT_NAME,
-            tag=tag,
-            rm=True,
-            forcerm=True,  # no leftover build containers after a failed step
-            stream=True,
-        ):
-            if "stream" in chunk:
-                await log_lines.feed(str(chunk["stream"]))
+        response_context = docker._query(
+            "libpod/build",
+            "POST",
+            params=params,
+            headers={"Content-Type": "application/x-tar", "Content-Encoding": "identity"},
+            data=context_tar,
+            timeout=docker._resolve_long_running_timeout(None),  # builds take as long as they take
+        )
+        async with response_context as response:
+            async for chunk in json_stream_stream(response):
+                if "stream" in chunk:
+                    await log_lines.feed(str(chunk["stream"]))
     except aiodocker.DockerError as error:
         # DockerStreamError (in-band errorDetail line, HTTP 200) or a non-2xx answer from the engine.
         message = str(error.message).strip() or f"engine answered HTTP {error.status}"
@@ -248,3 +356,36 @@ async def image_exists(docker: aiodocker.Docker, tag: str) -> bool:
             return False
         raise
     return True
+
+
+NETWORK_POLL_SECONDS = 1.0
+
+
+async def wait_for_sandbox_network(
+    docker: aiodocker.Docker, settings: Settings, poll_seconds: float = NETWORK_POLL_SECONDS
+) -> None:
+    """Return once the sandbox network exists on the engine as `settings` describe it.
+
+    The builder never creates it: a runner on the engine's host does, together with the host firewall that
+    makes it safe (tidepool_runner.network); a network without that firewall would let RUN steps reach the
+    host. Waits up to `build_network_wait_seconds` (a runner starting alongside the builder), then raises
+    SandboxNetworkError saying what to do; raises it at once for a network on the wrong bridge or subnet.
+    """
+    name = settings.sandbox_network
+    network_config(settings)  # validates the settings (SandboxNetworkError)
+    deadline = time.monotonic() + settings.build_network_wait_seconds
+    while True:
+        try:
+            inspect = await (await docker.networks.get(name)).show()
+            break
+        except aiodocker.DockerError as error:
+            if error.status != 404:
+                raise
+        if time.monotonic() > deadline:
+            raise SandboxNetworkError(
+                f"the sandbox network {name!r} does not exist on this engine, and build steps run only on it "
+                "(behind the firewall that keeps them from the host and the control plane): start a runner "
+                "on the engine's host, which creates the network and its firewall"
+            )
+        await asyncio.sleep(poll_seconds)
+    check_network(inspect, settings)

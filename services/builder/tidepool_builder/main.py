@@ -7,6 +7,7 @@ import asyncio
 import aiodocker
 import structlog
 
+from tidepool_builder.build_cgroup import sweep_stale
 from tidepool_builder.builds import Builder
 from tidepool_builder.subscribers import register
 from tidepool_runtime.broker import Bus, create_broker
@@ -19,6 +20,7 @@ async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
     bus = Bus(create_broker(settings.nats_url, "tidepool-builder"))
     await bus.connect()
     docker = aiodocker.Docker(url=settings.effective_docker_host)
+    await asyncio.to_thread(sweep_stale)  # cgroups of builds a crashed builder left behind
     builder = Builder(settings, bus, docker)
     bus.add_publishers(register(bus.broker, builder))
     await bus.start()

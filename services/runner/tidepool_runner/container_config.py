@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from tidepool_contracts.models import SandboxSpec
+from tidepool_runtime.isolation import SANDBOX_CAPABILITIES
 from tidepool_runtime.settings import RunnerSettings
+
+__all__ = ["SANDBOX_CAPABILITIES", "build_container_config"]
 
 CONTAINER_NAME_PREFIX = "tidepool-"
 SANDBOX_LABEL = "tidepool.sandbox"
@@ -55,20 +58,6 @@ CA_BUNDLE_ENV_VARS = (
 )
 
 PIDS_LIMIT = 4096
-# Docker's default set minus MKNOD, NET_RAW, NET_BIND_SERVICE and SETPCAP: enough for package managers
-# (ownership, setuid helpers such as apt's _apt user and sudo, file capabilities set by dpkg).
-SANDBOX_CAPABILITIES = (
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETFCAP",
-    "AUDIT_WRITE",
-    "SYS_CHROOT",
-)
 # Lets the sandbox user serve on port 80 without sudo, as in Daytona, with no capability for it.
 SANDBOX_SYSCTLS = {"net.ipv4.ip_unprivileged_port_start": "0"}
 # The engine keeps the daemon's stdout/stderr on the host's disk: cap it (the sandbox's own disk is not).

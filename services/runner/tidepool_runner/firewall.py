@@ -43,6 +43,7 @@ from typing import Literal
 
 import structlog
 
+from tidepool_runtime.isolation import BRIDGE_NAME
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.firewall")
@@ -78,7 +79,6 @@ CNI_ADMIN_CHAIN = "CNI-ADMIN"
 # Serializes read-render-apply between runners on one host (iptables-restore only locks its own run).
 LOCK_FILE = Path("/run/tidepool-firewall.lock")
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
-BRIDGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 CHAIN_PREFIX = re.compile(r"^[A-Z][A-Z0-9_]{0,15}$")
 RESOLV_CONF_FILES = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
 BRIDGE_NETFILTER_SYSCTLS = ("net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables")

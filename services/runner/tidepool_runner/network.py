@@ -1,87 +1,30 @@
 """The engine network sandboxes join, and its isolation; both set up at runner start, before any job runs.
 
 The network is a plain bridge with a fixed name, subnet and Linux bridge name (settings `sandbox_network*`),
-created through the Docker API when missing; the bridge name is what the host firewall (`firewall`) keys on,
-so an existing network must carry the same bridge and subnet or the runner refuses to start.
+created through the Docker API when missing (its definition: tidepool_runtime.isolation); the bridge name is
+what the host firewall (`firewall`) keys on, so an existing network must carry the same bridge and subnet or
+the runner refuses to start. Snapshot builds join the same network (the builder waits for it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
-from typing import Any
 
 import structlog
 
 from tidepool_runner import firewall
 from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+from tidepool_runtime.isolation import SandboxNetworkError, check_network, network_config
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.network")
 
-BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
-NETWORK_LABEL = "tidepool.network"
-BRIDGE_LABEL = "tidepool.bridge"
+# The network's definition is shared with the builder, whose RUN steps join it too.
+__all__ = ["SandboxNetworkError", "check_network", "network_config", "prepare_sandbox_network"]
+
 ENGINE_WAIT_SECONDS = 60.0
 ENGINE_RETRY_SECONDS = 1.0
-
-
-class SandboxNetworkError(RuntimeError):
-    """The sandbox network or its firewall cannot be set up; the message says what to fix."""
-
-
-def network_config(settings: RunnerSettings) -> dict[str, Any]:
-    """`POST /networks/create` body (Docker and Podman's compat API both honour the bridge name option).
-
-    Raises SandboxNetworkError when the name, subnet or bridge setting is unusable.
-    """
-    if not settings.sandbox_network:
-        raise SandboxNetworkError("TIDEPOOL_SANDBOX_NETWORK must name the sandbox network")
-    try:
-        subnet = ipaddress.ip_network(settings.sandbox_network_subnet)
-    except ValueError:
-        raise SandboxNetworkError(
-            f"TIDEPOOL_SANDBOX_NETWORK_SUBNET {settings.sandbox_network_subnet!r} is not a network address"
-        ) from None
-    if subnet.version != 4:
-        raise SandboxNetworkError("TIDEPOOL_SANDBOX_NETWORK_SUBNET must be an IPv4 subnet")
-    if not firewall.BRIDGE_NAME.match(settings.sandbox_network_bridge):
-        raise SandboxNetworkError(
-            f"TIDEPOOL_SANDBOX_NETWORK_BRIDGE {settings.sandbox_network_bridge!r} is not a valid "
-            "interface name (1-15 of letters, digits, _ . -)"
-        )
-    return {
-        "Name": settings.sandbox_network,
-        "Driver": "bridge",
-        "Internal": False,
-        "EnableIPv6": False,
-        "Options": {BRIDGE_NAME_OPTION: settings.sandbox_network_bridge},
-        "IPAM": {"Config": [{"Subnet": str(subnet)}]},
-        # Inspect does not return the bridge name on Podman: the label records it, to be checked on restart.
-        "Labels": {NETWORK_LABEL: "sandboxes", BRIDGE_LABEL: settings.sandbox_network_bridge},
-    }
-
-
-def check_network(inspect: dict[str, Any], settings: RunnerSettings) -> None:
-    """Raises SandboxNetworkError unless the existing network is the one `settings` describe."""
-    name, bridge = settings.sandbox_network, settings.sandbox_network_bridge
-    labels = inspect.get("Labels") or {}
-    options = inspect.get("Options") or {}
-    actual_bridge = options.get(BRIDGE_NAME_OPTION) or labels.get(BRIDGE_LABEL)
-    subnets = {
-        str(ipaddress.ip_network(config["Subnet"], strict=False))
-        for config in (inspect.get("IPAM") or {}).get("Config") or []
-        if config.get("Subnet")
-    }
-    wanted_subnet = str(ipaddress.ip_network(settings.sandbox_network_subnet))
-    if actual_bridge != bridge or wanted_subnet not in subnets:
-        raise SandboxNetworkError(
-            f"network {name!r} exists with bridge {actual_bridge!r} and subnets {sorted(subnets)}, but the "
-            f"settings say bridge {bridge!r} and subnet {wanted_subnet}: the firewall could not protect it. "
-            f"Remove it (`podman network rm {name}`, no sandbox may use it) or change "
-            "TIDEPOOL_SANDBOX_NETWORK/_SUBNET/_BRIDGE"
-        )
 
 
 async def prepare_sandbox_network(engine: ContainerEngine, settings: RunnerSettings) -> None:
