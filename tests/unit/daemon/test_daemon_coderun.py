@@ -7,7 +7,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,10 +103,8 @@ def test_large_code_is_fed_without_deadlock(daemon_client: httpx.Client) -> None
 
 
 def test_timeout_is_408_like_exec(daemon_client: httpx.Client) -> None:
-    started = time.monotonic()
     response = code_run(daemon_client, "import time\nprint('started', flush=True)\ntime.sleep(30)", timeout=1)
     assert response.status_code == 408
-    assert time.monotonic() - started < 5
     body = response.json()
     assert body["code"] == "PROCESS_EXECUTION_TIMEOUT"
     assert body["source"] == "DAYTONA_DAEMON"
