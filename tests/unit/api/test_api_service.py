@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.polling import wait_until_async
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator, hash_key
 from tidepool_api.bootstrap import ensure_admin, mirror_api_keys
@@ -76,12 +77,11 @@ async def report(bus: Bus, sandbox_id: str, organization_id: str, state: Sandbox
 
 
 async def wait_state(client: httpx.AsyncClient, sandbox_id: str, state: str) -> dict[str, object]:
-    for _ in range(100):
+    async def reached() -> dict[str, object] | None:
         response = await client.get(f"/api/sandbox/{sandbox_id}")
-        if response.status_code == 200 and response.json()["state"] == state:
-            return response.json()
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"sandbox {sandbox_id} never reached {state}: {response.text}")
+        return response.json() if response.status_code == 200 and response.json()["state"] == state else None
+
+    return await wait_until_async(reached, f"sandbox {sandbox_id} never reached {state}")
 
 
 async def test_create_publishes_intent_and_desired_state(api) -> None:  # type: ignore[no-untyped-def]
@@ -115,14 +115,17 @@ async def test_runner_events_drive_the_state_machine(api) -> None:  # type: igno
     assert deleting.json()["state"] == "destroying"
     # A late `started` from an old job must not resurrect a sandbox being deleted.
     await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
-    await asyncio.sleep(0.3)
-    assert (await client.get(f"/api/sandbox/{sandbox_id}")).json()["state"] == "destroying"
+    # A sandbox's events apply in order: once this later `error` shows, the `started` was handled.
+    await report(context.bus, sandbox_id, organization, SandboxState.ERROR)
+    await wait_state(client, sandbox_id, "error")
+    updates = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
+    changes = [(event.get("oldState"), event.get("newState")) for event in updates]
+    assert ("destroying", "error") in changes and ("destroying", "started") not in changes
     await report(context.bus, sandbox_id, organization, SandboxState.DESTROYED)
-    for _ in range(100):
-        if (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
+    async def gone() -> bool:
+        return (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
+
+    await wait_until_async(gone, "the destroyed sandbox is still there")
     # The name is free again.
     assert (await client.post("/api/sandbox", json={"name": "machine"})).status_code == 200
 
@@ -296,11 +299,11 @@ async def test_recoverable_error_and_daemon_restarts_reach_the_sandbox(api) -> N
         await publish(context.bus, subjects.event_sandbox(sandbox_id), error)
         errored = await wait_state(client, sandbox_id, "error")
         assert errored["recoverable"] is True and errored["errorReason"] == reason
-        for _ in range(100):
+        async def restarted_event() -> list | None:
             events = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
-            if any(event["type"] == "sandbox.daemon.restarted" for event in events):
-                break
-            await asyncio.sleep(0.05)
+            return events if any(event["type"] == "sandbox.daemon.restarted" for event in events) else None
+
+        events = await wait_until_async(restarted_event, "no sandbox.daemon.restarted event")
         restart = next(event for event in events if event["type"] == "sandbox.daemon.restarted")
         assert restart["reason"] == "did not answer; restarted"
         states = [event for event in events if event["type"] == "sandbox.state.updated"]

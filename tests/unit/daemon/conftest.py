@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.polling import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DAEMON_ENTRY = REPO_ROOT / "services" / "daemon" / "main.py"
@@ -140,16 +141,19 @@ def daemon_pids(socket_path: Path) -> tuple[int, int]:
 
 
 def _wait_for_socket(process: subprocess.Popen[bytes], socket_path: Path, log_path: Path) -> None:
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited early ({process.returncode}):\n{log_path.read_text()}")
-        if socket_path.exists():
-            try:
-                with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as probe:
-                    if probe.get("http://daemon/version").status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(f"daemon socket {socket_path} did not come up:\n{log_path.read_text()}")
+        if not socket_path.exists():
+            return False
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as probe:
+                return probe.get("http://daemon/version").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(
+        answers,
+        lambda: f"daemon socket {socket_path} did not come up:\n{log_path.read_text()}",
+        timeout=DAEMON_START_TIMEOUT_SECONDS,
+    )
