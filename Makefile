@@ -33,6 +33,7 @@ down: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/lint_tests.py
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit -q
