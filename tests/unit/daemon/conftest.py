@@ -53,9 +53,11 @@ def running_daemon(
     home_dir: Path,
     log_path: Path,
     extra_env: dict[str, str] | None = None,
+    command_prefix: list[str] | None = None,
 ) -> Iterator[Path]:
     """Run the daemon the way the runner does and stop it (SIGTERM) afterwards. `extra_env` joins the
-    daemon's environment (in a sandbox: the container's), e.g. to tighten its bounds."""
+    daemon's environment (in a sandbox: the container's), e.g. to tighten its bounds; `command_prefix`
+    runs it under a wrapper (e.g. `setpriv` to drop capabilities)."""
     env = {
         **os.environ,
         CONTAINER_ENV_MARKER[0]: CONTAINER_ENV_MARKER[1],
@@ -64,7 +66,16 @@ def running_daemon(
     }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [_system_python(), "-I", str(DAEMON_ENTRY), "--socket", str(socket_path), "--log-level", "DEBUG"],
+            [
+                *(command_prefix or []),
+                _system_python(),
+                "-I",
+                str(DAEMON_ENTRY),
+                "--socket",
+                str(socket_path),
+                "--log-level",
+                "DEBUG",
+            ],
             cwd=work_dir,
             env=env,
             stdout=log_file,
@@ -96,9 +107,10 @@ def launch_daemon(tmp_path: Path, work_dir: Path) -> Callable[..., contextlib.Ab
     `extra_env`)."""
 
     def launch(
-        socket_path: Path, extra_env: dict[str, str] | None = None
+        socket_path: Path, extra_env: dict[str, str] | None = None, command_prefix: list[str] | None = None
     ) -> contextlib.AbstractContextManager[Path]:
-        return running_daemon(socket_path, work_dir, tmp_path / "home", tmp_path / "daemon.log", extra_env)
+        home, log = tmp_path / "home", tmp_path / "daemon.log"
+        return running_daemon(socket_path, work_dir, home, log, extra_env, command_prefix)
 
     return launch
 
