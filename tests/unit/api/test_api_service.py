@@ -314,3 +314,46 @@ async def test_recoverable_error_and_daemon_restarts_reach_the_sandbox(api) -> N
         daemon_events.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await daemon_events
+
+
+async def test_the_build_cache_is_evicted_periodically(api) -> None:  # type: ignore[no-untyped-def]
+    """The API's background loop (started in its main) evicts an expired build without being asked, and
+    keeps going after a round that failed."""
+    from datetime import UTC, datetime, timedelta
+
+    from tidepool_api import snapshots
+
+    _, context, _ = api
+    old = datetime.now(UTC) - timedelta(hours=context.settings.build_cache_hours + 1)
+    async with context.database.sessions() as session:
+        session.add(
+            Snapshot(
+                id="build:stale", name="build:stale", image_name="build:stale", ref="build:stale",
+                hidden=True, state="active", last_used_at=old,
+            )
+        )  # fmt: skip
+        await session.commit()
+    rounds: list[int] = []
+    real_round = snapshots.evict_expired_builds
+
+    async def first_round_fails(context_arg, now=None):  # type: ignore[no-untyped-def]
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise RuntimeError("the database went away for a moment")
+        return await real_round(context_arg, now)
+
+    snapshots.evict_expired_builds = first_round_fails  # type: ignore[assignment]
+    loop = asyncio.create_task(snapshots.evict_expired_builds_forever(context, interval_seconds=0.05))
+    try:
+
+        async def evicted() -> bool:
+            async with context.database.sessions() as session:
+                return await session.get(Snapshot, "build:stale") is None
+
+        await wait_until_async(evicted, "the stale build was never evicted by the loop")
+        assert len(rounds) >= 2 and not loop.done()
+    finally:
+        snapshots.evict_expired_builds = real_round  # type: ignore[assignment]
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
