@@ -125,9 +125,8 @@ def daemon_pid(sandbox: Sandbox) -> int:
     ).stdout.split()
     if len(supervisors) != 1:
         raise RuntimeError(f"expected one daemon supervisor under container init {init_pid}: {supervisors}")
-    found = subprocess.run(
-        ["pgrep", "-P", supervisors[0], "-f", "--", "--listen-fd"], capture_output=True, text=True, check=False
-    ).stdout.split()
+    workers = ["pgrep", "-P", supervisors[0], "-f", "--", "--listen-fd"]
+    found = subprocess.run(workers, capture_output=True, text=True, check=False).stdout.split()
     if len(found) != 1:
         raise RuntimeError(f"expected one daemon worker under supervisor {supervisors[0]}, found {found}")
     return int(found[0])
