@@ -1,6 +1,6 @@
 """Entry point run inside the sandbox: `python3 -I /opt/tidepool/daemon/main.py --socket PATH`.
 
-It starts the supervisor, which starts the serving worker as `main.py ... --listen-fd ...` (see
+It starts the supervisor, which forks the serving worker, `tidepool-worker` (see
 `tidepool_daemon/supervisor.py`). `-I` (isolated mode) keeps the user's PYTHONPATH and site-packages away
 from the daemon, but also drops the script's directory from sys.path, so it is added back explicitly.
 """

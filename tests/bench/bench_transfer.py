@@ -125,8 +125,9 @@ def daemon_pid(sandbox: Sandbox) -> int:
     ).stdout.split()
     if len(supervisors) != 1:
         raise RuntimeError(f"expected one daemon supervisor under container init {init_pid}: {supervisors}")
-    workers = ["pgrep", "-P", supervisors[0], "-f", "--", "--listen-fd"]
-    found = subprocess.run(workers, capture_output=True, text=True, check=False).stdout.split()
+    found = subprocess.run(
+        ["pgrep", "-P", supervisors[0], "-x", "tidepool-worker"], capture_output=True, text=True, check=False
+    ).stdout.split()
     if len(found) != 1:
         raise RuntimeError(f"expected one daemon worker under supervisor {supervisors[0]}, found {found}")
     return int(found[0])

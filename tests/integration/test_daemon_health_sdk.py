@@ -57,18 +57,22 @@ def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
+def process_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
 def daemon_processes(stack: StackThread, sandbox_id: str) -> tuple[int, int]:
     """Host pids of the sandbox's daemon supervisor (the child of the container's init running main.py)
-    and of its serving worker (the supervisor's child with `--listen-fd`)."""
+    and of its serving worker (the supervisor's child named `tidepool-worker`)."""
     engine = urlsplit(stack.docker_host).path
     with httpx.Client(transport=httpx.HTTPTransport(uds=engine), base_url="http://engine") as client:
         init_pid = client.get(f"/containers/tidepool-{sandbox_id}/json").json()["State"]["Pid"]
     supervisor = next(
         pid
         for pid in children(init_pid)
-        if "--listen-fd" not in cmdline(pid) and any(part.endswith("/main.py") for part in cmdline(pid))
+        if process_name(pid) != "tidepool-worker" and any(part.endswith("/main.py") for part in cmdline(pid))
     )
-    worker = next(pid for pid in children(supervisor) if "--listen-fd" in cmdline(pid))
+    worker = next(pid for pid in children(supervisor) if process_name(pid) == "tidepool-worker")
     return supervisor, worker
 
 

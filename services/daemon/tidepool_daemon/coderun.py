@@ -27,6 +27,7 @@ from .context import DaemonContext
 from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
 from .http_io import Request, Response, json_response
 from .process import TIMEOUT_MESSAGE, CommandOutcome, _parse_timeout, _ShellRun
+from .proctree import TreeSpec
 from .spawn_env import build_environment
 
 PYTHON_BOOTSTRAP = (Path(__file__).with_name("coderun_bootstrap.py")).read_text(encoding="utf-8")
@@ -134,7 +135,9 @@ def _ts_node_command(search_path: str | None) -> list[str]:
 def run_program(
     command: list[str], stdin: bytes, cwd: str, env: dict[str, str], timeout_seconds: float | None
 ) -> CommandOutcome:
-    """Run `command` with `stdin` fed in, stdout+stderr combined, the timeout killing its process group."""
+    """Run `command` with `stdin` fed in (the program reads it to its end, so the user's code then sees
+    end-of-file), stdout+stderr combined, the timeout ending its whole process tree (see proctree.py)."""
+    tree = TreeSpec()
     try:
         process = subprocess.Popen(
             command,
@@ -142,7 +145,7 @@ def run_program(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=env,
+            env=tree.environment(dict(env)),
             start_new_session=True,
             close_fds=True,
         )
@@ -152,7 +155,7 @@ def run_program(
         )
     except OSError as exc:
         raise DaemonError(500, f"failed to start {command[0]}: {exc}") from None
-    return _ShellRun(process, stdin, timeout_seconds, kind="code_run").wait()
+    return _ShellRun(process, stdin, timeout_seconds, kind="code_run", tree=tree).wait()
 
 
 def _read_charts(charts_path: str) -> list[dict[str, Any]]:

@@ -10,6 +10,16 @@ their next write): it is handed to one shared drainer thread that discards what 
 closes the pipe at EOF.
 
 `termination` says why the command ended (see `termination.py`), including OOM kills.
+
+Standard input: the script reaches the shell on a separate pipe (`. /dev/fd/N`), and the command's own
+stdin is `/dev/null`, so a command that reads stdin (`cat`) sees end-of-file at once instead of the rest
+of the script.
+
+Timeouts bound the whole process tree (`proctree.py`): when the timeout fires, every process the command
+started is ended, including ones that left its process group or session (`setsid`, double forks,
+`nohup`) and ones that ignore SIGTERM. When the shell returns before its timeout, whatever it left running
+in the background is ended when the timeout expires (a command without a timeout may leave background
+processes running for good).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from .proctree import DEADLINE_REAPER, TreeSpec, kill_tree
 from .termination import OomWatch, classify
 
 # Like the SDK documents: the first available of bash and sh (users write bash syntax).
@@ -62,6 +73,7 @@ class CommandOutcome:
 class ProcessService:
     def __init__(self, context: DaemonContext) -> None:
         self._context = context
+        DEADLINE_REAPER.start()  # now, while threads can still be started (see DeadlineReaper)
 
     def execute(self, request: Request) -> Response:
         payload = request.json_object_body()
@@ -113,21 +125,29 @@ def _parse_timeout(raw_timeout: object) -> float | None:
 def run_shell_command(
     command: str, cwd: str, env: dict[str, str], timeout_seconds: float | None
 ) -> CommandOutcome:
-    """Run `command` as a script fed to `sh` on stdin (so heredocs work), capturing stdout+stderr."""
+    """Run `command` as a script the shell sources from a pipe (so heredocs work), stdin at end-of-file,
+    capturing stdout+stderr."""
+    tree = TreeSpec()
+    script_read, script_write = os.pipe()
     try:
         shell = subprocess.Popen(
-            [COMMAND_SHELL],
-            stdin=subprocess.PIPE,
+            [COMMAND_SHELL, "-c", f". /dev/fd/{script_read}", COMMAND_SHELL],
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,  # one pipe keeps stdout and stderr interleaved in write order
             cwd=cwd,
-            env=env,
-            start_new_session=True,  # own process group, so a timeout can kill the whole tree
+            env=tree.environment(dict(env)),
+            start_new_session=True,  # own session: its id finds the whole tree (see proctree.py)
             close_fds=True,
+            pass_fds=(script_read,),
         )
     except OSError as exc:
+        os.close(script_write)
         raise DaemonError(500, f"failed to start command: {exc}") from None
-    return _ShellRun(shell, command.encode("utf-8", "surrogatepass"), timeout_seconds).wait()
+    finally:
+        os.close(script_read)
+    script = command.encode("utf-8", "surrogatepass")
+    return _ShellRun(shell, script, timeout_seconds, script_fd=script_write, tree=tree).wait()
 
 
 class _ShellRun:
@@ -143,10 +163,22 @@ class _ShellRun:
         script: bytes,
         timeout_seconds: float | None,
         kind: str = "exec",
+        script_fd: int | None = None,
+        tree: TreeSpec | None = None,
     ) -> None:
-        assert shell.stdin is not None and shell.stdout is not None
+        """`script` goes to `script_fd` (a pipe's write end, then owned here) or else to the shell's stdin.
+        `tree` is what a timeout ends; by default the shell's session."""
+        assert shell.stdout is not None
         self._shell = shell
         self._kind = kind
+        self._tree = tree if tree is not None else TreeSpec(roots={shell.pid}, sessions={shell.pid})
+        self._tree.roots.add(shell.pid)
+        self._tree.sessions.add(shell.pid)
+        self._script_sink: Any = None
+        if script_fd is None:
+            assert shell.stdin is not None
+            self._script_sink = shell.stdin
+            script_fd = shell.stdin.fileno()
         self._pending_input = memoryview(script)
         self._script_preview = script[:200].decode("utf-8", "replace")
         self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
@@ -155,18 +187,24 @@ class _ShellRun:
         self._oom = OomWatch()
         self._poller = select.poll()
         self._stdout_fd = shell.stdout.fileno()
-        self._stdin_fd: int | None = shell.stdin.fileno()
+        self._stdin_fd: int | None = script_fd
         os.set_blocking(self._stdin_fd, False)
         self._poller.register(self._stdout_fd, select.POLLIN)
         self._poller.register(self._stdin_fd, select.POLLOUT)
 
     def wait(self) -> CommandOutcome:
         self._reached_eof = False
+        timed_out = True
         try:
             timed_out = self._pump_until_done()
             if not timed_out:
                 timed_out = self._wait_for_shell_exit()
         finally:
+            if not timed_out and self._deadline is not None:
+                # The shell returned in time; what it left in the background ends at the deadline. Its pid
+                # is reaped now and may be reused: only its session id and the marker name the tree now.
+                leftovers = TreeSpec(marker=self._tree.marker, sessions=set(self._tree.sessions))
+                DEADLINE_REAPER.schedule(leftovers, self._deadline)
             self._close_stdin()
             assert self._shell.stdout is not None
             if self._reached_eof:
@@ -247,10 +285,12 @@ class _ShellRun:
         if self._stdin_fd is None:
             return
         self._poller.unregister(self._stdin_fd)
-        self._stdin_fd = None
-        assert self._shell.stdin is not None
         with contextlib.suppress(OSError):
-            self._shell.stdin.close()
+            if self._script_sink is not None:
+                self._script_sink.close()
+            else:
+                os.close(self._stdin_fd)
+        self._stdin_fd = None
 
     def _capture(self, chunk: bytes) -> None:
         room = MAX_CAPTURED_OUTPUT_BYTES - len(self._output)
@@ -260,8 +300,10 @@ class _ShellRun:
         self._output += chunk
 
     def _kill_process_group(self) -> None:
+        """The timeout fired: end the shell and everything it started (see proctree.py)."""
+        kill_tree(self._tree)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._shell.pid, signal.SIGKILL)
+            os.killpg(self._shell.pid, signal.SIGKILL)  # in case /proc could not be read
         self._shell.wait()
 
 
@@ -283,7 +325,16 @@ class _BackgroundDrainer:
                 self._wake_r, self._wake_w = os.pipe()
                 os.set_blocking(self._wake_w, False)
                 self._thread = threading.Thread(target=self._run, name="background-drain", daemon=True)
-                self._thread.start()
+                try:
+                    self._thread.start()
+                except RuntimeError:
+                    # No thread can be started (the sandbox's pids are exhausted, e.g. a fork bomb): let
+                    # go of the pipe rather than fail the request; its writers get EPIPE from now on.
+                    self._thread = None
+                    del self._pipes[pipe.fileno()]
+                    pipe.close()
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
             else:
                 with contextlib.suppress(OSError):
                     os.write(self._wake_w, b"x")

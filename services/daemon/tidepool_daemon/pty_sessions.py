@@ -12,7 +12,8 @@
 * When the shell exits, clients that offered the exit-control subprotocol get
   `{"type":"control","status":"exited","exitCode":N,"termination":{…}}`; every client then gets a close
   frame, 1000 for exit 0 and 1011 otherwise, reason `{"exitCode":N}`, and the session is removed.
-* A client disconnect never kills the PTY. `DELETE /process/pty/{id}` does (SIGKILL to its session).
+* A client disconnect never kills the PTY. `DELETE /process/pty/{id}` does: it ends every process the PTY
+  started (its whole process tree, see `proctree.py`; the shell is a child subreaper).
 * `POST /process/pty` creates without attaching (`lazyStart` defers the shell to the first connect),
   `GET /process/pty[/{id}]` describe sessions, `POST /process/pty/{id}/resize` sets the window size
   (TIOCSWINSZ on the master, which sends SIGWINCH to the foreground job).
@@ -49,6 +50,7 @@ from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
 from .process import COMMAND_SHELL
+from .proctree import BECOME_SUBREAPER, TreeSpec, kill_tree
 from .termination import OomWatch, Termination, classify
 from .websocket import (
     CLOSE_INTERNAL_ERROR,
@@ -80,7 +82,7 @@ CLOSE_WAIT_SECONDS = 2.0
 KILL_WAIT_SECONDS = 5.0
 CONNECTED_GREETING = json.dumps({"type": "control", "status": "connected"}, separators=(",", ":"))
 
-_CTTY_HELPER = (
+_CTTY_HELPER = BECOME_SUBREAPER + (
     "import fcntl, os, sys, termios\n"
     "fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n"
     "os.execv(sys.argv[1], sys.argv[1:])\n"
@@ -120,7 +122,8 @@ class PtySession:
         self.rows = rows
         self.lazy_start = lazy_start
         self.created_at = datetime.now(UTC)
-        self._env = env
+        self._tree = TreeSpec()
+        self._env = self._tree.environment(dict(env))
         self._on_exit = on_exit
         self._lock = threading.RLock()
         self._clients: list[_Client] = []
@@ -179,8 +182,11 @@ class PtySession:
                 # Never started (lazy): nothing runs, just end it.
                 self._finish(Termination("signal", signal.SIGKILL), 128 + signal.SIGKILL)
                 return
+        # The shell leads its own session; job control puts background jobs in process groups of their
+        # own, and `setsid`/`nohup` ones may leave both: end the whole tree (see proctree.py).
+        kill_tree(TreeSpec(marker=self._tree.marker, sessions={process.pid}))
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)  # in case /proc could not be read
         self.exited.wait(KILL_WAIT_SECONDS)
 
     def info(self) -> dict[str, Any]:

@@ -394,7 +394,7 @@ def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """The worker (see supervisor.py): serve the listeners inherited from the supervisor as the sandbox
-    user until SIGTERM. `args.listen_fd` holds `unix:FD` / `tcp:FD` entries."""
+    user until SIGTERM. `args.listen_fd` holds `unix:FD` / `tcp:FD` entries: the supervisor's listeners."""
     listeners: list[tuple[str, socket.socket]] = []
     for entry in args.listen_fd:
         kind, _, raw_fd = entry.partition(":")

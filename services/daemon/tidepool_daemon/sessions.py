@@ -8,6 +8,10 @@ from a pipe. For every exec the daemon writes the command text to a script file 
 
     { . 'DIR/7.sh'; } <'DIR/7.in' >'DIR/7.out' 2>'DIR/7.err'; printf '%s %s\\n' 7 "$?"
 
+A synchronous command's stdin is `/dev/null` (a command that reads it, e.g. `cat`, sees end-of-file at
+once); an asynchronous command's stdin is its FIFO, which stays open until the command completes, so
+`send_session_command_input` can feed it.
+
 Sourcing (`.`) runs the command in the session shell itself, so `export`, `cd`, functions and aliases
 persist across execs, while a syntax error stays confined to that command. The shell's own stdout carries
 nothing but those `key status` lines, so the exit code arrives the moment the command finishes.
@@ -23,7 +27,9 @@ If the shell dies (`exit` inside a command, `set -e`, a signal), the commands it
 queued complete with its status, and the next exec starts a fresh shell (earlier state is lost).
 
 Commands in one session run one after another (it is one shell); async execs queue behind a running one,
-like upstream. Deleting a session SIGKILLs its process group and removes its files.
+like upstream. Deleting a session ends its whole process tree (`proctree.py`: the shell is a child
+subreaper, its commands carry the session's tree marker, and every session its shells led counts), including
+processes that moved to their own session or process group or ignore SIGTERM, then removes its files.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +58,7 @@ from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
 from .process import COMMAND_SHELL
+from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, kill_tree
 from .termination import OomWatch, Termination, classify
 from .websocket import (
     CLOSE_NORMAL,
@@ -93,6 +101,7 @@ class SessionCommand:
     id: str
     command: str
     suppress_input_echo: bool
+    interactive: bool
     log_path: str
     fifo_paths: tuple[str, ...]
     log_fd: int | None = None
@@ -153,6 +162,7 @@ class Session:
         self._commands: dict[str, SessionCommand] = {}
         self._pending: collections.deque[SessionCommand] = collections.deque()
         self._shell: subprocess.Popen[bytes] | None = None
+        self._tree = TreeSpec()
         # Every shell this session started leads its own process group; background jobs of a shell that
         # already died still live in its group, so deletion kills them all.
         self._process_groups: list[int] = []
@@ -189,13 +199,17 @@ class Session:
             raise _not_found(f"command {command_id} not found in session {self.id}")
         return command
 
-    def submit(self, command_text: str, suppress_input_echo: bool) -> SessionCommand:
+    def submit(
+        self, command_text: str, suppress_input_echo: bool, interactive: bool = True
+    ) -> SessionCommand:
+        """Queue a command. `interactive` (asynchronous commands): its stdin is a FIFO that
+        `send_input` writes to; otherwise stdin is `/dev/null`."""
         with self._stdin_lock:
             with self._cond:
                 if self._closed:
                     raise DaemonError(410, f"session {self.id} has ended", SESSION_ENDED)
                 shell = self._ensure_shell()
-                command = self._prepare_command(command_text, suppress_input_echo)
+                command = self._prepare_command(command_text, suppress_input_echo, interactive)
                 self._commands[command.id] = command
                 self._pending.append(command)
             line = self._wrapper_line(command)
@@ -264,7 +278,9 @@ class Session:
             self._closed_at = time.monotonic()
             shell = self._shell
             process_groups = list(self._process_groups)
-        for process_group in process_groups:
+        # Every shell led its own session; the session ids stay reserved while any process is in them.
+        kill_tree(TreeSpec(marker=self._tree.marker, sessions=set(process_groups)))
+        for process_group in process_groups:  # in case /proc could not be read
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process_group, signal.SIGKILL)
         self._wake()
@@ -284,13 +300,14 @@ class Session:
             return self._shell
         try:
             shell = subprocess.Popen(
-                [COMMAND_SHELL],
+                # A child subreaper: orphans of its commands stay in its tree (see proctree.py).
+                [sys.executable, "-I", "-S", "-c", SUBREAPER_EXEC_HELPER, COMMAND_SHELL],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 cwd=self._context.work_dir,
-                env=effective_environment(self._context),
-                start_new_session=True,  # own process group: delete kills everything it started
+                env=self._tree.environment(effective_environment(self._context)),
+                start_new_session=True,  # own session: delete ends everything in it
                 close_fds=True,
                 bufsize=0,
             )
@@ -305,22 +322,26 @@ class Session:
         self._status_buffer.clear()
         return shell
 
-    def _prepare_command(self, command_text: str, suppress_input_echo: bool) -> SessionCommand:
+    def _prepare_command(
+        self, command_text: str, suppress_input_echo: bool, interactive: bool
+    ) -> SessionCommand:
         self._seq += 1
         key = self._seq
         base = os.path.join(self._dir, str(key))
         script_path, out_path, err_path, in_path = (f"{base}.sh", f"{base}.out", f"{base}.err", f"{base}.in")
         with open(script_path, "w", encoding="utf-8", errors="surrogateescape") as script:
             script.write(command_text if command_text.endswith("\n") else command_text + "\n")
-        for path in (out_path, err_path, in_path):
+        fifo_paths = (out_path, err_path, in_path) if interactive else (out_path, err_path)
+        for path in fifo_paths:
             os.mkfifo(path, 0o600)
         command = SessionCommand(
             key=key,
             id=str(uuid.uuid4()),
             command=command_text,
             suppress_input_echo=suppress_input_echo,
+            interactive=interactive,
             log_path=f"{base}.log",
-            fifo_paths=(out_path, err_path, in_path),
+            fifo_paths=fifo_paths,
         )
         log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         command.log_fd = os.open(command.log_path, log_flags, 0o600)
@@ -328,18 +349,18 @@ class Session:
         # is held open read-write: the command's `<` never blocks and its stdin stays open until it ends.
         command.out_fd = os.open(out_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         command.err_fd = os.open(err_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        command.in_fd = os.open(in_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if interactive:
+            command.in_fd = os.open(in_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         command.last_output_at = time.monotonic()
         return command
 
     def _wrapper_line(self, command: SessionCommand) -> bytes:
-        script, out_path, err_path, in_path = (
-            os.path.join(self._dir, f"{command.key}.sh"),
-            *command.fifo_paths,
-        )
+        script = os.path.join(self._dir, f"{command.key}.sh")
+        out_path, err_path = command.fifo_paths[:2]
         quote = shlex.quote
+        in_path = quote(command.fifo_paths[2]) if command.interactive else "/dev/null"
         line = (
-            f"{{ . {quote(script)}; }} <{quote(in_path)} >{quote(out_path)} 2>{quote(err_path)}; "
+            f"{{ . {quote(script)}; }} <{in_path} >{quote(out_path)} 2>{quote(err_path)}; "
             f"printf '%s %s\\n' {command.key} \"$?\"\n"
         )
         return line.encode("utf-8", "surrogateescape")
@@ -690,7 +711,7 @@ class SessionService:
             raise bad_request("command is required")
         run_async = _optional_bool(payload, "runAsync") or _optional_bool(payload, "async")
         suppress_echo = _optional_bool(payload, "suppressInputEcho")
-        command = session.submit(command_text, suppress_echo)
+        command = session.submit(command_text, suppress_echo, interactive=run_async)
         if run_async:
             return json_response(202, {"cmdId": command.id})
         session.wait_complete(command)

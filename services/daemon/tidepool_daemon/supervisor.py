@@ -6,7 +6,7 @@ the child of the container's init). It
 - binds and listens on the socket while it is still the sandbox's root: the socket file is the root's
   (mode 0600), and `SO_PEERCRED`, which reports the credentials of the `listen()` call, keeps naming the
   sandbox's root whichever worker happens to serve it (the runner checks exactly that);
-- starts the worker, `main.py ... --listen-fd unix:N`, which inherits the listening socket, becomes the
+- forks the worker (process name `tidepool-worker`), which keeps the listening socket, becomes the
   sandbox user and serves the toolbox API on it (see `server.serve`);
 - starts a fresh worker whenever the worker ends (a crash, a kill by the sandbox user), backing off when
   workers keep dying right after their start; connections wait in the socket's backlog meanwhile;
@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import signal
 import socket
 import stat
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -47,7 +47,9 @@ logger = logging.getLogger("tidepool_daemon.supervisor")
 SOCKET_MODE = 0o600
 LISTEN_BACKLOG = 256  # the SDK may open many connections at once
 RESTART_SIGNAL = signal.SIGUSR1
-MAIN_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main.py")
+# The worker's process name (/proc/PID/comm, at most 15 bytes), distinct from the supervisor's.
+WORKER_PROCESS_NAME = "tidepool-worker"
+_PR_SET_NAME = 15
 # A worker that ends sooner than this after its start counts as a crash: the next start is delayed.
 _HEALTHY_RUN_SECONDS = 5.0
 _FIRST_BACKOFF_SECONDS = 0.1
@@ -69,8 +71,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="JSON list: the image's entrypoint, run in the entrypoint session",
     )
     parser.add_argument("--user", default="", help="started as root: become this user (created if missing)")
-    # Internal: given by the supervisor to its worker, `unix:FD` or `tcp:FD` of an inherited listener.
-    parser.add_argument("--listen-fd", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.socket and not args.tcp:
         parser.error("at least one of --socket or --tcp is required")
@@ -95,11 +95,6 @@ def configure_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
-    if args.listen_fd:
-        # The worker: imported only here, so the supervisor stays a small process.
-        from .server import serve
-
-        return serve(args)
     return Supervisor(args).run()
 
 
@@ -146,7 +141,7 @@ class Supervisor:
         self._args = args
         self._listeners: list[tuple[str, socket.socket]] = []
         self._socket_inode: int | None = None
-        self._worker: subprocess.Popen[bytes] | None = None
+        self._worker: _Worker | None = None
         self._stopping = False
         self._restarts_requested = 0
 
@@ -200,27 +195,40 @@ class Supervisor:
             if quick_exits:
                 self._pause(min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** (quick_exits - 1)))
 
-    def _spawn(self, first: bool) -> subprocess.Popen[bytes]:
-        args = self._args
-        argv = [sys.executable, "-I", MAIN_SCRIPT, "--log-level", args.log_level]
-        if args.socket:
-            argv += ["--socket", args.socket]
-        if args.tcp:
-            argv += ["--tcp", f"{args.tcp[0]}:{args.tcp[1]}"]
-        if args.user:
-            argv += ["--user", args.user]
-        if first and args.entrypoint_json:
+    def _spawn(self, first: bool) -> _Worker:
+        """Fork the worker: no second interpreter start-up (about a third of the daemon's start), and the
+        child imports the server itself, so the supervisor stays small. The supervisor is single-threaded,
+        which makes the fork safe. Raises OSError when no process can be created (e.g. a fork bomb)."""
+        pid = os.fork()
+        if pid:
+            logger.info("worker %d started", pid)
+            return _Worker(pid)
+        code = 70  # EX_SOFTWARE, if serve() raises
+        try:
+            for signum in (signal.SIGTERM, signal.SIGINT, RESTART_SIGNAL, signal.SIGALRM):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.alarm(0)
+            _set_process_name(WORKER_PROCESS_NAME)
+            worker_args = argparse.Namespace(**vars(self._args))
             # Only once: the entrypoint keeps running across worker restarts.
-            argv += ["--entrypoint-json", args.entrypoint_json]
-        for kind, listener in self._listeners:
-            argv += ["--listen-fd", f"{kind}:{listener.fileno()}"]
-        worker = subprocess.Popen(argv, pass_fds=[listener.fileno() for _kind, listener in self._listeners])
-        logger.info("worker %d started", worker.pid)
-        return worker
+            worker_args.entrypoint_json = self._args.entrypoint_json if first else ""
+            worker_args.listen_fd = [f"{kind}:{listener.fileno()}" for kind, listener in self._listeners]
+            from .server import serve
 
-    def _wait_for_worker(self, worker: subprocess.Popen[bytes]) -> int:
+            code = serve(worker_args)
+        except SystemExit as exit_request:
+            code = exit_request.code if isinstance(exit_request.code, int) else 0
+        except BaseException:
+            logger.exception("worker failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def _wait_for_worker(self, worker: _Worker) -> int:
         # Signal handlers run in this (main) thread while it waits; the wait resumes afterwards (PEP 475).
-        return worker.wait()
+        _pid, status = os.waitpid(worker.pid, 0)
+        worker.returncode = os.waitstatus_to_exitcode(status)
+        return worker.returncode
 
     def _pause(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -262,6 +270,22 @@ class Supervisor:
         with contextlib.suppress(OSError):
             if socket_path and os.stat(socket_path).st_ino == self._socket_inode:
                 os.unlink(socket_path)
+
+
+class _Worker:
+    """A forked worker: its pid, and its exit code once reaped (negative: the signal that ended it)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+
+def _set_process_name(name: str) -> None:
+    # The worker's command line is the supervisor's (a fork); its name (`comm`, as `ps` and
+    # /proc/PID/comm show it) tells the two apart. Best effort: prctl is Linux-only.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
 
 
 def _describe_status(status: int) -> str:

@@ -11,7 +11,9 @@ their sockets in it; `sockets/` is root-only (0700), so no other host user can r
 
 from __future__ import annotations
 
+import compileall
 import os
+import py_compile
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,6 +56,7 @@ def _stage_daemon(source: Path, target: Path) -> None:
     fresh = target.with_name(target.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.copytree(source, fresh, ignore=DAEMON_COPY_IGNORE)
+    _compile_bytecode(fresh)
     _make_world_readable(fresh)
     old = target.with_name(target.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -61,6 +64,20 @@ def _stage_daemon(source: Path, target: Path) -> None:
         target.rename(old)
     fresh.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _compile_bytecode(root: Path) -> None:
+    """Ship bytecode with the read-only copy, so the daemon's start does not compile ~9,000 lines each time
+    (about a third of its start-up). Compiled by this interpreter: a sandbox whose python3 has the same
+    minor version (the default image's) uses it, any other finds no file for its own tag and compiles as
+    before. `unchecked-hash` because the copy's timestamps mean nothing inside the sandbox and the files
+    never change under a mount (a new daemon is staged as a fresh copy)."""
+    compileall.compile_dir(
+        root,
+        quiet=1,
+        workers=1,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
 
 
 def _replace_file(source: Path, target: Path) -> None:

@@ -132,18 +132,19 @@ def daemon_client(daemon_socket: Path) -> Iterator[httpx.Client]:
 
 def daemon_pids(socket_path: Path) -> tuple[int, int]:
     """(supervisor, serving worker) of the daemon listening on `socket_path` (see supervisor.py): both
-    carry `--socket PATH`, only the worker `--listen-fd`."""
+    carry `--socket PATH` (the worker is a fork), only the worker is named `tidepool-worker`."""
     supervisor = worker = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            name = Path(f"/proc/{entry}/comm").read_text().strip()
         except OSError:
             continue
         if b"--socket" not in cmdline or str(socket_path).encode() not in cmdline:
             continue
-        if b"--listen-fd" in cmdline:
+        if name == "tidepool-worker":
             assert not worker, "two workers serve one socket"
             worker = int(entry)
         else:
