@@ -34,6 +34,7 @@ down: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/python scripts/lint_tests.py
 
 asyncapi: venv  # regenerate docs/asyncapi/asyncapi.yaml from the services' subscribers and publishers
 	$(BIN)/python scripts/asyncapi.py

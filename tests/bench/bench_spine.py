@@ -82,7 +82,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 def main() -> None:
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_isolation import bench_isolation
-    from tests.bench.bench_process import bench_process
+    from tests.bench.bench_process import bench_deadlines, bench_process
     from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
     from tests.bench.bench_transfer import bench_transfer
@@ -91,6 +91,7 @@ def main() -> None:
     benches: list[tuple[str, BenchFunction]] = [
         ("spine", lambda daytona, _stack: bench(daytona)),
         ("process", lambda daytona, _stack: bench_process(daytona)),
+        ("deadlines", lambda daytona, _stack: bench_deadlines(daytona)),
         ("code", lambda daytona, _stack: bench_code(daytona)),
         ("search", lambda daytona, _stack: bench_search(daytona)),
         ("transfer", bench_transfer),

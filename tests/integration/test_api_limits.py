@@ -14,7 +14,6 @@ import select
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_for_port
+from tests.polling import wait_until
 
 MIB = 1024 * 1024
 OFFERED = 100 * MIB
@@ -46,10 +46,7 @@ def api_process(nats_url: str, tmp_path: Path) -> Iterator[tuple[int, str, int]]
     try:
         wait_for_port(port, timeout=60)
         key_file = tmp_path / "admin-api-key"
-        deadline = time.monotonic() + 30
-        while not key_file.exists():
-            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()
-            time.sleep(0.05)
+        wait_until(key_file.exists, f"the API wrote no admin key: {tmp_path / 'api.log'}", timeout=60)
         yield port, key_file.read_text().strip(), process.pid
     finally:
         process.terminate()

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.netprobe import BLOCKED_TCP, BLOCKED_UDP, PROBE, SERVER
+from tests.polling import wait_until
 from tidepool_runner.firewall import BRIDGE_NETFILTER_SYSCTLS, Commands, FirewallPolicy, apply
 
 pytestmark = [
@@ -85,13 +86,13 @@ def link_local(lab: Lab, namespace: str, device: str) -> str:
 def wait_until_ipv6_ready(lab: Lab, namespaces: list[str], deadline: float) -> None:
     """Link-local addresses exist and are no longer tentative (duplicate address detection is off anyway)."""
     for namespace in namespaces:
-        while True:
+
+        def ready(namespace: str = namespace) -> bool:
             tentative = lab.ns(namespace, "ip", "-6", "addr", "show", "tentative").strip()
-            present = "fe80" in lab.ns(namespace, "ip", "-6", "addr", "show", "scope", "link")
-            if present and not tentative:
-                break
-            assert time.monotonic() < deadline, f"IPv6 link-local addresses in {namespace} never got ready"
-            time.sleep(0.05)
+            return "fe80" in lab.ns(namespace, "ip", "-6", "addr", "show", "scope", "link") and not tentative
+
+        message = f"IPv6 link-local addresses in {namespace} never got ready"
+        wait_until(ready, message, timeout=max(deadline - time.monotonic(), 0))
 
 
 def start_servers(lab: Lab, namespace: str, specs: list[tuple[str, str, int]]) -> subprocess.Popen[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import aiodocker
 import pytest
 
+from tests.polling import wait_until
 from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists, inject_ca_bundle
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,11 +76,13 @@ def podman_socket() -> Iterator[Path]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            if service.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"podman system service did not come up (exit code {service.poll()})")
-            time.sleep(0.05)
+        wait_until(
+            lambda: socket_path.exists() or service.poll() is not None,
+            "podman system service did not come up",
+            timeout=20,
+        )
+        if service.poll() is not None:
+            pytest.fail(f"podman system service exited with {service.poll()}")
         yield socket_path
     finally:
         service.terminate()

@@ -8,13 +8,13 @@ whose own command line holds the argument only in two pieces."""
 from __future__ import annotations
 
 import contextlib
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
 from daytona import Daytona, DaytonaError, Sandbox, SessionExecuteRequest
 
+from tests import polling
 from tests.integration.stackthread import StackThread
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
@@ -79,10 +79,7 @@ def _quote(text: str) -> str:
 
 
 def wait_for(condition: Callable[[], bool], what: str, within: float = GENEROUS_SECONDS) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.5)
+    polling.wait_until(condition, what, timeout=within, interval=0.5)
 
 
 def escaping_processes(token: str) -> str:

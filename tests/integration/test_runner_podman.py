@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +27,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
+from tests.conftest import watch_server
 from tests.integration.stackthread import release_sandboxes
+from tests.polling import wait_until, wait_until_async
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
     ApiKeyRecord,
@@ -135,10 +136,12 @@ def nats_url(work_dir: Path) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
         preexec_fn=die_with_parent,  # gone with pytest, even if pytest is killed
     )
+    stop_watching = watch_server(process, "nats-server")
     try:
         wait_for(lambda: port_open(port), "nats-server")
         yield f"nats://127.0.0.1:{port}"
     finally:
+        stop_watching()
         process.terminate()
         process.wait(timeout=10)
 
@@ -161,12 +164,7 @@ def podman_socket(work_dir: Path) -> Iterator[str]:
 
 
 def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not come up within {timeout} s")
+    wait_until(condition, f"{what} did not come up within {timeout} s", timeout=timeout)
 
 
 def daemon_dir(work_dir: Path) -> Path:
@@ -409,19 +407,16 @@ async def test_heartbeat_and_adoption_after_restart(harness: Harness) -> None:
     await harness.runner.stop()
     harness.runner = Runner(harness.settings)
     await harness.runner.start()
-    route = None
-    for _ in range(100):  # adoption runs in the background, before jobs are consumed
-        route = await harness.route(spec.sandbox_id)
-        if route is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert route is not None and route.state is SandboxState.STARTED
-    for _ in range(100):
+    # Adoption runs in the background, before jobs are consumed.
+    route = await wait_until_async(lambda: harness.route(spec.sandbox_id), "no route after restart")
+    assert route.state is SandboxState.STARTED
+
+    async def counted() -> RunnerInfo | None:
         info = await kv_get(runners, harness.runner.runner_id, RunnerInfo)
-        if info is not None and info.sandboxes_running >= 1:
-            break
-        await asyncio.sleep(0.05)
-    assert info is not None and info.sandboxes_running >= 1 and info.cpu_allocated >= 1
+        return info if info is not None and info.sandboxes_running >= 1 else None
+
+    info = await wait_until_async(counted, "the runner never counted the adopted sandbox")
+    assert info.cpu_allocated >= 1
     await harness.run_job(spec, SandboxAction.DESTROY)
 
 

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 import httpx
 import pytest
 from daytona import Daytona, DaytonaError
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
 
 def wait_for_events(stack: StackThread, sandbox_id: str, wanted: int, within: float = 30.0) -> list[dict]:
     headers = {"Authorization": f"Bearer {stack.api_key}"}
-    deadline = time.monotonic() + within
-    while True:
+    seen: list[dict] = []
+
+    def enough() -> bool:
         response = httpx.get(f"{stack.api_url}/sandbox/{sandbox_id}/events", headers=headers)
         assert response.status_code == 200, response.text
-        processes = [event for event in response.json() if event["type"] == "sandbox.process.terminated"]
-        if len(processes) >= wanted or time.monotonic() > deadline:
-            return response.json()
-        time.sleep(0.5)
+        seen[:] = response.json()
+        return len([event for event in seen if event["type"] == "sandbox.process.terminated"]) >= wanted
+
+    with contextlib.suppress(AssertionError):  # the caller's assertions say what is missing
+        wait_until(enough, timeout=within)
+    return seen
 
 
 def test_timeouts_and_signals_become_sandbox_events(stack: StackThread) -> None:

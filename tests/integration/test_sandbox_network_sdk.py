@@ -13,7 +13,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
@@ -22,6 +21,7 @@ from daytona import CreateSandboxFromSnapshotParams, Daytona, Sandbox, SessionEx
 
 from tests.integration.netprobe import BLOCKED_TCP, PROBE, SERVER
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 from tidepool_runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
@@ -112,10 +112,8 @@ def bridge_link_local() -> str:
 
 
 def wait_for_http(sandbox: Sandbox, url: str) -> None:
-    deadline = time.monotonic() + SERVER_WAIT_SECONDS
-    while curl(sandbox, url)[0] != "200":
-        assert time.monotonic() < deadline, f"{url} never answered inside the sandbox"
-        time.sleep(0.2)
+    message = f"{url} never answered inside the sandbox"
+    wait_until(lambda: curl(sandbox, url)[0] == "200", message, timeout=SERVER_WAIT_SECONDS, interval=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import httpx
@@ -21,6 +20,7 @@ from daytona import (
 
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -48,15 +48,14 @@ def test_snapshot_from_image_reference(stack: StackThread, python_slim: str) -> 
             daytona.snapshot.delete(snapshot)
     finally:
         daytona.delete(sandbox)
-    deadline = time.monotonic() + 30
-    while True:
+    def deleted() -> bool:
         try:
             daytona.snapshot.delete(snapshot)
-            break
         except DaytonaConflictError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return False  # the deleted sandbox still counts as a user for a moment
+        return True
+
+    wait_until(deleted, "the snapshot stayed in use after its sandbox was deleted", interval=0.5)
     with pytest.raises(DaytonaNotFoundError):
         daytona.snapshot.get(name)
 
@@ -154,16 +153,14 @@ def test_builder_crash_during_build_is_retried(stack: StackThread, python_slim: 
 
     worker = threading.Thread(target=create)
     worker.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def building() -> bool:
         try:
-            if daytona.snapshot.get(name).state == "building":
-                break
+            return daytona.snapshot.get(name).state == "building"
         except DaytonaNotFoundError:
-            pass
-        time.sleep(0.2)
-    stack.kill("builder")
-    time.sleep(1)
+            return False
+
+    wait_until(building, "the snapshot never started building", timeout=60, interval=0.2)
+    stack.kill("builder")  # returns once the process is gone
     stack.restart("builder")
     worker.join(timeout=400)
     assert "error" not in result, f"build after a builder crash failed: {result.get('error')}"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
-import time
+import uuid
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from daytona import (
 )
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -54,10 +56,7 @@ def test_sandbox_lifecycle_through_the_sdk(stack: StackThread) -> None:
         assert sandbox.fs.download_file("x.bin") == payload, "stop/start must keep the filesystem"
     finally:
         daytona.delete(sandbox)
-    deadline = time.monotonic() + 60
-    while container_exists(sandbox.id) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not container_exists(sandbox.id), "delete must remove the container from the engine"
+    wait_until(lambda: not container_exists(sandbox.id), "delete must remove the container from the engine")
     with pytest.raises(DaytonaNotFoundError):
         daytona.get(sandbox.id)
 
@@ -150,14 +149,26 @@ def sandbox_containers() -> set[str]:
 
 def exec_when_reachable(sandbox: object, command: str, within: float = 60.0) -> str:
     """A restarted runner needs a moment before it relays toolbox traffic again."""
-    deadline = time.monotonic() + within
-    while True:
+
+    def result() -> str | None:
         try:
-            return sandbox.process.exec(command).result  # type: ignore[attr-defined]
+            return str(sandbox.process.exec(command).result)  # type: ignore[attr-defined]
         except DaytonaError as error:
-            if getattr(error, "status_code", None) not in (502, 503) or time.monotonic() > deadline:
+            if getattr(error, "status_code", None) not in (502, 503):
                 raise
-            time.sleep(0.5)
+            return None
+
+    return wait_until(result, f"the toolbox stayed unreachable (502/503) for {within} s", timeout=within)
+
+
+def listed(stack: StackThread, labels: dict[str, str]) -> bool:
+    """Whether the API holds a sandbox with these labels (its create request got through)."""
+    response = httpx.get(
+        f"{stack.api_url}/sandbox",
+        params={"labels": json.dumps(labels)},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    return bool(response.json()["items"])
 
 
 @pytest.mark.parametrize("service", ["scheduler", "runner"])
@@ -166,10 +177,11 @@ def test_create_survives_a_crash(stack: StackThread, service: str, moment: str) 
     """kill -9 a service with a create in flight: after its restart the sandbox starts, never stuck."""
     daytona = Daytona()
     created: dict[str, object] = {}
+    labels = {"crash-test": uuid.uuid4().hex}
 
     def create() -> None:
         try:
-            created["sandbox"] = daytona.create(timeout=180)
+            created["sandbox"] = daytona.create(CreateSandboxFromSnapshotParams(labels=labels), timeout=180)
         except Exception as error:  # reported by the assertion below
             created["error"] = error
 
@@ -177,19 +189,17 @@ def test_create_survives_a_crash(stack: StackThread, service: str, moment: str) 
     if moment == "before":
         stack.kill(service)  # the intent or job waits in JetStream
         worker.start()
-        time.sleep(1.0)
+        wait_until(lambda: listed(stack, labels), "the create request never reached the API", interval=0.01)
     else:
         existing = sandbox_containers()
         worker.start()
         if service == "runner":
             # Kill the runner between creating the container and seeing its daemon answer.
-            deadline = time.monotonic() + 30
-            while sandbox_containers() == existing and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: sandbox_containers() != existing, "no container was created", interval=0.01)
         else:
-            time.sleep(0.05)  # the intent is on its way to, or inside, the scheduler
+            # The intent is on its way to, or inside, the scheduler.
+            wait_until(lambda: listed(stack, labels), "the create never reached the API", interval=0.01)
         stack.kill(service)
-        time.sleep(1.0)
     stack.restart(service)
     worker.join(timeout=240)
     assert "error" not in created, f"create failed after a {service} crash: {created.get('error')}"

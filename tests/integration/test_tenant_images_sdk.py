@@ -8,7 +8,6 @@ import io
 import json
 import subprocess
 import tarfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from minio import Minio
 
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 from tidepool_builder.images import registry_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
@@ -55,13 +55,11 @@ class Tenant:
         return httpx.post(f"{self.stack.api_url}{path}", json=body, headers=self.headers, timeout=30)
 
     def settled_snapshot(self, snapshot_id: str, timeout: float = 900) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            body = self.get(f"/snapshots/{snapshot_id}").json()
-            if body["state"] in SETTLED:
-                return body
-            assert time.monotonic() < deadline, f"snapshot {snapshot_id} still {body['state']}"
-            time.sleep(0.5)
+        def settled() -> dict[str, Any] | None:
+            body: dict[str, Any] = self.get(f"/snapshots/{snapshot_id}").json()
+            return body if body["state"] in SETTLED else None
+
+        return wait_until(settled, f"snapshot {snapshot_id} never settled", timeout=timeout, interval=0.5)
 
 
 def new_tenant(stack: StackThread, name: str) -> Tenant:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,12 +126,10 @@ def test_code_run_result_parses_and_params(sandbox: Sandbox) -> None:
 
 
 def test_code_run_timeout(sandbox: Sandbox) -> None:
-    started = time.monotonic()
     # The daemon answers 408 PROCESS_EXECUTION_TIMEOUT like exec; `code_run` is the one SDK method without
     # `intercept_errors`, so it surfaces as the generated client's ApiException (status 408).
     with pytest.raises(Exception) as raised:
         sandbox.process.code_run("import time\ntime.sleep(30)", timeout=1)
-    assert time.monotonic() - started < 15
     assert getattr(raised.value, "status", None) == 408
     assert "timeout" in str(raised.value).lower()
 
@@ -236,10 +233,8 @@ def test_code_interpreter_contexts(sandbox: Sandbox) -> None:
 def test_code_interpreter_timeout(sandbox: Sandbox) -> None:
     interpreter = sandbox.code_interpreter
     interpreter.run_code("survivor = 'kept'")
-    started = time.monotonic()
     with pytest.raises(DaytonaTimeoutError):
         interpreter.run_code("import time\ntime.sleep(60)", timeout=1)
-    assert time.monotonic() - started < 15
     assert interpreter.run_code("print(survivor)").stdout == "kept\n"
 
 

@@ -29,6 +29,7 @@ from daytona import (
 )
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -277,9 +278,14 @@ def test_signed_url_rejections(sandbox: Sandbox, folder: str) -> None:
         assert plain.post(url.replace("/files/download", "/files/upload-v2"), content=b"x").status_code == 401
 
         short_lived = sandbox.download_url(f"{folder}/secret.txt", ttl_seconds=1)
-        time.sleep(2.1)
-        expired = plain.get(short_lived)
-        assert expired.status_code == 401 and "expired" in expired.json()["message"]
+        answers: list[httpx.Response] = []
+
+        def refused() -> bool:
+            answers.append(plain.get(short_lived))
+            return answers[-1].status_code != 200
+
+        wait_until(refused, "the 1 s URL was still accepted", interval=0.2)
+        assert answers[-1].status_code == 401 and "expired" in answers[-1].json()["message"]
 
 
 def test_rotating_the_key_invalidates_old_urls(sandbox: Sandbox, folder: str) -> None:

@@ -14,7 +14,7 @@ from daytona import (
     DaytonaConflictError,
     DaytonaError,
     DaytonaNotFoundError,
-    DaytonaTimeoutError,
+    DaytonaProcessExecutionTimeoutError,
     PtySize,
     Sandbox,
     SessionExecuteRequest,
@@ -22,6 +22,7 @@ from daytona import (
 from daytona.handle.pty_handle import PtyHandle
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -41,7 +42,8 @@ def read_pty_until(handle: PtyHandle, needle: bytes, timeout: float = 20) -> byt
     deadline = time.monotonic() + timeout
     while needle not in received:
         remaining = deadline - time.monotonic()
-        assert remaining > 0, f"{needle!r} not seen in {bytes(received[-2000:])!r}"
+        if remaining <= 0:
+            raise AssertionError(f"{needle!r} not seen in {bytes(received[-2000:])!r}")
         handle.wait(on_data=received.extend, timeout=min(remaining, 1.0))
         assert handle.exit_code is None or needle in received, f"PTY exited early: {bytes(received)!r}"
     return bytes(received)
@@ -104,10 +106,10 @@ def test_async_session_command_streams_logs_and_takes_input(sandbox: Sandbox) ->
             "sdk-stream", SessionExecuteRequest(command='read -r name; echo "hi $name"', run_async=True)
         )
         process.send_session_command_input("sdk-stream", reader.cmd_id, "tidepool")
-        deadline = time.monotonic() + 15
-        while process.get_session_command("sdk-stream", reader.cmd_id).exit_code is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until(
+            lambda: process.get_session_command("sdk-stream", reader.cmd_id).exit_code is not None,
+            "the reading command never finished",
+        )
         assert "hi tidepool" in (process.get_session_command_logs("sdk-stream", reader.cmd_id).stdout or "")
     finally:
         process.delete_session("sdk-stream")
@@ -123,7 +125,7 @@ def test_pty_create_disconnect_resize_reconnect(sandbox: Sandbox) -> None:
     process = sandbox.process
     handle = process.create_pty_session("sdk-pty", pty_size=PtySize(rows=24, cols=80))
     assert handle.is_connected()
-    handle.send_input('printf "pty-output\\n"\n')
+    handle.send_input('printf "pty-%s\\n" output\n')
     read_pty_until(handle, b"pty-output")
     handle.disconnect()
 
@@ -160,44 +162,41 @@ def test_pty_kill_and_duplicate(sandbox: Sandbox) -> None:
 
 
 def test_exec_timeout(sandbox: Sandbox) -> None:
-    started = time.monotonic()
-    try:
-        response = sandbox.process.exec("sleep 5", timeout=1)
-    except DaytonaTimeoutError:
-        pass
-    else:
-        assert response.exit_code != 0
-    assert time.monotonic() - started < 4.5
+    # The daemon's 408 PROCESS_EXECUTION_TIMEOUT, and the command's background child is killed with it.
+    with pytest.raises(DaytonaProcessExecutionTimeoutError):
+        sandbox.process.exec("sleep 300 & echo $! > sdk-timeout.pid; sleep 300", timeout=1)
+    # Field 3 of /proc/<pid>/stat is the state: empty once the process is gone, Z until it is reaped.
+    state = "awk '{print $3}' /proc/$(cat sdk-timeout.pid)/stat 2>/dev/null"
+    gone = ("", "Z")
+    wait_until(lambda: sandbox.process.exec(state).result.strip() in gone, "the exec's child outlived it")
 
 
 def test_background_server_survives_the_exec(sandbox: Sandbox) -> None:
-    started = time.monotonic()
     launched = sandbox.process.exec("nohup python3 -m http.server 8000 &")
     assert launched.exit_code == 0
-    assert time.monotonic() - started < 3
-    deadline = time.monotonic() + 15
-    while True:
-        probe = sandbox.process.exec("curl -s -o /dev/null -w '%{http_code}' localhost:8000")
-        if probe.result == "200" or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert probe.result == "200"
+    probe = "curl -s -o /dev/null -w '%{http_code}' localhost:8000"
+    wait_until(lambda: sandbox.process.exec(probe).result == "200", "the background server never answered")
     # Served requests log to the inherited (now daemon-drained) stderr: the server must keep running.
     assert sandbox.process.exec("curl -s localhost:8000 >/dev/null && echo ok").result == "ok\n"
 
 
 def test_long_exec_does_not_block_others(sandbox: Sandbox) -> None:
     results: dict[str, object] = {}
+    # The long exec runs until the test opens the gate, which it does only after the quick ones answered.
+    sandbox.process.exec("rm -f long-running long-gate")
+    long_command = "touch long-running; until [ -e long-gate ]; do sleep 0.05; done; echo slow"
 
     def long_exec() -> None:
-        results["long"] = sandbox.process.exec("sleep 3; echo slow").result
+        results["long"] = sandbox.process.exec(long_command, timeout=120).result
 
     thread = threading.Thread(target=long_exec)
     thread.start()
-    time.sleep(0.3)
-    quick_started = time.monotonic()
-    for index in range(3):
-        assert sandbox.process.exec(f"echo quick-{index}").result == f"quick-{index}\n"
-    assert time.monotonic() - quick_started < 2
-    thread.join(15)
+    try:
+        wait_until(lambda: sandbox.process.exec("test -e long-running").exit_code == 0, "no long exec")
+        for index in range(3):
+            assert sandbox.process.exec(f"echo quick-{index}").result == f"quick-{index}\n"
+        assert thread.is_alive() and "long" not in results
+    finally:
+        sandbox.process.exec("touch long-gate")
+        thread.join(150)
     assert results["long"] == "slow\n"

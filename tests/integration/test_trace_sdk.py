@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from daytona import Daytona
 
 from tests.integration.spans import SpanCollector
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -20,22 +19,25 @@ def test_one_create_is_one_trace_across_api_scheduler_and_runner(
     sandbox = daytona.create()
     try:
         # Services export in batches (every few seconds): poll until the runner's part of the trace arrives.
-        deadline = time.monotonic() + 60
-        services: set[str] = set()
-        while time.monotonic() < deadline:
+        wanted = {"tidepool-api", "tidepool-scheduler", "tidepool-runner"}
+
+        def services_of_the_create_trace() -> set[str]:
             collected = spans.snapshot()
             roots = [
                 span
                 for span in collected
                 if span.name == "sandbox.create" and span.attributes.get("sandbox.id") == sandbox.id
             ]
-            if roots:
-                assert len({span.trace_id for span in roots}) == 1
-                trace_id = roots[0].trace_id
-                services = {span.service for span in collected if span.trace_id == trace_id}
-                if {"tidepool-api", "tidepool-scheduler", "tidepool-runner"} <= services:
-                    break
-            time.sleep(0.5)
-        assert {"tidepool-api", "tidepool-scheduler", "tidepool-runner"} <= services, services
+            if not roots:
+                return set()
+            assert len({span.trace_id for span in roots}) == 1
+            trace_id = roots[0].trace_id
+            return {span.service for span in collected if span.trace_id == trace_id}
+
+        wait_until(
+            lambda: wanted <= services_of_the_create_trace(),
+            lambda: f"the create's trace spans only {services_of_the_create_trace()}",
+            timeout=60,
+        )
     finally:
         daytona.delete(sandbox)

@@ -264,7 +264,7 @@ SDK_UPLOAD = textwrap.dedent(
     from daytona._sync.object_storage import ObjectStorage
     e = json.loads(sys.argv[1])
     storage = ObjectStorage(
-        e["endpoint"], e["access"], e["secret"], "session-token", e["bucket"], region=e["region"]
+        e["endpoint"], e["access"], e["secret"], "", e["bucket"], region=e["region"]
     )
     print(json.dumps([storage.upload(path, e["org"]) for path in e["paths"]]))
     """
@@ -330,7 +330,7 @@ def test_obstore_alone_honours_ssl_cert_file(storage: tuple[Stack, Settings]) ->
         from obstore.store import S3Store
         e = json.loads(sys.argv[1])
         store = S3Store(e["bucket"], endpoint=e["endpoint"], region=e["region"], access_key_id=e["access"],
-                        secret_access_key=e["secret"], session_token="t", retry_config={"max_retries": 0})
+                        secret_access_key=e["secret"], session_token="", retry_config={"max_retries": 0})
         store.put(e["org"] + "/direct/context.tar", b"direct")
         print("uploaded")
         """

@@ -18,6 +18,7 @@ import os
 import py_compile
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import structlog
@@ -89,18 +90,32 @@ def _libc() -> ctypes.CDLL:
 
 
 def _stage_daemon(source: Path, target: Path) -> None:
-    """Swap in a fresh copy; sandboxes started earlier keep the one they mounted (mounts hold inodes)."""
+    """Swap in a fresh copy. Sandboxes started earlier keep the copy they mounted (a mount holds the
+    directory, not its path) and their supervisors start new workers from it, so a replaced copy is renamed
+    aside, never emptied; copies that no mount uses any more are removed."""
     fresh = target.with_name(target.name + ".new")
     shutil.rmtree(fresh, ignore_errors=True)
     shutil.copytree(source, fresh, ignore=DAEMON_COPY_IGNORE)
     _compile_bytecode(fresh)
     _make_world_readable(fresh)
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
-        target.rename(old)
+        target.rename(target.with_name(f"{target.name}.replaced-{time.time_ns()}"))
     fresh.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_unmounted_copies(target)
+
+
+def _remove_unmounted_copies(target: Path) -> None:
+    # A bind mount's root (field 4 of mountinfo, relative to its filesystem) follows renames: a replaced
+    # copy still in use shows as `.../daemon.replaced-<n>` in some process's mount namespace.
+    used: set[str] = set()
+    for mountinfo in Path("/proc").glob("[0-9]*/mountinfo"):
+        try:
+            used.update(line.split()[3] for line in mountinfo.read_text().splitlines())
+        except (OSError, IndexError):
+            continue
+    for aside in [*target.parent.glob(f"{target.name}.replaced-*"), target.with_name(target.name + ".old")]:
+        if aside.exists() and not any(root.endswith(f"/{aside.name}") for root in used):
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def _compile_bytecode(root: Path) -> None:

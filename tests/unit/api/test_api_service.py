@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.polling import wait_until_async
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator, hash_key
 from tidepool_api.bootstrap import ensure_admin, mirror_api_keys
@@ -76,12 +78,11 @@ async def report(bus: Bus, sandbox_id: str, organization_id: str, state: Sandbox
 
 
 async def wait_state(client: httpx.AsyncClient, sandbox_id: str, state: str) -> dict[str, object]:
-    for _ in range(100):
+    async def reached() -> dict[str, object] | None:
         response = await client.get(f"/api/sandbox/{sandbox_id}")
-        if response.status_code == 200 and response.json()["state"] == state:
-            return response.json()
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"sandbox {sandbox_id} never reached {state}: {response.text}")
+        return response.json() if response.status_code == 200 and response.json()["state"] == state else None
+
+    return await wait_until_async(reached, f"sandbox {sandbox_id} never reached {state}")
 
 
 async def test_create_publishes_intent_and_desired_state(api) -> None:  # type: ignore[no-untyped-def]
@@ -116,14 +117,17 @@ async def test_runner_events_drive_the_state_machine(api) -> None:  # type: igno
     assert deleting.json()["state"] == "destroying"
     # A late `started` from an old job must not resurrect a sandbox being deleted.
     await report(context.bus, sandbox_id, organization, SandboxState.STARTED)
-    await asyncio.sleep(0.3)
-    assert (await client.get(f"/api/sandbox/{sandbox_id}")).json()["state"] == "destroying"
+    # A sandbox's events apply in order: once this later `error` shows, the `started` was handled.
+    await report(context.bus, sandbox_id, organization, SandboxState.ERROR)
+    await wait_state(client, sandbox_id, "error")
+    updates = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
+    changes = [(event.get("oldState"), event.get("newState")) for event in updates]
+    assert ("destroying", "error") in changes and ("destroying", "started") not in changes
     await report(context.bus, sandbox_id, organization, SandboxState.DESTROYED)
-    for _ in range(100):
-        if (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404:
-            break
-        await asyncio.sleep(0.05)
-    assert (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
+    async def gone() -> bool:
+        return (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
+
+    await wait_until_async(gone, "the destroyed sandbox is still there")
     # The name is free again.
     assert (await client.post("/api/sandbox", json={"name": "machine"})).status_code == 200
 
@@ -302,14 +306,58 @@ async def test_recoverable_error_and_daemon_restarts_reach_the_sandbox(api) -> N
     await context.bus.publish(channels.SANDBOX_EVENTS, error, sandbox_id=sandbox_id)
     errored = await wait_state(client, sandbox_id, "error")
     assert errored["recoverable"] is True and errored["errorReason"] == reason
-    for _ in range(100):
+
+    async def restarted_event() -> list | None:
         events = (await client.get(f"/api/sandbox/{sandbox_id}/events")).json()
-        if any(event["type"] == "sandbox.daemon.restarted" for event in events):
-            break
-        await asyncio.sleep(0.05)
+        return events if any(event["type"] == "sandbox.daemon.restarted" for event in events) else None
+
+    events = await wait_until_async(restarted_event, "no sandbox.daemon.restarted event")
     restart = next(event for event in events if event["type"] == "sandbox.daemon.restarted")
     assert restart["reason"] == "did not answer; restarted"
     states = [event for event in events if event["type"] == "sandbox.state.updated"]
     assert states[0]["newState"] == "error" and states[0]["recoverable"] is True
     # Stopping it (the recovery) clears the flag with the error.
     assert (await client.post(f"/api/sandbox/{sandbox_id}/stop")).json()["recoverable"] is False
+
+
+async def test_the_build_cache_is_evicted_periodically(api) -> None:  # type: ignore[no-untyped-def]
+    """The API's background loop (started in its main) evicts an expired build without being asked, and
+    keeps going after a round that failed."""
+    from datetime import UTC, datetime, timedelta
+
+    from tidepool_api import snapshots
+
+    _, context, _ = api
+    old = datetime.now(UTC) - timedelta(hours=context.settings.build_cache_hours + 1)
+    async with context.database.sessions() as session:
+        session.add(
+            Snapshot(
+                id="build:stale", name="build:stale", image_name="build:stale", ref="build:stale",
+                hidden=True, state="active", last_used_at=old,
+            )
+        )  # fmt: skip
+        await session.commit()
+    rounds: list[int] = []
+    real_round = snapshots.evict_expired_builds
+
+    async def first_round_fails(context_arg, now=None):  # type: ignore[no-untyped-def]
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise RuntimeError("the database went away for a moment")
+        return await real_round(context_arg, now)
+
+    snapshots.evict_expired_builds = first_round_fails  # type: ignore[assignment]
+    loop = asyncio.create_task(snapshots.evict_expired_builds_forever(context, interval_seconds=0.05))
+    try:
+
+        async def evicted() -> bool:
+            async with context.database.sessions() as session:
+                return await session.get(Snapshot, "build:stale") is None
+
+        await wait_until_async(evicted, "the stale build was never evicted by the loop")
+        assert len(rounds) >= 2 and not loop.done()
+    finally:
+        snapshots.evict_expired_builds = real_round  # type: ignore[assignment]
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop

@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.polling import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DAEMON_ENTRY = REPO_ROOT / "services" / "daemon" / "main.py"
@@ -52,9 +53,11 @@ def running_daemon(
     home_dir: Path,
     log_path: Path,
     extra_env: dict[str, str] | None = None,
+    command_prefix: list[str] | None = None,
 ) -> Iterator[Path]:
     """Run the daemon the way the runner does and stop it (SIGTERM) afterwards. `extra_env` joins the
-    daemon's environment (in a sandbox: the container's), e.g. to tighten its bounds."""
+    daemon's environment (in a sandbox: the container's), e.g. to tighten its bounds; `command_prefix`
+    runs it under a wrapper (e.g. `setpriv` to drop capabilities)."""
     env = {
         **os.environ,
         CONTAINER_ENV_MARKER[0]: CONTAINER_ENV_MARKER[1],
@@ -63,7 +66,16 @@ def running_daemon(
     }
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            [_system_python(), "-I", str(DAEMON_ENTRY), "--socket", str(socket_path), "--log-level", "DEBUG"],
+            [
+                *(command_prefix or []),
+                _system_python(),
+                "-I",
+                str(DAEMON_ENTRY),
+                "--socket",
+                str(socket_path),
+                "--log-level",
+                "DEBUG",
+            ],
             cwd=work_dir,
             env=env,
             stdout=log_file,
@@ -95,9 +107,10 @@ def launch_daemon(tmp_path: Path, work_dir: Path) -> Callable[..., contextlib.Ab
     `extra_env`)."""
 
     def launch(
-        socket_path: Path, extra_env: dict[str, str] | None = None
+        socket_path: Path, extra_env: dict[str, str] | None = None, command_prefix: list[str] | None = None
     ) -> contextlib.AbstractContextManager[Path]:
-        return running_daemon(socket_path, work_dir, tmp_path / "home", tmp_path / "daemon.log", extra_env)
+        home, log = tmp_path / "home", tmp_path / "daemon.log"
+        return running_daemon(socket_path, work_dir, home, log, extra_env, command_prefix)
 
     return launch
 
@@ -141,16 +154,19 @@ def daemon_pids(socket_path: Path) -> tuple[int, int]:
 
 
 def _wait_for_socket(process: subprocess.Popen[bytes], socket_path: Path, log_path: Path) -> None:
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
+    def answers() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"daemon exited early ({process.returncode}):\n{log_path.read_text()}")
-        if socket_path.exists():
-            try:
-                with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as probe:
-                    if probe.get("http://daemon/version").status_code == 200:
-                        return
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-    raise RuntimeError(f"daemon socket {socket_path} did not come up:\n{log_path.read_text()}")
+        if not socket_path.exists():
+            return False
+        try:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path))) as probe:
+                return probe.get("http://daemon/version").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(
+        answers,
+        lambda: f"daemon socket {socket_path} did not come up:\n{log_path.read_text()}",
+        timeout=DAEMON_START_TIMEOUT_SECONDS,
+    )

@@ -18,7 +18,6 @@ import socket
 import struct
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.polling import wait_until
 from tests.unit.daemon.conftest import daemon_pids
 
 TIB = 1024**4
@@ -73,12 +73,7 @@ def bounded_jobs(socket_path: Path) -> list[int]:
 
 
 def wait_for(condition: Callable[[], Any], what: str, within: float = 30.0) -> Any:
-    deadline = time.monotonic() + within
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return result
+    return wait_until(condition, f"timed out waiting for {what}", timeout=within, interval=0.02)
 
 
 class Background:

@@ -7,7 +7,7 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,10 +104,8 @@ def test_large_code_is_fed_without_deadlock(daemon_client: httpx.Client) -> None
 
 
 def test_timeout_is_408_like_exec(daemon_client: httpx.Client) -> None:
-    started = time.monotonic()
     response = code_run(daemon_client, "import time\nprint('started', flush=True)\ntime.sleep(30)", timeout=1)
     assert response.status_code == 408
-    assert time.monotonic() - started < 5
     body = response.json()
     assert body["code"] == "PROCESS_EXECUTION_TIMEOUT"
     assert body["source"] == "DAYTONA_DAEMON"
@@ -126,10 +124,6 @@ def test_missing_language_defaults_to_python(daemon_client: httpx.Client) -> Non
     assert body["result"] == "1024\n"
 
 
-needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed on this host")
-
-
-@needs_node
 def test_javascript(daemon_client: httpx.Client) -> None:
     code = (
         "const xs = [1, 2, 3];\n"
@@ -140,7 +134,6 @@ def test_javascript(daemon_client: httpx.Client) -> None:
     assert body["result"] == "[2,4,6] p,q\n"
 
 
-@needs_node
 def test_javascript_error_exit_code(daemon_client: httpx.Client) -> None:
     body = code_run(daemon_client, "console.error('bad'); process.exit(3)", language="javascript").json()
     assert (body["exitCode"], body["result"]) == (3, "bad\n")
@@ -152,7 +145,7 @@ def ts_node_on_path(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     if shutil.which("ts-node"):
         return Path(shutil.which("ts-node") or "")
     if shutil.which("npm") is None:
-        pytest.skip("neither ts-node nor npm on this host")
+        pytest.fail("neither ts-node nor npm (to install it) on this host")
     prefix = tmp_path_factory.mktemp("ts-node")
     install = subprocess.run(
         [
@@ -171,7 +164,7 @@ def ts_node_on_path(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
         check=False,
     )
     if install.returncode != 0:
-        pytest.skip(f"could not install ts-node: {install.stderr[-500:]}")
+        pytest.fail(f"could not install ts-node: {install.stderr[-500:]}")
     bin_dir = prefix / "node_modules" / ".bin"
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
     return bin_dir / "ts-node"
@@ -189,7 +182,6 @@ def daemon_with_ts_node(
             yield client
 
 
-@needs_node
 def test_typescript(daemon_with_ts_node: httpx.Client) -> None:
     code = (
         "interface Point { x: number; y: number }\n"
@@ -201,7 +193,6 @@ def test_typescript(daemon_with_ts_node: httpx.Client) -> None:
     assert body["result"] == "sum=3 [ 'one' ]\n"
 
 
-@needs_node
 def test_typescript_runtime_error(daemon_with_ts_node: httpx.Client) -> None:
     body = code_run(daemon_with_ts_node, "throw new Error('ts boom')", language="typescript").json()
     assert body["exitCode"] != 0
@@ -209,7 +200,8 @@ def test_typescript_runtime_error(daemon_with_ts_node: httpx.Client) -> None:
 
 
 def _python_with_matplotlib() -> str | None:
-    for candidate in ("/usr/bin/python3", shutil.which("python3")):
+    # The host's, else the test environment's (matplotlib is a dev dependency, as in the sandbox image).
+    for candidate in ("/usr/bin/python3", shutil.which("python3"), sys.executable):
         if (
             candidate
             and subprocess.run([candidate, "-c", "import matplotlib"], capture_output=True).returncode == 0
@@ -226,7 +218,7 @@ def daemon_with_matplotlib(
 ) -> Iterator[httpx.Client]:
     python = _python_with_matplotlib()
     if python is None:
-        pytest.skip("no python3 with matplotlib on this host (the SDK tests cover charts in the image)")
+        pytest.fail("no python3 with matplotlib: install the dev extras (`make venv`)")
     # The daemon runs user code with the first python3 on PATH: make it the one that has matplotlib.
     monkeypatch.setenv("PATH", f"{Path(python).parent}:{__import__('os').environ['PATH']}")
     monkeypatch.delenv("MPLBACKEND", raising=False)
@@ -290,7 +282,6 @@ def test_matplotlib_chart_on_exception_exit_and_composite(daemon_with_matplotlib
     assert [round(element["angle"]) for element in pie["elements"]] == [90, 270]
 
 
-@needs_node
 def test_typescript_too_large_for_one_argument(daemon_with_ts_node: httpx.Client) -> None:
     filler = "// " + "x" * 200 + "\n"
     code = filler * 700 + "const n: number = 6 * 7;\nconsole.log(n, process.argv.slice(2));\n"

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 ONE_MIB = 1024 * 1024
 DOWNLOAD_BOUNDARY = "DAYTONA-FILE-BOUNDARY"
@@ -166,14 +166,21 @@ def test_delete_missing_is_404(daemon_client: httpx.Client) -> None:
     assert response.json()["code"] == "FILE_NOT_FOUND"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root bypasses file permissions")
-def test_permission_denied_is_403(daemon_client: httpx.Client, work_dir: Path) -> None:
+def test_permission_denied_is_403(
+    socket_dir: Path, launch_daemon: Callable[..., contextlib.AbstractContextManager[Path]], work_dir: Path
+) -> None:
     locked = work_dir / "locked"
     locked.mkdir()
     (locked / "f").write_text("x")
     locked.chmod(0o000)
+    # Root reads anything through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH: run this daemon without them, as
+    # a sandbox's user is.
+    no_override = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     try:
-        response = daemon_client.get("/files", params={"path": "locked"})
+        with launch_daemon(socket_dir / "toolbox.sock", command_prefix=no_override) as socket_path:
+            transport = httpx.HTTPTransport(uds=str(socket_path))
+            with httpx.Client(transport=transport, base_url="http://daemon", timeout=30.0) as client:
+                response = client.get("/files", params={"path": "locked"})
         assert response.status_code == 403
         assert response.json()["code"] == "FILE_ACCESS_DENIED"
     finally:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import stat
-import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.unit.daemon.conftest import daemon_pids
 
 MIB = 1024 * 1024
 
@@ -369,17 +367,11 @@ def test_upload_v2_errors(daemon_client: httpx.Client, work_dir: Path) -> None:
     assert no_file_field.status_code == 400 and "'file'" in no_file_field.json()["message"]
 
 
-def _daemon_memory_kib(socket_path: Path, field: str) -> int:
-    _supervisor, worker = daemon_pids(socket_path)  # the worker serves the requests
-    for line in Path(f"/proc/{worker}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field}")
-
-
-def test_upload_v2_and_download_stream_in_constant_memory(
-    daemon_client: httpx.Client, daemon_socket: Path, work_dir: Path
+def test_upload_v2_and_download_stream_a_large_file(
+    daemon_client: httpx.Client, work_dir: Path
 ) -> None:
+    # Whether the daemon streams in constant memory (its peak RSS growth) is measured by `make bench`
+    # (tests/bench/bench_transfer.py, 1 GiB through the SDK); here: a large transfer arrives intact.
     size = 256 * MIB
     block = os.urandom(MIB)
 
@@ -387,18 +379,18 @@ def test_upload_v2_and_download_stream_in_constant_memory(
         for _ in range(size // MIB):
             yield block
 
-    before = _daemon_memory_kib(daemon_socket, "VmRSS")
     response = daemon_client.post("/files/upload-v2", params={"path": "big.bin"}, content=chunks())
     assert response.status_code == 200, response.text
     assert (work_dir / "big.bin").stat().st_size == size
-    started = time.monotonic()
     received = 0
+    crc = 0
     with daemon_client.stream("GET", "/files/download", params={"path": "big.bin"}) as download:
         assert download.headers["content-length"] == str(size)
         for piece in download.iter_bytes():
             received += len(piece)
+            crc = zlib.crc32(piece, crc)
     assert received == size
-    # VmHWM is the peak resident size: any moment the transfer was buffered would show up here.
-    growth_mib = (_daemon_memory_kib(daemon_socket, "VmHWM") - before) / 1024
-    assert growth_mib < 32, f"daemon RSS grew by {growth_mib:.0f} MiB for a {size // MIB} MiB transfer"
-    assert time.monotonic() - started < 60
+    expected = 0
+    for _ in range(size // MIB):
+        expected = zlib.crc32(block, expected)
+    assert crc == expected

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,16 +51,20 @@ greeter.
 """
 
 
-def _has_pylsp() -> bool:
-    if shutil.which("pylsp"):
-        return True
-    python = shutil.which("python3")
-    return (
-        bool(python) and subprocess.run([python, "-c", "import pylsp"], capture_output=True).returncode == 0
-    )
-
-
-needs_pylsp = pytest.mark.skipif(not _has_pylsp(), reason="pylsp is not installed on this host")
+@pytest.fixture
+def pylsp_daemon_client(
+    socket_dir: Path, launch_daemon: Callable[[Path], contextlib.AbstractContextManager[Path]]
+) -> Iterator[httpx.Client]:
+    """A daemon that finds pylsp on its PATH: the host's, else the test environment's (python-lsp-server,
+    a dev dependency, as python3-pylsp is in the sandbox image). Missing, the test fails."""
+    found = shutil.which("pylsp") or shutil.which("pylsp", path=str(Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("pylsp is missing: install the dev extras (`make venv`)")
+    path = f"{Path(found).parent}:{os.environ['PATH']}"
+    with launch_daemon(socket_dir / "toolbox.sock", {"PATH": path}) as socket_path:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://daemon", timeout=30.0) as client:
+            yield client
 
 
 def lsp_body(language: str, project: str, **extra: Any) -> dict[str, Any]:
@@ -96,8 +101,8 @@ def test_invalid_requests(daemon_client: httpx.Client, work_dir: Path) -> None:
     assert daemon_client.post("/lsp/start", json={"languageId": "python"}).status_code == 400
 
 
-@needs_pylsp
-def test_python_language_server(daemon_client: httpx.Client, python_project: Path) -> None:
+def test_python_language_server(pylsp_daemon_client: httpx.Client, python_project: Path) -> None:
+    daemon_client = pylsp_daemon_client
     project = "lsp-project"  # relative to the work dir, as SDK users pass it
     uri = "file://lsp-project/sample.py"  # what the SDK builds from a relative path
     assert daemon_client.post("/lsp/start", json=lsp_body("python", project)).status_code == 200
@@ -153,8 +158,8 @@ def test_python_language_server(daemon_client: httpx.Client, python_project: Pat
     assert response.json()["code"] == "LSP_SERVER_NOT_INITIALIZED"
 
 
-@needs_pylsp
-def test_absolute_project_and_uri(daemon_client: httpx.Client, python_project: Path) -> None:
+def test_absolute_project_and_uri(pylsp_daemon_client: httpx.Client, python_project: Path) -> None:
+    daemon_client = pylsp_daemon_client
     body = lsp_body("python", str(python_project))
     assert daemon_client.post("/lsp/start", json=body).status_code == 200
     try:
@@ -178,7 +183,7 @@ def typescript_language_server(
     if shutil.which("typescript-language-server"):
         return
     if shutil.which("npm") is None or shutil.which("node") is None:
-        pytest.skip("typescript-language-server is not installed and npm is missing")
+        pytest.fail("typescript-language-server is not installed and npm is missing to install it")
     prefix = tmp_path_factory.mktemp("tsls")
     install = subprocess.run(
         [
@@ -197,7 +202,7 @@ def typescript_language_server(
         check=False,
     )
     if install.returncode != 0:
-        pytest.skip(f"could not install typescript-language-server: {install.stderr[-500:]}")
+        pytest.fail(f"could not install typescript-language-server: {install.stderr[-500:]}")
     monkeypatch.setenv("PATH", f"{prefix / 'node_modules' / '.bin'}:{os.environ['PATH']}")
 
 

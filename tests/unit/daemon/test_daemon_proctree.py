@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests import polling
 from tidepool_daemon import proctree
 from tidepool_daemon.proctree import TREE_ENV, DeadlineReaper, ProcessEntry, TreeSpec, kill_tree, members
 
@@ -41,10 +42,7 @@ def processes_with(token: str) -> list[int]:
 
 
 def wait_until(condition, what: str, within: float = GENEROUS_SECONDS) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+    polling.wait_until(condition, what, timeout=within, interval=0.1)
 
 
 def unique_sleep() -> str:

@@ -15,6 +15,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, unix_connect
 
+from tests.polling import wait_until
+
 EXIT_CONTROL = "X-Daytona-Pty-Exit-Control"
 
 
@@ -114,23 +116,27 @@ def test_envs_subprotocol_and_cwd(daemon_socket: Path, tmp_path: Path) -> None:
 
 def test_ctrl_c_interrupts_the_foreground_job(daemon_socket: Path) -> None:
     ws = open_pty(daemon_socket, "/process/pty/create-connect?id=p5")
-    ws.send(b"sleep 30\n")
-    time.sleep(0.5)
-    started = time.monotonic()
+    # The foreground job says it runs (split, so the echoed command line does not match), then sleeps long
+    # enough that only the interrupt ends it inside read_until's deadline.
+    ws.send(b"sh -c 'printf \"fg-%s\\n\" ready; exec sleep 300'\n")
+    read_until(ws, b"fg-ready")
     ws.send(b"\x03")  # SIGINT reaches `sleep` (the foreground job) through the controlling terminal
     ws.send(b'echo "after-$?"\n')
-    read_until(ws, b"after-130")
-    assert time.monotonic() - started < 5
+    read_until(ws, b"after-130", timeout=60)
     ws.close()
 
 
 def test_disconnect_keeps_the_pty_and_reconnect_sees_backlog(
-    daemon_socket: Path, daemon_client: httpx.Client
+    daemon_socket: Path, daemon_client: httpx.Client, tmp_path: Path
 ) -> None:
+    gate, printed = tmp_path / "gate", tmp_path / "printed"
     ws = open_pty(daemon_socket, "/process/pty/create-connect?id=p6")
-    ws.send(b"sleep 0.5; echo printed-while-away\n")
+    # Split so the terminal's echo of the command line does not contain the needle.
+    command = f'until [ -e {gate} ]; do sleep 0.05; done; printf "printed-%s\\n" while-away; touch {printed}'
+    ws.send(command.encode() + b"\n")
     ws.close()
-    time.sleep(1.0)
+    gate.touch()
+    wait_until(printed.exists, "the PTY's shell stopped running once its client left")
     listed = daemon_client.get("/process/pty").json()["sessions"]
     assert [session["id"] for session in listed] == ["p6"]
     assert listed[0]["active"] is True
@@ -140,7 +146,7 @@ def test_disconnect_keeps_the_pty_and_reconnect_sees_backlog(
     read_until(again, b"printed-while-away")
     again.send(b"stty size\n")
     read_until(again, b"30 100")
-    again.send(b'printf "pty-output\\n"\n')
+    again.send(b'printf "pty-%s\\n" output\n')
     read_until(again, b"pty-output")
     again.send(b"exit\n")
     _, code, _ = read_to_close(again)

@@ -3,7 +3,8 @@ streamed over WebSocket, with offset replay), input, deletion, termination reaso
 
 from __future__ import annotations
 
-import time
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import unix_connect
+
+from tests.polling import process_alive, wait_until, wait_until_dead
 
 STDOUT = b"\x01\x01\x01"
 STDERR = b"\x02\x02\x02"
@@ -24,14 +27,12 @@ def run(client: httpx.Client, session_id: str, command: str, **fields: Any) -> h
     return client.post(f"/process/session/{session_id}/exec", json={"command": command, **fields})
 
 
-def wait_for_exit(client: httpx.Client, session_id: str, command_id: str, timeout: float = 10) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_exit(client: httpx.Client, session_id: str, command_id: str, timeout: float = 30) -> dict:
+    def finished() -> dict | None:
         body = client.get(f"/process/session/{session_id}/command/{command_id}").json()
-        if body.get("exitCode") is not None:
-            return body
-        time.sleep(0.05)
-    raise AssertionError(f"command {command_id} did not finish")
+        return body if body.get("exitCode") is not None else None
+
+    return wait_until(finished, f"command {command_id} did not finish", timeout=timeout)
 
 
 def demux(data: bytes) -> tuple[bytes, bytes]:
@@ -124,15 +125,28 @@ def test_legacy_async_field_is_accepted(daemon_client: httpx.Client) -> None:
 
 
 def test_streamed_logs_arrive_while_running_and_close_1000(
-    daemon_client: httpx.Client, daemon_socket: Path
+    daemon_client: httpx.Client, daemon_socket: Path, work_dir: Path
 ) -> None:
     create(daemon_client, "stream")
-    command = "for i in 1 2 3; do echo out-$i; echo err-$i >&2; sleep 0.2; done"
+    # The command blocks after its first lines until the test opens the gate: what arrives before that
+    # was streamed while it ran.
+    gate = work_dir / "gate"
+    wait = f"until [ -e {gate} ]; do sleep 0.05; done"
+    command = f"for i in 1 2 3; do echo out-$i; echo err-$i >&2; {wait}; done"
     command_id = run(daemon_client, "stream", command, runAsync=True).json()["cmdId"]
-    started = time.monotonic()
-    data, code = follow_logs(daemon_socket, "stream", command_id)
+    uri = f"ws://daemon/process/session/stream/command/{command_id}/logs?follow=true"
+    data = b""
+    with unix_connect(str(daemon_socket), uri) as ws:
+        while b"err-1" not in data:
+            data += ws.recv(timeout=15)  # type: ignore[operator]
+        assert b"out-2" not in data
+        gate.touch()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                data += ws.recv(timeout=15)  # type: ignore[operator]
+    assert closed.value.rcvd is not None
+    code = closed.value.rcvd.code
     assert code == 1000
-    assert time.monotonic() - started >= 0.3  # it streamed while running, not after the fact
     stdout, stderr = demux(data)
     assert stdout == b"out-1\nout-2\nout-3\n"
     assert stderr == b"err-1\nerr-2\nerr-3\n"
@@ -191,11 +205,14 @@ def test_suppressed_input_echo(daemon_client: httpx.Client) -> None:
 
 def test_background_job_does_not_hold_up_the_command(daemon_client: httpx.Client) -> None:
     create(daemon_client, "bg")
-    started = time.monotonic()
-    body = run(daemon_client, "bg", "sleep 30 &\necho started").json()
-    assert time.monotonic() - started < 2
-    assert body["stdout"] == "started\n"
+    body = run(daemon_client, "bg", "sleep 300 &\necho $!").json()
     assert body["exitCode"] == 0
+    # The command answered while its background job still runs: it did not wait for it.
+    child = int(body["stdout"])
+    try:
+        assert process_alive(child)
+    finally:
+        os.kill(child, signal.SIGKILL)
     # The session still works while the background job holds its old pipes.
     assert run(daemon_client, "bg", "echo next").json()["stdout"] == "next\n"
 
@@ -242,15 +259,17 @@ def test_delete_kills_running_commands_and_background_jobs(
     daemon_client: httpx.Client, work_dir: Path
 ) -> None:
     create(daemon_client, "doomed")
-    run(daemon_client, "doomed", "(sleep 1; touch bg-survived) &")
-    run(daemon_client, "doomed", "(sleep 1; touch bg-of-dead-shell-survived) & exit 0")
-    command_id = run(daemon_client, "doomed", "sleep 1; touch fg-survived", runAsync=True).json()["cmdId"]
+    # Each records its pid, then would outlive any deadline of this test.
+    run(daemon_client, "doomed", f"sleep 300 & echo $! > {work_dir}/bg.pid")
+    run(daemon_client, "doomed", f"sleep 300 & echo $! > {work_dir}/bg-of-dead-shell.pid; exit 0")
+    fg = f"sh -c 'echo $$ > {work_dir}/fg.tmp && mv {work_dir}/fg.tmp {work_dir}/fg.pid && exec sleep 300'"
+    command_id = run(daemon_client, "doomed", fg, runAsync=True).json()["cmdId"]
     assert command_id
+    wait_until((work_dir / "fg.pid").exists, "the async command never started")
+    pids = [int((work_dir / f"{name}.pid").read_text()) for name in ("bg", "bg-of-dead-shell", "fg")]
+    assert all(process_alive(pid) for pid in pids)
     assert daemon_client.delete("/process/session/doomed").status_code == 204
-    time.sleep(1.5)
-    assert not (work_dir / "bg-survived").exists()
-    assert not (work_dir / "bg-of-dead-shell-survived").exists()
-    assert not (work_dir / "fg-survived").exists()
+    wait_until_dead(pids, "the deleted session's processes")
     assert create(daemon_client, "doomed").status_code == 201  # the id is free again
 
 

@@ -10,6 +10,7 @@ import base64
 import os
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import unix_connect
 
+from tests.polling import wait_until
 from tidepool_daemon.errors import DaemonError
 from tidepool_daemon.http_io import Request, Response, json_response
 from tidepool_daemon.routing import Router
@@ -290,12 +292,22 @@ def test_concurrent_senders_never_interleave_frames() -> None:
     assert sorted(received) == sorted(payloads)
 
 
+def _inside(thread: threading.Thread, function: str) -> bool:
+    """Whether `thread` is currently running `function` (anywhere on its stack)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_close_from_another_thread_unblocks_receiver() -> None:
     ws, client = _pair()
     results: list[object] = []
     receiver = threading.Thread(target=lambda: results.append(ws.receive()))
     receiver.start()
-    time.sleep(0.1)
+    wait_until(lambda: _inside(receiver, "receive"), "the receiver never called receive()")
     pending = bytearray()
 
     def answer_close() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import uuid
@@ -12,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import aiohttp
 import pytest
 
+from tests.polling import wait_until_async
 from tidepool_contracts import channels
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
@@ -224,12 +224,11 @@ async def test_route_changes_reach_the_proxy(
 
 
 async def _eventually_status(http: aiohttp.ClientSession, url: str, api_key: str, status: int) -> bool:
-    for _ in range(100):
+    async def answered() -> bool:
         async with http.get(url, headers=bearer(api_key)) as response:
-            if response.status == status:
-                return True
-        await asyncio.sleep(0.05)
-    return False
+            return response.status == status
+
+    return await wait_until_async(answered, f"{url} never answered {status}")
 
 
 async def test_unreachable_runner_is_502(

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.polling import wait_until_async
 from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
@@ -244,8 +245,8 @@ async def test_sandbox_locks_keep_arrival_order_per_sandbox_only() -> None:
         asyncio.create_task(job("a", "a3")),
         asyncio.create_task(job("b", "b1")),
     ]
-    await asyncio.sleep(0.01)
-    assert order == ["b1"]  # another sandbox is not held up by a's slow first job
+    # Another sandbox is not held up by a's slow first job (which runs until release_first is set).
+    await wait_until_async(lambda: order == ["b1"], lambda: f"b1 did not run alone first: {order}")
     release_first.set()
     await asyncio.gather(*tasks)
     assert order == ["b1", "a1", "a2", "a3"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import stat
+import subprocess
 from pathlib import Path
 
 from tidepool_runner.staging import _stage_daemon
@@ -26,3 +27,25 @@ def test_staged_daemon_carries_bytecode_for_this_interpreter(tmp_path: Path) -> 
         assert cached.stat().st_mode & stat.S_IROTH, "the sandbox sees the host's root as nobody"
     assert not list(target.rglob("tests")), "tests are not part of the staged daemon"
 
+
+def test_a_mounted_copy_survives_restaging_and_is_removed_once_unused(tmp_path: Path) -> None:
+    source, target, mounted = tmp_path / "src", tmp_path / "runtime" / "daemon", tmp_path / "sandbox-view"
+    source.mkdir()
+    (source / "main.py").write_text("print('v1')\n")
+    target.parent.mkdir()
+    mounted.mkdir()
+    _stage_daemon(source, target)
+    # A sandbox's bind mount of the staged copy, as the runner makes it.
+    subprocess.run(["mount", "--bind", str(target), str(mounted)], check=True)
+    try:
+        (source / "main.py").write_text("print('v2')\n")
+        _stage_daemon(source, target)  # a runner restart
+        assert (target / "main.py").read_text() == "print('v2')\n"
+        # The running sandbox's supervisor still finds its daemon to start new workers from.
+        assert (mounted / "main.py").read_text() == "print('v1')\n"
+        assert len(list(target.parent.glob("daemon.replaced-*"))) == 1
+    finally:
+        subprocess.run(["umount", str(mounted)], check=True)
+    _stage_daemon(source, target)  # no mount uses the old copies any more
+    assert list(target.parent.glob("daemon.replaced-*")) == []
+    assert (target / "main.py").read_text() == "print('v2')\n"

@@ -7,17 +7,13 @@ Daytona answers with STS credentials scoped to `{bucket}/{organizationId}/*` for
 object storage (`s3_scoped_keys`), the key is minted here: it names the organization and expires in an hour,
 and the storage's auth proxy maps it to that organization's own directory (tidepool_runtime.object_keys),
 so a tenant can neither read nor overwrite another's context. With an external S3 given as a static key
-pair, that pair is returned (scoping then needs STS on that server). The `sessionToken` is an HMAC-signed,
-expiring token naming the organization, which the SDK signs into every request.
+pair, that pair is returned (scoping then needs STS on that server). `sessionToken` is empty: no
+temporary-credential service issues one here (the scoped key already names the organization and expires,
+and nothing would check a token: the embedded storage's auth proxy sees only the access key), and the SDK
+requires the field.
 """
 
 from __future__ import annotations
-
-import base64
-import hashlib
-import hmac
-import json
-import time
 
 import structlog
 from fastapi import APIRouter
@@ -31,54 +27,7 @@ from tidepool_runtime.settings import ApiSettings
 log = structlog.get_logger("tidepool.api.object_storage")
 router = APIRouter()
 
-SESSION_TOKEN_PREFIX = "tps1"
-SESSION_TOKEN_SECONDS = 3600  # as Daytona's STS sessions
-_KEY_CONTEXT = b"tidepool object-storage session token v1"
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _signing_key(secret_key: str) -> bytes:
-    # Derived, so that the token never exposes anything usable as the S3 secret itself.
-    return hmac.new(secret_key.encode(), _KEY_CONTEXT, hashlib.sha256).digest()
-
-
-def issue_session_token(
-    secret_key: str, organization_id: str, ttl_seconds: int = SESSION_TOKEN_SECONDS, now: float | None = None
-) -> str:
-    """`tps1.<b64url(json {org, exp})>.<b64url(HMAC-SHA256)>`, signed with a key derived from the secret."""
-    issued = int(time.time() if now is None else now)
-    payload = json.dumps({"org": organization_id, "exp": issued + ttl_seconds}, separators=(",", ":"))
-    signed = f"{SESSION_TOKEN_PREFIX}.{_b64(payload.encode())}"
-    signature = hmac.new(_signing_key(secret_key), signed.encode(), hashlib.sha256).digest()
-    return f"{signed}.{_b64(signature)}"
-
-
-def verify_session_token(secret_key: str, token: str, now: float | None = None) -> str | None:
-    """The organization the token was issued to, or None if it is malformed, forged or expired."""
-    prefix, _, rest = token.partition(".")
-    body, _, signature = rest.partition(".")
-    if prefix != SESSION_TOKEN_PREFIX or not body or not signature:
-        return None
-    expected = hmac.new(_signing_key(secret_key), f"{prefix}.{body}".encode(), hashlib.sha256).digest()
-    try:
-        if not hmac.compare_digest(expected, _unb64(signature)):
-            return None
-        claims = json.loads(_unb64(body))
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(claims, dict) or not isinstance(claims.get("org"), str):
-        return None
-    expires = claims.get("exp")
-    if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
-        return None
-    return claims["org"]
+SESSION_SECONDS = 3600  # as Daytona's STS sessions
 
 
 def object_storage_configured(settings: ApiSettings) -> bool:
@@ -99,16 +48,14 @@ async def push_access(context: Context, caller: Caller) -> JsonResponse:
     if not settings.s3_endpoint.startswith("https://"):
         log.warning("object_storage.plain_http", endpoint=settings.s3_endpoint, hint="the SDK requires https")
     if settings.s3_scoped_keys:
-        access_key, secret, _ = user_key(
-            settings.s3_secret_key, caller.organization_id, SESSION_TOKEN_SECONDS
-        )
+        access_key, secret, _ = user_key(settings.s3_secret_key, caller.organization_id, SESSION_SECONDS)
     else:
         access_key, secret = settings.s3_access_key, settings.s3_secret_key
     return JsonResponse(
         {
             "accessKey": access_key,
             "secret": secret,
-            "sessionToken": issue_session_token(settings.s3_secret_key, caller.organization_id),
+            "sessionToken": "",
             "storageUrl": settings.s3_endpoint.rstrip("/"),
             "organizationId": caller.organization_id,
             "bucket": settings.s3_bucket,
