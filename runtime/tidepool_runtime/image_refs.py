@@ -280,11 +280,12 @@ def check_reference(
 # -- Dockerfiles: the images a build reads (FROM, COPY/ADD --from=, RUN --mount=...,from=) ---------------
 
 _PARSER_DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*$")
-_HEREDOC_START = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
+HEREDOC_START = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
 _VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-+])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 
 
-def _escape_character(lines: Sequence[str]) -> str:
+def dockerfile_escape_character(lines: Iterable[str]) -> str:
+    """The `# escape=` parser directive (valid only before the first instruction or comment), default `\\`."""
     for line in lines:
         match = _PARSER_DIRECTIVE.match(line.strip())
         if not match:
@@ -297,7 +298,7 @@ def _escape_character(lines: Sequence[str]) -> str:
 def dockerfile_instructions(dockerfile: str) -> list[str]:
     """The instructions of a Dockerfile, continuation lines joined, comments and heredoc bodies left out."""
     lines = dockerfile.splitlines()
-    escape = _escape_character(lines)
+    escape = dockerfile_escape_character(lines)
     instructions: list[str] = []
     current: list[str] = []
     heredocs: list[tuple[str, bool]] = []
@@ -318,7 +319,7 @@ def dockerfile_instructions(dockerfile: str) -> list[str]:
         current = []
         instructions.append(instruction)
         if instruction.split(maxsplit=1)[0].upper() != "FROM":
-            heredocs.extend((m.group(3), m.group(1) == "-") for m in _HEREDOC_START.finditer(instruction))
+            heredocs.extend((m.group(3), m.group(1) == "-") for m in HEREDOC_START.finditer(instruction))
     if current:
         instructions.append(" ".join(current))
     return instructions

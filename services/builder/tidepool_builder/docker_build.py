@@ -30,6 +30,7 @@ from pathlib import Path
 import aiodocker
 from aiodocker.jsonstream import json_stream_stream
 
+from tidepool_runtime.image_refs import HEREDOC_START, dockerfile_escape_character
 from tidepool_runtime.isolation import (
     SANDBOX_CAPABILITIES,
     SandboxNetworkError,
@@ -56,8 +57,6 @@ CA_INJECTION_LINES = (
     f"CURL_CA_BUNDLE={CA_BUNDLE_STABLE_PATH} GIT_SSL_CAINFO={CA_BUNDLE_STABLE_PATH}",
 )
 
-_PARSER_DIRECTIVE = re.compile(r"^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.*?)\s*$")
-_HEREDOC_START = re.compile(r"<<(-?)([\"']?)([A-Za-z_][A-Za-z0-9_]*)\2")
 
 LogCallback = Callable[[str], Awaitable[None]]
 
@@ -173,7 +172,7 @@ def inject_after_from(dockerfile: str, injected: Iterable[str]) -> str:
     """
     injected = tuple(injected)
     lines = dockerfile.splitlines()
-    escape_char = _escape_directive(lines)
+    escape_char = dockerfile_escape_character(lines)
     output: list[str] = []
     in_continuation = False
     current_is_from = False
@@ -198,24 +197,13 @@ def inject_after_from(dockerfile: str, injected: Iterable[str]) -> str:
         in_continuation = stripped.endswith(escape_char)
         if not current_is_from:
             pending_heredoc_terminators.extend(
-                (match.group(3), match.group(1) == "-") for match in _HEREDOC_START.finditer(line)
+                (match.group(3), match.group(1) == "-") for match in HEREDOC_START.finditer(line)
             )
         if current_is_from and not in_continuation:
             output.extend(injected)
 
     trailing_newline = "\n" if dockerfile.endswith("\n") or not dockerfile else ""
     return "\n".join(output) + trailing_newline
-
-
-def _escape_directive(lines: Iterable[str]) -> str:
-    """The `# escape=` parser directive (only valid before the first instruction/comment), default `\\`."""
-    for line in lines:
-        match = _PARSER_DIRECTIVE.match(line.strip())
-        if not match:
-            break
-        if match.group(1).lower() == "escape" and match.group(2) in ("\\", "`"):
-            return match.group(2)
-    return "\\"
 
 
 def build_context_tar(dockerfile: str, context_files: Mapping[str, bytes], ca_bundle: bytes | None) -> bytes:
