@@ -4,7 +4,7 @@ events and build logs, and registry passwords stored as ciphertext."""
 
 from __future__ import annotations
 
-import sqlite3
+import asyncio
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -18,6 +18,8 @@ from daytona import (
     DaytonaError,
 )
 from daytona.common.snapshot import Snapshot
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
@@ -142,11 +144,23 @@ def test_another_organization_gets_404_on_snapshots_registries_events_and_build_
         httpx.delete(f"{api}/docker-registry/{registry_id}", headers=owner_headers)
 
 
+async def stored_password(stack: StackThread, registry_id: str) -> str:
+    """The registry row's stored password, read from the stack's own database (PostgreSQL or SQLite)."""
+    url = stack.config.database_url or f"sqlite+aiosqlite:///{stack.data_dir / 'tidepool.db'}"
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            result = await connection.execute(
+                text("SELECT password_sealed FROM docker_registry WHERE id = :id"), {"id": registry_id}
+            )
+            return str(result.scalar_one())
+    finally:
+        await engine.dispose()
+
+
 def test_registry_passwords_are_ciphertext_in_the_database(
     stack: StackThread, owner_headers: dict[str, str]
 ) -> None:
-    if stack.config.database_url:
-        pytest.fail("this check reads the stack's SQLite file; run it without TIDEPOOL_DATABASE_URL")
     password = f"plain-{uuid.uuid4().hex}"
     created = httpx.post(
         f"{stack.api_url}/docker-registry",
@@ -156,14 +170,11 @@ def test_registry_passwords_are_ciphertext_in_the_database(
     assert created.status_code == 201, created.text
     registry_id = created.json()["id"]
     try:
-        database = stack.data_dir / "tidepool.db"
-        with sqlite3.connect(database) as connection:
-            (sealed,) = connection.execute(
-                "SELECT password_sealed FROM docker_registry WHERE id = ?", (registry_id,)
-            ).fetchone()
+        sealed = asyncio.run(stored_password(stack, registry_id))
         assert sealed and password not in sealed
-        # Nowhere in the database files either (the write-ahead log included).
-        for path in stack.data_dir.glob("tidepool.db*"):
-            assert password.encode() not in path.read_bytes(), path
+        if not stack.config.database_url:
+            # SQLite: nowhere in the database files either (the write-ahead log included).
+            for path in stack.data_dir.glob("tidepool.db*"):
+                assert password.encode() not in path.read_bytes(), path
     finally:
         httpx.delete(f"{stack.api_url}/docker-registry/{registry_id}", headers=owner_headers)
