@@ -213,6 +213,10 @@ class DaemonHealthChecker:
                     "sandbox's processes may still run. Recoverable: stop and start the sandbox"
                 )
                 await self._publish_health(sandbox_id, tracked, DaemonHealthOutcome.RESTART_FAILED, reason)
+                if self.locks.queued(sandbox_id):
+                    # A stop, start or destroy asked for meanwhile waits for this lock: it settles the state
+                    # (an `error` now would end the user's wait for `stopped` with a failure).
+                    return
                 await self._report(sandbox_id, tracked, SandboxState.ERROR, error_reason=reason)
                 tracked.errored = True
         except (EngineUnavailableError, SandboxFailedError) as error:
