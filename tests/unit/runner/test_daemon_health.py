@@ -271,3 +271,23 @@ async def test_a_replaced_socket_is_a_failed_check_and_ends_in_a_recoverable_err
     await harness.round()
     assert (await next_event(harness.states)).state == SandboxState.STARTED
     assert (await next_event(harness.health)).outcome == DaemonHealthOutcome.RECOVERED
+
+
+async def test_no_error_is_reported_while_a_job_waits_for_the_sandbox(harness: Harness) -> None:
+    """A stop asked for during a failing restart waits for the sandbox's lock; an `error` reported just
+    before it runs would end the user's wait for `stopped` with a failure. The job settles the state."""
+    harness.daemon.wedged = True
+    jobs: list[asyncio.Task[None]] = []
+
+    async def stop_job() -> None:
+        async with harness.checker.locks.hold(harness.sandbox_id):
+            pass
+
+    harness.engine.on_signal = lambda: jobs.append(asyncio.create_task(stop_job()))
+    await harness.round()
+    await harness.round()
+    assert len(jobs) == 1
+    await jobs[0]
+    assert (await next_event(harness.health)).outcome == DaemonHealthOutcome.RESTART_FAILED
+    assert harness.states.empty()
+    assert (await harness.route()).state == SandboxState.STARTED  # type: ignore[union-attr]
