@@ -179,6 +179,11 @@ class SandboxHostSettings(_Base):
     # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
     # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
     sandbox_runtime: str = ""
+    sandbox_seccomp_profile: str = ""
+    """Seccomp profile for sandboxes: path to a JSON profile in Docker's format, read by the runner at start
+    and handed to the engine from its runtime folder. Empty: the shipped profile
+    (services/runner/tidepool_runner/sandbox-seccomp.json: the engine's default minus creating namespaces:
+    no `unshare -Ur` inside a sandbox). `unconfined` is refused: a sandbox always runs filtered."""
     sandbox_firewall: bool = True
     """Let the runner manage the sandbox firewall (needs root / CAP_NET_ADMIN in the host's network
     namespace and iptables). Off only if you isolate sandboxes yourself: they then reach the host, each

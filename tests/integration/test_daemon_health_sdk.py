@@ -149,3 +149,36 @@ def test_a_daemon_that_cannot_be_restarted_is_a_recoverable_error(
     assert sandbox.state == "started" and sandbox.recoverable is False
     response = sandbox.process.exec("echo ok")
     assert (response.exit_code, response.result.strip()) == (0, "ok")
+
+
+def test_a_replaced_toolbox_socket_is_a_recoverable_error(stack: StackThread, sandbox: Sandbox) -> None:
+    """The sandbox's own root swaps its toolbox socket for a link and stops the daemon: the toolbox is
+    unusable (new connections are refused), so the runner's checks fail, the restart cannot help, and the
+    sandbox reports `error` (recoverable) with events saying why, instead of staying `started` in silence."""
+    swap = "sudo sh -c 'cd /run/tidepool && mv toolbox.sock real.sock && ln -s real.sock toolbox.sock'"
+    response = sandbox.process.exec(swap)
+    assert response.exit_code == 0, response.result
+    # And stops the daemon's worker (as the security tester did), so the runner's pooled connection,
+    # verified before the swap, answers no longer either. The restart replaces the worker, not the link.
+    _supervisor, worker = daemon_processes(stack, sandbox.id)
+    os.kill(worker, signal.SIGSTOP)
+
+    def errored() -> bool:
+        sandbox.refresh_data()
+        return sandbox.state == "error"
+
+    wait_for(errored, "the sandbox to report error")
+    assert sandbox.recoverable is True
+    found = "the toolbox socket failed the runner's checks (/run/tidepool/toolbox.sock is not a socket)"
+    assert sandbox.error_reason and found in sandbox.error_reason
+    assert "stop and start the sandbox" in sandbox.error_reason
+    failed = event_of_type(stack, sandbox.id, "sandbox.daemon.restart_failed")
+    assert failed is not None and found in failed["reason"], failed
+    assert str(stack.data_dir) not in failed["reason"], "no host path in the tenant's events"
+
+    # The recovery the reason names: the start removes whatever is at the socket's path.
+    sandbox.stop(timeout=120)
+    sandbox.start(timeout=120)
+    assert sandbox.state == "started" and sandbox.recoverable is False
+    response = sandbox.process.exec("echo ok")
+    assert (response.exit_code, response.result.strip()) == (0, "ok")

@@ -256,6 +256,42 @@ def test_sandbox_root_holds_no_dangerous_capability(attacker: Sandbox) -> None:
     assert code != 0, out
 
 
+# Raw calls through ctypes: the sandbox's python3 (3.11) has no os.unshare. x86-64 syscall numbers.
+NAMESPACE_CALLS = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, result):
+    print(name, 0 if result == 0 else ctypes.get_errno(), flush=True)
+call("unshare", libc.unshare(0x10000000))  # CLONE_NEWUSER
+pid = libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD)
+if pid == 0:
+    os._exit(0)
+call("clone", pid if pid < 0 else 0)
+call("clone3", libc.syscall(435, 0, 0))
+"""
+EPERM, ENOSYS = 1, 38
+
+
+@pytest.mark.parametrize("as_root", [False, True], ids=["user", "sudo"])
+def test_sandbox_code_cannot_create_namespaces(attacker: Sandbox, as_root: bool) -> None:
+    """A nested user namespace would give sandbox code every capability there (raw sockets, mounts, the
+    kernel code behind them): the seccomp profile refuses creating one, as the user and as root."""
+    sudo = "sudo " if as_root else ""
+    for command in ("unshare -Ur true", "unshare -Urn true", "unshare -Urm mount -t tmpfs x /mnt"):
+        code, out = run(attacker, f"{sudo}{command} 2>&1")
+        assert code != 0 and "Operation not permitted" in out, (command, out)
+    attacker.fs.upload_file(NAMESPACE_CALLS.encode(), "/tmp/namespaces.py")
+    code, out = run(attacker, f"{sudo}python3 /tmp/namespaces.py")
+    assert code == 0, out
+    errors = dict(line.split() for line in out.strip().splitlines())
+    # clone3 with ENOSYS: its flags are out of seccomp's reach, libc falls back to clone.
+    assert errors == {"unshare": str(EPERM), "clone": str(EPERM), "clone3": str(ENOSYS)}, out
+    # Without namespace flags, forks, threads and everyday tools keep working.
+    everyday = "import subprocess; subprocess.run(['git', '--version'], check=True)"
+    code, out = run(attacker, f'python3 -c "{everyday}" && node -e "console.log(1 + 1)"')
+    assert code == 0 and "git version" in out and out.strip().endswith("2"), out
+
+
 def test_mounts_reveal_no_host_path(stack: StackThread, attacker: Sandbox) -> None:
     code, mountinfo = run(attacker, "cat /proc/self/mountinfo")
     assert code == 0

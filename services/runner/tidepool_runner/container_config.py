@@ -5,8 +5,9 @@ Isolation (issue #7), in layers, each assuming the one above it failed:
   host uid range of its own, so limits keyed by uid (processes, files) and file ownership are per sandbox;
 - the smallest capability set that keeps `sudo apt-get install` working (no MKNOD, NET_RAW,
   NET_BIND_SERVICE: ports below 1024 are opened by the `ip_unprivileged_port_start` sysctl instead);
-- the engine's default seccomp profile (never `unconfined`) and its default AppArmor/SELinux profile
-  where the host has such an LSM;
+- a seccomp profile: the engine's default minus creating namespaces (seccomp.py; never `unconfined`),
+  so sandbox code cannot become a full-capability root of a nested user namespace; and the engine's
+  default AppArmor/SELinux profile where the host has such an LSM;
 - every host path shared with the sandbox comes from the runner's private tmpfs (`runtime_dir`), so
   `/proc/self/mountinfo` shows `/daemon` or `/sockets/<id>`, not where the platform lives on the host;
 - the writable layer lives on the sandbox's own filesystem of `disk_gib` (see disks.py), attached by the
@@ -112,6 +113,12 @@ def staged_ca_bundle(settings: RunnerSettings) -> Path:
     return settings.runtime_dir / "ca-bundle.crt"
 
 
+def staged_seccomp_profile(settings: RunnerSettings) -> Path:
+    """The runner's copy of the sandbox seccomp profile on its tmpfs (see staging.py); the engine reads it
+    by path (Podman's compat API takes `seccomp=<path>`, not the JSON itself as Docker does)."""
+    return settings.runtime_dir / "seccomp.json"
+
+
 def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     binds = [
         f"{staged_daemon_dir(settings)}:{DAEMON_MOUNT_PATH}:ro",
@@ -188,6 +195,7 @@ def _container_config(spec: SandboxSpec, settings: RunnerSettings, runner_id: st
             "CapDrop": ["ALL"],
             "CapAdd": list(SANDBOX_CAPABILITIES),
             "Sysctls": dict(SANDBOX_SYSCTLS),
+            "SecurityOpt": [f"seccomp={staged_seccomp_profile(settings)}"],
             "LogConfig": {"Type": "k8s-file", "Config": {"max-size": CONTAINER_LOG_MAX_SIZE}},
             "Binds": container_binds(spec, settings),
             "NetworkMode": network_mode(spec, settings),

@@ -143,6 +143,10 @@ class DaemonConnections:
         self._socket_dir_for = socket_dir_for
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
+    def socket_dir(self, sandbox_id: str) -> Path:
+        """The host folder holding the sandbox's toolbox socket."""
+        return self._socket_dir_for(sandbox_id)
+
     def session(self, sandbox_id: str) -> aiohttp.ClientSession:
         session = self._sessions.get(sandbox_id)
         if session is None or session.closed:

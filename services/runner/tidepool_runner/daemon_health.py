@@ -21,10 +21,12 @@ After `daemon_health_failures` checks in a row without an answer within `daemon_
 4. A sandbox this checker put in `error` whose daemon answers again later (its supervisor got to run
    after all) is reported `started` again, with a `recovered` event.
 
-A socket that fails the runner's checks (a link or a foreign peer: the sandbox's root tampered with its
-own toolbox channel, see daemon_connections.py) is not a silent daemon: toolbox calls are refused at
-once, nothing hangs, and no restart would help (a stop and a start restores the channel). Such checks
-count as neither answered nor silent.
+A socket that fails the runner's checks (a link, not a socket, or a foreign peer: the sandbox's root
+replaced its own toolbox channel, see daemon_connections.py) counts as an unanswered check too: the
+toolbox is unusable either way (its calls are refused), so the same restart runs, and when the channel is
+still not the daemon's afterwards, the sandbox is reported `error` (recoverable: a stop and a start
+restores the channel, the start removes whatever is at the socket's path). The events and the error
+reason say what the check found, with the socket's path as the sandbox sees it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,12 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import SandboxState
-from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL, container_name
+from tidepool_runner.container_config import (
+    ORGANIZATION_LABEL,
+    SANDBOX_LABEL,
+    SOCKET_MOUNT_DIR,
+    container_name,
+)
 from tidepool_runner.daemon_connections import (
     DAEMON_BASE_URL,
     DaemonConnections,
@@ -68,6 +75,8 @@ _RESTART_PROBE_INTERVAL_SECONDS = 0.2
 class _Tracked:
     organization_id: str
     failures: int = 0
+    # What the last unanswered check found, for the events: see `_probe`.
+    problem: str = ""
     # Put in `error` by this checker (not by a job): reported `started` again once the daemon answers.
     errored: bool = False
     incident: asyncio.Task[None] | None = None
@@ -126,11 +135,7 @@ class DaemonHealthChecker:
         elif not (route.state == SandboxState.ERROR and tracked.errored):
             tracked.failures = 0
             return  # starting, stopping or failed by a job: the job owns the state
-        try:
-            version = await self._version(sandbox_id, self.settings.daemon_health_timeout_seconds)
-        except UntrustedDaemonSocketError as error:
-            log.warning("daemon_health.untrusted_socket", sandbox_id=sandbox_id, error=str(error))
-            return
+        version, problem = await self._probe(sandbox_id, self.settings.daemon_health_timeout_seconds)
         if version is not None:
             tracked.failures = 0
             if tracked.errored and route.state == SandboxState.ERROR:
@@ -139,38 +144,44 @@ class DaemonHealthChecker:
         if tracked.errored:
             return  # still not answering; already reported
         tracked.failures += 1
-        log.info("daemon_health.no_answer", sandbox_id=sandbox_id, failures=tracked.failures)
+        tracked.problem = problem
+        log.info("daemon_health.no_answer", sandbox_id=sandbox_id, failures=tracked.failures, problem=problem)
         if tracked.failures >= self.settings.daemon_health_failures:
             tracked.incident = asyncio.create_task(
                 self._restart(sandbox_id, tracked), name=f"daemon-restart-{sandbox_id}"
             )
 
-    async def _version(self, sandbox_id: str, timeout: float) -> str | None:
-        """The daemon's version if it answers `GET /version` within `timeout` seconds, else None. Raises
-        UntrustedDaemonSocketError when the socket fails the runner's checks."""
+    async def _probe(self, sandbox_id: str, timeout: float) -> tuple[str | None, str]:
+        """`(version, "")` if the daemon answers `GET /version` within `timeout` seconds, else `(None, why)`:
+        why it did not, as a phrase for the events, e.g. "the toolbox daemon did not answer GET /version
+        within 5 s" or "the toolbox socket failed the runner's checks (/run/tidepool/toolbox.sock is a
+        symbolic link)" (paths as the sandbox sees them: the events are the tenant's)."""
+        no_answer = f"the toolbox daemon did not answer GET /version within {timeout:g} s"
         try:
             async with self.daemons.session(sandbox_id).get(
                 f"{DAEMON_BASE_URL}/version", timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 body = await response.json(content_type=None)
                 if response.status != 200:
-                    return None
+                    return None, f"the toolbox daemon answered GET /version with HTTP {response.status}"
         except aiohttp.ClientConnectorError as error:
             if isinstance(error.os_error, UntrustedDaemonSocketError):
-                raise error.os_error from None
-            return None
+                return None, self._untrusted(sandbox_id, error.os_error)
+            return None, no_answer
+        except UntrustedDaemonSocketError as error:
+            return None, self._untrusted(sandbox_id, error)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
-            return None
+            return None, no_answer
         version = body.get("version") if isinstance(body, dict) else None
-        return version if isinstance(version, str) else "unknown"
+        return (version if isinstance(version, str) else "unknown"), ""
+
+    def _untrusted(self, sandbox_id: str, error: UntrustedDaemonSocketError) -> str:
+        detail = str(error).replace(str(self.daemons.socket_dir(sandbox_id)), SOCKET_MOUNT_DIR)
+        return f"the toolbox socket failed the runner's checks ({detail})"
 
     async def _restart(self, sandbox_id: str, tracked: _Tracked) -> None:
         settings = self.settings
-        timeout = settings.daemon_health_timeout_seconds
-        why = (
-            f"the toolbox daemon did not answer GET /version within {timeout:g} s "
-            f"in {tracked.failures} checks in a row"
-        )
+        why = f"{tracked.problem} in {tracked.failures} checks in a row"
         try:
             async with self.locks.hold(sandbox_id):
                 status = await self.engine.inspect(container_name(sandbox_id))
@@ -179,13 +190,15 @@ class DaemonHealthChecker:
                 route = await kv_get(self.routes, sandbox_id, SandboxRoute)
                 if route is None or route.state != SandboxState.STARTED:
                     return
-                if await self._version(sandbox_id, settings.daemon_health_timeout_seconds) is not None:
+                version, _ = await self._probe(sandbox_id, settings.daemon_health_timeout_seconds)
+                if version is not None:
                     return  # answers again on its own
                 log.warning("daemon_health.restarting", sandbox_id=sandbox_id, why=why)
                 await self.engine.signal(status.container_id, RESTART_SIGNAL)
                 # Pooled connections belong to the killed worker.
                 await self.daemons.close(sandbox_id)
-                version = await self._wait_for_answer(sandbox_id, settings.daemon_restart_wait_seconds)
+                wait = settings.daemon_restart_wait_seconds
+                version, problem = await self._wait_for_answer(sandbox_id, wait)
                 if version is not None:
                     await self._publish_health(
                         sandbox_id,
@@ -195,32 +208,36 @@ class DaemonHealthChecker:
                     )
                     return
                 reason = (
-                    f"{why}, and still did not answer {settings.daemon_restart_wait_seconds:g} s after a "
-                    "restart; the sandbox's processes may still run. Recoverable: stop and start the sandbox"
+                    f"{why}, and still did not answer {wait:g} s after a restart ({problem}); the "
+                    "sandbox's processes may still run. Recoverable: stop and start the sandbox"
                 )
                 await self._publish_health(sandbox_id, tracked, DaemonHealthOutcome.RESTART_FAILED, reason)
+                if self.locks.queued(sandbox_id):
+                    # A stop, start or destroy asked for meanwhile waits for this lock: it settles the state
+                    # (an `error` now would end the user's wait for `stopped` with a failure).
+                    return
                 await self._report(sandbox_id, tracked, SandboxState.ERROR, error_reason=reason)
                 tracked.errored = True
         except (EngineUnavailableError, SandboxFailedError) as error:
             # The engine is away or the container ended meanwhile: try again from the next checks.
             log.warning("daemon_health.restart_failed", sandbox_id=sandbox_id, error=str(error))
-        except UntrustedDaemonSocketError as error:  # tampered with meanwhile: see the module docstring
-            log.warning("daemon_health.untrusted_socket", sandbox_id=sandbox_id, error=str(error))
         except Exception:  # the bus is away for a moment: the next checks try again
             log.exception("daemon_health.restart_error", sandbox_id=sandbox_id)
         finally:
             tracked.failures = 0
 
-    async def _wait_for_answer(self, sandbox_id: str, within: float) -> str | None:
+    async def _wait_for_answer(self, sandbox_id: str, within: float) -> tuple[str | None, str]:
+        """`_probe` until it answers or `within` seconds have passed: the last probe's outcome."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
+        problem = f"the toolbox daemon did not answer GET /version within {within:g} s"
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                return None
-            version = await self._version(sandbox_id, min(_RESTART_PROBE_TIMEOUT_SECONDS, remaining))
+                return None, problem
+            version, problem = await self._probe(sandbox_id, min(_RESTART_PROBE_TIMEOUT_SECONDS, remaining))
             if version is not None:
-                return version
+                return version, ""
             await asyncio.sleep(_RESTART_PROBE_INTERVAL_SECONDS)
 
     async def _recovered(self, sandbox_id: str, tracked: _Tracked, version: str) -> None:

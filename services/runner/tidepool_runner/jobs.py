@@ -65,6 +65,10 @@ class SandboxLocks:
                 del self._holders[sandbox_id]
                 del self._locks[sandbox_id]
 
+    def queued(self, sandbox_id: str) -> bool:
+        """Whether someone waits for the sandbox's lock besides its holder (a job the holder delays)."""
+        return self._holders.get(sandbox_id, 0) > 1
+
 
 class JobExecutor:
     def __init__(

@@ -1,6 +1,7 @@
 """The runner's private tmpfs (`RunnerSettings.runtime_dir`): all a sandbox sees of the host comes from here.
 
-Layout: `daemon/` (a read-only copy of the toolbox daemon), `ca-bundle.crt` (the configured CA bundle) and
+Layout: `daemon/` (a read-only copy of the toolbox daemon), `ca-bundle.crt` (the configured CA bundle),
+`seccomp.json` (the sandboxes' seccomp profile, which the engine reads when it creates a container) and
 `sockets/<sandboxId>/` (one folder per sandbox, owned by that sandbox's root, holding its toolbox socket).
 
 Why a tmpfs of its own: a bind mount shows its source path inside the sandbox (`/proc/self/mountinfo`),
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import structlog
 
-from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir
+from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir, staged_seccomp_profile
+from tidepool_runner.seccomp import SHIPPED_PROFILE, UNCONFINED_VALUES, validate_profile
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.staging")
@@ -40,10 +42,14 @@ DAEMON_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "tests")
 
 
 def prepare_runtime_dir(settings: RunnerSettings) -> None:
-    """Mount the tmpfs if it is not mounted yet, then (re)stage the daemon and the CA bundle. Idempotent.
+    """Mount the tmpfs if it is not mounted yet, then (re)stage the daemon, the CA bundle and the seccomp
+    profile. Idempotent.
 
-    Raises OSError / CalledProcessError when the tmpfs cannot be mounted (the runner must run as root).
+    Raises OSError / CalledProcessError when the tmpfs cannot be mounted (the runner must run as root),
+    ValueError when the configured seccomp profile is refused (see seccomp_profile_text).
     """
+    # Checked first: a refused profile stops the runner before anything is mounted.
+    profile = seccomp_profile_text(settings)
     runtime = settings.runtime_dir
     runtime.mkdir(parents=True, exist_ok=True)
     if not os.path.ismount(runtime):
@@ -58,6 +64,28 @@ def prepare_runtime_dir(settings: RunnerSettings) -> None:
     _stage_daemon(settings.daemon_dir, staged_daemon_dir(settings))
     if settings.ca_bundle:
         _replace_file(Path(settings.ca_bundle), staged_ca_bundle(settings))
+    _write_file(profile, staged_seccomp_profile(settings))
+
+
+def seccomp_profile_text(settings: RunnerSettings) -> str:
+    """The sandbox seccomp profile to stage: `Settings.sandbox_seccomp_profile` (a path), or the shipped one.
+
+    Raises ValueError for `unconfined` (no filter at all) or a file that is not a seccomp profile, OSError
+    when the file cannot be read: the runner then refuses to start rather than run sandboxes unfiltered.
+    """
+    configured = settings.sandbox_seccomp_profile.strip()
+    if configured.lower() in UNCONFINED_VALUES:
+        raise ValueError(
+            f"TIDEPOOL_SANDBOX_SECCOMP_PROFILE={configured!r} is refused: sandboxes always run with a seccomp"
+            " filter (leave it empty for the shipped profile, or give the path of a JSON profile)"
+        )
+    path = Path(configured) if configured else SHIPPED_PROFILE
+    text = path.read_text()
+    try:
+        validate_profile(text)
+    except ValueError as error:
+        raise ValueError(f"TIDEPOOL_SANDBOX_SECCOMP_PROFILE: {path}: {error}") from None
+    return text
 
 
 def mount_socket_dir(path: Path, uid: int, gid: int) -> None:
@@ -135,6 +163,13 @@ def _compile_bytecode(root: Path) -> None:
 def _replace_file(source: Path, target: Path) -> None:
     fresh = target.with_name(target.name + ".new")
     shutil.copyfile(source, fresh)
+    fresh.chmod(0o644)
+    fresh.replace(target)
+
+
+def _write_file(text: str, target: Path) -> None:
+    fresh = target.with_name(target.name + ".new")
+    fresh.write_text(text)
     fresh.chmod(0o644)
     fresh.replace(target)
 

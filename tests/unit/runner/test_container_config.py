@@ -49,7 +49,7 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     assert host["PidsLimit"] == 4096
     assert host["Init"] is True
     assert host["Privileged"] is False
-    # Issue #7: a user namespace of its own, the smallest capability set, the engine's seccomp profile.
+    # Issue #7: a user namespace of its own, the smallest capability set, a seccomp profile.
     assert host["UsernsMode"] == "auto:size=65536"
     assert host["CapDrop"] == ["ALL"]
     assert set(host["CapAdd"]) == {
@@ -65,7 +65,8 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
         "SYS_CHROOT",
     }
     assert not {"MKNOD", "NET_RAW", "NET_ADMIN", "SYS_ADMIN"} & set(host["CapAdd"])
-    assert "SecurityOpt" not in host  # never seccomp=unconfined or a disabled LSM profile
+    # The runner's staged profile (the engine's default minus namespaces), by path: Podman reads it itself.
+    assert host["SecurityOpt"] == [f"seccomp={tmp_path / 'run' / 'seccomp.json'}"]
     assert host["Sysctls"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
     assert host["LogConfig"]["Config"]["max-size"] == "10m"
     assert host["PortBindings"] == {}

@@ -239,15 +239,56 @@ async def test_a_stopped_container_is_not_restarted(harness: Harness) -> None:
     assert harness.checker._tracked == {}
 
 
-async def test_a_tampered_channel_is_not_taken_for_a_silent_daemon(harness: Harness, short_tmp: Path) -> None:
-    """The sandbox's root swapped its socket for a link (test_isolation_sdk.py's attack): calls are refused
-    at once, nothing hangs, a restart would not help; the sandbox stays as it is."""
+async def test_a_replaced_socket_is_a_failed_check_and_ends_in_a_recoverable_error(
+    harness: Harness, short_tmp: Path
+) -> None:
+    """The sandbox's root swapped its socket for a link (test_isolation_sdk.py's attack): its toolbox is
+    unusable, so the restart runs; the link is still there afterwards, so the sandbox is reported `error`
+    (recoverable) and the events say what the check found, with the path the sandbox knows."""
     socket_dir = short_tmp / "sockets" / harness.sandbox_id
     (socket_dir / "toolbox.sock").rename(socket_dir / "real.sock")
     (socket_dir / "toolbox.sock").symlink_to(socket_dir / "real.sock")
     await harness.checker.daemons.close(harness.sandbox_id)  # no pooled connection from before the swap
-    for _ in range(4):
-        await harness.round()
-    assert harness.engine.signals == []
-    assert harness.states.empty() and harness.health.empty()
+    await harness.round()
+    assert harness.engine.signals == [], "one failed check is not enough"
+    await harness.round()
+    assert harness.engine.signals == [(container_name(harness.sandbox_id), "SIGUSR1")]
+    failed = await next_event(harness.health)
+    assert failed.outcome == DaemonHealthOutcome.RESTART_FAILED
+    # O_PATH | O_NOFOLLOW opens the link itself, which is not a socket.
+    found = "the toolbox socket failed the runner's checks (/run/tidepool/toolbox.sock is not a socket)"
+    assert f"{found} in 2 checks in a row" in failed.reason
+    error = await next_event(harness.states)
+    assert error.state == SandboxState.ERROR and error.recoverable is True
+    assert error.error_reason is not None and found in error.error_reason
+    assert "stop and start the sandbox" in error.error_reason
+    assert str(short_tmp) not in failed.reason + error.error_reason, "no host path in the tenant's events"
+    assert (await harness.route()).state == SandboxState.ERROR  # type: ignore[union-attr]
+    assert harness.daemon.requests == 0, "nothing was sent through the link"
+
+    # The sandbox's root puts its socket back: the toolbox answers again.
+    (socket_dir / "toolbox.sock").unlink()
+    (socket_dir / "real.sock").rename(socket_dir / "toolbox.sock")
+    await harness.round()
+    assert (await next_event(harness.states)).state == SandboxState.STARTED
+    assert (await next_event(harness.health)).outcome == DaemonHealthOutcome.RECOVERED
+
+
+async def test_no_error_is_reported_while_a_job_waits_for_the_sandbox(harness: Harness) -> None:
+    """A stop asked for during a failing restart waits for the sandbox's lock; an `error` reported just
+    before it runs would end the user's wait for `stopped` with a failure. The job settles the state."""
+    harness.daemon.wedged = True
+    jobs: list[asyncio.Task[None]] = []
+
+    async def stop_job() -> None:
+        async with harness.checker.locks.hold(harness.sandbox_id):
+            pass
+
+    harness.engine.on_signal = lambda: jobs.append(asyncio.create_task(stop_job()))
+    await harness.round()
+    await harness.round()
+    assert len(jobs) == 1
+    await jobs[0]
+    assert (await next_event(harness.health)).outcome == DaemonHealthOutcome.RESTART_FAILED
+    assert harness.states.empty()
     assert (await harness.route()).state == SandboxState.STARTED  # type: ignore[union-attr]
