@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from tidepool_runtime.settings import Settings
 from tidepool_runner.seccomp import (
     CLONE_NEWNET,
     CLONE_NEWNS,
@@ -24,6 +23,7 @@ from tidepool_runner.seccomp import (
     sandbox_profile,
 )
 from tidepool_runner.staging import seccomp_profile_text
+from tidepool_runtime.settings import Settings
 
 HOST_DEFAULT_PROFILE = Path("/usr/share/containers/seccomp.json")
 SIGCHLD = 17
