@@ -3,6 +3,7 @@ Podman's compat socket also speaks), translating engine failures into transient 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from tidepool_runner.container_config import SANDBOX_LABEL
 ENGINE_UNREACHABLE_STATUS = 900
 TRANSIENT_STATUSES = frozenset({ENGINE_UNREACHABLE_STATUS, 502, 503, 504})
 LOG_TAIL_LINES = 20
+REMOVE_BUSY_SECONDS = 30.0
 
 
 class EngineUnavailableError(Exception):
@@ -180,13 +182,25 @@ class ContainerEngine:
             raise self._translate(error, f"send {signal_name} to the sandbox container") from error
 
     async def remove(self, name_or_id: str) -> None:
-        """Remove the container and its anonymous volumes; an already missing container is fine."""
-        try:
-            await self._docker.containers.container(name_or_id).delete(force=True, v=True)
-        except DockerError as error:
-            if error.status == 404:
+        """Remove the container and its anonymous volumes; an already missing container is fine.
+
+        Podman sometimes still holds a just-killed container's mounts (`userdata/shm: device or resource
+        busy`, seen under load): that is retried for up to REMOVE_BUSY_SECONDS before it is an error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REMOVE_BUSY_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                await self._docker.containers.container(name_or_id).delete(force=True, v=True)
                 return
-            raise self._translate(error, "remove the sandbox container") from error
+            except DockerError as error:
+                if error.status == 404:
+                    return
+                busy = "device or resource busy" in str(error.message)
+                if not busy or loop.time() + delay > deadline:
+                    raise self._translate(error, "remove the sandbox container") from error
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def log_tail(self, container_id: str, lines: int = LOG_TAIL_LINES) -> str:
         try:
