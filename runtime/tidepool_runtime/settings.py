@@ -254,14 +254,28 @@ class ObjectStorageSettings(_Base):
     # Object storage (S3) for declarative-build context. Embedded: `rclone serve s3` over TLS (the SDK
     # uploads only over https). `s3_ca_file` is the CA that signed the endpoint's certificate, if private.
     s3_endpoint: str = ""
-    s3_access_key: str = ""
     s3_secret_key: str = ""
     s3_bucket: str = "tidepool-builds"
     s3_region: str = "us-east-1"
     s3_ca_file: str = ""
-    # Embedded storage: `s3_secret_key` is a master secret from which per-organization keys are derived
-    # (tidepool_runtime.object_keys); with an external S3, the static key pair is used as given.
-    s3_scoped_keys: bool = False
+    # `s3_endpoint` is always Tidepool's object-storage gateway (tidepool_stack.s3_gateway), and
+    # `s3_secret_key` the gateway's master secret from which organization-scoped, expiring keys are derived
+    # (tidepool_runtime.object_keys). No key that reaches a tenant opens more than its organization's root.
+
+
+class ObjectStorageBackendSettings(_Base):
+    """Where the object-storage gateway stores: an external S3, given only to the gateway."""
+
+    # Empty: a directory under data_dir (the embedded default). Set: every organization's objects go under
+    # `{s3_backend_bucket}/{s3_backend_prefix}orgs/{org}/` on this S3, reached with this key pair, which
+    # never leaves the gateway (tenants and services get organization-scoped keys).
+    s3_backend_endpoint: str = ""
+    s3_backend_access_key: str = ""
+    s3_backend_secret_key: str = ""
+    s3_backend_bucket: str = ""
+    s3_backend_region: str = "us-east-1"
+    s3_backend_prefix: str = ""
+    s3_backend_ca_file: str = ""
 
 
 class RegistryUrlSettings(_Base):
@@ -354,8 +368,30 @@ class RunnerSettings(
     pass
 
 
+class ObjectStorageGatewayServerSettings(_Base):
+    """The gateway as its own process (Kubernetes); `make up` starts it on loopback with a private CA."""
+
+    # host:port it listens on; TLS certificate and key files (empty: plain http behind a TLS terminator —
+    # the SDK uploads only over https).
+    s3_gateway_address: str = "0.0.0.0:9000"
+    s3_gateway_tls_cert: str = ""
+    s3_gateway_tls_key: str = ""
+
+
+class ObjectStorageGatewaySettings(
+    CommonSettings, ObjectStorageSettings, ObjectStorageBackendSettings, ObjectStorageGatewayServerSettings
+):
+    pass
+
+
 class Settings(
-    ApiSettings, SchedulerSettings, BuilderSettings, ProxySettings, TelemetrySettings, RunnerSettings
+    ApiSettings,
+    SchedulerSettings,
+    BuilderSettings,
+    ProxySettings,
+    TelemetrySettings,
+    RunnerSettings,
+    ObjectStorageGatewaySettings,
 ):
     """Everything: for the single-machine stack, which configures all services, and for tests."""
 

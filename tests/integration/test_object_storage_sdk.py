@@ -68,8 +68,6 @@ def storage_settings(stack: StackThread) -> Settings:
     env = stack.stack.env
     return Settings(
         s3_endpoint=env["TIDEPOOL_S3_ENDPOINT"],
-        s3_access_key=env["TIDEPOOL_S3_ACCESS_KEY"],
-        s3_scoped_keys=env.get("TIDEPOOL_S3_SCOPED_KEYS") == "true",
         s3_secret_key=env["TIDEPOOL_S3_SECRET_KEY"],
         s3_bucket=env["TIDEPOOL_S3_BUCKET"],
         s3_region=env["TIDEPOOL_S3_REGION"],

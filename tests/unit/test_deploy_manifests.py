@@ -66,7 +66,9 @@ SETTINGS_OF = {
     "tidepool_proxy": settings.ProxySettings,
     "tidepool_telemetry": settings.TelemetrySettings,
     "tidepool_runner": settings.RunnerSettings,
+    "tidepool_stack.s3_gateway": settings.ObjectStorageGatewaySettings,
 }
+OFF_THE_BUS = {"tidepool_stack.s3_gateway"}  # the object-storage gateway needs no NATS
 
 
 def test_each_workload_gets_only_the_settings_its_service_reads() -> None:
@@ -94,6 +96,20 @@ def test_each_workload_gets_only_the_settings_its_service_reads() -> None:
             }
             reads = {f"TIDEPOOL_{field.upper()}" for field in SETTINGS_OF[module].model_fields}
             assert given <= reads, f"{module} is given what it does not read: {sorted(given - reads)}"
-            assert "TIDEPOOL_NATS_URL" in given, module
+            assert ("TIDEPOOL_NATS_URL" in given) != (module in OFF_THE_BUS), module
             seen.add(module)
     assert seen == set(SETTINGS_OF)
+
+
+def test_only_the_object_storage_gateway_gets_the_external_s3_key_pair() -> None:
+    holders = set()
+    for doc in documents():
+        if doc["kind"] == "Secret" and doc["metadata"]["name"] != "tidepool-s3-backend":
+            assert not any(key.startswith("TIDEPOOL_S3_BACKEND_") for key in doc["stringData"]), doc
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            refs = {source.get("secretRef", {}).get("name") for source in container.get("envFrom", [])}
+            if "tidepool-s3-backend" in refs:
+                holders.add(container["command"][-1])
+    assert holders == {"tidepool_stack.s3_gateway"}

@@ -20,7 +20,6 @@ AUTH = {"Authorization": "Bearer good-key"}
 FIELDS = {"accessKey", "secret", "sessionToken", "storageUrl", "organizationId", "bucket", "region"}
 CONFIGURED = Settings(
     s3_endpoint="https://localhost:9443",
-    s3_access_key="TPACCESSKEY000000000",
     s3_secret_key="s3cr3t" * 6,
     s3_bucket="builds",
     s3_region="eu-west-3",
@@ -59,7 +58,7 @@ async def test_push_access_returns_what_the_sdk_needs(client: httpx.AsyncClient)
     # No temporary-credential service issues a session token: empty, as the SDK needs the field.
     assert body.pop("sessionToken") == ""
     assert all(isinstance(value, str) and value for value in body.values())
-    assert body["accessKey"] == CONFIGURED.s3_access_key and body["secret"] == CONFIGURED.s3_secret_key
+    assert body["secret"] != CONFIGURED.s3_secret_key  # the gateway's master secret never leaves
     assert body["storageUrl"] == "https://localhost:9443"
     assert (body["organizationId"], body["bucket"], body["region"]) == ("org-42", "builds", "eu-west-3")
     # The SDK's own model accepts it (every field is required there).
@@ -74,18 +73,17 @@ async def test_push_access_needs_authentication(client: httpx.AsyncClient) -> No
 
 
 async def test_push_access_unconfigured_is_503() -> None:
-    async with client_for(Settings(s3_endpoint="", s3_access_key="", s3_secret_key="")) as http:
+    async with client_for(Settings(s3_endpoint="", s3_secret_key="")) as http:
         response = await http.get("/api/object-storage/push-access", headers=AUTH)
     assert response.status_code == 503
     body = response.json()
     assert body["statusCode"] == 503 and "TIDEPOOL_S3_ENDPOINT" in body["message"]
 
 
-async def test_embedded_storage_gets_a_scoped_expiring_key() -> None:
-
+async def test_every_configuration_gets_a_scoped_expiring_key() -> None:
     from tidepool_runtime.object_keys import parse_key, secret_for
 
-    scoped = CONFIGURED.model_copy(update={"s3_scoped_keys": True, "s3_access_key": ""})
+    scoped = CONFIGURED
     async with client_for(scoped) as http:
         body = (await http.get("/api/object-storage/push-access", headers=AUTH)).json()
     scope = parse_key(body["accessKey"])

@@ -47,8 +47,6 @@ async def storage(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tup
         settings = Settings(
             data_dir=data_dir,
             s3_endpoint=env["TIDEPOOL_S3_ENDPOINT"],
-            s3_access_key=env["TIDEPOOL_S3_ACCESS_KEY"],
-            s3_scoped_keys=env["TIDEPOOL_S3_SCOPED_KEYS"] == "true",
             s3_secret_key=env["TIDEPOOL_S3_SECRET_KEY"],
             s3_bucket=env["TIDEPOOL_S3_BUCKET"],
             s3_region=env["TIDEPOOL_S3_REGION"],
@@ -240,7 +238,7 @@ async def test_garbage_and_bad_input(storage: tuple[Stack, Settings]) -> None:
     with pytest.raises(ContextError, match="invalid build context hash"):
         await fetch_context(settings, ORG, ["../h-present"])
     with pytest.raises(ContextError, match="not configured"):
-        await fetch_context(Settings(s3_endpoint="", s3_access_key="", s3_secret_key=""), ORG, ["h"])
+        await fetch_context(Settings(s3_endpoint="", s3_secret_key=""), ORG, ["h"])
 
 
 async def test_tls_is_verified(storage: tuple[Stack, Settings], tmp_path: Path) -> None:

@@ -66,11 +66,8 @@ def make_client(settings: Settings, organization_id: str) -> Minio:
         retries=urllib3.Retry(total=3, backoff_factor=0.3, status_forcelist=(500, 502, 503, 504)),
         maxsize=4,
     )
-    if settings.s3_scoped_keys:
-        # Embedded storage: a service key scoped to this organization's directory only.
-        access_key, secret_key = service_key(settings.s3_secret_key, organization_id)
-    else:
-        access_key, secret_key = settings.s3_access_key, settings.s3_secret_key
+    # A service key scoped to this organization's root only (the gateway holds the storage's own key).
+    access_key, secret_key = service_key(settings.s3_secret_key, organization_id)
     return Minio(
         parts.netloc,
         access_key=access_key,
@@ -232,9 +229,8 @@ def _raise_fetch_error(error: Exception, bucket: str, key: str, context_hash: st
 
 
 def fetch_archives_sync(settings: Settings, organization_id: str, hashes: list[str]) -> list[ContextArchive]:
-    has_keys = settings.s3_scoped_keys or bool(settings.s3_access_key)
-    if not (settings.s3_endpoint and settings.s3_secret_key and has_keys):
-        raise ContextError("object storage is not configured (TIDEPOOL_S3_ENDPOINT and keys)")
+    if not (settings.s3_endpoint and settings.s3_secret_key):
+        raise ContextError("object storage is not configured (TIDEPOOL_S3_ENDPOINT, TIDEPOOL_S3_SECRET_KEY)")
     if not organization_id:
         raise ContextError("a build with context hashes needs the organization that uploaded them")
     client = make_client(settings, organization_id)
