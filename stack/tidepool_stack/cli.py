@@ -73,9 +73,10 @@ async def run_foreground(config: StackConfig) -> None:
         console.print(f"\n[bold green]Tidepool is up.[/]  (settings also in {env_file})")
         console.print(f"  export DAYTONA_API_URL={stack.api_url}")
         console.print(f"  export DAYTONA_API_KEY={stack.admin_key}\n")
-        watch = asyncio.create_task(watch_children(stack))
-        await asyncio.wait({stopping, watch}, return_when=asyncio.FIRST_COMPLETED)
-        watch.cancel()
+        # From here on a service that dies is restarted (logged with why); only Ctrl-C or `down` stops it all.
+        supervising = asyncio.create_task(stack.supervise())
+        await asyncio.wait({stopping, supervising}, return_when=asyncio.FIRST_COMPLETED)
+        supervising.cancel()
     elif starting in done:
         console.print(f"[bold red]Tidepool failed to start:[/] {starting.exception()}")
     else:
@@ -84,16 +85,6 @@ async def run_foreground(config: StackConfig) -> None:
     await stack.stop()
     if starting in done and starting.exception() is not None:
         raise typer.Exit(1)
-
-
-async def watch_children(stack: Stack) -> None:
-    while True:
-        try:
-            stack.check_alive()
-        except RuntimeError as error:
-            console.print(f"[bold red]{error}[/]")
-            return
-        await asyncio.sleep(1)
 
 
 def start_detached(data_dir: Path) -> None:

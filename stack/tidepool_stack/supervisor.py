@@ -201,6 +201,24 @@ class Child:
     name: str
     process: asyncio.subprocess.Process
     pump: asyncio.Task[None]
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+
+# Supervision (`Stack.supervise`): a child that exits is restarted after a delay that doubles from the first
+# to the longest while it keeps failing, and starts again from the first once it has run this long.
+RESTART_DELAY_FIRST_SECONDS = 0.5
+RESTART_DELAY_MAX_SECONDS = 30.0
+RESTART_STABLE_SECONDS = 60.0
+
+
+def describe_exit(returncode: int) -> str:
+    """`code 3` or `signal SIGKILL`, for the log line that says why a child is restarted."""
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-returncode).name}"
+    return f"code {returncode}"
 
 
 class Stack:
@@ -222,6 +240,7 @@ class Stack:
         self.trusted_ca_file: Path | None = None
         # TIDEPOOL_REGISTRY_USERNAME/PASSWORD, for the REGISTRY_CLIENTS only (empty: no embedded registry).
         self.registry_env: dict[str, str] = {}
+        self.stopping = False  # set by stop(): nothing is restarted any more
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -235,9 +254,52 @@ class Stack:
             preexec_fn=die_with_parent,  # but a launcher that dies takes them along
         )
         pump = asyncio.create_task(self._pump(name, process))
-        child = Child(name, process, pump)
+        child = Child(name, process, pump, argv=list(argv), env=env)
         self.children[name] = child
         return child
+
+    async def supervise(self) -> None:
+        """Keeps every child running until cancelled: one that exits (crash, OOM kill, `kill -9`) is logged
+        with its exit reason and started again with the same command and environment, after a delay that
+        backs off while it keeps failing; the others keep serving meanwhile. Only `stop()` ends children.
+        """
+        delays: dict[str, float] = {}
+        restarts: dict[str, asyncio.Task[None]] = {}
+        try:
+            while not self.stopping:
+                for name, child in list(self.children.items()):
+                    returncode = child.process.returncode
+                    if returncode is None:
+                        if name in delays and time.monotonic() - child.started_at > RESTART_STABLE_SECONDS:
+                            del delays[name]
+                        continue
+                    if name in restarts and not restarts[name].done():
+                        continue
+                    delay = min(
+                        delays.get(name, RESTART_DELAY_FIRST_SECONDS / 2) * 2, RESTART_DELAY_MAX_SECONDS
+                    )
+                    delays[name] = delay
+                    self.sink(
+                        "stack", f"{name} exited with {describe_exit(returncode)}; restarting in {delay:g} s"
+                    )
+                    restarts[name] = asyncio.create_task(self._restart(child, delay))
+                await asyncio.sleep(0.2)
+        finally:
+            for task in restarts.values():
+                task.cancel()
+
+    async def _restart(self, child: Child, delay: float) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(child.pump, timeout=2)  # its last lines first
+        await asyncio.sleep(delay)
+        if self.stopping or self.children.get(child.name) is not child:
+            return
+        try:
+            await self.spawn(child.name, child.argv, child.env)
+        except OSError as error:  # e.g. the binary vanished: keep the dead child, try again after backoff
+            self.sink("stack", f"{child.name} could not be restarted: {error}")
+            return
+        self.sink("stack", f"{child.name} restarted")
 
     async def _pump(self, name: str, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
@@ -537,6 +599,7 @@ class Stack:
         return path
 
     async def stop(self) -> None:
+        self.stopping = True
         if self.trusted_ca_file and self.config.untrust_ca_on_stop:
             untrust(self.trusted_ca_file)
         # Services first (they drain their bus connections), infrastructure last.
