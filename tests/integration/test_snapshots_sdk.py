@@ -218,3 +218,40 @@ def test_snapshot_entrypoint_runs_in_the_entrypoint_session(stack: StackThread, 
         assert "entrypoint-up" in sandbox.process.get_entrypoint_logs().stdout
     finally:
         daytona.delete(sandbox)
+
+
+def test_image_workdir_and_env_are_honoured(stack: StackThread, python_slim: str) -> None:
+    """Issue #19 item 3: the default working directory is the image's WORKDIR (else the user's home), for
+    every way to run something and for relative paths; the image's ENV reaches every command."""
+    daytona = Daytona()
+    image = (
+        Image.base(python_slim)
+        .run_commands("mkdir -p /opt/app && chmod 0777 /opt/app && echo seed > /opt/app/seed.txt")
+        .workdir("/opt/app")
+        .env({"TIDEPOOL_IMAGE_ENV": "from-image"})
+    )
+    sandbox = daytona.create(CreateSandboxFromImageParams(image=image), timeout=600)
+    plain = daytona.create(CreateSandboxFromImageParams(image=Image.base(python_slim)), timeout=600)
+    try:
+        assert sandbox.get_work_dir() == "/opt/app"
+        assert sandbox.process.exec("pwd").result.strip() == "/opt/app"
+        assert sandbox.process.exec("echo $TIDEPOOL_IMAGE_ENV").result.strip() == "from-image"
+        assert sandbox.process.code_run("import os; print(os.getcwd())").result.strip() == "/opt/app"
+        sandbox.process.create_session("wd")
+        from daytona import SessionExecuteRequest
+
+        ran = sandbox.process.execute_session_command("wd", SessionExecuteRequest(command="pwd"))
+        assert (ran.stdout or ran.output or "").strip() == "/opt/app"
+        # Relative paths resolve against it.
+        assert sandbox.fs.download_file("seed.txt") == b"seed\n"
+        sandbox.fs.upload_file(b"new", "made-here.txt")
+        assert sandbox.process.exec("cat /opt/app/made-here.txt").result == "new"
+        # The user and their home are still the sandbox's.
+        assert sandbox.get_user_home_dir() == "/home/daytona"
+        assert sandbox.process.exec("whoami").result.strip() == "daytona"
+        # An image without WORKDIR: the user's home.
+        assert plain.get_work_dir() == "/home/daytona"
+        assert plain.process.exec("pwd").result.strip() == "/home/daytona"
+    finally:
+        daytona.delete(sandbox)
+        daytona.delete(plain)

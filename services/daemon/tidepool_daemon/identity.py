@@ -33,6 +33,19 @@ def become_user(name: str) -> None:
     os.chdir(home)
 
 
+def enter_image_work_dir(image_work_dir: str) -> None:
+    """Work from the image's `WORKDIR` when it has one (behaviour spec: "default cwd is the image WORKDIR,
+    else the user's home"). The engine starts the daemon there (`/` when the image sets none), so the
+    caller reads it with os.getcwd() before become_user() moves to the home folder. A WORKDIR the user
+    cannot enter leaves the home folder."""
+    if image_work_dir in ("", "/") or not os.path.isdir(image_work_dir):
+        return
+    try:
+        os.chdir(image_work_dir)
+    except OSError as error:
+        logger.warning("image WORKDIR %s not usable (%s); staying in the home folder", image_work_dir, error)
+
+
 def _create_user(name: str) -> pwd.struct_passwd:
     shell = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
     home = f"/home/{name}"

@@ -41,7 +41,7 @@ from .http_io import (
     body_for_request,
     encode_json,
 )
-from .identity import become_user
+from .identity import become_user, enter_image_work_dir
 from .info import InfoService
 from .process import ProcessService
 from .pty_sessions import PtyService
@@ -399,7 +399,9 @@ def serve(args: argparse.Namespace) -> int:
     for entry in args.listen_fd:
         kind, _, raw_fd = entry.partition(":")
         listeners.append((kind, socket.socket(fileno=int(raw_fd))))
+    image_work_dir = os.getcwd()  # the engine starts the daemon in the image's WORKDIR
     become_user(args.user)
+    enter_image_work_dir(image_work_dir)
     entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
     context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
     router = build_router(context)
