@@ -138,6 +138,13 @@ def run_program(
     """Run `command` with `stdin` fed in (the program reads it to its end, so the user's code then sees
     end-of-file), stdout+stderr combined, the timeout ending its whole process tree (see proctree.py)."""
     tree = TreeSpec()
+    child_env = tree.environment(dict(env))
+    # The Python bootstrap reports when the user's code starts (coderun_bootstrap._report_started): the
+    # timeout counts from there, so a slow interpreter start on a busy machine is never the user's time-out.
+    started_read, started_write = -1, -1
+    if timeout_seconds is not None and command[2:4] == ["-c", PYTHON_BOOTSTRAP]:
+        started_read, started_write = os.pipe()
+        child_env["TIDEPOOL_CODE_RUN_STARTED_FD"] = str(started_write)
     try:
         process = subprocess.Popen(
             command,
@@ -145,17 +152,26 @@ def run_program(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=tree.environment(dict(env)),
+            env=child_env,
             start_new_session=True,
             close_fds=True,
+            pass_fds=(started_write,) if started_write >= 0 else (),
         )
-    except FileNotFoundError:
-        return CommandOutcome(
-            f"{command[0]}: command not found\n".encode(), 127, "exited", None, output_truncated=False
-        )
-    except OSError as exc:
+    except (FileNotFoundError, OSError) as exc:
+        for descriptor in (started_read, started_write):
+            if descriptor >= 0:
+                os.close(descriptor)
+        if isinstance(exc, FileNotFoundError):
+            return CommandOutcome(
+                f"{command[0]}: command not found\n".encode(), 127, "exited", None, output_truncated=False
+            )
         raise DaemonError(500, f"failed to start {command[0]}: {exc}") from None
-    return _ShellRun(process, stdin, timeout_seconds, kind="code_run", tree=tree).wait()
+    if started_write >= 0:
+        os.close(started_write)
+    started_fd = started_read if started_read >= 0 else None
+    return _ShellRun(
+        process, stdin, timeout_seconds, kind="code_run", tree=tree, started_fd=started_fd
+    ).wait()
 
 
 def _read_charts(charts_path: str) -> list[dict[str, Any]]:

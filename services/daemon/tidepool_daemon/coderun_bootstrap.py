@@ -36,6 +36,7 @@ def _tidepool_bootstrap() -> None:
     main_module = types.ModuleType("__main__")
     main_module.__dict__.update({"__builtins__": builtins, "__file__": "<stdin>", "__cached__": None})
     sys.modules["__main__"] = main_module
+    _report_started()
     try:
         exec(code, main_module.__dict__)
     except SystemExit:
@@ -45,6 +46,21 @@ def _tidepool_bootstrap() -> None:
         traceback = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
         _print_exception(exc, traceback)
         raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
+
+
+def _report_started() -> None:
+    """Tell the daemon the user's code starts now: its timeout counts from here, not from the start of
+    the interpreter (the descriptor is the write end of a pipe the daemon passed; the variable is removed
+    so the user's code never sees it)."""
+    import os
+
+    raw = os.environ.pop("TIDEPOOL_CODE_RUN_STARTED_FD", "")
+    if raw.isdigit():
+        try:
+            os.write(int(raw), b"1")
+            os.close(int(raw))
+        except OSError:
+            pass
 
 
 def _print_exception(exc, traceback) -> None:

@@ -42,6 +42,8 @@ logger = logging.getLogger("tidepool_daemon.interpreter")
 WORKER_SOURCE = Path(__file__).with_name("interpreter_worker.py").read_text(encoding="utf-8")
 DEFAULT_CONTEXT_ID = "default"
 DEFAULT_TIMEOUT_SECONDS = 600.0  # upstream's default when the client sends no timeout
+# How long an interpreter may take to start (not counted in the user's timeout; a loaded machine is slow).
+WORKER_START_TIMEOUT_SECONDS = 120.0
 CLOSE_TIMEOUT = 4008
 CLOSE_POLICY_VIOLATION = 1008
 # How long the client may take to send its request frame after the upgrade.
@@ -92,9 +94,35 @@ class _Worker:
         self.stdout_fd = self.process.stdout.fileno()
         self.stderr_fd = self.process.stderr.fileno()
         self.reply_fd = self._reply_fd
+        self.ready = False
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Consume the worker's `{"ready": true}` frame (once); False if it died or took longer."""
+        if self.ready:
+            return True
+        deadline = time.monotonic() + timeout
+        frame = b""
+        while True:
+            length = struct.unpack("!I", frame[:4])[0] if len(frame) >= 4 else None
+            if length is not None and len(frame) >= 4 + length:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select([self._reply_fd], [], [], remaining)
+            if not ready:
+                return False
+            # Exactly up to the frame's end: what follows belongs to the first execution's reply.
+            wanted = (4 - len(frame)) if length is None else (4 + length - len(frame))
+            chunk = os.read(self._reply_fd, wanted)
+            if not chunk:
+                return False
+            frame += chunk
+        self.ready = True
+        return True
 
     def send(self, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode("utf-8", "surrogatepass")
@@ -160,6 +188,11 @@ class InterpreterContext:
             "createdAt": self.created_at,
             "active": not self.deleted and self.worker is not None and self.worker.alive(),
         }
+
+    def discard_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker = None
 
     def ensure_worker(self) -> _Worker:
         if self.worker is not None and not self.worker.alive():
@@ -325,8 +358,9 @@ class InterpreterService:
         emit: EventSink,
     ) -> None:
         """Run `code` in the context, streaming events to `emit`; raises ExecutionTimeout on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        lock_wait = -1 if deadline is None else max(deadline - time.monotonic(), 0)
+        # The timeout measures the user's code: waiting behind an earlier execution in the same context
+        # counts (it is the user's own work), starting the interpreter does not.
+        lock_wait = -1 if timeout is None else timeout
         if not interpreter_context.lock.acquire(timeout=lock_wait):
             raise ExecutionTimeout
         try:
@@ -334,6 +368,10 @@ class InterpreterService:
                 emit(_error_event("ContextDeleted", "the interpreter context was deleted"))
                 return
             worker = interpreter_context.ensure_worker()
+            if not worker.wait_ready(WORKER_START_TIMEOUT_SECONDS):
+                interpreter_context.discard_worker()
+                raise DaemonError(500, "the interpreter did not start")
+            deadline = None if timeout is None else time.monotonic() + timeout
             _Execution(interpreter_context, worker, code, envs, deadline, emit).run()
         finally:
             interpreter_context.lock.release()

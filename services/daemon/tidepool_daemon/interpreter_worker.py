@@ -8,7 +8,8 @@ Protocol (both directions): frames of a 4-byte big-endian length followed by tha
 JSON. The daemon sends `{"code", "envs", "marker"}`; the worker runs the code, then writes `marker` to
 both stdout and stderr (so the daemon knows it has all the output of this execution, even output that
 subprocesses wrote straight to the inherited descriptors) and replies `{"error": null | {name, value,
-traceback}}`. SIGINT interrupts a running execution (the daemon's timeout) as KeyboardInterrupt.
+traceback}}`. SIGINT interrupts a running execution (the daemon's timeout) as KeyboardInterrupt. Once
+started, before the first request, the worker writes one `{"ready": true}` frame.
 """
 
 import sys
@@ -62,6 +63,9 @@ def _tidepool_worker() -> None:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
+    # Ready: the daemon starts the user's timeout only now, so start-up is never counted against it.
+    ready = json.dumps({"ready": True}).encode("utf-8")
+    write_all(reply_fd, struct.pack("!I", len(ready)) + ready)
 
     execution = 0
     while True:

@@ -49,6 +49,9 @@ TIMEOUT_MESSAGE = "request timeout: command execution timeout"
 MAX_CAPTURED_OUTPUT_BYTES = 64 * 1024 * 1024
 # How often to check whether the shell exited while its output pipe stays quiet.
 _EXIT_CHECK_INTERVAL_SECONDS = 0.05
+# A program that reports when the user's code starts (code_run's Python bootstrap) may take this long to get
+# there before the timeout counts anyway (a machine too busy even for that).
+STARTUP_MAX_SECONDS = 120.0
 # After the shell exits, background children may still hold the pipe open (`sleep 30 &`). Collect what
 # is already there, then stop once the pipe is idle this long, or after the overall cap.
 _DRAIN_IDLE_SECONDS = 0.1
@@ -165,9 +168,12 @@ class _ShellRun:
         kind: str = "exec",
         script_fd: int | None = None,
         tree: TreeSpec | None = None,
+        started_fd: int | None = None,
     ) -> None:
         """`script` goes to `script_fd` (a pipe's write end, then owned here) or else to the shell's stdin.
-        `tree` is what a timeout ends; by default the shell's session."""
+        `tree` is what a timeout ends; by default the shell's session. `started_fd` (a pipe's read end, then
+        owned here): the timeout starts when the program writes to it (or closes it), not at spawn; until
+        then only STARTUP_MAX_SECONDS bound it."""
         assert shell.stdout is not None
         self._shell = shell
         self._kind = kind
@@ -181,7 +187,9 @@ class _ShellRun:
             script_fd = shell.stdin.fileno()
         self._pending_input = memoryview(script)
         self._script_preview = script[:200].decode("utf-8", "replace")
+        self._timeout_seconds = timeout_seconds
         self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+        self._started_fd = started_fd
         self._output = bytearray()
         self._output_truncated = False
         self._oom = OomWatch()
@@ -191,6 +199,10 @@ class _ShellRun:
         os.set_blocking(self._stdin_fd, False)
         self._poller.register(self._stdout_fd, select.POLLIN)
         self._poller.register(self._stdin_fd, select.POLLOUT)
+        if started_fd is not None:
+            self._poller.register(started_fd, select.POLLIN)
+            if timeout_seconds is not None:
+                self._deadline = time.monotonic() + STARTUP_MAX_SECONDS + timeout_seconds
 
     def wait(self) -> CommandOutcome:
         self._reached_eof = False
@@ -206,6 +218,10 @@ class _ShellRun:
                 leftovers = TreeSpec(marker=self._tree.marker, sessions=set(self._tree.sessions))
                 DEADLINE_REAPER.schedule(leftovers, self._deadline)
             self._close_stdin()
+            if self._started_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._started_fd)
+                self._started_fd = None
             assert self._shell.stdout is not None
             if self._reached_eof:
                 self._shell.stdout.close()
@@ -253,6 +269,8 @@ class _ShellRun:
                     received_output = True
                 elif descriptor == self._stdin_fd:
                     self._feed_stdin(events)
+                elif descriptor == self._started_fd:
+                    self._program_started()
             if exited_at is not None and not received_output:
                 return False  # shell gone and the pipe went quiet: leftovers belong to background jobs
 
@@ -265,6 +283,16 @@ class _ShellRun:
             self._kill_process_group()
             return True
         return False
+
+    def _program_started(self) -> None:
+        """The user's code starts now (or the program closed the pipe): the timeout counts from here."""
+        assert self._started_fd is not None
+        self._poller.unregister(self._started_fd)
+        with contextlib.suppress(OSError):
+            os.close(self._started_fd)
+        self._started_fd = None
+        if self._timeout_seconds is not None:
+            self._deadline = time.monotonic() + self._timeout_seconds
 
     def _feed_stdin(self, events: int) -> None:
         if events & (select.POLLERR | select.POLLHUP) or self._stdin_fd is None:

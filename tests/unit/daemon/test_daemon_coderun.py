@@ -288,3 +288,20 @@ def test_typescript_too_large_for_one_argument(daemon_with_ts_node: httpx.Client
     assert len(code) > 128 * 1024
     body = code_run(daemon_with_ts_node, code, language="typescript", argv=["z"]).json()
     assert (body["exitCode"], body["result"]) == (0, "42 [ 'z' ]\n")
+
+
+def test_python_timeout_measures_the_code_not_the_interpreter_start(
+    socket_dir: Path, launch_daemon: Any, tmp_path: Path
+) -> None:
+    """Issue #10: start-up (here 2 s, as on a busy machine) is not counted in the user's timeout."""
+    slow_start = tmp_path / "slow-start"
+    slow_start.mkdir()
+    (slow_start / "sitecustomize.py").write_text("import time\ntime.sleep(2)\n")
+    with launch_daemon(socket_dir / "toolbox.sock", extra_env={"PYTHONPATH": str(slow_start)}) as socket_path:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://daemon", timeout=30.0) as client:
+            body = code_run(client, "import os\nprint('fast', 'TIDEPOOL_CODE_RUN_STARTED_FD' in os.environ)",
+                            timeout=1).json()  # fmt: skip
+            assert (body["result"], body["exitCode"]) == ("fast False\n", 0)
+            slow = code_run(client, "import time\ntime.sleep(5)", timeout=1)
+            assert slow.status_code == 408 and slow.json()["termination"]["reason"] == "timeout"
