@@ -43,7 +43,11 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "missing bearer token: set DAYTONA_API_KEY")
-        key_hash = hash_key(token.strip())
+        return await self.authenticate_token(token.strip())
+
+    async def authenticate_token(self, token: str) -> Principal:
+        """The organization of an API key; ApiError 401 when it is unknown, revoked or expired."""
+        key_hash = hash_key(token)
         cached = self._cache.get(key_hash)
         now = time.monotonic()
         if cached and cached[0] > now:

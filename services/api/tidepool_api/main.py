@@ -14,6 +14,7 @@ from tidepool_api.bootstrap import ensure_admin, ensure_default_snapshots, mirro
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Database
 from tidepool_api.http_limits import bounded_http_protocol
+from tidepool_api.live_events import SESSION_LIVE, LiveEvents
 from tidepool_api.migrate import migrate
 from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
@@ -46,8 +47,10 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     await ensure_default_snapshots(context)
     await bus.start()
     consumers = [asyncio.create_task(evict_expired_builds_forever(context))]
+    live_events = LiveEvents(context.authenticator, settings.toolbox_proxy_url)
+    database.sessions.configure(info={SESSION_LIVE: live_events})  # state writes emit once committed
     config = uvicorn.Config(
-        create_app(context),
+        live_events.asgi_app(create_app(context)),
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",

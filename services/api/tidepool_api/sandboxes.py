@@ -18,6 +18,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
+from tidepool_api.live_events import record_created, record_state_change
 from tidepool_api.schemas import CreateSandboxRequest
 from tidepool_api.snapshots import ensure_build
 from tidepool_contracts import channels
@@ -73,6 +74,7 @@ async def transition(
         return False
     for key, value in values.items():
         setattr(sandbox, key, value)
+    record_state_change(session, sandbox, current.value, target.value)
     return True
 
 
@@ -246,6 +248,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             auto_delete_interval=-1 if request.auto_delete_interval is None else request.auto_delete_interval,
         )
         session.add(sandbox)
+        record_created(session, sandbox)
         await session.commit()
     if sandbox.state == SandboxState.PENDING_BUILD:
         # The create intent follows when the builder reports the image ready (see events.py); the image may
