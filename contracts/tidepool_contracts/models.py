@@ -45,6 +45,9 @@ class SandboxAction(StrEnum):
     START = "start"
     STOP = "stop"
     DESTROY = "destroy"
+    # A running sandbox's cpu/memory grew (spec carries the new values); a stopped one's new resources are
+    # applied by its next START.
+    RESIZE = "resize"
 
 
 class SandboxIntent(BusModel):

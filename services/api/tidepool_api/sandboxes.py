@@ -19,12 +19,12 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.live_events import record_created, record_state_change
-from tidepool_api.schemas import CreateSandboxRequest
+from tidepool_api.schemas import CreateSandboxRequest, ResizeSandboxRequest
 from tidepool_api.snapshots import ensure_build
 from tidepool_contracts import channels
 from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
-from tidepool_runtime.broker import kv_put
+from tidepool_runtime.broker import kv_get, kv_put
 
 log = structlog.get_logger("tidepool.api.sandboxes")
 tracer = trace.get_tracer("tidepool.api")
@@ -135,6 +135,15 @@ async def _announce(
     await context.bus.publish(
         channels.SANDBOX_INTENTS, intent, msg_id=intent.intent_id, sandbox_id=sandbox.id
     )
+
+
+async def announce_spec(context: ApiContext, sandbox: Sandbox, desired: DesiredState) -> None:
+    """Update the desired record's spec without a new intent (nothing to do on a runner until the next one).
+    The stored intent id is kept, so the reconciler does not re-send an old job with it."""
+    current = await kv_get(context.desired_kv, sandbox.id, DesiredSandbox)
+    if current is None:
+        return
+    await kv_put(context.desired_kv, sandbox.id, current.model_copy(update={"spec": spec_of(sandbox)}))
 
 
 def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:
@@ -371,6 +380,63 @@ async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: 
         verb="deleted",
         force=True,
     )
+    return sandbox
+
+
+async def resize_sandbox(
+    context: ApiContext, organization_id: str, id_or_name: str, request: ResizeSandboxRequest
+) -> Sandbox:
+    """`POST /sandbox/{id}/resize` (behaviour spec "Resize"): a started sandbox may only grow cpu and memory
+    (applied live: `resizing` → `started`); a stopped one may change cpu and memory either way and grow its
+    disk (applied at its next start). Everything else is a 400 naming the rule; nothing changes then."""
+    if request.cpu is None and request.memory is None and request.disk is None:
+        raise bad_request("resize needs at least one of cpu, memory or disk")
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        organization = await session.get(Organization, sandbox.organization_id)
+        assert organization is not None
+        limits = {
+            "cpu": organization.max_cpu_per_sandbox,
+            "memory": organization.max_memory_per_sandbox,
+            "disk": organization.max_disk_per_sandbox,
+        }
+        wanted = {
+            "cpu": sandbox.cpu if request.cpu is None else request.cpu,
+            "memory": sandbox.memory if request.memory is None else request.memory,
+            "disk": sandbox.disk if request.disk is None else request.disk,
+        }
+        for name, value in wanted.items():
+            if value > limits[name]:
+                raise bad_request(
+                    f"{name} must be at most {limits[name]} (organization per-sandbox limit), got {value}"
+                )
+        if wanted["disk"] < sandbox.disk:
+            raise bad_request(f"disk can only grow: it is {sandbox.disk} GiB, asked {wanted['disk']} GiB")
+        current = SandboxState(sandbox.state)
+        if current == SandboxState.STARTED:
+            if wanted["disk"] != sandbox.disk:
+                raise bad_request("disk can be resized only while the sandbox is stopped")
+            shrinking = [name for name in ("cpu", "memory") if wanted[name] < getattr(sandbox, name)]
+            if shrinking:
+                raise bad_request(
+                    f"a started sandbox can only grow cpu and memory ({', '.join(shrinking)} would shrink): "
+                    "stop it first"
+                )
+        elif current != SandboxState.STOPPED:
+            raise bad_request(f"Sandbox {sandbox.id} cannot be resized in state '{current}'")
+        if all(wanted[name] == getattr(sandbox, name) for name in wanted):
+            return sandbox
+        sandbox.cpu, sandbox.memory, sandbox.disk = wanted["cpu"], wanted["memory"], wanted["disk"]
+        sandbox.updated_at = utc_now()
+        session.add(sandbox)
+        if current == SandboxState.STARTED and not await transition(session, sandbox, SandboxState.RESIZING):
+            raise conflict(f"Sandbox {sandbox.id} changed state concurrently; retry")
+        await session.commit()
+    if current == SandboxState.STARTED:
+        await announce(context, sandbox, SandboxAction.RESIZE, DesiredState.STARTED)
+    else:
+        # The next START carries the new resources; the reconciler's copy must have them too.
+        await announce_spec(context, sandbox, DesiredState.STOPPED)
     return sandbox
 
 

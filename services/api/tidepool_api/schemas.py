@@ -276,6 +276,14 @@ class CreateSandboxRequest(WireModel):
         return self
 
 
+class ResizeSandboxRequest(WireModel):
+    """`ResizeSandbox` (SDK 0.226.1): new cpu (cores), memory and disk (GiB); absent = unchanged."""
+
+    cpu: Cores | None = None
+    memory: Cores | None = None
+    disk: Cores | None = None
+
+
 class ReplaceLabelsRequest(WireModel):
     """`SandboxLabels`: the full new label set."""
 

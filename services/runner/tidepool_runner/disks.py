@@ -94,6 +94,8 @@ class SandboxDisks:
                     self._recent_sizes.append(size_gib)
                 if not self._claim_ready(disk, size_gib):
                     _format(disk.image, size_gib)
+            elif disk.image.stat().st_size < size_gib * GIB:
+                _grow(disk.image, disk.mount, size_gib)  # resized while stopped: disks only grow
             if not os.path.ismount(disk.mount):
                 disk.mount.mkdir(mode=0o700, exist_ok=True)
                 _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
@@ -202,6 +204,19 @@ def _format(image: Path, size_gib: int) -> None:
         handle.truncate(size_gib * GIB)
     _run("mkfs.ext4", *MKFS_ARGS, str(partial))
     partial.rename(image)
+
+
+def _grow(image: Path, mount: Path, size_gib: int) -> None:
+    """Grow a stopped sandbox's disk image and its ext4 filesystem to `size_gib` (sparse: nothing is
+    written). Offline: the disk is unmounted first (the caller mounts it again), because growing a mounted
+    ext4 needs CAP_SYS_RESOURCE, which a runner in a container may lack."""
+    if os.path.ismount(mount):
+        _run("umount", str(mount))
+    with open(image, "r+b") as handle:
+        handle.truncate(size_gib * GIB)
+    # resize2fs insists on a freshly checked filesystem; -p: repair only what is safe without asking.
+    subprocess.run(["e2fsck", "-f", "-p", str(image)], check=False, capture_output=True)
+    _run("resize2fs", str(image))
 
 
 def _take_over_layer(old_upper: Path, new_upper: Path, old_work: Path, new_work: Path) -> None:

@@ -44,6 +44,9 @@ class ContainerSummary:
     labels: dict[str, str]
 
 
+CFS_PERIOD_MICROSECONDS = 100_000  # what the engine uses for NanoCpus
+
+
 @dataclass(frozen=True)
 class ContainerStatus:
     container_id: str
@@ -54,6 +57,10 @@ class ContainerStatus:
     # The container's writable layer (overlay upper and work dirs), where its disk is attached.
     upper_dir: str = ""
     work_dir: str = ""
+    # The limits the container was created with (a live update, see update_resources, is not kept by the
+    # engine across a restart: the runner applies the sandbox's own after every start).
+    nano_cpus: int = 0
+    memory_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class ContainerEngine:
             raise self._translate(error, "inspect the sandbox container") from error
         state: dict[str, Any] = container["State"]
         layer: dict[str, Any] = (container._container.get("GraphDriver") or {}).get("Data") or {}
+        host_config: dict[str, Any] = container._container.get("HostConfig") or {}
         return ContainerStatus(
             container_id=container.id,
             running=bool(state.get("Running")),
@@ -92,6 +100,8 @@ class ContainerEngine:
             exit_code=int(state.get("ExitCode") or 0),
             upper_dir=str(layer.get("UpperDir") or ""),
             work_dir=str(layer.get("WorkDir") or ""),
+            nano_cpus=int(host_config.get("NanoCpus") or 0),
+            memory_bytes=int(host_config.get("Memory") or 0),
         )
 
     async def root_ids(self, container_id: str) -> RootIds:
@@ -149,6 +159,28 @@ class ContainerEngine:
             if error.status == 304:  # already started
                 return
             raise self._translate(error, "start the sandbox container") from error
+
+    async def update_resources(self, container_id: str, cpu: int, memory_bytes: int) -> None:
+        """Change a running container's cpu (cores, as a CFS quota) and memory (bytes, no swap on top) live.
+        Podman's own endpoint: its Docker-compatible one has no `update` (Podman 4.3). Raises
+        SandboxFailedError when the engine refuses (e.g. memory below what the sandbox uses)."""
+        body = {
+            "cpu": {"quota": cpu * CFS_PERIOD_MICROSECONDS, "period": CFS_PERIOD_MICROSECONDS},
+            "memory": {"limit": memory_bytes, "swap": memory_bytes},
+        }
+        try:
+            async with self._docker._query(
+                f"v4.0.0/libpod/containers/{container_id}/update",
+                method="POST",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+                versioned_api=False,
+            ) as response:
+                await response.read()  # the container's id, as text
+        except DockerError as error:
+            if error.status in (400, 409, 500):
+                raise SandboxFailedError(f"the engine refused the new resources: {error.message}") from error
+            raise self._translate(error, "resize the sandbox container") from error
 
     async def unpause(self, container_id: str) -> None:
         try:

@@ -19,6 +19,7 @@ from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.container_config import (
+    GIB,
     build_container_config,
     container_name,
     sandbox_socket_dir,
@@ -26,7 +27,13 @@ from tidepool_runner.container_config import (
 )
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
-from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, RootIds, SandboxFailedError
+from tidepool_runner.engine import (
+    ContainerEngine,
+    ContainerStatus,
+    EngineUnavailableError,
+    RootIds,
+    SandboxFailedError,
+)
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
 from tidepool_runtime.settings import RunnerSettings
@@ -118,6 +125,8 @@ class JobExecutor:
                     # Same convergence either way: a START whose container vanished recreates it.
                     daemon_version = await self._ensure_running(job.spec)
                     await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+                case SandboxAction.RESIZE:
+                    await self._resize(job)
                 case SandboxAction.STOP:
                     await self._stop(job)
                 case SandboxAction.DESTROY:
@@ -156,7 +165,27 @@ class JobExecutor:
             _remove_entry(toolbox_socket_path(self._settings, spec.sandbox_id))
             await self._daemons.close(spec.sandbox_id)
             await self._engine.start(status.container_id)
+        await self._apply_resources(spec, status)
         return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+
+    async def _apply_resources(self, spec: SandboxSpec, status: ContainerStatus) -> None:
+        """The engine keeps a container's creation limits across restarts, not a live update: after a
+        resize, bring the running container to the sandbox's own cpu and memory."""
+        memory_bytes = spec.memory_gib * GIB
+        if status.nano_cpus != spec.cpu * 1_000_000_000 or status.memory_bytes != memory_bytes:
+            await self._engine.update_resources(status.container_id, spec.cpu, memory_bytes)
+
+    async def _resize(self, job: RunnerJob) -> None:
+        """Grow a running sandbox's cpu and memory (disk only changes while stopped, at the next start)."""
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is None or not status.running:
+            # Nothing runs: the next START applies the new resources (converges like a START would).
+            daemon_version = await self._ensure_running(job.spec)
+            await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+            return
+        memory_bytes = job.spec.memory_gib * GIB
+        await self._engine.update_resources(status.container_id, job.spec.cpu, memory_bytes)
+        await self._report(job, SandboxState.STARTED)
 
     def _prepare_socket_dir(self, sandbox_id: str, root: RootIds) -> None:
         """The toolbox channel's folder belongs to the sandbox's root (a uid of its own user namespace),

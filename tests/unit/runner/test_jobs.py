@@ -67,6 +67,9 @@ class ScriptedEngine:
             exit_code=0,
             upper_dir=f"/layers/{name}/diff",
             work_dir=f"/layers/{name}/work",
+            # As an engine reports them: the creation limits (a live update is not kept).
+            nano_cpus=container["config"]["HostConfig"]["NanoCpus"],
+            memory_bytes=container["config"]["HostConfig"]["Memory"],
         )
 
     async def root_ids(self, container_id: str) -> RootIds:
@@ -99,6 +102,9 @@ class ScriptedEngine:
 
     async def log_tail(self, container_id: str, lines: int = 20) -> str:
         return ""
+
+    async def update_resources(self, container_id: str, cpu: int, memory_bytes: int) -> None:
+        self._maybe_fail(f"update {cpu} {memory_bytes}")
 
 
 class AlwaysReadyDaemons(DaemonConnections):
@@ -251,3 +257,29 @@ async def test_sandbox_locks_keep_arrival_order_per_sandbox_only() -> None:
     await asyncio.gather(*tasks)
     assert order == ["b1", "a1", "a2", "a3"]
     assert not locks._locks  # no lock kept for idle sandboxes
+
+
+async def test_resize_updates_a_running_container_and_every_later_start(
+    harness: tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]],
+) -> None:
+    executor, engine, events = harness
+    sandbox_id = str(uuid.uuid4())
+    await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
+    assert not [call for call in engine.calls if call.startswith("update")]  # created with its limits
+
+    bigger = make_job(SandboxAction.RESIZE, sandbox_id)
+    bigger = bigger.model_copy(update={"spec": bigger.spec.model_copy(update={"cpu": 2, "memory_gib": 4})})
+    await executor.execute(bigger)
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
+    assert engine.calls[-1] == f"update 2 {4 * 1024**3}"
+
+    # The engine forgets a live update on restart: the START carrying the spec applies it again.
+    await executor.execute(make_job(SandboxAction.STOP, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STOPPED
+    start = bigger.model_copy(update={"action": SandboxAction.START, "job_id": str(uuid.uuid4())})
+    await executor.execute(start)
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
+    assert engine.calls.count(f"update 2 {4 * 1024**3}") == 2
+    last_start = max(index for index, call in enumerate(engine.calls) if call == "start")
+    assert f"update 2 {4 * 1024**3}" in engine.calls[last_start:]  # after the container started

@@ -25,6 +25,7 @@ from tidepool_api.schemas import (
     CreateSandboxRequest,
     ListSandboxesDto,
     ReplaceLabelsRequest,
+    ResizeSandboxRequest,
     SandboxDto,
     SandboxLabelsDto,
     SandboxStateFilter,
@@ -40,6 +41,7 @@ WRITE = error_responses(400, 404, 409, 413)
 
 AFTER_START = {SandboxState.STARTED, SandboxState.ERROR, SandboxState.BUILD_FAILED}
 AFTER_STOP = {SandboxState.STOPPED, SandboxState.ERROR}
+AFTER_RESIZE = {SandboxState.STARTED, SandboxState.STOPPED, SandboxState.ERROR}
 AFTER_DELETE = {SandboxState.DESTROYED, SandboxState.ERROR}
 
 
@@ -132,6 +134,19 @@ async def stop_sandbox(
     sandbox = await sandboxes.wait_for_state(
         context, sandbox.id, AFTER_STOP, context.settings.create_wait_seconds
     )
+    return JsonResponse(dto(context, sandbox))
+
+
+@router.post("/{sandbox_id_or_name}/resize", response_model=SandboxDto, responses=WRITE)
+async def resize_sandbox(
+    context: Context, caller: Caller, sandbox_id_or_name: str, body: ResizeSandboxRequest
+) -> JsonResponse:
+    """Behaviour spec "Resize": started: cpu/memory may only grow (hot); stopped: cpu/memory, disk grows."""
+    sandbox = await sandboxes.resize_sandbox(context, caller.organization_id, sandbox_id_or_name, body)
+    if sandbox.state == SandboxState.RESIZING:
+        sandbox = await sandboxes.wait_for_state(
+            context, sandbox.id, AFTER_RESIZE, context.settings.create_wait_seconds
+        )
     return JsonResponse(dto(context, sandbox))
 
 
