@@ -28,6 +28,7 @@ from tidepool_contracts.models import (
     RegistryCredentialsRequest,
     RunnerInfo,
     RunnerJob,
+    SandboxActivity,
     SandboxIntent,
     SandboxRoute,
     SandboxStateEvent,
@@ -198,7 +199,13 @@ API_KEYS = Bucket(
 SIGNING_KEYS = Bucket(
     subjects.KV_SIGNING_KEYS, SigningKeyRecord, "sandbox_id", "API -> proxy: keys of signed file URLs"
 )
-BUCKETS: tuple[Bucket, ...] = (RUNNERS, ROUTES, PLACEMENTS, DESIRED, API_KEYS, SIGNING_KEYS)
+ACTIVITY = Bucket(
+    subjects.KV_ACTIVITY,
+    SandboxActivity,
+    "sandbox_id",
+    "runner -> scheduler: last toolbox use of a sandbox (written at most every few seconds)",
+)
+BUCKETS: tuple[Bucket, ...] = (RUNNERS, ROUTES, PLACEMENTS, DESIRED, API_KEYS, SIGNING_KEYS, ACTIVITY)
 
 
 def stream_subjects(stream: Stream) -> list[str]:

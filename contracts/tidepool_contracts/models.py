@@ -86,6 +86,9 @@ class SandboxStateEvent(BusModel):
     runner_id: str | None = None
     daemon_version: str | None = None
     source: str
+    # Why the platform changed the state on its own (a lifecycle timer), None when a user asked for it:
+    # `auto_stop` (idle for its autoStopInterval), `auto_delete` (stopped for its autoDeleteInterval).
+    cause: str | None = None
     occurred_at: datetime = Field(default_factory=utc_now)
 
 
@@ -134,6 +137,17 @@ class DesiredSandbox(BusModel):
     force: bool = False
     intent_id: str
     updated_at: datetime = Field(default_factory=utc_now)
+    # Lifecycle timers, in minutes (behaviour spec "sandboxes"): stop after this long without activity
+    # (0: never); delete after this long stopped (-1: never, 0: as soon as it stops, i.e. ephemeral).
+    auto_stop_interval: int = 0
+    auto_delete_interval: int = -1
+
+
+class SandboxActivity(BusModel):
+    """Runner -> KV, throttled: when the sandbox's toolbox was last used (what keeps it from stopping)."""
+
+    sandbox_id: str
+    last_activity_at: datetime = Field(default_factory=utc_now)
 
 
 class Placement(BusModel):

@@ -27,6 +27,7 @@ KV_ROUTES = "tidepool_routes"  # sandbox id -> SandboxRoute (proxy reads this, n
 KV_PLACEMENTS = "tidepool_placements"  # sandbox id -> Placement (scheduler's memory)
 KV_DESIRED = "tidepool_desired"  # sandbox id -> DesiredSandbox (API writes, scheduler reconciles)
 KV_API_KEYS = "tidepool_api_keys"  # sha256(key) -> ApiKeyRecord (proxy authenticates without the DB)
+KV_ACTIVITY = "tidepool_activity"  # sandbox id -> SandboxActivity (runner writes, scheduler's timers read)
 KV_SIGNING_KEYS = "tidepool_signing_keys"  # sandbox id -> SigningKeyRecord (proxy verifies signed file URLs)
 
 

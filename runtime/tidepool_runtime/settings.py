@@ -175,6 +175,8 @@ class SandboxHostSettings(_Base):
     runner_host: str = "127.0.0.1"
     runner_port: int = 3003
     runner_public_url: str = ""
+    # Toolbox use is recorded as a sandbox's activity (for auto-stop) at most this often per sandbox.
+    activity_write_interval_seconds: float = 10.0
     daemon_dir: Path = REPO_ROOT / "services" / "daemon"
     # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
     # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
@@ -246,6 +248,10 @@ class SchedulingSettings(_Base):
     reconcile_interval_seconds: float = 5.0
     job_resend_after_seconds: float = 45.0
     job_max_attempts: int = 3
+    # Lifecycle timers (auto-stop, auto-delete): how often they are checked, and how long one "minute" of
+    # the intervals users give lasts — 60 in production; a test stack shortens it to run timers in seconds.
+    lifecycle_tick_seconds: float = 30.0
+    lifecycle_minute_seconds: float = 60.0
 
 
 class ObjectStorageSettings(_Base):

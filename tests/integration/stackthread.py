@@ -19,7 +19,9 @@ T = TypeVar("T")
 
 
 class StackThread:
-    def __init__(self, data_dir: Path, database_url: str = "") -> None:
+    def __init__(
+        self, data_dir: Path, database_url: str = "", extra_env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "stack.log"
         self.loop = asyncio.new_event_loop()
@@ -49,6 +51,7 @@ class StackThread:
                 "TIDEPOOL_DAEMON_HEALTH_FAILURES": "2",
                 "TIDEPOOL_DAEMON_RESTART_WAIT_SECONDS": "15",
                 "TIDEPOOL_ALLOWED_HOST_REGISTRIES": f'["127.0.0.1:{self.private_registry_port}"]',
+                **(extra_env or {}),
             },
             untrust_ca_on_stop=True,
         )

@@ -14,7 +14,7 @@ from tidepool_api.sandbox_events import STATE_UPDATED, add_event
 from tidepool_api.sandboxes import fail_build_waiters, mark_building, release_built_sandbox, transition
 from tidepool_api.snapshots import pending_build_sandboxes
 from tidepool_contracts.models import SandboxStateEvent, SnapshotEvent, SnapshotState
-from tidepool_contracts.states import SandboxState, can_transition
+from tidepool_contracts.states import DesiredState, SandboxState, can_transition
 
 log = structlog.get_logger("tidepool.api.events")
 
@@ -34,10 +34,14 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
             changes["runner_id"] = event.runner_id
         if event.daemon_version:
             changes["daemon_version"] = event.daemon_version
+        if event.cause == "auto_stop":
+            changes["desired_state"] = DesiredState.STOPPED.value  # the platform stopped it, not a user
+        elif event.cause == "auto_delete":
+            changes["desired_state"] = DesiredState.DESTROYED.value
         if event.state == SandboxState.DESTROYED:
             # Frees the name for reuse while keeping the row for audit.
             changes["name"] = f"DESTROYED_{sandbox.name}_{int(time.time() * 1000)}"
-        if not await transition(session, sandbox, event.state, **changes):
+        if not await transition(session, sandbox, event.state, cause=event.cause, **changes):
             raise RuntimeError(f"sandbox {sandbox.id} changed concurrently; retrying the event")
         if current != event.state:
             await add_event(
@@ -51,6 +55,7 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
                     "newState": event.state.value,
                     "errorReason": event.error_reason,
                     "recoverable": event.recoverable,
+                    "cause": event.cause,
                 },
                 occurred_at=event.occurred_at,
             )

@@ -5,7 +5,8 @@
   its organization's room and receives that organization's events only.
 - Events, emitted once the database change is committed:
   - `sandbox.created`: the full Sandbox DTO (as `GET /api/sandbox/{id}` answers).
-  - `sandbox.state.updated`: `{"sandbox": <Sandbox DTO>, "oldState": str, "newState": str}`.
+  - `sandbox.state.updated`: `{"sandbox": <Sandbox DTO>, "oldState": str, "newState": str}`, plus
+    `"cause"` when the platform changed it on its own (`auto_stop`, `auto_delete`).
 - Every state write goes through `sandboxes.transition` (the one checked write path), which records the
   event on the database session (`record_state_change`); the session's commit hook emits what the committed
   transaction contained, and nothing of a rolled-back one.
@@ -101,13 +102,22 @@ def record_created(session: Any, sandbox: Sandbox) -> None:
         pending.append((SANDBOX_CREATED, sandbox.organization_id, live.describe(sandbox)))
 
 
-def record_state_change(session: Any, sandbox: Sandbox, old_state: str, new_state: str) -> None:
-    """Queue `sandbox.state.updated` (the sandbox as it is after the change); emitted when it commits."""
+def record_state_change(
+    session: Any, sandbox: Sandbox, old_state: str, new_state: str, cause: str | None = None
+) -> None:
+    """Queue `sandbox.state.updated` (the sandbox as it is after the change); emitted when it commits. With a
+    `cause` (the platform acted on its own, e.g. `auto_stop`), the payload says so (an extra key)."""
     sync_session = getattr(session, "sync_session", session)
     pending = _pending(sync_session)
     if pending is not None and old_state != new_state:
         live: LiveEvents = sync_session.info[SESSION_LIVE]
-        payload = {"sandbox": live.describe(sandbox), "oldState": old_state, "newState": new_state}
+        payload: dict[str, object] = {
+            "sandbox": live.describe(sandbox),
+            "oldState": old_state,
+            "newState": new_state,
+        }
+        if cause:
+            payload["cause"] = cause
         pending.append((SANDBOX_STATE_UPDATED, sandbox.organization_id, payload))
 
 

@@ -57,9 +57,12 @@ async def transition(
     session: AsyncSession,
     sandbox: Sandbox,
     target: SandboxState,
+    *,
+    cause: str | None = None,
     **changes: object,
 ) -> bool:
-    """The one write path for a sandbox's state: checked against the transition table, compare-and-set."""
+    """The one write path for a sandbox's state: checked against the transition table, compare-and-set.
+    `cause`: why the platform made the change on its own (live events carry it), None for a user's."""
     current = SandboxState(sandbox.state)
     assert_transition(current, target)
     values: dict[str, object] = {"state": target.value, "updated_at": utc_now(), **changes}
@@ -74,7 +77,7 @@ async def transition(
         return False
     for key, value in values.items():
         setattr(sandbox, key, value)
-    record_state_change(session, sandbox, current.value, target.value)
+    record_state_change(session, sandbox, current.value, target.value, cause)
     return True
 
 
@@ -130,6 +133,8 @@ async def _announce(
             spec=spec,
             force=force,
             intent_id=intent.intent_id,
+            auto_stop_interval=sandbox.auto_stop_interval,
+            auto_delete_interval=sandbox.auto_delete_interval,
         ),
     )
     await context.bus.publish(
@@ -137,13 +142,20 @@ async def _announce(
     )
 
 
-async def announce_spec(context: ApiContext, sandbox: Sandbox, desired: DesiredState) -> None:
-    """Update the desired record's spec without a new intent (nothing to do on a runner until the next one).
-    The stored intent id is kept, so the reconciler does not re-send an old job with it."""
+async def refresh_desired(context: ApiContext, sandbox: Sandbox) -> None:
+    """Update the desired record's spec and lifecycle intervals without a new intent (nothing to do on a
+    runner until the next one): the intent id is kept, so the reconciler re-sends nothing. A change is
+    activity, so `updated_at` moves."""
     current = await kv_get(context.desired_kv, sandbox.id, DesiredSandbox)
     if current is None:
         return
-    await kv_put(context.desired_kv, sandbox.id, current.model_copy(update={"spec": spec_of(sandbox)}))
+    update = {
+        "spec": spec_of(sandbox),
+        "auto_stop_interval": sandbox.auto_stop_interval,
+        "auto_delete_interval": sandbox.auto_delete_interval,
+        "updated_at": utc_now(),
+    }
+    await kv_put(context.desired_kv, sandbox.id, current.model_copy(update=update))
 
 
 def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:
@@ -436,7 +448,7 @@ async def resize_sandbox(
         await announce(context, sandbox, SandboxAction.RESIZE, DesiredState.STARTED)
     else:
         # The next START carries the new resources; the reconciler's copy must have them too.
-        await announce_spec(context, sandbox, DesiredState.STOPPED)
+        await refresh_desired(context, sandbox)
     return sandbox
 
 
@@ -471,6 +483,7 @@ async def set_interval(
         sandbox.updated_at = utc_now()
         session.add(sandbox)
         await session.commit()
+    await refresh_desired(context, sandbox)  # the scheduler's timers read the intervals from there
     return sandbox
 
 
@@ -535,6 +548,7 @@ async def touch_activity(context: ApiContext, organization_id: str, id_or_name: 
         sandbox.last_activity_at = utc_now()
         session.add(sandbox)
         await session.commit()
+    await refresh_desired(context, sandbox)  # activity for the auto-stop timer
 
 
 async def release_built_sandbox(context: ApiContext, sandbox_id: str) -> None:

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from tidepool_contracts import channels
+from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.container_config import sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
@@ -81,7 +82,10 @@ class Runner:
             disks=self.disks,
         )
 
-        self._web = web.AppRunner(build_toolbox_app(self.daemons, settings.runner_token), access_log=None)
+        activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
+        self._web = web.AppRunner(
+            build_toolbox_app(self.daemons, settings.runner_token, activity), access_log=None
+        )
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
 

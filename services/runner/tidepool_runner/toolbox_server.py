@@ -14,6 +14,7 @@ from aiohttp import web
 from yarl import URL
 
 from tidepool_contracts.toolbox_routes import toolbox_route_status
+from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
@@ -34,6 +35,7 @@ MAX_HEADER_FIELD_SIZE = 64 * 1024
 
 DAEMONS_KEY = web.AppKey("daemons", DaemonConnections)
 RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
+ACTIVITY_KEY = web.AppKey("activity", ActivityRecorder)
 
 
 def _has_runner_token(request: web.Request, runner_token: str) -> bool:
@@ -68,6 +70,9 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     refused = toolbox_route_status(request.method, path)
     if refused is not None:
         return error_response(request, refused, f"the toolbox API has no route {request.method} {path}")
+    activity = request.app.get(ACTIVITY_KEY)
+    if activity is not None:
+        activity.touch(sandbox_id)
     session = request.app[DAEMONS_KEY].session(sandbox_id)
     url = daemon_url(request, path)
     headers = upstream_request_headers(request.headers, drop=CREDENTIAL_HEADERS)
@@ -87,12 +92,16 @@ async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def build_toolbox_app(daemons: DaemonConnections, runner_token: str) -> web.Application:
+def build_toolbox_app(
+    daemons: DaemonConnections, runner_token: str, activity: ActivityRecorder | None = None
+) -> web.Application:
     # Bodies are streamed, so client_max_size never applies. Long headers are allowed: a PTY's envs travel
     # base64-encoded inside Sec-WebSocket-Protocol.
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
     app[DAEMONS_KEY] = daemons
     app[RUNNER_TOKEN_KEY] = runner_token
+    if activity is not None:
+        app[ACTIVITY_KEY] = activity
     app.router.add_get("/health", health)
     app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", relay_toolbox)
     return app

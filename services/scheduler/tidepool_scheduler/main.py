@@ -9,6 +9,7 @@ import structlog
 
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.settings import SchedulerSettings
+from tidepool_scheduler.lifecycle import LifecycleTimers
 from tidepool_scheduler.scheduler import Scheduler
 from tidepool_scheduler.subscribers import register
 
@@ -21,10 +22,15 @@ async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     scheduler = await Scheduler.create(settings, bus)
     bus.add_publishers(register(bus.broker, scheduler))
     await bus.start()
-    reconciling = asyncio.create_task(scheduler.reconcile_forever(stop))
+    timers = await LifecycleTimers.create(scheduler)
+    loops = [
+        asyncio.create_task(scheduler.reconcile_forever(stop)),
+        asyncio.create_task(timers.run_forever(stop)),
+    ]
     log.info("scheduler.ready")
     await stop.wait()
-    reconciling.cancel()
+    for task in loops:
+        task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await reconciling
+        await asyncio.gather(*loops, return_exceptions=True)
     await bus.close()

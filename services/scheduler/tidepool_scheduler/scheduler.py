@@ -90,7 +90,46 @@ class Scheduler:
         )
         log.info("job.sent", sandbox_id=intent.sandbox_id, action=intent.action, runner=placement.runner_id)
 
-    async def handle_intent(self, intent: SandboxIntent, msg: Msg) -> None:
+    async def lifecycle_change(
+        self,
+        desired: DesiredSandbox,
+        action: SandboxAction,
+        desired_state: DesiredState,
+        transitional: SandboxState,
+        cause: str,
+    ) -> None:
+        """The platform's own decision (a lifecycle timer), carried out as a user's intent would be: the new
+        desired state first (so the reconciler converges on it after a crash), then an event saying why,
+        then the job."""
+        intent = SandboxIntent(
+            sandbox_id=desired.sandbox_id,
+            organization_id=desired.organization_id,
+            action=action,
+            spec=desired.spec,
+        )
+        await kv_put(
+            self.desired_kv,
+            desired.sandbox_id,
+            desired.model_copy(
+                update={
+                    "desired_state": desired_state,
+                    "intent_id": intent.intent_id,
+                    "force": False,
+                    "updated_at": datetime.now(UTC),
+                }
+            ),
+        )
+        event = SandboxStateEvent(
+            sandbox_id=desired.sandbox_id,
+            organization_id=desired.organization_id,
+            state=transitional,
+            source="scheduler",
+            cause=cause,
+        )
+        await self.bus.publish(channels.SANDBOX_EVENTS, event, sandbox_id=desired.sandbox_id)
+        await self.handle_intent(intent, None)
+
+    async def handle_intent(self, intent: SandboxIntent, msg: Msg | None) -> None:
         desired = await kv_get(self.desired_kv, intent.sandbox_id, DesiredSandbox)
         if intent.action == SandboxAction.CREATE and (
             desired is None or desired.desired_state == DesiredState.DESTROYED
@@ -110,7 +149,7 @@ class Scheduler:
             runners = await kv_items(self.runners_kv, RunnerInfo)
             runner = choose_runner(runners, intent.spec)
             if runner is None:
-                delivered = msg.metadata.num_delivered if msg.metadata else 1
+                delivered = msg.metadata.num_delivered if msg is not None and msg.metadata else 1
                 if delivered >= MAX_DELIVERIES_WITHOUT_RUNNER:
                     await self.report(
                         intent, SandboxState.ERROR, "no runner with enough capacity is available"
