@@ -48,6 +48,8 @@ class SandboxAction(StrEnum):
     # A running sandbox's cpu/memory grew (spec carries the new values); a stopped one's new resources are
     # applied by its next START.
     RESIZE = "resize"
+    # From a recoverable error: the container is restarted (killed if it still runs), as a stop and a start.
+    RECOVER = "recover"
 
 
 class SandboxIntent(BusModel):

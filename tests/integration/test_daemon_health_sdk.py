@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from daytona import Daytona, FileUpload, Sandbox
+from daytona import Daytona, DaytonaError, FileUpload, Sandbox
 
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
@@ -182,3 +182,25 @@ def test_a_replaced_toolbox_socket_is_a_recoverable_error(stack: StackThread, sa
     assert sandbox.state == "started" and sandbox.recoverable is False
     response = sandbox.process.exec("echo ok")
     assert (response.exit_code, response.result.strip()) == (0, "ok")
+
+
+def test_recover_brings_a_recoverable_error_back(stack: StackThread, sandbox: Sandbox) -> None:
+    """`sandbox.recover()` (behaviour spec "Recover"): only from a recoverable error; the container restarts
+    with its files, and the sandbox answers again."""
+    sandbox.fs.upload_file(b"kept", "recover-marker.txt")
+    with pytest.raises(DaytonaError) as refused:
+        sandbox.recover()  # started: nothing to recover
+    assert refused.value.status_code == 400
+    supervisor, worker = daemon_processes(stack, sandbox.id)
+    os.kill(supervisor, signal.SIGSTOP)
+    os.kill(worker, signal.SIGSTOP)
+
+    def errored() -> bool:
+        sandbox.refresh_data()
+        return sandbox.state == "error"
+
+    wait_for(errored, "the sandbox to report error")
+    assert sandbox.recoverable is True
+    sandbox.recover(timeout=120)
+    assert sandbox.state == "started" and sandbox.recoverable is False and not sandbox.error_reason
+    assert sandbox.process.exec("cat recover-marker.txt").result == "kept"

@@ -395,6 +395,30 @@ async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: 
     return sandbox
 
 
+async def recover_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+    """`POST /sandbox/{id}/recover` (behaviour spec "Recover"): only from `error` with `recoverable` true
+    (400 otherwise; never automatic): the sandbox's container restarts, `error` → `starting` → `started`."""
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        current = SandboxState(sandbox.state)
+        if current != SandboxState.ERROR or not sandbox.recoverable:
+            what = "its error is not recoverable" if current == SandboxState.ERROR else f"it is '{current}'"
+            raise bad_request(f"Sandbox {sandbox.id} cannot be recovered: {what}")
+        changed = await transition(
+            session,
+            sandbox,
+            SandboxState.STARTING,
+            desired_state=DesiredState.STARTED.value,
+            error_reason=None,
+            recoverable=False,
+        )
+        if not changed:
+            raise conflict(f"Sandbox {sandbox.id} changed state concurrently; retry")
+        await session.commit()
+    await announce(context, sandbox, SandboxAction.RECOVER, DesiredState.STARTED)
+    return sandbox
+
+
 async def resize_sandbox(
     context: ApiContext, organization_id: str, id_or_name: str, request: ResizeSandboxRequest
 ) -> Sandbox:

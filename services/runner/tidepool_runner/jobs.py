@@ -127,6 +127,8 @@ class JobExecutor:
                     await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
                 case SandboxAction.RESIZE:
                     await self._resize(job)
+                case SandboxAction.RECOVER:
+                    await self._recover(job)
                 case SandboxAction.STOP:
                     await self._stop(job)
                 case SandboxAction.DESTROY:
@@ -174,6 +176,16 @@ class JobExecutor:
         memory_bytes = spec.memory_gib * GIB
         if status.nano_cpus != spec.cpu * 1_000_000_000 or status.memory_bytes != memory_bytes:
             await self._engine.update_resources(status.container_id, spec.cpu, memory_bytes)
+
+    async def _recover(self, job: RunnerJob) -> None:
+        """Restart the sandbox from a recoverable error (e.g. a daemon that could not be restarted): the
+        container goes down (killed: it may be wedged) and comes up again, its disk and files kept."""
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is not None and (status.running or status.paused):
+            await self._engine.kill(status.container_id)
+        await self._daemons.close(job.sandbox_id)
+        daemon_version = await self._ensure_running(job.spec)
+        await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
 
     async def _resize(self, job: RunnerJob) -> None:
         """Grow a running sandbox's cpu and memory (disk only changes while stopped, at the next start)."""

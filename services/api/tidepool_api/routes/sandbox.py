@@ -137,6 +137,16 @@ async def stop_sandbox(
     return JsonResponse(dto(context, sandbox))
 
 
+@router.post("/{sandbox_id_or_name}/recover", response_model=SandboxDto, responses=WRITE)
+async def recover_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    """Behaviour spec "Recover": from a recoverable `error` only (400 otherwise); waits for `started`."""
+    sandbox = await sandboxes.recover_sandbox(context, caller.organization_id, sandbox_id_or_name)
+    sandbox = await sandboxes.wait_for_state(
+        context, sandbox.id, AFTER_START, context.settings.create_wait_seconds
+    )
+    return JsonResponse(dto(context, sandbox))
+
+
 @router.post("/{sandbox_id_or_name}/resize", response_model=SandboxDto, responses=WRITE)
 async def resize_sandbox(
     context: Context, caller: Caller, sandbox_id_or_name: str, body: ResizeSandboxRequest
