@@ -37,9 +37,19 @@ class CommonSettings(_Base):
 
     data_dir: Path = REPO_ROOT / ".tidepool"
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str = ""
+    """This service's NATS login (one user per service, `tidepool_runtime.nats_auth`); empty: none."""
+    nats_password: str = ""
+    nats_ca_file: str = ""
+    """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False
+
+    @property
+    def nats_login(self) -> dict[str, str]:
+        """`create_broker`'s keyword arguments for this service's NATS login."""
+        return {"user": self.nats_user, "password": self.nats_password, "ca_file": self.nats_ca_file}
 
 
 class DatabaseSettings(_Base):
@@ -143,7 +153,6 @@ class SandboxNetworkSettings(_Base):
     an existing network, remove the network (`podman network rm`) while no sandbox uses it."""
     sandbox_network_bridge: str = "tidepool0"
     """Linux bridge of `sandbox_network` (at most 15 characters); the firewall matches on it."""
-
 
     @field_validator("sandbox_dns_servers", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from tidepool_contracts import channels
+from tidepool_contracts.access import PROXY
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
@@ -156,7 +157,7 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        bus = await connect(settings.nats_url, name="tidepool-proxy")
+        bus = await connect(settings.nats_url, name="tidepool-proxy", access=PROXY, **settings.nats_login)
         routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)
         api_keys = KvCache(await bus.kv(channels.API_KEYS), ApiKeyRecord, KV_API_KEYS)
         signing_keys = SigningKeys(await bus.kv(channels.SIGNING_KEYS))
