@@ -249,7 +249,19 @@ class Bus:
         await declare_topology(self.broker, self.access)
 
     async def start(self) -> None:
-        """Start every subscriber registered on the broker."""
+        """Start every subscriber registered on the broker (connected first, if it is not yet).
+
+        FastStream gives each JetStream subscriber its own inbox prefix (`_INBOX.` by default) instead of
+        the connection's; a service may subscribe only under its own (`nats_auth.inbox_prefix`), so its
+        subscribers are given the connection's prefix here.
+        """
+        if not self.broker.config.connection_state:
+            await self.broker.connect()
+        prefix = self.broker.config.connection_state.connection.new_inbox().rsplit(".", 1)[0] + "."
+        for subscriber in self.broker.subscribers:
+            options = getattr(subscriber, "extra_options", None)
+            if isinstance(options, dict) and "inbox_prefix" in options:
+                options["inbox_prefix"] = prefix.encode()
         await self.broker.start()
 
     async def close(self) -> None:

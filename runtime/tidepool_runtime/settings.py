@@ -307,6 +307,20 @@ class SecretKeySettings(_Base):
     secret_key: str = ""
 
 
+class SigningSealSettings(_Base):
+    """Seals sandbox signing keys on the bus: the API and the proxy only (tidepool_runtime.sealing)."""
+
+    signing_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and the proxy the same value."""
+
+
+class RegistrySealSettings(_Base):
+    """Seals registry passwords on the bus: the API and the builder only (tidepool_runtime.sealing)."""
+
+    registry_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and the builder the same value."""
+
+
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
@@ -321,6 +335,8 @@ class ApiSettings(
     RegistryUrlSettings,
     BuildCacheSettings,
     SecretKeySettings,
+    SigningSealSettings,
+    RegistrySealSettings,
 ):
     pass
 
@@ -338,11 +354,14 @@ class BuilderSettings(
     RegistryLoginSettings,
     BuildIsolationSettings,
     SandboxNetworkSettings,
+    RegistrySealSettings,
 ):
     pass
 
 
-class ProxySettings(CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings):
+class ProxySettings(
+    CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings, SigningSealSettings
+):
     pass
 
 

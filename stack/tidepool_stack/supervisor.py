@@ -25,13 +25,18 @@ from pathlib import Path
 import bcrypt
 import httpx
 
-from tidepool_runtime import nats_auth
+from tidepool_runtime import nats_auth, sealing
 from tidepool_runtime.process import die_with_parent
 from tidepool_runtime.settings import REPO_ROOT, Settings
 
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
 # Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
 REGISTRY_CLIENTS = ("builder", "runner")
+# The keys sealing secrets on the bus (tidepool_runtime.sealing), each given to its two services only.
+SEAL_KEYS = {
+    "TIDEPOOL_SIGNING_SEAL_KEY": (sealing.SIGNING_KEYS, ("api", "proxy")),
+    "TIDEPOOL_REGISTRY_SEAL_KEY": (sealing.REGISTRY_CREDENTIALS, ("api", "builder")),
+}
 REGISTRY_USERNAME = "tidepool"
 REGISTRY_BCRYPT_ROUNDS = 12
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
@@ -252,6 +257,10 @@ class Stack:
         env = {**self.env, **self.registry_env} if name in REGISTRY_CLIENTS else dict(self.env)
         if name in self.nats_passwords:
             env.update(TIDEPOOL_NATS_USER=name, TIDEPOOL_NATS_PASSWORD=self.nats_passwords[name])
+        for variable, (purpose, holders) in SEAL_KEYS.items():
+            if name in holders:
+                configured = self.config.extra_env.get(variable) or os.environ.get(variable, "")
+                env[variable] = sealing.load_seal_key(configured, self.config.data_dir, purpose)
         return env
 
     async def start_service(self, name: str) -> None:

@@ -7,8 +7,12 @@ service's login can neither read another's secrets buckets nor publish on anothe
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import nats
@@ -21,9 +25,25 @@ from tests.conftest import free_port, nats_binary, wait_for_port, watch_server
 from tests.polling import wait_until_async
 from tidepool_contracts import channels
 from tidepool_contracts.access import SERVICE_ACCESS
-from tidepool_contracts.models import ApiKeyRecord, SandboxIntent, SandboxRoute, SandboxSpec, SigningKeyRecord
+from tidepool_contracts.models import (
+    ApiKeyRecord,
+    RegistryCredentialsReply,
+    RegistryCredentialsRequest,
+    SandboxIntent,
+    SandboxRoute,
+    SandboxSpec,
+    SigningKeyRecord,
+)
 from tidepool_runtime import nats_auth
-from tidepool_runtime.broker import Bus, connect, kv_get, kv_put
+from tidepool_runtime.broker import (
+    Bus,
+    connect,
+    jetstream_subscriber,
+    kv_get,
+    kv_put,
+    replay_subscriber,
+    reply_subscriber,
+)
 from tidepool_runtime.process import die_with_parent
 
 
@@ -233,3 +253,59 @@ async def test_the_runner_cannot_take_build_jobs_nor_answer_credential_requests(
         await raw.denied("$JS.API.STREAM.CREATE.STOLEN")
     finally:
         await nc.close()
+
+
+def arrival(event: asyncio.Event, token: str) -> Callable[[dict[str, str]], Awaitable[None]]:
+    async def on_message(body: dict[str, str]) -> None:
+        if body.get("token") == token:
+            event.set()
+
+    return on_message
+
+
+async def test_what_each_service_consumes_reaches_it_from_its_publisher(
+    secured: tuple[str, dict[str, str]], buses: dict[str, Bus]
+) -> None:
+    """Every consumed channel, through the same subscriber helpers the services use, under the consumer's
+    login, from a publisher with the publishing service's login; and the builder's request reaches the API's
+    responder and its answer comes back."""
+    url, passwords = secured
+    token = uuid.uuid4().hex
+    arrived: dict[str, asyncio.Event] = {}
+    for service, access in SERVICE_ACCESS.items():
+        for index, channel in enumerate(access.consumes):
+            key = f"{service}:{channel.subject}"
+            arrived[key] = asyncio.Event()
+
+            on_message = arrival(arrived[key], token)
+
+            if service == "telemetry":
+                replay_subscriber(buses[service].broker, channel, service=f"test-{token}")(on_message)
+            else:
+                durable = f"test-{service}-{index}-{token}"
+                jetstream_subscriber(buses[service].broker, channel, durable=durable)(on_message)
+
+    @reply_subscriber(buses["api"].broker, channels.REGISTRY_CREDENTIALS, queue="api")
+    async def answer(request: RegistryCredentialsRequest) -> RegistryCredentialsReply:
+        return RegistryCredentialsReply(found=True, username=request.organization_id)
+
+    for bus in buses.values():
+        await bus.start()
+    publishers = {
+        channel.subject: service for service, access in SERVICE_ACCESS.items() for channel in access.publishes
+    }
+    for access in SERVICE_ACCESS.values():
+        for channel in access.consumes:
+            raw = Raw()
+            publisher = publishers[channel.subject]
+            nc = await raw.open(url, user=publisher, password=passwords[publisher])
+            try:
+                subject = re.sub(r"\{\w+\}", "some-id", channel.subject)
+                await nc.jetstream().publish(subject, json.dumps({"token": token}).encode())
+            finally:
+                await nc.close()
+    for key, event in arrived.items():
+        await wait_until_async(event.is_set, f"{key} never got its message")
+    request = RegistryCredentialsRequest(organization_id=token, image="registry.example.com/a:1")
+    reply = await buses["builder"].request(channels.REGISTRY_CREDENTIALS, request, timeout=10)
+    assert isinstance(reply, RegistryCredentialsReply) and reply.username == token
