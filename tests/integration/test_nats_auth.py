@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
+import yaml
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError, TimeoutError
@@ -45,6 +48,7 @@ from tidepool_runtime.broker import (
     reply_subscriber,
 )
 from tidepool_runtime.process import die_with_parent
+from tidepool_stack.k8s_secrets import k8s_secrets
 
 
 @pytest.fixture(scope="module")
@@ -309,3 +313,47 @@ async def test_what_each_service_consumes_reaches_it_from_its_publisher(
     request = RegistryCredentialsRequest(organization_id=token, image="registry.example.com/a:1")
     reply = await buses["builder"].request(channels.REGISTRY_CREDENTIALS, request, timeout=10)
     assert isinstance(reply, RegistryCredentialsReply) and reply.username == token
+
+
+@pytest.fixture
+def k8s_server(tmp_path: Path) -> Iterator[tuple[int, dict[str, dict[str, str]], Path]]:
+    """nats-server with the configuration and certificate of `tidepool k8s-secrets` (paths, port moved
+    here): (port, Secret name -> data, folder holding the certificate files)."""
+    documents = {doc["metadata"]["name"]: doc["stringData"] for doc in yaml.safe_load_all(k8s_secrets())}
+    for name, text in documents["tidepool-nats-tls"].items():
+        (tmp_path / name).write_text(text)
+    port = free_port()
+    config = json.loads(documents["tidepool-nats-config"]["nats.conf"])
+    config.update(host="127.0.0.1", port=port, jetstream={"store_dir": str(tmp_path / "store")})
+    config["tls"].update(cert_file=str(tmp_path / "tls.crt"), key_file=str(tmp_path / "tls.key"))
+    (tmp_path / "nats.conf").write_text(json.dumps(config))
+    process = subprocess.Popen(
+        [nats_binary(), "-c", str(tmp_path / "nats.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        wait_for_port(port)
+        yield port, documents, tmp_path
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+async def test_the_kubernetes_secrets_make_a_tls_only_server(
+    k8s_server: tuple[int, dict[str, dict[str, str]], Path],
+) -> None:
+    """`tidepool k8s-secrets`: its nats.conf and certificate serve TLS only; its logins work over it."""
+    port, documents, folder = k8s_server
+    login = documents["tidepool-nats-runner"]
+    user, password = login["TIDEPOOL_NATS_USER"], login["TIDEPOOL_NATS_PASSWORD"]
+    with pytest.raises((NoServersError, NatsError, OSError)):  # in clear: refused
+        await Raw().open(f"nats://127.0.0.1:{port}", user=user, password=password)
+    trust = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    nc = await Raw().open(
+        f"tls://127.0.0.1:{port}", user=user, password=password, tls=trust, tls_hostname="nats"
+    )
+    assert nc.is_connected
+    await nc.close()
+    assert set(documents["tidepool-nats-ca"]) == {"ca.crt"}, "services get the CA, not the server's key"
