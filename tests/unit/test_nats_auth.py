@@ -166,3 +166,17 @@ async def test_a_bus_hands_out_only_its_services_buckets() -> None:
     bus = Bus(NatsBroker("nats://127.0.0.1:4222"), access=SERVICE_ACCESS["runner"])
     with pytest.raises(PermissionError):
         await bus.kv(channels.API_KEYS)
+
+
+SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_ACCESS))
+def test_the_buckets_a_service_opens_are_exactly_its_buckets(service: str) -> None:
+    """Every `.kv(channels.X)` in a service's code is a bucket of its access, and every such bucket is
+    opened somewhere (a `Bus` refuses the others at run time too)."""
+    source = "\n".join(path.read_text() for path in (SERVICES_DIR / service).rglob("*.py"))
+    opened = set(re.findall(r"\.kv\(channels\.(\w+)\)", source))
+    assert opened == {
+        name for name in vars(channels) if getattr(channels, name) in SERVICE_ACCESS[service].buckets
+    }
