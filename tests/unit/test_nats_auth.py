@@ -180,3 +180,13 @@ def test_the_buckets_a_service_opens_are_exactly_its_buckets(service: str) -> No
     assert opened == {
         name for name in vars(channels) if getattr(channels, name) in SERVICE_ACCESS[service].buckets
     }
+
+
+def test_only_the_api_can_write_api_keys_and_signing_keys() -> None:
+    for service, access in SERVICE_ACCESS.items():
+        publish = nats_auth.permissions(access, service)["publish"]["allow"]
+        for bucket in (channels.API_KEYS, channels.SIGNING_KEYS):
+            assert allowed(publish, f"$KV.{bucket.name}.some-key") == (service == "api"), (
+                service,
+                bucket.name,
+            )
