@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ from faststream import BaseMiddleware
 from faststream.exceptions import HandlerException, NackMessage, RejectMessage
 from faststream.message import StreamMessage
 from faststream.middlewares import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsRouter, PullSub
+from faststream.nats import JStream, NatsBroker, NatsRouter, NatsSecurity, NatsUserPassword, PullSub
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.publisher.usecase import LogicPublisher
 from nats.aio.msg import Msg
@@ -43,7 +44,9 @@ from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
+from tidepool_contracts.access import Access
 from tidepool_contracts.channels import BUCKETS, STREAMS, Bucket, Channel, Stream, stream_subjects
+from tidepool_runtime.nats_auth import inbox_prefix
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # Services name `Msg` (a JetStream message a handler is given) and `KeyValue` (a bucket) from here.
@@ -113,11 +116,25 @@ _faststream_log = logging.getLogger("tidepool.faststream")
 _faststream_log.setLevel(logging.WARNING)
 
 
-def create_broker(nats_url: str, name: str) -> NatsBroker:
-    """A broker that reconnects forever, with the telemetry, log-context and delivery-policy middlewares."""
+def create_broker(
+    nats_url: str, name: str, *, user: str = "", password: str = "", ca_file: str = ""
+) -> NatsBroker:
+    """A broker that reconnects forever, with the telemetry, log-context and delivery-policy middlewares.
+
+    `user`/`password`: the service's NATS login (`tidepool_runtime.nats_auth`); its replies then come on its
+    own inbox prefix, the only one it may subscribe to. `ca_file`: trust this CA for a `tls://` URL.
+    """
+    options: dict[str, Any] = {}
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
+    if user:
+        options["security"] = NatsUserPassword(user, password, ssl_context=context)
+        options["inbox_prefix"] = inbox_prefix(user)
+    elif context is not None:
+        options["security"] = NatsSecurity(ssl_context=context)
     return NatsBroker(
         nats_url,
         name=name,
+        **options,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]
         connect_timeout=5,
@@ -207,10 +224,16 @@ class Bus:
     """One service's bus: its broker, its publishers, its KV handles."""
 
     def __init__(
-        self, broker: NatsBroker, publishers: dict[Channel[Any], LogicPublisher] | None = None
+        self,
+        broker: NatsBroker,
+        publishers: dict[Channel[Any], LogicPublisher] | None = None,
+        access: Access | None = None,
     ) -> None:
+        """`access`: the service's part of the bus (`tidepool_contracts.access`): only its streams and
+        buckets are declared and handed out. None: all of them (tests, tools on an open server)."""
         self.broker = broker
         self.publishers: dict[Channel[Any], LogicPublisher] = dict(publishers or {})
+        self.access = access
 
     @property
     def jetstream(self) -> JetStreamContext:
@@ -223,10 +246,22 @@ class Bus:
     async def connect(self) -> None:
         """Connect (subscribers are not started yet: `start`) and declare the topology."""
         await self.broker.connect()
-        await declare_topology(self.broker)
+        await declare_topology(self.broker, self.access)
 
     async def start(self) -> None:
-        """Start every subscriber registered on the broker."""
+        """Start every subscriber registered on the broker (connected first, if it is not yet).
+
+        FastStream gives each JetStream subscriber its own inbox prefix (`_INBOX.` by default) instead of
+        the connection's; a service may subscribe only under its own (`nats_auth.inbox_prefix`), so its
+        subscribers are given the connection's prefix here.
+        """
+        if not self.broker.config.connection_state:
+            await self.broker.connect()
+        prefix = self.broker.config.connection_state.connection.new_inbox().rsplit(".", 1)[0] + "."
+        for subscriber in self.broker.subscribers:
+            options = getattr(subscriber, "extra_options", None)
+            if isinstance(options, dict) and "inbox_prefix" in options:
+                options["inbox_prefix"] = prefix.encode()
         await self.broker.start()
 
     async def close(self) -> None:
@@ -234,6 +269,9 @@ class Bus:
             await self.broker.stop()
 
     async def kv(self, bucket: Bucket[Any]) -> KeyValue:
+        """The bucket's handle; PermissionError for a bucket the service's access does not include."""
+        if self.access is not None and bucket not in self.access.buckets:
+            raise PermissionError(f"bucket {bucket.name} is not in this service's access")
         return await self.broker.key_value(bucket.name, declare=False)
 
     async def publish(
@@ -260,10 +298,19 @@ class Bus:
         return channel.reply.model_validate(await response.decode())
 
 
-async def connect(nats_url: str, name: str, publishes: tuple[Channel[Any], ...] = ()) -> Bus:
-    """A connected bus with the topology declared, publishers for `publishes`, and no subscribers."""
-    broker = create_broker(nats_url, name)
-    bus = Bus(broker, declare_publishers(broker, *publishes, service=name))
+async def connect(
+    nats_url: str,
+    name: str,
+    publishes: tuple[Channel[Any], ...] = (),
+    *,
+    access: Access | None = None,
+    **login: str,
+) -> Bus:
+    """A connected bus with the topology declared, publishers for `publishes`, and no subscribers.
+
+    `login`: `user`, `password`, `ca_file` of `create_broker`; `access` as for `Bus`."""
+    broker = create_broker(nats_url, name, **login)
+    bus = Bus(broker, declare_publishers(broker, *publishes, service=name), access)
     await bus.connect()
     return bus
 
@@ -279,21 +326,25 @@ def _stream_config(stream: Stream) -> StreamConfig:
     )
 
 
-async def declare_topology(broker: NatsBroker) -> None:
-    """Create or update every stream and bucket of the channel table.
+async def declare_topology(broker: NatsBroker, access: Access | None = None) -> None:
+    """Create or update every stream and bucket of the channel table (with `access`: those the service uses;
+    it updates a stream's configuration only if it owns the topology, the API, else leaves it as it is).
 
     nats-py directly: FastStream declares a stream only for its subscribers, with only their subjects, and
     creates a bucket with a fixed configuration; here each stream gets all its channels' subjects and limits
     even in a service that only publishes, and an existing bucket is left as it is.
     """
     js = broker.config.connection_state.stream
-    for stream in STREAMS:
+    streams = STREAMS if access is None else access.streams
+    buckets = BUCKETS if access is None else access.buckets
+    for stream in streams:
         config = _stream_config(stream)
         try:
             await js.add_stream(config=config)
         except BadRequestError:
-            await js.update_stream(config=config)
-    for bucket in BUCKETS:
+            if access is None or access.owns_topology:
+                await js.update_stream(config=config)
+    for bucket in buckets:
         try:
             await js.key_value(bucket.name)
         except (NotFoundError, BadRequestError):

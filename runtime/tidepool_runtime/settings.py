@@ -37,9 +37,19 @@ class CommonSettings(_Base):
 
     data_dir: Path = REPO_ROOT / ".tidepool"
     nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str = ""
+    """This service's NATS login (one user per service, `tidepool_runtime.nats_auth`); empty: none."""
+    nats_password: str = ""
+    nats_ca_file: str = ""
+    """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False
+
+    @property
+    def nats_login(self) -> dict[str, str]:
+        """`create_broker`'s keyword arguments for this service's NATS login."""
+        return {"user": self.nats_user, "password": self.nats_password, "ca_file": self.nats_ca_file}
 
 
 class DatabaseSettings(_Base):
@@ -143,7 +153,6 @@ class SandboxNetworkSettings(_Base):
     an existing network, remove the network (`podman network rm`) while no sandbox uses it."""
     sandbox_network_bridge: str = "tidepool0"
     """Linux bridge of `sandbox_network` (at most 15 characters); the firewall matches on it."""
-
 
     @field_validator("sandbox_dns_servers", mode="before")
     @classmethod
@@ -318,6 +327,20 @@ class SecretKeySettings(_Base):
     secret_key: str = ""
 
 
+class SigningSealSettings(_Base):
+    """Seals sandbox signing keys on the bus: the API and the proxy only (tidepool_runtime.sealing)."""
+
+    signing_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and the proxy the same value."""
+
+
+class RegistrySealSettings(_Base):
+    """Seals registry passwords on the bus: the API and the builder only (tidepool_runtime.sealing)."""
+
+    registry_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and the builder the same value."""
+
+
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
@@ -332,6 +355,8 @@ class ApiSettings(
     RegistryUrlSettings,
     BuildCacheSettings,
     SecretKeySettings,
+    SigningSealSettings,
+    RegistrySealSettings,
 ):
     pass
 
@@ -349,11 +374,14 @@ class BuilderSettings(
     RegistryLoginSettings,
     BuildIsolationSettings,
     SandboxNetworkSettings,
+    RegistrySealSettings,
 ):
     pass
 
 
-class ProxySettings(CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings):
+class ProxySettings(
+    CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings, SigningSealSettings
+):
     pass
 
 

@@ -128,3 +128,17 @@ def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("k8s-secrets")
+def k8s_secrets(
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the deployment (deploy/k8s: tidepool)")
+    ] = "tidepool",
+) -> None:
+    """Print fresh Secrets for deploy/k8s: each service's NATS login, NATS config and TLS, the sealing keys.
+
+    Apply once: `tidepool k8s-secrets | kubectl apply -f -` (running it again replaces every credential)."""
+    from tidepool_stack.k8s_secrets import k8s_secrets as generate
+
+    sys.stdout.write(generate(namespace))

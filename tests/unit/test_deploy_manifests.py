@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
 import yaml
 
 from tidepool_runtime import settings
+from tidepool_stack.k8s_secrets import k8s_secrets
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 
@@ -19,6 +21,58 @@ def documents() -> list[dict]:
             continue
         docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     return docs
+
+
+@functools.cache
+def generated_secrets() -> list[dict]:
+    """The Secrets `tidepool k8s-secrets` makes (not in the manifests: re-applying those must not reset
+    them)."""
+    return [doc for doc in yaml.safe_load_all(k8s_secrets()) if doc]
+
+
+def envfrom_secrets() -> dict[str, set[str]]:
+    """service module -> the Secrets its container takes its environment from."""
+    holders: dict[str, set[str]] = {}
+    for doc in documents():
+        if doc["kind"] not in ("Deployment", "DaemonSet"):
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            refs = {
+                source["secretRef"]["name"]
+                for source in container.get("envFrom", [])
+                if "secretRef" in source
+            }
+            holders[container["command"][-1]] = refs
+    return holders
+
+
+def test_each_service_gets_its_own_nats_login_and_only_its_sealing_keys() -> None:
+    generated = {doc["metadata"]["name"] for doc in generated_secrets()}
+    for module, refs in envfrom_secrets().items():
+        service = module.removeprefix("tidepool_")
+        if module in OFF_THE_BUS:
+            assert not [ref for ref in refs if ref.startswith("tidepool-nats-") or ref.endswith("-seal")], (
+                module
+            )
+            continue
+        assert {ref for ref in refs if ref.startswith("tidepool-nats-")} == {f"tidepool-nats-{service}"}
+        assert f"tidepool-nats-{service}" in generated
+        assert ("tidepool-signing-seal" in refs) == (service in ("api", "proxy")), module
+        assert ("tidepool-registry-seal" in refs) == (service in ("api", "builder")), module
+
+
+def test_nats_serves_the_generated_config_and_certificate_over_tls() -> None:
+    generated = {doc["metadata"]["name"]: doc["stringData"] for doc in generated_secrets()}
+    (nats,) = [
+        doc for doc in documents() if doc["kind"] == "StatefulSet" and doc["metadata"]["name"] == "nats"
+    ]
+    volumes = {volume["name"]: volume for volume in nats["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["secret"]["secretName"] == "tidepool-nats-config"
+    assert volumes["tls"]["secret"]["secretName"] == "tidepool-nats-tls"
+    config = generated["tidepool-nats-config"]["nats.conf"]
+    assert '"cert_file": "/etc/nats/tls/tls.crt"' in config and "$2" in config
+    common = next(doc for doc in documents() if doc["metadata"]["name"] == "tidepool-common")["data"]
+    assert common["TIDEPOOL_NATS_URL"].startswith("tls://")
 
 
 def test_every_manifest_is_a_kubernetes_object() -> None:
@@ -74,7 +128,7 @@ OFF_THE_BUS = {"tidepool_stack.s3_gateway"}  # the object-storage gateway needs 
 def test_each_workload_gets_only_the_settings_its_service_reads() -> None:
     data = {
         (doc["kind"], doc["metadata"]["name"]): doc.get("data") or doc.get("stringData") or {}
-        for doc in documents()
+        for doc in [*documents(), *generated_secrets()]
         if doc["kind"] in ("ConfigMap", "Secret")
     }
     seen = set()

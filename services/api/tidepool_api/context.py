@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
 from tidepool_api.secrets_box import SecretBox
+from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, KeyValue
 from tidepool_runtime.settings import ApiSettings
 
@@ -46,3 +48,18 @@ class ApiContext:
     authenticator: Authenticator
     secret_box: SecretBox | None = None
     waiters: StateWaiters = field(default_factory=StateWaiters)
+
+    @cached_property
+    def signing_sealer(self) -> sealing.Sealer:
+        """Seals signing keys for the proxy (the only other holder of the key)."""
+        key = sealing.load_seal_key(
+            self.settings.signing_seal_key, self.settings.data_dir, sealing.SIGNING_KEYS
+        )
+        return sealing.Sealer(key, sealing.SIGNING_KEYS)
+
+    @cached_property
+    def registry_sealer(self) -> sealing.Sealer:
+        """Seals registry passwords for the builder (the only other holder of the key)."""
+        configured = self.settings.registry_seal_key
+        key = sealing.load_seal_key(configured, self.settings.data_dir, sealing.REGISTRY_CREDENTIALS)
+        return sealing.Sealer(key, sealing.REGISTRY_CREDENTIALS)

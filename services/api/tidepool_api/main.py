@@ -20,6 +20,7 @@ from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_api.subscribers import register
 from tidepool_contracts import channels
+from tidepool_contracts.access import API
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.settings import ApiSettings
 
@@ -30,7 +31,7 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
-    bus = Bus(create_broker(settings.nats_url, "tidepool-api"))
+    bus = Bus(create_broker(settings.nats_url, "tidepool-api", **settings.nats_login), access=API)
     await bus.connect()
     context = ApiContext(
         settings=settings,

@@ -36,7 +36,8 @@ async def credentials_for(context: ApiContext, organization_id: str, image: str)
             return RegistryCredentialsReply(
                 found=True,
                 username=registry.username,
-                password=context.secret_box.open(registry.password_sealed),
+                # Sealed for the builder: nobody else on the bus can open it.
+                password=context.registry_sealer.seal(context.secret_box.open(registry.password_sealed)),
                 server_address=host,
             )
     return RegistryCredentialsReply(found=False)

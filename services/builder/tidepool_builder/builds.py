@@ -37,6 +37,7 @@ from tidepool_contracts.models import (
     SnapshotState,
 )
 from tidepool_contracts.subjects import kv_safe
+from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, Msg, keep_in_progress
 from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
@@ -85,6 +86,10 @@ class Builder:
         # Source pulls run one at a time: a name pulled with one organization's credentials is removed
         # again before another job can look for it (images.ensure_source_image).
         self.source_lock = asyncio.Lock()
+        seal_key = sealing.load_seal_key(
+            settings.registry_seal_key, settings.data_dir, sealing.REGISTRY_CREDENTIALS
+        )
+        self.registry_sealer = sealing.Sealer(seal_key, sealing.REGISTRY_CREDENTIALS)
 
     def registry_auth(self) -> dict[str, str] | None:
         """The internal registry's login (X-Registry-Auth), when it has one."""
@@ -167,9 +172,14 @@ class Builder:
         assert isinstance(credentials, RegistryCredentialsReply)
         if not credentials.found:
             return None
+        try:  # sealed by the API for the builder only
+            password = self.registry_sealer.open(credentials.password)
+        except ValueError:
+            log.warning("registry.credentials_unsealed", organization_id=job.organization_id)
+            return None
         return {
             "username": credentials.username,
-            "password": credentials.password,
+            "password": password,
             "serveraddress": credentials.server_address,
         }
 

@@ -10,6 +10,7 @@ import structlog
 from tidepool_builder.build_cgroup import sweep_stale
 from tidepool_builder.builds import Builder
 from tidepool_builder.subscribers import register
+from tidepool_contracts.access import BUILDER
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.settings import BuilderSettings
 
@@ -17,7 +18,7 @@ log = structlog.get_logger("tidepool.builder")
 
 
 async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-builder"))
+    bus = Bus(create_broker(settings.nats_url, "tidepool-builder", **settings.nats_login), access=BUILDER)
     await bus.connect()
     docker = aiodocker.Docker(url=settings.effective_docker_host)
     await asyncio.to_thread(sweep_stale)  # cgroups of builds a crashed builder left behind

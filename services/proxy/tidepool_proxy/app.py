@@ -18,6 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from tidepool_contracts import channels
+from tidepool_contracts.access import PROXY
 from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
@@ -29,6 +30,7 @@ from tidepool_proxy.auth import (
     authenticate,
 )
 from tidepool_proxy.kv_cache import KvCache
+from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.relay import (
     SESSION_SKIP_AUTO_HEADERS,
@@ -40,6 +42,7 @@ from tidepool_runtime.relay import (
     relay_websocket,
     upstream_request_headers,
 )
+from tidepool_runtime.sealing import Sealer, load_seal_key
 from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
@@ -156,10 +159,13 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        bus = await connect(settings.nats_url, name="tidepool-proxy")
+        bus = await connect(settings.nats_url, name="tidepool-proxy", access=PROXY, **settings.nats_login)
         routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)
         api_keys = KvCache(await bus.kv(channels.API_KEYS), ApiKeyRecord, KV_API_KEYS)
-        signing_keys = SigningKeys(await bus.kv(channels.SIGNING_KEYS))
+        seal_key = load_seal_key(settings.signing_seal_key, settings.data_dir, sealing.SIGNING_KEYS)
+        signing_keys = SigningKeys(
+            await bus.kv(channels.SIGNING_KEYS), Sealer(seal_key, sealing.SIGNING_KEYS)
+        )
         watchers = [
             asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
             asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),

@@ -2,9 +2,9 @@
 
 Signed file URLs (wire contract §1.8) carry `path`, `expires` and `signature` and no credentials:
 `signature = "v1_" + b64url_nopad(HMAC_SHA256(key, f"v1:files:{METHOD}:{path}:{expires}"))`, with the
-sandbox's signing key (API -> KV `KV_SIGNING_KEYS`), `path` the URL-decoded query value and `expires` unix
-seconds (`0` = never). They grant exactly one thing: `GET …/files/download` or `POST …/files/upload-v2`
-of that path on that one sandbox.
+sandbox's signing key (API -> KV `KV_SIGNING_KEYS`, sealed: only the API and the proxy can open it), `path`
+the URL-decoded query value and `expires` unix seconds (`0` = never). They grant exactly one thing:
+`GET …/files/download` or `POST …/files/upload-v2` of that path on that one sandbox.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import structlog
 from aiohttp import web
 
 from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
 from tidepool_proxy.kv_cache import KvCache
 from tidepool_runtime.broker import KeyValue, kv_get
+from tidepool_runtime.sealing import Sealer
 
+log = structlog.get_logger("tidepool.proxy.auth")
 SIGNED_URL_QUERY_PARAMS = ("signature", "expires")
 SIGNATURE_PREFIX = "v1_"
 # (method, toolbox operation path) a signed URL may be used for.
@@ -77,21 +80,32 @@ class SigningKeys:
     (URLs of the old key stop working as soon as the watch delivers the rotation, normally within a
     millisecond.)"""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, sealer: Sealer) -> None:
         self._kv = kv
+        self._sealer = sealer
         self.cache: KvCache[SigningKeyRecord] = KvCache(kv, SigningKeyRecord, KV_SIGNING_KEYS)
 
     async def watch_forever(self) -> None:
         await self.cache.watch_forever()
 
+    def _opened(self, record: SigningKeyRecord | None) -> SigningKeyRecord | None:
+        """The record with its key unsealed; None for a key not sealed with ours (it verifies nothing)."""
+        if record is None:
+            return None
+        try:
+            return record.model_copy(update={"key": self._sealer.open(record.key)})
+        except ValueError:
+            log.warning("proxy.signing_key_unsealed", sandbox_id=record.sandbox_id)
+            return None
+
     async def cached(self, sandbox_id: str) -> SigningKeyRecord | None:
-        return await self.cache.get(sandbox_id)
+        return self._opened(await self.cache.get(sandbox_id))
 
     async def fresh(self, sandbox_id: str) -> SigningKeyRecord | None:
         record = await kv_get(self._kv, sandbox_id, SigningKeyRecord)
         if record is not None:
             self.cache.apply(sandbox_id, record)
-        return record
+        return self._opened(record)
 
 
 def file_url_signature(key: str, method: str, path: str, expires: str) -> str:

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from tidepool_contracts import channels
+from tidepool_contracts.access import RUNNER
 from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.container_config import sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
@@ -51,7 +52,10 @@ class Runner:
         await asyncio.to_thread(prepare_runtime_dir, settings)
         # Ready disks a previous run left are of unknown state: start the pool afresh.
         await asyncio.to_thread(self.disks.discard_pool)
-        self._bus = bus = Bus(create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}"))
+        self._bus = bus = Bus(
+            create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}", **settings.nats_login),
+            access=RUNNER,
+        )
         await bus.connect()
         bus.add_publishers(publishers(bus.broker))
         routes = await bus.kv(channels.ROUTES)

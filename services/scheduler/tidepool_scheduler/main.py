@@ -7,6 +7,7 @@ import contextlib
 
 import structlog
 
+from tidepool_contracts.access import SCHEDULER
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.lifecycle import LifecycleTimers
@@ -17,7 +18,7 @@ log = structlog.get_logger("tidepool.scheduler")
 
 
 async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-scheduler"))
+    bus = Bus(create_broker(settings.nats_url, "tidepool-scheduler", **settings.nats_login), access=SCHEDULER)
     await bus.connect()
     scheduler = await Scheduler.create(settings, bus)
     bus.add_publishers(register(bus.broker, scheduler))

@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from tidepool_contracts.access import TELEMETRY
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.settings import TelemetrySettings
 from tidepool_telemetry.counts import SandboxCounts
@@ -16,7 +17,7 @@ log = structlog.get_logger("tidepool.telemetry")
 
 
 async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-telemetry"))
+    bus = Bus(create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login), access=TELEMETRY)
     await bus.connect()
     counts = SandboxCounts()
     readers = [otlp_reader(settings.otlp_endpoint)] if settings.otlp_endpoint else []

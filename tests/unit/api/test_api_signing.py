@@ -10,7 +10,7 @@ from test_api_service import api  # noqa: F401 (the fixture, shared with the API
 from tidepool_api.db import Sandbox
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
-from tidepool_runtime.broker import kv_delete, kv_get
+from tidepool_runtime.broker import kv_delete, kv_get, kv_put
 
 
 async def test_signing_key_is_created_once_and_mirrored(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
@@ -33,14 +33,20 @@ async def test_signing_key_is_created_once_and_mirrored(api) -> None:  # noqa: F
     assert row.signing_key == key, "the database is the source of truth"
     kv = await context.bus.kv(channels.SIGNING_KEYS)
     record = await kv_get(kv, sandbox_id, SigningKeyRecord)
-    assert record is not None and record.key == key
+    assert record is not None and record.key != key, "the mirror holds the key sealed, never in clear"
+    assert context.signing_sealer.open(record.key) == key
     assert record.organization_id == sandbox["organizationId"] and record.sandbox_id == sandbox_id
 
     # A lost mirror entry is repaired by the next read.
     await kv_delete(kv, sandbox_id)
     assert (await client.get(f"/api/sandbox/{sandbox_id}/signing-key")).json() == key
     repaired = await kv_get(kv, sandbox_id, SigningKeyRecord)
-    assert repaired is not None and repaired.key == key
+    assert repaired is not None and context.signing_sealer.open(repaired.key) == key
+    # So is an entry in clear (an older mirror, or planted by a bus client without the sealing key).
+    await kv_put(kv, sandbox_id, SigningKeyRecord(sandbox_id=sandbox_id, organization_id="o", key=key))
+    assert (await client.get(f"/api/sandbox/{sandbox_id}/signing-key")).json() == key
+    resealed = await kv_get(kv, sandbox_id, SigningKeyRecord)
+    assert resealed is not None and context.signing_sealer.open(resealed.key) == key
 
 
 async def test_rotate_replaces_the_key(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
@@ -53,7 +59,7 @@ async def test_rotate_replaces_the_key(api) -> None:  # noqa: F811  # type: igno
     assert isinstance(new, str) and new != old
     assert (await client.get(f"/api/sandbox/{sandbox_id}/signing-key")).json() == new
     record = await kv_get(await context.bus.kv(channels.SIGNING_KEYS), sandbox_id, SigningKeyRecord)
-    assert record is not None and record.key == new
+    assert record is not None and context.signing_sealer.open(record.key) == new
     # Rotating without any earlier key also works (and by name, like every sandbox path).
     fresh_id = (await client.post("/api/sandbox", json={"name": "never-read"})).json()["id"]
     assert (await client.post("/api/sandbox/never-read/signing-key/rotate")).status_code == 200

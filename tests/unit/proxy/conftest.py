@@ -15,6 +15,8 @@ from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.settings import Settings
 
 RUNNER_TOKEN = "test-runner-token"
+# The key the API seals signing keys with for this proxy (tidepool_runtime.sealing).
+SIGNING_SEAL_KEY = "test-signing-seal-key"
 DOWNLOAD_SIZE = 10 * 1024 * 1024
 
 
@@ -117,7 +119,7 @@ async def fake_runner() -> AsyncIterator[tuple[FakeRunner, str]]:
 
 @pytest.fixture(scope="session")
 async def proxy_url(nats_url: str) -> AsyncIterator[str]:
-    settings = Settings(nats_url=nats_url, runner_token=RUNNER_TOKEN)
+    settings = Settings(nats_url=nats_url, runner_token=RUNNER_TOKEN, signing_seal_key=SIGNING_SEAL_KEY)
     server = TestServer(create_proxy_app(settings), host="127.0.0.1")
     await server.start_server()
     yield str(server.make_url("")).rstrip("/")

@@ -14,9 +14,11 @@ import pytest
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
+from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, kv_put
+from tidepool_runtime.sealing import Sealer
 
-from .conftest import FakeRunner
+from .conftest import SIGNING_SEAL_KEY, FakeRunner
 from .test_proxy import ORG, add_api_key, add_route, error_body
 
 
@@ -33,8 +35,10 @@ def signed_url(
     return f"{proxy_url}/toolbox/{sandbox_id}{operation}?{query}"
 
 
-async def set_key(bus: Bus, sandbox_id: str, key: str) -> None:
-    record = SigningKeyRecord(sandbox_id=sandbox_id, organization_id=ORG, key=key)
+async def set_key(bus: Bus, sandbox_id: str, key: str, *, seal_key: str = SIGNING_SEAL_KEY) -> None:
+    """Mirror `key` as the API does: sealed with the key the proxy holds (`seal_key`: another one)."""
+    sealed = Sealer(seal_key, sealing.SIGNING_KEYS).seal(key)
+    record = SigningKeyRecord(sandbox_id=sandbox_id, organization_id=ORG, key=sealed)
     await kv_put(await bus.kv(channels.SIGNING_KEYS), sandbox_id, record)
 
 
@@ -158,3 +162,21 @@ async def test_bearer_requests_ignore_signature_params(
     url = f"{proxy_url}/toolbox/{sandbox_id}/files/download?path=a&expires=1&signature=v1_bad"
     async with http.get(url, headers={"Authorization": f"Bearer {api_key}"}) as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize("mirror", ["plain", "other-seal-key"])
+async def test_a_key_not_sealed_for_this_proxy_verifies_nothing(
+    http: aiohttp.ClientSession, proxy_url: str, bus: Bus, fake_runner: tuple[FakeRunner, str], mirror: str
+) -> None:
+    """Whoever can write the bucket without the API's sealing key cannot plant a key of their own."""
+    sandbox_id = await add_route(bus, fake_runner[1])
+    key = f"planted-{uuid.uuid4().hex}"
+    if mirror == "plain":
+        record = SigningKeyRecord(sandbox_id=sandbox_id, organization_id=ORG, key=key)
+        await kv_put(await bus.kv(channels.SIGNING_KEYS), sandbox_id, record)
+    else:
+        await set_key(bus, sandbox_id, key, seal_key="not-the-proxys-key")
+    url = signed_url(proxy_url, sandbox_id, "/files/download", "GET", "a.txt", key, int(time.time()) + 60)
+    async with http.get(url) as response:
+        assert response.status == 401
+        assert "invalid signed URL signature" in str((await error_body(response))["message"])

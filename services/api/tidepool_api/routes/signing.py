@@ -5,8 +5,9 @@
 Both answer a bare JSON string, as the SDK's generated client expects (`'200': "str"`).
 
 The database column `sandbox.signing_key` is the source of truth; every write is mirrored to the KV bucket
-`KV_SIGNING_KEYS`, from which the proxy verifies signatures without touching the database. A missing or
-stale mirror entry is repaired on the next read.
+`KV_SIGNING_KEYS`, from which the proxy verifies signatures without touching the database. The mirrored key
+is sealed with the key only the API and the proxy hold (tidepool_runtime.sealing): a bus client that can
+read the bucket cannot forge URLs. A missing, stale or unsealed mirror entry is repaired on the next read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tidepool_api.routes.deps import Caller, Context
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
 from tidepool_runtime.broker import KeyValue, kv_get, kv_put
+from tidepool_runtime.sealing import Sealer
 
 log = structlog.get_logger("tidepool.api.signing")
 router = APIRouter(prefix="/sandbox", tags=["sandbox"])
@@ -47,18 +49,24 @@ async def signing_keys_kv(request: Request, context: Context) -> KeyValue:
     return kv
 
 
-async def mirror(kv: KeyValue, sandbox: Sandbox, key: str, *, force: bool) -> None:
-    """Write the key to the proxy's KV mirror (unless it is already there, when not forced)."""
+def _opens_to(sealer: Sealer, sealed: str, key: str) -> bool:
+    try:
+        return sealer.open(sealed) == key
+    except ValueError:  # unsealed (an older mirror) or sealed with another key: rewrite it
+        return False
+
+
+async def mirror(kv: KeyValue, sealer: Sealer, sandbox: Sandbox, key: str, *, force: bool) -> None:
+    """Write the key, sealed, to the proxy's KV mirror (unless it is already there, when not forced)."""
     try:
         if not force:
             current = await kv_get(kv, sandbox.id, SigningKeyRecord)
-            if current is not None and current.key == key:
+            if current is not None and _opens_to(sealer, current.key, key):
                 return
-        await kv_put(
-            kv,
-            sandbox.id,
-            SigningKeyRecord(sandbox_id=sandbox.id, organization_id=sandbox.organization_id, key=key),
+        record = SigningKeyRecord(
+            sandbox_id=sandbox.id, organization_id=sandbox.organization_id, key=sealer.seal(key)
         )
+        await kv_put(kv, sandbox.id, record)
     except Exception as error:
         log.warning("signing.mirror_failed", sandbox_id=sandbox.id, error=str(error))
         raise ApiError(503, "signing keys are temporarily unavailable; retry") from error
@@ -85,7 +93,7 @@ async def get_signing_key(
             key = sandbox.signing_key
     if key is None:  # pragma: no cover - the row vanished between the update and the read
         raise ApiError(404, f"Sandbox with ID or name {sandbox_id} not found")
-    await mirror(kv, sandbox, key, force=created)
+    await mirror(kv, context.signing_sealer, sandbox, key, force=created)
     return JsonResponse(key)
 
 
@@ -100,6 +108,6 @@ async def rotate_signing_key(
         sandbox.signing_key = key
         session.add(sandbox)
         await session.commit()
-    await mirror(kv, sandbox, key, force=True)
+    await mirror(kv, context.signing_sealer, sandbox, key, force=True)
     log.info("signing.rotated", sandbox_id=sandbox.id)
     return JsonResponse(key)

@@ -1,0 +1,89 @@
+"""Who may do what on the bus: per service, the channels it publishes, consumes, asks and answers, and the KV
+buckets it reads and writes.
+
+This table is the only source of each service's NATS permissions (`tidepool_runtime.nats_auth` turns it into
+nats-server users), and `tests/unit/test_nats_auth.py` checks it against the subscribers and publishers the
+services really register, so the two cannot drift. A `Bus` refuses a bucket its service is not given here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tidepool_contracts import channels
+from tidepool_contracts.channels import Bucket, Channel, Stream
+
+
+@dataclass(frozen=True)
+class Access:
+    """One service's part of the bus.
+
+    `publishes`/`consumes`: stream channels it sends on / reads (durable or replaying consumers; consuming
+    a channel allows consumers on its whole stream, see README "Security"). `requests`/`answers`:
+    request/reply channels. `reads`/`writes`: KV buckets (read = get, keys, watch; write = put, delete).
+    `owns_topology`: may also update streams' configuration (the others only create a missing one).
+    """
+
+    publishes: tuple[Channel[Any], ...] = ()
+    consumes: tuple[Channel[Any], ...] = ()
+    requests: tuple[Channel[Any], ...] = ()
+    answers: tuple[Channel[Any], ...] = ()
+    reads: tuple[Bucket[Any], ...] = ()
+    writes: tuple[Bucket[Any], ...] = ()
+    owns_topology: bool = False
+
+    @property
+    def streams(self) -> tuple[Stream, ...]:
+        """The streams of its stream channels, in the channel table's order."""
+        used = {channel.stream for channel in (*self.publishes, *self.consumes) if channel.stream}
+        return tuple(stream for stream in channels.STREAMS if stream in used)
+
+    @property
+    def buckets(self) -> tuple[Bucket[Any], ...]:
+        used = {*self.reads, *self.writes}
+        return tuple(bucket for bucket in channels.BUCKETS if bucket in used)
+
+
+API = Access(
+    publishes=(channels.SANDBOX_INTENTS, channels.BUILD_JOBS),
+    consumes=(
+        channels.SANDBOX_EVENTS,
+        channels.SNAPSHOT_EVENTS,
+        channels.PROCESS_EVENTS,
+        channels.DAEMON_EVENTS,
+        channels.BUILD_LOG_LINES,
+    ),
+    answers=(channels.REGISTRY_CREDENTIALS,),
+    reads=(channels.SIGNING_KEYS,),
+    writes=(channels.DESIRED, channels.API_KEYS, channels.SIGNING_KEYS),
+    owns_topology=True,
+)
+SCHEDULER = Access(
+    publishes=(channels.RUNNER_JOBS, channels.SANDBOX_EVENTS),
+    consumes=(channels.SANDBOX_INTENTS,),
+    reads=(channels.RUNNERS, channels.PLACEMENTS, channels.DESIRED, channels.ROUTES, channels.ACTIVITY),
+    writes=(channels.PLACEMENTS, channels.DESIRED),
+)
+BUILDER = Access(
+    publishes=(channels.SNAPSHOT_EVENTS, channels.BUILD_LOG_LINES),
+    consumes=(channels.BUILD_JOBS,),
+    requests=(channels.REGISTRY_CREDENTIALS,),
+)
+RUNNER = Access(
+    publishes=(channels.SANDBOX_EVENTS, channels.PROCESS_EVENTS, channels.DAEMON_EVENTS),
+    consumes=(channels.RUNNER_JOBS,),
+    reads=(channels.ROUTES,),
+    writes=(channels.ROUTES, channels.RUNNERS, channels.ACTIVITY),
+)
+PROXY = Access(reads=(channels.ROUTES, channels.API_KEYS, channels.SIGNING_KEYS))
+TELEMETRY = Access(consumes=(channels.SANDBOX_EVENTS,))
+
+SERVICE_ACCESS: dict[str, Access] = {
+    "api": API,
+    "scheduler": SCHEDULER,
+    "builder": BUILDER,
+    "runner": RUNNER,
+    "proxy": PROXY,
+    "telemetry": TELEMETRY,
+}
