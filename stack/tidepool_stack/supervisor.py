@@ -210,6 +210,8 @@ class Stack:
         # Per-service settings over `env` (the builder's engine: start_build_engine).
         self.service_env: dict[str, dict[str, str]] = {}
         self.build_engine_dirs: tuple[Path, Path] | None = None  # its store, its run state
+        # CONTAINERS_CONF + CONTAINERS_STORAGE_CONF that point the podman CLI at the build engine's store.
+        self.build_engine_env: dict[str, str] = {}
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -406,6 +408,7 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             socket_path.unlink()
         env = {"CONTAINERS_CONF": str(containers_conf), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
+        self.build_engine_env = dict(env)
         if registry:
             env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf(registry))
         argv = ["podman", "system", "service", "--time=0", f"unix://{socket_path}"]
