@@ -39,7 +39,7 @@ CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
 BUILD_SUBID_OWNER = "tidepool-builds"
 BUILD_USERNS = "auto:size=65536"
 BUILD_RUNTIME_NAME = "tidepool-build-runc"
-RUN_DIR = Path("/run/tidepool")
+RUN_DIR = Path("/run")
 BASE_IMAGE_SCRIPT = REPO_ROOT / "images" / "base" / "build-base.sh"
 
 LogSink = Callable[[str, str], None]
@@ -356,7 +356,7 @@ class Stack:
 
         Podman 4.3.1 breaks images built in a user namespace on a store that idmaps overlay layers (the
         sandboxes' store on this kernel: files committed with host-range owners). This engine has a store of
-        its own (`<data_dir>/build-engine`, run state under /run/tidepool) where that feature is recorded as
+        its own (`<data_dir>/build-engine`, run state in /run) where that feature is recorded as
         absent, so each build step gets a chowned copy of its layers instead, and runs runc through
         tidepool_stack.build_runtime, which repairs what that path still gets wrong. It sees the main store's
         images read-only (base images, FROM sources), takes its ranges from the `tidepool-builds` subordinate
@@ -366,7 +366,8 @@ class Stack:
         info = await asyncio.to_thread(engine_info)
         digest = hashlib.sha256(str(self.config.data_dir.resolve()).encode()).hexdigest()[:12]
         home = self.config.data_dir / "build-engine"
-        run_root = RUN_DIR / f"build-engine-{digest}"  # tmpfs: mounts and locks do not outlive a reboot
+        # On tmpfs: its mounts and locks do not outlive a reboot.
+        run_root = RUN_DIR / f"tidepool-build-engine-{digest}"
         feature_dir = run_root / "storage" / "overlay"
         feature_dir.mkdir(parents=True, exist_ok=True)
         # containers/storage 1.43 caches its idmapped-mount probe here; recorded as absent, it never idmaps.
