@@ -551,7 +551,16 @@ class Stack:
         }
         if CONTAINERS_CONF.exists():
             self.env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
-        if registry and not config.docker_host and "TIDEPOOL_BUILD_USERNS" not in {**os.environ, **self.env}:
+        wanted = bool(
+            registry and not config.docker_host and "TIDEPOOL_BUILD_USERNS" not in {**os.environ, **self.env}
+        )
+        if wanted and not has_subordinate_ids(BUILD_SUBID_OWNER):
+            self.sink(
+                "stack",
+                f"no {BUILD_SUBID_OWNER} range in /etc/subuid or /etc/subgid: snapshot builds run "
+                "without a user namespace (run scripts/setup-host.sh)",
+            )
+        elif wanted:
             # Builds in user namespaces, on the engine made for them (its images reach runners by registry).
             self.service_env["builder"] = {
                 "TIDEPOOL_DOCKER_HOST": await self.start_build_engine(registry),
@@ -621,6 +630,15 @@ class Stack:
             await self.stop_child(name)
         if self.build_engine_dirs:
             await asyncio.to_thread(release_build_engine, *self.build_engine_dirs)
+
+
+def has_subordinate_ids(owner: str) -> bool:
+    """Whether /etc/subuid and /etc/subgid both give `owner` a range."""
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not any(line.split(":", 1)[0] == owner for line in lines):
+            return False
+    return True
 
 
 def release_build_engine(home: Path, run_root: Path) -> None:
