@@ -74,17 +74,19 @@ ensure_myhostname_in_nsswitch() {
 
 # Podman's `--userns=auto` gives each sandbox its own slice of this range (65536 ids each: 16384
 # sandboxes), far above any uid the host uses, so a sandbox's root is nobody on the host (issue #7).
-SUBID_OWNER=containers
-SUBID_START=268435456
-SUBID_COUNT=1073741824
+# Snapshot builds take theirs from a second, disjoint range (4096 builds at once), named after the build
+# engine's `root-auto-userns-user`: a build step never shares a host uid with a sandbox.
+SUBID_RANGES=("containers:268435456:1073741824" "tidepool-builds:1342177280:268435456")
 ensure_subordinate_ids() {
-  local file
+  local file range
   for file in /etc/subuid /etc/subgid; do
     touch "${file}"
-    if ! grep -q "^${SUBID_OWNER}:" "${file}"; then
-      echo "${SUBID_OWNER}:${SUBID_START}:${SUBID_COUNT}" >>"${file}"
-      log "added ${SUBID_OWNER}:${SUBID_START}:${SUBID_COUNT} to ${file}"
-    fi
+    for range in "${SUBID_RANGES[@]}"; do
+      if ! grep -q "^${range%%:*}:" "${file}"; then
+        echo "${range}" >>"${file}"
+        log "added ${range} to ${file}"
+      fi
+    done
   done
 }
 

@@ -170,9 +170,11 @@ class BuildIsolationSettings(_Base):
     build_pids: int = 4096
     """Processes of a build: `pids.max` of its own cgroup, and RLIMIT_NPROC of its steps."""
     build_userns: str = ""
-    """User namespace of build steps: "" = none, else Podman's `auto[:size=N]`. Off by default: Podman 4.3.1
-    on kernels with idmapped overlay layers commits layers built in a user namespace with host-range owners
-    (measured here), which breaks every image; enable it on an engine that builds such images correctly."""
+    """User namespace of build steps: "" = none, else Podman's `auto[:size=N]` (a range of its own per build).
+    `make up` / `tidepool up` set `auto:size=65536` for the builder, with the build engine they start for it
+    (tidepool_stack.supervisor.Stack.start_build_engine). Empty here because on a plain Podman 4.3.1 engine
+    whose store idmaps overlay layers (this kernel) images built in a user namespace come out broken
+    (host-range owners, `/` unwritable, deletions lost; measured): set it only for such a build engine."""
     build_network_wait_seconds: float = 120.0
     """How long a build waits for the sandbox network (a runner on the engine's host creates it)."""
 

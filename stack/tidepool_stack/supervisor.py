@@ -52,6 +52,12 @@ SEAL_KEYS = {
 REGISTRY_USERNAME = "tidepool"
 REGISTRY_BCRYPT_ROUNDS = 12
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
+# The build engine's user namespaces come from this /etc/subuid + /etc/subgid entry (scripts/setup-host.sh),
+# disjoint from the sandboxes' `containers` range: a build step never holds a sandbox's host uids.
+BUILD_SUBID_OWNER = "tidepool-builds"
+BUILD_USERNS = "auto:size=65536"
+BUILD_RUNTIME_NAME = "tidepool-build-runc"
+RUN_DIR = Path("/run")
 BASE_IMAGE_SCRIPT = REPO_ROOT / "images" / "base" / "build-base.sh"
 
 LogSink = Callable[[str, str], None]
@@ -249,6 +255,11 @@ class Stack:
         self.stopping = False  # set by stop(): nothing is restarted any more
         # Each service's NATS login (embedded nats-server only; an external one comes with its own users).
         self.nats_passwords: dict[str, str] = {}
+        # Per-service settings over `env` (the builder's engine: start_build_engine).
+        self.service_overrides: dict[str, dict[str, str]] = {}
+        self.build_engine_dirs: tuple[Path, Path] | None = None  # its store, its run state
+        # CONTAINERS_CONF + CONTAINERS_STORAGE_CONF that point the podman CLI at the build engine's store.
+        self.build_engine_env: dict[str, str] = {}
 
     # -- process plumbing -------------------------------------------------------------------------------
     async def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
@@ -344,6 +355,7 @@ class Stack:
             if name in holders:
                 configured = self.config.extra_env.get(variable) or os.environ.get(variable, "")
                 env[variable] = sealing.load_seal_key(configured, self.config.data_dir, purpose)
+        env.update(self.service_overrides.get(name, {}))
         return env
 
     async def start_service(self, name: str) -> None:
@@ -455,6 +467,76 @@ class Stack:
         while not socket_path.exists():
             if time.monotonic() > deadline:
                 raise RuntimeError("podman system service did not create its socket")
+            await asyncio.sleep(0.1)
+        return f"unix://{socket_path}"
+
+    async def start_build_engine(self, registry: str) -> str:
+        """A second `podman system service`, the builder's: snapshot builds run there in user namespaces.
+
+        Podman 4.3.1 breaks images built in a user namespace on a store that idmaps overlay layers (the
+        sandboxes' store on this kernel: files committed with host-range owners). This engine has a store of
+        its own (`<data_dir>/build-engine`, run state in /run) where that feature is recorded as
+        absent, so each build step gets a chowned copy of its layers instead, and runs runc through
+        tidepool_stack.build_runtime, which repairs what that path still gets wrong. It sees the main store's
+        images read-only (base images, FROM sources), takes its ranges from the `tidepool-builds` subordinate
+        ids, and shares the networks (the firewalled sandbox network). Built images reach runners through
+        the registry, which is why it runs only with one. Returns its socket URL.
+        """
+        info = await asyncio.to_thread(engine_info)
+        digest = hashlib.sha256(str(self.config.data_dir.resolve()).encode()).hexdigest()[:12]
+        home = self.config.data_dir / "build-engine"
+        # On tmpfs: its mounts and locks do not outlive a reboot.
+        run_root = RUN_DIR / f"tidepool-build-engine-{digest}"
+        feature_dir = run_root / "storage" / "overlay"
+        feature_dir.mkdir(parents=True, exist_ok=True)
+        # containers/storage 1.43 caches its idmapped-mount probe here; recorded as absent, it never idmaps.
+        (feature_dir / "idmapped-lower-dir-true").unlink(missing_ok=True)
+        (feature_dir / "idmapped-lower-dir-false").touch()
+        home.mkdir(parents=True, exist_ok=True)
+        self.build_engine_dirs = (home, run_root)
+        storage_conf = home / "storage.conf"
+        storage_conf.write_text(
+            "[storage]\n"
+            'driver = "overlay"\n'
+            f'graphroot = "{home / "storage"}"\n'
+            f'runroot = "{run_root / "storage"}"\n'
+            "[storage.options]\n"
+            f'additionalimagestores = ["{info["graph_root"]}"]\n'
+            f'root-auto-userns-user = "{BUILD_SUBID_OWNER}"\n'
+        )
+        runc = shutil.which("runc") or "/usr/bin/runc"
+        runtime = home / "runtime"
+        runtime.write_text(
+            "#!/bin/sh\n"
+            f'TIDEPOOL_BUILD_RUNC={runc} exec {sys.executable} -m tidepool_stack.build_runtime "$@"\n'
+        )
+        runtime.chmod(0o755)
+        containers_conf = home / "containers.conf"
+        text = CONTAINERS_CONF.read_text() if CONTAINERS_CONF.exists() else "[engine]\n"
+        engine = (
+            f'runtime = "{BUILD_RUNTIME_NAME}"\n'
+            f'tmp_dir = "{run_root / "libpod"}"\n'  # not the main engine's /run/libpod (its restart marker)
+        )
+        text = text.replace('runtime = "runc"\n', "").replace("[engine]\n", f"[engine]\n{engine}", 1)
+        runtimes = f'{BUILD_RUNTIME_NAME} = ["{runtime}"]\n'
+        if "[engine.runtimes]\n" in text:
+            text = text.replace("[engine.runtimes]\n", f"[engine.runtimes]\n{runtimes}", 1)
+        else:
+            text += f"\n[engine.runtimes]\n{runtimes}"
+        containers_conf.write_text(text + f'\n[network]\nnetwork_backend = "{info["network_backend"]}"\n')
+        socket_path = self.config.data_dir / "podman-build.sock"
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        env = {"CONTAINERS_CONF": str(containers_conf), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
+        self.build_engine_env = dict(env)
+        if registry:
+            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf(registry))
+        argv = ["podman", "system", "service", "--time=0", f"unix://{socket_path}"]
+        await self.spawn("podman-build", argv, env)
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the build engine (podman system service) did not create its socket")
             await asyncio.sleep(0.1)
         return f"unix://{socket_path}"
 
@@ -580,6 +662,21 @@ class Stack:
         }
         if CONTAINERS_CONF.exists():
             self.env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+        wanted = bool(
+            registry and not config.docker_host and "TIDEPOOL_BUILD_USERNS" not in {**os.environ, **self.env}
+        )
+        if wanted and not has_subordinate_ids(BUILD_SUBID_OWNER):
+            self.sink(
+                "stack",
+                f"no {BUILD_SUBID_OWNER} range in /etc/subuid or /etc/subgid: snapshot builds run "
+                "without a user namespace (run scripts/setup-host.sh)",
+            )
+        elif wanted:
+            # Builds in user namespaces, on the engine made for them (its images reach runners by registry).
+            self.service_overrides["builder"] = {
+                "TIDEPOOL_DOCKER_HOST": await self.start_build_engine(registry),
+                "TIDEPOOL_BUILD_USERNS": BUILD_USERNS,
+            }
         for name in SERVICES:
             await self.start_service(name)
         await self.wait_ready(wait_for_default_snapshot, timeout)
@@ -643,6 +740,45 @@ class Stack:
             await self.stop_child(name)
         for name in list(self.children):
             await self.stop_child(name)
+        if self.build_engine_dirs:
+            await asyncio.to_thread(release_build_engine, *self.build_engine_dirs)
+
+
+def has_subordinate_ids(owner: str) -> bool:
+    """Whether /etc/subuid and /etc/subgid both give `owner` a range."""
+    for path in (Path("/etc/subuid"), Path("/etc/subgid")):
+        lines = path.read_text().splitlines() if path.exists() else []
+        if not any(line.split(":", 1)[0] == owner for line in lines):
+            return False
+    return True
+
+
+def release_build_engine(home: Path, run_root: Path) -> None:
+    """After the build engine stopped: unmount what its store left mounted under `home` (the overlay
+    driver's own bind mount, a crashed build's layers), deepest first, and drop its run state."""
+    prefix = str(home.resolve()) + "/"
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4].startswith(prefix)
+    ]
+    for mount_point in sorted(set(mounts), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
+    shutil.rmtree(run_root, ignore_errors=True)
+
+
+def engine_info() -> dict[str, str]:
+    """The main engine's image store (the build engine reads it) and network backend (which it shares)."""
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)} if CONTAINERS_CONF.exists() else None
+    result = subprocess.run(
+        ["podman", "info", "--format", "{{.Store.GraphRoot}} {{.Host.NetworkBackend}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    graph_root, network_backend = result.stdout.split()
+    return {"graph_root": graph_root, "network_backend": network_backend}
 
 
 SYSTEM_CA_DIR = Path("/usr/local/share/ca-certificates")

@@ -7,9 +7,9 @@ On main, RUN steps ran in the host's network namespace with the default capabili
 capability, network and bounds tests fail there). A package install through the TLS-intercepting proxy
 (the injected CA bundle) must keep working.
 
-The user-namespace test is an expected failure while `TIDEPOOL_BUILD_USERNS` is off (Podman 4.3.1 breaks
-images built in a user namespace on this kernel; see the README's Isolation section); strict, so it turns
-into a failure as soon as builds do run in one, to be un-marked then.
+RUN steps run in a user namespace of their own (the stack's build engine): their root is not the host's, and
+the image they build is still right (owners, writes to `/`, deletions: what Podman 4.3.1 gets wrong in user
+namespace builds on its own; tidepool_stack.build_runtime).
 
 Only this host's own addresses, loopback and 169.254.169.254 are targeted.
 """
@@ -53,6 +53,7 @@ HOST_ROOT_UID_MAP = ["0", "0", "4294967295"]
 PROBE_TIMEOUT_SECONDS = 20
 # Tasks a build step tries to start beyond the build's process limit.
 TASK_MARGIN = 256
+BUILD_USER_UID = 1234
 
 # Runs in a RUN step (any python3, stdlib only): records the evidence; never fails the step itself.
 EVIDENCE = r"""
@@ -199,6 +200,11 @@ def evidence(
             # A package install through the TLS-intercepting proxy: the injected CA bundle is trusted.
             "pip install --no-cache-dir six > /opt/evidence/pip.log 2>&1 && python3 -c 'import six' "
             "&& echo installed >> /opt/evidence/pip.log",
+            # What a build in a user namespace must still get right: `/` is writable, a user's files keep
+            # their owner, files of an earlier step can be deleted.
+            f"mkdir /{marker} && useradd -m -u {BUILD_USER_UID} builder-user && mkdir /{marker}/owned "
+            f"&& chown builder-user:builder-user /{marker}/owned && touch /{marker}/deleted /etc/{marker}",
+            f"rm /{marker}/deleted /etc/{marker} && rm -rf /usr/share/doc",
         )
     )
     logs: list[str] = []
@@ -222,6 +228,10 @@ def evidence(
             )
             found = {item: sandbox.fs.download_file(f"/opt/evidence/{item}").decode() for item in items}
             found["pip"] = sandbox.fs.download_file("/opt/evidence/pip.log").decode()
+            found["built"] = sandbox.process.exec(
+                f"stat -c '%u:%g %n' /{marker} /{marker}/owned /home/builder-user; "
+                f"ls -A /{marker}; ls -d /etc/{marker} /usr/share/doc 2>&1; true"
+            ).result
         finally:
             cleanup(lambda: tenant.delete(sandbox))
     finally:
@@ -232,12 +242,6 @@ def evidence(
     return found
 
 
-@pytest.mark.xfail(
-    not SETTINGS.build_userns,
-    strict=True,
-    reason="TIDEPOOL_BUILD_USERNS is off: Podman 4.3.1 on idmapped overlay layers breaks images built in a "
-    "user namespace (see the README's Isolation section), so build steps still run as the host's uid 0",
-)
 def test_build_steps_do_not_run_as_the_hosts_root(evidence: dict[str, str]) -> None:
     uid_map = [line.split() for line in evidence["uid_map"].strip().splitlines()]
     assert uid_map and uid_map[0] != HOST_ROOT_UID_MAP, f"RUN steps ran as the host's root: {uid_map}"
@@ -245,6 +249,19 @@ def test_build_steps_do_not_run_as_the_hosts_root(evidence: dict[str, str]) -> N
     assert int(uid_map[0][2]) <= 65536, uid_map
     # RLIMIT_NPROC binds root only inside a user namespace: then it bounds the build's processes.
     assert int(evidence["nproc"].strip()) == SETTINGS.build_pids, evidence["nproc"]
+
+
+def test_an_image_built_in_a_user_namespace_keeps_owners_and_deletions(evidence: dict[str, str]) -> None:
+    marker = evidence["marker"]
+    lines = evidence["built"].splitlines()
+    assert lines[:3] == [
+        f"0:0 /{marker}",
+        f"{BUILD_USER_UID}:{BUILD_USER_UID} /{marker}/owned",
+        f"{BUILD_USER_UID}:{BUILD_USER_UID} /home/builder-user",
+    ], evidence["built"]
+    assert lines[3] == "owned", evidence["built"]  # `deleted` is gone
+    assert "No such file or directory" in lines[4] and f"/etc/{marker}" in lines[4], evidence["built"]
+    assert "No such file or directory" in lines[5] and "/usr/share/doc" in lines[5], evidence["built"]
 
 
 def test_build_steps_hold_only_the_sandbox_capabilities(evidence: dict[str, str]) -> None:

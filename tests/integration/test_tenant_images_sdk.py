@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import tarfile
 import uuid
@@ -273,18 +274,21 @@ def test_the_internal_registry_needs_the_platforms_login(stack: StackThread) -> 
         assert password.encode() not in environment(service)
 
 
-def local_tags_of(reference: str) -> list[str]:
+def local_tags_of(reference: str, engine_env: dict[str, str] | None = None) -> list[str]:
+    env = {**os.environ, **engine_env} if engine_env else None
     image_id = subprocess.run(
         ["podman", "image", "inspect", "--format", "{{.Id}}", reference],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout.strip()
     names = subprocess.run(
         ["podman", "image", "inspect", "--format", "{{json .RepoTags}}", image_id],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout
     return list(json.loads(names))
 
@@ -298,9 +302,10 @@ def test_runner_pulls_a_built_image_from_the_registry_with_the_login(
         CreateSnapshotParams(name=name, image=Image.base(python_slim).run_commands(f"echo {name} > /marker")),
         timeout=900,
     )
-    # The image this test just built leaves the engine: the runner has to pull it from the registry.
-    tags = local_tags_of(snapshot.ref)
+    # Built and pushed by the build engine; the runner's engine never had it: the runner has to pull it from
+    # the registry.
+    tags = local_tags_of(snapshot.ref, stack.stack.build_engine_env)
     assert any(tag.startswith(stack.stack.env["TIDEPOOL_REGISTRY_URL"]) for tag in tags), tags
     for tag in tags:
-        subprocess.run(["podman", "rmi", "--force", tag], capture_output=True, check=False)
+        assert subprocess.run(["podman", "image", "exists", tag], check=False).returncode == 1, tag
     assert read_in_sandbox(a, name, "/marker").decode().strip() == name

@@ -78,9 +78,10 @@ class BuildIsolation:
       RLIMIT_NPROC and podman's build API has no pids limit: the build's own cgroup bounds its processes
       (build_cgroup);
     - `userns_size`: a private user namespace per build (podman's `--userns=auto:size=N`), root in a step
-      being an unprivileged host uid range of its own. Opt-in (`TIDEPOOL_BUILD_USERNS`): podman 4.3.1 with
-      idmapped overlay layers (this host's kernel) commits build layers with the host-range owners and
-      leaves `/` unwritable, so on that engine it breaks images (see the README's Isolation section).
+      being an unprivileged host uid range of its own (`TIDEPOOL_BUILD_USERNS`). The stack sets it together
+      with the build engine it starts for the builder: podman 4.3.1 on a store that idmaps overlay layers
+      (this host's kernel) commits such builds with host-range owners, so they need that engine's store and
+      runtime (tidepool_stack.build_runtime; see the README's Isolation section).
     """
 
     network: str
