@@ -92,6 +92,12 @@ def describe_validation_error(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+HEAD_TOO_LARGE = {
+    "description": "Request line and headers too large (TIDEPOOL_API_MAX_HEADER_BYTES)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
+
+
 def document_400_not_422(app: FastAPI) -> None:
     """The OpenAPI document says what the API answers: invalid input is a 400 envelope, never a 422."""
     generate = app.openapi
@@ -102,6 +108,8 @@ def document_400_not_422(app: FastAPI) -> None:
             for item in schema.get("paths", {}).values():
                 for operation in item.values():
                     responses = operation.get("responses", {})
+                    # Any request's head may be over TIDEPOOL_API_MAX_HEADER_BYTES (http_limits.py).
+                    responses.setdefault("431", HEAD_TOO_LARGE)
                     validation = responses.pop("422", None)
                     if validation is not None and "400" not in responses:
                         responses["400"] = {

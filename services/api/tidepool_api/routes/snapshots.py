@@ -15,6 +15,7 @@ from tidepool_api.db import Snapshot
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.schemas import (
+    INT32_MAX,
     NAME_MAX,
     TEXT_PLAIN,
     PaginatedSnapshotsDto,
@@ -35,7 +36,7 @@ SETTLED = {SnapshotState.ACTIVE.value, SnapshotState.ERROR.value, SnapshotState.
 async def list_snapshots(
     context: Context,
     caller: Caller,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=INT32_MAX)] = 1,
     limit: Annotated[int, Query(ge=1, le=200)] = 100,
     name: Annotated[str | None, Query(max_length=NAME_MAX, description="substring of the name")] = None,
 ) -> JsonResponse:
