@@ -70,7 +70,7 @@ def test_admin_deletes_an_organization_and_everything_it_owns(stack: StackThread
         answer = httpx.get(f"{stack.api_url}/sandbox", headers=bearer(old_key))
         assert answer.status_code == 401, answer.text
     with pytest.raises(DaytonaAuthenticationError):
-        tenant.list()
+        list(tenant.list())  # a lazy pager: the request happens while iterating
     # The proxy learns of the revocation through its KV watch: within moments, never after a cache period.
     wait_until(
         lambda: (
