@@ -48,6 +48,21 @@ def body_too_large_message(limit: int) -> str:
     return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
 
 
+class NulGuardMiddleware:
+    """400 for a NUL character in the path or the query (`%00`): no identifier or filter contains one, and
+    PostgreSQL refuses NUL in text, so such a request must never reach a query (it would be a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            response = error_response(Request(scope), 400, "the path and query must not contain NUL (%00)")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app

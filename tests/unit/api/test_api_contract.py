@@ -138,3 +138,20 @@ async def test_unauthenticated_organization_delete_is_401(api) -> None:  # noqa:
     client, _, _ = api
     async with httpx.AsyncClient(transport=client._transport, base_url="http://api") as anonymous:
         assert (await anonymous.delete("/api/organizations/x")).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/api/sandbox/a%00b",
+        "/api/sandbox?name=a%00",
+        "/api/snapshots/x%00/build-logs-url",
+        "/api/api-keys/%00",
+    ],
+)
+async def test_nul_in_path_or_query_is_400(api, url: str) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    # PostgreSQL refuses NUL in text: without this, such an id would reach a query and be a 500 there.
+    client, _, _ = api
+    response = await client.get(url) if "api-keys" not in url else await client.delete(url)
+    assert response.status_code == 400, response.text
+    assert "NUL" in response.json()["message"]
