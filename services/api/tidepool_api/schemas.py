@@ -414,6 +414,7 @@ class SnapshotDto(WireModel):
     updated_at: str
     last_used_at: str | None
     region_ids: list[str]
+    source_sandbox_id: str | None  # required (nullable) by the SDK; no snapshot is made from a sandbox
 
 
 class PaginatedSnapshotsDto(WireModel):
@@ -494,6 +495,7 @@ def snapshot_dto(snapshot: Snapshot) -> dict[str, object]:
         "updatedAt": iso(snapshot.updated_at),
         "lastUsedAt": iso(snapshot.last_used_at) if snapshot.last_used_at else None,
         "regionIds": [],
+        "sourceSandboxId": None,
     }
 
 

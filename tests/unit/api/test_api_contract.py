@@ -155,3 +155,34 @@ async def test_nul_in_path_or_query_is_400(api, url: str) -> None:  # noqa: F811
     response = await client.get(url) if "api-keys" not in url else await client.delete(url)
     assert response.status_code == 400, response.text
     assert "NUL" in response.json()["message"]
+
+
+def test_documented_answers_have_every_field_the_sdk_requires() -> None:
+    """Each response model carries every field the SDK's generated model requires (nullable ones too)."""
+    from daytona_api_client import models as sdk
+
+    from tidepool_api import schemas
+    from tidepool_api.routes import organizations, registries
+
+    pairs = [
+        (schemas.SandboxDto, sdk.Sandbox),
+        (schemas.ListSandboxesDto, sdk.ListSandboxesResponse),
+        (schemas.SandboxLabelsDto, sdk.SandboxLabels),
+        (schemas.UrlDto, sdk.ToolboxProxyUrl),
+        (schemas.BuildInfoDto, sdk.BuildInfo),
+        (schemas.SnapshotDto, sdk.SnapshotDto),
+        (schemas.PaginatedSnapshotsDto, sdk.PaginatedSnapshots),
+        (schemas.StorageAccessDto, sdk.StorageAccessDto),
+        (schemas.ConfigDto, sdk.DaytonaConfiguration),
+        (organizations.ApiKeyDto, sdk.ApiKeyResponse),
+        (organizations.ApiKeyListDto, sdk.ApiKeyList),
+        (registries.RegistryDto, sdk.DockerRegistry),
+    ]
+    for ours, theirs in pairs:
+        required = {
+            field.serialization_alias or field.alias or name
+            for name, field in theirs.model_fields.items()
+            if field.is_required()
+        }
+        documented = {field.alias or name for name, field in ours.model_fields.items()}
+        assert required <= documented, (ours.__name__, sorted(required - documented))
