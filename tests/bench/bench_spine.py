@@ -80,6 +80,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 
 
 def main() -> None:
+    from tests.bench.bench_api import bench_api
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_process import bench_deadlines, bench_process
@@ -90,6 +91,7 @@ def main() -> None:
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     benches: list[tuple[str, BenchFunction]] = [
         ("spine", lambda daytona, _stack: bench(daytona)),
+        ("api", lambda _daytona, stack: bench_api(stack)),
         ("process", lambda daytona, _stack: bench_process(daytona)),
         ("deadlines", lambda daytona, _stack: bench_deadlines(daytona)),
         ("code", lambda daytona, _stack: bench_code(daytona)),

@@ -6,7 +6,7 @@ from fastapi import APIRouter, FastAPI
 
 from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
-from tidepool_api.http_limits import BodyLimitMiddleware
+from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes import organizations, platform, sandbox, snapshots
 from tidepool_api.routes.object_storage import router as object_storage_router
@@ -26,6 +26,7 @@ def create_app(context: ApiContext) -> FastAPI:
     app.state.context = context
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=context.settings.api_max_body_bytes)
+    app.add_middleware(NulGuardMiddleware)
     api = APIRouter(prefix="/api")
     api.include_router(platform.router)
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match

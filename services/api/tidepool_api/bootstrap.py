@@ -35,7 +35,7 @@ async def ensure_admin(context: ApiContext) -> None:
     async with context.database.sessions() as session:
         if (await session.exec(select(Organization))).first() is not None:
             return
-        organization = Organization(id=str(uuid.uuid4()), name="admin")
+        organization = Organization(id=str(uuid.uuid4()), name="admin", is_admin=True)
         key = generate_key()
         session.add(organization)
         await session.flush()

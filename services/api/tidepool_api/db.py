@@ -27,6 +27,11 @@ class Organization(SQLModel, table=True):
     max_cpu_per_sandbox: int = 4
     max_memory_per_sandbox: int = 8
     max_disk_per_sandbox: int = 10
+    # The operator's organization (created by the first start): it alone manages organizations.
+    is_admin: bool = False
+    # Set when the admin deletes the organization: its keys are revoked, its resources removed; the row
+    # stays as the record of the deletion (sandbox rows still refer to it).
+    deleted_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     created_at: datetime = timestamp_column()
 
 

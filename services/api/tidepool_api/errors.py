@@ -9,6 +9,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.status import HTTP_400_BAD_REQUEST, HTTP_500_INTERNAL_SERVER_ERROR
 
 from tidepool_api.responses import JsonResponse
@@ -91,6 +92,12 @@ def describe_validation_error(error: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+HEAD_TOO_LARGE = {
+    "description": "Request line and headers too large (TIDEPOOL_API_MAX_HEADER_BYTES)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+}
+
+
 def document_400_not_422(app: FastAPI) -> None:
     """The OpenAPI document says what the API answers: invalid input is a 400 envelope, never a 422."""
     generate = app.openapi
@@ -101,6 +108,8 @@ def document_400_not_422(app: FastAPI) -> None:
             for item in schema.get("paths", {}).values():
                 for operation in item.values():
                     responses = operation.get("responses", {})
+                    # Any request's head may be over TIDEPOOL_API_MAX_HEADER_BYTES (http_limits.py).
+                    responses.setdefault("431", HEAD_TOO_LARGE)
                     validation = responses.pop("422", None)
                     if validation is not None and "400" not in responses:
                         responses["400"] = {
@@ -118,6 +127,25 @@ def document_400_not_422(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+CANDIDATE_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """`Allow` of a 405: every method some route answers at this path, e.g. `DELETE, GET` for
+    `/api/sandbox/{id}` (Starlette's own names the methods of the first route whose path matched, while a
+    path here often has one route per method). Each method is tried against the router, as a request
+    with it would be routed."""
+    allowed = [
+        method
+        for method in CANDIDATE_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] == Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     document_400_not_422(app)
 
@@ -129,6 +157,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:
         response = error_response(request, error.status_code, str(error.detail))
         response.headers.update(error.headers or {})  # e.g. Connection: close after a refused body
+        if error.status_code == 405:
+            response.headers["Allow"] = allowed_methods(request)
         return response
 
     @app.exception_handler(RequestValidationError)

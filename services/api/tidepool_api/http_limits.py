@@ -19,6 +19,7 @@ Body limits are FastAPI's (`max_body_size`, 413), see app.py.
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from tidepool_api.errors import error_response
 
 DISCARD_MAX_BYTES = 4 * 1024 * 1024  # after a 431, read and drop at most this much ...
 DISCARD_SECONDS = 2.0  # ... for at most this long, then close
+PATH_SHOWN_MAX = 1024  # characters of the path a 431 answer repeats
 
 
 class BodyTooLargeError(HTTPException):
@@ -44,6 +46,21 @@ class BodyTooLargeError(HTTPException):
 
 def body_too_large_message(limit: int) -> str:
     return f"request body is larger than {limit} bytes (TIDEPOOL_API_MAX_BODY_BYTES)"
+
+
+class NulGuardMiddleware:
+    """400 for a NUL character in the path or the query (`%00`): no identifier or filter contains one, and
+    PostgreSQL refuses NUL in text, so such a request must never reach a query (it would be a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")):
+            response = error_response(Request(scope), 400, "the path and query must not contain NUL (%00)")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:
@@ -123,6 +140,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.max_header_bytes:
                 self._refuse_head()
 
+    def _path_so_far(self) -> str:
+        url = bytes(getattr(self, "url", b"") or b"")
+        return url.split(b"?", 1)[0][:PATH_SHOWN_MAX].decode("latin-1")
+
     def _refuse_head(self) -> None:
         message = f"request line and headers are larger than {self.max_header_bytes} bytes"
         body = orjson.dumps(
@@ -130,6 +151,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 "statusCode": 431,
                 "message": message,
                 "error": "Request Header Fields Too Large",
+                # As far as it was read (the head may be over the limit in its request line already).
+                "path": self._path_so_far(),
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 "source": "DAYTONA_API",
             }
         )

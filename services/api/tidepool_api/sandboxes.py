@@ -205,7 +205,7 @@ async def resolve_snapshot(session: AsyncSession, organization_id: str, name: st
 async def create_sandbox(context: ApiContext, organization_id: str, request: CreateSandboxRequest) -> Sandbox:
     async with context.database.sessions() as session:
         organization = await session.get(Organization, organization_id)
-        if organization is None:
+        if organization is None or organization.deleted_at is not None:
             raise ApiError(401, "organization of this API key no longer exists")
         validate_resources(request, organization)
         build: Snapshot | None = None

@@ -422,6 +422,7 @@ class SnapshotDto(WireModel):
     updated_at: str
     last_used_at: str | None
     region_ids: list[str]
+    source_sandbox_id: str | None  # required (nullable) by the SDK; no snapshot is made from a sandbox
 
 
 class PaginatedSnapshotsDto(WireModel):
@@ -502,7 +503,61 @@ def snapshot_dto(snapshot: Snapshot) -> dict[str, object]:
         "updatedAt": iso(snapshot.updated_at),
         "lastUsedAt": iso(snapshot.last_used_at) if snapshot.last_used_at else None,
         "regionIds": [],
+        "sourceSandboxId": None,
     }
+
+
+class SandboxEventDto(WireModel):
+    """One entry of `GET /sandbox/{id}/events` (an extension): `type`, `occurredAt`, and the event's own
+    fields (`state`, `exitCode`, `signal`, `reason`, ... depending on the type)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    type: str
+    occurred_at: str
+
+
+class StorageAccessDto(WireModel):
+    """`StorageAccessDto`: where and with what the SDK uploads build context (all fields required)."""
+
+    access_key: str
+    secret: str
+    session_token: str
+    storage_url: str
+    organization_id: str
+    bucket: str
+    region: str
+
+
+class HealthDto(BaseModel):
+    status: str
+
+
+class OidcDto(BaseModel):
+    issuer: str
+    clientId: str
+    audience: str
+    provider: str
+
+
+class ConfigDto(WireModel):
+    """`DaytonaConfiguration`: what the SDK and dashboards read from `GET /config`."""
+
+    version: str
+    oidc: OidcDto
+    linked_accounts_enabled: bool
+    announcements: dict[str, Any]
+    proxy_template_url: str
+    proxy_toolbox_url: str
+    default_snapshot: str
+    dashboard_url: str
+    max_auto_archive_interval: int
+    maintanance_mode: bool  # sic: Daytona's spelling
+    environment: str
+
+
+# The build-log routes stream plain text (documented as such rather than as JSON).
+TEXT_PLAIN = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 
 
 class ListQuery(WireModel):

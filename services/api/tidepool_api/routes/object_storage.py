@@ -20,11 +20,12 @@ from fastapi import APIRouter
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.schemas import StorageAccessDto, error_responses
 from tidepool_runtime.object_keys import user_key
 from tidepool_runtime.settings import ApiSettings
 
 log = structlog.get_logger("tidepool.api.object_storage")
-router = APIRouter()
+router = APIRouter(responses=error_responses(401))
 
 SESSION_SECONDS = 3600  # as Daytona's STS sessions
 
@@ -33,7 +34,7 @@ def object_storage_configured(settings: ApiSettings) -> bool:
     return bool(settings.s3_endpoint and settings.s3_secret_key)
 
 
-@router.get("/object-storage/push-access")
+@router.get("/object-storage/push-access", response_model=StorageAccessDto, responses=error_responses(503))
 async def push_access(context: Context, caller: Caller) -> JsonResponse:
     settings = context.settings
     if not object_storage_configured(settings):

@@ -1,4 +1,8 @@
-"""Organizations and API keys. Keys are shown once, stored hashed, and mirrored to KV for the proxy."""
+"""Organizations and API keys. Keys are shown once, stored hashed, and mirrored to KV for the proxy.
+
+Organizations are managed by the admin organization only (`organization.is_admin`, the one `make up`
+creates): others get 403 on `POST /organizations` and `DELETE /organizations/{id}`.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from fastapi.responses import Response
 from pydantic import Field
 from sqlmodel import col, select
 
+from tidepool_api import organizations
 from tidepool_api.auth import generate_key, hash_key
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, Organization
-from tidepool_api.errors import ApiError, conflict, not_found
+from tidepool_api.errors import conflict, not_found
+from tidepool_api.organizations import publish_key
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.schemas import PlainName, Text, WireModel, error_responses, iso
-from tidepool_contracts.models import ApiKeyRecord
-from tidepool_runtime.broker import kv_put
 
 router = APIRouter(responses=error_responses(401))
 
@@ -39,7 +43,7 @@ class CreateApiKeyRequest(WireModel):
 
 
 class ApiKeyDto(WireModel):
-    """`ApiKeyResponse`/`ApiKeyList`: `value` is the full key only in the answer that creates it."""
+    """`ApiKeyResponse`: `value` is the full key, shown only in the answer that creates it."""
 
     name: str
     value: str
@@ -48,7 +52,18 @@ class ApiKeyDto(WireModel):
     permissions: list[str]
 
 
+class ApiKeyListDto(ApiKeyDto):
+    """`ApiKeyList`: `value` is the key's first characters and `…`. There are no users in Tidepool:
+    `userId` is the organization's id, `lastUsedAt` is not tracked (null)."""
+
+    last_used_at: str | None
+    user_id: str
+    organization_id: str
+
+
 class OrganizationCreatedDto(WireModel):
+    """The new organization and its first key (the only time that key's value is shown)."""
+
     id: str
     name: str
     created_at: str
@@ -81,32 +96,23 @@ async def issue_key(
     return api_key, value
 
 
-async def publish_key(context: ApiContext, api_key: ApiKey) -> None:
-    record = ApiKeyRecord(
-        key_id=api_key.id,
-        organization_id=api_key.organization_id,
-        expires_at=api_key.expires_at,
-        revoked=api_key.revoked,
-    )
-    await kv_put(context.api_keys_kv, api_key.key_hash, record)
-
-
-def key_dto(api_key: ApiKey, value: str | None = None) -> dict[str, object]:
+def key_dto(api_key: ApiKey, value: str) -> dict[str, object]:
     return {
         "name": api_key.name,
-        "value": value if value is not None else f"{api_key.key_prefix}…",
+        "value": value,
         "createdAt": iso(api_key.created_at),
         "expiresAt": iso(api_key.expires_at) if api_key.expires_at else None,
         "permissions": [],
     }
 
 
-async def is_admin(context: ApiContext, organization_id: str) -> bool:
-    async with context.database.sessions() as session:
-        first = (
-            await session.exec(select(Organization).order_by(col(Organization.created_at)).limit(1))
-        ).first()
-    return first is not None and first.id == organization_id
+def key_list_dto(api_key: ApiKey) -> dict[str, object]:
+    return {
+        **key_dto(api_key, f"{api_key.key_prefix}…"),
+        "lastUsedAt": None,
+        "userId": api_key.organization_id,
+        "organizationId": api_key.organization_id,
+    }
 
 
 @router.post(
@@ -119,8 +125,7 @@ async def create_organization(
     context: Context, caller: Caller, body: CreateOrganizationRequest
 ) -> JsonResponse:
     """Self-hosted administration: the admin organization creates tenants, each with a first key."""
-    if not await is_admin(context, caller.organization_id):
-        raise ApiError(403, "only the admin organization can create organizations")
+    await organizations.require_admin(context, caller.organization_id)
     organization = Organization(id=str(uuid.uuid4()), name=body.name)
     async with context.database.sessions() as session:
         session.add(organization)
@@ -137,7 +142,21 @@ async def create_organization(
     )
 
 
-@router.get("/api-keys", response_model=list[ApiKeyDto])
+@router.delete(
+    "/organizations/{organization_id}",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(403, 404),
+)
+async def delete_organization(context: Context, caller: Caller, organization_id: str) -> Response:
+    """Admin only: revoke the organization's keys at once, delete its sandboxes (their containers go
+    asynchronously, through the runners), snapshots and registries; 404 for an unknown or deleted one."""
+    await organizations.require_admin(context, caller.organization_id)
+    await organizations.delete_organization(context, organization_id, deleted_by=caller.organization_id)
+    return Response(status_code=204)
+
+
+@router.get("/api-keys", response_model=list[ApiKeyListDto])
 async def list_api_keys(context: Context, caller: Caller) -> JsonResponse:
     async with context.database.sessions() as session:
         keys = (
@@ -147,7 +166,7 @@ async def list_api_keys(context: Context, caller: Caller) -> JsonResponse:
                 )
             )
         ).all()
-    return JsonResponse([key_dto(api_key) for api_key in keys])
+    return JsonResponse([key_list_dto(api_key) for api_key in keys])
 
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyDto, responses=error_responses(400, 409, 413))
@@ -156,7 +175,7 @@ async def create_api_key(context: Context, caller: Caller, body: CreateApiKeyReq
     return JsonResponse(status_code=201, content=key_dto(api_key, value))
 
 
-@router.delete("/api-keys/{name}", status_code=204, responses=error_responses(404))
+@router.delete("/api-keys/{name}", status_code=204, response_class=Response, responses=error_responses(404))
 async def revoke_api_key(context: Context, caller: Caller, name: str) -> Response:
     async with context.database.sessions() as session:
         api_key = (

@@ -6,16 +6,17 @@ from fastapi import APIRouter
 
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Context
+from tidepool_api.schemas import ConfigDto, HealthDto
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", response_model=HealthDto)
 async def health() -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
-@router.get("/config")
+@router.get("/config", response_model=ConfigDto)
 async def client_config(context: Context) -> JsonResponse:
     settings = context.settings
     return JsonResponse(

@@ -157,7 +157,7 @@ async def update_registry(
     return JsonResponse(registry_dto(registry))
 
 
-@router.delete("/{registry_id}", status_code=204, responses=error_responses(404))
+@router.delete("/{registry_id}", status_code=204, response_class=Response, responses=error_responses(404))
 async def delete_registry(context: Context, caller: Caller, registry_id: str) -> Response:
     registry = await find_registry(context, caller.organization_id, registry_id)
     async with context.database.sessions() as session:

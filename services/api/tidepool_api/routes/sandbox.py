@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from tidepool_api import sandboxes
 from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Sandbox
-from tidepool_api.errors import bad_request
+from tidepool_api.errors import bad_request, not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.sandbox_events import list_events
@@ -22,11 +22,13 @@ from tidepool_api.schemas import (
     LABELS_MAX_ENTRIES,
     NAME_MAX,
     QUERY_TEXT_MAX,
+    TEXT_PLAIN,
     CreateSandboxRequest,
     ListSandboxesDto,
     ReplaceLabelsRequest,
     ResizeSandboxRequest,
     SandboxDto,
+    SandboxEventDto,
     SandboxLabelsDto,
     SandboxStateFilter,
     UrlDto,
@@ -194,17 +196,16 @@ async def set_interval(
     autoarchive; -1 disables autodelete, 0 deletes on stop)."""
     field_name = INTERVAL_FIELDS.get(kind)
     if field_name is None:
-        return JsonResponse(
-            status_code=404,
-            content={"statusCode": 404, "message": f"Cannot POST /api/sandbox/{sandbox_id_or_name}/{kind}"},
-        )
+        raise not_found(f"Cannot POST /api/sandbox/{sandbox_id_or_name}/{kind}")
     sandbox = await sandboxes.set_interval(
         context, caller.organization_id, sandbox_id_or_name, field_name, minutes
     )
     return JsonResponse(dto(context, sandbox))
 
 
-@router.post("/{sandbox_id}/last-activity", status_code=201, responses=error_responses(404))
+@router.post(
+    "/{sandbox_id}/last-activity", status_code=201, response_class=Response, responses=error_responses(404)
+)
 async def update_last_activity(context: Context, caller: Caller, sandbox_id: str) -> Response:
     await sandboxes.touch_activity(context, caller.organization_id, sandbox_id)
     return Response(status_code=201)
@@ -221,7 +222,9 @@ async def build_logs_url(context: Context, caller: Caller, sandbox_id_or_name: s
     )
 
 
-@router.get("/{sandbox_id_or_name}/build-logs", responses=READ)
+@router.get(
+    "/{sandbox_id_or_name}/build-logs", response_class=StreamingResponse, responses={200: TEXT_PLAIN, **READ}
+)
 async def build_logs(
     context: Context, caller: Caller, sandbox_id_or_name: str, follow: bool = False
 ) -> Response:
@@ -240,7 +243,7 @@ async def build_logs(
     )
 
 
-@router.get("/{sandbox_id_or_name}/events", responses=READ)
+@router.get("/{sandbox_id_or_name}/events", response_model=list[SandboxEventDto], responses=READ)
 async def sandbox_events(
     context: Context,
     caller: Caller,

@@ -24,13 +24,14 @@ from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.schemas import error_responses
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
 from tidepool_runtime.broker import KeyValue, kv_get, kv_put
 from tidepool_runtime.sealing import Sealer
 
 log = structlog.get_logger("tidepool.api.signing")
-router = APIRouter(prefix="/sandbox", tags=["sandbox"])
+router = APIRouter(prefix="/sandbox", tags=["sandbox"], responses=error_responses(401, 404, 503))
 
 SIGNING_KEY_BYTES = 32
 
@@ -72,7 +73,7 @@ async def mirror(kv: KeyValue, sealer: Sealer, sandbox: Sandbox, key: str, *, fo
         raise ApiError(503, "signing keys are temporarily unavailable; retry") from error
 
 
-@router.get("/{sandbox_id}/signing-key")
+@router.get("/{sandbox_id}/signing-key", response_model=str)
 async def get_signing_key(
     context: Context, caller: Caller, request: Request, sandbox_id: str
 ) -> JsonResponse:
@@ -97,7 +98,7 @@ async def get_signing_key(
     return JsonResponse(key)
 
 
-@router.post("/{sandbox_id}/signing-key/rotate")
+@router.post("/{sandbox_id}/signing-key/rotate", response_model=str)
 async def rotate_signing_key(
     context: Context, caller: Caller, request: Request, sandbox_id: str
 ) -> JsonResponse:

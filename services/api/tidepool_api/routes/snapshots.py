@@ -15,7 +15,9 @@ from tidepool_api.db import Snapshot
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context
 from tidepool_api.schemas import (
+    INT32_MAX,
     NAME_MAX,
+    TEXT_PLAIN,
     PaginatedSnapshotsDto,
     SnapshotDto,
     UrlDto,
@@ -34,7 +36,7 @@ SETTLED = {SnapshotState.ACTIVE.value, SnapshotState.ERROR.value, SnapshotState.
 async def list_snapshots(
     context: Context,
     caller: Caller,
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: Annotated[int, Query(ge=1, le=INT32_MAX)] = 1,
     limit: Annotated[int, Query(ge=1, le=200)] = 100,
     name: Annotated[str | None, Query(max_length=NAME_MAX, description="substring of the name")] = None,
 ) -> JsonResponse:
@@ -79,7 +81,9 @@ async def build_logs_url(context: Context, caller: Caller, id_or_name: str) -> J
     )
 
 
-@router.get("/{id_or_name:path}/build-logs", responses=READ)
+@router.get(
+    "/{id_or_name:path}/build-logs", response_class=StreamingResponse, responses={200: TEXT_PLAIN, **READ}
+)
 async def build_logs(context: Context, caller: Caller, id_or_name: str, follow: bool = False) -> Response:
     async with context.database.sessions() as session:
         snapshot = await snapshots.find_snapshot(session, caller.organization_id, id_or_name)
@@ -100,7 +104,7 @@ async def activate(context: Context, caller: Caller, id_or_name: str) -> JsonRes
     )
 
 
-@router.post("/{id_or_name:path}/deactivate", status_code=204, responses=WRITE)
+@router.post("/{id_or_name:path}/deactivate", status_code=204, response_class=Response, responses=WRITE)
 async def deactivate(context: Context, caller: Caller, id_or_name: str) -> Response:
     await snapshots.set_active(context, caller.organization_id, id_or_name, False)
     return Response(status_code=204)
@@ -113,7 +117,7 @@ async def get_snapshot(context: Context, caller: Caller, id_or_name: str) -> Jso
     return JsonResponse(snapshot_dto(snapshot))
 
 
-@router.delete("/{id_or_name:path}", responses=WRITE)
+@router.delete("/{id_or_name:path}", response_class=Response, responses=WRITE)
 async def delete_snapshot(context: Context, caller: Caller, id_or_name: str) -> Response:
     await snapshots.delete_snapshot(context, caller.organization_id, id_or_name)
     return Response(status_code=200)
