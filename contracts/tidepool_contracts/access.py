@@ -55,7 +55,8 @@ API = Access(
         channels.BUILD_LOG_LINES,
     ),
     answers=(channels.REGISTRY_CREDENTIALS,),
-    reads=(channels.SIGNING_KEYS,),
+    # DESIRED read: a resize of a stopped sandbox or an interval change updates the existing record.
+    reads=(channels.SIGNING_KEYS, channels.DESIRED),
     writes=(channels.DESIRED, channels.API_KEYS, channels.SIGNING_KEYS),
     owns_topology=True,
 )
