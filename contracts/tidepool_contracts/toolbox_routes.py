@@ -9,6 +9,7 @@ dot segments (`.`, `..`, also percent-encoded) or empty segments are refused out
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cache
 from urllib.parse import unquote
 
@@ -94,21 +95,45 @@ METHOD_NOT_ALLOWED = 405
 _DOT_SEGMENTS = frozenset({".", ".."})
 
 
+@dataclass(frozen=True)
+class _Table:
+    """The route table prepared for matching a path's segments: `exact` for templates without parameters
+    (one dict lookup), `parameterized` (a `{name}` segment is None: any one non-empty segment) grouped by
+    segment count. Every toolbox call is checked twice, in the proxy and in the runner, so this is kept
+    to a dict lookup and a few string comparisons instead of a regular expression per route."""
+
+    exact: dict[tuple[str, ...], frozenset[str]]
+    parameterized: dict[int, tuple[tuple[tuple[str | None, ...], frozenset[str]], ...]]
+
+
+_PARAMETER = re.compile(r"\{\w+\}")
+
+
 @cache
-def _compiled() -> tuple[tuple[re.Pattern[str], frozenset[str]], ...]:
-    methods: dict[str, set[str]] = {}
+def _table() -> _Table:
+    methods: dict[tuple[str | None, ...], set[str]] = {}
     for method, template in TOOLBOX_ROUTES:
-        methods.setdefault(template, set()).add(method)
-    return tuple(
-        (re.compile(f"^{_template_regex(template)}$"), frozenset(allowed))
-        for template, allowed in methods.items()
-    )
+        pattern = tuple(
+            None if _PARAMETER.fullmatch(segment) else segment for segment in template.split("/")[1:]
+        )
+        if any(segment is not None and ("{" in segment or "}" in segment) for segment in pattern):
+            raise ValueError(f"a parameter must be a whole path segment: {template}")
+        methods.setdefault(pattern, set()).add(method)
+    exact: dict[tuple[str, ...], frozenset[str]] = {}
+    grouped: dict[int, list[tuple[tuple[str | None, ...], frozenset[str]]]] = {}
+    for pattern, allowed in methods.items():
+        if None in pattern:
+            grouped.setdefault(len(pattern), []).append((pattern, frozenset(allowed)))
+        else:
+            exact[tuple(segment for segment in pattern if segment is not None)] = frozenset(allowed)
+    return _Table(exact, {length: tuple(patterns) for length, patterns in grouped.items()})
 
 
-def _template_regex(template: str) -> str:
-    pieces = re.split(r"\{(\w+)\}", template)
-    # Literal text at even indexes, parameter names at odd ones.
-    return "".join(re.escape(piece) if index % 2 == 0 else "[^/]+" for index, piece in enumerate(pieces))
+def _matches(pattern: tuple[str | None, ...], segments: list[str]) -> bool:
+    for literal, segment in zip(pattern, segments, strict=True):
+        if literal is not None and literal != segment:
+            return False
+    return True
 
 
 def toolbox_route_status(method: str, raw_path: str) -> int | None:
@@ -118,14 +143,22 @@ def toolbox_route_status(method: str, raw_path: str) -> int | None:
     if not raw_path.startswith("/"):
         return ROUTE_NOT_FOUND
     path = raw_path[:-1] if raw_path.endswith("/") and raw_path != "/" else raw_path
-    for segment in path.split("/")[1:]:
+    segments = path.split("/")[1:]
+    for segment in segments:
         decoded = unquote(segment)
         if not segment or decoded in _DOT_SEGMENTS or "\x00" in decoded:
             return ROUTE_NOT_FOUND
+    table = _table()
+    method = method.upper()
     allowed_elsewhere = False
-    for pattern, methods in _compiled():
-        if pattern.match(path):
-            if method.upper() in methods:
+    exact = table.exact.get(tuple(segments))
+    if exact is not None:
+        if method in exact:
+            return None
+        allowed_elsewhere = True
+    for pattern, methods in table.parameterized.get(len(segments), ()):
+        if _matches(pattern, segments):
+            if method in methods:
                 return None
             allowed_elsewhere = True
     return METHOD_NOT_ALLOWED if allowed_elsewhere else ROUTE_NOT_FOUND

@@ -82,6 +82,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 def main() -> None:
     from tests.bench.bench_api import bench_api
     from tests.bench.bench_code import bench_code
+    from tests.bench.bench_hops import bench_hops
     from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_process import bench_deadlines, bench_process
     from tests.bench.bench_search import bench_search
@@ -99,6 +100,7 @@ def main() -> None:
         ("transfer", bench_transfer),
         ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
         ("isolation", lambda daytona, _stack: bench_isolation(daytona)),
+        ("hops", bench_hops),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 
