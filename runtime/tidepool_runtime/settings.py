@@ -247,7 +247,7 @@ class ImageSettings(_Base):
     """The platform's own images."""
 
     default_snapshot: str = "daytona-small"
-    default_image: str = "localhost/tidepool/default:0.2.0"
+    default_image: str = "localhost/tidepool/default:0.3.0"  # bump when images/default changes
     default_dockerfile: Path = REPO_ROOT / "images" / "default" / "Dockerfile"
     base_image: str = "localhost/tidepool/base:bookworm"
 

@@ -42,6 +42,7 @@ from tidepool_contracts.models import (
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import event_sandbox
 from tidepool_proxy.app import create_proxy_app
+from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.main import Runner
 from tidepool_runner.network import SandboxNetworkError
 from tidepool_runtime.broker import Bus, connect, kv_delete, kv_get, kv_put
@@ -346,7 +347,8 @@ async def test_start_recreates_a_missing_container_and_stop_of_missing_is_error(
     spec = harness.new_spec()
     started = await harness.run_job(spec, SandboxAction.START)
     assert started["state"] == "started", started
-    await harness.docker.containers.container(f"tidepool-{spec.sandbox_id}").delete(force=True)
+    # Through the runner's engine: it retries Podman's transient "device or resource busy" on removal.
+    await ContainerEngine(harness.docker).remove(f"tidepool-{spec.sandbox_id}")
     missing = await harness.run_job(spec, SandboxAction.STOP)
     assert (missing["state"], missing["error_reason"]) == ("error", "container missing")
     recreated = await harness.run_job(spec, SandboxAction.START)

@@ -20,7 +20,7 @@ from tidepool_runtime.image_refs import (
 ORG_A = "6f1c2a34-1d2e-4f00-9a7b-0123456789ab"
 ORG_B = "9e8d7c6b-5a49-4f38-8e27-fedcba987654"
 REGISTRY = "127.0.0.1:5123"
-PLATFORM = ("localhost/tidepool/default:0.2.0", "localhost/tidepool/base:bookworm")
+PLATFORM = ("localhost/tidepool/default:0.3.0", "localhost/tidepool/base:bookworm")
 
 
 def check(text: str, organization: str = ORG_B) -> str:
@@ -59,7 +59,7 @@ def test_build_refs_belong_to_their_organization() -> None:
 def test_public_private_platform_and_own_images_are_allowed() -> None:
     assert check("python:3.12.10-slim-bookworm") == "docker.io/library/python:3.12.10-slim-bookworm"
     assert check("ghcr.io/acme/tool:1.2") == "ghcr.io/acme/tool:1.2"
-    assert check("localhost/tidepool/default:0.2.0") == "localhost/tidepool/default:0.2.0"
+    assert check("localhost/tidepool/default:0.3.0") == "localhost/tidepool/default:0.3.0"
     assert check("localhost/tidepool/default:0.1.0"), "any tag of the platform's images"
     assert check("localhost/tidepool/base:bookworm")
     own = build_ref(ORG_B, "FROM x:1", [])

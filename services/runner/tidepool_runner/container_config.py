@@ -17,6 +17,7 @@ What is left is the kernel: see the README's "Isolation" section for adding gVis
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ RUNNER_LABEL = "tidepool.runner"
 CPU_LABEL = "tidepool.cpu"
 MEMORY_LABEL = "tidepool.memory_gib"
 DISK_LABEL = "tidepool.disk_gib"
+# The runner's home (its data directory), hashed: a runner adopts, checks and counts only the containers it
+# made, even when several platforms (test stacks, a benchmark's baseline) share one engine and runner id.
+RUNNER_HOME_LABEL = "tidepool.runner_home"
 
 # Where the runner's daemon directory and the per-sandbox socket directory appear inside the sandbox.
 DAEMON_MOUNT_PATH = "/opt/tidepool/daemon"
@@ -92,8 +96,14 @@ def container_env(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     return [f"{key}={value}" for key, value in env.items()]
 
 
-def container_labels(spec: SandboxSpec, runner_id: str) -> dict[str, str]:
+def runner_home(settings: RunnerSettings) -> str:
+    """RUNNER_HOME_LABEL's value for this runner: a hash of its data directory."""
+    return hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def container_labels(spec: SandboxSpec, runner_id: str, home: str = "") -> dict[str, str]:
     return {
+        RUNNER_HOME_LABEL: home,
         SANDBOX_LABEL: spec.sandbox_id,
         ORGANIZATION_LABEL: spec.organization_id,
         RUNNER_LABEL: runner_id,
@@ -168,7 +178,7 @@ def _container_config(spec: SandboxSpec, settings: RunnerSettings, runner_id: st
         "User": "0",
         "Hostname": spec.sandbox_id[:HOSTNAME_MAX_LENGTH],
         "Env": container_env(spec, settings),
-        "Labels": container_labels(spec, runner_id),
+        "Labels": container_labels(spec, runner_id, runner_home(settings)),
         # No WorkingDir: the engine would create a missing one as the host's root, which a user namespace
         # shows as `nobody`; the daemon makes the user's home itself and works from there.
         "Entrypoint": daemon_entrypoint(spec),

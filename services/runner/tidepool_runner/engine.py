@@ -12,7 +12,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
-from tidepool_runner.container_config import SANDBOX_LABEL
+from tidepool_runner.container_config import RUNNER_HOME_LABEL, SANDBOX_LABEL
 
 # aiodocker reports "cannot reach the engine" as this pseudo status.
 ENGINE_UNREACHABLE_STATUS = 900
@@ -73,9 +73,14 @@ class RootIds:
 
 class ContainerEngine:
     def __init__(
-        self, docker: aiodocker.Docker, registry_auth: Callable[[str], dict[str, str] | None] | None = None
+        self,
+        docker: aiodocker.Docker,
+        registry_auth: Callable[[str], dict[str, str] | None] | None = None,
+        home: str = "",
     ) -> None:
+        """`home`: list only the sandbox containers labelled with this runner home (RUNNER_HOME_LABEL)."""
         self._docker = docker
+        self._home = home
         # The login an image's registry needs (the platform's internal one), by image reference.
         self._registry_auth = registry_auth
 
@@ -264,9 +269,8 @@ class ContainerEngine:
 
     async def list_sandboxes(self) -> list[ContainerSummary]:
         try:
-            containers = await self._docker.containers.list(
-                all=True, filters=json.dumps({"label": [SANDBOX_LABEL]})
-            )
+            labels = [SANDBOX_LABEL] + ([f"{RUNNER_HOME_LABEL}={self._home}"] if self._home else [])
+            containers = await self._docker.containers.list(all=True, filters=json.dumps({"label": labels}))
         except DockerError as error:
             raise self._translate(error, "list sandbox containers") from error
         summaries: list[ContainerSummary] = []

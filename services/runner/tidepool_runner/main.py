@@ -12,7 +12,7 @@ from aiohttp import web
 from tidepool_contracts import channels
 from tidepool_contracts.access import RUNNER
 from tidepool_runner.activity import ActivityRecorder
-from tidepool_runner.container_config import sandbox_socket_dir
+from tidepool_runner.container_config import runner_home, sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.disks import SandboxDisks
@@ -65,6 +65,7 @@ class Runner:
             registry_auth=lambda image: internal_registry_auth(
                 image, settings.registry_url, settings.registry_username, settings.registry_password
             ),
+            home=runner_home(settings),
         )
         # Before any job can start a container: no sandbox ever runs on an unisolated network.
         await prepare_sandbox_network(engine, settings)

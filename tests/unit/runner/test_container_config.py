@@ -7,8 +7,10 @@ from pathlib import Path
 from tidepool_contracts.models import SandboxSpec
 from tidepool_runner.container_config import (
     CA_BUNDLE_ENV_VARS,
+    RUNNER_HOME_LABEL,
     build_container_config,
     container_name,
+    runner_home,
 )
 from tidepool_runtime.settings import Settings
 
@@ -113,3 +115,13 @@ def test_an_operator_chosen_oci_runtime(tmp_path: Path) -> None:
     assert "Runtime" not in default["HostConfig"]  # the engine's default (runc here)
     gvisor = build_container_config(make_spec(), make_settings(tmp_path, sandbox_runtime="runsc"), "r")
     assert gvisor["HostConfig"]["Runtime"] == "runsc"
+
+
+def test_each_runner_home_labels_its_own_containers(tmp_path: Path) -> None:
+    """Two platforms on one engine (test stacks, a bench baseline) share a runner id; the home label tells
+    their containers apart, so neither adopts nor health-checks the other's."""
+    first = build_container_config(make_spec(), make_settings(tmp_path / "a"), "runner-x")["Labels"]
+    second = build_container_config(make_spec(), make_settings(tmp_path / "b"), "runner-x")["Labels"]
+    assert first[RUNNER_HOME_LABEL] and second[RUNNER_HOME_LABEL]
+    assert first[RUNNER_HOME_LABEL] != second[RUNNER_HOME_LABEL]
+    assert first[RUNNER_HOME_LABEL] == runner_home(make_settings(tmp_path / "a"))
