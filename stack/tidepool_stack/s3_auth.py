@@ -112,8 +112,8 @@ def answer(
     backend: Backend | None = None,
 ) -> dict[str, str]:
     access_key_id = request.get("user", "")
-    scope = parse_key(access_key_id)
-    if scope is None or not master_secret:
+    scope = parse_key(access_key_id, master_secret)
+    if scope is None:  # malformed, expired or not minted by the platform: nothing is created for it
         return REFUSED
     secret = secret_for(master_secret, access_key_id)
     if backend is not None:

@@ -84,7 +84,7 @@ def test_push_access_points_at_the_embedded_storage(stack: StackThread) -> None:
     env = stack.stack.env
     assert body["storageUrl"] == env["TIDEPOOL_S3_ENDPOINT"] and body["storageUrl"].startswith("https://")
     # A key scoped to the caller's organization, never the storage's master secret.
-    scope = parse_key(body["accessKey"])
+    scope = parse_key(body["accessKey"], env["TIDEPOOL_S3_SECRET_KEY"])
     assert scope is not None and scope.organization_id == body["organizationId"] and not scope.service
     assert body["secret"] == secret_for(env["TIDEPOOL_S3_SECRET_KEY"], body["accessKey"])
     assert body["secret"] != env["TIDEPOOL_S3_SECRET_KEY"]

@@ -12,15 +12,24 @@ MASTER = "m" * 40
 
 def test_user_keys_expire_and_name_their_organization() -> None:
     access_key, secret, expires_at = user_key(MASTER, "org-1", 60)
-    scope = parse_key(access_key)
+    scope = parse_key(access_key, MASTER)
     assert scope is not None and scope.organization_id == "org-1" and scope.expires_at == expires_at
     assert secret == secret_for(MASTER, access_key)
-    assert parse_key(access_key, now=expires_at + 1) is None
+    assert parse_key(access_key, MASTER, now=expires_at + 1) is None
 
 
 def test_malformed_keys_are_rejected() -> None:
     for bad in ("", "AKIA123", "TPU.org/../x.99999999999.ab", "TPS.org-1.5.", "TPU.org-1.x.ab"):
-        assert parse_key(bad) is None
+        assert parse_key(bad, MASTER) is None
+
+
+def test_only_keys_the_platform_minted_are_accepted() -> None:
+    access_key, _, _ = user_key(MASTER, "org-1", 60)
+    assert parse_key(access_key, "x" * 40) is None  # another master secret
+    body, tag = access_key.rsplit(".", 1)
+    forged = f"{body.replace('org-1', 'org-9')}.{tag}"  # someone else's organization, same tag
+    assert parse_key(forged, MASTER) is None
+    assert parse_key(f"{body}.{'0' * 20}", MASTER) is None
 
 
 def test_auth_proxy_maps_keys_to_their_organization_root(tmp_path: Path) -> None:
@@ -33,3 +42,7 @@ def test_auth_proxy_maps_keys_to_their_organization_root(tmp_path: Path) -> None
     assert answer({"user": expired}, MASTER, tmp_path, "builds") == REFUSED
     assert answer({"user": "TPU.org-2"}, MASTER, tmp_path, "builds") == REFUSED
     assert answer({"user": access_key}, "", tmp_path, "builds") == REFUSED
+    # A well-formed key the platform did not mint creates nothing (rclone would refuse it only afterwards).
+    body, _ = user_key(MASTER, "org-forged", 60)[0].rsplit(".", 1)
+    assert answer({"user": f"{body}.{'0' * 20}"}, MASTER, tmp_path, "builds") == REFUSED
+    assert not (tmp_path / "orgs" / "org-forged").exists()

@@ -86,7 +86,7 @@ async def test_every_configuration_gets_a_scoped_expiring_key() -> None:
     scoped = CONFIGURED
     async with client_for(scoped) as http:
         body = (await http.get("/api/object-storage/push-access", headers=AUTH)).json()
-    scope = parse_key(body["accessKey"])
+    scope = parse_key(body["accessKey"], scoped.s3_secret_key)
     assert scope is not None and scope.organization_id == "org-42" and not scope.service
     assert 3500 < scope.expires_at - time.time() <= 3600
     assert body["secret"] == secret_for(scoped.s3_secret_key, body["accessKey"])

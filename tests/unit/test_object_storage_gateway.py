@@ -14,7 +14,6 @@ import io
 import json
 import os
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from minio.error import InvalidResponseError, S3Error
 
 from tests.polling import wait_until
 from tidepool_builder.context_store import ContextNotFoundError, context_key, fetch_context, make_client
-from tidepool_runtime.object_keys import USER_KEY_PREFIX, secret_for, user_key
+from tidepool_runtime.object_keys import user_key
 from tidepool_runtime.settings import Settings
 from tidepool_stack.s3_gateway import rclone_binary
 from tidepool_stack.supervisor import Stack, StackConfig, free_port, without_gateway_secrets
@@ -179,16 +178,23 @@ async def test_one_organization_cannot_reach_anothers_objects(
 
 
 def test_expired_forged_and_master_keys_are_refused(
-    gateway: tuple[Stack, Settings, dict[str, str]],
+    gateway: tuple[Stack, Settings, dict[str, str]], external_s3: ExternalS3
 ) -> None:
     _, settings, _ = gateway
     bucket = settings.s3_bucket
-    expired_id = f"{USER_KEY_PREFIX}.{ORG_A}.{int(time.time()) - 5}.abcd"
-    expired = client_with(settings, expired_id, secret_for(settings.s3_secret_key, expired_id))
+    expired_id, expired_secret, _ = user_key(settings.s3_secret_key, ORG_A, -5)  # minted, but expired
+    expired = client_with(settings, expired_id, expired_secret)
     refused(lambda: expired.put_object(bucket, context_key(ORG_A, "h-exp"), io.BytesIO(b"x"), 1))
     access_key, _, _ = user_key(settings.s3_secret_key, ORG_A, 3600)
     forged = client_with(settings, access_key, "0" * 40)
     refused(lambda: forged.put_object(bucket, context_key(ORG_A, "h-forged"), io.BytesIO(b"x"), 1))
+    # A well-formed key the platform never minted (its tag is wrong) creates nothing on the backend.
+    body, _ = user_key(settings.s3_secret_key, "org-forged", 3600)[0].rsplit(".", 1)
+    tagless = client_with(settings, f"{body}.{'0' * 20}", "0" * 40)
+    refused(lambda: tagless.put_object(bucket, "org-forged/x/context.tar", io.BytesIO(b"x"), 1))
+    assert not list(
+        external_s3.client().list_objects(BACKEND_BUCKET, prefix=f"{BACKEND_PREFIX}/orgs/org-forged")
+    )
     # The backend's own key pair opens nothing through the gateway either.
     master = client_with(settings, BACKEND_KEY, BACKEND_SECRET)
     refused(lambda: master.put_object(bucket, context_key(ORG_A, "h-master"), io.BytesIO(b"x"), 1))
