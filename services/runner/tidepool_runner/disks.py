@@ -47,6 +47,8 @@ INITIALIZED_MARKER = ".tidepool-disk"
 # by the kernel, so formatting a sparse file takes milliseconds whatever its size.
 MKFS_ARGS = ("-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard")
 MOUNT_OPTIONS = "loop,discard,noatime"
+# A filesystem smaller than this share of its disk's size was not grown (ext4's metadata takes a few %).
+GROWN_ENOUGH = 0.9
 # Ready disks kept per size, and how many recent creates decide which sizes are worth keeping ready.
 POOL_DISKS_PER_SIZE = 2
 POOL_RECENT_CREATES = 20
@@ -96,9 +98,12 @@ class SandboxDisks:
                     _format(disk.image, size_gib)
             elif disk.image.stat().st_size < size_gib * GIB:
                 _grow(disk.image, disk.mount, size_gib)  # resized while stopped: disks only grow
-            if not os.path.ismount(disk.mount):
-                disk.mount.mkdir(mode=0o700, exist_ok=True)
-                _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
+            self._mount(disk)
+            if _filesystem_bytes(disk.mount) < size_gib * GIB * GROWN_ENOUGH:
+                # The file has the size but its filesystem not (a grow interrupted before resize2fs):
+                # finish it, or the sandbox would keep its old size for good.
+                _grow(disk.image, disk.mount, size_gib)
+                self._mount(disk)
             if not (disk.mount / INITIALIZED_MARKER).exists():
                 _take_over_layer(Path(upper_dir), disk.upper, Path(work_dir), disk.work)
                 (disk.mount / INITIALIZED_MARKER).touch(mode=0o600)
@@ -106,6 +111,12 @@ class SandboxDisks:
                 _point_at(layer_dir, target)
         except (OSError, subprocess.CalledProcessError) as error:
             raise SandboxFailedError(f"cannot attach the sandbox's disk: {_describe(error)}") from error
+
+    @staticmethod
+    def _mount(disk: DiskPaths) -> None:
+        if not os.path.ismount(disk.mount):
+            disk.mount.mkdir(mode=0o700, exist_ok=True)
+            _run("mount", "-o", MOUNT_OPTIONS, str(disk.image), str(disk.mount))
 
     def detach(self, sandbox_id: str) -> None:
         """Unmount the disk (the container must be gone or stopped). Lazily: an overlay still being torn
@@ -204,6 +215,12 @@ def _format(image: Path, size_gib: int) -> None:
         handle.truncate(size_gib * GIB)
     _run("mkfs.ext4", *MKFS_ARGS, str(partial))
     partial.rename(image)
+
+
+def _filesystem_bytes(mount: Path) -> int:
+    """The mounted filesystem's size (its blocks, before ext4's own overhead is taken off by `df`)."""
+    info = os.statvfs(mount)
+    return info.f_blocks * info.f_frsize
 
 
 def _grow(image: Path, mount: Path, size_gib: int) -> None:

@@ -77,3 +77,24 @@ def test_a_ready_disk_is_claimed_and_the_pool_refilled(disks: SandboxDisks, shor
     assert len(sorted(pool.glob("*.img"))) == 2
     disks.discard_pool()
     assert not list(pool.glob("*.img")) and not [p for p in pool.iterdir() if os.path.ismount(p)]
+
+
+def test_a_disk_grows_when_resized_and_an_interrupted_grow_is_finished(
+    disks: SandboxDisks, short_tmp: Path
+) -> None:
+    upper, work = layer(short_tmp, "layer-g", content=True)
+    disks.attach("sbx-g", 1, str(upper), str(work))
+    paths = disks.paths("sbx-g")
+    (paths.upper / "data").write_text("kept")
+
+    def size() -> float:
+        info = os.statvfs(paths.upper)
+        return info.f_blocks * info.f_frsize / GIB
+
+    disks.attach("sbx-g", 2, str(upper), str(work))  # stopped, resized to 2 GiB, started
+    assert 1.8 <= size() <= 2 and (paths.upper / "data").read_text() == "kept"
+    # A grow that stopped after the file but before its filesystem: the next attach finishes it.
+    with open(paths.image, "r+b") as image:
+        image.truncate(3 * GIB)
+    disks.attach("sbx-g", 3, str(upper), str(work))
+    assert 2.7 <= size() <= 3 and (paths.upper / "data").read_text() == "kept"
