@@ -21,6 +21,7 @@ from daytona import (
 from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
+from tidepool_runtime.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -224,9 +225,10 @@ def test_image_workdir_and_env_are_honoured(stack: StackThread, python_slim: str
     """Issue #19 item 3: the default working directory is the image's WORKDIR (else the user's home), for
     every way to run something and for relative paths; the image's ENV reaches every command."""
     daytona = Daytona()
+    # On the default image, as the README suggests where Docker Hub is out of reach (its user has sudo).
     image = (
-        Image.base(python_slim)
-        .run_commands("mkdir -p /opt/app && chmod 0777 /opt/app && echo seed > /opt/app/seed.txt")
+        Image.base(Settings(_env_file=None).default_image)
+        .run_commands("sudo mkdir -p /opt/app && sudo chmod 0777 /opt/app && echo seed > /opt/app/seed.txt")
         .workdir("/opt/app")
         .env({"TIDEPOOL_IMAGE_ENV": "from-image"})
     )
