@@ -27,10 +27,13 @@ class Sealer:
     """Seals and opens strings with a key derived from `secret` for one `purpose` (a sealer of one purpose
     cannot open another's)."""
 
-    def __init__(self, secret: str, purpose: str) -> None:
+    def __init__(self, secret: str, purpose: str, *, derivation: bytes | None = None) -> None:
+        """`derivation`: the prefix the key is derived with (default: the bus's, per purpose); the API's
+        secrets at rest use their own (tidepool_api.secrets_box)."""
         if not secret:
             raise ValueError("a sealing key is required")
-        derived = hashlib.sha256(f"tidepool-bus-seal:{purpose}:".encode() + secret.encode()).digest()
+        prefix = derivation if derivation is not None else f"tidepool-bus-seal:{purpose}:".encode()
+        derived = hashlib.sha256(prefix + secret.encode()).digest()
         self._fernet = Fernet(base64.urlsafe_b64encode(derived))
 
     def seal(self, plaintext: str) -> str:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import secrets
 from pathlib import Path
 
-from cryptography.fernet import Fernet, InvalidToken
-
+from tidepool_runtime.sealing import Sealer
 from tidepool_runtime.settings import ApiSettings
 
 
@@ -26,16 +23,9 @@ def load_secret_key(settings: ApiSettings) -> str:
     return path.read_text().strip()
 
 
-class SecretBox:
+class SecretBox(Sealer):
+    """Secrets at rest in the database (registry passwords), under the API's own key; the derivation is
+    this box's own, so what it sealed stays readable across upgrades."""
+
     def __init__(self, secret_key: str) -> None:
-        derived = hashlib.sha256(b"tidepool-secret-box:" + secret_key.encode()).digest()
-        self._fernet = Fernet(base64.urlsafe_b64encode(derived))
-
-    def seal(self, plaintext: str) -> str:
-        return self._fernet.encrypt(plaintext.encode()).decode()
-
-    def open(self, sealed: str) -> str:
-        try:
-            return self._fernet.decrypt(sealed.encode()).decode()
-        except InvalidToken as error:
-            raise ValueError("secret cannot be decrypted with this installation's key") from error
+        super().__init__(secret_key, "at-rest", derivation=b"tidepool-secret-box:")
