@@ -176,7 +176,10 @@ async def test_default_image_builds_and_runs_a_sandbox(base_image: str, docker: 
                 assert exit_code == 0, f"{name}: {command} -> {exit_code}: {output}"
 
             assert (await _exec(container, ["id", "-un"])) == (0, "daytona\n")
-            assert (await _exec(container, ["pwd"])) == (0, "/home/daytona\n")
+            # No WORKDIR: a sandbox's commands start in its user's home (the daemon's rule, tested through
+            # the SDK in test_snapshots_sdk), whichever user it has.
+            assert not image["Config"].get("WorkingDir")
+            assert (await _exec(container, ["sh", "-c", "echo $HOME"])) == (0, "/home/daytona\n")
             _, python_version = await _exec(container, ["python", "--version"])
             assert python_version.startswith("Python 3."), python_version
             _, node_version = await _exec(container, ["node", "--version"])
