@@ -662,8 +662,14 @@ class Stack:
         }
         if CONTAINERS_CONF.exists():
             self.env["CONTAINERS_CONF"] = str(CONTAINERS_CONF)
+        # Opt-in (TIDEPOOL_BUILD_ENGINE=true): Podman 4.3.1 copies and chowns the whole image for every build
+        # step in a user namespace (~9 GB for the default image), too much disk for a default.
+        engine_on = {**os.environ, **config.extra_env}.get("TIDEPOOL_BUILD_ENGINE", "")
         wanted = bool(
-            registry and not config.docker_host and "TIDEPOOL_BUILD_USERNS" not in {**os.environ, **self.env}
+            engine_on.strip().lower() in ("1", "true", "yes")
+            and registry
+            and not config.docker_host
+            and "TIDEPOOL_BUILD_USERNS" not in {**os.environ, **self.env}
         )
         if wanted and not has_subordinate_ids(BUILD_SUBID_OWNER):
             self.sink(

