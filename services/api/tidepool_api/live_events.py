@@ -6,7 +6,9 @@
 - Events, emitted once the database change is committed:
   - `sandbox.created`: the full Sandbox DTO (as `GET /api/sandbox/{id}` answers).
   - `sandbox.state.updated`: `{"sandbox": <Sandbox DTO>, "oldState": str, "newState": str}`, plus
-    `"cause"` when the platform changed it on its own (`auto_stop`, `auto_delete`).
+    `"cause"` when the platform changed it on its own (`auto_stop`, `auto_delete`). Not for `error` and
+    `build_failed`: the SDK takes only the state from an event and would report the failure without its
+    reason; its poll (every second while it is connected) reads the reason instead.
 - Every state write goes through `sandboxes.transition` (the one checked write path), which records the
   event on the database session (`record_state_change`); the session's commit hook emits what the committed
   transaction contained, and nothing of a rolled-back one.
@@ -29,10 +31,12 @@ from tidepool_api.auth import Authenticator
 from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError
 from tidepool_api.schemas import sandbox_dto
+from tidepool_contracts.states import FAILED_STATES
 
 log = structlog.get_logger("tidepool.api.live_events")
 
 SOCKET_IO_PATH = "/api/socket.io"
+FAILED_STATE_VALUES = frozenset(state.value for state in FAILED_STATES)
 SANDBOX_CREATED = "sandbox.created"
 SANDBOX_STATE_UPDATED = "sandbox.state.updated"
 # Keys of SQLAlchemy `Session.info`: the LiveEvents of this process, and what the open transaction recorded.
@@ -109,6 +113,10 @@ def record_state_change(
     `cause` (the platform acted on its own, e.g. `auto_stop`), the payload says so (an extra key)."""
     sync_session = getattr(session, "sync_session", session)
     pending = _pending(sync_session)
+    if new_state in FAILED_STATE_VALUES:
+        # The SDK applies only the state of an event and would then raise with the reason it last saw
+        # (none): a failure is left to its poll (every second while connected), which reads the reason.
+        return
     if pending is not None and old_state != new_state:
         live: LiveEvents = sync_session.info[SESSION_LIVE]
         payload: dict[str, object] = {
