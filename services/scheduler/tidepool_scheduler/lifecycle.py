@@ -24,7 +24,7 @@ import structlog
 from tidepool_contracts import channels
 from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxActivity, SandboxRoute
 from tidepool_contracts.states import DesiredState, SandboxState
-from tidepool_runtime.broker import KeyValue, kv_get, kv_items
+from tidepool_runtime.broker import KeyValue, kv_items
 from tidepool_scheduler.scheduler import Scheduler
 
 log = structlog.get_logger("tidepool.scheduler.lifecycle")
@@ -75,9 +75,11 @@ class LifecycleTimers:
             record.sandbox_id: record.last_activity_at
             for record in await kv_items(self.activity_kv, SandboxActivity)
         }
+        # One read of each bucket per tick, not one request per sandbox.
+        routes = {route.sandbox_id: route for route in await kv_items(self.scheduler.routes_kv, SandboxRoute)}
         acted: list[tuple[str, str]] = []
         for desired in await kv_items(self.scheduler.desired_kv, DesiredSandbox):
-            route = await kv_get(self.scheduler.routes_kv, desired.sandbox_id, SandboxRoute)
+            route = routes.get(desired.sandbox_id)
             if route is None:
                 continue
             timer = due(desired, route, activity.get(desired.sandbox_id), now, minute)
