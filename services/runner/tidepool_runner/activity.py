@@ -15,6 +15,7 @@ from tidepool_contracts.models import SandboxActivity
 from tidepool_runtime.broker import KeyValue, kv_put
 
 log = structlog.get_logger("tidepool.runner.activity")
+PRUNE_AFTER_ENTRIES = 10_000
 
 
 class ActivityRecorder:
@@ -30,12 +31,12 @@ class ActivityRecorder:
         if now - self._written.get(sandbox_id, float("-inf")) < self._interval:
             return
         self._written[sandbox_id] = now
+        if len(self._written) > PRUNE_AFTER_ENTRIES:
+            # Deleted sandboxes leave entries behind: keep only those still inside their interval.
+            self._written = {key: at for key, at in self._written.items() if now - at < self._interval}
         task = asyncio.get_running_loop().create_task(self._write(sandbox_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def forget(self, sandbox_id: str) -> None:
-        self._written.pop(sandbox_id, None)
 
     async def _write(self, sandbox_id: str) -> None:
         try:
