@@ -34,6 +34,7 @@ from typing import Any
 from .context import DaemonContext
 from .errors import DaemonError, bad_request, utc_timestamp
 from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from .proctree import expose_to_oom_killer
 from .spawn_env import build_environment, parse_envs
 from .websocket import Close, ConnectionClosed, WebSocket, websocket_upgrade
 
@@ -91,6 +92,7 @@ class _Worker:
             with contextlib.suppress(OSError):
                 os.close(reply_write)
         assert self.process.stdout is not None and self.process.stderr is not None
+        expose_to_oom_killer(self.process.pid)
         self.stdout_fd = self.process.stdout.fileno()
         self.stderr_fd = self.process.stderr.fileno()
         self.reply_fd = self._reply_fd

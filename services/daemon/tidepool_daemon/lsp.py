@@ -33,6 +33,7 @@ from urllib.parse import quote, unquote
 from .context import DaemonContext
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
+from .proctree import expose_to_oom_killer
 from .spawn_env import build_environment
 
 logger = logging.getLogger("tidepool_daemon.lsp")
@@ -428,6 +429,7 @@ class LspService:
             raise DaemonError(
                 500, f"failed to start the language server: {exc}", LSP_REQUEST_FAILED
             ) from None
+        expose_to_oom_killer(process.pid)
         server = LanguageServer(family=family, project=project, process=process)
         server.start_reader()
         return server

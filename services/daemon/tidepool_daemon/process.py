@@ -38,7 +38,14 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
-from .proctree import DEADLINE_REAPER, TreeSpec, kill_tree
+from .proctree import (
+    DEADLINE_REAPER,
+    TreeSpec,
+    exit_status_unreaped,
+    expose_to_oom_killer,
+    kill_tree,
+    session_has_others,
+)
 from .termination import OomWatch, classify
 
 # Like the SDK documents: the first available of bash and sh (users write bash syntax).
@@ -175,6 +182,7 @@ class _ShellRun:
         owned here): the timeout starts when the program writes to it (or closes it), not at spawn; until
         then only STARTUP_MAX_SECONDS bound it."""
         assert shell.stdout is not None
+        expose_to_oom_killer(shell.pid)
         self._shell = shell
         self._kind = kind
         self._tree = tree if tree is not None else TreeSpec(roots={shell.pid}, sessions={shell.pid})
@@ -190,6 +198,7 @@ class _ShellRun:
         self._timeout_seconds = timeout_seconds
         self._deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
         self._started_fd = started_fd
+        self._reaped = False
         self._output = bytearray()
         self._output_truncated = False
         self._oom = OomWatch()
@@ -213,10 +222,19 @@ class _ShellRun:
                 timed_out = self._wait_for_shell_exit()
         finally:
             if not timed_out and self._deadline is not None:
-                # The shell returned in time; what it left in the background ends at the deadline. Its pid
-                # is reaped now and may be reused: only its session id and the marker name the tree now.
+                # The shell returned in time; what it left in the background ends at the deadline. While
+                # something is left in its session the shell stays an unreaped zombie until then, so the
+                # session id cannot be reused and names the tree without a scan (see proctree.py); the
+                # reaper reaps it after ending the tree. Otherwise only the marker finds leftovers.
                 leftovers = TreeSpec(marker=self._tree.marker, sessions=set(self._tree.sessions))
+                if not self._reaped and session_has_others(self._shell.pid):
+                    leftovers.roots.add(self._shell.pid)
+                    leftovers.held.add(self._shell.pid)
+                else:
+                    self._reap()
                 DEADLINE_REAPER.schedule(leftovers, self._deadline)
+            else:
+                self._reap()
             self._close_stdin()
             if self._started_fd is not None:
                 with contextlib.suppress(OSError):
@@ -238,12 +256,33 @@ class _ShellRun:
             bytes(self._output), exit_code, termination.reason, termination.signal, self._output_truncated
         )
 
+    def _exited(self) -> bool:
+        """True once the shell has exited; it is left unreaped (see `wait`), its status in `returncode`."""
+        if self._shell.returncode is None:
+            try:
+                self._shell.returncode = exit_status_unreaped(self._shell.pid)
+            except ChildProcessError:  # reaped elsewhere (cannot happen: nothing here waits globally)
+                self._shell.returncode = -signal.SIGKILL
+                self._reaped = True
+        return self._shell.returncode is not None
+
+    def _reap(self) -> None:
+        if self._reaped:
+            return
+        self._reaped = True
+        try:
+            _, status = os.waitpid(self._shell.pid, 0)
+        except ChildProcessError:
+            return
+        if self._shell.returncode is None:
+            self._shell.returncode = os.waitstatus_to_exitcode(status)
+
     def _pump_until_done(self) -> bool:
         """Move data until the output pipe is finished with; returns True if the timeout fired first."""
         exited_at: float | None = None
         while True:
             now = time.monotonic()
-            if exited_at is None and self._shell.poll() is not None:
+            if exited_at is None and self._exited():
                 exited_at = now
                 self._close_stdin()
             if exited_at is None:
@@ -276,12 +315,11 @@ class _ShellRun:
 
     def _wait_for_shell_exit(self) -> bool:
         """The output pipe closed; the shell itself may still be running (e.g. it closed stdout)."""
-        remaining = None if self._deadline is None else max(self._deadline - time.monotonic(), 0)
-        try:
-            self._shell.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            self._kill_process_group()
-            return True
+        while not self._exited():
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._kill_process_group()
+                return True
+            time.sleep(_EXIT_CHECK_INTERVAL_SECONDS)
         return False
 
     def _program_started(self) -> None:
@@ -332,7 +370,7 @@ class _ShellRun:
         kill_tree(self._tree)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._shell.pid, signal.SIGKILL)  # in case /proc could not be read
-        self._shell.wait()
+        self._reap()
 
 
 class _BackgroundDrainer:

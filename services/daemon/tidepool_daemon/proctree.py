@@ -2,7 +2,9 @@
 
 A tree is described by a `TreeSpec`:
 
-* `roots`: live processes the daemon started and has not reaped yet (so their pids cannot have been reused);
+* `roots`: processes the daemon started and has not reaped yet (so their pids cannot have been reused); a
+  root that has exited stays a zombie while it is in `held` (see below), so the session it leads cannot
+  empty and its id cannot be reused either: such a session is the tree's without reading any environment;
 * `sessions`: session ids (`setsid`) the daemon's shells lead. A session id stays taken while any process
   is still in that session, even after its leader died; it counts once its leader is a root or one of its
   processes carries the marker (an emptied session's id may be reused by an unrelated one);
@@ -15,10 +17,21 @@ Long-lived shells (session shells, PTY shells) are also child subreapers (`PR_SE
 `SUBREAPER_EXEC_HELPER` before it execs the shell, and kept across `execve`): orphans they leave behind are
 re-parented to them rather than to the container's init, so they stay in the tree by parent links too.
 
-`kill_tree` first freezes the tree (SIGSTOP to every member, repeated until a scan finds no new member, so
-a fork bomb cannot outrun it: a stopped process cannot fork), then SIGKILLs every member; SIGKILL also ends
-processes that ignore SIGTERM and stopped ones. Processes of other users (e.g. started through `sudo`)
-cannot be signalled by the daemon's user and are skipped.
+* `held`: exited roots the tree's owner deliberately left unreaped (`exit_status_unreaped`) until the tree
+  is ended; `release` reaps them.
+
+`kill_tree` first stops the process group of every session led by a root (one `killpg`, no scan: under a
+fork bomb a scan of thousands of processes, competing with them for the CPU, takes so long that the
+processes it saw are gone before their environment is read), then freezes the tree (SIGSTOP to every
+member, repeated until a scan finds no new member, so a fork bomb cannot outrun it: a stopped process
+cannot fork), then SIGKILLs every member; SIGKILL also ends processes that ignore SIGTERM and stopped
+ones. Processes of other users (e.g. started through `sudo`) cannot be signalled by the daemon's user and
+are skipped.
+
+The OOM killer: everything the toolbox starts for the user gets `oom_score_adj` `USER_OOM_SCORE_ADJ`
+(`expose_to_oom_killer`, inherited by what it starts), so when the sandbox runs out of memory (a fork bomb
+reaches the memory limit about when it reaches the pid limit) the kernel ends the user's processes, not the
+daemon, whose deadline reaper must survive to end the tree. Raising the score needs no privilege.
 """
 
 from __future__ import annotations
@@ -42,6 +55,8 @@ PROC_ROOT = "/proc"
 # (then `kill_tree` scans again); only a pathological tree gets near it.
 MAX_FREEZE_ROUNDS = 200
 MAX_KILL_PASSES = 5
+# The user's processes are chosen by the OOM killer before the daemon (0) whatever their size.
+USER_OOM_SCORE_ADJ = 500
 
 # Runs as `python3 -I -S -c SUBREAPER_EXEC_HELPER PROGRAM ARGS...`: marks itself a child subreaper (prctl
 # PR_SET_CHILD_SUBREAPER = 36, kept across execve) and becomes PROGRAM. A separate process rather than a
@@ -72,6 +87,15 @@ class TreeSpec:
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     roots: set[int] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)
+
+    def release(self) -> None:
+        """Reap the exited roots this tree held (after `kill_tree`); their pids are free for reuse after."""
+        for pid in sorted(self.held):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.roots.discard(pid)
+        self.held.clear()
 
     def environment(self, env: dict[str, str]) -> dict[str, str]:
         """`env` with this tree's marker added (in place; returned for convenience)."""
@@ -112,6 +136,29 @@ def snapshot(proc_root: str = PROC_ROOT) -> dict[int, ProcessEntry]:
         if entry is not None:
             processes[entry.pid] = entry
     return processes
+
+
+def expose_to_oom_killer(pid: int, proc_root: str = PROC_ROOT) -> None:
+    """Give the daemon's new child `pid` `USER_OOM_SCORE_ADJ` (see the module docstring). Called right after
+    the spawn, before the child is given work; best effort (a child that has already ended is skipped)."""
+    with contextlib.suppress(OSError), open(f"{proc_root}/{pid}/oom_score_adj", "w") as score:
+        score.write(str(USER_OOM_SCORE_ADJ))
+
+
+def exit_status_unreaped(pid: int) -> int | None:
+    """The exit status of the daemon's child `pid` as `Popen.returncode` gives it (the exit code, or minus
+    the signal number), or None while it runs. The child is left a zombie (`WNOWAIT`): its pid, and the
+    session it leads, stay reserved until it is reaped. Raises `ChildProcessError` if it was reaped."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    if info is None or info.si_pid == 0:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+
+def session_has_others(session: int, proc_root: str = PROC_ROOT) -> bool:
+    """True when a process other than the leader `session` is in that session."""
+    processes = snapshot(proc_root)
+    return any(entry.session == session and pid != session for pid, entry in processes.items())
 
 
 def has_marker(pid: int, marker: str, proc_root: str = PROC_ROOT) -> bool:
@@ -204,6 +251,9 @@ def kill_tree(spec: TreeSpec, proc_root: str = PROC_ROOT) -> int:
     Repeats while a scan after the kill still finds members (a fork that was under way during the freeze,
     a member that could not be stopped), up to `MAX_KILL_PASSES` times."""
     killed: set[int] = set()
+    # Sessions led by an unreaped root are the tree's for sure: stop their process group before the first
+    # scan, so a fork bomb in it stops multiplying and stops competing with the scan for the CPU.
+    _signal_groups({session for session in spec.sessions if session in spec.roots}, signal.SIGSTOP)
     for _ in range(MAX_KILL_PASSES):
         frozen: set[int] = set()
         for _ in range(MAX_FREEZE_ROUNDS):
@@ -274,7 +324,7 @@ class DeadlineReaper:
                 self._thread.start()
 
     def schedule(self, spec: TreeSpec, deadline: float) -> None:
-        """End `spec`'s tree at `deadline` (a `time.monotonic()` value)."""
+        """End `spec`'s tree at `deadline` (a `time.monotonic()` value), then reap its `held` roots."""
         self.start()
         with self._lock:
             self._counter += 1
@@ -300,6 +350,8 @@ class DeadlineReaper:
                 kill_tree(spec)
             except Exception:  # never let one bad scan end the thread and strand later deadlines
                 logger.exception("cannot end tree %s at its deadline", spec.marker)
+            finally:
+                spec.release()
 
 
 DEADLINE_REAPER = DeadlineReaper()

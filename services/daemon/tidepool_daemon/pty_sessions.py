@@ -50,7 +50,7 @@ from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
 from .process import COMMAND_SHELL
-from .proctree import BECOME_SUBREAPER, TreeSpec, kill_tree
+from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
 from .websocket import (
     CLOSE_INTERNAL_ERROR,
@@ -170,6 +170,7 @@ class PtySession:
                 raise DaemonError(500, f"failed to start the PTY shell: {exc}") from None
             finally:
                 os.close(slave)
+            expose_to_oom_killer(self._process.pid)
             os.set_blocking(master, False)
             self._master = master
             self._reader = threading.Thread(target=self._read_loop, name=f"pty-{self.id}", daemon=True)

@@ -58,7 +58,7 @@ from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
 from .process import COMMAND_SHELL
-from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, kill_tree
+from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
 from .websocket import (
     CLOSE_NORMAL,
@@ -314,6 +314,7 @@ class Session:
         except OSError as exc:
             raise DaemonError(500, f"failed to start the session shell: {exc}") from None
         assert shell.stdout is not None
+        expose_to_oom_killer(shell.pid)
         self._shell = shell
         self._process_groups.append(shell.pid)
         self._status_fd = shell.stdout.fileno()

@@ -181,6 +181,34 @@ def test_deadline_reaper_ends_a_tree_at_its_deadline(cleanup_token: list[str]) -
     wait_until(lambda: reaper.pending() == 0, "the reaper kept the entry")
 
 
+def test_an_exited_shell_left_unreaped_keeps_its_session_and_is_reaped_after_the_kill(
+    cleanup_token: list[str],
+) -> None:
+    token = unique_sleep()
+    cleanup_token.append(token)
+    spec = TreeSpec()
+    # The background sleep stays in the shell's session and process group; its environment is scrubbed,
+    # so only the session (held by the unreaped shell) names it.
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", f"env -u {TREE_ENV} sleep {token} >/dev/null 2>&1 & exit 3"],
+        env=spec.environment(dict(os.environ)),
+        start_new_session=True,
+    )
+    wait_until(lambda: proctree.exit_status_unreaped(shell.pid) is not None, "the shell did not exit")
+    assert proctree.exit_status_unreaped(shell.pid) == 3
+    with open(f"/proc/{shell.pid}/stat") as stat:
+        assert proctree.parse_stat(stat.read()).state == "Z", "the shell was reaped"
+    wait_until(lambda: proctree.session_has_others(shell.pid), "the background process did not start")
+    spec.roots.add(shell.pid)
+    spec.sessions.add(shell.pid)
+    spec.held.add(shell.pid)
+    reaper = DeadlineReaper()
+    reaper.schedule(spec, time.monotonic() + 0.2)
+    wait_until(lambda: not processes_with(token), "the held session's process survived its deadline")
+    wait_until(lambda: not os.path.exists(f"/proc/{shell.pid}"), "the held shell was not reaped")
+    assert not spec.held
+
+
 # ----- through the daemon ----------------------------------------------------------------------------------
 
 
@@ -258,3 +286,10 @@ def test_delete_session_ends_its_processes_and_no_other_sessions(
     assert len(processes_with(theirs)) == 3, "another session's processes were ended"
     assert daemon_client.delete("/process/session/bystander").status_code == 204
     wait_until(lambda: not processes_with(theirs), "the second session's processes survived")
+
+
+def test_the_users_processes_go_before_the_daemon_when_memory_runs_out(daemon_client: httpx.Client) -> None:
+    response = execute(daemon_client, "cat /proc/self/oom_score_adj; cat /proc/$$/oom_score_adj", timeout=10)
+    assert response.json()["result"].split() == [str(proctree.USER_OOM_SCORE_ADJ)] * 2
+    with open("/proc/self/oom_score_adj") as own:
+        assert int(own.read()) < proctree.USER_OOM_SCORE_ADJ
