@@ -3,7 +3,8 @@
 * python: `python3 -u -c <coderun_bootstrap.py> <charts file> argv...` with the code on stdin, which behaves
   like upstream's `python3 -u - argv...` and adds matplotlib chart capture through a side-channel file
   (never stdout), returned as `artifacts.charts`.
-* javascript: `node - argv...` with the code on stdin.
+* javascript: `node --require coderun_started.js - argv...` with the code on stdin (the preload reports
+  when the user's code starts, as the Python bootstrap does; ts-node preloads it too).
 * typescript: `ts-node --transpile-only -O '{"module":"commonjs"}' -e <code> - argv...` (upstream runs
   ts-node as well); code too large for one argv string goes through a temporary file instead.
 
@@ -31,6 +32,8 @@ from .proctree import TreeSpec
 from .spawn_env import build_environment
 
 PYTHON_BOOTSTRAP = (Path(__file__).with_name("coderun_bootstrap.py")).read_text(encoding="utf-8")
+# Preloaded into node and ts-node: reports when the user's code starts (see run_program).
+NODE_STARTED_PRELOAD = str(Path(__file__).with_name("coderun_started.js"))
 SUPPORTED_LANGUAGES = ("python", "javascript", "typescript")
 LANGUAGE_ALIASES = {
     "py": "python",
@@ -114,7 +117,7 @@ def _command_for(
     if language == "python":
         return [_python_executable(search_path), "-u", "-c", PYTHON_BOOTSTRAP, charts_path, *argv], encoded
     if language == "javascript":
-        return ["node", "-", *argv], encoded
+        return ["node", "--require", NODE_STARTED_PRELOAD, "-", *argv], encoded
     ts_node = _ts_node_command(search_path)
     if len(encoded) <= MAX_INLINE_ARGUMENT_BYTES:
         # "-" fills argv[1] as `node -` does, so process.argv.slice(2) is the user's argv in every mode.
@@ -126,7 +129,7 @@ def _command_for(
 
 
 def _ts_node_command(search_path: str | None) -> list[str]:
-    options = ["--transpile-only", "-O", TS_NODE_COMPILER_OPTIONS]
+    options = ["--transpile-only", "-O", TS_NODE_COMPILER_OPTIONS, "--require", NODE_STARTED_PRELOAD]
     if shutil.which("ts-node", path=search_path):
         return ["ts-node", *options]
     return ["npx", "--yes", "ts-node", *options]
@@ -139,10 +142,12 @@ def run_program(
     end-of-file), stdout+stderr combined, the timeout ending its whole process tree (see proctree.py)."""
     tree = TreeSpec()
     child_env = tree.environment(dict(env))
-    # The Python bootstrap reports when the user's code starts (coderun_bootstrap._report_started): the
-    # timeout counts from there, so a slow interpreter start on a busy machine is never the user's time-out.
+    # The Python bootstrap (coderun_bootstrap._report_started) and the node preload (coderun_started.js)
+    # report when the user's code starts: the timeout counts from there, so a slow interpreter start on a
+    # busy machine (or ts-node fetched by npx) is never the user's time-out.
     started_read, started_write = -1, -1
-    if timeout_seconds is not None and command[2:4] == ["-c", PYTHON_BOOTSTRAP]:
+    reports_start = command[2:4] == ["-c", PYTHON_BOOTSTRAP] or NODE_STARTED_PRELOAD in command
+    if timeout_seconds is not None and reports_start:
         started_read, started_write = os.pipe()
         child_env["TIDEPOOL_CODE_RUN_STARTED_FD"] = str(started_write)
     try:

@@ -305,3 +305,20 @@ def test_python_timeout_measures_the_code_not_the_interpreter_start(
             assert (body["result"], body["exitCode"]) == ("fast False\n", 0)
             slow = code_run(client, "import time\ntime.sleep(5)", timeout=1)
             assert slow.status_code == 408 and slow.json()["termination"]["reason"] == "timeout"
+
+
+def test_javascript_timeout_measures_the_code_not_nodes_start(
+    socket_dir: Path, launch_daemon: Any, tmp_path: Path
+) -> None:
+    """Issue #10: node's start-up (here 2 s more, as on a busy machine) is not counted in the timeout."""
+    slow_start = tmp_path / "slow-start.js"
+    slow_start.write_text("Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 2000);\n")
+    extra_env = {"NODE_OPTIONS": f"--require {slow_start}"}
+    with launch_daemon(socket_dir / "toolbox.sock", extra_env=extra_env) as socket_path:
+        transport = httpx.HTTPTransport(uds=str(socket_path))
+        with httpx.Client(transport=transport, base_url="http://daemon", timeout=30.0) as client:
+            code = "console.log('fast', 'TIDEPOOL_CODE_RUN_STARTED_FD' in process.env)"
+            body = code_run(client, code, language="javascript", timeout=1).json()
+            assert (body["result"], body["exitCode"]) == ("fast false\n", 0)
+            slow = code_run(client, "setTimeout(() => {}, 5000)", language="javascript", timeout=1)
+            assert slow.status_code == 408 and slow.json()["termination"]["reason"] == "timeout"
