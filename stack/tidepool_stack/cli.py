@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from tidepool_runtime.settings import REPO_ROOT
-from tidepool_stack.supervisor import Stack, StackConfig
+from tidepool_stack.supervisor import Stack, StackConfig, parse_registry_mirrors
 
 app = typer.Typer(add_completion=False, help="Run Tidepool on this machine.")
 console = Console()
@@ -36,12 +36,24 @@ def up(
         str, typer.Option(envvar="TIDEPOOL_CA_BUNDLE", help="CA bundle for builds/sandboxes")
     ] = "",
     database_url: Annotated[str, typer.Option(envvar="TIDEPOOL_DATABASE_URL")] = "",
+    registry_mirrors: Annotated[
+        str,
+        typer.Option(
+            envvar="TIDEPOOL_REGISTRY_MIRRORS",
+            help="Mirrors for pulls and builds: REGISTRY=MIRROR[,...], e.g. docker.io=127.0.0.1:5000",
+        ),
+    ] = "",
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
 ) -> None:
     """Start every service; print the API URL and key once the platform answers."""
+    try:
+        mirrors = parse_registry_mirrors(registry_mirrors)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--registry-mirrors") from None
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     if detach:
+        os.environ["TIDEPOOL_REGISTRY_MIRRORS"] = registry_mirrors  # the background `up` reads it again
         start_detached(data_dir)
         return
     config = StackConfig(
@@ -50,6 +62,7 @@ def up(
         proxy_port=proxy_port,
         ca_bundle=ca_bundle,
         database_url=database_url,
+        registry_mirrors=mirrors,
     )
     pid_file(data_dir).write_text(str(os.getpid()))
     try:

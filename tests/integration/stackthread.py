@@ -20,7 +20,11 @@ T = TypeVar("T")
 
 class StackThread:
     def __init__(
-        self, data_dir: Path, database_url: str = "", extra_env: dict[str, str] | None = None
+        self,
+        data_dir: Path,
+        database_url: str = "",
+        extra_env: dict[str, str] | None = None,
+        registry_mirrors: dict[str, list[str]] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "stack.log"
@@ -40,6 +44,7 @@ class StackThread:
             proxy_port=free_port(),
             database_url=database_url,
             ca_bundle=ca_bundle,
+            registry_mirrors=registry_mirrors or {},
             extra_env={
                 # Tests kill services on purpose: resend unanswered jobs sooner than in production.
                 "TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20",
