@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
 WEB_PORT = 3000
 WS_PORT = 8765
+SSE_PORT = 8090
 TOKEN_HEADER = "X-Daytona-Preview-Token"
 WWW = "/home/daytona/www"  # kept across a stop and a start
 
@@ -66,6 +67,30 @@ socketserver.ThreadingTCPServer(("0.0.0.0", 8765), Echo).serve_forever()
 """
 
 
+# Server-sent events: the second event waits for a file the test creates after it has read the first, so
+# the test only ends if every hop streams (a buffering hop would hold the first event back for ever).
+SSE = r"""
+import http.server, os, time
+class Events(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def send(data):
+            event = ("data: %s\n\n" % data).encode()
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        send("first")
+        while not os.path.exists("/home/daytona/www/go"):
+            time.sleep(0.05)
+        send("second")
+        self.wfile.write(b"0\r\n\r\n")
+http.server.ThreadingHTTPServer(("0.0.0.0", 8090), Events).serve_forever()
+"""
+
+
 @pytest.fixture(scope="module")
 def daytona() -> Daytona:
     return Daytona()
@@ -90,9 +115,11 @@ def tenant(stack: StackThread, tenant_key: str) -> Daytona:
 
 def start_servers(sandbox: Sandbox) -> None:
     sandbox.fs.upload_file(WS_ECHO.encode(), "/home/daytona/ws_echo.py")
+    sandbox.fs.upload_file(SSE.encode(), "/home/daytona/sse.py")
     for command in (
         f"cd {WWW} && python3 -m http.server {WEB_PORT}",
         "python3 /home/daytona/ws_echo.py",
+        "python3 /home/daytona/sse.py",
     ):
         # One session per server: a session runs its commands one after the other.
         session = f"server-{uuid.uuid4().hex[:6]}"
@@ -100,7 +127,7 @@ def start_servers(sandbox: Sandbox) -> None:
         sandbox.process.execute_session_command(
             session, SessionExecuteRequest(command=command, run_async=True)
         )
-    for port in (WEB_PORT, WS_PORT):
+    for port in (WEB_PORT, WS_PORT, SSE_PORT):
         wait_until(
             lambda port=port: (
                 sandbox.process.exec(
@@ -177,6 +204,47 @@ def test_websocket_echo_through_the_preview(sandbox: Sandbox) -> None:
                 return error.status
 
     assert asyncio.run(refused()) == 401
+
+
+def test_server_sent_events_stream_through_the_preview(sandbox: Sandbox) -> None:
+    link = sandbox.get_preview_link(SSE_PORT)
+    with httpx.stream("GET", f"{link.url}/events", headers={TOKEN_HEADER: link.token}, timeout=30) as events:
+        assert events.status_code == 200
+        assert events.headers["Content-Type"] == "text/event-stream"
+        lines = events.iter_lines()
+        assert next(line for line in lines if line) == "data: first"
+        sandbox.fs.upload_file(b"", f"{WWW}/go")
+        assert next(line for line in lines if line) == "data: second"
+
+
+BROWSER = {
+    "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0",
+    "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+}
+
+
+def test_browser_warning_page_and_its_cookie(sandbox: Sandbox) -> None:
+    link = sandbox.get_preview_link(WEB_PORT)
+    with httpx.Client(headers={**BROWSER, TOKEN_HEADER: link.token}, timeout=30) as browser:
+        page = browser.get(f"{link.url}/hello.txt")
+        assert page.status_code == 200
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "sandbox preview" in page.text
+        accept = page.text.split('id="continue" href="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        accepted = browser.get(f"{link.url}{accept}")
+        assert accepted.status_code == 303
+        cookie = accepted.headers["Set-Cookie"]
+        assert "daytona-preview-page-accepted=true" in cookie and "Max-Age=86400" in cookie
+        assert accepted.headers["Location"] == "/hello.txt"
+        # The client keeps the cookie: the app from now on.
+        assert browser.get(f"{link.url}/hello.txt").text == "hello from the sandbox\n"
+    skipped = get(
+        f"{link.url}/hello.txt",
+        **BROWSER,
+        **{TOKEN_HEADER: link.token},
+        **{"X-Daytona-Skip-Preview-Warning": "true"},
+    )
+    assert skipped.text == "hello from the sandbox\n"
 
 
 def test_cors_only_for_the_sandboxs_own_origins(sandbox: Sandbox) -> None:

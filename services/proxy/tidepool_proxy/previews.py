@@ -14,6 +14,10 @@ The request then goes to the runner hosting the sandbox (`/sandboxes/{id}/ports/
 through the sandbox's daemon to the port on the sandbox's loopback. A stopped sandbox answers 503 (its
 container is never reached), a destroyed one 404/410.
 
+A browser's first visit to a preview page gets a warning page; continuing sets a 24-hour cookie
+(`daytona-preview-page-accepted`). `X-Daytona-Skip-Preview-Warning: true`, a custom proxy in front and the
+reserved ports skip it.
+
 CORS: a browser origin is echoed (with credentials) only when it is one of the same sandbox's previews; the
 proxy never answers `*` with credentials. `X-Daytona-Disable-CORS: true` leaves CORS entirely to the app.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import html
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,6 +56,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tidepool.proxy.previews")
 
 RESERVED_PORTS = frozenset({22222, 2280, 33333})
+SKIP_WARNING_HEADER = "X-Daytona-Skip-Preview-Warning"
+WARNING_COOKIE = "daytona-preview-page-accepted"
+WARNING_COOKIE_SECONDS = 24 * 3600
+WARNING_ACCEPT_QUERY = "DAYTONA_PREVIEW_WARNING_ACCEPTED"
 PREVIEW_TOKEN_HEADER = "X-Daytona-Preview-Token"
 PREVIEW_TOKEN_QUERY = "DAYTONA_SANDBOX_AUTH_KEY"
 DISABLE_CORS_HEADER = "X-Daytona-Disable-CORS"
@@ -58,7 +67,7 @@ DISABLE_CORS_HEADER = "X-Daytona-Disable-CORS"
 PROXY_HEADERS = (
     PREVIEW_TOKEN_HEADER,
     DISABLE_CORS_HEADER,
-    "X-Daytona-Skip-Preview-Warning",
+    SKIP_WARNING_HEADER,
     "X-Daytona-Authorization",
 )
 # `{port}-{rest}` as the first label of the host name; rest: a sandbox id or a signed URL's token.
@@ -202,9 +211,66 @@ async def serve_preview(request: web.Request, state: ProxyState, target: Preview
         return error_response(
             request, 503, f"sandbox {sandbox_id} is {route.state}: start it to reach its previews"
         )
+    if request.query.get(WARNING_ACCEPT_QUERY) == "1":
+        return _accept_warning(request)
+    if _shows_warning(request, port):
+        return _warning_page(request)
     return await _forward(
         request, state, route, port, consumed, origin if not disable_cors else None, own_origin
     )
+
+
+def _shows_warning(request: web.Request, port: int) -> bool:
+    """A browser's first visit (a page, not an API call) gets the warning page; a custom proxy in front
+    (`X-Forwarded-Host`), `X-Daytona-Skip-Preview-Warning: true`, the acceptance cookie and the reserved
+    ports skip it."""
+    return (
+        request.method == "GET"
+        and port not in RESERVED_PORTS
+        and "text/html" in request.headers.get("Accept", "")
+        and "Mozilla" in request.headers.get("User-Agent", "")
+        and not _truthy(request.headers.get(SKIP_WARNING_HEADER))
+        and "X-Forwarded-Host" not in request.headers
+        and request.cookies.get(WARNING_COOKIE) != "true"
+    )
+
+
+def _accept_url(request: web.Request) -> str:
+    query = request.rel_url.query.copy()
+    query[WARNING_ACCEPT_QUERY] = "1"
+    return str(request.rel_url.with_query(query))
+
+
+def _warning_page(request: web.Request) -> web.Response:
+    accept = html.escape(_accept_url(request), quote=True)
+    host = html.escape(request.host)
+    body = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Preview of a sandbox</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: sans-serif; max-width: 40em; margin: 4em auto;">
+<h1>You are about to open a sandbox preview</h1>
+<p><strong>{host}</strong> is served by code running in a sandbox, not by this platform. Do not enter
+passwords or other secrets unless you trust whoever runs it.</p>
+<p><a id="continue" href="{accept}">Continue to the preview</a></p>
+<p><small>You will not be asked again for this preview for 24 hours.</small></p>
+</body></html>
+"""
+    return web.Response(
+        status=200,
+        text=body,
+        content_type="text/html",
+        headers={"Cache-Control": "no-store", "X-Daytona-Preview-Warning": "true"},
+    )
+
+
+def _accept_warning(request: web.Request) -> web.Response:
+    query = request.rel_url.query.copy()
+    query.popall(WARNING_ACCEPT_QUERY, None)
+    response = web.Response(status=303, headers={"Location": str(request.rel_url.with_query(query))})
+    response.set_cookie(
+        WARNING_COOKIE, "true", max_age=WARNING_COOKIE_SECONDS, path="/", httponly=True, samesite="Lax"
+    )
+    return response
 
 
 async def _authorize(

@@ -83,7 +83,11 @@ async def get_signed_port_preview_url(
     return JsonResponse({"sandboxId": sandbox.id, "port": port, "token": token, "url": url})
 
 
-@router.post("/{sandbox_id_or_name}/ports/{port}/signed-preview-url/{token}/expire", status_code=200)
+@router.post(
+    "/{sandbox_id_or_name}/ports/{port}/signed-preview-url/{token}/expire",
+    status_code=200,
+    response_class=Response,
+)
 async def expire_signed_port_preview_url(
     context: Context, caller: Caller, sandbox_id_or_name: str, port: Port, token: str
 ) -> Response:
