@@ -49,7 +49,6 @@ def test_snapshot_from_image_reference(stack: StackThread, python_slim: str) -> 
             daytona.snapshot.delete(snapshot)
     finally:
         daytona.delete(sandbox)
-
     def deleted() -> bool:
         try:
             daytona.snapshot.delete(snapshot)
@@ -155,7 +154,6 @@ def test_builder_crash_during_build_is_retried(stack: StackThread, python_slim: 
 
     worker = threading.Thread(target=create)
     worker.start()
-
     def building() -> bool:
         try:
             return daytona.snapshot.get(name).state == "building"

@@ -367,7 +367,9 @@ def test_upload_v2_errors(daemon_client: httpx.Client, work_dir: Path) -> None:
     assert no_file_field.status_code == 400 and "'file'" in no_file_field.json()["message"]
 
 
-def test_upload_v2_and_download_stream_a_large_file(daemon_client: httpx.Client, work_dir: Path) -> None:
+def test_upload_v2_and_download_stream_a_large_file(
+    daemon_client: httpx.Client, work_dir: Path
+) -> None:
     # Whether the daemon streams in constant memory (its peak RSS growth) is measured by `make bench`
     # (tests/bench/bench_transfer.py, 1 GiB through the SDK); here: a large transfer arrives intact.
     size = 256 * MIB
