@@ -39,6 +39,9 @@ SERVER = r"""
 import http.server
 class Ok(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # One write per response, no Nagle: else the 40 ms of Nagle + delayed ACK measure this toy server.
+    wbufsize = 65536
+    disable_nagle_algorithm = True
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", "2")
@@ -156,8 +159,9 @@ def bench_previews(daytona: Daytona, stack: StackThread) -> list[str]:
         ) as ws:
             for index in range(ROUNDS + WARM_ROUNDS):
                 started = time.perf_counter()
-                ws.send("ping")
-                ws.recv(timeout=10)
+                ws.send(f"ping {index}")
+                if ws.recv(timeout=10) != f"ping {index}":
+                    raise RuntimeError("the WebSocket echo answered something else")
                 if index >= WARM_ROUNDS:
                     rtt.append((time.perf_counter() - started) * 1000)
         return [
