@@ -56,8 +56,14 @@ API = Access(
     ),
     answers=(channels.REGISTRY_CREDENTIALS,),
     # DESIRED read: a resize of a stopped sandbox or an interval change updates the existing record.
-    reads=(channels.SIGNING_KEYS, channels.DESIRED),
-    writes=(channels.DESIRED, channels.API_KEYS, channels.SIGNING_KEYS),
+    reads=(channels.SIGNING_KEYS, channels.DESIRED, channels.PREVIEWS, channels.SIGNED_PREVIEWS),
+    writes=(
+        channels.DESIRED,
+        channels.API_KEYS,
+        channels.SIGNING_KEYS,
+        channels.PREVIEWS,
+        channels.SIGNED_PREVIEWS,
+    ),
     owns_topology=True,
 )
 SCHEDULER = Access(
@@ -77,7 +83,15 @@ RUNNER = Access(
     reads=(channels.ROUTES,),
     writes=(channels.ROUTES, channels.RUNNERS, channels.ACTIVITY),
 )
-PROXY = Access(reads=(channels.ROUTES, channels.API_KEYS, channels.SIGNING_KEYS))
+PROXY = Access(
+    reads=(
+        channels.ROUTES,
+        channels.API_KEYS,
+        channels.SIGNING_KEYS,
+        channels.PREVIEWS,
+        channels.SIGNED_PREVIEWS,
+    )
+)
 TELEMETRY = Access(consumes=(channels.SANDBOX_EVENTS,))
 
 SERVICE_ACCESS: dict[str, Access] = {

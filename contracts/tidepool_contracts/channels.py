@@ -23,6 +23,7 @@ from tidepool_contracts.models import (
     DaemonHealthEvent,
     DesiredSandbox,
     Placement,
+    PreviewAccess,
     ProcessTerminationEvent,
     RegistryCredentialsReply,
     RegistryCredentialsRequest,
@@ -32,6 +33,7 @@ from tidepool_contracts.models import (
     SandboxIntent,
     SandboxRoute,
     SandboxStateEvent,
+    SignedPreview,
     SigningKeyRecord,
     SnapshotEvent,
 )
@@ -205,7 +207,31 @@ ACTIVITY = Bucket(
     "sandbox_id",
     "runner -> scheduler: last toolbox use of a sandbox (written at most every few seconds)",
 )
-BUCKETS: tuple[Bucket, ...] = (RUNNERS, ROUTES, PLACEMENTS, DESIRED, API_KEYS, SIGNING_KEYS, ACTIVITY)
+PREVIEWS = Bucket(
+    subjects.KV_PREVIEWS,
+    PreviewAccess,
+    "sandbox_id",
+    "API -> proxy: who may open a sandbox's previews (public flag, preview token hash)",
+)
+# Signed preview URLs live at most 24 hours; the bucket forgets them a little after that.
+SIGNED_PREVIEWS = Bucket(
+    subjects.KV_SIGNED_PREVIEWS,
+    SignedPreview,
+    "sha256(token)",
+    "API -> proxy: signed preview URLs (deleted when expired early)",
+    25 * 3600.0,
+)
+BUCKETS: tuple[Bucket, ...] = (
+    RUNNERS,
+    ROUTES,
+    PLACEMENTS,
+    DESIRED,
+    API_KEYS,
+    SIGNING_KEYS,
+    ACTIVITY,
+    PREVIEWS,
+    SIGNED_PREVIEWS,
+)
 
 
 def stream_subjects(stream: Stream) -> list[str]:

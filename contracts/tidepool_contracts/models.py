@@ -208,6 +208,29 @@ class SigningKeyRecord(BusModel):
     rotated_at: datetime = Field(default_factory=utc_now)
 
 
+class PreviewAccess(BusModel):
+    """API -> KV: who may open a sandbox's preview URLs (`{port}-{sandboxId}.{domain}`).
+
+    `token_hash`: SHA-256 (hex) of the sandbox's current preview token, which the API replaces on every
+    start; the token itself never travels on the bus."""
+
+    sandbox_id: str
+    organization_id: str
+    public: bool = False
+    token_hash: str = ""
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
+class SignedPreview(BusModel):
+    """API -> KV (under SHA-256 of its token): a signed preview URL `{port}-{token}.{domain}`; deleting it
+    expires the URL at once."""
+
+    sandbox_id: str
+    organization_id: str
+    port: int
+    expires_at: datetime
+
+
 class SnapshotState(StrEnum):
     PENDING = "pending"
     PULLING = "pulling"

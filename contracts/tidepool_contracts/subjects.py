@@ -29,6 +29,8 @@ KV_DESIRED = "tidepool_desired"  # sandbox id -> DesiredSandbox (API writes, sch
 KV_API_KEYS = "tidepool_api_keys"  # sha256(key) -> ApiKeyRecord (proxy authenticates without the DB)
 KV_ACTIVITY = "tidepool_activity"  # sandbox id -> SandboxActivity (runner writes, scheduler's timers read)
 KV_SIGNING_KEYS = "tidepool_signing_keys"  # sandbox id -> SigningKeyRecord (proxy verifies signed file URLs)
+KV_PREVIEWS = "tidepool_previews"  # sandbox id -> PreviewAccess (public flag, preview token hash)
+KV_SIGNED_PREVIEWS = "tidepool_signed_previews"  # sha256(token) -> SignedPreview (signed preview URLs)
 
 
 def intent_sandbox(sandbox_id: str) -> str:

@@ -8,7 +8,7 @@ the runner (runner -> daemon's unix socket), which may share nothing but this pa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from http import HTTPStatus
 
@@ -106,10 +106,15 @@ def offered_subprotocols(request: web.Request) -> list[str]:
 
 
 async def relay_http(
-    request: web.Request, session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str]
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    adjust_headers: Callable[[CIMultiDict[str]], None] | None = None,
 ) -> web.StreamResponse:
     """Send `request` to `url` and stream the answer back. Raises UpstreamUnreachableError before any byte
-    was answered; once the response is under way, an upstream failure just ends (aborts) the response."""
+    was answered; once the response is under way, an upstream failure just ends (aborts) the response.
+    `adjust_headers` may edit the response's headers before they are sent (e.g. CORS of previews)."""
     body = request.content.iter_any() if request.body_exists else None
     try:
         upstream = await session.request(
@@ -124,10 +129,11 @@ async def relay_http(
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as error:
         raise UpstreamUnreachableError(str(error)) from error
     try:
+        response_headers = downstream_response_headers(upstream.headers)
+        if adjust_headers is not None:
+            adjust_headers(response_headers)
         response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=downstream_response_headers(upstream.headers),
+            status=upstream.status, reason=upstream.reason, headers=response_headers
         )
         if upstream.content_length is not None:
             response.content_length = upstream.content_length

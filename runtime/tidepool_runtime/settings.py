@@ -91,10 +91,24 @@ class PublicProxySettings(_Base):
     proxy_port: int = 4000
     public_proxy_url: str = ""
 
+    # Preview URLs, `{port}` and `{id}` filled in (`{id}`: a sandbox id, or a signed URL's token), e.g.
+    # `https://{port}-{id}.preview.example.com`. Default: the proxy's own URL with `{port}-{id}.` before its
+    # host, e.g. `http://{port}-{id}.localhost:4000` (`*.localhost` is loopback, no DNS set-up).
+    preview_url_template: str = ""
+
     @cached_property
     def toolbox_proxy_url(self) -> str:
         base = self.public_proxy_url or f"http://localhost:{self.proxy_port}"
         return f"{base.rstrip('/')}/toolbox"
+
+    def preview_url(self, port: int, label: str) -> str:
+        template = self.preview_url_template
+        if not template:
+            scheme, _, rest = (self.public_proxy_url or f"http://localhost:{self.proxy_port}").partition(
+                "://"
+            )
+            template = f"{scheme}://{{port}}-{{id}}.{rest.split('/', 1)[0]}"
+        return template.replace("{port}", str(port)).replace("{id}", label)
 
 
 class ProxyHttpSettings(_Base):

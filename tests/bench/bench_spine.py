@@ -84,6 +84,7 @@ def main() -> None:
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_hops import bench_hops
     from tests.bench.bench_isolation import bench_isolation
+    from tests.bench.bench_previews import bench_previews
     from tests.bench.bench_process import bench_deadlines, bench_process
     from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
@@ -101,6 +102,7 @@ def main() -> None:
         ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
         ("isolation", lambda daytona, _stack: bench_isolation(daytona)),
         ("hops", bench_hops),
+        ("previews", bench_previews),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

@@ -10,6 +10,7 @@ from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes import organizations, platform, sandbox, snapshots
 from tidepool_api.routes.object_storage import router as object_storage_router
+from tidepool_api.routes.previews import router as previews_router
 from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
 
@@ -30,6 +31,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api = APIRouter(prefix="/api")
     api.include_router(platform.router)
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
+    api.include_router(previews_router)  # likewise (POST /{id}/public/{isPublic})
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
     api.include_router(snapshots.router)

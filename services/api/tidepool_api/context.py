@@ -47,6 +47,9 @@ class ApiContext:
     api_keys_kv: KeyValue
     authenticator: Authenticator
     secret_box: SecretBox | None = None
+    # Bound on first use (tidepool_api.previews).
+    previews_kv: KeyValue | None = None
+    signed_previews_kv: KeyValue | None = None
     waiters: StateWaiters = field(default_factory=StateWaiters)
 
     @cached_property

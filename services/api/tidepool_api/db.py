@@ -115,6 +115,9 @@ class Sandbox(SQLModel, table=True):
     recoverable: bool = False
     # HMAC key of signed file URLs (created on first use, replaced on rotation).
     signing_key: str | None = None
+    # Token of private preview URLs (X-Daytona-Preview-Token), replaced on every start; the proxy knows
+    # only its hash (KV `tidepool_previews`).
+    preview_token: str | None = None
     runner_id: str | None = None
     daemon_version: str | None = None
     created_at: datetime = timestamp_column()

@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tidepool_api import previews
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -137,6 +138,10 @@ async def _announce(
             auto_delete_interval=sandbox.auto_delete_interval,
         ),
     )
+    if action == SandboxAction.DESTROY:
+        await previews.forget_access(context, sandbox.id)
+    else:
+        await previews.publish_access(context, sandbox)
     await context.bus.publish(
         channels.SANDBOX_INTENTS, intent, msg_id=intent.intent_id, sandbox_id=sandbox.id
     )
@@ -260,6 +265,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             memory=request.memory or (1 if build is not None else snapshot.memory),
             disk=request.disk or (3 if build is not None else snapshot.disk),
             public=bool(request.public),
+            preview_token=previews.new_preview_token(),
             network_block_all=bool(request.network_block_all),
             target=request.target or context.settings.runner_region,
             auto_stop_interval=DEFAULT_AUTO_STOP
@@ -336,9 +342,11 @@ async def change_state(
             return sandbox
         if current not in allowed_from:
             raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
+        # A start hands out a new preview token: links given out before it open nothing any more.
+        rotated = {"preview_token": previews.new_preview_token()} if action == SandboxAction.START else {}
         try:
             changed = await transition(
-                session, sandbox, target, desired_state=desired.value, error_reason=None
+                session, sandbox, target, desired_state=desired.value, error_reason=None, **rotated
             )
         except InvalidTransitionError as error:
             raise bad_request(str(error)) from error
@@ -411,6 +419,7 @@ async def recover_sandbox(context: ApiContext, organization_id: str, id_or_name:
             desired_state=DesiredState.STARTED.value,
             error_reason=None,
             recoverable=False,
+            preview_token=previews.new_preview_token(),
         )
         if not changed:
             raise conflict(f"Sandbox {sandbox.id} changed state concurrently; retry")

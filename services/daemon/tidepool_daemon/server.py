@@ -178,6 +178,29 @@ class ToolboxRequestHandler(BaseHTTPRequestHandler):
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
+    def do_CONNECT(self) -> None:
+        """A tunnel to a port on the sandbox's loopback, for previews (see port_forward.py)."""
+        from .port_forward import open_loopback, parse_target, splice
+
+        self.close_connection = True
+        port = parse_target(self.path)
+        if port is None:
+            self._write_response(self._error_response(DaemonError(400, "CONNECT only to localhost:PORT"), ""))
+            return
+        try:
+            upstream = open_loopback(port)
+        except OSError as error:
+            message = f"nothing answers on port {port} in the sandbox ({error.strerror or error})"
+            self._write_response(self._error_response(DaemonError(502, message), ""))
+            return
+        try:
+            self.connection.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        except OSError:
+            upstream.close()
+            return
+        self.log_request(200)
+        splice(self.connection, take_buffered_bytes(self.connection, self.rfile), upstream)
+
     def _handle(self) -> None:
         split = urlsplit(self.path)
         route_path = split.path or "/"

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from tidepool_contracts import channels
 from tidepool_contracts.access import PROXY
-from tidepool_contracts.models import ApiKeyRecord, SandboxRoute
+from tidepool_contracts.models import ApiKeyRecord, PreviewAccess, SandboxRoute, SignedPreview
 from tidepool_contracts.states import SandboxState
-from tidepool_contracts.subjects import KV_API_KEYS, KV_ROUTES
+from tidepool_contracts.subjects import KV_API_KEYS, KV_PREVIEWS, KV_ROUTES, KV_SIGNED_PREVIEWS
 from tidepool_contracts.toolbox_routes import toolbox_route_status
 from tidepool_proxy.auth import (
     AuthenticationError,
@@ -30,6 +31,7 @@ from tidepool_proxy.auth import (
     authenticate,
 )
 from tidepool_proxy.kv_cache import KvCache
+from tidepool_proxy.previews import preview_target, serve_preview
 from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.relay import (
@@ -65,6 +67,8 @@ class ProxyState:
     routes: KvCache[SandboxRoute]
     api_keys: KvCache[ApiKeyRecord]
     runners: aiohttp.ClientSession
+    previews: KvCache[PreviewAccess]
+    signed_previews: KvCache[SignedPreview]
     signing_keys: SigningKeys | None = None
 
 
@@ -137,6 +141,15 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
         )
 
 
+@web.middleware
+async def previews_by_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request for `{port}-{id}.{domain}` is a preview, whatever its path; anything else is the toolbox."""
+    target = preview_target(request)
+    if target is None:
+        return await handler(request)
+    return await serve_preview(request, request.app[STATE_KEY], target)
+
+
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -156,7 +169,9 @@ def runner_session() -> aiohttp.ClientSession:
 def create_proxy_app(settings: ProxySettings) -> web.Application:
     """The whole proxy as one aiohttp app: its cleanup context connects NATS, mirrors the KV buckets and owns
     the runner connection pool, so `web.run_app` or a test server runs exactly what production runs."""
-    app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
+    app = web.Application(
+        handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE}, middlewares=[previews_by_host]
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         bus = await connect(settings.nats_url, name="tidepool-proxy", access=PROXY, **settings.nats_login)
@@ -166,7 +181,11 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
         signing_keys = SigningKeys(
             await bus.kv(channels.SIGNING_KEYS), Sealer(seal_key, sealing.SIGNING_KEYS)
         )
+        previews = KvCache(await bus.kv(channels.PREVIEWS), PreviewAccess, KV_PREVIEWS)
+        signed_previews = KvCache(await bus.kv(channels.SIGNED_PREVIEWS), SignedPreview, KV_SIGNED_PREVIEWS)
         watchers = [
+            asyncio.create_task(previews.watch_forever(), name="proxy-previews-watch"),
+            asyncio.create_task(signed_previews.watch_forever(), name="proxy-signed-previews-watch"),
             asyncio.create_task(routes.watch_forever(), name="proxy-routes-watch"),
             asyncio.create_task(api_keys.watch_forever(), name="proxy-api-keys-watch"),
             asyncio.create_task(signing_keys.watch_forever(), name="proxy-signing-keys-watch"),
@@ -177,6 +196,8 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
             routes=routes,
             api_keys=api_keys,
             runners=runner_session(),
+            previews=previews,
+            signed_previews=signed_previews,
             signing_keys=signing_keys,
         )
         try:

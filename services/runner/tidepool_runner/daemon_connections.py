@@ -131,6 +131,57 @@ class DaemonSocketConnector(aiohttp.UnixConnector):
         return proto
 
 
+class PortTunnelError(OSError):
+    """The daemon could not open the tunnel to the sandbox's port (nothing listens there)."""
+
+
+async def open_port_tunnel(sock: socket.socket, port: int) -> None:
+    """Turn a verified daemon connection into a byte tunnel to `port` on the sandbox's loopback
+    (the daemon's `CONNECT`, see tidepool_daemon.port_forward). Reads the answer's head byte by byte, so
+    not one byte of the tunnelled stream is consumed here."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(
+        sock, f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()
+    )
+    head = bytearray()
+    while not head.endswith(b"\r\n\r\n"):
+        byte = await loop.sock_recv(sock, 1)
+        if not byte or len(head) > _TUNNEL_HEAD_LIMIT:
+            raise PortTunnelError(errno.ECONNRESET, "the sandbox daemon closed the tunnel")
+        head += byte
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or parts[1] != "200":
+        raise PortTunnelError(errno.ECONNREFUSED, f"nothing answers on port {port} in the sandbox")
+
+
+_TUNNEL_HEAD_LIMIT = 8192
+
+
+class PortTunnelConnector(DaemonSocketConnector):
+    """Every new connection is a verified daemon connection turned into a tunnel to one sandbox port."""
+
+    def __init__(self, socket_dir: Path, port: int, **kwargs: object) -> None:
+        super().__init__(socket_dir, **kwargs)
+        self._port = port
+
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        try:
+            async with ceil_timeout(timeout.sock_connect, ceil_threshold=timeout.ceil_threshold):
+                sock = await connect_daemon_socket(self._socket_dir)
+                try:
+                    await open_port_tunnel(sock, self._port)
+                    _, proto = await self._loop.create_unix_connection(self._factory, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
+        except OSError as error:
+            raise UnixClientConnectorError(self.path, req.connection_key, error) from error
+        return proto
+
+
 class DaemonConnections:
     """Keep-alive pools to the daemons, so a toolbox call costs no connection set-up.
 
@@ -142,6 +193,7 @@ class DaemonConnections:
     def __init__(self, socket_dir_for: Callable[[str], Path]) -> None:
         self._socket_dir_for = socket_dir_for
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._port_sessions: dict[tuple[str, int], aiohttp.ClientSession] = {}
 
     def socket_dir(self, sandbox_id: str) -> Path:
         """The host folder holding the sandbox's toolbox socket."""
@@ -163,13 +215,32 @@ class DaemonConnections:
             self._sessions[sandbox_id] = session
         return session
 
+    def port_session(self, sandbox_id: str, port: int) -> aiohttp.ClientSession:
+        """A pool of tunnels to `port` inside the sandbox (previews); closed with the sandbox's pool."""
+        key = (sandbox_id, port)
+        session = self._port_sessions.get(key)
+        if session is None or session.closed:
+            connector = PortTunnelConnector(
+                self._socket_dir_for(sandbox_id), port, limit=0, keepalive_timeout=15.0
+            )
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+                auto_decompress=False,
+                skip_auto_headers=SESSION_SKIP_AUTO_HEADERS,
+            )
+            self._port_sessions[key] = session
+        return session
+
     async def close(self, sandbox_id: str) -> None:
         session = self._sessions.pop(sandbox_id, None)
         if session is not None:
             await session.close()
+        for key in [key for key in self._port_sessions if key[0] == sandbox_id]:
+            await self._port_sessions.pop(key).close()
 
     async def close_all(self) -> None:
-        for sandbox_id in list(self._sessions):
+        for sandbox_id in {*self._sessions, *(key[0] for key in self._port_sessions)}:
             await self.close(sandbox_id)
 
     async def probe_version(self, sandbox_id: str) -> str | None:

@@ -88,6 +88,55 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
         )
 
 
+# Headers of the proxy hop that the app in the sandbox never sees. (The proxy sends the runner token in
+# X-Daytona-Authorization for previews: an `Authorization` the proxy did not use is the app's own.)
+PREVIEW_DROPPED_HEADERS = ("X-Daytona-Authorization", "X-Daytona-Skip-Last-Activity-Update")
+
+
+def preview_path(request: web.Request, sandbox_id: str, port: str) -> str:
+    """The raw path of a preview request, after `/sandboxes/{id}/ports/{port}`."""
+    prefix = f"/sandboxes/{sandbox_id}/ports/{port}"
+    raw_path = request.rel_url.raw_path
+    return (raw_path[len(prefix) :] if raw_path.startswith(prefix) else "") or "/"
+
+
+async def relay_preview(request: web.Request) -> web.StreamResponse:
+    """`ANY /sandboxes/{id}/ports/{port}/{path}`: a preview request, sent through a daemon tunnel to that
+    port on the sandbox's loopback (daemon_connections.PortTunnelConnector). The proxy authorized it."""
+    if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
+        return error_response(request, 401, "invalid runner token")
+    sandbox_id = request.match_info["sandbox_id"]
+    raw_port = request.match_info["port"]
+    if not SANDBOX_ID_PATTERN.match(sandbox_id):
+        return error_response(request, 404, f"sandbox {sandbox_id} not found")
+    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
+        return error_response(request, 400, f"invalid port {raw_port}")
+    port = int(raw_port)
+    activity = request.app.get(ACTIVITY_KEY)
+    if activity is not None and request.headers.get(
+        "X-Daytona-Skip-Last-Activity-Update", ""
+    ).lower() not in (
+        "1",
+        "true",
+    ):
+        activity.touch(sandbox_id)
+    query = request.rel_url.raw_query_string
+    path = preview_path(request, sandbox_id, raw_port)
+    url = URL(f"http://localhost:{port}{path}{'?' + query if query else ''}", encoded=True)
+    headers = upstream_request_headers(request.headers, drop=PREVIEW_DROPPED_HEADERS)
+    session = request.app[DAEMONS_KEY].port_session(sandbox_id, port)
+    try:
+        if is_websocket_upgrade(request):
+            return await relay_websocket(request, session, url, headers)
+        return await relay_http(request, session, url, headers)
+    except UpstreamUnreachableError:
+        return error_response(request, 502, f"nothing answers on port {port} in sandbox {sandbox_id}")
+    except UpstreamRejectedUpgradeError as rejected:
+        return error_response(
+            request, rejected.status, f"the app on port {port} refused the websocket ({rejected.status})"
+        )
+
+
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -104,4 +153,6 @@ def build_toolbox_app(
         app[ACTIVITY_KEY] = activity
     app.router.add_get("/health", health)
     app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", relay_toolbox)
+    app.router.add_route("*", "/sandboxes/{sandbox_id}/ports/{port}/{path:.*}", relay_preview)
+    app.router.add_route("*", "/sandboxes/{sandbox_id}/ports/{port}", relay_preview)
     return app

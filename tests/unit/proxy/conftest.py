@@ -44,7 +44,24 @@ class FakeRunner:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", self.handle)
+        app.router.add_route("*", "/sandboxes/{sandbox_id}/ports/{port}/{path:.*}", self.preview)
         return app
+
+    async def preview(self, request: web.Request) -> web.StreamResponse:
+        """A preview request as the runner gets it: echo what arrived, with the CORS the app chose."""
+        if request.headers.get("X-Daytona-Authorization") != f"Bearer {RUNNER_TOKEN}":
+            return web.json_response({"message": "bad runner token"}, status=401)
+        answer = web.json_response(
+            {
+                "raw_path": request.rel_url.raw_path,
+                "raw_query": request.rel_url.raw_query_string,
+                "headers": dict(request.headers),
+            }
+        )
+        if request.query.get("app_cors") == "star":
+            answer.headers["Access-Control-Allow-Origin"] = "*"
+            answer.headers["Access-Control-Allow-Credentials"] = "true"
+        return answer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {RUNNER_TOKEN}":
