@@ -1,6 +1,6 @@
 """sandbox.preview_token: the token of private preview URLs, replaced on every start
 
-Revision ID: 0011
+Revision ID: 0010
 Revises: 0009
 """
 
