@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.responses import Response
 from sqlmodel import col, select
 
 from tidepool_api import volumes
@@ -61,7 +62,7 @@ async def get_volume(context: Context, caller: Caller, volume_id: str) -> JsonRe
     return JsonResponse(volume_dto(volume))
 
 
-@router.delete("/{volume_id}", responses=error_responses(400, 404, 409, 503))
-async def delete_volume(context: Context, caller: Caller, volume_id: str) -> JsonResponse:
+@router.delete("/{volume_id}", response_class=Response, responses=error_responses(400, 404, 409, 503))
+async def delete_volume(context: Context, caller: Caller, volume_id: str) -> Response:
     await volumes.delete_volume(context, caller.organization_id, volume_id)
-    return JsonResponse(None)
+    return Response(status_code=200)
