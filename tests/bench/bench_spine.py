@@ -88,6 +88,7 @@ def main() -> None:
     from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
     from tests.bench.bench_transfer import bench_transfer
+    from tests.bench.bench_volumes import bench_volumes
 
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     benches: list[tuple[str, BenchFunction]] = [
@@ -101,6 +102,7 @@ def main() -> None:
         ("snapshots", lambda daytona, _stack: bench_snapshots(daytona)),
         ("isolation", lambda daytona, _stack: bench_isolation(daytona)),
         ("hops", bench_hops),
+        ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 
