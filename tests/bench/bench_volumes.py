@@ -77,7 +77,7 @@ def bench_volumes(daytona: Daytona) -> list[str]:
         ("small-file create (1 KiB)", "files_s", "files/s"),
     ]
     return [
-        f"{'volume ' + label:<34} volume={on_volume[key]:9.1f} {unit:<7} own disk={local[key]:9.1f} {unit:<7} "
-        f"ratio={on_volume[key] / local[key]:6.3f}x"
+        f"{'volume ' + label:<34} volume={on_volume[key]:9.1f} {unit:<7} "
+        f"own disk={local[key]:9.1f} {unit:<7} ratio={on_volume[key] / local[key]:6.3f}x"
         for label, key, unit in rows
     ]

@@ -100,17 +100,19 @@ def check_mounts(mounts: list[VolumeMount]) -> None:
         paths.append(path)
 
 
-async def find_volume(session: AsyncSession, organization_id: str, id_or_name: str) -> Volume:
-    """A volume not deleted, by id or name; 400 when the reference names two volumes, 404 when none."""
-    rows = (
-        await session.exec(
-            select(Volume).where(
-                Volume.organization_id == organization_id,
-                or_(Volume.id == id_or_name, Volume.name == id_or_name),
-                Volume.state != DELETED,
-            )
-        )
-    ).all()
+async def find_volume(
+    session: AsyncSession, organization_id: str, id_or_name: str, *, lock: bool = False
+) -> Volume:
+    """A volume not deleted, by id or name; 400 when the reference names two volumes, 404 when none.
+    `lock`: the row stays locked until the session commits (PostgreSQL), see `resolve_mounts`."""
+    statement = select(Volume).where(
+        Volume.organization_id == organization_id,
+        or_(Volume.id == id_or_name, Volume.name == id_or_name),
+        Volume.state != DELETED,
+    )
+    if lock:
+        statement = statement.with_for_update()
+    rows = (await session.exec(statement)).all()
     if not rows:
         raise not_found(f"Volume {id_or_name} not found")
     if len(rows) > 1:
@@ -121,11 +123,13 @@ async def find_volume(session: AsyncSession, organization_id: str, id_or_name: s
 async def resolve_mounts(
     session: AsyncSession, organization_id: str, mounts: list[VolumeMount]
 ) -> list[dict[str, str]]:
-    """What a new sandbox stores: each mount checked, its volume resolved to an id and `ready`."""
+    """What a new sandbox stores: each mount checked, its volume resolved to an id and `ready`. The volume
+    rows stay locked until the sandbox row is committed, and `delete_volume` takes the same lock before it
+    looks for users: a volume is never deleted under a sandbox being created with it."""
     check_mounts(mounts)
     resolved: list[dict[str, str]] = []
     for mount in mounts:
-        volume = await find_volume(session, organization_id, mount.volume_id)
+        volume = await find_volume(session, organization_id, mount.volume_id, lock=True)
         if volume.state != READY:
             raise bad_request(f"Volume {mount.volume_id} is not ready (state: {volume.state})")
         volume.last_used_at = utc_now()
@@ -273,7 +277,7 @@ async def delete_volume(context: ApiContext, organization_id: str, volume_id: st
     settings = context.settings
     require_storage(settings)
     async with context.database.sessions() as session:
-        volume = await session.get(Volume, volume_id)
+        volume = await session.get(Volume, volume_id, with_for_update=True)
         if volume is None or volume.organization_id != organization_id or volume.state == DELETED:
             raise not_found(f"Volume {volume_id} not found")
         if volume.state not in (READY, ERROR):
