@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent host setup for a fresh Debian (bookworm) machine: the container engine Tidepool drives
-# (podman + runc), the tools that build the base image, and `*.localhost` name resolution.
+# (podman + runc), the tools that build the base image, fuse3 (volumes are FUSE mounts), and `*.localhost`
+# name resolution.
 # Run as root or via sudo. Prints one line per change; a fully set-up host is a fast no-op.
 set -euo pipefail
 
-REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl)
+REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl fuse3)
 NSSWITCH_FILE=/etc/nsswitch.conf
 
 if [[ ${EUID} -ne 0 ]]; then

@@ -24,6 +24,18 @@ class BusModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+class VolumeMountSpec(BusModel):
+    """One volume in a sandbox: the runner FUSE-mounts `{bucket}/{key_prefix}/{subpath}` of the
+    organization's object storage and binds it at `mount_path` (validated by the API)."""
+
+    volume_id: str
+    mount_path: str
+    # Relative, normalised ("" = the whole volume): becomes the mount's root.
+    subpath: str = ""
+    # Where the volume's objects live in the organization's bucket, e.g. `volumes/<id>`.
+    key_prefix: str
+
+
 class SandboxSpec(BusModel):
     """Everything a runner needs to create the sandbox's container."""
 
@@ -38,6 +50,7 @@ class SandboxSpec(BusModel):
     labels: dict[str, str] = Field(default_factory=dict)
     network_block_all: bool = False
     entrypoint: list[str] | None = None
+    volumes: list[VolumeMountSpec] = Field(default_factory=list)
 
 
 class SandboxAction(StrEnum):

@@ -294,6 +294,13 @@ class ObjectStorageSettings(_Base):
     # (tidepool_runtime.object_keys). No key that reaches a tenant opens more than its organization's root.
 
 
+class VolumeSettings(_Base):
+    """Volumes (persistent storage in the object storage, FUSE-mounted into sandboxes)."""
+
+    # Volumes an organization may have (not counting deleted ones), as Daytona's 100.
+    volume_limit_per_organization: int = 100
+
+
 class ObjectStorageBackendSettings(_Base):
     """Where the object-storage gateway stores: an external S3, given only to the gateway."""
 
@@ -368,6 +375,7 @@ class ApiSettings(
     RegionSettings,
     ImageSettings,
     ObjectStorageSettings,
+    VolumeSettings,
     RegistryUrlSettings,
     BuildCacheSettings,
     SecretKeySettings,
@@ -411,6 +419,8 @@ class RunnerSettings(
     SandboxHostSettings,
     RunnerTokenSettings,
     RegionSettings,
+    # Volumes: the runner FUSE-mounts them from the object storage with organization-scoped service keys.
+    ObjectStorageSettings,
     RegistryUrlSettings,
     RegistryLoginSettings,
     SandboxNetworkSettings,

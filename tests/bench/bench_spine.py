@@ -89,6 +89,7 @@ def main() -> None:
     from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
     from tests.bench.bench_transfer import bench_transfer
+    from tests.bench.bench_volumes import bench_volumes
 
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     benches: list[tuple[str, BenchFunction]] = [
@@ -103,6 +104,7 @@ def main() -> None:
         ("isolation", lambda daytona, _stack: bench_isolation(daytona)),
         ("hops", bench_hops),
         ("previews", bench_previews),
+        ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, event
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -118,11 +118,39 @@ class Sandbox(SQLModel, table=True):
     # Token of private preview URLs (X-Daytona-Preview-Token), replaced on every start; the proxy knows
     # only its hash (KV `tidepool_previews`).
     preview_token: str | None = None
+    # Volume mounts as given at create time (resolved to ids): [{volumeId, mountPath, subpath}].
+    volumes: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     runner_id: str | None = None
     daemon_version: str | None = None
     created_at: datetime = timestamp_column()
     updated_at: datetime = timestamp_column()
     last_activity_at: datetime = timestamp_column()
+
+
+class Volume(SQLModel, table=True):
+    """A persistent, shareable folder in the organization's object storage (`volumes/<id>/` in its bucket);
+    runners FUSE-mount it into sandboxes. A deleted row stays as the record and frees its name."""
+
+    __tablename__ = "volume"
+    __table_args__ = (
+        Index(
+            "uq_volume_org_name_live",
+            "organization_id",
+            "name",
+            unique=True,
+            postgresql_where=text("state <> 'deleted'"),
+            sqlite_where=text("state <> 'deleted'"),
+        ),
+    )
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id", index=True)
+    name: str
+    state: str
+    error_reason: str | None = None
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class DockerRegistry(SQLModel, table=True):

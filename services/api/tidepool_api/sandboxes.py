@@ -22,6 +22,7 @@ from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.live_events import record_created, record_state_change
 from tidepool_api.schemas import CreateSandboxRequest, ResizeSandboxRequest
 from tidepool_api.snapshots import ensure_build
+from tidepool_api.volumes import mount_specs, resolve_mounts
 from tidepool_contracts import channels
 from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
@@ -106,6 +107,7 @@ def spec_of(sandbox: Sandbox) -> SandboxSpec:
         labels=sandbox.labels,
         network_block_all=sandbox.network_block_all,
         entrypoint=sandbox.entrypoint,
+        volumes=mount_specs(sandbox.volumes or []),
     )
 
 
@@ -187,8 +189,6 @@ def validate_resources(request: CreateSandboxRequest, organization: Organization
     language = (request.labels or {}).get(LANGUAGE_LABEL)
     if language is not None and language not in SUPPORTED_LANGUAGES:
         raise bad_request(f"label {LANGUAGE_LABEL} must be one of python, typescript, javascript")
-    if request.volumes:
-        raise bad_request("volumes are not supported yet on this installation")
     if request.build_info is not None and not request.build_info.dockerfile_content.strip():
         raise bad_request("buildInfo.dockerfileContent is empty")
 
@@ -213,6 +213,8 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
         if organization is None or organization.deleted_at is not None:
             raise ApiError(401, "organization of this API key no longer exists")
         validate_resources(request, organization)
+        # Checked before anything is written: a refused mount leaves no sandbox behind.
+        mounts = await resolve_mounts(session, organization_id, list(request.volumes or []))
         build: Snapshot | None = None
         if request.build_info is not None:
             if request.snapshot:
@@ -273,6 +275,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             else request.auto_stop_interval,
             auto_archive_interval=DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
             auto_delete_interval=-1 if request.auto_delete_interval is None else request.auto_delete_interval,
+            volumes=mounts,
         )
         session.add(sandbox)
         record_created(session, sandbox)

@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from tidepool_api.db import Sandbox, Snapshot
+from tidepool_api.db import Sandbox, Snapshot, Volume
 from tidepool_contracts.states import SandboxState
 
 # Limits where Daytona documents none (units: characters, entries, minutes).
@@ -425,6 +425,23 @@ class SnapshotDto(WireModel):
     source_sandbox_id: str | None  # required (nullable) by the SDK; no snapshot is made from a sandbox
 
 
+class CreateVolumeRequest(WireModel):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(no_control)]
+
+
+class VolumeDto(WireModel):
+    """`VolumeDto` (wire contract §2.6)."""
+
+    id: str
+    name: str
+    organization_id: str
+    state: str
+    created_at: str
+    updated_at: str
+    last_used_at: str | None
+    error_reason: str | None
+
+
 class PaginatedSnapshotsDto(WireModel):
     items: list[SnapshotDto]
     total: int
@@ -437,6 +454,19 @@ def iso(moment: datetime) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def volume_dto(volume: Volume) -> dict[str, object]:
+    return {
+        "id": volume.id,
+        "name": volume.name,
+        "organizationId": volume.organization_id,
+        "state": volume.state,
+        "createdAt": iso(volume.created_at),
+        "updatedAt": iso(volume.updated_at),
+        "lastUsedAt": iso(volume.last_used_at) if volume.last_used_at else None,
+        "errorReason": volume.error_reason,
+    }
 
 
 def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
@@ -464,7 +494,10 @@ def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
         "autoStopInterval": sandbox.auto_stop_interval,
         "autoArchiveInterval": sandbox.auto_archive_interval,
         "autoDeleteInterval": sandbox.auto_delete_interval,
-        "volumes": [],
+        "volumes": [
+            {"volumeId": m["volumeId"], "mountPath": m["mountPath"], "subpath": m.get("subpath") or None}
+            for m in sandbox.volumes or []
+        ],
         "runnerId": sandbox.runner_id,
         "daemonVersion": sandbox.daemon_version,
         "sandboxClass": "container",

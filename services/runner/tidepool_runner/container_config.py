@@ -129,6 +129,11 @@ def staged_seccomp_profile(settings: RunnerSettings) -> Path:
     return settings.runtime_dir / "seccomp.json"
 
 
+def volume_mount_point(settings: RunnerSettings, sandbox_id: str, index: int) -> Path:
+    """Where the runner FUSE-mounts the sandbox's `index`-th volume (see volumes.py)."""
+    return settings.runtime_dir / "volumes" / sandbox_id / str(index)
+
+
 def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     binds = [
         f"{staged_daemon_dir(settings)}:{DAEMON_MOUNT_PATH}:ro",
@@ -137,6 +142,10 @@ def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     ]
     if settings.ca_bundle:
         binds.append(f"{staged_ca_bundle(settings)}:{CONTAINER_CA_BUNDLE_PATH}:ro")
+    for index, volume in enumerate(spec.volumes):
+        binds.append(
+            f"{volume_mount_point(settings, spec.sandbox_id, index)}:{volume.mount_path}:rw,nosuid,nodev"
+        )
     return binds
 
 

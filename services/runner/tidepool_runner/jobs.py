@@ -35,6 +35,7 @@ from tidepool_runner.engine import (
     SandboxFailedError,
 )
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
+from tidepool_runner.volumes import VolumeMountError, VolumeMounts
 from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
 from tidepool_runtime.settings import RunnerSettings
 
@@ -88,8 +89,10 @@ class JobExecutor:
         engine: ContainerEngine,
         daemons: DaemonConnections,
         disks: SandboxDisks,
+        volumes: VolumeMounts | None = None,
     ) -> None:
         self._settings = settings
+        self._volumes = volumes or VolumeMounts(settings)
         self._disks = disks
         self._runner_id = runner_id
         self._bus = bus
@@ -149,6 +152,8 @@ class JobExecutor:
         status = await self._engine.inspect(name)
         if status is None:
             await self._engine.ensure_image(spec.image)
+            # The binds' sources must exist when the engine creates the container.
+            await asyncio.to_thread(self._volumes.prepare, spec)
             config = build_container_config(spec, self._settings, self._runner_id)
             container_id = await self._engine.create(name, config)
             status = await self._engine.inspect(container_id)
@@ -160,6 +165,11 @@ class JobExecutor:
             await asyncio.to_thread(
                 self._disks.attach, spec.sandbox_id, spec.disk_gib, status.upper_dir, status.work_dir
             )
+            # Before the start: the engine binds whatever is at the mount point when the container starts.
+            try:
+                await self._volumes.ensure(spec, root.uid, root.gid)
+            except VolumeMountError as error:
+                raise SandboxFailedError(str(error)) from None
         if status.paused:
             await self._engine.unpause(status.container_id)
         elif not status.running:
@@ -246,6 +256,7 @@ class JobExecutor:
             else:
                 await self._engine.stop(status.container_id, timeout_seconds=STOP_TIMEOUT_SECONDS)
         await self._daemons.close(job.sandbox_id)
+        await asyncio.to_thread(self._volumes.release, job.sandbox_id)
         await self._report(job, SandboxState.STOPPED)
 
     async def _destroy(self, job: RunnerJob) -> None:
@@ -253,6 +264,7 @@ class JobExecutor:
         await self._engine.remove(container_name(job.sandbox_id))
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, job.sandbox_id)
+        await asyncio.to_thread(self._volumes.release, job.sandbox_id)
         socket_dir = sandbox_socket_dir(self._settings, job.sandbox_id)
         await asyncio.to_thread(unmount_socket_dir, socket_dir)
         await asyncio.to_thread(_remove_tree, socket_dir)

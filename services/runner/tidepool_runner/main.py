@@ -12,7 +12,7 @@ from aiohttp import web
 from tidepool_contracts import channels
 from tidepool_contracts.access import RUNNER
 from tidepool_runner.activity import ActivityRecorder
-from tidepool_runner.container_config import runner_home, sandbox_socket_dir
+from tidepool_runner.container_config import SANDBOX_LABEL, runner_home, sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.disks import SandboxDisks
@@ -24,6 +24,7 @@ from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.subscribers import publishers, register_jobs
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
+from tidepool_runner.volumes import VolumeMounts
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.image_refs import internal_registry_auth
 from tidepool_runtime.settings import RunnerSettings
@@ -41,6 +42,7 @@ class Runner:
         self.runner_id = settings.effective_runner_id
         self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
         self.disks = SandboxDisks(settings.disks_dir)
+        self.volumes = VolumeMounts(settings)
         self._bus: Bus | None = None
         self._engine: ContainerEngine | None = None
         self._web: web.AppRunner | None = None
@@ -69,6 +71,13 @@ class Runner:
         )
         # Before any job can start a container: no sandbox ever runs on an unisolated network.
         await prepare_sandbox_network(engine, settings)
+        # Volume mounts a previous run left for sandboxes that no longer run (or dead ones) go now.
+        running = {
+            summary.labels.get(SANDBOX_LABEL, "")
+            for summary in await engine.list_sandboxes()
+            if summary.state in ("running", "paused")
+        }
+        await asyncio.to_thread(self.volumes.clean_stale, running)
         inventory = Inventory(
             settings=settings,
             runner_id=self.runner_id,
@@ -85,6 +94,7 @@ class Runner:
             engine=engine,
             daemons=self.daemons,
             disks=self.disks,
+            volumes=self.volumes,
         )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
