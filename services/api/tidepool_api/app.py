@@ -8,7 +8,8 @@ from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
 from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes import organizations, platform, sandbox, snapshots
+from tidepool_api.routes import api_keys, organizations, platform, sandbox, snapshots
+from tidepool_api.routes.deps import document_permissions
 from tidepool_api.routes.object_storage import router as object_storage_router
 from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
@@ -32,8 +33,10 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
+    api.include_router(api_keys.router)
     api.include_router(snapshots.router)
     api.include_router(object_storage_router)
     api.include_router(registries_router)
     app.include_router(api)
+    document_permissions(app)
     return app

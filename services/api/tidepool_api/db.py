@@ -47,6 +47,8 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = timestamp_column()
     expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     revoked: bool = False
+    # Scopes (`tidepool_contracts.permissions`), in the enum's order; reads need none.
+    permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
 
 
 class Snapshot(SQLModel, table=True):
