@@ -21,6 +21,7 @@ from daytona import (
 )
 from daytona_api_client.models.api_key_list import ApiKeyList
 from daytona_api_client.models.api_key_response import ApiKeyResponse
+from daytona_api_client.models.paginated_audit_logs import PaginatedAuditLogs
 
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
@@ -217,3 +218,41 @@ def test_other_organizations_resources_stay_404_for_a_scoped_key(tenant: Tenant,
         assert other.sdk(other.key).get(theirs.id).state == "started"
     finally:
         httpx.delete(f"{stack.api_url}/organizations/{other.id}", headers=bearer(stack.api_key))
+
+
+def test_audit_log_records_who_did_what(tenant: Tenant) -> None:
+    writer_key = tenant.new_key("registrar", ["write:registries", "delete:registries"])
+    created = httpx.post(
+        f"{tenant.stack.api_url}/docker-registry",
+        json={"name": "audited", "url": "registry.example.com", "username": "u", "password": "secret-pw"},
+        headers={**bearer(writer_key), "User-Agent": "scopes-test", "X-Daytona-Source": "sdk-test"},
+    )
+    assert created.status_code == 201, created.text
+    registry_id = created.json()["id"]
+    assert tenant.call("DELETE", f"/docker-registry/{registry_id}", writer_key).status_code == 204
+    refused = tenant.call("DELETE", f"/sandbox/{uuid.uuid4()}", writer_key)
+    assert refused.status_code == 403
+
+    # Reading the log takes read:audit_logs.
+    assert tenant.call("GET", "/audit-logs", writer_key).status_code == 403
+    auditor = tenant.new_key("auditor", ["read:audit_logs"])
+    answer = tenant.call("GET", f"/audit/organizations/{tenant.id}?limit=200", auditor)
+    assert answer.status_code == 200, answer.text
+    page = PaginatedAuditLogs.from_dict(answer.json())
+    assert page.total == len(page.items) and page.total >= 5
+    by_action = {(entry.action, entry.target_type, entry.target_id): entry for entry in page.items}
+    create = by_action[("create", "docker_registry", registry_id)]
+    assert (create.status_code, create.user_agent, create.source) == (201, "scopes-test", "sdk-test")
+    assert create.actor_api_key_prefix and writer_key.startswith(create.actor_api_key_prefix)
+    assert "secret-pw" not in answer.text  # bodies are never recorded
+    assert by_action[("delete", "docker_registry", registry_id)].status_code == 204
+    denied = next(e for e in page.items if e.action == "delete" and e.target_type == "sandbox")
+    assert denied.status_code == 403 and "delete:sandboxes" in (denied.error_message or "")
+    # The keys made by this test are there too, made by the organization's first key.
+    assert ("create", "api_key", "auditor") in by_action
+    # Newest first; a time window; another organization's log is 404.
+    assert [e.created_at for e in page.items] == sorted((e.created_at for e in page.items), reverse=True)
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    later = httpx.get(f"{tenant.stack.api_url}/audit-logs", params={"from": future}, headers=bearer(auditor))
+    assert later.status_code == 200 and later.json()["items"] == [], later.text
+    assert tenant.call("GET", f"/audit/organizations/{uuid.uuid4()}", auditor).status_code == 404

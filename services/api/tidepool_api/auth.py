@@ -44,6 +44,7 @@ class Principal:
     organization_id: str
     key_id: str
     key_name: str = ""
+    key_prefix: str = ""
     # The key's scopes (tidepool_contracts.permissions); reads need none.
     permissions: frozenset[str] = frozenset()
     expires_at: datetime | None = None
@@ -82,6 +83,7 @@ class Authenticator:
             organization_id=api_key.organization_id,
             key_id=api_key.id,
             key_name=api_key.name,
+            key_prefix=api_key.key_prefix,
             permissions=frozenset(api_key.permissions or ()),
             expires_at=api_key.expires_at,
         )

@@ -84,6 +84,8 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/api/api-keys/{name}"): ANY_KEY,
     ("DELETE", "/api/api-keys/{name}"): ANY_KEY,
     ("DELETE", "/api/api-keys/{user_id}/{name}"): ANY_KEY,
+    ("GET", "/api/audit/organizations/{organization_id}"): ("read:audit_logs",),
+    ("GET", "/api/audit-logs"): ("read:audit_logs",),
 }
 # Writes that check scopes in the handler rather than by a declared `Requires`.
 CHECKED_IN_HANDLER = {

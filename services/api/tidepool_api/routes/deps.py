@@ -34,7 +34,12 @@ def get_context(request: Request) -> ApiContext:
 
 async def get_principal(request: Request) -> Principal:
     context: ApiContext = request.app.state.context
-    return await context.authenticator.authenticate(request)
+    principal = await context.authenticator.authenticate(request)
+    # A write is recorded (tidepool_api.audit) before its handler runs: no write goes unaudited.
+    trail = getattr(request.state, "audit", None)
+    if trail is not None:
+        await trail.begin(request, principal)
+    return principal
 
 
 class PermissionCheck:
