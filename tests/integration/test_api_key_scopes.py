@@ -159,6 +159,7 @@ def test_current_get_and_masked_list(tenant: Tenant) -> None:
     assert (mine.name, mine.permissions, mine.organization_id) == (
         "ci", ["write:sandboxes", "read:volumes"], tenant.id,
     )  # fmt: skip
+    assert mine.last_used_at is not None  # this very request
     assert mine.value != shown.value and mine.value.endswith("…") and shown.value.startswith(mine.value[:-1])
 
     listed = tenant.call("GET", "/api-keys", tenant.key)

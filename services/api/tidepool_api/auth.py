@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fastapi import Request
-from sqlmodel import select
+from sqlalchemy import update
+from sqlmodel import col, select
 
 from tidepool_api.db import ApiKey, Database
 from tidepool_api.errors import ApiError
@@ -75,10 +76,16 @@ class Authenticator:
             return principal
         async with self.database.sessions() as session:
             api_key = (await session.exec(select(ApiKey).where(ApiKey.key_hash == key_hash))).first()
-        if api_key is None or api_key.revoked:
-            raise ApiError(401, "invalid API key")
-        if api_key.expires_at and _aware(api_key.expires_at) < datetime.now(UTC):
-            raise ApiError(401, "API key expired")
+            if api_key is None or api_key.revoked:
+                raise ApiError(401, "invalid API key")
+            if api_key.expires_at and _aware(api_key.expires_at) < datetime.now(UTC):
+                raise ApiError(401, "API key expired")
+            # `lastUsedAt`: written when the key is looked up, so at most once per cache period (and not
+            # for toolbox calls, which the proxy checks from KV).
+            await session.exec(  # type: ignore[call-overload]
+                update(ApiKey).where(col(ApiKey.id) == api_key.id).values(last_used_at=datetime.now(UTC))
+            )
+            await session.commit()
         principal = Principal(
             organization_id=api_key.organization_id,
             key_id=api_key.id,

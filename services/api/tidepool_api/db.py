@@ -49,6 +49,7 @@ class ApiKey(SQLModel, table=True):
     revoked: bool = False
     # Scopes (`tidepool_contracts.permissions`), in the enum's order; reads need none.
     permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class Snapshot(SQLModel, table=True):

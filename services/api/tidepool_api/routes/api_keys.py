@@ -52,7 +52,8 @@ class ApiKeyDto(WireModel):
 
 
 class ApiKeyListDto(ApiKeyDto):
-    """`ApiKeyList`: `value` masked; `lastUsedAt` is not tracked (null)."""
+    """`ApiKeyList`: `value` masked; `lastUsedAt` is when the API last looked the key up (it caches a
+    key for 30 s; toolbox calls, checked by the proxy, do not count)."""
 
     last_used_at: str | None
     user_id: str
@@ -72,7 +73,7 @@ def key_dto(api_key: ApiKey, value: str) -> dict[str, object]:
 def key_list_dto(api_key: ApiKey) -> dict[str, object]:
     return {
         **key_dto(api_key, f"{api_key.key_prefix}…"),
-        "lastUsedAt": None,
+        "lastUsedAt": iso(api_key.last_used_at) if api_key.last_used_at else None,
         "userId": api_key.organization_id,
         "organizationId": api_key.organization_id,
     }

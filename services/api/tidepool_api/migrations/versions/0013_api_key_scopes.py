@@ -1,4 +1,6 @@
-"""api_key.permissions: the key's scopes. Keys made before scopes existed keep the full access they had.
+"""api_key.permissions (the key's scopes) and last_used_at.
+
+Keys made before scopes existed keep the full access they had.
 
 Revision ID: 0013
 Revises: 0009
@@ -37,10 +39,12 @@ ALL_PERMISSIONS = [
 def upgrade() -> None:
     with op.batch_alter_table("api_key") as batch:
         batch.add_column(sa.Column("permissions", sa.JSON(), nullable=False, server_default="[]"))
+        batch.add_column(sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True))
     api_key = sa.table("api_key", sa.column("permissions", sa.JSON()))
     op.execute(api_key.update().values(permissions=ALL_PERMISSIONS))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("api_key") as batch:
+        batch.drop_column("last_used_at")
         batch.drop_column("permissions")
