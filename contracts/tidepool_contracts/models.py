@@ -210,6 +210,9 @@ class ApiKeyRecord(BusModel):
     organization_id: str
     expires_at: datetime | None = None
     revoked: bool = False
+    # The key's scopes (`tidepool_contracts.permissions`): the proxy refuses toolbox calls without
+    # write:sandboxes. Empty (a record without the field) means no scope: fail closed.
+    permissions: tuple[str, ...] = ()
 
 
 class SigningKeyRecord(BusModel):

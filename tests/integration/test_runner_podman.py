@@ -492,7 +492,9 @@ async def test_end_to_end_through_proxy_runner_and_daemon(harness: Harness) -> N
     spec = harness.new_spec()
     assert (await harness.run_job(spec, SandboxAction.CREATE))["state"] == "started"
     api_key = f"dtn_{uuid.uuid4().hex}"
-    record = ApiKeyRecord(key_id="key-1", organization_id=spec.organization_id)
+    record = ApiKeyRecord(
+        key_id="key-1", organization_id=spec.organization_id, permissions=("write:sandboxes",)
+    )
     api_keys = await harness.bus.kv(channels.API_KEYS)
     await kv_put(api_keys, hashlib.sha256(api_key.encode()).hexdigest(), record)
     proxy = TestServer(create_proxy_app(harness.settings), host="127.0.0.1")

@@ -31,7 +31,7 @@ class FakeAuthenticator:
     async def authenticate(self, request: Request) -> Principal:
         if request.headers.get("authorization") != "Bearer good-key":
             raise ApiError(401, "missing bearer token: set DAYTONA_API_KEY")
-        return Principal(organization_id="org-42", key_id="key-1")
+        return Principal(organization_id="org-42", key_id="key-1", permissions=frozenset({"write:sandboxes"}))
 
 
 def client_for(settings: Settings) -> httpx.AsyncClient:

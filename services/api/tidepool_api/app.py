@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
 
+from tidepool_api.audit import AuditMiddleware
 from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
 from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes import organizations, platform, sandbox, snapshots, volumes
+from tidepool_api.routes import api_keys, audit, organizations, platform, sandbox, snapshots, volumes
+from tidepool_api.routes.deps import document_permissions
 from tidepool_api.routes.object_storage import router as object_storage_router
 from tidepool_api.routes.previews import router as previews_router
 from tidepool_api.routes.registries import router as registries_router
@@ -28,15 +30,20 @@ def create_app(context: ApiContext) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=context.settings.api_max_body_bytes)
     app.add_middleware(NulGuardMiddleware)
+    # Opens a trail for each write; the record is written once the key is known (routes.deps.get_principal).
+    app.add_middleware(AuditMiddleware, database_of=lambda: context.database)
     api = APIRouter(prefix="/api")
     api.include_router(platform.router)
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
     api.include_router(previews_router)  # likewise (POST /{id}/public/{isPublic})
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
+    api.include_router(api_keys.router)
+    api.include_router(audit.router)
     api.include_router(snapshots.router)
     api.include_router(volumes.router)
     api.include_router(object_storage_router)
     api.include_router(registries_router)
     app.include_router(api)
+    document_permissions(app)
     return app

@@ -9,11 +9,12 @@ from pathlib import Path
 import structlog
 from sqlmodel import select
 
-from tidepool_api.auth import generate_key, hash_key
+from tidepool_api.auth import generate_key, hash_key, key_record
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, Organization, Snapshot
 from tidepool_contracts import channels
-from tidepool_contracts.models import ApiKeyRecord, BuildJob, SnapshotState
+from tidepool_contracts.models import BuildJob, SnapshotState
+from tidepool_contracts.permissions import ALL_PERMISSIONS
 from tidepool_runtime.broker import kv_put
 
 log = structlog.get_logger("tidepool.api.bootstrap")
@@ -46,6 +47,7 @@ async def ensure_admin(context: ApiContext) -> None:
                 name="admin",
                 key_hash=hash_key(key),
                 key_prefix=key[:8],
+                permissions=list(ALL_PERMISSIONS),
             )
         )
         await session.commit()
@@ -62,16 +64,7 @@ async def mirror_api_keys(context: ApiContext) -> None:
     async with context.database.sessions() as session:
         keys = (await session.exec(select(ApiKey))).all()
     for api_key in keys:
-        await kv_put(
-            context.api_keys_kv,
-            api_key.key_hash,
-            ApiKeyRecord(
-                key_id=api_key.id,
-                organization_id=api_key.organization_id,
-                expires_at=api_key.expires_at,
-                revoked=api_key.revoked,
-            ),
-        )
+        await kv_put(context.api_keys_kv, api_key.key_hash, key_record(api_key))
 
 
 async def ensure_default_snapshots(context: ApiContext) -> None:

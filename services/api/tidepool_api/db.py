@@ -47,6 +47,9 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = timestamp_column()
     expires_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     revoked: bool = False
+    # Scopes (`tidepool_contracts.permissions`), in the enum's order; reads need none.
+    permissions: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
 class Snapshot(SQLModel, table=True):
@@ -188,6 +191,29 @@ class SandboxEvent(SQLModel, table=True):
     dedupe_key: str
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     occurred_at: datetime = timestamp_column()
+
+
+class AuditLog(SQLModel, table=True):
+    """Who did what (Daytona's `AuditLog`): written before the handler runs, completed with its outcome."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_organization_time", "organization_id", "created_at"),)
+
+    id: str = Field(primary_key=True)
+    organization_id: str
+    # No users in Tidepool: the actor is the API key (its id; its first characters for display).
+    actor_id: str
+    actor_api_key_prefix: str | None = None
+    action: str  # create | delete | update | start | stop | labels | ... (from the route)
+    target_type: str | None = None  # sandbox | snapshot | docker_registry | api_key | organization | ...
+    target_id: str | None = None
+    status_code: int | None = None
+    error_message: str | None = None
+    ip_address: str | None = None
+    user_agent: str | None = None
+    source: str | None = None  # X-Daytona-Source
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
+    created_at: datetime = timestamp_column()
 
 
 class Database:

@@ -8,11 +8,11 @@ import structlog
 from sqlalchemy import delete
 from sqlmodel import col, select
 
+from tidepool_api.auth import key_record
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, DockerRegistry, Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, not_found
 from tidepool_api.sandboxes import delete_sandbox
-from tidepool_contracts.models import ApiKeyRecord
 from tidepool_contracts.states import SandboxState
 from tidepool_runtime.broker import kv_put
 
@@ -34,13 +34,7 @@ async def require_admin(context: ApiContext, organization_id: str) -> None:
 
 async def publish_key(context: ApiContext, api_key: ApiKey) -> None:
     """Mirror a key's state to KV: the proxy authenticates from there, never from the database."""
-    record = ApiKeyRecord(
-        key_id=api_key.id,
-        organization_id=api_key.organization_id,
-        expires_at=api_key.expires_at,
-        revoked=api_key.revoked,
-    )
-    await kv_put(context.api_keys_kv, api_key.key_hash, record)
+    await kv_put(context.api_keys_kv, api_key.key_hash, key_record(api_key))
 
 
 async def delete_organization(context: ApiContext, organization_id: str, deleted_by: str) -> dict[str, int]:

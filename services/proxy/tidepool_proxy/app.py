@@ -21,6 +21,7 @@ from yarl import URL
 from tidepool_contracts import channels
 from tidepool_contracts.access import PROXY
 from tidepool_contracts.models import ApiKeyRecord, PreviewAccess, SandboxRoute, SignedPreview
+from tidepool_contracts.permissions import TOOLBOX_PERMISSION
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import KV_API_KEYS, KV_PREVIEWS, KV_ROUTES, KV_SIGNED_PREVIEWS
 from tidepool_contracts.toolbox_routes import toolbox_route_status
@@ -102,6 +103,10 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     except VerificationUnavailableError as error:
         log.warning("proxy.signing_key_lookup_failed", sandbox_id=sandbox_id, error=str(error))
         return error_response(request, 503, "signed URL verification is temporarily unavailable")
+    # As Daytona's toolbox: every call needs write:sandboxes (see tidepool_contracts.permissions). Checked
+    # before the sandbox is looked up, so the 403 says nothing about whether the sandbox exists.
+    if access.lacks(TOOLBOX_PERMISSION):
+        return error_response(request, 403, f"API key lacks the required permission: {TOOLBOX_PERMISSION}")
     if not SANDBOX_ID_PATTERN.match(sandbox_id):
         return error_response(request, 404, not_found)
     try:

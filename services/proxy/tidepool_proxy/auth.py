@@ -41,6 +41,12 @@ class Access:
 
     organization_id: str | None
     sandbox_id: str | None = None
+    # An API key's scopes; None for a signed URL (its one operation was granted when it was signed, by a
+    # key that needed write:sandboxes to get the signing key).
+    permissions: frozenset[str] | None = None
+
+    def lacks(self, permission: str) -> bool:
+        return self.permissions is not None and permission not in self.permissions
 
     def allows(self, sandbox_id: str, sandbox_organization_id: str) -> bool:
         if self.organization_id is not None:
@@ -180,7 +186,7 @@ async def authenticate(
         raise AuthenticationError("API key has been revoked")
     if record.expires_at is not None and _as_utc(record.expires_at) <= datetime.now(UTC):
         raise AuthenticationError("API key has expired")
-    return Access(organization_id=record.organization_id)
+    return Access(organization_id=record.organization_id, permissions=frozenset(record.permissions))
 
 
 def _as_utc(moment: datetime) -> datetime:

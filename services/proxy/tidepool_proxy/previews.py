@@ -38,6 +38,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from tidepool_contracts.models import PreviewAccess, SandboxRoute, SignedPreview
+from tidepool_contracts.permissions import TOOLBOX_PERMISSION
 from tidepool_contracts.states import SandboxState
 from tidepool_proxy.auth import api_key_hash, bearer_token
 from tidepool_runtime.relay import (
@@ -284,9 +285,12 @@ async def _authorize(
         record = await state.api_keys.get(api_key_hash(token))
         if record is not None and not record.revoked and _unexpired(record.expires_at):
             consumed.append("Authorization")
-            if record.organization_id == access.organization_id:
-                return None
-            return 404, ""
+            if record.organization_id != access.organization_id:
+                return 404, ""
+            # As for the toolbox: a key reaches into a sandbox only with write:sandboxes.
+            if TOOLBOX_PERMISSION not in record.permissions:
+                return 403, f"API key lacks the required permission: {TOOLBOX_PERMISSION}"
+            return None
         if request.headers.get(PREVIEW_TOKEN_HEADER) is None:
             return 401, "invalid API key"
     preview_token = request.headers.get(PREVIEW_TOKEN_HEADER) or request.query.get(PREVIEW_TOKEN_QUERY)

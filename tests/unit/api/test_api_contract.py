@@ -162,7 +162,7 @@ def test_documented_answers_have_every_field_the_sdk_requires() -> None:
     from daytona_api_client import models as sdk
 
     from tidepool_api import schemas
-    from tidepool_api.routes import organizations, registries
+    from tidepool_api.routes import api_keys, registries
 
     pairs = [
         (schemas.SandboxDto, sdk.Sandbox),
@@ -174,8 +174,8 @@ def test_documented_answers_have_every_field_the_sdk_requires() -> None:
         (schemas.PaginatedSnapshotsDto, sdk.PaginatedSnapshots),
         (schemas.StorageAccessDto, sdk.StorageAccessDto),
         (schemas.ConfigDto, sdk.DaytonaConfiguration),
-        (organizations.ApiKeyDto, sdk.ApiKeyResponse),
-        (organizations.ApiKeyListDto, sdk.ApiKeyList),
+        (api_keys.ApiKeyDto, sdk.ApiKeyResponse),
+        (api_keys.ApiKeyListDto, sdk.ApiKeyList),
         (registries.RegistryDto, sdk.DockerRegistry),
     ]
     for ours, theirs in pairs:

@@ -24,11 +24,20 @@ OTHER_ORG = "org-other"
 
 
 async def add_api_key(
-    bus: Bus, organization_id: str, *, revoked: bool = False, expires_at: datetime | None = None
+    bus: Bus,
+    organization_id: str,
+    *,
+    revoked: bool = False,
+    expires_at: datetime | None = None,
+    permissions: tuple[str, ...] = ("write:sandboxes",),
 ) -> str:
     token = f"dtn_{uuid.uuid4().hex}"
     record = ApiKeyRecord(
-        key_id=str(uuid.uuid4()), organization_id=organization_id, revoked=revoked, expires_at=expires_at
+        key_id=str(uuid.uuid4()),
+        organization_id=organization_id,
+        revoked=revoked,
+        expires_at=expires_at,
+        permissions=permissions,
     )
     await kv_put(await bus.kv(channels.API_KEYS), hashlib.sha256(token.encode()).hexdigest(), record)
     return token
@@ -96,6 +105,33 @@ async def test_revoked_and_expired_keys_are_401(
     for token, status in ((revoked, 401), (expired, 401), (still_valid, 200)):
         async with http.get(f"{proxy_url}/toolbox/{sandbox}/version", headers=bearer(token)) as response:
             assert response.status == status, token
+
+
+@pytest.mark.parametrize(
+    "permissions", [(), ("delete:sandboxes",), ("read:volumes", "write:snapshots", "delete:sandboxes")]
+)
+async def test_toolbox_needs_write_sandboxes(
+    http: aiohttp.ClientSession,
+    proxy_url: str,
+    bus: Bus,
+    sandbox: str,
+    fake_runner: tuple[FakeRunner, str],
+    permissions: tuple[str, ...],
+) -> None:
+    """As Daytona's toolbox controller: a key without write:sandboxes gets 403 on every toolbox call, on
+    its own organization's sandbox and on any other id alike (the 403 reveals nothing of other tenants)."""
+    limited = await add_api_key(bus, ORG, permissions=permissions)
+    other_orgs_sandbox = await add_route(bus, fake_runner[1], organization_id=OTHER_ORG)
+    for target in (sandbox, other_orgs_sandbox, str(uuid.uuid4())):
+        for method, path in (("GET", "/version"), ("POST", "/process/execute"), ("GET", "/files/download")):
+            url = f"{proxy_url}/toolbox/{target}{path}"
+            async with http.request(method, url, headers=bearer(limited)) as response:
+                assert response.status == 403, (target, path)
+                assert "write:sandboxes" in str((await error_body(response))["message"])
+    # With the scope, the same key shape goes through.
+    writer = await add_api_key(bus, ORG, permissions=(*permissions, "write:sandboxes"))
+    async with http.get(f"{proxy_url}/toolbox/{sandbox}/version", headers=bearer(writer)) as response:
+        assert response.status == 200
 
 
 async def test_signed_url_without_bearer_is_401_until_implemented(

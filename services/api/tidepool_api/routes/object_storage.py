@@ -19,7 +19,7 @@ from fastapi import APIRouter
 
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import BuildContextWriter, Context
 from tidepool_api.schemas import StorageAccessDto, error_responses
 from tidepool_runtime.object_keys import user_key
 from tidepool_runtime.settings import ApiSettings
@@ -35,7 +35,7 @@ def object_storage_configured(settings: ApiSettings) -> bool:
 
 
 @router.get("/object-storage/push-access", response_model=StorageAccessDto, responses=error_responses(503))
-async def push_access(context: Context, caller: Caller) -> JsonResponse:
+async def push_access(context: Context, caller: BuildContextWriter) -> JsonResponse:
     settings = context.settings
     if not object_storage_configured(settings):
         raise ApiError(

@@ -17,7 +17,7 @@ from tidepool_api import previews, sandboxes
 from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError, bad_request, not_found
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Context, SandboxWriter
 from tidepool_api.schemas import SandboxDto, WireModel, error_responses, sandbox_dto
 
 router = APIRouter(prefix="/sandbox", tags=["preview"], responses=error_responses(400, 401, 404))
@@ -40,7 +40,7 @@ class SignedPortPreviewUrlDto(WireModel):
 
 @router.get("/{sandbox_id_or_name}/ports/{port}/preview-url", response_model=PortPreviewUrlDto)
 async def get_port_preview_url(
-    context: Context, caller: Caller, sandbox_id_or_name: str, port: Port
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, port: Port
 ) -> JsonResponse:
     async with context.database.sessions() as session:
         sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
@@ -63,7 +63,7 @@ async def get_port_preview_url(
 @router.get("/{sandbox_id_or_name}/ports/{port}/signed-preview-url", response_model=SignedPortPreviewUrlDto)
 async def get_signed_port_preview_url(
     context: Context,
-    caller: Caller,
+    caller: SandboxWriter,
     sandbox_id_or_name: str,
     port: Port,
     expires_in_seconds: Annotated[int | None, Query(alias="expiresInSeconds")] = None,
@@ -89,7 +89,7 @@ async def get_signed_port_preview_url(
     response_class=Response,
 )
 async def expire_signed_port_preview_url(
-    context: Context, caller: Caller, sandbox_id_or_name: str, port: Port, token: str
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, port: Port, token: str
 ) -> Response:
     async with context.database.sessions() as session:
         sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
@@ -100,7 +100,7 @@ async def expire_signed_port_preview_url(
 
 @router.post("/{sandbox_id_or_name}/public/{is_public}", response_model=SandboxDto)
 async def update_public_status(
-    context: Context, caller: Caller, sandbox_id_or_name: str, is_public: bool
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, is_public: bool
 ) -> JsonResponse:
     async with context.database.sessions() as session:
         sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)

@@ -12,7 +12,7 @@ from sqlmodel import select
 from tidepool_api.db import DockerRegistry
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Caller, Context, RegistryDeleter, RegistryWriter
 from tidepool_api.schemas import PlainName, Secret, Text, Url, WireModel, error_responses, iso
 from tidepool_runtime.image_refs import (
     ReferenceRefusedError,
@@ -98,7 +98,9 @@ async def find_registry(context: Context, organization_id: str, registry_id: str
 
 
 @router.post("", status_code=201, response_model=RegistryDto, responses=error_responses(400, 409, 413, 503))
-async def create_registry(context: Context, caller: Caller, body: CreateRegistryRequest) -> JsonResponse:
+async def create_registry(
+    context: Context, caller: RegistryWriter, body: CreateRegistryRequest
+) -> JsonResponse:
     check_registry_url(context, body.url)
     box = require_box(context)
     registry = DockerRegistry(
@@ -141,7 +143,7 @@ async def get_registry(context: Context, caller: Caller, registry_id: str) -> Js
 
 @router.patch("/{registry_id}", response_model=RegistryDto, responses=error_responses(400, 404, 413, 503))
 async def update_registry(
-    context: Context, caller: Caller, registry_id: str, body: UpdateRegistryRequest
+    context: Context, caller: RegistryWriter, registry_id: str, body: UpdateRegistryRequest
 ) -> JsonResponse:
     check_registry_url(context, body.url)
     registry = await find_registry(context, caller.organization_id, registry_id)
@@ -158,7 +160,7 @@ async def update_registry(
 
 
 @router.delete("/{registry_id}", status_code=204, response_class=Response, responses=error_responses(404))
-async def delete_registry(context: Context, caller: Caller, registry_id: str) -> Response:
+async def delete_registry(context: Context, caller: RegistryDeleter, registry_id: str) -> Response:
     registry = await find_registry(context, caller.organization_id, registry_id)
     async with context.database.sessions() as session:
         row = await session.get(DockerRegistry, registry.id)

@@ -13,7 +13,7 @@ from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Sandbox
 from tidepool_api.errors import bad_request, not_found
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Caller, Context, SandboxDeleter, SandboxWriter
 from tidepool_api.sandbox_events import list_events
 from tidepool_api.schemas import (
     INT32_MAX,
@@ -53,7 +53,7 @@ def dto(context: Context, sandbox: Any) -> dict[str, object]:
 
 @router.post("", status_code=200, response_model=SandboxDto, responses=error_responses(400, 409, 413, 503))
 async def create_sandbox(
-    context: Context, caller: Caller, body: Annotated[CreateSandboxRequest | None, Body()] = None
+    context: Context, caller: SandboxWriter, body: Annotated[CreateSandboxRequest | None, Body()] = None
 ) -> JsonResponse:
     """Create a sandbox (`{}` is valid) and wait up to `create_wait_seconds` for it to start (§2.2)."""
     sandbox = await sandboxes.create_sandbox(context, caller.organization_id, body or CreateSandboxRequest())
@@ -111,7 +111,7 @@ async def get_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str)
 
 
 @router.delete("/{sandbox_id_or_name}", response_model=SandboxDto, responses=WRITE)
-async def delete_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+async def delete_sandbox(context: Context, caller: SandboxDeleter, sandbox_id_or_name: str) -> JsonResponse:
     sandbox = await sandboxes.delete_sandbox(context, caller.organization_id, sandbox_id_or_name)
     sandbox = await sandboxes.wait_for_state(
         context, sandbox.id, AFTER_DELETE, context.settings.create_wait_seconds
@@ -120,7 +120,7 @@ async def delete_sandbox(context: Context, caller: Caller, sandbox_id_or_name: s
 
 
 @router.post("/{sandbox_id_or_name}/start", response_model=SandboxDto, responses=WRITE)
-async def start_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+async def start_sandbox(context: Context, caller: SandboxWriter, sandbox_id_or_name: str) -> JsonResponse:
     sandbox = await sandboxes.start_sandbox(context, caller.organization_id, sandbox_id_or_name)
     sandbox = await sandboxes.wait_for_state(
         context, sandbox.id, AFTER_START, context.settings.create_wait_seconds
@@ -130,7 +130,7 @@ async def start_sandbox(context: Context, caller: Caller, sandbox_id_or_name: st
 
 @router.post("/{sandbox_id_or_name}/stop", response_model=SandboxDto, responses=WRITE)
 async def stop_sandbox(
-    context: Context, caller: Caller, sandbox_id_or_name: str, force: bool = False
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, force: bool = False
 ) -> JsonResponse:
     sandbox = await sandboxes.stop_sandbox(context, caller.organization_id, sandbox_id_or_name, force)
     sandbox = await sandboxes.wait_for_state(
@@ -140,7 +140,7 @@ async def stop_sandbox(
 
 
 @router.post("/{sandbox_id_or_name}/recover", response_model=SandboxDto, responses=WRITE)
-async def recover_sandbox(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+async def recover_sandbox(context: Context, caller: SandboxWriter, sandbox_id_or_name: str) -> JsonResponse:
     """Behaviour spec "Recover": from a recoverable `error` only (400 otherwise); waits for `started`."""
     sandbox = await sandboxes.recover_sandbox(context, caller.organization_id, sandbox_id_or_name)
     sandbox = await sandboxes.wait_for_state(
@@ -151,7 +151,7 @@ async def recover_sandbox(context: Context, caller: Caller, sandbox_id_or_name: 
 
 @router.post("/{sandbox_id_or_name}/resize", response_model=SandboxDto, responses=WRITE)
 async def resize_sandbox(
-    context: Context, caller: Caller, sandbox_id_or_name: str, body: ResizeSandboxRequest
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, body: ResizeSandboxRequest
 ) -> JsonResponse:
     """Behaviour spec "Resize": started: cpu/memory may only grow (hot); stopped: cpu/memory, disk grows."""
     sandbox = await sandboxes.resize_sandbox(context, caller.organization_id, sandbox_id_or_name, body)
@@ -164,7 +164,7 @@ async def resize_sandbox(
 
 @router.put("/{sandbox_id_or_name}/labels", response_model=SandboxLabelsDto, responses=WRITE)
 async def replace_labels(
-    context: Context, caller: Caller, sandbox_id_or_name: str, body: ReplaceLabelsRequest
+    context: Context, caller: SandboxWriter, sandbox_id_or_name: str, body: ReplaceLabelsRequest
 ) -> JsonResponse:
     labels = await sandboxes.replace_labels(context, caller.organization_id, sandbox_id_or_name, body.labels)
     return JsonResponse({"labels": labels})
@@ -187,7 +187,7 @@ INTERVAL_FIELDS = {
 @router.post("/{sandbox_id_or_name}/{kind}/{minutes}", response_model=SandboxDto, responses=WRITE)
 async def set_interval(
     context: Context,
-    caller: Caller,
+    caller: SandboxWriter,
     sandbox_id_or_name: str,
     kind: str,
     minutes: Annotated[int, Path(le=INT32_MAX, description="minutes; -1 disables autodelete")],
@@ -206,7 +206,7 @@ async def set_interval(
 @router.post(
     "/{sandbox_id}/last-activity", status_code=201, response_class=Response, responses=error_responses(404)
 )
-async def update_last_activity(context: Context, caller: Caller, sandbox_id: str) -> Response:
+async def update_last_activity(context: Context, caller: SandboxWriter, sandbox_id: str) -> Response:
     await sandboxes.touch_activity(context, caller.organization_id, sandbox_id)
     return Response(status_code=201)
 

@@ -23,7 +23,7 @@ from tidepool_api import sandboxes
 from tidepool_api.db import Sandbox
 from tidepool_api.errors import ApiError
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Context, SandboxWriter
 from tidepool_api.schemas import error_responses
 from tidepool_contracts import channels
 from tidepool_contracts.models import SigningKeyRecord
@@ -75,7 +75,7 @@ async def mirror(kv: KeyValue, sealer: Sealer, sandbox: Sandbox, key: str, *, fo
 
 @router.get("/{sandbox_id}/signing-key", response_model=str)
 async def get_signing_key(
-    context: Context, caller: Caller, request: Request, sandbox_id: str
+    context: Context, caller: SandboxWriter, request: Request, sandbox_id: str
 ) -> JsonResponse:
     kv = await signing_keys_kv(request, context)
     async with context.database.sessions() as session:
@@ -100,7 +100,7 @@ async def get_signing_key(
 
 @router.post("/{sandbox_id}/signing-key/rotate", response_model=str)
 async def rotate_signing_key(
-    context: Context, caller: Caller, request: Request, sandbox_id: str
+    context: Context, caller: SandboxWriter, request: Request, sandbox_id: str
 ) -> JsonResponse:
     kv = await signing_keys_kv(request, context)
     key = new_signing_key()

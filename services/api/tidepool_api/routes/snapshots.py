@@ -13,7 +13,7 @@ from tidepool_api import snapshots
 from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Snapshot
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Caller, Context, SnapshotDeleter, SnapshotWriter
 from tidepool_api.schemas import (
     INT32_MAX,
     NAME_MAX,
@@ -66,7 +66,7 @@ async def list_snapshots(
 
 @router.post("", response_model=SnapshotDto, responses=error_responses(400, 404, 409, 413))
 async def create_snapshot(
-    context: Context, caller: Caller, body: snapshots.CreateSnapshotRequest
+    context: Context, caller: SnapshotWriter, body: snapshots.CreateSnapshotRequest
 ) -> JsonResponse:
     snapshot = await snapshots.create_snapshot(context, caller.organization_id, body)
     return JsonResponse(snapshot_dto(snapshot))
@@ -98,14 +98,14 @@ async def build_logs(context: Context, caller: Caller, id_or_name: str, follow: 
 
 
 @router.post("/{id_or_name:path}/activate", response_model=SnapshotDto, responses=WRITE)
-async def activate(context: Context, caller: Caller, id_or_name: str) -> JsonResponse:
+async def activate(context: Context, caller: SnapshotWriter, id_or_name: str) -> JsonResponse:
     return JsonResponse(
         snapshot_dto(await snapshots.set_active(context, caller.organization_id, id_or_name, True))
     )
 
 
 @router.post("/{id_or_name:path}/deactivate", status_code=204, response_class=Response, responses=WRITE)
-async def deactivate(context: Context, caller: Caller, id_or_name: str) -> Response:
+async def deactivate(context: Context, caller: SnapshotWriter, id_or_name: str) -> Response:
     await snapshots.set_active(context, caller.organization_id, id_or_name, False)
     return Response(status_code=204)
 
@@ -118,6 +118,6 @@ async def get_snapshot(context: Context, caller: Caller, id_or_name: str) -> Jso
 
 
 @router.delete("/{id_or_name:path}", response_class=Response, responses=WRITE)
-async def delete_snapshot(context: Context, caller: Caller, id_or_name: str) -> Response:
+async def delete_snapshot(context: Context, caller: SnapshotDeleter, id_or_name: str) -> Response:
     await snapshots.delete_snapshot(context, caller.organization_id, id_or_name)
     return Response(status_code=200)

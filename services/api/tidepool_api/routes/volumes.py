@@ -12,7 +12,7 @@ from tidepool_api import volumes
 from tidepool_api.db import Volume
 from tidepool_api.errors import not_found
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context
+from tidepool_api.routes.deps import Context, VolumeDeleter, VolumeReader, VolumeWriter
 from tidepool_api.schemas import CreateVolumeRequest, VolumeDto, error_responses, volume_dto
 
 router = APIRouter(prefix="/volumes", tags=["volumes"], responses=error_responses(401))
@@ -20,7 +20,9 @@ router = APIRouter(prefix="/volumes", tags=["volumes"], responses=error_response
 
 @router.get("", response_model=list[VolumeDto])
 async def list_volumes(
-    context: Context, caller: Caller, include_deleted: Annotated[bool, Query(alias="includeDeleted")] = False
+    context: Context,
+    caller: VolumeReader,
+    include_deleted: Annotated[bool, Query(alias="includeDeleted")] = False,
 ) -> JsonResponse:
     statement = select(Volume).where(Volume.organization_id == caller.organization_id)
     if not include_deleted:
@@ -31,13 +33,13 @@ async def list_volumes(
 
 
 @router.post("", response_model=VolumeDto, responses=error_responses(400, 503))
-async def create_volume(context: Context, caller: Caller, request: CreateVolumeRequest) -> JsonResponse:
+async def create_volume(context: Context, caller: VolumeWriter, request: CreateVolumeRequest) -> JsonResponse:
     volume = await volumes.create_volume(context, caller.organization_id, request.name)
     return JsonResponse(volume_dto(volume))
 
 
 @router.get("/by-name/{name}", response_model=VolumeDto, responses=error_responses(404))
-async def get_volume_by_name(context: Context, caller: Caller, name: str) -> JsonResponse:
+async def get_volume_by_name(context: Context, caller: VolumeReader, name: str) -> JsonResponse:
     async with context.database.sessions() as session:
         volume = (
             await session.exec(
@@ -54,7 +56,7 @@ async def get_volume_by_name(context: Context, caller: Caller, name: str) -> Jso
 
 
 @router.get("/{volume_id}", response_model=VolumeDto, responses=error_responses(404))
-async def get_volume(context: Context, caller: Caller, volume_id: str) -> JsonResponse:
+async def get_volume(context: Context, caller: VolumeReader, volume_id: str) -> JsonResponse:
     async with context.database.sessions() as session:
         volume = await session.get(Volume, volume_id)
     if volume is None or volume.organization_id != caller.organization_id:
@@ -63,6 +65,6 @@ async def get_volume(context: Context, caller: Caller, volume_id: str) -> JsonRe
 
 
 @router.delete("/{volume_id}", response_class=Response, responses=error_responses(400, 404, 409, 503))
-async def delete_volume(context: Context, caller: Caller, volume_id: str) -> Response:
+async def delete_volume(context: Context, caller: VolumeDeleter, volume_id: str) -> Response:
     await volumes.delete_volume(context, caller.organization_id, volume_id)
     return Response(status_code=200)
