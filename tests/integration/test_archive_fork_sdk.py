@@ -140,10 +140,14 @@ def test_fork_copies_the_filesystem_then_both_diverge(stack: StackThread) -> Non
         assert read(parent, "shared.txt") == "parent only"
         assert parent.process.exec("test -e mine.txt").exit_code != 0
 
+        # Linked: the parent lists its fork, the fork names its parent.
+        auth = {"Authorization": f"Bearer {stack.api_key}"}
+        forks = httpx.get(f"{stack.api_url}/sandbox/{parent.id}/forks", headers=auth)
+        assert [item["id"] for item in forks.json()] == [fork.id], forks.text
+        assert httpx.get(f"{stack.api_url}/sandbox/{fork.id}/parent", headers=auth).json()["id"] == parent.id
+
         # A parent with a live fork cannot be deleted (409, with the reason); after the fork, it can.
-        response = httpx.delete(
-            f"{stack.api_url}/sandbox/{parent.id}", headers={"Authorization": f"Bearer {stack.api_key}"}
-        )
+        response = httpx.delete(f"{stack.api_url}/sandbox/{parent.id}", headers=auth)
         assert response.status_code == 409, response.text
         assert "fork" in response.json()["message"]
         daytona.delete(fork)

@@ -338,8 +338,10 @@ async def change_state(
     verb: str,
     force: bool = False,
     target_from: dict[SandboxState, SandboxState] | None = None,
+    keep_forks_alive: bool = True,
 ) -> Sandbox:
-    """`target_from`: a different transitional state from some states (archived → restoring)."""
+    """`target_from`: a different transitional state from some states (archived → restoring).
+    `keep_forks_alive`: a DESTROY of a parent with live forks is refused (409)."""
     async with context.database.sessions() as session:
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
@@ -347,7 +349,7 @@ async def change_state(
             return sandbox
         if current not in allowed_from:
             raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
-        if action == SandboxAction.DESTROY:
+        if action == SandboxAction.DESTROY and keep_forks_alive:
             await refuse_parent_of_live_forks(session, sandbox)
         try:
             changed = await transition(
@@ -407,14 +409,19 @@ async def archive_sandbox(context: ApiContext, organization_id: str, id_or_name:
 LIVE_FORK_EXCLUDED = (SandboxState.DESTROYED.value, SandboxState.DESTROYING.value)
 
 
+async def live_forks(session: AsyncSession, sandbox: Sandbox) -> list[Sandbox]:
+    """The sandbox's forks that are neither deleted nor being deleted, oldest first."""
+    forks = await session.exec(
+        select(Sandbox)
+        .where(Sandbox.parent_id == sandbox.id, col(Sandbox.state).not_in(LIVE_FORK_EXCLUDED))
+        .order_by(col(Sandbox.created_at))
+    )
+    return list(forks.all())
+
+
 async def refuse_parent_of_live_forks(session: AsyncSession, sandbox: Sandbox) -> None:
     """Behaviour spec "Fork": a parent cannot be deleted while it has forks that are not deleted (409)."""
-    forks = await session.exec(
-        select(Sandbox.id).where(
-            Sandbox.parent_id == sandbox.id, col(Sandbox.state).not_in(LIVE_FORK_EXCLUDED)
-        )
-    )
-    live = list(forks.all())
+    live = [fork.id for fork in await live_forks(session, sandbox)]
     if live:
         raise conflict(
             f"Sandbox {sandbox.id} has {len(live)} fork(s) that are not deleted ({', '.join(live[:5])}): "
@@ -569,7 +576,10 @@ async def stop_sandbox(context: ApiContext, organization_id: str, id_or_name: st
     )
 
 
-async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+async def delete_sandbox(
+    context: ApiContext, organization_id: str, id_or_name: str, *, with_forks_alive: bool = False
+) -> Sandbox:
+    """`with_forks_alive`: delete even a parent whose forks live (the whole organization goes)."""
     deletable = set(SandboxState) - {SandboxState.DESTROYED, SandboxState.DESTROYING}
     sandbox = await change_state(
         context,
@@ -582,6 +592,7 @@ async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: 
         desired=DesiredState.DESTROYED,
         verb="deleted",
         force=True,
+        keep_forks_alive=not with_forks_alive,
     )
     return sandbox
 

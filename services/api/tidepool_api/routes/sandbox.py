@@ -216,6 +216,26 @@ async def fork_sandbox(
     return JsonResponse(dto(context, sandbox))
 
 
+@router.get("/{sandbox_id_or_name}/forks", response_model=list[SandboxDto], responses=READ)
+async def sandbox_forks(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    """The sandbox's forks that are not deleted (its direct children in the fork tree)."""
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+        forks = await sandboxes.live_forks(session, sandbox)
+    return JsonResponse([dto(context, fork) for fork in forks])
+
+
+@router.get("/{sandbox_id_or_name}/parent", response_model=SandboxDto, responses=READ)
+async def sandbox_parent(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    """The sandbox this one was forked from (404 for one that is not a fork, or whose parent is gone)."""
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+        if sandbox.parent_id is None:
+            raise not_found(f"Sandbox {sandbox.id} is not a fork")
+        parent = await sandboxes.find_sandbox(session, caller.organization_id, sandbox.parent_id)
+    return JsonResponse(dto(context, parent))
+
+
 @router.put("/{sandbox_id_or_name}/labels", response_model=SandboxLabelsDto, responses=WRITE)
 async def replace_labels(
     context: Context, caller: Caller, sandbox_id_or_name: str, body: ReplaceLabelsRequest
