@@ -78,7 +78,13 @@ BUILDER = Access(
     requests=(channels.REGISTRY_CREDENTIALS,),
 )
 RUNNER = Access(
-    publishes=(channels.SANDBOX_EVENTS, channels.PROCESS_EVENTS, channels.DAEMON_EVENTS),
+    # SNAPSHOT_EVENTS: a snapshot committed from a sandbox (snapshot from a sandbox, fork).
+    publishes=(
+        channels.SANDBOX_EVENTS,
+        channels.PROCESS_EVENTS,
+        channels.DAEMON_EVENTS,
+        channels.SNAPSHOT_EVENTS,
+    ),
     consumes=(channels.RUNNER_JOBS,),
     reads=(channels.ROUTES,),
     writes=(channels.ROUTES, channels.RUNNERS, channels.ACTIVITY),

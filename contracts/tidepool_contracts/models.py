@@ -63,6 +63,20 @@ class SandboxAction(StrEnum):
     RESIZE = "resize"
     # From a recoverable error: the container is restarted (killed if it still runs), as a stop and a start.
     RECOVER = "recover"
+    # A stopped sandbox's filesystem is committed to an image (pushed to the platform registry when there is
+    # one), its container and disk removed: `archived`, restored by a later START on any runner.
+    ARCHIVE = "archive"
+    # The sandbox's filesystem is committed to the image `SandboxIntent.snapshot` names (a snapshot, or the
+    # image of a fork); the sandbox's own state does not change. Not a desired state: sent once.
+    SNAPSHOT = "snapshot"
+
+
+class SnapshotTarget(BusModel):
+    """Where a SNAPSHOT job commits the sandbox's filesystem: the snapshot row and its local image name."""
+
+    snapshot_id: str
+    snapshot_name: str
+    image_ref: str
 
 
 class SandboxIntent(BusModel):
@@ -74,6 +88,7 @@ class SandboxIntent(BusModel):
     action: SandboxAction
     spec: SandboxSpec
     force: bool = False
+    snapshot: SnapshotTarget | None = None
     issued_at: datetime = Field(default_factory=utc_now)
 
 
@@ -86,6 +101,7 @@ class RunnerJob(BusModel):
     action: SandboxAction
     spec: SandboxSpec
     force: bool = False
+    snapshot: SnapshotTarget | None = None
     issued_at: datetime = Field(default_factory=utc_now)
 
 
@@ -102,8 +118,11 @@ class SandboxStateEvent(BusModel):
     daemon_version: str | None = None
     source: str
     # Why the platform changed the state on its own (a lifecycle timer), None when a user asked for it:
-    # `auto_stop` (idle for its autoStopInterval), `auto_delete` (stopped for its autoDeleteInterval).
+    # `auto_stop` (idle for its autoStopInterval), `auto_delete` (stopped for its autoDeleteInterval),
+    # `auto_archive` (stopped for its autoArchiveInterval).
     cause: str | None = None
+    # With `archived`: the image holding the sandbox's filesystem, what its next start restores it from.
+    image: str | None = None
     occurred_at: datetime = Field(default_factory=utc_now)
 
 
@@ -156,6 +175,8 @@ class DesiredSandbox(BusModel):
     # (0: never); delete after this long stopped (-1: never, 0: as soon as it stops, i.e. ephemeral).
     auto_stop_interval: int = 0
     auto_delete_interval: int = -1
+    # Archive after this long stopped (0: never; the API stores Daytona's "0 = the maximum" as the maximum).
+    auto_archive_interval: int = 0
 
 
 class SandboxActivity(BusModel):

@@ -155,3 +155,22 @@ def test_interval_setters_and_their_refusals(daytona: Daytona) -> None:
         sandbox.set_autostop_interval(0)
     finally:
         daytona.delete(sandbox)
+
+
+def test_auto_archive_after_its_interval_then_start_restores(
+    daytona: Daytona, fast_stack: StackThread
+) -> None:
+    sandbox = daytona.create(
+        CreateSandboxFromSnapshotParams(language="python", auto_stop_interval=0), timeout=180
+    )
+    try:
+        sandbox.fs.upload_file(b"kept through the archive", "kept.txt")
+        sandbox.set_auto_archive_interval(1)
+        sandbox.stop()
+        wait_until(lambda: state_of(daytona, sandbox) == "archived", timeout=180, interval=0.5)
+        causes = [event.get("cause") for event in events_of(fast_stack, sandbox)]
+        assert "auto_archive" in causes, causes
+        sandbox.start(timeout=180)
+        assert sandbox.fs.download_file("kept.txt") == b"kept through the archive"
+    finally:
+        daytona.delete(sandbox)

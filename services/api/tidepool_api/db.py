@@ -125,6 +125,8 @@ class Sandbox(SQLModel, table=True):
     volumes: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     runner_id: str | None = None
     daemon_version: str | None = None
+    # The sandbox this one was forked from (a parent with live forks cannot be deleted).
+    parent_id: str | None = Field(default=None, index=True)
     created_at: datetime = timestamp_column()
     updated_at: datetime = timestamp_column()
     last_activity_at: datetime = timestamp_column()

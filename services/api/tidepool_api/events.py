@@ -38,6 +38,12 @@ async def apply_sandbox_event(context: ApiContext, event: SandboxStateEvent) -> 
             changes["desired_state"] = DesiredState.STOPPED.value  # the platform stopped it, not a user
         elif event.cause == "auto_delete":
             changes["desired_state"] = DesiredState.DESTROYED.value
+        elif event.cause == "auto_archive":
+            changes["desired_state"] = DesiredState.ARCHIVED.value
+        if event.state == SandboxState.ARCHIVED and event.image:
+            # Its filesystem now lives in this image (the registry's copy): the next start restores from it.
+            changes["image"] = event.image
+            changes["runner_id"] = None
         if event.state == SandboxState.DESTROYED:
             # Frees the name for reuse while keeping the row for audit.
             changes["name"] = f"DESTROYED_{sandbox.name}_{int(time.time() * 1000)}"

@@ -75,7 +75,7 @@ async def delete_organization(context: ApiContext, organization_id: str, deleted
     sandboxes_deleted = 0
     for sandbox_id in sandbox_ids:
         try:
-            await delete_sandbox(context, organization_id, sandbox_id)
+            await delete_sandbox(context, organization_id, sandbox_id, with_forks_alive=True)
             sandboxes_deleted += 1
         except ApiError as error:  # gone meanwhile, or changing state: retried by a second DELETE
             log.warning("organization.sandbox_delete_failed", sandbox_id=sandbox_id, error=error.message)

@@ -24,7 +24,14 @@ from tidepool_api.schemas import CreateSandboxRequest, ResizeSandboxRequest
 from tidepool_api.snapshots import ensure_build
 from tidepool_api.volumes import mount_specs, resolve_mounts
 from tidepool_contracts import channels
-from tidepool_contracts.models import DesiredSandbox, SandboxAction, SandboxIntent, SandboxSpec, SnapshotState
+from tidepool_contracts.models import (
+    DesiredSandbox,
+    SandboxAction,
+    SandboxIntent,
+    SandboxSpec,
+    SnapshotState,
+    SnapshotTarget,
+)
 from tidepool_contracts.states import DesiredState, InvalidTransitionError, SandboxState, assert_transition
 from tidepool_runtime.broker import kv_get, kv_put
 
@@ -138,6 +145,7 @@ async def _announce(
             intent_id=intent.intent_id,
             auto_stop_interval=sandbox.auto_stop_interval,
             auto_delete_interval=sandbox.auto_delete_interval,
+            auto_archive_interval=sandbox.auto_archive_interval,
         ),
     )
     if action == SandboxAction.DESTROY:
@@ -160,6 +168,7 @@ async def refresh_desired(context: ApiContext, sandbox: Sandbox) -> None:
         "spec": spec_of(sandbox),
         "auto_stop_interval": sandbox.auto_stop_interval,
         "auto_delete_interval": sandbox.auto_delete_interval,
+        "auto_archive_interval": sandbox.auto_archive_interval,
         "updated_at": utc_now(),
     }
     await kv_put(context.desired_kv, sandbox.id, current.model_copy(update=update))
@@ -337,7 +346,11 @@ async def change_state(
     desired: DesiredState,
     verb: str,
     force: bool = False,
+    target_from: dict[SandboxState, SandboxState] | None = None,
+    keep_forks_alive: bool = True,
 ) -> Sandbox:
+    """`target_from`: a different transitional state from some states (archived → restoring).
+    `keep_forks_alive`: a DESTROY of a parent with live forks is refused (409)."""
     async with context.database.sessions() as session:
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
@@ -345,11 +358,18 @@ async def change_state(
             return sandbox
         if current not in allowed_from:
             raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
+        if action == SandboxAction.DESTROY and keep_forks_alive:
+            await refuse_parent_of_live_forks(session, sandbox)
         # A start hands out a new preview token: links given out before it open nothing any more.
         rotated = {"preview_token": previews.new_preview_token()} if action == SandboxAction.START else {}
         try:
             changed = await transition(
-                session, sandbox, target, desired_state=desired.value, error_reason=None, **rotated
+                session,
+                sandbox,
+                (target_from or {}).get(current, target),
+                desired_state=desired.value,
+                error_reason=None,
+                **rotated,
             )
         except InvalidTransitionError as error:
             raise bad_request(str(error)) from error
@@ -365,13 +385,192 @@ async def start_sandbox(context: ApiContext, organization_id: str, id_or_name: s
         context,
         organization_id,
         id_or_name,
-        allowed_from={SandboxState.STOPPED, SandboxState.ERROR},
-        already={SandboxState.STARTED, SandboxState.STARTING},
+        allowed_from={SandboxState.STOPPED, SandboxState.ERROR, SandboxState.ARCHIVED},
+        already={SandboxState.STARTED, SandboxState.STARTING, SandboxState.RESTORING},
         target=SandboxState.STARTING,
         action=SandboxAction.START,
         desired=DesiredState.STARTED,
         verb="started",
+        # From an archive: the container is recreated from the archived image on any runner.
+        target_from={SandboxState.ARCHIVED: SandboxState.RESTORING},
     )
+
+
+async def archive_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+    """`POST /sandbox/{id}/archive` (behaviour spec "Archive"): only a stopped sandbox (400 otherwise, as
+    Daytona); `archiving` → `archived` once its filesystem is committed and pushed and its runner freed."""
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        current = SandboxState(sandbox.state)
+        if current in (SandboxState.ARCHIVING, SandboxState.ARCHIVED):
+            return sandbox
+        if current != SandboxState.STOPPED:
+            raise bad_request(
+                f"Sandbox {sandbox.id} is not stopped (state '{current}'): stop it to archive it"
+            )
+        changed = await transition(
+            session, sandbox, SandboxState.ARCHIVING, desired_state=DesiredState.ARCHIVED.value
+        )
+        if not changed:
+            raise conflict(f"Sandbox {sandbox.id} changed state concurrently; retry")
+        await session.commit()
+    await announce(context, sandbox, SandboxAction.ARCHIVE, DesiredState.ARCHIVED)
+    return sandbox
+
+
+LIVE_FORK_EXCLUDED = (SandboxState.DESTROYED.value, SandboxState.DESTROYING.value)
+
+
+async def live_forks(session: AsyncSession, sandbox: Sandbox) -> list[Sandbox]:
+    """The sandbox's forks that are neither deleted nor being deleted, oldest first."""
+    forks = await session.exec(
+        select(Sandbox)
+        .where(Sandbox.parent_id == sandbox.id, col(Sandbox.state).not_in(LIVE_FORK_EXCLUDED))
+        .order_by(col(Sandbox.created_at))
+    )
+    return list(forks.all())
+
+
+async def refuse_parent_of_live_forks(session: AsyncSession, sandbox: Sandbox) -> None:
+    """Behaviour spec "Fork": a parent cannot be deleted while it has forks that are not deleted (409)."""
+    live = [fork.id for fork in await live_forks(session, sandbox)]
+    if live:
+        raise conflict(
+            f"Sandbox {sandbox.id} has {len(live)} fork(s) that are not deleted ({', '.join(live[:5])}): "
+            "delete them first"
+        )
+
+
+SNAPSHOTTABLE = {SandboxState.STARTED, SandboxState.STOPPED}
+
+
+def _snapshot_image_ref(organization_id: str, snapshot_id: str) -> str:
+    return f"localhost/tidepool/snapshot/{organization_id}:{snapshot_id}"
+
+
+async def _request_commit(context: ApiContext, sandbox: Sandbox, snapshot: Snapshot) -> None:
+    """Ask the sandbox's runner to commit its filesystem into `snapshot` (a one-off SNAPSHOT intent)."""
+    assert snapshot.ref is not None
+    intent = SandboxIntent(
+        sandbox_id=sandbox.id,
+        organization_id=sandbox.organization_id,
+        action=SandboxAction.SNAPSHOT,
+        spec=spec_of(sandbox),
+        snapshot=SnapshotTarget(snapshot_id=snapshot.id, snapshot_name=snapshot.name, image_ref=snapshot.ref),
+    )
+    await context.bus.publish(
+        channels.SANDBOX_INTENTS, intent, msg_id=intent.intent_id, sandbox_id=sandbox.id
+    )
+
+
+def _snapshot_row(sandbox: Sandbox, name: str, *, hidden: bool) -> Snapshot:
+    snapshot_id = str(uuid.uuid4())
+    ref = _snapshot_image_ref(sandbox.organization_id, snapshot_id)
+    return Snapshot(
+        id=snapshot_id,
+        organization_id=sandbox.organization_id,
+        name=name,
+        image_name=ref,
+        ref=ref,
+        hidden=hidden,
+        entrypoint=sandbox.entrypoint,
+        state=SnapshotState.PENDING.value,
+        cpu=sandbox.cpu,
+        memory=sandbox.memory,
+        disk=sandbox.disk,
+    )
+
+
+async def snapshot_sandbox(context: ApiContext, organization_id: str, id_or_name: str, name: str) -> Snapshot:
+    """`POST /sandbox/{id}/snapshot`: a snapshot of the sandbox's filesystem (started or stopped), usable by
+    `create(snapshot=name)` once `active`. The sandbox's own state does not change."""
+    if not name.strip():
+        raise bad_request("snapshot name is required")
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        current = SandboxState(sandbox.state)
+        if current not in SNAPSHOTTABLE:
+            raise bad_request(f"Sandbox {sandbox.id} cannot be snapshotted in state '{current}'")
+        taken = await session.exec(
+            select(Snapshot.id).where(Snapshot.organization_id == organization_id, Snapshot.name == name)
+        )
+        if taken.first() is not None:
+            raise conflict(f"Snapshot with name {name} already exists")
+        snapshot = _snapshot_row(sandbox, name, hidden=False)
+        session.add(snapshot)
+        await session.commit()
+    await _request_commit(context, sandbox, snapshot)
+    return snapshot
+
+
+async def wait_for_snapshot(context: ApiContext, snapshot_id: str, wait_seconds: float) -> Snapshot:
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        async with context.database.sessions() as session:
+            snapshot = await session.get(Snapshot, snapshot_id)
+        if snapshot is None:
+            raise not_found(f"Snapshot {snapshot_id} not found")
+        if snapshot.state != SnapshotState.PENDING.value or time.monotonic() >= deadline:
+            return snapshot
+        await asyncio.sleep(0.2)
+
+
+async def fork_sandbox(
+    context: ApiContext, organization_id: str, id_or_name: str, name: str | None
+) -> Sandbox:
+    """`POST /sandbox/{id}/fork`: a new, independent sandbox with a copy of the parent's filesystem (its
+    env, labels, resources and user too), linked to it by `parent_id`. The parent's filesystem is committed
+    to a hidden snapshot; the child waits for it in `pending_build` and is created from it."""
+    async with context.database.sessions() as session:
+        parent = await find_sandbox(session, organization_id, id_or_name)
+        current = SandboxState(parent.state)
+        if current not in SNAPSHOTTABLE:
+            raise bad_request(f"Sandbox {parent.id} cannot be forked in state '{current}'")
+        child_id = str(uuid.uuid4())
+        child_name = name or child_id
+        if name is not None:
+            taken = await session.exec(
+                select(Sandbox.id).where(
+                    Sandbox.organization_id == organization_id,
+                    Sandbox.name == name,
+                    Sandbox.state != SandboxState.DESTROYED,
+                )
+            )
+            if taken.first() is not None:
+                raise conflict(f"Sandbox with name {name} already exists")
+        snapshot = _snapshot_row(parent, f"fork-{child_id}", hidden=True)
+        snapshot.last_used_at = utc_now()
+        session.add(snapshot)
+        assert_transition(SandboxState.UNKNOWN, SandboxState.PENDING_BUILD)
+        child = Sandbox(
+            id=child_id,
+            organization_id=organization_id,
+            name=child_name,
+            state=SandboxState.PENDING_BUILD.value,
+            desired_state=DesiredState.STARTED.value,
+            snapshot=parent.snapshot,
+            image=snapshot.ref or parent.image,
+            build_ref=snapshot.ref,
+            entrypoint=parent.entrypoint,
+            os_user=parent.os_user,
+            env=dict(parent.env),
+            labels=dict(parent.labels),
+            cpu=parent.cpu,
+            memory=parent.memory,
+            disk=parent.disk,
+            public=parent.public,
+            network_block_all=parent.network_block_all,
+            target=parent.target,
+            auto_stop_interval=parent.auto_stop_interval,
+            auto_archive_interval=parent.auto_archive_interval,
+            auto_delete_interval=parent.auto_delete_interval,
+            parent_id=parent.id,
+        )
+        session.add(child)
+        record_created(session, child)
+        await session.commit()
+    await _request_commit(context, parent, snapshot)
+    return await wait_for_state(context, child.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds)
 
 
 async def stop_sandbox(context: ApiContext, organization_id: str, id_or_name: str, force: bool) -> Sandbox:
@@ -389,7 +588,10 @@ async def stop_sandbox(context: ApiContext, organization_id: str, id_or_name: st
     )
 
 
-async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
+async def delete_sandbox(
+    context: ApiContext, organization_id: str, id_or_name: str, *, with_forks_alive: bool = False
+) -> Sandbox:
+    """`with_forks_alive`: delete even a parent whose forks live (the whole organization goes)."""
     deletable = set(SandboxState) - {SandboxState.DESTROYED, SandboxState.DESTROYING}
     sandbox = await change_state(
         context,
@@ -402,6 +604,7 @@ async def delete_sandbox(context: ApiContext, organization_id: str, id_or_name: 
         desired=DesiredState.DESTROYED,
         verb="deleted",
         force=True,
+        keep_forks_alive=not with_forks_alive,
     )
     return sandbox
 

@@ -284,6 +284,19 @@ class ResizeSandboxRequest(WireModel):
     disk: Cores | None = None
 
 
+class CreateSandboxSnapshotRequest(WireModel):
+    """`CreateSandboxSnapshot` (SDK 0.226.1): the new snapshot's name; memory snapshots are VM-only."""
+
+    name: str = Field(min_length=1, max_length=NAME_MAX)
+    include_memory: bool | None = None
+
+
+class ForkSandboxRequest(WireModel):
+    """`ForkSandbox` (SDK 0.226.1): the fork's name (absent: its id)."""
+
+    name: str | None = Field(default=None, max_length=NAME_MAX)
+
+
 class ReplaceLabelsRequest(WireModel):
     """`SandboxLabels`: the full new label set."""
 

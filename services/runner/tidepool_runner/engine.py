@@ -187,6 +187,57 @@ class ContainerEngine:
                 raise SandboxFailedError(f"the engine refused the new resources: {error.message}") from error
             raise self._translate(error, "resize the sandbox container") from error
 
+    async def commit(self, container_id: str, repository: str, tag: str) -> str:
+        """Commit the container's filesystem (its writable layer on the image's) to `repository:tag`
+        (the caller pauses a running container). Returns the image reference."""
+        params = {"container": container_id, "repo": repository, "tag": tag, "pause": "false"}
+        try:
+            # A JSON body is required: Podman's compat endpoint decodes one (an empty body is "EOF").
+            async with self._docker._query(
+                "commit",
+                method="POST",
+                params=params,
+                data="{}",
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                await response.read()
+        except DockerError as error:
+            raise self._translate(error, "commit the sandbox's filesystem") from error
+        return f"{repository}:{tag}"
+
+    async def push(self, local_ref: str, repository: str, tag: str) -> str:
+        """Tag `local_ref` as `repository:tag` and push it (the platform registry's login, if any)."""
+        target = f"{repository}:{tag}"
+        auth = self._registry_auth(target) if self._registry_auth else None
+        try:
+            await self._docker.images.tag(local_ref, repo=repository, tag=tag)
+            progress = await self._docker.images.push(repository, tag=tag, auth=auth or {})
+        except DockerError as error:
+            raise self._translate(error, f"push {target}") from error
+        for entry in progress if isinstance(progress, list) else [progress]:
+            if isinstance(entry, dict) and entry.get("error"):
+                raise SandboxFailedError(f"cannot push {target}: {entry['error']}")
+        return target
+
+    async def image_size(self, image_ref: str) -> int | None:
+        try:
+            return int((await self._docker.images.inspect(image_ref)).get("Size") or 0)
+        except DockerError:
+            return None
+
+    async def remove_image(self, image_ref: str) -> None:
+        """Untag (and delete when unused) an image this runner made; missing or in use is fine."""
+        try:
+            await self._docker.images.delete(image_ref)
+        except DockerError:
+            return
+
+    async def pause(self, container_id: str) -> None:
+        try:
+            await self._docker.containers.container(container_id).pause()
+        except DockerError as error:
+            raise self._translate(error, "pause the sandbox container") from error
+
     async def unpause(self, container_id: str) -> None:
         try:
             await self._docker.containers.container(container_id).unpause()

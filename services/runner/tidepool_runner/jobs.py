@@ -10,14 +10,24 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import structlog
 
 from tidepool_contracts import channels
-from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
+from tidepool_contracts.models import (
+    RunnerJob,
+    SandboxAction,
+    SandboxRoute,
+    SandboxSpec,
+    SandboxStateEvent,
+    SnapshotEvent,
+    SnapshotState,
+)
 from tidepool_contracts.states import SandboxState
+from tidepool_contracts.subjects import kv_safe
 from tidepool_runner.container_config import (
     GIB,
     build_container_config,
@@ -136,6 +146,10 @@ class JobExecutor:
                     await self._stop(job)
                 case SandboxAction.DESTROY:
                     await self._destroy(job)
+                case SandboxAction.ARCHIVE:
+                    await self._archive(job)
+                case SandboxAction.SNAPSHOT:
+                    await self._snapshot(job)
         except SandboxFailedError as failure:
             bound.warning("job.failed", reason=failure.reason)
             await self._report(job, SandboxState.ERROR, error_reason=failure.reason)
@@ -259,6 +273,112 @@ class JobExecutor:
         await asyncio.to_thread(self._volumes.release, job.sandbox_id)
         await self._report(job, SandboxState.STOPPED)
 
+    async def _commit(self, job: RunnerJob, status: ContainerStatus, local_ref: str) -> str:
+        """Commit the sandbox's filesystem to `local_ref` and, with a platform registry, push it there and
+        drop the local copy; returns the reference any runner can start it from."""
+        if not status.running and not status.paused:
+            # The writable layer lives on the sandbox's disk: make sure it is mounted and linked.
+            await asyncio.to_thread(
+                self._disks.attach, job.sandbox_id, job.spec.disk_gib, status.upper_dir, status.work_dir
+            )
+        repository, tag = _split_ref(local_ref)
+        # The layer holds the host's ids of the sandbox's user namespace, and the engine's commit copies them
+        # as they are (its own mapping is the kernel's, on mount): an image made so would show every changed
+        # file as `nobody`. So the layer is shifted to the sandbox's own ids for the copy and back after it,
+        # with the sandbox frozen meanwhile if it runs.
+        root = await self._engine.root_ids(status.container_id)
+        upper = self._disks.paths(job.sandbox_id).upper
+        freeze = status.running and not status.paused
+        if freeze:
+            await self._engine.pause(status.container_id)
+        try:
+            shifted = await asyncio.to_thread(shift_down, upper, root)
+            try:
+                await self._engine.commit(status.container_id, repository, tag)
+            finally:
+                await asyncio.to_thread(shift_up, shifted, root)
+        finally:
+            if freeze:
+                await self._engine.unpause(status.container_id)
+        registry = self._settings.registry_url
+        if not registry:
+            return local_ref
+        target_repository, target_tag = registry_reference(registry, local_ref)
+        pushed = await self._engine.push(local_ref, target_repository, target_tag)
+        await self._engine.remove_image(local_ref)
+        await self._engine.remove_image(pushed)
+        return pushed
+
+    def _archive_ref(self, job: RunnerJob) -> tuple[str, str]:
+        """The archive's local name and where it ends up (deterministic: a redelivered job finds it)."""
+        local_ref = f"localhost/tidepool/archive/{job.sandbox_id}:{job.intent_id}"
+        registry = self._settings.registry_url
+        if not registry:
+            return local_ref, local_ref
+        repository, tag = registry_reference(registry, local_ref)
+        return local_ref, f"{repository}:{tag}"
+
+    async def _archive(self, job: RunnerJob) -> None:
+        """Commit a stopped sandbox's filesystem (files, installed packages) to an image, push it to the
+        platform registry and remove its container and disk: the runner keeps nothing of it. Its next START
+        recreates the container from that image on whichever runner the scheduler picks."""
+        local_ref, final_ref = self._archive_ref(job)
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is not None:
+            if status.running or status.paused:
+                await self._engine.stop(status.container_id, timeout_seconds=STOP_TIMEOUT_SECONDS)
+                status = await self._engine.inspect(status.container_id) or status
+            await self._daemons.close(job.sandbox_id)
+            final_ref = await self._commit(job, status, local_ref)
+        # else: a redelivered job whose first attempt committed and removed the container already.
+        await self._remove_container_and_disk(job.sandbox_id)
+        await self._report(job, SandboxState.ARCHIVED, image=final_ref)
+
+    async def _snapshot(self, job: RunnerJob) -> None:
+        """Commit the sandbox's filesystem to the snapshot `job.snapshot` names and report that snapshot (not
+        the sandbox) active, or failed with the reason."""
+        target = job.snapshot
+        if target is None:
+            return
+        event: SnapshotEvent
+        try:
+            status = await self._engine.inspect(container_name(job.sandbox_id))
+            if status is None:
+                raise SandboxFailedError("the sandbox has no container on its runner")
+            reference = await self._commit(job, status, target.image_ref)
+            event = SnapshotEvent(
+                snapshot_id=target.snapshot_id,
+                snapshot_name=target.snapshot_name,
+                image_ref=target.image_ref,
+                state=SnapshotState.ACTIVE,
+                entrypoint=job.spec.entrypoint,
+                size_bytes=await self._engine.image_size(reference),
+                registry_ref=reference if reference != target.image_ref else None,
+            )
+        except SandboxFailedError as failure:
+            event = SnapshotEvent(
+                snapshot_id=target.snapshot_id,
+                snapshot_name=target.snapshot_name,
+                image_ref=target.image_ref,
+                state=SnapshotState.ERROR,
+                error_reason=f"cannot snapshot sandbox {job.sandbox_id}: {failure.reason}",
+            )
+        await self._bus.publish(
+            channels.SNAPSHOT_EVENTS,
+            event,
+            msg_id=f"{job.job_id}:{event.state}",
+            snapshot=kv_safe(target.snapshot_name),
+        )
+
+    async def _remove_container_and_disk(self, sandbox_id: str) -> None:
+        await self._daemons.close(sandbox_id)
+        await self._engine.remove(container_name(sandbox_id))
+        # After the container: its writable layer lives on the disk until the engine has let go of it.
+        await asyncio.to_thread(self._disks.remove, sandbox_id)
+        socket_dir = sandbox_socket_dir(self._settings, sandbox_id)
+        await asyncio.to_thread(unmount_socket_dir, socket_dir)
+        await asyncio.to_thread(_remove_tree, socket_dir)
+
     async def _destroy(self, job: RunnerJob) -> None:
         await self._daemons.close(job.sandbox_id)
         await self._engine.remove(container_name(job.sandbox_id))
@@ -281,6 +401,7 @@ class JobExecutor:
         *,
         error_reason: str | None = None,
         daemon_version: str | None = None,
+        image: str | None = None,
     ) -> None:
         # Route first: whoever reacts to `started` (the SDK via the API) must find the proxy route in place.
         route = SandboxRoute(
@@ -291,7 +412,9 @@ class JobExecutor:
             state=state,
         )
         await kv_put(self._routes, job.sandbox_id, route)
-        await self._publish_event(job, state, error_reason=error_reason, daemon_version=daemon_version)
+        await self._publish_event(
+            job, state, error_reason=error_reason, daemon_version=daemon_version, image=image
+        )
 
     async def _publish_event(
         self,
@@ -300,6 +423,7 @@ class JobExecutor:
         *,
         error_reason: str | None = None,
         daemon_version: str | None = None,
+        image: str | None = None,
     ) -> None:
         event = SandboxStateEvent(
             sandbox_id=job.sandbox_id,
@@ -309,11 +433,78 @@ class JobExecutor:
             runner_id=self._runner_id,
             daemon_version=daemon_version,
             source=EVENT_SOURCE,
+            image=image,
         )
         # A redelivered job that reaches the same outcome publishes nothing new (JetStream de-duplication).
         await self._bus.publish(
             channels.SANDBOX_EVENTS, event, msg_id=f"{job.job_id}:{state}", sandbox_id=job.sandbox_id
         )
+
+
+# The size of a sandbox's user namespace (its root is the first host id of the range).
+USERNS_SIZE = 65536
+
+
+def shift_down(upper: Path, root: RootIds) -> list[tuple[str, bool, bool]]:
+    """Give every entry of the layer `upper` the sandbox's own ids instead of the host's (root's host id
+    becomes 0); returns what changed, as (path, uid shifted, gid shifted), for `shift_up`. Links are not
+    followed."""
+    changed: list[tuple[str, bool, bool]] = []
+    if not upper.is_dir():
+        return changed
+    for directory, dirnames, filenames in os.walk(upper):
+        for name in [".", *dirnames, *filenames]:
+            path = directory if name == "." else os.path.join(directory, name)
+            info = os.lstat(path)
+            shift_uid = root.uid <= info.st_uid < root.uid + USERNS_SIZE
+            shift_gid = root.gid <= info.st_gid < root.gid + USERNS_SIZE
+            if not shift_uid and not shift_gid:
+                continue
+            _chown_keeping_mode(
+                path,
+                info,
+                info.st_uid - root.uid if shift_uid else info.st_uid,
+                info.st_gid - root.gid if shift_gid else info.st_gid,
+            )
+            changed.append((path, shift_uid, shift_gid))
+    return changed
+
+
+def shift_up(changed: list[tuple[str, bool, bool]], root: RootIds) -> None:
+    """Undo `shift_down`: the layer's entries get their host ids back."""
+    for path, shift_uid, shift_gid in changed:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        _chown_keeping_mode(
+            path,
+            info,
+            info.st_uid + root.uid if shift_uid else info.st_uid,
+            info.st_gid + root.gid if shift_gid else info.st_gid,
+        )
+
+
+def _chown_keeping_mode(path: str, info: os.stat_result, uid: int, gid: int) -> None:
+    os.lchown(path, uid, gid)
+    if not stat.S_ISLNK(info.st_mode) and info.st_mode & 0o6000:
+        os.chmod(path, info.st_mode & 0o7777)  # chown clears setuid and setgid bits
+
+
+def _split_ref(reference: str) -> tuple[str, str]:
+    repository, _, tag = reference.rpartition(":")
+    if not repository or "/" in tag:
+        return reference, "latest"
+    return repository, tag
+
+
+def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
+    """Where `image_ref` lives in the platform registry: (repository, tag); as the builder names it."""
+    name, tag = _split_ref(image_ref)
+    first, _, rest = name.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        name = rest  # drop the source registry host; keep the path
+    return f"{registry}/snapshots/{name}", tag
 
 
 def _remove_tree(path: Path) -> None:

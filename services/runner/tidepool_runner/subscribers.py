@@ -1,7 +1,8 @@
 """Every subscriber and publisher of a runner on the bus (the map: docs/asyncapi/asyncapi.yaml).
 
 Subscribes: its own jobs (`tidepool.job.runner.<runner id>`). Publishes: sandbox state, process-termination
-and daemon-health events. Writes the routes and runners buckets (inventory.py, jobs.py).
+and daemon-health events, and snapshot events (filesystems committed from sandboxes). Writes the routes and
+runners buckets (inventory.py, jobs.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from tidepool_contracts.models import RunnerJob
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runtime.broker import Registrar, declare_publishers, jetstream_subscriber
 
-PUBLISHES = (channels.SANDBOX_EVENTS, channels.PROCESS_EVENTS, channels.DAEMON_EVENTS)
+PUBLISHES = (
+    channels.SANDBOX_EVENTS,
+    channels.PROCESS_EVENTS,
+    channels.DAEMON_EVENTS,
+    channels.SNAPSHOT_EVENTS,
+)
 JOB_ACK_WAIT_SECONDS = 15.0
 JOB_CONCURRENCY = 16
 

@@ -6,7 +6,9 @@
   API (`GET /sandbox/{id}` polling) is not activity.
 - auto-delete: a stopped sandbox whose desired state is `stopped` is deleted `auto_delete_interval` minutes
   after it stopped (-1: never; 0: as soon as it stops, i.e. an ephemeral sandbox).
-- auto-archive is not acted on: archiving is not implemented yet.
+- auto-archive: a stopped sandbox whose desired state is `stopped` is archived `auto_archive_interval`
+  minutes after it stopped (the API stores Daytona's 0 as the maximum, 30 days; 0 here: never). A due
+  auto-delete goes first.
 
 The platform acts as a user would: a new intent id in the desired record, the job to the sandbox's runner,
 and a state event whose `cause` says why, so the API records who did it and the SDK's live events carry it.
@@ -31,12 +33,13 @@ log = structlog.get_logger("tidepool.scheduler.lifecycle")
 
 AUTO_STOP = "auto_stop"
 AUTO_DELETE = "auto_delete"
+AUTO_ARCHIVE = "auto_archive"
 
 
 def due(
     desired: DesiredSandbox, route: SandboxRoute, activity: datetime | None, now: datetime, minute: float
 ) -> str | None:
-    """Which timer has fired for this sandbox (AUTO_STOP, AUTO_DELETE) or None. Pure: unit-tested."""
+    """Which timer has fired for this sandbox (AUTO_STOP, AUTO_DELETE, AUTO_ARCHIVE) or None. Pure."""
     if (
         desired.desired_state == DesiredState.STARTED
         and route.state == SandboxState.STARTED
@@ -55,6 +58,14 @@ def due(
         stopped_for = (now - max(route.updated_at, desired.updated_at)).total_seconds()
         if stopped_for >= desired.auto_delete_interval * minute:
             return AUTO_DELETE
+    if (
+        desired.desired_state == DesiredState.STOPPED
+        and route.state == SandboxState.STOPPED
+        and desired.auto_archive_interval > 0
+    ):
+        stopped_for = (now - max(route.updated_at, desired.updated_at)).total_seconds()
+        if stopped_for >= desired.auto_archive_interval * minute:
+            return AUTO_ARCHIVE
     return None
 
 
@@ -68,7 +79,7 @@ class LifecycleTimers:
         return cls(scheduler, await scheduler.bus.kv(channels.ACTIVITY))
 
     async def tick(self, now: datetime | None = None) -> list[tuple[str, str]]:
-        """Act on every timer that has fired; returns [(sandbox id, AUTO_STOP | AUTO_DELETE)]."""
+        """Act on every timer that has fired; returns [(sandbox id, timer)]."""
         now = now or datetime.now(UTC)
         minute = self.scheduler.settings.lifecycle_minute_seconds
         activity = {
@@ -94,6 +105,14 @@ class LifecycleTimers:
                     DesiredState.DESTROYED,
                     SandboxState.DESTROYING,
                     AUTO_DELETE,
+                )
+            elif timer == AUTO_ARCHIVE:
+                await self.scheduler.lifecycle_change(
+                    desired,
+                    SandboxAction.ARCHIVE,
+                    DesiredState.ARCHIVED,
+                    SandboxState.ARCHIVING,
+                    AUTO_ARCHIVE,
                 )
             if timer is not None:
                 log.info("lifecycle.fired", sandbox_id=desired.sandbox_id, timer=timer)

@@ -44,6 +44,7 @@ ACTION_FOR_DESIRED = {
 CONVERGED_ROUTE_STATE = {
     DesiredState.STARTED: SandboxState.STARTED,
     DesiredState.STOPPED: SandboxState.STOPPED,
+    DesiredState.ARCHIVED: SandboxState.ARCHIVED,
 }
 
 
@@ -84,6 +85,7 @@ class Scheduler:
             action=intent.action,
             spec=intent.spec,
             force=intent.force,
+            snapshot=intent.snapshot,
         )
         await self.bus.publish(
             channels.RUNNER_JOBS, job, msg_id=f"{intent.intent_id}:{attempt}", runner_id=placement.runner_id
@@ -138,6 +140,21 @@ class Scheduler:
             log.info("intent.superseded", sandbox_id=intent.sandbox_id)
             return
         placement = await kv_get(self.placements_kv, intent.sandbox_id, Placement)
+        if intent.action == SandboxAction.SNAPSHOT:
+            # A one-off job to the sandbox's runner: no desired state, so the placement is left alone.
+            if placement is None:
+                log.warning("intent.snapshot_unplaced", sandbox_id=intent.sandbox_id)
+                return
+            await self.send_job(intent, placement, attempt=1)
+            return
+        if (
+            placement is not None
+            and placement.last_action == SandboxAction.ARCHIVE
+            and intent.action in (SandboxAction.START, SandboxAction.CREATE)
+        ):
+            # Restoring an archive: its old runner keeps nothing of it, so any runner may take it.
+            await kv_delete(self.placements_kv, intent.sandbox_id)
+            placement = None
         if placement is None:
             if intent.action == SandboxAction.DESTROY:
                 # Never placed: nothing runs anywhere.

@@ -106,6 +106,16 @@ class ScriptedEngine:
     async def update_resources(self, container_id: str, cpu: int, memory_bytes: int) -> None:
         self._maybe_fail(f"update {cpu} {memory_bytes}")
 
+    async def commit(self, container_id: str, repository: str, tag: str) -> str:
+        self._maybe_fail(f"commit {repository}:{tag}")
+        return f"{repository}:{tag}"
+
+    async def pause(self, container_id: str) -> None:
+        self._maybe_fail("pause")
+
+    async def unpause(self, container_id: str) -> None:
+        self._maybe_fail("unpause")
+
 
 class AlwaysReadyDaemons(DaemonConnections):
     async def probe_version(self, sandbox_id: str) -> str | None:
@@ -283,3 +293,35 @@ async def test_resize_updates_a_running_container_and_every_later_start(
     assert engine.calls.count(f"update 2 {4 * 1024**3}") == 2
     last_start = max(index for index, call in enumerate(engine.calls) if call == "start")
     assert f"update 2 {4 * 1024**3}" in engine.calls[last_start:]  # after the container started
+
+
+async def test_archive_commits_then_frees_the_runner_and_a_redelivery_converges(
+    bus: Bus, harness: tuple[JobExecutor, ScriptedEngine, asyncio.Queue[SandboxStateEvent]]
+) -> None:
+    executor, engine, events = harness
+    sandbox_id = str(uuid.uuid4())
+    await executor.execute(make_job(SandboxAction.CREATE, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STARTED
+    await executor.execute(make_job(SandboxAction.STOP, sandbox_id))
+    assert (await asyncio.wait_for(events.get(), 5)).state is SandboxState.STOPPED
+
+    archive = make_job(SandboxAction.ARCHIVE, sandbox_id)
+    await executor.execute(archive)
+    archived = await asyncio.wait_for(events.get(), 5)
+    image = f"localhost/tidepool/archive/{sandbox_id}:{archive.intent_id}"  # no registry configured here
+    assert (archived.state, archived.image) == (SandboxState.ARCHIVED, image)
+    # Committed from the stopped container (no pause), then container and disk gone.
+    commit = f"commit {image}"
+    order = [
+        call for call in engine.calls if call in (commit, "pause", "remove", f"disk.remove {sandbox_id}")
+    ]
+    assert order == [commit, "remove", f"disk.remove {sandbox_id}"]
+    assert f"tidepool-{sandbox_id}" not in engine.containers
+    route = await kv_get(await bus.kv(channels.ROUTES), sandbox_id, SandboxRoute)
+    assert route is not None and route.state is SandboxState.ARCHIVED
+
+    # Redelivered after the container went: still archived, nothing is committed again.
+    await executor.execute(archive)
+    assert engine.calls.count(commit) == 1
+    route = await kv_get(await bus.kv(channels.ROUTES), sandbox_id, SandboxRoute)
+    assert route is not None and route.state is SandboxState.ARCHIVED

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from tidepool_contracts.models import DesiredSandbox, SandboxRoute, SandboxSpec
 from tidepool_contracts.states import DesiredState, SandboxState
-from tidepool_scheduler.lifecycle import AUTO_DELETE, AUTO_STOP, due
+from tidepool_scheduler.lifecycle import AUTO_ARCHIVE, AUTO_DELETE, AUTO_STOP, due
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 MINUTE = 60.0
@@ -59,3 +59,19 @@ def test_a_minute_can_be_shortened_for_tests() -> None:
     started, running = desired(DesiredState.STARTED, stop=2), route(SandboxState.STARTED)
     assert due(started, running, None, T0 + timedelta(seconds=1.9), 1.0) is None
     assert due(started, running, None, T0 + timedelta(seconds=2), 1.0) == AUTO_STOP
+
+
+def test_auto_archive_after_stopped_for_its_interval_delete_first() -> None:
+    stopped = route(SandboxState.STOPPED)
+    week = desired(DesiredState.STOPPED).model_copy(update={"auto_archive_interval": 10080})
+    assert due(week, stopped, None, T0 + timedelta(days=6, hours=23), MINUTE) is None
+    assert due(week, stopped, None, T0 + timedelta(days=7), MINUTE) == AUTO_ARCHIVE
+    # 0 on the bus: never (the API turns Daytona's 0 into the maximum before it gets here).
+    never = desired(DesiredState.STOPPED).model_copy(update={"auto_archive_interval": 0})
+    assert due(never, stopped, None, T0 + timedelta(days=365), MINUTE) is None
+    # A due auto-delete wins; a started or archiving sandbox is left alone.
+    both = desired(DesiredState.STOPPED, delete=5).model_copy(update={"auto_archive_interval": 5})
+    assert due(both, stopped, None, T0 + timedelta(minutes=5), MINUTE) == AUTO_DELETE
+    assert due(week, route(SandboxState.ARCHIVING), None, T0 + timedelta(days=8), MINUTE) is None
+    running = desired(DesiredState.STARTED, stop=0).model_copy(update={"auto_archive_interval": 1})
+    assert due(running, route(SandboxState.STARTED), None, T0 + timedelta(days=8), MINUTE) is None

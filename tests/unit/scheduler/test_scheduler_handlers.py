@@ -10,15 +10,24 @@ from tests.fakes_kv import MemoryKV
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DesiredSandbox,
+    Placement,
     RunnerInfo,
     RunnerJob,
     SandboxAction,
     SandboxIntent,
     SandboxSpec,
     SandboxStateEvent,
+    SnapshotTarget,
 )
 from tidepool_contracts.states import DesiredState, SandboxState
-from tidepool_runtime.broker import Bus, create_broker, declare_publishers, jetstream_subscriber, kv_put
+from tidepool_runtime.broker import (
+    Bus,
+    create_broker,
+    declare_publishers,
+    jetstream_subscriber,
+    kv_get,
+    kv_put,
+)
 from tidepool_runtime.settings import Settings
 from tidepool_scheduler import subscribers
 from tidepool_scheduler.scheduler import Scheduler
@@ -86,3 +95,45 @@ async def test_destroy_of_a_never_placed_sandbox_reports_destroyed_without_a_job
         await api.publish(channels.SANDBOX_INTENTS, destroy, sandbox_id="s2")
     assert len(sent) == 1 and isinstance(sent[0], SandboxStateEvent)
     assert (sent[0].sandbox_id, sent[0].state) == ("s2", SandboxState.DESTROYED)
+
+
+async def test_start_of_an_archive_is_placed_anew_and_a_snapshot_leaves_the_placement() -> None:
+    broker, scheduler, api, sent = await scheduler_on_test_broker()
+    await kv_put(
+        scheduler.runners_kv,
+        "r2",
+        RunnerInfo(runner_id="r2", url="http://r2", cpu_total=8, memory_total_gib=16),
+    )
+    # Archived on r1, which is gone since: the start must not wait for it.
+    archived = Placement(
+        sandbox_id="s1", runner_id="r1", last_intent_id="old", last_action=SandboxAction.ARCHIVE
+    )
+    await kv_put(scheduler.placements_kv, "s1", archived)
+    start = intent("s1", SandboxAction.START)
+    await kv_put(
+        scheduler.desired_kv,
+        "s1",
+        DesiredSandbox(
+            sandbox_id="s1",
+            organization_id="o",
+            desired_state=DesiredState.STARTED,
+            spec=start.spec,
+            intent_id=start.intent_id,
+        ),
+    )
+    snapshot = intent("s1", SandboxAction.SNAPSHOT).model_copy(
+        update={"snapshot": SnapshotTarget(snapshot_id="n", snapshot_name="n", image_ref="localhost/x:n")}
+    )
+    async with TestNatsBroker(broker):
+        await api.publish(channels.SANDBOX_INTENTS, start, msg_id=start.intent_id, sandbox_id="s1")
+        await api.publish(channels.SANDBOX_INTENTS, snapshot, msg_id=snapshot.intent_id, sandbox_id="s1")
+    jobs = [item for item in sent if isinstance(item, RunnerJob)]
+    assert [(job.action, job.intent_id) for job in jobs] == [
+        ("start", start.intent_id),
+        ("snapshot", snapshot.intent_id),
+    ]
+    assert jobs[1].snapshot is not None and jobs[1].snapshot.image_ref == "localhost/x:n"
+    placement = await kv_get(scheduler.placements_kv, "s1", Placement)
+    assert placement is not None
+    # Placed on the live runner; the one-off snapshot job did not become the placement's last intent.
+    assert (placement.runner_id, placement.last_intent_id) == ("r2", start.intent_id)

@@ -81,6 +81,8 @@ SnapshotWriter = Annotated[Principal, Requires(Permission.WRITE_SNAPSHOTS)]
 SnapshotDeleter = Annotated[Principal, Requires(Permission.DELETE_SNAPSHOTS)]
 RegistryWriter = Annotated[Principal, Requires(Permission.WRITE_REGISTRIES)]
 RegistryDeleter = Annotated[Principal, Requires(Permission.DELETE_REGISTRIES)]
+# A snapshot of a sandbox's filesystem: it reads the sandbox and makes a snapshot of the organization.
+SandboxSnapshotWriter = Annotated[Principal, Requires(Permission.WRITE_SANDBOXES, Permission.WRITE_SNAPSHOTS)]
 VolumeReader = Annotated[Principal, Requires(Permission.READ_VOLUMES)]
 VolumeWriter = Annotated[Principal, Requires(Permission.WRITE_VOLUMES)]
 VolumeDeleter = Annotated[Principal, Requires(Permission.DELETE_VOLUMES)]

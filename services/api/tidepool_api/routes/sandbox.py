@@ -13,7 +13,7 @@ from tidepool_api.buildlogs import stream_build_log
 from tidepool_api.db import Sandbox
 from tidepool_api.errors import bad_request, not_found
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes.deps import Caller, Context, SandboxDeleter, SandboxWriter
+from tidepool_api.routes.deps import Caller, Context, SandboxDeleter, SandboxSnapshotWriter, SandboxWriter
 from tidepool_api.sandbox_events import list_events
 from tidepool_api.schemas import (
     INT32_MAX,
@@ -24,6 +24,8 @@ from tidepool_api.schemas import (
     QUERY_TEXT_MAX,
     TEXT_PLAIN,
     CreateSandboxRequest,
+    CreateSandboxSnapshotRequest,
+    ForkSandboxRequest,
     ListSandboxesDto,
     ReplaceLabelsRequest,
     ResizeSandboxRequest,
@@ -45,6 +47,8 @@ AFTER_START = {SandboxState.STARTED, SandboxState.ERROR, SandboxState.BUILD_FAIL
 AFTER_STOP = {SandboxState.STOPPED, SandboxState.ERROR}
 AFTER_RESIZE = {SandboxState.STARTED, SandboxState.STOPPED, SandboxState.ERROR}
 AFTER_DELETE = {SandboxState.DESTROYED, SandboxState.ERROR}
+SNAPSHOT_WAIT_SECONDS = 50.0
+AFTER_ARCHIVE = {SandboxState.ARCHIVED, SandboxState.STOPPED, SandboxState.ERROR}
 
 
 def dto(context: Context, sandbox: Any) -> dict[str, object]:
@@ -160,6 +164,79 @@ async def resize_sandbox(
             context, sandbox.id, AFTER_RESIZE, context.settings.create_wait_seconds
         )
     return JsonResponse(dto(context, sandbox))
+
+
+@router.post("/{sandbox_id_or_name}/archive", response_model=SandboxDto, responses=WRITE)
+async def archive_sandbox(context: Context, caller: SandboxWriter, sandbox_id_or_name: str) -> JsonResponse:
+    """Behaviour spec "Archive": a stopped sandbox only (400 otherwise); waits for `archived`."""
+    sandbox = await sandboxes.archive_sandbox(context, caller.organization_id, sandbox_id_or_name)
+    sandbox = await sandboxes.wait_for_state(
+        context, sandbox.id, AFTER_ARCHIVE, context.settings.create_wait_seconds
+    )
+    return JsonResponse(dto(context, sandbox))
+
+
+@router.post("/{sandbox_id_or_name}/snapshot", response_model=SandboxDto, responses=WRITE)
+async def snapshot_sandbox(
+    context: Context,
+    caller: SandboxSnapshotWriter,
+    sandbox_id_or_name: str,
+    body: CreateSandboxSnapshotRequest,
+) -> JsonResponse:
+    """Snapshot from a sandbox: its filesystem becomes the snapshot `name` (waits until it is usable; a
+    failure is a 400 with the reason). The sandbox keeps its state."""
+    if body.include_memory:
+        raise bad_request("memory snapshots are for VM sandboxes; this sandbox is a container")
+    snapshot = await sandboxes.snapshot_sandbox(
+        context, caller.organization_id, sandbox_id_or_name, body.name
+    )
+    # Committing and pushing takes a while: wait for it within the SDK's 60 s default, then answer anyway
+    # (the snapshot turns `active` by itself; `GET /snapshots/{name}` tells).
+    snapshot = await sandboxes.wait_for_snapshot(
+        context, snapshot.id, max(context.settings.create_wait_seconds, SNAPSHOT_WAIT_SECONDS)
+    )
+    if snapshot.state not in ("active", "pending"):
+        raise bad_request(
+            f"Snapshot {snapshot.name} is '{snapshot.state}'"
+            + (f": {snapshot.error_reason}" if snapshot.error_reason else "")
+        )
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+    return JsonResponse(dto(context, sandbox))
+
+
+@router.post("/{sandbox_id_or_name}/fork", response_model=SandboxDto, responses=WRITE)
+async def fork_sandbox(
+    context: Context,
+    caller: SandboxWriter,
+    sandbox_id_or_name: str,
+    body: Annotated[ForkSandboxRequest | None, Body()] = None,
+) -> JsonResponse:
+    """Fork: a new, independent sandbox with a copy of this one's filesystem (waits for it to start)."""
+    sandbox = await sandboxes.fork_sandbox(
+        context, caller.organization_id, sandbox_id_or_name, (body or ForkSandboxRequest()).name
+    )
+    return JsonResponse(dto(context, sandbox))
+
+
+@router.get("/{sandbox_id_or_name}/forks", response_model=list[SandboxDto], responses=READ)
+async def sandbox_forks(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    """The sandbox's forks that are not deleted (its direct children in the fork tree)."""
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+        forks = await sandboxes.live_forks(session, sandbox)
+    return JsonResponse([dto(context, fork) for fork in forks])
+
+
+@router.get("/{sandbox_id_or_name}/parent", response_model=SandboxDto, responses=READ)
+async def sandbox_parent(context: Context, caller: Caller, sandbox_id_or_name: str) -> JsonResponse:
+    """The sandbox this one was forked from (404 for one that is not a fork, or whose parent is gone)."""
+    async with context.database.sessions() as session:
+        sandbox = await sandboxes.find_sandbox(session, caller.organization_id, sandbox_id_or_name)
+        if sandbox.parent_id is None:
+            raise not_found(f"Sandbox {sandbox.id} is not a fork")
+        parent = await sandboxes.find_sandbox(session, caller.organization_id, sandbox.parent_id)
+    return JsonResponse(dto(context, parent))
 
 
 @router.put("/{sandbox_id_or_name}/labels", response_model=SandboxLabelsDto, responses=WRITE)
