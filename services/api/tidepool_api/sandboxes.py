@@ -555,6 +555,8 @@ async def fork_sandbox(
             os_user=parent.os_user,
             env=dict(parent.env),
             labels=dict(parent.labels),
+            # The same volumes, mounted (not copied): a volume outlives and is shared by every sandbox.
+            volumes=[dict(mount) for mount in parent.volumes or []],
             cpu=parent.cpu,
             memory=parent.memory,
             disk=parent.disk,
