@@ -246,3 +246,49 @@ def _answers(sandbox: object) -> bool:
 
 def _alive(point: str) -> bool:
     return subprocess.run(["stat", point], capture_output=True, check=False).returncode == 0
+
+
+def test_archive_restore_and_fork_keep_the_volume_mounted_not_copied(stack: StackThread) -> None:
+    daytona = Daytona()
+    name = f"vol-keep-{uuid.uuid4().hex[:8]}"
+    volume = daytona.volume.create(name)
+    wait_ready(daytona, name)
+    mount = CreateSandboxFromSnapshotParams(
+        volumes=[VolumeMount(volume_id=volume.id, mount_path="/home/daytona/vol")]
+    )
+    sandbox = daytona.create(mount)
+    fork = None
+    try:
+        assert sandbox.process.exec("echo before > /home/daytona/vol/kept.txt").exit_code == 0
+        fork = sandbox.fork()
+        # The fork mounts the same volume: a write of the parent after the fork shows in the child.
+        assert sandbox.process.exec("echo after-fork > /home/daytona/vol/late.txt").exit_code == 0
+        wait_until(
+            lambda: read(fork, "/home/daytona/vol/late.txt") == "after-fork\n",
+            "the fork does not mount the parent's volume",
+            timeout=VISIBLE_TIMEOUT,
+            interval=0.5,
+        )
+        daytona.delete(fork)
+        fork = None
+        sandbox.stop()
+        sandbox.archive()
+        assert daytona.get(sandbox.id).state == "archived"
+        sandbox.start()
+        assert read(sandbox, "/home/daytona/vol/kept.txt") == "before\n"
+        # Mounted, not a copy in the archive: a write now lands on the volume the others see.
+        assert sandbox.process.exec("echo restored > /home/daytona/vol/after.txt").exit_code == 0
+        other = daytona.create(mount)
+        try:
+            wait_until(
+                lambda: read(other, "/home/daytona/vol/after.txt") == "restored\n",
+                "the restored sandbox's write did not reach the volume",
+                timeout=VISIBLE_TIMEOUT,
+                interval=0.5,
+            )
+        finally:
+            daytona.delete(other)
+    finally:
+        if fork is not None:
+            daytona.delete(fork)
+        daytona.delete(sandbox)
