@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tidepool_cli.app import register as register_client_commands
 from tidepool_runtime.settings import REPO_ROOT
 from tidepool_stack.supervisor import Stack, StackConfig, parse_registry_mirrors
 
@@ -139,10 +140,6 @@ def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
     console.print("Tidepool stopped.")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("k8s-secrets")
 def k8s_secrets(
     namespace: Annotated[
@@ -155,3 +152,11 @@ def k8s_secrets(
     from tidepool_stack.k8s_secrets import k8s_secrets as generate
 
     sys.stdout.write(generate(namespace))
+
+
+# The client commands (`login`, `sandbox …`, `exec`, `preview-url`, `snapshot …`, `volume …`, `mcp`) live in
+# tidepool_cli, which talks only to the REST API.
+register_client_commands(app)
+
+if __name__ == "__main__":
+    app()

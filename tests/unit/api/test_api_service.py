@@ -124,6 +124,7 @@ async def test_runner_events_drive_the_state_machine(api) -> None:  # type: igno
     changes = [(event.get("oldState"), event.get("newState")) for event in updates]
     assert ("destroying", "error") in changes and ("destroying", "started") not in changes
     await report(context.bus, sandbox_id, organization, SandboxState.DESTROYED)
+
     async def gone() -> bool:
         return (await client.get(f"/api/sandbox/{sandbox_id}")).status_code == 404
 
