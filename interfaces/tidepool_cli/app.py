@@ -41,7 +41,7 @@ def mcp(
 def register(app: typer.Typer) -> None:
     app.command()(login)
     app.add_typer(sandbox_app, name="sandbox")
-    app.command("exec", context_settings={"allow_interspersed_args": False})(exec_command)
+    app.command("exec")(exec_command)
     app.command("preview-url")(preview_url)
     app.add_typer(snapshots, name="snapshot")
     app.add_typer(volumes, name="volume")

@@ -44,9 +44,15 @@ def emit(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Format, single
     if fmt is Format.json:
         sys.stdout.write(json.dumps(rows[0] if single else rows, indent=2, default=str) + "\n")
         return
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(cell(row.get(column)) for column in columns))
+    table = Table()
+    cells = [[cell(row.get(column)) for column in columns] for row in rows]
+    for index, column in enumerate(columns):
+        # An id is never cut or folded, however narrow the terminal: it is what people copy.
+        whole = column in ("id", "name")
+        width = max((len(line[index]) for line in cells), default=0) if whole else None
+        table.add_column(column, no_wrap=whole, min_width=width)
+    for line in cells:
+        table.add_row(*line)
     stdout.print(table)
 
 
