@@ -10,10 +10,13 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from daytona import Daytona, DaytonaNotFoundError
+
+from tests.integration.images_fixture import ensure_python_slim_stand_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -110,4 +113,21 @@ def test_volume_create_list_delete() -> None:
     listed = json.loads(tidepool("volume", "list", "-f", "json").stdout)
     assert "cli-volume" in [row["name"] for row in listed]
     deleted = tidepool("volume", "delete", "cli-volume")
+    assert deleted.returncode == 0, deleted.stderr
+
+
+def test_snapshot_build_streams_its_log_then_list_and_delete(tmp_path: Path) -> None:
+    base = ensure_python_slim_stand_in()
+    name = f"cli-snap-{uuid.uuid4().hex[:8]}"
+    marker = f"building-{name}"  # unique: a real build, not a cache hit
+    dockerfile = tmp_path / "Dockerfile"
+    # The SDK streams logs only while it sees the snapshot building (it polls every second): build a while.
+    dockerfile.write_text(f"FROM {base}\nRUN sleep 4 && echo {marker}\n")
+    built = tidepool("snapshot", "create", name, "--dockerfile", str(dockerfile), "-f", "json")
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["state"] == "active"
+    assert marker in built.stderr, "the build log is streamed to stderr"
+    listed = json.loads(tidepool("snapshot", "list", "-f", "json").stdout)
+    assert name in [row["name"] for row in listed]
+    deleted = tidepool("snapshot", "delete", name)
     assert deleted.returncode == 0, deleted.stderr
