@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import typer
-from daytona import DaytonaError
 from rich.console import Console
 from rich.table import Table
 
@@ -67,6 +66,8 @@ def cell(value: Any) -> str:
 @contextlib.contextmanager
 def api_errors() -> Iterator[None]:
     """An API or configuration failure: its message on stderr and exit status 1 (usage errors are 2)."""
+    from daytona import DaytonaError
+
     try:
         yield
     except (DaytonaError, ValueError) as error:

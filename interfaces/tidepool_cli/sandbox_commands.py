@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources, Sandbox
 
 from tidepool_cli.client import connect
 from tidepool_cli.output import Format, api_errors, emit, pairs, record, waiting
@@ -19,7 +18,7 @@ COLUMNS = ("id", "name", "state", "snapshot", "cpu", "memory", "disk", "labels")
 FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table for people, json for scripts")]
 
 
-def sandbox_record(sandbox: Sandbox) -> dict:
+def sandbox_record(sandbox: Any) -> dict:
     return record(sandbox, FIELDS)
 
 
@@ -41,6 +40,8 @@ def create(
     fmt: FormatOption = Format.table,
 ) -> None:
     """Create a sandbox and wait until it has started."""
+    from daytona import CreateSandboxFromImageParams, CreateSandboxFromSnapshotParams, Resources
+
     if (cpu or memory or disk) and not image:
         raise typer.BadParameter("--cpu/--memory/--disk need --image (a snapshot brings its own)")
     if image and snapshot:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
-from daytona import CreateSnapshotParams, Image, Resources
 
 from tidepool_cli.client import connect
 from tidepool_cli.output import Format, api_errors, emit, record, stderr, waiting
@@ -31,9 +30,11 @@ def snapshot_create(
     fmt: FormatOption = Format.table,
 ) -> None:
     """Create a snapshot from an image or a Dockerfile; the build's log is streamed to stderr."""
+    from daytona import CreateSnapshotParams, Image, Resources
+
     if (image is None) == (dockerfile is None):
         raise typer.BadParameter("give exactly one of --image and --dockerfile")
-    source: str | Image = image if image is not None else Image.from_dockerfile(dockerfile)
+    source: Any = image if image is not None else Image.from_dockerfile(dockerfile)
     resources = Resources(cpu=cpu, memory=memory, disk=disk) if (cpu or memory or disk) else None
     with api_errors():
         snapshot = connect().snapshot.create(
