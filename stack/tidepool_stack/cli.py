@@ -1,4 +1,4 @@
-"""`tidepool up|down|status`: the whole platform on one machine."""
+"""`tidepool up|down`: the whole platform on one machine; the client commands come from tidepool_cli."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tidepool_cli.app import register as register_client_commands
 from tidepool_runtime.settings import REPO_ROOT
 from tidepool_stack.supervisor import Stack, StackConfig, parse_registry_mirrors
 
-app = typer.Typer(add_completion=False, help="Run Tidepool on this machine.")
+app = typer.Typer(help="Run Tidepool on this machine, and use it: sandboxes, snapshots, volumes, MCP.")
 console = Console()
 DEFAULT_DATA_DIR = Path(os.environ.get("TIDEPOOL_DATA_DIR", REPO_ROOT / ".tidepool"))
 
