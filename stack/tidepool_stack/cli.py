@@ -1,4 +1,4 @@
-"""`tidepool up|down|status`: the whole platform on one machine."""
+"""`tidepool up|down`: the whole platform on one machine; the client commands come from tidepool_cli."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tidepool_cli.app import register as register_client_commands
 from tidepool_runtime.settings import REPO_ROOT
 from tidepool_stack.supervisor import Stack, StackConfig, parse_registry_mirrors
 
-app = typer.Typer(add_completion=False, help="Run Tidepool on this machine.")
+app = typer.Typer(help="Run Tidepool on this machine, and use it: sandboxes, snapshots, volumes, MCP.")
 console = Console()
 DEFAULT_DATA_DIR = Path(os.environ.get("TIDEPOOL_DATA_DIR", REPO_ROOT / ".tidepool"))
 
@@ -139,10 +140,6 @@ def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
     console.print("Tidepool stopped.")
 
 
-if __name__ == "__main__":
-    app()
-
-
 @app.command("k8s-secrets")
 def k8s_secrets(
     namespace: Annotated[
@@ -155,3 +152,11 @@ def k8s_secrets(
     from tidepool_stack.k8s_secrets import k8s_secrets as generate
 
     sys.stdout.write(generate(namespace))
+
+
+# The client commands (`login`, `sandbox …`, `exec`, `preview-url`, `snapshot …`, `volume …`, `mcp`) live in
+# tidepool_cli, which talks only to the REST API.
+register_client_commands(app)
+
+if __name__ == "__main__":
+    app()

@@ -49,6 +49,7 @@ def test_snapshot_from_image_reference(stack: StackThread, python_slim: str) -> 
             daytona.snapshot.delete(snapshot)
     finally:
         daytona.delete(sandbox)
+
     def deleted() -> bool:
         try:
             daytona.snapshot.delete(snapshot)
@@ -154,6 +155,7 @@ def test_builder_crash_during_build_is_retried(stack: StackThread, python_slim: 
 
     worker = threading.Thread(target=create)
     worker.start()
+
     def building() -> bool:
         try:
             return daytona.snapshot.get(name).state == "building"

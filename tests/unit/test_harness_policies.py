@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Kills the session's nats-server (found by its port), then waits on it the way a test stuck on the bus
 # would: with no deadline of its own.
-INNER_TEST = '''
+INNER_TEST = """
 import os, socket
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def test_waits_on_a_dead_server(nats_url):
                 os.kill(int(entry), 9)
     server, _ = socket.socketpair()
     server.recv(1)  # blocks until the session is interrupted
-'''
+"""
 
 
 def run_inner(tmp_path: Path, source: str) -> tuple[int, str]:

@@ -77,8 +77,7 @@ def test_a(pid):
 def test_the_allow_list_is_by_file_and_function() -> None:
     ((path, function),) = lint.ALLOWED_SLEEPS
     source = (
-        f"import time\n\ndef {function}():\n    time.sleep(0.001)\n\n"
-        "def other():\n    time.sleep(0.001)\n"
+        f"import time\n\ndef {function}():\n    time.sleep(0.001)\n\ndef other():\n    time.sleep(0.001)\n"
     )
     assert rules(source, path) == [(7, "sleep")]
     assert rules(source) == [(4, "sleep"), (7, "sleep")]

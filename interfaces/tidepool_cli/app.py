@@ -1,0 +1,48 @@
+"""The client half of `tidepool`: login, sandbox, exec, preview-url, snapshot, volume and mcp.
+
+`register` adds them to a Typer app (the operator's `tidepool up|down|status` lives in tidepool_stack)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tidepool_cli import config
+from tidepool_cli.sandbox_commands import app as sandbox_app
+from tidepool_cli.sandbox_commands import exec_command, preview_url
+from tidepool_cli.store_commands import snapshots, volumes
+
+
+def login(
+    api_url: Annotated[str, typer.Option(help="The API's URL")] = config.DEFAULT_API_URL,
+    api_key: Annotated[str, typer.Option(prompt=True, hide_input=True, help="An API key")] = "",
+) -> None:
+    """Store the API URL and key in the user's config dir (0600); DAYTONA_API_URL/KEY still win."""
+    path = config.save(config.Credentials(api_url=api_url.rstrip("/"), api_key=api_key))
+    typer.echo(f"saved to {path}")
+
+
+def mcp(
+    http: Annotated[bool, typer.Option("--http", help="Streamable HTTP instead of stdio")] = False,
+    host: Annotated[str, typer.Option(help="Address for --http")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for --http")] = 8765,
+) -> None:
+    """Run the MCP server (stdio by default; `--http --port N` for streamable HTTP at /mcp)."""
+    from tidepool_cli.mcp_server import build
+
+    server = build()
+    if http:
+        server.run("streamable-http", host=host, port=port)
+    else:
+        server.run("stdio")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(login)
+    app.add_typer(sandbox_app, name="sandbox")
+    app.command("exec")(exec_command)
+    app.command("preview-url")(preview_url)
+    app.add_typer(snapshots, name="snapshot")
+    app.add_typer(volumes, name="volume")
+    app.command()(mcp)
