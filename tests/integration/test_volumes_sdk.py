@@ -292,3 +292,30 @@ def test_archive_restore_and_fork_keep_the_volume_mounted_not_copied(stack: Stac
         if fork is not None:
             daytona.delete(fork)
         daytona.delete(sandbox)
+
+
+def test_a_write_just_before_stop_or_delete_reaches_the_volume(stack: StackThread) -> None:
+    """A newcomer's agent wrote its results and deleted its sandbox at once: the write must not be lost in
+    the mount's write-back cache (the runner waits for the uploads before it unmounts)."""
+    daytona = Daytona()
+    name = f"vol-flush-{uuid.uuid4().hex[:8]}"
+    volume = daytona.volume.create(name)
+    wait_ready(daytona, name)
+    mount = CreateSandboxFromSnapshotParams(volumes=[VolumeMount(volume_id=volume.id, mount_path="/data")])
+    writer = daytona.create(mount)
+    assert (
+        writer.process.exec(
+            "head -c 5000000 /dev/urandom > /data/big.bin; echo last > /data/stop.txt"
+        ).exit_code
+        == 0
+    )
+    writer.stop()
+    writer.start()
+    assert writer.process.exec("echo last > /data/delete.txt").exit_code == 0
+    daytona.delete(writer)
+    reader = daytona.create(mount)
+    try:
+        listing = reader.process.exec("cat /data/stop.txt /data/delete.txt; stat -c %s /data/big.bin").result
+        assert listing.split() == ["last", "last", "5000000"], listing
+    finally:
+        daytona.delete(reader)

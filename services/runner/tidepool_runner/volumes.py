@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import structlog
@@ -39,6 +42,10 @@ SANDBOX_USER_ID = 1000
 WRITE_BACK = "1s"
 DIR_CACHE = "1s"
 MOUNT_WAIT_SECONDS = 60
+# On stop and delete, how long the runner waits for a mount's pending uploads (files closed within the last
+# WRITE_BACK, or still uploading) before it unmounts anyway.
+FLUSH_TIMEOUT_SECONDS = 300.0
+FLUSH_POLL_SECONDS = 0.2
 # The API's marker object that keeps an empty volume's prefix alive; not shown in the mount.
 MARKER = ".tidepool-volume"
 FUSE_TYPES = ("fuse.rclone", "fuse")
@@ -93,6 +100,40 @@ def unmount(point: Path) -> None:
     log.warning("volume.unmount_failed", mount_point=str(point))
 
 
+def pending_uploads(rc_socket: Path) -> int | None:
+    """Uploads the mount behind `rc_socket` still has to make (queued for write-back or in progress), from
+    rclone's remote control (`vfs/stats`); None when it does not answer."""
+    try:
+        result = subprocess.run(
+            [rclone_binary(), "rc", "--unix-socket", str(rc_socket), "vfs/stats"],
+            capture_output=True,
+            check=False,
+            timeout=10,
+        )
+        if result.returncode != 0:
+            return None
+        cache = json.loads(result.stdout).get("diskCache") or {}
+        return int(cache.get("uploadsInProgress", 0)) + int(cache.get("uploadsQueued", 0))
+    except (OSError, ValueError, subprocess.TimeoutExpired, RuntimeError):
+        return None
+
+
+def wait_for_uploads(rc_socket: Path, timeout: float = FLUSH_TIMEOUT_SECONDS) -> bool:
+    """Block until the mount has uploaded every file written to it (True), or `timeout` passes or its
+    remote control does not answer (False). Unmounting before that would drop those writes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = pending_uploads(rc_socket)
+        if pending is None:
+            return False
+        if pending == 0:
+            return True
+        if time.monotonic() > deadline:
+            log.warning("volume.flush_timed_out", rc_socket=str(rc_socket), pending=pending)
+            return False
+        time.sleep(FLUSH_POLL_SECONDS)
+
+
 def _run(argv: list[str]) -> int:
     try:
         return subprocess.run(argv, capture_output=True, check=False, timeout=30).returncode
@@ -111,6 +152,11 @@ class VolumeMounts:
     @property
     def cache_root(self) -> Path:
         return self._settings.data_dir / "volume-cache"
+
+    def rc_socket(self, sandbox_id: str, index: int) -> Path:
+        """The mount's rclone remote-control socket (root only; short: unix socket paths are limited)."""
+        digest = hashlib.sha256(sandbox_id.encode()).hexdigest()[:16]
+        return self.cache_root / "rc" / f"{digest}-{index}.sock"
 
     def mount_point(self, sandbox_id: str, index: int) -> Path:
         return volume_mount_point(self._settings, sandbox_id, index)
@@ -141,6 +187,9 @@ class VolumeMounts:
         cache = self.cache_root / spec.sandbox_id / str(index)
         cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         log_file = cache / "rclone.log"
+        rc_socket = self.rc_socket(spec.sandbox_id, index)
+        rc_socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        rc_socket.unlink(missing_ok=True)
         path = "/".join(part for part in (settings.s3_bucket, mount.key_prefix, mount.subpath) if part)
         point = self.mount_point(spec.sandbox_id, index)
         argv = [
@@ -153,6 +202,8 @@ class VolumeMounts:
             "--cache-dir", str(cache / "vfs"),
             "--exclude", f"/{MARKER}",
             "--log-file", str(log_file), "--log-level", "NOTICE",
+            # Asked on stop and delete whether every write has been uploaded (wait_for_uploads).
+            "--rc", "--rc-addr", f"unix://{rc_socket}", "--rc-no-auth",
         ]  # fmt: skip
         if settings.s3_ca_file:
             argv += ["--ca-cert", settings.s3_ca_file]
@@ -193,7 +244,13 @@ class VolumeMounts:
         """Unmount the sandbox's volumes and drop their folders and caches (idempotent)."""
         sandbox_dir = self.mounts_dir / sandbox_id
         for point in mounted_points(sandbox_dir):
+            # The container is gone by now, so every file is closed: let the last ones reach the storage.
+            rc_socket = self.rc_socket(sandbox_id, int(point.name)) if point.name.isdigit() else None
+            if rc_socket is not None and rc_socket.exists():
+                wait_for_uploads(rc_socket)
             unmount(point)
+            if rc_socket is not None:
+                rc_socket.unlink(missing_ok=True)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
         shutil.rmtree(self.cache_root / sandbox_id, ignore_errors=True)
 
