@@ -15,12 +15,15 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from daytona import Daytona, DaytonaConfig, Sandbox
+from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
+from tidepool_stack.supervisor import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
+FORWARDED_PORT = 8123
 SSH_OPTIONS = [
     "-o",
     "StrictHostKeyChecking=no",
@@ -165,3 +168,53 @@ def test_another_organization_cannot_reach_the_sandbox(
         assert mine and mine not in result.stdout
     finally:
         tenant.delete(own)
+
+
+def test_local_port_forwarding_reaches_a_server_in_the_sandbox(stack: StackThread, sandbox: Sandbox) -> None:
+    sandbox.fs.upload_file(b"forwarded through ssh\n", "/home/daytona/fwd/hello.txt")
+    session = f"fwd-{uuid.uuid4().hex[:6]}"
+    sandbox.process.create_session(session)
+    sandbox.process.execute_session_command(
+        session,
+        SessionExecuteRequest(
+            command=f"cd /home/daytona/fwd && python3 -m http.server {FORWARDED_PORT}", run_async=True
+        ),
+    )
+    wait_until(
+        lambda: (
+            sandbox.process.exec(
+                f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {FORWARDED_PORT}), 1)\""
+            ).exit_code
+            == 0
+        ),
+        "the server in the sandbox never listened",
+    )
+    token = sandbox.create_ssh_access().token
+    local = free_port()
+    forwarder = subprocess.Popen(
+        [
+            "ssh", "-N", "-p", str(stack.config.ssh_gateway_port), *SSH_OPTIONS,
+            "-o", "ExitOnForwardFailure=yes",
+            "-L", f"127.0.0.1:{local}:localhost:{FORWARDED_PORT}",
+            f"{token}@localhost",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        def fetched() -> str | None:
+            assert forwarder.poll() is None, forwarder.stderr.read() if forwarder.stderr else ""
+            try:
+                return httpx.get(f"http://127.0.0.1:{local}/hello.txt", timeout=10).text
+            except httpx.TransportError:
+                return None
+
+        assert wait_until(fetched, "the forwarded port never answered") == "forwarded through ssh\n"
+        # Several connections over the same SSH connection.
+        for _ in range(3):
+            assert httpx.get(f"http://127.0.0.1:{local}/hello.txt", timeout=10).status_code == 200
+    finally:
+        forwarder.terminate()
+        forwarder.wait(timeout=30)

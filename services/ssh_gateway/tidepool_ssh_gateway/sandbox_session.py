@@ -144,6 +144,40 @@ class SandboxSessions:
                 return
             await ws.send_bytes(data)
 
+    async def forward(
+        self, target: Target, port: int, reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWriter[bytes]
+    ) -> None:
+        """`ssh -L …:localhost:port`: one forwarded connection, carried by the runner's TCP tunnel
+        (`/sandboxes/{id}/tcp/{port}`, the daemon's CONNECT to the sandbox's loopback)."""
+        url = f"{target.runner_url}/sandboxes/{target.sandbox_id}/tcp/{port}"
+        try:
+            async with self._runners.ws_connect(url, headers=self._headers, max_msg_size=0) as ws:
+
+                async def upstream() -> None:
+                    while data := await reader.read(_CHUNK):
+                        await ws.send_bytes(data)
+                    await ws.close()
+
+                async def downstream() -> None:
+                    async for message in ws:
+                        if message.type != aiohttp.WSMsgType.BINARY:
+                            break
+                        writer.write(message.data)
+                        await writer.drain()
+
+                tasks = [asyncio.create_task(upstream()), asyncio.create_task(downstream())]
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+        except Exception as error:
+            log.info("ssh_gateway.forward_failed", sandbox_id=target.sandbox_id, port=port, error=str(error))
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
     async def _resize(self, target: Target, session_id: str, cols: int, rows: int) -> None:
         if cols <= 0 or rows <= 0:
             return
