@@ -8,11 +8,14 @@ process outliving the connection, revocation and another organization's credenti
 
 from __future__ import annotations
 
+import asyncio
 import random
+import re
 import subprocess
 import uuid
 from collections.abc import Iterator
 
+import asyncssh
 import httpx
 import pytest
 from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
@@ -218,3 +221,35 @@ def test_local_port_forwarding_reaches_a_server_in_the_sandbox(stack: StackThrea
     finally:
         forwarder.terminate()
         forwarder.wait(timeout=30)
+
+
+def test_terminal_size_and_window_changes_reach_the_pty(stack: StackThread, sandbox: Sandbox) -> None:
+    """With an SSH client that has a real terminal size (asyncssh here): the PTY starts at it and follows
+    window changes (`stty size` prints rows and columns)."""
+    token = sandbox.create_ssh_access().token
+
+    async def sizes() -> tuple[str, str]:
+        async with asyncssh.connect(
+            "127.0.0.1", stack.config.ssh_gateway_port, username=token, known_hosts=None, client_keys=None
+        ) as connection:
+            process = await connection.create_process(term_type="xterm", term_size=(100, 40))
+
+            async def size(number: int) -> str:
+                # The marker is computed by the shell, so the echoed command line never matches it.
+                process.stdin.write(f"echo M$(({number}+1)):$(stty size):E$(({number}+2))\n")
+                pattern = re.compile(rf"M{number + 1}:([0-9 ]+):E{number + 2}")
+                seen = ""
+                while (found := pattern.search(seen)) is None:
+                    seen += await asyncio.wait_for(process.stdout.read(4096), 60)
+                return found.group(1).strip()
+
+            first = await size(10)
+            process.change_terminal_size(120, 50)
+            second = await size(20)
+            process.stdin.write("exit\n")
+            await process.wait_closed()
+            return first, second
+
+    first, second = asyncio.run(sizes())
+    assert first == "40 100"
+    assert second == "50 120"
