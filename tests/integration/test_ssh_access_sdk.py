@@ -171,6 +171,9 @@ def test_another_organization_cannot_reach_the_sandbox(
         assert mine and mine not in result.stdout
     finally:
         tenant.delete(own)
+    # A deleted sandbox's tokens open nothing.
+    refused = ssh(stack, own_token, "echo should-not-run")
+    assert refused.returncode == 255 and "should-not-run" not in refused.stdout
 
 
 def test_local_port_forwarding_reaches_a_server_in_the_sandbox(stack: StackThread, sandbox: Sandbox) -> None:
