@@ -5,7 +5,7 @@
 # Run as root or via sudo. Prints one line per change; a fully set-up host is a fast no-op.
 set -euo pipefail
 
-REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl fuse3)
+REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl fuse3 openssh-client)
 NSSWITCH_FILE=/etc/nsswitch.conf
 
 if [[ ${EUID} -ne 0 ]]; then

@@ -56,13 +56,20 @@ API = Access(
     ),
     answers=(channels.REGISTRY_CREDENTIALS,),
     # DESIRED read: a resize of a stopped sandbox or an interval change updates the existing record.
-    reads=(channels.SIGNING_KEYS, channels.DESIRED, channels.PREVIEWS, channels.SIGNED_PREVIEWS),
+    reads=(
+        channels.SIGNING_KEYS,
+        channels.DESIRED,
+        channels.PREVIEWS,
+        channels.SIGNED_PREVIEWS,
+        channels.SSH_ACCESS,
+    ),
     writes=(
         channels.DESIRED,
         channels.API_KEYS,
         channels.SIGNING_KEYS,
         channels.PREVIEWS,
         channels.SIGNED_PREVIEWS,
+        channels.SSH_ACCESS,
     ),
     owns_topology=True,
 )
@@ -98,6 +105,8 @@ PROXY = Access(
         channels.SIGNED_PREVIEWS,
     )
 )
+# Reads only: which sandbox a token opens, and where that sandbox runs.
+SSH_GATEWAY = Access(reads=(channels.ROUTES, channels.SSH_ACCESS))
 TELEMETRY = Access(consumes=(channels.SANDBOX_EVENTS,))
 
 SERVICE_ACCESS: dict[str, Access] = {
@@ -106,5 +115,6 @@ SERVICE_ACCESS: dict[str, Access] = {
     "builder": BUILDER,
     "runner": RUNNER,
     "proxy": PROXY,
+    "ssh_gateway": SSH_GATEWAY,
     "telemetry": TELEMETRY,
 }

@@ -36,6 +36,7 @@ from tidepool_contracts.models import (
     SignedPreview,
     SigningKeyRecord,
     SnapshotEvent,
+    SshAccessGrant,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -221,6 +222,12 @@ SIGNED_PREVIEWS = Bucket(
     "API -> proxy: signed preview URLs (deleted when expired early)",
     25 * 3600.0,
 )
+SSH_ACCESS = Bucket(
+    subjects.KV_SSH_ACCESS,
+    SshAccessGrant,
+    "sha256(token)",
+    "API -> SSH gateway: SSH access tokens (deleted when revoked)",
+)
 BUCKETS: tuple[Bucket, ...] = (
     RUNNERS,
     ROUTES,
@@ -231,6 +238,7 @@ BUCKETS: tuple[Bucket, ...] = (
     ACTIVITY,
     PREVIEWS,
     SIGNED_PREVIEWS,
+    SSH_ACCESS,
 )
 
 

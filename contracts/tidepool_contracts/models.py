@@ -268,6 +268,15 @@ class SignedPreview(BusModel):
     expires_at: datetime
 
 
+class SshAccessGrant(BusModel):
+    """API -> KV (under SHA-256 of its token): an SSH access token; `ssh <token>@gateway` opens this sandbox
+    until `expires_at`. Deleting it revokes the token at once."""
+
+    sandbox_id: str
+    organization_id: str
+    expires_at: datetime
+
+
 class SnapshotState(StrEnum):
     PENDING = "pending"
     PULLING = "pulling"

@@ -31,6 +31,7 @@ KV_ACTIVITY = "tidepool_activity"  # sandbox id -> SandboxActivity (runner write
 KV_SIGNING_KEYS = "tidepool_signing_keys"  # sandbox id -> SigningKeyRecord (proxy verifies signed file URLs)
 KV_PREVIEWS = "tidepool_previews"  # sandbox id -> PreviewAccess (public flag, preview token hash)
 KV_SIGNED_PREVIEWS = "tidepool_signed_previews"  # sha256(token) -> SignedPreview (signed preview URLs)
+KV_SSH_ACCESS = "tidepool_ssh_access"  # sha256(token) -> SshAccessGrant (SSH gateway logins)
 
 
 def intent_sandbox(sandbox_id: str) -> str:

@@ -111,6 +111,27 @@ class PublicProxySettings(_Base):
         return template.replace("{port}", str(port)).replace("{id}", label)
 
 
+class PublicSshGatewaySettings(_Base):
+    """Where users reach the SSH gateway (`sshCommand` of SSH access)."""
+
+    ssh_gateway_port: int = 2222
+    # The host name in `sshCommand`; empty: localhost.
+    public_ssh_gateway_host: str = ""
+
+    def ssh_command(self, token: str) -> str:
+        host = self.public_ssh_gateway_host or "localhost"
+        port = "" if self.ssh_gateway_port == 22 else f"-p {self.ssh_gateway_port} "
+        return f"ssh {port}{token}@{host}"
+
+
+class SshGatewayHostSettings(_Base):
+    """The SSH gateway's listening address and host key."""
+
+    ssh_gateway_host: str = "127.0.0.1"
+    # Empty: an Ed25519 key generated once under data_dir (`ssh_host_ed25519_key`).
+    ssh_gateway_host_key: str = ""
+
+
 class ProxyHttpSettings(_Base):
     """The proxy's listening address."""
 
@@ -381,6 +402,7 @@ class ApiSettings(
     SecretKeySettings,
     SigningSealSettings,
     RegistrySealSettings,
+    PublicSshGatewaySettings,
 ):
     pass
 
@@ -405,6 +427,12 @@ class BuilderSettings(
 
 class ProxySettings(
     CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings, SigningSealSettings
+):
+    pass
+
+
+class SshGatewaySettings(
+    CommonSettings, PublicSshGatewaySettings, SshGatewayHostSettings, RunnerTokenSettings
 ):
     pass
 

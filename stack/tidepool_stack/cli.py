@@ -33,6 +33,7 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where data, logs and sockets live")] = DEFAULT_DATA_DIR,
     api_port: Annotated[int, typer.Option(envvar="TIDEPOOL_API_PORT")] = 3000,
     proxy_port: Annotated[int, typer.Option(envvar="TIDEPOOL_PROXY_PORT")] = 4000,
+    ssh_gateway_port: Annotated[int, typer.Option(envvar="TIDEPOOL_SSH_GATEWAY_PORT")] = 2222,
     ca_bundle: Annotated[
         str, typer.Option(envvar="TIDEPOOL_CA_BUNDLE", help="CA bundle for builds/sandboxes")
     ] = "",
@@ -61,6 +62,7 @@ def up(
         data_dir=data_dir,
         api_port=api_port,
         proxy_port=proxy_port,
+        ssh_gateway_port=ssh_gateway_port,
         ca_bundle=ca_bundle,
         database_url=database_url,
         registry_mirrors=mirrors,

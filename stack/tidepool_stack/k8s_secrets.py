@@ -83,7 +83,7 @@ def k8s_secrets(namespace: str = "tidepool") -> str:
     )
     documents = [
         _secret(
-            f"tidepool-nats-{service}",
+            f"tidepool-nats-{service.replace('_', '-')}",  # Kubernetes names have no `_`
             {"TIDEPOOL_NATS_USER": service, "TIDEPOOL_NATS_PASSWORD": password},
             f"the {service} only",
         )

@@ -41,7 +41,7 @@ from tidepool_stack.s3_gateway import (
     write_auth_proxy,
 )
 
-SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "telemetry")
+SERVICES = ("api", "scheduler", "builder", "runner", "proxy", "ssh_gateway", "telemetry")
 # Services given the internal registry's login: the builder pushes, runners pull. No other service has it.
 REGISTRY_CLIENTS = ("builder", "runner")
 # The keys sealing secrets on the bus (tidepool_runtime.sealing), each given to its two services only.
@@ -216,6 +216,7 @@ class StackConfig:
     data_dir: Path
     api_port: int = 3000
     proxy_port: int = 4000
+    ssh_gateway_port: int = 2222
     runner_port: int = 0
     nats_url: str = ""  # empty: start an embedded nats-server
     docker_host: str = ""  # empty: start `podman system service` on a socket in data_dir
@@ -684,6 +685,7 @@ class Stack:
             "TIDEPOOL_DOCKER_HOST": docker_host,
             "TIDEPOOL_API_PORT": str(config.api_port),
             "TIDEPOOL_PROXY_PORT": str(config.proxy_port),
+            "TIDEPOOL_SSH_GATEWAY_PORT": str(config.ssh_gateway_port),
             "TIDEPOOL_RUNNER_PORT": str(config.runner_port or free_port()),
             "TIDEPOOL_RUNNER_TOKEN": self.runner_token(),
             "TIDEPOOL_DATABASE_URL": config.database_url,

@@ -42,6 +42,7 @@ class StackThread:
             data_dir=data_dir,
             api_port=free_port(),
             proxy_port=free_port(),
+            ssh_gateway_port=free_port(),
             database_url=database_url,
             ca_bundle=ca_bundle,
             registry_mirrors=registry_mirrors or {},

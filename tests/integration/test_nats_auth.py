@@ -36,6 +36,8 @@ from tidepool_contracts.models import (
     SandboxRoute,
     SandboxSpec,
     SigningKeyRecord,
+    SshAccessGrant,
+    utc_now,
 )
 from tidepool_runtime import nats_auth
 from tidepool_runtime.broker import (
@@ -235,6 +237,24 @@ async def test_the_proxy_cannot_publish_intents_nor_write_keys(
         await nc.close()
     assert (await api.jetstream.stream_info(channels.INTENTS.name)).state.messages == before
     assert await kv_get(await api_keys_reader(buses), "f" * 64, ApiKeyRecord) is None
+
+
+async def test_the_ssh_gateway_cannot_forge_ssh_tokens(
+    secured: tuple[str, dict[str, str]], buses: dict[str, Bus]
+) -> None:
+    """It only reads `tidepool_ssh_access`: a token it wrote itself would open any sandbox."""
+    url, passwords = secured
+    raw = Raw()
+    nc = await raw.open(url, user="ssh_gateway", password=passwords["ssh_gateway"])
+    subject = f"$KV.{channels.SSH_ACCESS.name}.{'f' * 64}"
+    try:
+        forged = SshAccessGrant(sandbox_id="sb-victim", organization_id="org-victim", expires_at=utc_now())
+        await nc.publish(subject, forged.model_dump_json().encode())
+        await raw.denied(subject)
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert await kv_get(await buses["api"].kv(channels.SSH_ACCESS), "f" * 64, SshAccessGrant) is None
 
 
 async def api_keys_reader(buses: dict[str, Bus]) -> Any:

@@ -49,7 +49,7 @@ def envfrom_secrets() -> dict[str, set[str]]:
 def test_each_service_gets_its_own_nats_login_and_only_its_sealing_keys() -> None:
     generated = {doc["metadata"]["name"] for doc in generated_secrets()}
     for module, refs in envfrom_secrets().items():
-        service = module.removeprefix("tidepool_")
+        service = module.removeprefix("tidepool_").replace("_", "-")  # Kubernetes names have no `_`
         if module in OFF_THE_BUS:
             assert not [ref for ref in refs if ref.startswith("tidepool-nats-") or ref.endswith("-seal")], (
                 module
@@ -118,6 +118,7 @@ SETTINGS_OF = {
     "tidepool_scheduler": settings.SchedulerSettings,
     "tidepool_builder": settings.BuilderSettings,
     "tidepool_proxy": settings.ProxySettings,
+    "tidepool_ssh_gateway": settings.SshGatewaySettings,
     "tidepool_telemetry": settings.TelemetrySettings,
     "tidepool_runner": settings.RunnerSettings,
     "tidepool_stack.s3_gateway": settings.ObjectStorageGatewaySettings,

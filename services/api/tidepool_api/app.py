@@ -15,6 +15,7 @@ from tidepool_api.routes.object_storage import router as object_storage_router
 from tidepool_api.routes.previews import router as previews_router
 from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
+from tidepool_api.routes.ssh_access import router as ssh_access_router
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -36,6 +37,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(platform.router)
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
     api.include_router(previews_router)  # likewise (POST /{id}/public/{isPublic})
+    api.include_router(ssh_access_router)  # likewise (GET /ssh-access/validate is not GET /{id})
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
     api.include_router(api_keys.router)

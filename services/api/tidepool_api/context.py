@@ -50,6 +50,7 @@ class ApiContext:
     # Bound on first use (tidepool_api.previews).
     previews_kv: KeyValue | None = None
     signed_previews_kv: KeyValue | None = None
+    ssh_access_kv: KeyValue | None = None  # tidepool_api.ssh_access
     waiters: StateWaiters = field(default_factory=StateWaiters)
 
     @cached_property

@@ -158,6 +158,20 @@ class Volume(SQLModel, table=True):
     last_used_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
 
 
+class SshAccess(SQLModel, table=True):
+    """An SSH access token of a sandbox (`ssh <token>@gateway`). Only its SHA-256 is kept; the token itself
+    is shown once, by the create call. Revoked tokens are deleted (and so forgotten by the gateway)."""
+
+    __tablename__ = "ssh_access"
+
+    id: str = Field(primary_key=True)
+    sandbox_id: str = Field(foreign_key="sandbox.id", index=True)
+    token_hash: str = Field(unique=True)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
+
+
 class DockerRegistry(SQLModel, table=True):
     """An organization's private registry; the password is encrypted (see secrets_box.py)."""
 

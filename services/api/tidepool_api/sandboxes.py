@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews
+from tidepool_api import previews, ssh_access
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -150,6 +150,8 @@ async def _announce(
     )
     if action == SandboxAction.DESTROY:
         await previews.forget_access(context, sandbox.id)
+        async with context.database.sessions() as session:  # its SSH tokens open nothing any more
+            await ssh_access.revoke(context, session, sandbox.id, None)
     else:
         await previews.publish_access(context, sandbox)
     await context.bus.publish(

@@ -16,6 +16,7 @@ from yarl import URL
 from tidepool_contracts.toolbox_routes import toolbox_route_status
 from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runner.tcp_tunnel import relay_tcp
 from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
@@ -137,6 +138,24 @@ async def relay_preview(request: web.Request) -> web.StreamResponse:
         )
 
 
+async def relay_tcp_tunnel(request: web.Request) -> web.StreamResponse:
+    """`GET /sandboxes/{id}/tcp/{port}` (WebSocket): a raw stream to a sandbox port (tcp_tunnel.py)."""
+    if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
+        return error_response(request, 401, "invalid runner token")
+    sandbox_id = request.match_info["sandbox_id"]
+    raw_port = request.match_info["port"]
+    if not SANDBOX_ID_PATTERN.match(sandbox_id):
+        return error_response(request, 404, f"sandbox {sandbox_id} not found")
+    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
+        return error_response(request, 400, f"invalid port {raw_port}")
+    if not is_websocket_upgrade(request):
+        return error_response(request, 400, "a TCP tunnel is a WebSocket")
+    activity = request.app.get(ACTIVITY_KEY)
+    if activity is not None:
+        activity.touch(sandbox_id)
+    return await relay_tcp(request, request.app[DAEMONS_KEY], sandbox_id, int(raw_port))
+
+
 async def health(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -155,4 +174,5 @@ def build_toolbox_app(
     app.router.add_route("*", "/sandboxes/{sandbox_id}/toolbox/{path:.*}", relay_toolbox)
     app.router.add_route("*", "/sandboxes/{sandbox_id}/ports/{port}/{path:.*}", relay_preview)
     app.router.add_route("*", "/sandboxes/{sandbox_id}/ports/{port}", relay_preview)
+    app.router.add_get("/sandboxes/{sandbox_id}/tcp/{port}", relay_tcp_tunnel)
     return app

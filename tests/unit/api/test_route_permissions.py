@@ -58,6 +58,10 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/api/sandbox/{sandbox_id_or_name}/fork"): ("write:sandboxes",),
     ("GET", "/api/sandbox/{sandbox_id_or_name}/forks"): ANY_KEY,
     ("GET", "/api/sandbox/{sandbox_id_or_name}/parent"): ANY_KEY,
+    # An SSH token opens a shell in the sandbox, as the toolbox does.
+    ("POST", "/api/sandbox/{sandbox_id_or_name}/ssh-access"): ("write:sandboxes",),
+    ("DELETE", "/api/sandbox/{sandbox_id_or_name}/ssh-access"): ("write:sandboxes",),
+    ("GET", "/api/sandbox/ssh-access/validate"): ANY_KEY,
     ("GET", "/api/volumes"): ("read:volumes",),
     ("POST", "/api/volumes"): ("write:volumes",),
     ("GET", "/api/volumes/by-name/{name}"): ("read:volumes",),

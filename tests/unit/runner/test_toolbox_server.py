@@ -177,3 +177,24 @@ async def test_missing_socket_is_502_and_bad_id_is_404(runner: RunnerUnderTest) 
             assert body["source"] == "DAYTONA_PROXY"
         async with http.get(f"{runner.url}/sandboxes/..%2E/toolbox/version", headers=AUTH) as response:
             assert response.status == 404
+
+
+async def test_tcp_tunnel_needs_the_runner_token_a_websocket_and_a_reachable_sandbox(
+    runner: RunnerUnderTest,
+) -> None:
+    """`/sandboxes/{id}/tcp/{port}` (the SSH gateway's `ssh -L`) refuses before any upgrade."""
+    tunnel = f"{runner.url}/sandboxes/{SANDBOX_ID}/tcp/8080"
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(tunnel, headers=headers)
+            assert refused.value.status == 401
+        async with http.get(tunnel, headers=AUTH) as response:
+            assert response.status == 400  # not a WebSocket
+        for port in ("0", "65536", "http"):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(f"{runner.url}/sandboxes/{SANDBOX_ID}/tcp/{port}", headers=AUTH)
+            assert refused.value.status == 400
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{runner.url}/sandboxes/other/tcp/8080", headers=AUTH)
+        assert refused.value.status == 502
