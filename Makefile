@@ -49,5 +49,6 @@ bench: venv host
 	$(BIN)/python -m tests.bench.bench_spine
 
 
-clean:
+clean:  # after `make down`: what is still mounted under .tidepool (the runner's tmpfs, sandbox disks) goes first
+	-awk '{print $$5}' /proc/self/mountinfo | grep '^$(CURDIR)/.tidepool/' | sort -r | xargs -r -n1 umount -l
 	rm -rf $(VENV) .tidepool

@@ -375,6 +375,7 @@ class JobExecutor:
         await self._engine.remove(container_name(sandbox_id))
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, sandbox_id)
+        await asyncio.to_thread(self._volumes.release, sandbox_id)  # the stop released them; idempotent
         socket_dir = sandbox_socket_dir(self._settings, sandbox_id)
         await asyncio.to_thread(unmount_socket_dir, socket_dir)
         await asyncio.to_thread(_remove_tree, socket_dir)
