@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
+from daytona import Daytona, DaytonaConfig
 
 from tests.integration.spans import SpanCollector
 from tests.integration.stackthread import StackThread, drop_postgres_database, fresh_postgres_database
@@ -59,3 +62,21 @@ def sdk_env(stack: StackThread) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def tenant_key(stack: StackThread) -> str:
+    """Another organization's own key (the attacker's, in isolation tests), made by the admin."""
+    created = httpx.post(
+        f"{stack.api_url}/organizations",
+        json={"name": f"tenant-{uuid.uuid4().hex[:6]}"},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["apiKey"]["value"])
+
+
+@pytest.fixture(scope="module")
+def tenant(stack: StackThread, tenant_key: str) -> Daytona:
+    """The SDK as that other organization."""
+    return Daytona(DaytonaConfig(api_key=tenant_key, api_url=stack.api_url))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
+from daytona import Daytona, Sandbox, SessionExecuteRequest
 
 from tests.integration.stackthread import StackThread
 from tidepool_runtime.settings import REPO_ROOT
@@ -29,23 +28,6 @@ FORBIDDEN_CAPABILITIES = {"NET_ADMIN": 12, "NET_RAW": 13, "SYS_MODULE": 16, "SYS
 USERNS_SIZE = 65536
 # More toolbox calls at once than the runner has pooled connections to the sandbox: some must connect anew.
 CONCURRENT_CALLS = 24
-
-
-@pytest.fixture(scope="module")
-def tenant_key(stack: StackThread) -> str:
-    """Another organization's own key: the attacker's."""
-    created = httpx.post(
-        f"{stack.api_url}/organizations",
-        json={"name": f"attacker-{uuid.uuid4().hex[:6]}"},
-        headers={"Authorization": f"Bearer {stack.api_key}"},
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["apiKey"]["value"])
-
-
-@pytest.fixture(scope="module")
-def tenant(stack: StackThread, tenant_key: str) -> Daytona:
-    return Daytona(DaytonaConfig(api_key=tenant_key, api_url=stack.api_url))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import aiohttp
 import httpx
 import pytest
-from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
+from daytona import Daytona, Sandbox, SessionExecuteRequest
 
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
@@ -94,23 +94,6 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 8090), Events).serve_forever()
 @pytest.fixture(scope="module")
 def daytona() -> Daytona:
     return Daytona()
-
-
-@pytest.fixture(scope="module")
-def tenant_key(stack: StackThread) -> str:
-    """Another organization's own key."""
-    created = httpx.post(
-        f"{stack.api_url}/organizations",
-        json={"name": f"preview-tenant-{uuid.uuid4().hex[:6]}"},
-        headers={"Authorization": f"Bearer {stack.api_key}"},
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["apiKey"]["value"])
-
-
-@pytest.fixture(scope="module")
-def tenant(stack: StackThread, tenant_key: str) -> Daytona:
-    return Daytona(DaytonaConfig(api_key=tenant_key, api_url=stack.api_url))
 
 
 def start_servers(sandbox: Sandbox) -> None:

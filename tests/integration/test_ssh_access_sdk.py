@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import asyncssh
 import httpx
 import pytest
-from daytona import Daytona, DaytonaConfig, Sandbox, SessionExecuteRequest
+from daytona import Daytona, Sandbox, SessionExecuteRequest
 
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
@@ -64,23 +64,6 @@ def sandbox(daytona: Daytona) -> Iterator[Sandbox]:
         yield created
     finally:
         daytona.delete(created)
-
-
-@pytest.fixture(scope="module")
-def tenant_key(stack: StackThread) -> str:
-    """Another organization's own key."""
-    created = httpx.post(
-        f"{stack.api_url}/organizations",
-        json={"name": f"ssh-tenant-{uuid.uuid4().hex[:6]}"},
-        headers={"Authorization": f"Bearer {stack.api_key}"},
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["apiKey"]["value"])
-
-
-@pytest.fixture(scope="module")
-def tenant(stack: StackThread, tenant_key: str) -> Daytona:
-    return Daytona(DaytonaConfig(api_key=tenant_key, api_url=stack.api_url))
 
 
 def test_create_returns_the_wire_dto_and_a_working_command(stack: StackThread, sandbox: Sandbox) -> None:
