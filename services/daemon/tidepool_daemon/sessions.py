@@ -118,10 +118,12 @@ class SessionCommand:
 
     def as_dict(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"id": self.id, "command": self.command}
-        if self.exit_code is not None:
+        # Only once its output is drained (complete): a client that sees the exit code and then reads the
+        # logs must get all of them, as a synchronous command's answer has.
+        if self.exit_code is not None and self.complete:
             payload["exitCode"] = self.exit_code
-        if self.termination is not None:
-            payload["termination"] = self.termination.as_dict()
+            if self.termination is not None:
+                payload["termination"] = self.termination.as_dict()
         return payload
 
 
