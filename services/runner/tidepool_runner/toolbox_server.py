@@ -101,9 +101,9 @@ def preview_path(request: web.Request, sandbox_id: str, port: str) -> str:
     return (raw_path[len(prefix) :] if raw_path.startswith(prefix) else "") or "/"
 
 
-async def relay_preview(request: web.Request) -> web.StreamResponse:
-    """`ANY /sandboxes/{id}/ports/{port}/{path}`: a preview request, sent through a daemon tunnel to that
-    port on the sandbox's loopback (daemon_connections.PortTunnelConnector). The proxy authorized it."""
+def _sandbox_port(request: web.Request) -> tuple[str, int] | web.Response:
+    """(sandbox id, port) of a `/sandboxes/{id}/.../{port}` request from the proxy or the SSH gateway, or
+    the error answer (401 without the runner token, 404 for a malformed id, 400 for a bad port)."""
     if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
         return error_response(request, 401, "invalid runner token")
     sandbox_id = request.match_info["sandbox_id"]
@@ -112,14 +112,20 @@ async def relay_preview(request: web.Request) -> web.StreamResponse:
         return error_response(request, 404, f"sandbox {sandbox_id} not found")
     if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
         return error_response(request, 400, f"invalid port {raw_port}")
-    port = int(raw_port)
+    return sandbox_id, int(raw_port)
+
+
+async def relay_preview(request: web.Request) -> web.StreamResponse:
+    """`ANY /sandboxes/{id}/ports/{port}/{path}`: a preview request, sent through a daemon tunnel to that
+    port on the sandbox's loopback (daemon_connections.PortTunnelConnector). The proxy authorized it."""
+    checked = _sandbox_port(request)
+    if isinstance(checked, web.Response):
+        return checked
+    sandbox_id, port = checked
+    raw_port = request.match_info["port"]  # as it stands in the path, for preview_path
     activity = request.app.get(ACTIVITY_KEY)
-    if activity is not None and request.headers.get(
-        "X-Daytona-Skip-Last-Activity-Update", ""
-    ).lower() not in (
-        "1",
-        "true",
-    ):
+    skip_activity = request.headers.get("X-Daytona-Skip-Last-Activity-Update", "").lower() in ("1", "true")
+    if activity is not None and not skip_activity:
         activity.touch(sandbox_id)
     query = request.rel_url.raw_query_string
     path = preview_path(request, sandbox_id, raw_port)
@@ -140,20 +146,16 @@ async def relay_preview(request: web.Request) -> web.StreamResponse:
 
 async def relay_tcp_tunnel(request: web.Request) -> web.StreamResponse:
     """`GET /sandboxes/{id}/tcp/{port}` (WebSocket): a raw stream to a sandbox port (tcp_tunnel.py)."""
-    if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
-        return error_response(request, 401, "invalid runner token")
-    sandbox_id = request.match_info["sandbox_id"]
-    raw_port = request.match_info["port"]
-    if not SANDBOX_ID_PATTERN.match(sandbox_id):
-        return error_response(request, 404, f"sandbox {sandbox_id} not found")
-    if not raw_port.isdigit() or not 1 <= int(raw_port) <= 65535:
-        return error_response(request, 400, f"invalid port {raw_port}")
+    checked = _sandbox_port(request)
+    if isinstance(checked, web.Response):
+        return checked
+    sandbox_id, port = checked
     if not is_websocket_upgrade(request):
         return error_response(request, 400, "a TCP tunnel is a WebSocket")
     activity = request.app.get(ACTIVITY_KEY)
     if activity is not None:
         activity.touch(sandbox_id)
-    return await relay_tcp(request, request.app[DAEMONS_KEY], sandbox_id, int(raw_port))
+    return await relay_tcp(request, request.app[DAEMONS_KEY], sandbox_id, port)
 
 
 async def health(_: web.Request) -> web.Response:
