@@ -319,3 +319,25 @@ def test_a_write_just_before_stop_or_delete_reaches_the_volume(stack: StackThrea
         assert listing.split() == ["last", "last", "5000000"], listing
     finally:
         daytona.delete(reader)
+
+
+def test_another_organization_can_neither_see_nor_mount_nor_delete_a_volume(tenant: Daytona) -> None:
+    daytona = Daytona()
+    name = f"vol-private-{uuid.uuid4().hex[:8]}"
+    volume = daytona.volume.create(name)
+    wait_ready(daytona, name)
+    try:
+        assert name not in {item.name for item in tenant.volume.list()}
+        for reference in (volume.id, name):
+            with pytest.raises(DaytonaNotFoundError):
+                tenant.volume.get(reference)
+        with pytest.raises(DaytonaNotFoundError):
+            tenant.volume.delete(volume)
+        before = {item.id for item in tenant.list()}
+        theirs = [VolumeMount(volume_id=volume.id, mount_path="/data")]
+        with pytest.raises(DaytonaNotFoundError):
+            tenant.create(CreateSandboxFromSnapshotParams(volumes=theirs))
+        assert {item.id for item in tenant.list()} == before, "a refused create left a sandbox"
+        assert daytona.volume.get(name).state == "ready"
+    finally:
+        daytona.volume.delete(daytona.volume.get(name))
