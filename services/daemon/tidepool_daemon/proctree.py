@@ -251,6 +251,7 @@ def kill_tree(spec: TreeSpec, proc_root: str = PROC_ROOT) -> int:
     Repeats while a scan after the kill still finds members (a fork that was under way during the freeze,
     a member that could not be stopped), up to `MAX_KILL_PASSES` times."""
     killed: set[int] = set()
+    began = time.monotonic()
     # Sessions led by an unreaped root are the tree's for sure: stop their process group before the first
     # scan, so a fork bomb in it stops multiplying and stops competing with the scan for the CPU.
     _signal_groups({session for session in spec.sessions if session in spec.roots}, signal.SIGSTOP)
@@ -278,7 +279,8 @@ def kill_tree(spec: TreeSpec, proc_root: str = PROC_ROOT) -> int:
         if not any(_alive(pid, proc_root) for pid in still_there):
             break
     if killed:
-        logger.info("ended %d processes of tree %s", len(killed), spec.marker)
+        elapsed = time.monotonic() - began
+        logger.info("ended %d processes of tree %s in %.1f s", len(killed), spec.marker, elapsed)
     return len(killed)
 
 

@@ -57,7 +57,12 @@ from tidepool_runner.daemon_connections import (
     DaemonConnections,
     UntrustedDaemonSocketError,
 )
-from tidepool_runner.engine import ContainerEngine, EngineUnavailableError, SandboxFailedError
+from tidepool_runner.engine import (
+    ContainerEngine,
+    ContainerStatus,
+    EngineUnavailableError,
+    SandboxFailedError,
+)
 from tidepool_runner.jobs import SandboxLocks
 from tidepool_runtime.broker import Bus, KeyValue, kv_get, kv_put
 from tidepool_runtime.settings import RunnerSettings
@@ -69,6 +74,8 @@ EVENT_SOURCE = "runner.health"
 # While waiting for a restarted daemon: how long each probe may take, and how long between probes.
 _RESTART_PROBE_TIMEOUT_SECONDS = 2.0
 _RESTART_PROBE_INTERVAL_SECONDS = 0.2
+# A sandbox using this share of its pid limit is saturated (see `_at_process_limit`).
+_PROCESS_LIMIT_SHARE = 0.9
 
 
 @dataclass
@@ -193,6 +200,8 @@ class DaemonHealthChecker:
                 version, _ = await self._probe(sandbox_id, settings.daemon_health_timeout_seconds)
                 if version is not None:
                     return  # answers again on its own
+                if await self._at_process_limit(sandbox_id, status):
+                    return
                 log.warning("daemon_health.restarting", sandbox_id=sandbox_id, why=why)
                 await self.engine.signal(status.container_id, RESTART_SIGNAL)
                 # Pooled connections belong to the killed worker.
@@ -225,6 +234,20 @@ class DaemonHealthChecker:
             log.exception("daemon_health.restart_error", sandbox_id=sandbox_id)
         finally:
             tracked.failures = 0
+
+    async def _at_process_limit(self, sandbox_id: str, status: ContainerStatus) -> bool:
+        """True when the sandbox's processes fill (nearly) all of its pid limit, e.g. a fork bomb. Its
+        daemon is then starved, not wedged, and a new worker could not even be forked; killing the worker
+        would only lose what it holds: the deadlines that end such a tree at its command's timeout."""
+        if status.pids_limit <= 0:
+            return False
+        count = await self.engine.process_count(status.container_id)
+        if count is None or count < status.pids_limit * _PROCESS_LIMIT_SHARE:
+            return False
+        log.warning(
+            "daemon_health.at_process_limit", sandbox_id=sandbox_id, processes=count, limit=status.pids_limit
+        )
+        return True
 
     async def _wait_for_answer(self, sandbox_id: str, within: float) -> tuple[str | None, str]:
         """`_probe` until it answers or `within` seconds have passed: the last probe's outcome."""

@@ -61,6 +61,7 @@ class ContainerStatus:
     # engine across a restart: the runner applies the sandbox's own after every start).
     nano_cpus: int = 0
     memory_bytes: int = 0
+    pids_limit: int = 0  # 0: none
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class ContainerEngine:
             work_dir=str(layer.get("WorkDir") or ""),
             nano_cpus=int(host_config.get("NanoCpus") or 0),
             memory_bytes=int(host_config.get("Memory") or 0),
+            pids_limit=max(0, int(host_config.get("PidsLimit") or 0)),
         )
 
     async def root_ids(self, container_id: str) -> RootIds:
@@ -289,6 +291,17 @@ class ContainerEngine:
                     raise self._translate(error, "remove the sandbox container") from error
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def process_count(self, container_id: str) -> int | None:
+        """How many processes (and threads) the container's pids cgroup holds now, or None if the engine
+        cannot say (`GET /containers/{id}/stats?stream=false`, `pids_stats.current`)."""
+        try:
+            answers = await self._docker.containers.container(container_id).stats(stream=False)
+        except DockerError:
+            return None
+        stats = answers[0] if isinstance(answers, list) and answers else answers
+        current = (stats.get("pids_stats") or {}).get("current") if isinstance(stats, dict) else None
+        return current if isinstance(current, int) else None
 
     async def log_tail(self, container_id: str, lines: int = LOG_TAIL_LINES) -> str:
         try:

@@ -69,6 +69,8 @@ class FakeEngine:
     on_signal: Callable[[], None]
     running: bool = True
     signals: list[tuple[str, str]] = field(default_factory=list)
+    processes: int | None = 3
+    pids_limit: int = 4096
 
     async def list_sandboxes(self) -> list[ContainerSummary]:
         labels = {SANDBOX_LABEL: self.sandbox_id, ORGANIZATION_LABEL: ORGANIZATION_ID}
@@ -76,7 +78,12 @@ class FakeEngine:
         return [ContainerSummary(container_name(self.sandbox_id), state, labels)]
 
     async def inspect(self, name: str) -> ContainerStatus | None:
-        return ContainerStatus(name, running=self.running, paused=False, status="", exit_code=0)
+        return ContainerStatus(
+            name, running=self.running, paused=False, status="", exit_code=0, pids_limit=self.pids_limit
+        )
+
+    async def process_count(self, container_id: str) -> int | None:
+        return self.processes
 
     async def signal(self, container_id: str, signal_name: str) -> None:
         self.signals.append((container_id, signal_name))
@@ -193,6 +200,22 @@ async def test_a_silent_daemon_is_restarted_and_the_restart_is_an_event(harness:
     assert (await harness.route()).state == SandboxState.STARTED  # type: ignore[union-attr]
     await harness.round()
     assert len(harness.engine.signals) == 1
+
+
+async def test_a_daemon_starved_by_a_sandbox_at_its_process_limit_is_not_restarted(harness: Harness) -> None:
+    # A fork bomb holds every pid: killing the worker would lose the deadline that ends the bomb.
+    harness.daemon.wedged = True
+    harness.engine.processes = harness.engine.pids_limit
+    for _ in range(4):
+        await harness.round()
+    assert harness.engine.signals == []
+    assert harness.states.empty() and harness.health.empty()
+    assert (await harness.route()).state == SandboxState.STARTED  # type: ignore[union-attr]
+    # The bomb has ended but the daemon still does not answer: now it is restarted.
+    harness.engine.processes = 5
+    for _ in range(2):
+        await harness.round()
+    assert harness.engine.signals == [(container_name(harness.sandbox_id), "SIGUSR1")]
 
 
 async def test_a_daemon_that_stays_silent_makes_the_sandbox_error_then_recovers(harness: Harness) -> None:
