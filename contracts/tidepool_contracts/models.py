@@ -49,6 +49,11 @@ class SandboxSpec(BusModel):
     env: dict[str, str] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)
     network_block_all: bool = False
+    # Egress only to these IPv4 CIDRs (plus DNS to the sandbox resolvers); empty: the runner's default
+    # policy. Ignored when `network_block_all` (which wins, as in Daytona).
+    network_allow_list: list[str] = Field(default_factory=list)
+    # Egress only to the addresses these domains resolve to (re-resolved by the runner), with the CIDRs.
+    domain_allow_list: list[str] = Field(default_factory=list)
     entrypoint: list[str] | None = None
     volumes: list[VolumeMountSpec] = Field(default_factory=list)
 
@@ -69,6 +74,9 @@ class SandboxAction(StrEnum):
     # The sandbox's filesystem is committed to the image `SandboxIntent.snapshot` names (a snapshot, or the
     # image of a fork); the sandbox's own state does not change. Not a desired state: sent once.
     SNAPSHOT = "snapshot"
+    # A running sandbox's egress policy changed (spec carries the new one); applied at once, no restart.
+    # Not a desired state: sent once (a stopped sandbox's next START applies the spec's policy anyway).
+    NETWORK = "network"
 
 
 class SnapshotTarget(BusModel):

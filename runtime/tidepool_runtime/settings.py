@@ -241,6 +241,9 @@ class SandboxHostSettings(_Base):
     sandbox_allowed_cidrs: Annotated[list[str], NoDecode] = []
     """Widen on purpose: destinations sandboxes may reach although private or on the host, e.g.
     `10.1.2.0/24,fd00:1::/64` (comma-separated or a JSON list; IPv4 and IPv6)."""
+    sandbox_domain_refresh_seconds: float = 60.0
+    """How often the runner re-resolves the domains of sandboxes' `domainAllowList`s (their addresses
+    change, e.g. behind CDNs) and updates their egress rules."""
     # Toolbox health checks (runner): every running sandbox's daemon gets `GET /version` this often; after
     # `daemon_health_failures` unanswered checks in a row (each waiting `daemon_health_timeout_seconds`)
     # its worker is restarted, and if it still does not answer within `daemon_restart_wait_seconds` the

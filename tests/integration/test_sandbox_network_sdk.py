@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
-from daytona import CreateSandboxFromSnapshotParams, Daytona, Sandbox, SessionExecuteRequest
+from daytona import Daytona, Sandbox, SessionExecuteRequest
 
 from tests.integration.netprobe import BLOCKED_TCP, PROBE, SERVER
 from tests.integration.stackthread import StackThread
@@ -221,19 +221,3 @@ def test_dns_and_the_internet_still_work(sandboxes: tuple[Sandbox, Sandbox]) -> 
     private = [ns for ns in nameservers if ipaddress.ip_address(ns).is_private]
     if private:
         assert probe(a, ("connect", private[0], 80)) == [BLOCKED_TCP]
-
-
-def test_network_block_all_reaches_nothing(stack: StackThread) -> None:
-    daytona = Daytona()
-    sandbox = daytona.create(CreateSandboxFromSnapshotParams(network_block_all=True))
-    try:
-        assert sandbox.process.exec("ls /sys/class/net").result.split() == ["lo"]
-        assert sandbox.process.exec("getent hosts pypi.org").exit_code != 0
-        sandbox.fs.upload_file(PROBE.encode(), PROBE_PATH)
-        pypi = socket.gethostbyname("pypi.org")
-        assert probe(sandbox, ("connect", pypi, 443), ("connect", "169.254.169.254", 80)) == [
-            "ENETUNREACH",
-            "ENETUNREACH",
-        ]
-    finally:
-        daytona.delete(sandbox)

@@ -109,6 +109,9 @@ class Sandbox(SQLModel, table=True):
     disk: int
     public: bool = False
     network_block_all: bool = False
+    # As given (comma-separated), shown back in the DTO; the runner gets them split (SandboxSpec).
+    network_allow_list: str | None = None
+    domain_allow_list: str | None = None
     target: str = "us"
     auto_stop_interval: int = 15
     auto_archive_interval: int = 10080

@@ -20,7 +20,12 @@ from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
 from tidepool_api.live_events import record_created, record_state_change
-from tidepool_api.schemas import CreateSandboxRequest, ResizeSandboxRequest
+from tidepool_api.schemas import (
+    CreateSandboxRequest,
+    ResizeSandboxRequest,
+    UpdateSandboxNetworkSettingsRequest,
+    split_list,
+)
 from tidepool_api.snapshots import ensure_build
 from tidepool_api.volumes import mount_specs, resolve_mounts
 from tidepool_contracts import channels
@@ -113,6 +118,8 @@ def spec_of(sandbox: Sandbox) -> SandboxSpec:
         env=sandbox.env,
         labels=sandbox.labels,
         network_block_all=sandbox.network_block_all,
+        network_allow_list=[] if sandbox.network_block_all else split_list(sandbox.network_allow_list),
+        domain_allow_list=[] if sandbox.network_block_all else split_list(sandbox.domain_allow_list),
         entrypoint=sandbox.entrypoint,
         volumes=mount_specs(sandbox.volumes or []),
     )
@@ -280,6 +287,9 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             public=bool(request.public),
             preview_token=previews.new_preview_token(),
             network_block_all=bool(request.network_block_all),
+            # networkBlockAll wins over the lists, which are then ignored (behaviour spec §5).
+            network_allow_list=None if request.network_block_all else request.network_allow_list or None,
+            domain_allow_list=None if request.network_block_all else request.domain_allow_list or None,
             target=request.target or context.settings.runner_region,
             auto_stop_interval=DEFAULT_AUTO_STOP
             if request.auto_stop_interval is None
@@ -564,6 +574,8 @@ async def fork_sandbox(
             disk=parent.disk,
             public=parent.public,
             network_block_all=parent.network_block_all,
+            network_allow_list=parent.network_allow_list,
+            domain_allow_list=parent.domain_allow_list,
             target=parent.target,
             auto_stop_interval=parent.auto_stop_interval,
             auto_archive_interval=parent.auto_archive_interval,
@@ -692,6 +704,51 @@ async def resize_sandbox(
     else:
         # The next START carries the new resources; the reconciler's copy must have them too.
         await refresh_desired(context, sandbox)
+    return sandbox
+
+
+async def update_network_settings(
+    context: ApiContext, organization_id: str, id_or_name: str, request: UpdateSandboxNetworkSettingsRequest
+) -> Sandbox:
+    """`POST /sandbox/{id}/network-settings` (behaviour spec §5): stores the egress policy and, on a running
+    sandbox, has its runner apply it at once (no restart); a stopped one gets it at its next start.
+    `networkBlockAll: true` blocks all egress and clears the lists; `false` alone restores the default
+    policy and clears them; a list (`""` clears it) implies block-all off. 400 when no field is given."""
+    fields = request.model_fields_set
+    if not fields & {"network_block_all", "network_allow_list", "domain_allow_list"} or (
+        request.network_block_all is None
+        and request.network_allow_list is None
+        and request.domain_allow_list is None
+    ):
+        raise bad_request("at least one of networkBlockAll, networkAllowList or domainAllowList must be set")
+    async with context.database.sessions() as session:
+        sandbox = await find_sandbox(session, organization_id, id_or_name)
+        if request.network_block_all is True:
+            sandbox.network_block_all = True
+            sandbox.network_allow_list = sandbox.domain_allow_list = None
+        elif request.network_allow_list is None and request.domain_allow_list is None:
+            sandbox.network_block_all = False
+            sandbox.network_allow_list = sandbox.domain_allow_list = None
+        else:
+            sandbox.network_block_all = False
+            if request.network_allow_list is not None:
+                sandbox.network_allow_list = request.network_allow_list or None
+            if request.domain_allow_list is not None:
+                sandbox.domain_allow_list = request.domain_allow_list or None
+        sandbox.updated_at = utc_now()
+        session.add(sandbox)
+        await session.commit()
+    await refresh_desired(context, sandbox)
+    if sandbox.state in (SandboxState.STARTED, SandboxState.STARTING, SandboxState.RESIZING):
+        intent = SandboxIntent(
+            sandbox_id=sandbox.id,
+            organization_id=sandbox.organization_id,
+            action=SandboxAction.NETWORK,
+            spec=spec_of(sandbox),
+        )
+        await context.bus.publish(
+            channels.SANDBOX_INTENTS, intent, msg_id=intent.intent_id, sandbox_id=sandbox.id
+        )
     return sandbox
 
 

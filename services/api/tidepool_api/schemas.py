@@ -190,10 +190,37 @@ def network_allow_list(value: str) -> str:
         if "/" not in entry:
             raise invalid("Missing CIDR prefix length in {entry}", entry=_shown(entry))
         try:
-            ipaddress.ip_network(entry, strict=False)
+            # IPv4 only, as Daytona: hostnames, domains and IPv6 are refused.
+            ipaddress.IPv4Network(entry, strict=False)
         except ValueError:
-            raise invalid("Invalid network {entry}", entry=_shown(entry)) from None
+            raise invalid("Invalid network {entry}: an IPv4 CIDR is expected", entry=_shown(entry)) from None
     return value
+
+
+_DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def domain_allow_list(value: str) -> str:
+    """Comma-separated domains (`pypi.org,*.github.com`), at most 10; empty entries are skipped. A `*.`
+    prefix allows the domain's subdomains."""
+    entries = value.split(",")
+    if len(entries) > NETWORK_ALLOW_LIST_MAX:
+        raise invalid(
+            "Domain allow list cannot contain more than {limit} domains", limit=NETWORK_ALLOW_LIST_MAX
+        )
+    for entry in (item.strip() for item in entries):
+        if not entry:
+            continue
+        name = entry[2:] if entry.startswith("*.") else entry
+        labels = name.rstrip(".").split(".")
+        if len(name) > 253 or len(labels) < 2 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+            raise invalid("Invalid domain {entry}", entry=_shown(entry))
+    return value
+
+
+def split_list(value: str | None) -> list[str]:
+    """The non-empty, trimmed entries of a comma-separated allow list."""
+    return [entry.strip() for entry in (value or "").split(",") if entry.strip()]
 
 
 def entrypoint(value: list[str]) -> list[str]:
@@ -217,6 +244,7 @@ Dockerfile = Annotated[StrictStr, AfterValidator(dockerfile)]
 SnapshotName = Annotated[StrictStr, AfterValidator(snapshot_name)]
 Target = Annotated[StrictStr, AfterValidator(target)]
 NetworkAllowList = Annotated[StrictStr, AfterValidator(network_allow_list)]
+DomainAllowList = Annotated[StrictStr, AfterValidator(domain_allow_list)]
 Entrypoint = Annotated[list[StrictStr], AfterValidator(entrypoint)]
 Cores = Annotated[StrictInt, Field(ge=1, le=INT32_MAX)]
 GpuCount = Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]
@@ -258,6 +286,7 @@ class CreateSandboxRequest(WireModel):
     target: Target | None = None
     network_block_all: StrictBool | None = None
     network_allow_list: NetworkAllowList | None = None
+    domain_allow_list: DomainAllowList | None = None
     cpu: Cores | None = None
     gpu: GpuCount | None = None
     memory: Cores | None = None
@@ -282,6 +311,14 @@ class ResizeSandboxRequest(WireModel):
     cpu: Cores | None = None
     memory: Cores | None = None
     disk: Cores | None = None
+
+
+class UpdateSandboxNetworkSettingsRequest(WireModel):
+    """`UpdateSandboxNetworkSettings` (SDK 0.226.1, wire contract §2.2): at least one field."""
+
+    network_block_all: StrictBool | None = None
+    network_allow_list: NetworkAllowList | None = None
+    domain_allow_list: DomainAllowList | None = None
 
 
 class CreateSandboxSnapshotRequest(WireModel):
@@ -376,6 +413,8 @@ class SandboxDto(WireModel):
     labels: dict[str, str]
     public: bool
     network_block_all: bool
+    network_allow_list: str | None
+    domain_allow_list: str | None
     kvm: bool
     target: str
     cpu: int
@@ -493,6 +532,8 @@ def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
         "labels": sandbox.labels,
         "public": sandbox.public,
         "networkBlockAll": sandbox.network_block_all,
+        "networkAllowList": sandbox.network_allow_list,
+        "domainAllowList": sandbox.domain_allow_list,
         "kvm": False,
         "target": sandbox.target,
         "cpu": sandbox.cpu,

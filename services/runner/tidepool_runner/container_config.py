@@ -150,15 +150,15 @@ def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
 
 
 def network_mode(spec: SandboxSpec, settings: RunnerSettings) -> str:
-    """The runner's sandbox network (isolated by its host firewall), or none at all for `networkBlockAll`."""
-    if spec.network_block_all:
-        return "none"
+    """The runner's sandbox network (isolated by its host firewall), `networkBlockAll` included: its rules
+    (egress.py) reject everything, and can be lifted on the running sandbox (an engine cannot attach a
+    network to a container created without one)."""
     return settings.sandbox_network
 
 
 def dns_servers(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     """Empty: the engine's default (the host's resolvers), which the firewall then allows."""
-    return [] if spec.network_block_all else list(settings.sandbox_dns_servers)
+    return list(settings.sandbox_dns_servers)
 
 
 def daemon_entrypoint(spec: SandboxSpec) -> list[str]:

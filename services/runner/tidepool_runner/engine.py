@@ -62,6 +62,18 @@ class ContainerStatus:
     nano_cpus: int = 0
     memory_bytes: int = 0
     pids_limit: int = 0  # 0: none
+    # The container's IP addresses on its networks (IPv4 and global IPv6), once it is initialized or running.
+    addresses: tuple[str, ...] = ()
+
+
+def _addresses(network_settings: dict[str, Any]) -> tuple[str, ...]:
+    found: list[str] = []
+    for endpoint in (network_settings.get("Networks") or {}).values():
+        for key in ("IPAddress", "GlobalIPv6Address"):
+            address = (endpoint or {}).get(key)
+            if address and address not in found:
+                found.append(str(address))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class ContainerEngine:
             nano_cpus=int(host_config.get("NanoCpus") or 0),
             memory_bytes=int(host_config.get("Memory") or 0),
             pids_limit=max(0, int(host_config.get("PidsLimit") or 0)),
+            addresses=_addresses(container._container.get("NetworkSettings") or {}),
         )
 
     async def root_ids(self, container_id: str) -> RootIds:
@@ -158,6 +171,20 @@ class ContainerEngine:
                 raise SandboxFailedError(f"image {config.get('Image')} not found") from error
             raise self._translate(error, "create the sandbox container") from error
         return container.id
+
+    async def initialize(self, container_id: str) -> None:
+        """Set the created container up without running it (Podman's `init`): its network, and so its
+        addresses, exist before its first process runs, so a per-sandbox firewall policy can be in place
+        first. Already initialized or running: nothing to do."""
+        try:
+            async with self._docker._query(
+                f"v4.0.0/libpod/containers/{container_id}/init", method="POST", versioned_api=False
+            ) as response:
+                await response.read()
+        except DockerError as error:
+            if error.status == 304:
+                return
+            raise self._translate(error, "initialize the sandbox container") from error
 
     async def start(self, container_id: str) -> None:
         try:

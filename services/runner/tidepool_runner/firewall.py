@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import re
 import shutil
@@ -248,6 +249,8 @@ def render(policy: FirewallPolicy, family: Family, current: str = "") -> str:
         # below instead of hanging.
         for icmp_type in ICMPV6_NEIGHBOR_DISCOVERY:
             add(inp, f"-p ipv6-icmp -m icmp6 --icmpv6-type {icmp_type} -j RETURN")
+    # Per-sandbox policies narrow what reaches the host too (DNS, for block-all and allow lists).
+    add(inp, f"-j {policy.sandboxes_chain}")
     dns_to_resolvers(inp, "RETURN")
     for cidr in allowed:
         add(inp, f"-d {cidr} -j RETURN")
@@ -347,3 +350,145 @@ def apply(policy: FirewallPolicy, commands: Commands = Commands(), lock_file: Pa
         allowed_cidrs=list(policy.allowed_cidrs),
         inter_sandbox=policy.allow_inter_sandbox,
     )
+
+
+# ----- per-sandbox egress policies (networkBlockAll, networkAllowList, domainAllowList) --------------------
+
+
+@dataclass(frozen=True)
+class SandboxEgress:
+    """One sandbox's own egress policy, which only narrows the runner's default policy: with `block_all`
+    nothing (not even DNS); otherwise only `allowed` (networks, either family) and DNS to the resolvers."""
+
+    block_all: bool = False
+    allowed: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for cidr in self.allowed:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise FirewallError(f"allowed network {cidr!r} is not an IP network") from None
+
+
+SANDBOX_COMMENT_PREFIX = "tidepool sandbox "
+_SANDBOX_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def sandboxes_with_policies(policy: FirewallPolicy, current: str) -> dict[str, tuple[str, ...]]:
+    """Sandbox id -> source addresses of the dispatch rules in `current` (`iptables-save -t filter`)."""
+    found: dict[str, list[str]] = {}
+    _, rules = _existing_state(current)
+    for chain, spec in rules:
+        if chain != policy.sandboxes_chain:
+            continue
+        comment = re.search(r'--comment "?' + re.escape(SANDBOX_COMMENT_PREFIX) + r"([A-Za-z0-9_-]+)", spec)
+        source = re.search(r"(?:^|\s)-s\s+(\S+)", spec)
+        if comment and source:
+            found.setdefault(comment.group(1), []).append(source.group(1).split("/")[0])
+    return {sandbox_id: tuple(addresses) for sandbox_id, addresses in found.items()}
+
+
+def sandbox_chain(policy: FirewallPolicy, sandbox_id: str) -> str:
+    """The sandbox's own chain: `<prefix>-S-<8 hex>` (iptables allows 28 characters)."""
+    return policy.chain(f"S-{hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]}")
+
+
+def render_sandbox(
+    policy: FirewallPolicy,
+    family: Family,
+    sandbox_id: str,
+    addresses: Sequence[str],
+    egress: SandboxEgress | None,
+    current: str,
+) -> str:
+    """`iptables-restore --noflush` input that gives the sandbox at `addresses` (its container's addresses
+    of this family) the policy `egress`, or removes its policy (`None`). Pure.
+
+    Every dispatch rule for one of `addresses` is replaced too: an address is reused by the next sandbox,
+    and a stale rule must never apply another sandbox's policy to it."""
+    if not _SANDBOX_ID.match(sandbox_id):
+        raise FirewallError(f"sandbox id {sandbox_id!r} is not a valid id")
+    chains, rules = _existing_state(current)
+    own = sandbox_chain(policy, sandbox_id)
+    dispatch = policy.sandboxes_chain
+    hosts = {str(ipaddress.ip_address(address)) for address in addresses}
+    deleted: list[str] = []
+    for chain, spec in rules:
+        if chain != dispatch:
+            continue
+        source = re.search(r"(?:^|\s)-s\s+(\S+)", spec)
+        source_host = source.group(1).split("/")[0] if source else None
+        if _jump_target(spec) == own or source_host in hosts:
+            deleted.append(spec)
+    # Another sandbox's chain that only the deleted rules used goes too.
+    still_used = {_jump_target(spec) for chain, spec in rules if chain == dispatch and spec not in deleted}
+    orphans = sorted(
+        target
+        for target in {_jump_target(spec) for spec in deleted}
+        if target is not None and target != own and target in chains and target not in still_used
+    )
+    # Declarations first (declaring an existing chain empties it: --noflush keeps everything else).
+    lines = ["*filter"]
+    if dispatch not in chains:
+        lines.append(f":{dispatch} - [0:0]")
+    if egress is not None or own in chains:
+        lines.append(f":{own} - [0:0]")
+    lines += [f":{orphan} - [0:0]" for orphan in orphans]
+    lines += [f"-D {dispatch} {spec}" for spec in deleted]
+    lines += [f"-X {orphan}" for orphan in orphans]
+    if egress is not None:
+        if not egress.block_all:
+            for cidr in _of_family(egress.allowed, family):
+                lines.append(f"-A {own} -d {cidr} -j RETURN")
+            for resolver in _of_family(policy.resolvers, family):
+                for protocol in ("udp", "tcp"):
+                    lines.append(
+                        f"-A {own} -d {resolver} -p {protocol} -m {protocol} --dport {DNS_PORT} -j RETURN"
+                    )
+        lines.append(f"-A {own} -j {policy.reject_chain}")
+        prefix = 32 if family == 4 else 128
+        for host in sorted(hosts):
+            comment = f'-m comment --comment "{SANDBOX_COMMENT_PREFIX}{sandbox_id}"'
+            lines.append(f"-I {dispatch} 1 -s {host}/{prefix} {comment} -j {own}")
+    elif own in chains:
+        lines.append(f"-X {own}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def apply_sandbox(
+    policy: FirewallPolicy,
+    sandbox_id: str,
+    addresses: Sequence[str],
+    egress: SandboxEgress | None,
+    commands: Commands = Commands(),
+    lock_file: Path = LOCK_FILE,
+) -> None:
+    """Give one sandbox its egress policy, or remove it (`egress` None); idempotent, blocking (call it from
+    a thread). An address of a family without a firewall (IPv6 off) is skipped. Raises FirewallError."""
+    families: list[tuple[Family, str, str]] = [(4, "iptables-save", "iptables-restore")]
+    if ipv6_enabled(commands):
+        families.append((6, "ip6tables-save", "ip6tables-restore"))
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for family, save, restore in families:
+            of_family = [a for a in addresses if ipaddress.ip_address(a).version == family]
+            current = commands.run([save, "-t", "filter"])
+            rendered = render_sandbox(policy, family, sandbox_id, of_family, egress, current)
+            commands.run([restore, "-w", "--noflush"], stdin=rendered)
+    log.info(
+        "firewall.sandbox_applied",
+        sandbox_id=sandbox_id,
+        addresses=list(addresses),
+        block_all=egress.block_all if egress else None,
+        allowed=list(egress.allowed) if egress else None,
+    )
+
+
+def read_sandbox_policies(
+    policy: FirewallPolicy, commands: Commands = Commands()
+) -> dict[str, tuple[str, ...]]:
+    """The sandboxes that have a policy on this host now (see `sandboxes_with_policies`); blocking."""
+    return sandboxes_with_policies(policy, commands.run(["iptables-save", "-t", "filter"]))

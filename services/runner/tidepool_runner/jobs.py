@@ -37,6 +37,7 @@ from tidepool_runner.container_config import (
 )
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
+from tidepool_runner.egress import EgressPolicies
 from tidepool_runner.engine import (
     ContainerEngine,
     ContainerStatus,
@@ -100,8 +101,10 @@ class JobExecutor:
         daemons: DaemonConnections,
         disks: SandboxDisks,
         volumes: VolumeMounts | None = None,
+        egress: EgressPolicies | None = None,
     ) -> None:
         self._settings = settings
+        self._egress = egress or EgressPolicies(settings)
         self._volumes = volumes or VolumeMounts(settings)
         self._disks = disks
         self._runner_id = runner_id
@@ -110,6 +113,11 @@ class JobExecutor:
         self._engine = engine
         self._daemons = daemons
         self._locks = SandboxLocks()
+
+    @property
+    def egress(self) -> EgressPolicies:
+        """The sandboxes' own network policies (their rules are removed when they stop)."""
+        return self._egress
 
     @property
     def locks(self) -> SandboxLocks:
@@ -150,6 +158,8 @@ class JobExecutor:
                     await self._archive(job)
                 case SandboxAction.SNAPSHOT:
                     await self._snapshot(job)
+                case SandboxAction.NETWORK:
+                    await self._network(job)
         except SandboxFailedError as failure:
             bound.warning("job.failed", reason=failure.reason)
             await self._report(job, SandboxState.ERROR, error_reason=failure.reason)
@@ -190,6 +200,11 @@ class JobExecutor:
             # A stale socket from the previous run would only answer "connection refused"; start clean.
             _remove_entry(toolbox_socket_path(self._settings, spec.sandbox_id))
             await self._daemons.close(spec.sandbox_id)
+            # The network (and its addresses) exists before the first process runs: its policy is in place
+            # before anything in the sandbox can open a connection.
+            await self._engine.initialize(status.container_id)
+            initialized = await self._engine.inspect(status.container_id)
+            await self._egress.converge(spec, initialized.addresses if initialized else ())
             await self._engine.start(status.container_id)
         await self._apply_resources(spec, status)
         return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
@@ -210,6 +225,14 @@ class JobExecutor:
         await self._daemons.close(job.sandbox_id)
         daemon_version = await self._ensure_running(job.spec)
         await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+
+    async def _network(self, job: RunnerJob) -> None:
+        """A running sandbox's egress policy changed: apply it now (no restart, no state change). A stopped
+        one gets it at its next start; a failure to apply is reported as the sandbox's error."""
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is None or not (status.running or status.paused):
+            return
+        await self._egress.converge(job.spec, status.addresses)
 
     async def _resize(self, job: RunnerJob) -> None:
         """Grow a running sandbox's cpu and memory (disk only changes while stopped, at the next start)."""
@@ -270,6 +293,7 @@ class JobExecutor:
             else:
                 await self._engine.stop(status.container_id, timeout_seconds=STOP_TIMEOUT_SECONDS)
         await self._daemons.close(job.sandbox_id)
+        await self._egress.remove(job.sandbox_id)
         await asyncio.to_thread(self._volumes.release, job.sandbox_id)
         await self._report(job, SandboxState.STOPPED)
 
@@ -373,6 +397,7 @@ class JobExecutor:
     async def _remove_container_and_disk(self, sandbox_id: str) -> None:
         await self._daemons.close(sandbox_id)
         await self._engine.remove(container_name(sandbox_id))
+        await self._egress.remove(sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, sandbox_id)
         await asyncio.to_thread(self._volumes.release, sandbox_id)  # the stop released them; idempotent
@@ -383,6 +408,7 @@ class JobExecutor:
     async def _destroy(self, job: RunnerJob) -> None:
         await self._daemons.close(job.sandbox_id)
         await self._engine.remove(container_name(job.sandbox_id))
+        await self._egress.remove(job.sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, job.sandbox_id)
         await asyncio.to_thread(self._volumes.release, job.sandbox_id)

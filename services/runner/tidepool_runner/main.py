@@ -107,6 +107,13 @@ class Runner:
         register_jobs(bus.broker, self.runner_id, executor)
 
         async def adopt_then_serve_jobs() -> None:
+            # Rules of sandboxes that ended while the runner was away go (their addresses are reused).
+            running = [
+                container.labels[SANDBOX_LABEL]
+                for container in await engine.list_sandboxes()
+                if container.state in ("running", "paused") and container.labels.get(SANDBOX_LABEL)
+            ]
+            await executor.egress.load(running)
             # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.
             await inventory.adopt_until_done()
             await bus.start()
@@ -129,6 +136,7 @@ class Runner:
             asyncio.create_task(self._health.run_forever(), name="runner-daemon-health"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
+            asyncio.create_task(executor.egress.refresh_forever(), name="runner-egress-domains"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
 

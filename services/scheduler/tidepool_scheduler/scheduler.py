@@ -140,10 +140,10 @@ class Scheduler:
             log.info("intent.superseded", sandbox_id=intent.sandbox_id)
             return
         placement = await kv_get(self.placements_kv, intent.sandbox_id, Placement)
-        if intent.action == SandboxAction.SNAPSHOT:
+        if intent.action in (SandboxAction.SNAPSHOT, SandboxAction.NETWORK):
             # A one-off job to the sandbox's runner: no desired state, so the placement is left alone.
             if placement is None:
-                log.warning("intent.snapshot_unplaced", sandbox_id=intent.sandbox_id)
+                log.warning("intent.one_off_unplaced", sandbox_id=intent.sandbox_id, action=intent.action)
                 return
             await self.send_job(intent, placement, attempt=1)
             return

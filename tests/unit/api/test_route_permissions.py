@@ -70,6 +70,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/api/sandbox/{sandbox_id_or_name}/stop"): ("write:sandboxes",),
     ("POST", "/api/sandbox/{sandbox_id_or_name}/recover"): ("write:sandboxes",),
     ("POST", "/api/sandbox/{sandbox_id_or_name}/resize"): ("write:sandboxes",),
+    ("POST", "/api/sandbox/{sandbox_id_or_name}/network-settings"): ("write:sandboxes",),
     ("PUT", "/api/sandbox/{sandbox_id_or_name}/labels"): ("write:sandboxes",),
     ("POST", "/api/sandbox/{sandbox_id_or_name}/{kind}/{minutes}"): ("write:sandboxes",),
     ("POST", "/api/sandbox/{sandbox_id}/last-activity"): ("write:sandboxes",),

@@ -94,7 +94,8 @@ def test_root_user_long_id_blocked_network_and_ca_bundle(tmp_path: Path) -> None
     settings = make_settings(tmp_path, ca_bundle="/etc/corp-ca.pem", sandbox_network="tidepool")
     config = build_container_config(spec, settings, "runner-a")
     assert config["Hostname"] == "x" * 63
-    assert config["HostConfig"]["NetworkMode"] == "none"
+    # On the sandbox network all the same: its own firewall rules block everything (runner egress.py).
+    assert config["HostConfig"]["NetworkMode"] == "tidepool"
     staged = tmp_path / "run" / "ca-bundle.crt"  # the runner's copy of /etc/corp-ca.pem
     assert f"{staged}:/etc/ssl/certs/ca-certificates.crt:ro" in config["HostConfig"]["Binds"]
     for variable in CA_BUNDLE_ENV_VARS:
@@ -107,7 +108,10 @@ def test_sandbox_network_and_dns_settings(tmp_path: Path) -> None:
     assert config["HostConfig"]["NetworkMode"] == "tidepool"
     assert config["HostConfig"]["Dns"] == ["192.168.1.53"]
     blocked = build_container_config(make_spec(network_block_all=True), settings, "r")
-    assert (blocked["HostConfig"]["NetworkMode"], blocked["HostConfig"]["Dns"]) == ("none", [])
+    assert (blocked["HostConfig"]["NetworkMode"], blocked["HostConfig"]["Dns"]) == (
+        "tidepool",
+        ["192.168.1.53"],
+    )
 
 
 def test_an_operator_chosen_oci_runtime(tmp_path: Path) -> None:

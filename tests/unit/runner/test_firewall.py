@@ -11,9 +11,13 @@ from tidepool_runner.firewall import (
     BLOCKED_IPV6,
     FirewallError,
     FirewallPolicy,
+    SandboxEgress,
     host_resolvers,
     policy_from_settings,
     render,
+    render_sandbox,
+    sandbox_chain,
+    sandboxes_with_policies,
 )
 from tidepool_runtime.settings import Settings
 
@@ -60,6 +64,7 @@ def test_default_policy_rejects_host_other_sandboxes_and_private_ranges_but_allo
     ]
     assert rules_of(text, "TIDEPOOL-INPUT") == [
         "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-j TIDEPOOL-SANDBOXES",  # a sandbox's own policy narrows what reaches the host too (DNS)
         "-d 10.255.255.53 -p udp -m udp --dport 53 -j RETURN",
         "-d 10.255.255.53 -p tcp -m tcp --dport 53 -j RETURN",
         "-j TIDEPOOL-REJECT",
@@ -92,7 +97,7 @@ def test_operator_widening_allowed_cidrs_and_inter_sandbox() -> None:
     egress = rules_of(text, "TIDEPOOL-EGRESS")
     # Allowed before blocked, so a private allowed range wins; the host is reachable on an allowed address.
     assert egress[:2] == ["-d 10.1.2.0/24 -j ACCEPT", "-d 192.0.2.2/32 -j ACCEPT"]
-    assert rules_of(text, "TIDEPOOL-INPUT")[1:3] == ["-d 10.1.2.0/24 -j RETURN", "-d 192.0.2.2/32 -j RETURN"]
+    assert rules_of(text, "TIDEPOOL-INPUT")[2:4] == ["-d 10.1.2.0/24 -j RETURN", "-d 192.0.2.2/32 -j RETURN"]
     assert "fd00:1::/64" not in text
     assert "-d fd00:1::/64 -j ACCEPT" in rules_of(render(policy, 6), "TIDEPOOL-EGRESS")
 
@@ -204,3 +209,78 @@ def test_host_resolvers_skip_loopback_and_fall_back_to_systemd_resolved(tmp_path
     assert host_resolvers([tmp_path / "missing", stub]) == ()
     stub.write_text("nameserver 10.255.255.53\n")
     assert host_resolvers([stub, upstream]) == ("10.255.255.53",)
+
+
+# ----- per-sandbox egress policies -----------------------------------------------------------------------
+
+SANDBOX_POLICY = FirewallPolicy(bridge="tidepool0", resolvers=("10.255.255.53",))
+
+
+def test_a_sandbox_allow_list_returns_to_the_default_policy_only_for_its_networks_and_dns() -> None:
+    egress = SandboxEgress(allowed=("151.101.0.223/32", "2a04:4e42::223/128"))
+    chain = sandbox_chain(SANDBOX_POLICY, "sbx-1")
+    assert chain.startswith("TIDEPOOL-S-") and len(chain) <= 28
+    text = render_sandbox(SANDBOX_POLICY, 4, "sbx-1", ["10.90.0.7"], egress, current="")
+    assert f":{chain} - [0:0]" in text and ":TIDEPOOL-SANDBOXES - [0:0]" in text
+    assert rules_of(text, chain) == [
+        "-d 151.101.0.223/32 -j RETURN",  # back to the default policy, which may still refuse it
+        "-d 10.255.255.53 -p udp -m udp --dport 53 -j RETURN",
+        "-d 10.255.255.53 -p tcp -m tcp --dport 53 -j RETURN",
+        "-j TIDEPOOL-REJECT",
+    ]
+    assert (
+        f'-I TIDEPOOL-SANDBOXES 1 -s 10.90.0.7/32 -m comment --comment "tidepool sandbox sbx-1" -j {chain}'
+        in (text.splitlines())
+    )
+    # IPv6: only the v6 networks of the list; an address of the sandbox is needed to key the rule.
+    six = render_sandbox(SANDBOX_POLICY, 6, "sbx-1", ["fd00::7"], egress, current="")
+    assert rules_of(six, chain) == ["-d 2a04:4e42::223/128 -j RETURN", "-j TIDEPOOL-REJECT"]
+
+
+def test_block_all_rejects_even_dns_and_a_reused_address_loses_the_previous_sandboxs_rule() -> None:
+    chain = sandbox_chain(SANDBOX_POLICY, "sbx-2")
+    old = sandbox_chain(SANDBOX_POLICY, "sbx-old")
+    current = "\n".join(
+        [
+            "*filter",
+            ":TIDEPOOL-SANDBOXES - [0:0]",
+            f":{old} - [0:0]",
+            f'-A TIDEPOOL-SANDBOXES -s 10.90.0.8/32 -m comment --comment "tidepool sandbox sbx-old" -j {old}',
+            f"-A {old} -j TIDEPOOL-REJECT",
+            "COMMIT",
+        ]
+    )
+    assert sandboxes_with_policies(SANDBOX_POLICY, current) == {"sbx-old": ("10.90.0.8",)}
+    text = render_sandbox(SANDBOX_POLICY, 4, "sbx-2", ["10.90.0.8"], SandboxEgress(block_all=True), current)
+    lines = text.splitlines()
+    assert ":TIDEPOOL-SANDBOXES - [0:0]" not in lines  # the dispatch chain is never emptied
+    assert (
+        f'-D TIDEPOOL-SANDBOXES -s 10.90.0.8/32 -m comment --comment "tidepool sandbox sbx-old" -j {old}'
+        in lines
+    )
+    assert f"-X {old}" in lines  # the previous sandbox's chain, used by nothing any more
+    assert rules_of(text, chain) == ["-j TIDEPOOL-REJECT"]
+
+
+def test_removing_a_sandbox_policy_deletes_its_jumps_and_its_chain() -> None:
+    chain = sandbox_chain(SANDBOX_POLICY, "sbx-3")
+    current = "\n".join(
+        [
+            "*filter",
+            ":TIDEPOOL-SANDBOXES - [0:0]",
+            f":{chain} - [0:0]",
+            f'-A TIDEPOOL-SANDBOXES -s 10.90.0.9/32 -m comment --comment "tidepool sandbox sbx-3" -j {chain}',
+            f"-A {chain} -j TIDEPOOL-REJECT",
+            "COMMIT",
+        ]
+    )
+    lines = render_sandbox(SANDBOX_POLICY, 4, "sbx-3", [], None, current).splitlines()
+    assert lines == [
+        "*filter",
+        f":{chain} - [0:0]",
+        f'-D TIDEPOOL-SANDBOXES -s 10.90.0.9/32 -m comment --comment "tidepool sandbox sbx-3" -j {chain}',
+        f"-X {chain}",
+        "COMMIT",
+    ]
+    with pytest.raises(FirewallError):
+        render_sandbox(SANDBOX_POLICY, 4, "bad id; -j ACCEPT", [], None, "")

@@ -84,6 +84,9 @@ class ScriptedEngine:
         self.containers[name] = {"running": False, "config": config}
         return name
 
+    async def initialize(self, container_id: str) -> None:
+        self._maybe_fail("initialize")
+
     async def start(self, container_id: str) -> None:
         self._maybe_fail("start")
         self.containers[container_id]["running"] = True

@@ -33,6 +33,7 @@ from tidepool_api.schemas import (
     SandboxEventDto,
     SandboxLabelsDto,
     SandboxStateFilter,
+    UpdateSandboxNetworkSettingsRequest,
     UrlDto,
     error_responses,
     sandbox_dto,
@@ -163,6 +164,20 @@ async def resize_sandbox(
         sandbox = await sandboxes.wait_for_state(
             context, sandbox.id, AFTER_RESIZE, context.settings.create_wait_seconds
         )
+    return JsonResponse(dto(context, sandbox))
+
+
+@router.post("/{sandbox_id_or_name}/network-settings", response_model=SandboxDto, responses=WRITE)
+async def update_network_settings(
+    context: Context,
+    caller: SandboxWriter,
+    sandbox_id_or_name: str,
+    body: UpdateSandboxNetworkSettingsRequest,
+) -> JsonResponse:
+    """Behaviour spec §5: egress policy (block all, IPv4 CIDR and domain allow lists), applied by the
+    runner on a running sandbox without a restart."""
+    organization_id = caller.organization_id
+    sandbox = await sandboxes.update_network_settings(context, organization_id, sandbox_id_or_name, body)
     return JsonResponse(dto(context, sandbox))
 
 

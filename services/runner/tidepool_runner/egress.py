@@ -1,0 +1,156 @@
+"""Per-sandbox egress policies (behaviour spec §5 "network-limits"): `networkBlockAll`, `networkAllowList`
+(IPv4 CIDRs) and `domainAllowList`, enforced by the host firewall (`firewall.apply_sandbox`) and changeable on
+a running sandbox without a restart.
+
+A policy only narrows the runner's default policy (private ranges, the host and other sandboxes stay
+unreachable whatever a list says). The rules are keyed on the container's addresses and are in place before
+its first process runs (`ContainerEngine.initialize` assigns them first). Domains are enforced for real, as
+the addresses they resolve to on the runner (with the sandbox's own resolvers), re-resolved every
+`sandbox_domain_refresh_seconds`; a `*.example.com` entry allows the addresses of `example.com` itself
+(subdomains are not enumerable from DNS: list the ones you need).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+import structlog
+
+from tidepool_contracts.models import SandboxSpec
+from tidepool_runner import firewall
+from tidepool_runner.engine import SandboxFailedError
+from tidepool_runtime.settings import RunnerSettings
+
+log = structlog.get_logger("tidepool.runner.egress")
+
+
+class EgressPolicies:
+    """What this runner's sandboxes may reach, beyond the default policy. Blocking firewall calls run in
+    threads; calls for one sandbox come from its jobs, under its lock."""
+
+    def __init__(self, settings: RunnerSettings) -> None:
+        self._settings = settings
+        self._policy: firewall.FirewallPolicy | None = None
+        # Sandboxes with rules on this host -> the addresses the rules are keyed on.
+        self._applied: dict[str, tuple[str, ...]] = {}
+        # Sandboxes with a domain allow list -> (spec, addresses), re-resolved periodically.
+        self._domains: dict[str, tuple[SandboxSpec, tuple[str, ...]]] = {}
+        self._lock = asyncio.Lock()
+
+    def _firewall(self) -> firewall.FirewallPolicy:
+        if self._policy is None:
+            self._policy = firewall.policy_from_settings(self._settings, firewall.host_resolvers())
+        return self._policy
+
+    async def load(self, running: Iterable[str]) -> None:
+        """At start-up: learn which sandboxes have rules (from the firewall itself) and drop the rules of
+        those not in `running` (ended while the runner was away: their addresses will be reused)."""
+        if not self._settings.sandbox_firewall:
+            return
+        policy = self._firewall()
+        found = await asyncio.to_thread(firewall.read_sandbox_policies, policy)
+        alive = set(running)
+        for sandbox_id, addresses in found.items():
+            if sandbox_id in alive:
+                self._applied[sandbox_id] = addresses
+            else:
+                await asyncio.to_thread(firewall.apply_sandbox, policy, sandbox_id, addresses, None)
+
+    @staticmethod
+    def has_policy(spec: SandboxSpec) -> bool:
+        return spec.network_block_all or bool(spec.network_allow_list or spec.domain_allow_list)
+
+    async def converge(self, spec: SandboxSpec, addresses: tuple[str, ...]) -> None:
+        """Give the sandbox (its container at `addresses`) the policy of `spec`, or none. Raises
+        SandboxFailedError when a policy is asked for and cannot be enforced."""
+        sandbox_id = spec.sandbox_id
+        wanted = self.has_policy(spec)
+        if wanted and not self._settings.sandbox_firewall:
+            raise SandboxFailedError(
+                "network policies (networkBlockAll, networkAllowList, domainAllowList) need the runner's "
+                "sandbox firewall, which is turned off on this runner (TIDEPOOL_SANDBOX_FIREWALL)"
+            )
+        if not self._settings.sandbox_firewall:
+            return
+        async with self._lock:
+            # Rules of another sandbox on an address this one now has: it ended without a stop job.
+            taken = set(addresses)
+            for other, keyed in list(self._applied.items()):
+                if other != sandbox_id and taken & set(keyed):
+                    await self._remove_locked(other)
+            if not wanted:
+                self._domains.pop(sandbox_id, None)
+                if sandbox_id in self._applied:
+                    await self._remove_locked(sandbox_id)
+                return
+            if not addresses:
+                raise SandboxFailedError("the sandbox has no network address to apply its network policy to")
+            egress = await self._egress_of(spec)
+            await self._apply(sandbox_id, addresses, egress)
+            if spec.domain_allow_list and not spec.network_block_all:
+                self._domains[sandbox_id] = (spec, addresses)
+            else:
+                self._domains.pop(sandbox_id, None)
+
+    async def remove(self, sandbox_id: str) -> None:
+        """The sandbox's container stopped or is gone: its rules go (its addresses are free for reuse)."""
+        async with self._lock:
+            self._domains.pop(sandbox_id, None)
+            if sandbox_id in self._applied:
+                await self._remove_locked(sandbox_id)
+
+    async def refresh_forever(self) -> None:
+        """Re-resolve domain allow lists and update the rules whose addresses changed."""
+        while True:
+            await asyncio.sleep(self._settings.sandbox_domain_refresh_seconds)
+            for sandbox_id, (spec, addresses) in list(self._domains.items()):
+                try:
+                    egress = await self._egress_of(spec)
+                    async with self._lock:
+                        if self._domains.get(sandbox_id, (None,))[0] is spec:
+                            await self._apply(sandbox_id, addresses, egress)
+                except Exception as error:  # keep the previous rules; try again next round
+                    log.warning("egress.refresh_failed", sandbox_id=sandbox_id, error=str(error))
+
+    async def _apply(
+        self, sandbox_id: str, addresses: tuple[str, ...], egress: firewall.SandboxEgress
+    ) -> None:
+        try:
+            await asyncio.to_thread(firewall.apply_sandbox, self._firewall(), sandbox_id, addresses, egress)
+        except firewall.FirewallError as error:
+            raise SandboxFailedError(f"the sandbox's network policy could not be applied: {error}") from None
+        self._applied[sandbox_id] = addresses
+
+    async def _remove_locked(self, sandbox_id: str) -> None:
+        addresses = self._applied.pop(sandbox_id, ())
+        try:
+            await asyncio.to_thread(firewall.apply_sandbox, self._firewall(), sandbox_id, addresses, None)
+        except firewall.FirewallError as error:
+            log.warning("egress.remove_failed", sandbox_id=sandbox_id, error=str(error))
+
+    async def _egress_of(self, spec: SandboxSpec) -> firewall.SandboxEgress:
+        if spec.network_block_all:
+            return firewall.SandboxEgress(block_all=True)
+        allowed = [str(ipaddress.IPv4Network(cidr, strict=False)) for cidr in spec.network_allow_list]
+        for domain in spec.domain_allow_list:
+            allowed += await _resolve(domain.removeprefix("*."))
+        return firewall.SandboxEgress(allowed=tuple(dict.fromkeys(allowed)))
+
+
+async def _resolve(domain: str) -> list[str]:
+    """The addresses `domain` resolves to, as host networks; none if it does not resolve (then nothing of
+    it is reachable, which is what an allow list means)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(domain, None, type=socket.SOCK_STREAM)
+    except OSError as error:
+        log.warning("egress.domain_unresolved", domain=domain, error=str(error))
+        return []
+    networks = []
+    for family, *_rest, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        networks.append(f"{address}/{32 if family == socket.AF_INET else 128}")
+    return networks
