@@ -26,6 +26,7 @@ from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 from tidepool_runner.volumes import VolumeMounts
 from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.health import Health, bus_check, engine_check, serve_health
 from tidepool_runtime.image_refs import internal_registry_auth
 from tidepool_runtime.settings import RunnerSettings
 
@@ -48,6 +49,14 @@ class Runner:
         self._web: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._health: DaemonHealthChecker | None = None
+
+    @property
+    def bus(self) -> Bus | None:
+        return self._bus
+
+    @property
+    def engine(self) -> ContainerEngine | None:
+        return self._engine
 
     async def start(self) -> None:
         settings = self.settings
@@ -132,6 +141,11 @@ class Runner:
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its background loops (heartbeat, jobs, …): one that ends means the runner is broken."""
+        return list(self._tasks)
+
     async def _keep_disk_pool_filled(self) -> None:
         """Keep formatted, mounted disks ready for the next creates (see disks.py), off the create path."""
         while True:
@@ -173,8 +187,20 @@ class Runner:
 
 async def main(settings: RunnerSettings, stop: asyncio.Event) -> None:
     runner = Runner(settings)
-    await runner.start()
+    # Its own listener: the toolbox port serves tenants' sandboxes.
+    health = Health(
+        "runner",
+        {
+            "nats": bus_check(lambda: runner.bus),
+            "engine": engine_check(lambda: runner.engine),
+        },
+    )
+    probes = await serve_health(health, settings.health_host, settings.health_port)
     try:
+        await runner.start()
+        health.watch(*runner.tasks)
         await runner.wait(stop)
     finally:
         await runner.stop()
+        if probes is not None:
+            await probes.cleanup()
