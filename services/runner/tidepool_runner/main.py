@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import aiodocker
 import structlog
@@ -185,16 +186,18 @@ class Runner:
             raise RuntimeError(f"runner loop {task.get_name()} died") from error
 
 
+def runner_health(
+    bus_of: Callable[[], Bus | None], engine_of: Callable[[], ContainerEngine | None]
+) -> Health:
+    """The runner's probes: ready while its NATS connection and its container engine's socket answer
+    (`bus_of()` / `engine_of()`: None until the runner has them)."""
+    return Health("runner", {"nats": bus_check(bus_of), "engine": engine_check(engine_of)})
+
+
 async def main(settings: RunnerSettings, stop: asyncio.Event) -> None:
     runner = Runner(settings)
     # Its own listener: the toolbox port serves tenants' sandboxes.
-    health = Health(
-        "runner",
-        {
-            "nats": bus_check(lambda: runner.bus),
-            "engine": engine_check(lambda: runner.engine),
-        },
-    )
+    health = runner_health(lambda: runner.bus, lambda: runner.engine)
     probes = await serve_health(health, settings.health_host, settings.health_port)
     try:
         await runner.start()
