@@ -10,6 +10,7 @@ jobs from the jobs stream, counting them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,7 @@ from tidepool_contracts.models import (
 from tidepool_contracts.states import DesiredState, SandboxState
 from tidepool_runtime.broker import Bus, connect, decode, kv_put
 from tidepool_runtime.process import die_with_parent
+from tidepool_scheduler.leader import KEY, LeaderLease
 
 LEASE_SECONDS = 2.0
 RUNNER = "runner-ha"
@@ -281,3 +283,34 @@ async def test_leader_killed_the_other_takes_over_and_no_job_runs_twice(
 
 async def _is(value: object, expected: str) -> bool:
     return await value == expected  # type: ignore[misc]
+
+
+async def test_lease_is_never_held_by_two_replicas(bus: Bus) -> None:
+    """The lease itself, stepped by hand: a follower takes over only once the leader's own view of its
+    lease has lapsed, a deposed leader learns it at its next renewal, and stepping down frees it at once."""
+    kv = await bus.kv(channels.SCHEDULER_LEASE)
+    with contextlib.suppress(Exception):
+        await kv.purge(KEY)
+    first, second = LeaderLease(kv, "one", 3.0), LeaderLease(kv, "two", 3.0)
+    await first.step()
+    await second.step()
+    assert first.is_leader and not second.is_leader
+    await first.step()  # renews: the follower's clock restarts at the new revision
+    await second.step()
+    assert first.is_leader and not second.is_leader
+
+    async def second_took_over() -> bool:
+        await second.step()
+        assert not (first.is_leader and second.is_leader), "two leaders at once"
+        return second.is_leader
+
+    # `first` stops renewing (as if cut off): `second` takes over, never while `first` still counts itself
+    # leader.
+    await wait_until_async(second_took_over, "the follower never took over", timeout=30)
+    assert not first.is_leader
+    await first.step()  # its compare-and-set fails: it follows
+    assert not first.is_leader and second.is_leader
+    await second.step_down()
+    await first.step()
+    assert first.is_leader and not second.is_leader
+    await first.step_down()
