@@ -42,6 +42,9 @@ class CommonSettings(_Base):
     nats_password: str = ""
     nats_ca_file: str = ""
     """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
+    nats_replicas: int = 1
+    """Replicas of the streams and KV buckets a service creates: 1 on one machine, 3 on the 3-node JetStream
+    cluster of deploy/k8s (every service must be given the same value)."""
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False

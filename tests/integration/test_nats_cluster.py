@@ -23,13 +23,13 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
-from nats.js.api import RetentionPolicy, StreamConfig
 
 from tests.conftest import free_port, nats_binary, wait_for_port
 from tests.polling import wait_until_async
 from tidepool_contracts import channels
-from tidepool_contracts.access import SERVICE_ACCESS
+from tidepool_contracts.access import API, SERVICE_ACCESS
 from tidepool_runtime import nats_auth
+from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.process import die_with_parent
 
 NODES = 3
@@ -149,21 +149,25 @@ async def test_a_replicated_stream_keeps_acknowledged_messages_when_its_leader_i
     await wait_until_async(jetstream_ready, "the cluster never elected a JetStream leader", timeout=60)
     stream = channels.SANDBOX_INTENTS.stream
     assert stream is not None
-    config = StreamConfig(
-        name=stream.name,
-        subjects=channels.stream_subjects(stream),
-        retention=RetentionPolicy.WORK_QUEUE,
-        num_replicas=NODES,
-    )
 
-    async def created() -> bool:
+    async def declared() -> Bus | None:
+        # As the API declares its streams and buckets at start, with TIDEPOOL_NATS_REPLICAS=3.
         try:
-            await js.add_stream(config=config)
+            return await connect(
+                cluster.urls[0],
+                "cluster-api",
+                access=API,
+                replicas=NODES,
+                user="api",
+                password=cluster.passwords["api"],
+            )
         except Exception:
-            return False
-        return True
+            return None
 
-    await wait_until_async(created, "the replicated stream was never created", timeout=60)
+    service_bus = await wait_until_async(declared, "the API could not declare its topology", timeout=60)
+    await service_bus.close()
+    bucket = await js.stream_info(nats_auth.kv_stream(channels.DESIRED))
+    assert bucket.config.num_replicas == NODES
     info = await js.stream_info(stream.name)
     assert info.config.num_replicas == NODES
     acked: list[str] = []

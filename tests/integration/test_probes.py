@@ -4,10 +4,10 @@ service), PostgreSQL (the API), the container engine's socket (builder, runner).
 
 Real parts: a nats-server that the test stops and starts again on the same port and store; the machine's
 PostgreSQL (a fresh database) reached through a TCP relay the test closes, as a database host that went
-away; a Podman API service on a socket of its own. The API, scheduler, telemetry, proxy and builder run as
-real processes (`python -m tidepool_<service>`); the runner's probes (`runner_health`, the checks its
-process serves) run in-process over a real bus and engine, since a whole runner process takes over the
-host's sandbox network and firewall.
+away; a Podman API service on a socket of its own. The API, scheduler, telemetry, proxy, builder and SSH
+gateway run as real processes (`python -m tidepool_<service>`); the runner's probes (`runner_health`, the
+checks its process serves) run in-process over a real bus and engine, since a whole runner process takes
+over the host's sandbox network and firewall.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ async def test_probes_follow_nats_database_and_engine(
     relay = TcpRelay(5432)
     await relay.open()
     engine, engine_url = podman_service(tmp_path)
-    ports = {name: free_port() for name in ("api", "scheduler", "telemetry", "proxy", "builder")}
+    others = ("scheduler", "telemetry", "proxy", "builder", "ssh_gateway")
+    ports = {name: free_port() for name in ("api", *others)}
     base = {
         **os.environ,
         "TIDEPOOL_NATS_URL": nats_server.url,
@@ -177,16 +178,14 @@ async def test_probes_follow_nats_database_and_engine(
         "TIDEPOOL_HEALTH_HOST": "127.0.0.1",
         "TIDEPOOL_DOCKER_HOST": engine_url,
         "TIDEPOOL_PROXY_PORT": str(free_port()),
+        "TIDEPOOL_SSH_GATEWAY_PORT": str(free_port()),
     }
     specific = {
         "api": {
             "TIDEPOOL_API_PORT": str(ports["api"]),
             "TIDEPOOL_DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{relay.port}/{database}",
         },
-        **{
-            name: {"TIDEPOOL_HEALTH_PORT": str(ports[name])}
-            for name in ("scheduler", "telemetry", "proxy", "builder")
-        },
+        **{name: {"TIDEPOOL_HEALTH_PORT": str(ports[name])} for name in others},
     }
     (tmp_path / "data").mkdir()
     started = time.monotonic()
@@ -221,7 +220,8 @@ async def test_probes_follow_nats_database_and_engine(
             body = (await client.get(ready["api"])).json()
             assert body["checks"]["database"] != "ok" and body["checks"]["nats"] == "ok", body
             assert await status(client, live["api"]) == 200
-            assert await all_answer(client, {k: v for k, v in ready.items() if k != "api"}, 200)
+            others_ready = {name: url for name, url in ready.items() if name != "api"}
+            await wait_until_async(lambda: all_answer(client, others_ready, 200), "the DB outage spread")
             print(f"database down seen after {time.monotonic() - started:.1f} s")
             await relay.open()
             await wait_until_async(lambda: _is(status(client, ready["api"]), 200), "API not ready after DB")

@@ -33,7 +33,11 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
-    bus = Bus(create_broker(settings.nats_url, "tidepool-api", **settings.nats_login), access=API)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-api", **settings.nats_login),
+        access=API,
+        replicas=settings.nats_replicas,
+    )
     await bus.connect()
     context = ApiContext(
         settings=settings,

@@ -19,7 +19,11 @@ log = structlog.get_logger("tidepool.builder")
 
 
 async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-builder", **settings.nats_login), access=BUILDER)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-builder", **settings.nats_login),
+        access=BUILDER,
+        replicas=settings.nats_replicas,
+    )
     docker = aiodocker.Docker(url=settings.effective_docker_host)
     health = Health("builder", {"nats": bus_check(lambda: bus), "engine": engine_check(lambda: docker)})
     probes = await serve_health(health, settings.health_host, settings.health_port)

@@ -67,6 +67,7 @@ class Runner:
         self._bus = bus = Bus(
             create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}", **settings.nats_login),
             access=RUNNER,
+            replicas=settings.nats_replicas,
         )
         await bus.connect()
         bus.add_publishers(publishers(bus.broker))

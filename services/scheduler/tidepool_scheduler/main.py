@@ -25,7 +25,11 @@ log = structlog.get_logger("tidepool.scheduler")
 
 
 async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-scheduler", **settings.nats_login), access=SCHEDULER)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-scheduler", **settings.nats_login),
+        access=SCHEDULER,
+        replicas=settings.nats_replicas,
+    )
     health = Health("scheduler", {"nats": bus_check(lambda: bus)})
     probes = await serve_health(health, settings.health_host, settings.health_port)
     await bus.connect()

@@ -18,7 +18,11 @@ log = structlog.get_logger("tidepool.telemetry")
 
 
 async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login), access=TELEMETRY)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login),
+        access=TELEMETRY,
+        replicas=settings.nats_replicas,
+    )
     probes = await serve_health(
         Health("telemetry", {"nats": bus_check(lambda: bus)}), settings.health_host, settings.health_port
     )
