@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tidepool_contracts.channels import Bucket, Stream
 BCRYPT_ROUNDS = 10
 PASSWORD_BYTES = 32
 JS = "$JS.API"
+VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
 def inbox_prefix(user: str) -> str:
@@ -145,7 +147,9 @@ def cluster_config(
     """The configuration (JSON) of one node of a JetStream cluster (issue #17: the 3-node StatefulSet),
     with the same per-service users and permissions as `server_config`.
 
-    `server_name`: unique and stable per node (JetStream's RAFT identity, e.g. the pod name `nats-0`).
+    `server_name`: unique and stable per node (JetStream's RAFT identity, e.g. the pod name `nats-0`), or
+    `$VARIABLE` to read it from the node's environment (one configuration for every pod of a StatefulSet:
+    `$POD_NAME` from the downward API); the text is then nats-server's configuration format, not strict JSON.
     `routes`: every node's route URL, this one included (nats-server ignores itself), e.g.
     `nats-route://nats-0.nats.tidepool.svc:6222`; routes log in as `route_user` / `route_password` (the
     same on every node, a Secret's; written into the URLs). `monitor_port`: the HTTP monitor
@@ -169,7 +173,10 @@ def cluster_config(
     config["cluster"] = cluster
     if monitor_port:
         config["http_port"] = monitor_port
-    return json.dumps(config, indent=2) + "\n"
+    text = json.dumps(config, indent=2) + "\n"
+    if VARIABLE.fullmatch(server_name):  # unquoted: nats-server resolves it from the environment
+        text = text.replace(f'"server_name": "{server_name}"', f'"server_name": {server_name}', 1)
+    return text
 
 
 def permissions_for(service: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import time
@@ -50,6 +51,7 @@ class Node:
     def start(self) -> None:
         self.process = subprocess.Popen(
             [nats_binary(), "-c", str(self.config)],
+            env={**os.environ, "POD_NAME": self.name},
             stdout=subprocess.DEVNULL,
             stderr=self.config.with_suffix(".log").open("w"),
             preexec_fn=die_with_parent,
@@ -95,10 +97,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     ]
     routes = [f"nats-route://127.0.0.1:{node.cluster_port}" for node in nodes]
     for node in nodes:
+        # As in a StatefulSet, the node's name comes from its environment (the pod name); the rest differs
+        # only by ports here because all nodes share one host.
         node.config.write_text(
             nats_auth.cluster_config(
                 hashes,
-                server_name=node.name,
+                server_name="$POD_NAME",
                 routes=routes,
                 route_user="route",
                 route_password=route_password,
@@ -111,7 +115,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             )
         )
         checked = subprocess.run(
-            [nats_binary(), "-t", "-c", str(node.config)], capture_output=True, text=True, timeout=60
+            [nats_binary(), "-t", "-c", str(node.config)],
+            env={**os.environ, "POD_NAME": node.name},
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert checked.returncode == 0, checked.stdout + checked.stderr
     for node in nodes:
