@@ -76,8 +76,15 @@ API = Access(
 SCHEDULER = Access(
     publishes=(channels.RUNNER_JOBS, channels.SANDBOX_EVENTS),
     consumes=(channels.SANDBOX_INTENTS,),
-    reads=(channels.RUNNERS, channels.PLACEMENTS, channels.DESIRED, channels.ROUTES, channels.ACTIVITY),
-    writes=(channels.PLACEMENTS, channels.DESIRED),
+    reads=(
+        channels.RUNNERS,
+        channels.PLACEMENTS,
+        channels.DESIRED,
+        channels.ROUTES,
+        channels.ACTIVITY,
+        channels.SCHEDULER_LEASE,
+    ),
+    writes=(channels.PLACEMENTS, channels.DESIRED, channels.SCHEDULER_LEASE),
 )
 BUILDER = Access(
     publishes=(channels.SNAPSHOT_EVENTS, channels.BUILD_LOG_LINES),

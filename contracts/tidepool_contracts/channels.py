@@ -33,6 +33,7 @@ from tidepool_contracts.models import (
     SandboxIntent,
     SandboxRoute,
     SandboxStateEvent,
+    SchedulerLease,
     SignedPreview,
     SigningKeyRecord,
     SnapshotEvent,
@@ -228,6 +229,12 @@ SSH_ACCESS = Bucket(
     "sha256(token)",
     "API -> SSH gateway: SSH access tokens (deleted when revoked)",
 )
+SCHEDULER_LEASE = Bucket(
+    subjects.KV_SCHEDULER_LEASE,
+    SchedulerLease,
+    "leader",
+    "scheduler replicas: which one leads (runs reconciliation and lifecycle timers)",
+)
 BUCKETS: tuple[Bucket, ...] = (
     RUNNERS,
     ROUTES,
@@ -239,6 +246,7 @@ BUCKETS: tuple[Bucket, ...] = (
     PREVIEWS,
     SIGNED_PREVIEWS,
     SSH_ACCESS,
+    SCHEDULER_LEASE,
 )
 
 

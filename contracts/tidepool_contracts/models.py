@@ -205,6 +205,14 @@ class Placement(BusModel):
     attempts: int = 1
 
 
+class SchedulerLease(BusModel):
+    """Scheduler replica -> KV: the leader's lease, renewed by compare-and-set on its revision
+    (tidepool_scheduler.leader); `holder` is the replica's id."""
+
+    holder: str
+    renewed_at: datetime = Field(default_factory=utc_now)
+
+
 class SandboxRoute(BusModel):
     """Runner -> KV: where the proxy sends toolbox traffic for a sandbox."""
 

@@ -228,10 +228,13 @@ class Bus:
         broker: NatsBroker,
         publishers: dict[Channel[Any], LogicPublisher] | None = None,
         access: Access | None = None,
+        replicas: int = 1,
     ) -> None:
         """`access`: the service's part of the bus (`tidepool_contracts.access`): only its streams and
-        buckets are declared and handed out. None: all of them (tests, tools on an open server)."""
+        buckets are declared and handed out. None: all of them (tests, tools on an open server).
+        `replicas`: of the streams and buckets it creates (`TIDEPOOL_NATS_REPLICAS`, 3 on 3 nodes)."""
         self.broker = broker
+        self.replicas = replicas
         self.publishers: dict[Channel[Any], LogicPublisher] = dict(publishers or {})
         self.access = access
 
@@ -246,7 +249,7 @@ class Bus:
     async def connect(self) -> None:
         """Connect (subscribers are not started yet: `start`) and declare the topology."""
         await self.broker.connect()
-        await declare_topology(self.broker, self.access)
+        await declare_topology(self.broker, self.access, self.replicas)
 
     async def start(self) -> None:
         """Start every subscriber registered on the broker (connected first, if it is not yet).
@@ -304,19 +307,21 @@ async def connect(
     publishes: tuple[Channel[Any], ...] = (),
     *,
     access: Access | None = None,
+    replicas: int = 1,
     **login: str,
 ) -> Bus:
     """A connected bus with the topology declared, publishers for `publishes`, and no subscribers.
 
-    `login`: `user`, `password`, `ca_file` of `create_broker`; `access` as for `Bus`."""
+    `login`: `user`, `password`, `ca_file` of `create_broker`; `access`, `replicas` as for `Bus`."""
     broker = create_broker(nats_url, name, **login)
-    bus = Bus(broker, declare_publishers(broker, *publishes, service=name), access)
+    bus = Bus(broker, declare_publishers(broker, *publishes, service=name), access, replicas)
     await bus.connect()
     return bus
 
 
-def _stream_config(stream: Stream) -> StreamConfig:
+def _stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=stream.name,
         subjects=stream_subjects(stream),
         retention=RetentionPolicy.WORK_QUEUE if stream.retention == "workqueue" else RetentionPolicy.LIMITS,
@@ -326,7 +331,7 @@ def _stream_config(stream: Stream) -> StreamConfig:
     )
 
 
-async def declare_topology(broker: NatsBroker, access: Access | None = None) -> None:
+async def declare_topology(broker: NatsBroker, access: Access | None = None, replicas: int = 1) -> None:
     """Create or update every stream and bucket of the channel table (with `access`: those the service uses;
     it updates a stream's configuration only if it owns the topology, the API, else leaves it as it is).
 
@@ -338,7 +343,7 @@ async def declare_topology(broker: NatsBroker, access: Access | None = None) -> 
     streams = STREAMS if access is None else access.streams
     buckets = BUCKETS if access is None else access.buckets
     for stream in streams:
-        config = _stream_config(stream)
+        config = _stream_config(stream, replicas)
         try:
             await js.add_stream(config=config)
         except BadRequestError:
@@ -350,7 +355,7 @@ async def declare_topology(broker: NatsBroker, access: Access | None = None) -> 
         except (NotFoundError, BadRequestError):
             with contextlib.suppress(BadRequestError):
                 await js.create_key_value(
-                    config=KeyValueConfig(bucket=bucket.name, history=1, ttl=bucket.ttl)
+                    config=KeyValueConfig(bucket=bucket.name, history=1, ttl=bucket.ttl, replicas=replicas)
                 )
 
 

@@ -5,6 +5,7 @@
   for a bucket it writes, and its own reply inbox `_INBOX_<user>.>`: no service sees another's replies).
 - `server_config(...)`: a whole nats-server configuration (JSON, which nats-server reads) with every
   service's user and bcrypt-hashed password.
+- `cluster_config(...)`: the same for one node of a 3-node JetStream cluster (routes, server name).
 - `ensure_passwords(path)`: random passwords, generated once into a 0600 JSON file and then reused.
 
 A service connects as `TIDEPOOL_NATS_USER` / `TIDEPOOL_NATS_PASSWORD` (`tidepool_runtime.broker`).
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import bcrypt
 
@@ -27,6 +30,7 @@ from tidepool_contracts.channels import Bucket, Stream
 BCRYPT_ROUNDS = 10
 PASSWORD_BYTES = 32
 JS = "$JS.API"
+VARIABLE = re.compile(r"\$[A-Za-z_][A-Za-z0-9_]*")
 
 
 def inbox_prefix(user: str) -> str:
@@ -89,16 +93,9 @@ def permissions(access: Access, user: str) -> dict[str, Any]:
     return result
 
 
-def server_config(
-    password_hashes: dict[str, str],
-    *,
-    host: str,
-    port: int,
-    store_dir: str,
-    tls: dict[str, str] | None = None,
-) -> str:
-    """A nats-server configuration (JSON) with JetStream and one user per service of `password_hashes`
-    (service -> bcrypt hash). `tls`: {"cert_file", "key_file"} to serve TLS only."""
+def _server(
+    password_hashes: dict[str, str], *, host: str, port: int, store_dir: str, tls: dict[str, str] | None
+) -> dict[str, Any]:
     users = [
         {"user": service, "password": password_hashes[service], **permissions_for(service)}
         for service in SERVICE_ACCESS
@@ -113,7 +110,73 @@ def server_config(
     }
     if tls:
         config["tls"] = {**tls, "timeout": 5}
+    return config
+
+
+def server_config(
+    password_hashes: dict[str, str],
+    *,
+    host: str,
+    port: int,
+    store_dir: str,
+    tls: dict[str, str] | None = None,
+) -> str:
+    """A nats-server configuration (JSON) with JetStream and one user per service of `password_hashes`
+    (service -> bcrypt hash). `tls`: {"cert_file", "key_file"} to serve TLS only."""
+    config = _server(password_hashes, host=host, port=port, store_dir=store_dir, tls=tls)
     return json.dumps(config, indent=2) + "\n"
+
+
+def cluster_config(
+    password_hashes: dict[str, str],
+    *,
+    server_name: str,
+    routes: list[str],
+    route_user: str,
+    route_password: str,
+    host: str = "0.0.0.0",
+    port: int = 4222,
+    cluster_host: str = "0.0.0.0",
+    cluster_port: int = 6222,
+    monitor_port: int = 8222,
+    store_dir: str = "/data/jetstream",
+    cluster_name: str = "tidepool",
+    tls: dict[str, str] | None = None,
+    route_tls: dict[str, str] | None = None,
+) -> str:
+    """The configuration (JSON) of one node of a JetStream cluster (issue #17: the 3-node StatefulSet),
+    with the same per-service users and permissions as `server_config`.
+
+    `server_name`: unique and stable per node (JetStream's RAFT identity, e.g. the pod name `nats-0`), or
+    `$VARIABLE` to read it from the node's environment (one configuration for every pod of a StatefulSet:
+    `$POD_NAME` from the downward API); the text is then nats-server's configuration format, not strict JSON.
+    `routes`: every node's route URL, this one included (nats-server ignores itself), e.g.
+    `nats-route://nats-0.nats.tidepool.svc:6222`; routes log in as `route_user` / `route_password` (the
+    same on every node, a Secret's; written into the URLs). `monitor_port`: the HTTP monitor
+    (`/healthz?js-enabled-only=true` is the node's probe; 0: none). `tls` as for `server_config`;
+    `route_tls`: {"cert_file", "key_file", "ca_file"} to encrypt and verify routes.
+    """
+    config = _server(password_hashes, host=host, port=port, store_dir=store_dir, tls=tls)
+    config["server_name"] = server_name
+    login = f"{quote(route_user, safe='')}:{quote(route_password, safe='')}@"
+    cluster: dict[str, Any] = {
+        "name": cluster_name,
+        "host": cluster_host,
+        "port": cluster_port,
+        "authorization": {"user": route_user, "password": route_password, "timeout": 5},
+        "routes": [url.replace("://", f"://{login}", 1) for url in routes],
+        # A node that lost its peers keeps retrying them (a pod restarting elsewhere).
+        "connect_retries": 120,
+    }
+    if route_tls:
+        cluster["tls"] = {**route_tls, "timeout": 5, "verify": True}
+    config["cluster"] = cluster
+    if monitor_port:
+        config["http_port"] = monitor_port
+    text = json.dumps(config, indent=2) + "\n"
+    if VARIABLE.fullmatch(server_name):  # unquoted: nats-server resolves it from the environment
+        text = text.replace(f'"server_name": "{server_name}"', f'"server_name": {server_name}', 1)
+    return text
 
 
 def permissions_for(service: str) -> dict[str, Any]:

@@ -42,9 +42,16 @@ class CommonSettings(_Base):
     nats_password: str = ""
     nats_ca_file: str = ""
     """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
+    nats_replicas: int = 1
+    """Replicas of the streams and KV buckets a service creates: 1 on one machine, 3 on the 3-node JetStream
+    cluster of deploy/k8s (every service must be given the same value)."""
     otlp_endpoint: str = ""
     log_level: str = "INFO"
     log_json: bool = False
+    health_host: str = "0.0.0.0"
+    """Address of the service's probe listener (`/healthz`, `/readyz`: tidepool_runtime.health)."""
+    health_port: int = 8081
+    """Its port; 0: no listener (the one-machine stack). The API answers the probes on its own port."""
 
     @property
     def nats_login(self) -> dict[str, str]:
@@ -301,6 +308,11 @@ class SchedulingSettings(_Base):
     # the intervals users give lasts — 60 in production; a test stack shortens it to run timers in seconds.
     lifecycle_tick_seconds: float = 30.0
     lifecycle_minute_seconds: float = 60.0
+    scheduler_lease_seconds: float = 10.0
+    """Leader lease of scheduler replicas (tidepool_scheduler.leader): a replica takes over when the
+    leader's lease went unrenewed this long; the leader renews it every third of it."""
+    scheduler_id: str = ""
+    """This replica's id in the lease; empty: host name and process id."""
 
 
 class ObjectStorageSettings(_Base):

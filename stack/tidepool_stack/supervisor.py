@@ -688,6 +688,9 @@ class Stack:
             "TIDEPOOL_SSH_GATEWAY_PORT": str(config.ssh_gateway_port),
             "TIDEPOOL_RUNNER_PORT": str(config.runner_port or free_port()),
             "TIDEPOOL_RUNNER_TOKEN": self.runner_token(),
+            # Probe listeners are for Kubernetes; here every service shares one host (the API still
+            # answers /healthz and /readyz on its own port).
+            "TIDEPOOL_HEALTH_PORT": "0",
             "TIDEPOOL_DATABASE_URL": config.database_url,
             "TIDEPOOL_CA_BUNDLE": config.ca_bundle,
             "TIDEPOOL_REGISTRY_URL": registry,

@@ -7,6 +7,7 @@ import contextlib
 
 import structlog
 import uvicorn
+from sqlalchemy import text
 
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator
@@ -22,6 +23,7 @@ from tidepool_api.subscribers import register
 from tidepool_contracts import channels
 from tidepool_contracts.access import API
 from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.health import Health, bus_check
 from tidepool_runtime.settings import ApiSettings
 
 log = structlog.get_logger("tidepool.api")
@@ -31,7 +33,11 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate(settings.effective_database_url)
     database = Database(settings.effective_database_url)
-    bus = Bus(create_broker(settings.nats_url, "tidepool-api", **settings.nats_login), access=API)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-api", **settings.nats_login),
+        access=API,
+        replicas=settings.nats_replicas,
+    )
     await bus.connect()
     context = ApiContext(
         settings=settings,
@@ -50,8 +56,16 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     consumers = [asyncio.create_task(evict_expired_builds_forever(context))]
     live_events = LiveEvents(context.authenticator, settings.toolbox_proxy_url)
     database.sessions.configure(info={SESSION_LIVE: live_events})  # state writes emit once committed
+
+    async def database_answers() -> None:
+        async with database.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+
+    # Probes on the API's own port, in front of everything (no key needed): tidepool_runtime.health.
+    health = Health("api", {"database": database_answers, "nats": bus_check(lambda: bus)})
+    health.watch(*consumers)
     config = uvicorn.Config(
-        live_events.asgi_app(create_app(context)),
+        health.asgi(live_events.asgi_app(create_app(context))),
         host=settings.api_host,
         port=settings.api_port,
         log_level="warning",

@@ -9,6 +9,8 @@ from alembic import command
 from alembic.config import Config
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# pg_advisory_lock key (bigint) every Tidepool migrator takes on PostgreSQL (migrations/env.py): "tidepool".
+MIGRATION_LOCK = int.from_bytes(b"tidepool", "big") >> 1
 
 
 def alembic_config(database_url: str) -> Config:

@@ -179,7 +179,13 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
     )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        bus = await connect(settings.nats_url, name="tidepool-proxy", access=PROXY, **settings.nats_login)
+        bus = await connect(
+            settings.nats_url,
+            name="tidepool-proxy",
+            access=PROXY,
+            replicas=settings.nats_replicas,
+            **settings.nats_login,
+        )
         routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)
         api_keys = KvCache(await bus.kv(channels.API_KEYS), ApiKeyRecord, KV_API_KEYS)
         seal_key = load_seal_key(settings.signing_seal_key, settings.data_dir, sealing.SIGNING_KEYS)

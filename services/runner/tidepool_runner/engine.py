@@ -100,6 +100,10 @@ class ContainerEngine:
     async def close(self) -> None:
         await self._docker.close()
 
+    async def version(self) -> dict[str, Any]:
+        """The engine's version: it answers on its socket (readiness, tidepool_runtime.health)."""
+        return dict(await self._docker.version())
+
     async def inspect(self, name_or_id: str) -> ContainerStatus | None:
         try:
             container = await self._docker.containers.get(name_or_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import aiodocker
 import structlog
@@ -26,6 +27,7 @@ from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 from tidepool_runner.volumes import VolumeMounts
 from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.health import Health, bus_check, engine_check, serve_health
 from tidepool_runtime.image_refs import internal_registry_auth
 from tidepool_runtime.settings import RunnerSettings
 
@@ -49,6 +51,14 @@ class Runner:
         self._tasks: list[asyncio.Task[None]] = []
         self._health: DaemonHealthChecker | None = None
 
+    @property
+    def bus(self) -> Bus | None:
+        return self._bus
+
+    @property
+    def engine(self) -> ContainerEngine | None:
+        return self._engine
+
     async def start(self) -> None:
         settings = self.settings
         await asyncio.to_thread(prepare_runtime_dir, settings)
@@ -57,6 +67,7 @@ class Runner:
         self._bus = bus = Bus(
             create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}", **settings.nats_login),
             access=RUNNER,
+            replicas=settings.nats_replicas,
         )
         await bus.connect()
         bus.add_publishers(publishers(bus.broker))
@@ -140,6 +151,11 @@ class Runner:
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """Its background loops (heartbeat, jobs, …): one that ends means the runner is broken."""
+        return list(self._tasks)
+
     async def _keep_disk_pool_filled(self) -> None:
         """Keep formatted, mounted disks ready for the next creates (see disks.py), off the create path."""
         while True:
@@ -179,10 +195,24 @@ class Runner:
             raise RuntimeError(f"runner loop {task.get_name()} died") from error
 
 
+def runner_health(
+    bus_of: Callable[[], Bus | None], engine_of: Callable[[], ContainerEngine | None]
+) -> Health:
+    """The runner's probes: ready while its NATS connection and its container engine's socket answer
+    (`bus_of()` / `engine_of()`: None until the runner has them)."""
+    return Health("runner", {"nats": bus_check(bus_of), "engine": engine_check(engine_of)})
+
+
 async def main(settings: RunnerSettings, stop: asyncio.Event) -> None:
     runner = Runner(settings)
-    await runner.start()
+    # Its own listener: the toolbox port serves tenants' sandboxes.
+    health = runner_health(lambda: runner.bus, lambda: runner.engine)
+    probes = await serve_health(health, settings.health_host, settings.health_port)
     try:
+        await runner.start()
+        health.watch(*runner.tasks)
         await runner.wait(stop)
     finally:
         await runner.stop()
+        if probes is not None:
+            await probes.cleanup()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -119,10 +120,12 @@ class LifecycleTimers:
                 acted.append((desired.sandbox_id, timer))
         return acted
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
+    async def run_forever(self, stop: asyncio.Event, leading: Callable[[], bool] = lambda: True) -> None:
+        """Tick every `lifecycle_tick_seconds` while `leading()` (the replica holds the lease)."""
         while not stop.is_set():
             try:
-                await self.tick()
+                if leading():
+                    await self.tick()
             except Exception as error:
                 log.exception("lifecycle.tick_failed", error=str(error))
             with contextlib.suppress(TimeoutError):

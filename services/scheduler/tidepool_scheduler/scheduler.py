@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -237,10 +238,14 @@ class Scheduler:
             log.info("reconcile.resend", sandbox_id=desired.sandbox_id, attempt=placement.attempts)
             await self.send_job(intent, placement, attempt=placement.attempts)
 
-    async def reconcile_forever(self, stop: asyncio.Event) -> None:
+    async def reconcile_forever(
+        self, stop: asyncio.Event, leading: Callable[[], bool] = lambda: True
+    ) -> None:
+        """Reconcile every `reconcile_interval_seconds` while `leading()` (the replica holds the lease)."""
         while not stop.is_set():
             try:
-                await self.reconcile_once()
+                if leading():
+                    await self.reconcile_once()
             except Exception as error:
                 log.exception("reconcile.failed", error=str(error))
             with contextlib.suppress(TimeoutError):

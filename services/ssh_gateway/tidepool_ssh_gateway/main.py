@@ -12,7 +12,8 @@ import structlog
 
 from tidepool_contracts import channels
 from tidepool_contracts.access import SSH_GATEWAY
-from tidepool_runtime.broker import connect
+from tidepool_runtime.broker import Bus, connect
+from tidepool_runtime.health import Health, bus_check, serve_health
 from tidepool_runtime.settings import SshGatewaySettings
 from tidepool_ssh_gateway.grants import Grants
 from tidepool_ssh_gateway.sandbox_session import SandboxSessions
@@ -39,9 +40,20 @@ def load_host_key(configured: str, data_dir: Path) -> asyncssh.SSHKey:
 
 
 async def main(settings: SshGatewaySettings, stop: asyncio.Event) -> None:
-    bus = await connect(
-        settings.nats_url, name="tidepool-ssh-gateway", access=SSH_GATEWAY, **settings.nats_login
+    connected: list[Bus] = []
+    probes = await serve_health(
+        Health("ssh_gateway", {"nats": bus_check(lambda: connected[0] if connected else None)}),
+        settings.health_host,
+        settings.health_port,
     )
+    bus = await connect(
+        settings.nats_url,
+        name="tidepool-ssh-gateway",
+        access=SSH_GATEWAY,
+        replicas=settings.nats_replicas,
+        **settings.nats_login,
+    )
+    connected.append(bus)
     runners = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=RUNNER_CONNECT_TIMEOUT_SECONDS)
     )
@@ -64,3 +76,5 @@ async def main(settings: SshGatewaySettings, stop: asyncio.Event) -> None:
     finally:
         await runners.close()
         await bus.close()
+        if probes is not None:
+            await probes.cleanup()

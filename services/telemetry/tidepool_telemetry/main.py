@@ -8,6 +8,7 @@ import structlog
 
 from tidepool_contracts.access import TELEMETRY
 from tidepool_runtime.broker import Bus, create_broker
+from tidepool_runtime.health import Health, bus_check, serve_health
 from tidepool_runtime.settings import TelemetrySettings
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
@@ -17,7 +18,14 @@ log = structlog.get_logger("tidepool.telemetry")
 
 
 async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
-    bus = Bus(create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login), access=TELEMETRY)
+    bus = Bus(
+        create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login),
+        access=TELEMETRY,
+        replicas=settings.nats_replicas,
+    )
+    probes = await serve_health(
+        Health("telemetry", {"nats": bus_check(lambda: bus)}), settings.health_host, settings.health_port
+    )
     await bus.connect()
     counts = SandboxCounts()
     readers = [otlp_reader(settings.otlp_endpoint)] if settings.otlp_endpoint else []
@@ -28,3 +36,5 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
     await stop.wait()
     await bus.close()
     provider.shutdown()
+    if probes is not None:
+        await probes.cleanup()
