@@ -1,7 +1,7 @@
 """Rendering deploy/k8s for the tests: every overlay, and the base with each component alone.
 
-`kubectl kustomize` (the machine image's kubectl; kustomize v5) renders; results are cached per process, so the
-tests of this folder render each target once.
+`kubectl kustomize` (the machine image's kubectl; kustomize v5) renders; results are cached per process, so
+the tests of this folder render each target once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_
 COMPONENTS = sorted(path.name for path in (K8S / "components").iterdir() if path.is_dir())
 CONTROL, COMPUTE = "tidepool", "tidepool-compute"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+# An installation has exactly one component of each of these; a component is rendered with the first of
+# every other choice, so each target is a whole installation.
+CHOICES = (("postgres", "postgres-external"), ("object-storage-pvc", "object-storage-external"))
 
 
 def kubectl() -> str:
@@ -49,7 +52,8 @@ def render_overlay(name: str) -> tuple[dict[str, Any], ...]:
 
 @functools.cache
 def render_component(name: str) -> tuple[dict[str, Any], ...]:
-    """The base with this one component (components are not applied alone)."""
+    """The base with this component, completed by the first of each other choice (`CHOICES`)."""
+    chosen = [name] + [choice[0] for choice in CHOICES if name not in choice]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kustomization.yaml").write_text(
             yaml.safe_dump(
@@ -58,7 +62,7 @@ def render_component(name: str) -> tuple[dict[str, Any], ...]:
                     "kind": "Kustomization",
                     # kustomize takes relative paths only
                     "resources": [os.path.relpath(K8S / "base", tmp)],
-                    "components": [os.path.relpath(K8S / "components" / name, tmp)],
+                    "components": [os.path.relpath(K8S / "components" / c, tmp) for c in chosen],
                 }
             )
         )
@@ -72,6 +76,15 @@ def targets() -> list[str]:
 def render(target: str) -> tuple[dict[str, Any], ...]:
     kind, _, name = target.partition("/")
     return render_overlay(name) if kind == "overlay" else render_component(name)
+
+
+def components_of(target: str) -> set[str]:
+    """The components a target includes."""
+    kind, _, name = target.partition("/")
+    if kind == "component":
+        return {name} | {choice[0] for choice in CHOICES if name not in choice}
+    kustomization = yaml.safe_load((K8S / "overlays" / name / "kustomization.yaml").read_text())
+    return {Path(path).name for path in kustomization.get("components", [])}
 
 
 def key(doc: dict[str, Any]) -> str:
