@@ -92,10 +92,11 @@ def plan(existing: Existing, *, postgres: bool, registry: bool) -> dict[tuple[st
         ensure(namespace, "tidepool-nats-ca", ("ca.crt",), lambda: {"ca.crt": tls["ca.crt"]})
 
     def shared(name: str, key: str, namespaces: tuple[str, ...], value: Callable[[], str]) -> Data:
-        first = ensure(namespaces[0], name, (key,), lambda: {key: value()})
-        for namespace in namespaces[1:]:
-            ensure(namespace, name, (key,), lambda: {key: first[key]})
-        return first
+        # One value in every namespace: the first existing copy's, else a new one.
+        present = [existing[(ns, name)][key] for ns in namespaces if key in existing.get((ns, name), {})]
+        chosen = present[0] if present else value()
+        datas = [ensure(namespace, name, (key,), lambda: {key: chosen}) for namespace in namespaces]
+        return datas[0]
 
     both = (CONTROL, COMPUTE)
     shared("tidepool-signing-seal", "TIDEPOOL_SIGNING_SEAL_KEY", (CONTROL,), _token)
