@@ -278,6 +278,15 @@ def test_resources_and_probes(target: str) -> None:
             continue  # runs to completion: nothing to probe
         for container in containers(doc, init=False):
             assert {"livenessProbe", "readinessProbe"} <= container.keys(), f"{key(doc)}/{container['name']}"
+            if (module_of(container) or "").startswith("tidepool"):
+                # Tidepool's services: /healthz and /readyz on their HTTP port, else on TIDEPOOL_HEALTH_PORT
+                # (default 8081), which the manifests leave at its default.
+                ports = {p.get("name"): p["containerPort"] for p in container["ports"]}
+                for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+                    get = container[probe]["httpGet"]
+                    assert get["path"] == path, f"{key(doc)} {probe}"
+                    port = ports.get(get["port"], get["port"])
+                    assert port in ports.values() and (port == 8081) == ("http" not in ports), f"{key(doc)}"
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet"):
             pdbs = [
