@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml
 	set -o pipefail; $(BIN)/pip install --quiet -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither' || true; }
 	touch $(STAMP)
 
-venv: $(STAMP)
+# checkov (tests/unit/deploy) pins packaging<24, which pytest cannot share: a virtualenv of its own.
+CHECKOV_STAMP := $(VENV)/checkov/.installed
+$(CHECKOV_STAMP): deploy/k8s/tests/checkov-requirements.txt
+	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	set -o pipefail; $(VENV)/checkov/bin/pip install --quiet -r $< 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+	touch $(CHECKOV_STAMP)
+
+venv: $(STAMP) $(CHECKOV_STAMP)
 
 host:
 	bash scripts/setup-host.sh

@@ -91,6 +91,17 @@ ensure_subordinate_ids() {
   done
 }
 
+# tests/unit/deploy renders deploy/k8s with `kubectl kustomize` (kustomize v5: components). The machine image
+# ships kubectl; Debian's own (kubernetes-client, 1.20) predates components, so it is no substitute: say so.
+check_kubectl() {
+  local version
+  version=$(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"minor": *"\([0-9]*\).*/\1/p' | head -1)
+  if [[ -z ${version} || ${version} -lt 27 ]]; then
+    log "warning: kubectl >= 1.27 not found; tests/unit/deploy need it (deploy/k8s/README.md, Tests)"
+  fi
+}
+
 install_missing_packages
 ensure_myhostname_in_nsswitch
 ensure_subordinate_ids
+check_kubectl

@@ -249,7 +249,7 @@ class Bus:
     async def connect(self) -> None:
         """Connect (subscribers are not started yet: `start`) and declare the topology."""
         await self.broker.connect()
-        await declare_topology(self.broker, self.access, self.replicas)
+        await declare_topology(self.broker, self.access, replicas=self.replicas)
 
     async def start(self) -> None:
         """Start every subscriber registered on the broker (connected first, if it is not yet).
@@ -331,23 +331,31 @@ def _stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
     )
 
 
-async def declare_topology(broker: NatsBroker, access: Access | None = None, replicas: int = 1) -> None:
+async def declare_topology(
+    broker: NatsBroker, access: Access | None = None, *, replicas: int | None = None
+) -> None:
     """Create or update every stream and bucket of the channel table (with `access`: those the service uses;
     it updates a stream's configuration only if it owns the topology, the API, else leaves it as it is).
 
     nats-py directly: FastStream declares a stream only for its subscribers, with only their subjects, and
     creates a bucket with a fixed configuration; here each stream gets all its channels' subjects and limits
     even in a service that only publishes, and an existing bucket is left as it is.
+
+    `replicas`: JetStream replicas of what this call creates or updates (the bus-init Job of a NATS cluster:
+    `tidepool_stack.bus_init`); None creates with one and keeps an existing stream's replica count, so a
+    service's update never shrinks a stream that bus-init replicated.
     """
     js = broker.config.connection_state.stream
     streams = STREAMS if access is None else access.streams
     buckets = BUCKETS if access is None else access.buckets
     for stream in streams:
-        config = _stream_config(stream, replicas)
+        config = _stream_config(stream, replicas or 1)
         try:
             await js.add_stream(config=config)
         except BadRequestError:
             if access is None or access.owns_topology:
+                if replicas is None:
+                    config.num_replicas = (await js.stream_info(stream.name)).config.num_replicas
                 await js.update_stream(config=config)
     for bucket in buckets:
         try:
@@ -355,7 +363,9 @@ async def declare_topology(broker: NatsBroker, access: Access | None = None, rep
         except (NotFoundError, BadRequestError):
             with contextlib.suppress(BadRequestError):
                 await js.create_key_value(
-                    config=KeyValueConfig(bucket=bucket.name, history=1, ttl=bucket.ttl, replicas=replicas)
+                    config=KeyValueConfig(
+                        bucket=bucket.name, history=1, ttl=bucket.ttl, replicas=replicas or 1
+                    )
                 )
 
 

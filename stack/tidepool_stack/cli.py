@@ -144,16 +144,17 @@ def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
 
 @app.command("k8s-secrets")
 def k8s_secrets(
-    namespace: Annotated[
-        str, typer.Option(help="Namespace of the deployment (deploy/k8s: tidepool)")
-    ] = "tidepool",
+    postgres: Annotated[
+        bool, typer.Option(help="Include the in-cluster PostgreSQL's Secrets (component postgres)")
+    ] = True,
 ) -> None:
-    """Print fresh Secrets for deploy/k8s: each service's NATS login, NATS config and TLS, the sealing keys.
+    """Print every Secret deploy/k8s needs, as the bootstrap Job would create them on an empty cluster.
 
-    Apply once: `tidepool k8s-secrets | kubectl apply -f -` (running it again replaces every credential)."""
+    For operators who create Secrets themselves: `tidepool k8s-secrets | kubectl apply -f -` once, before
+    `kubectl apply -k deploy/k8s/overlays/…` (running it again replaces every credential)."""
     from tidepool_stack.k8s_secrets import k8s_secrets as generate
 
-    sys.stdout.write(generate(namespace))
+    sys.stdout.write(generate(postgres=postgres, registry=True))
 
 
 # The client commands (`login`, `sandbox …`, `exec`, `preview-url`, `snapshot …`, `volume …`, `mcp`) live in

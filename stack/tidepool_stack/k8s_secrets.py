@@ -1,109 +1,107 @@
-"""`tidepool k8s-secrets`: the bus's Secrets for deploy/k8s, generated fresh (print once, `kubectl apply`).
+"""Secrets of deploy/k8s: the NATS certificate (the bootstrap Job's too) and `tidepool k8s-secrets`.
 
-- `tidepool-nats-<service>`: each service's NATS login (TIDEPOOL_NATS_USER / TIDEPOOL_NATS_PASSWORD);
-- `tidepool-nats-config`: the nats-server configuration, with the users' bcrypt hashes and permissions
-  (tidepool_runtime.nats_auth), JetStream under /data and TLS only;
-- `tidepool-nats-tls`: a private CA and the server's certificate for `nats`, `nats.<namespace>`,
-  `nats.<namespace>.svc` (and the cluster domain); `tidepool-nats-ca`: the CA alone, which the services
-  verify the server with (TIDEPOOL_NATS_CA_FILE);
-- `tidepool-signing-seal` (API, proxy) and `tidepool-registry-seal` (API, builder): the keys sealing secrets
-  on the bus (tidepool_runtime.sealing).
+- `nats_tls(namespace)`: a private CA and the NATS certificate (clients and the cluster's routes);
+- `k8s_secrets()`: `tidepool k8s-secrets`, every Secret the bootstrap Job (tidepool_stack.k8s_bootstrap)
+  would create, printed once for operators who create Secrets themselves instead of running the Job.
 """
 
 from __future__ import annotations
 
+import datetime
 import secrets
-import subprocess
-import tempfile
-from pathlib import Path
-from typing import Any
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tidepool_runtime import nats_auth
-
-NATS_DIR = "/etc/nats"
-NATS_CA_DIR = "/etc/tidepool/nats-ca"
 CA_DAYS, CERT_DAYS = 3650, 825
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tidepool"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 def nats_tls(namespace: str, cluster_domain: str = "cluster.local") -> dict[str, str]:
-    """A new CA and a server certificate for the NATS Service (PEM texts: ca.crt, tls.crt, tls.key)."""
+    """A new CA and the NATS servers' certificate (PEM texts: ca.crt, tls.crt, tls.key), P-256: for the
+    Service `nats` and, as client and server of the cluster's routes, every pod behind `nats-headless`.
+
+    With `cryptography`, not the openssl command: the bootstrap Job's image has the library only."""
     names = ["nats", f"nats.{namespace}", f"nats.{namespace}.svc", f"nats.{namespace}.svc.{cluster_domain}"]
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        ec = ("-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-        _openssl("genpkey", *ec, "-out", str(folder / "ca.key"))
-        _openssl(
-            "req", "-x509", "-new", "-key", str(folder / "ca.key"), "-sha256", "-days", str(CA_DAYS),
-            "-subj", f"/O=Tidepool/CN=Tidepool NATS CA {secrets.token_hex(4)}",
-            "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            "-out", str(folder / "ca.crt"),
-        )  # fmt: skip
-        _openssl("genpkey", *ec, "-out", str(folder / "tls.key"))
-        _openssl(
-            "req", "-new", "-key", str(folder / "tls.key"), "-subj", "/CN=nats", "-out", str(folder / "csr")
-        )
-        (folder / "ext").write_text(
-            f"subjectAltName={','.join(f'DNS:{name}' for name in names)}\n"
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-        )
-        _openssl(
-            "x509", "-req", "-in", str(folder / "csr"), "-CA", str(folder / "ca.crt"),
-            "-CAkey", str(folder / "ca.key"), "-set_serial", f"0x{secrets.token_hex(16)}",
-            "-days", str(CERT_DAYS), "-sha256", "-extfile", str(folder / "ext"),
-            "-out", str(folder / "tls.crt"),
-        )  # fmt: skip
-        return {name: (folder / name).read_text() for name in ("ca.crt", "tls.crt", "tls.key")}
-
-
-def _secret(name: str, data: dict[str, str], comment: str = "") -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": name}
-    if comment:
-        metadata["annotations"] = {"tidepool.io/holders": comment}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "stringData": data}
-
-
-def k8s_secrets(namespace: str = "tidepool") -> str:
-    """Every Secret of the bus, as one multi-document YAML text (holds passwords and keys: never log it)."""
-    passwords = nats_auth.new_passwords()
-    hashes = {service: nats_auth.hash_password(password) for service, password in passwords.items()}
-    tls = nats_tls(namespace)
-    config = nats_auth.server_config(
-        hashes,
-        host="0.0.0.0",
-        port=4222,
-        store_dir="/data",
-        tls={"cert_file": f"{NATS_DIR}/tls/tls.crt", "key_file": f"{NATS_DIR}/tls/tls.key"},
+    names += [f"*.nats-headless.{namespace}.svc", f"*.nats-headless.{namespace}.svc.{cluster_domain}"]
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name(f"Tidepool NATS CA {secrets.token_hex(4)}")
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )  # keyCertSign, cRLSign
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
     )
-    documents = [
-        _secret(
-            f"tidepool-nats-{service.replace('_', '-')}",  # Kubernetes names have no `_`
-            {"TIDEPOOL_NATS_USER": service, "TIDEPOOL_NATS_PASSWORD": password},
-            f"the {service} only",
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("nats"))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )  # digitalSignature
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
         )
-        for service, password in passwords.items()
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return {
+        "ca.crt": ca.public_bytes(serialization.Encoding.PEM).decode(),
+        "tls.crt": cert.public_bytes(serialization.Encoding.PEM).decode(),
+        "tls.key": _pem_key(key),
+    }
+
+
+def k8s_secrets(*, postgres: bool = True, registry: bool = True) -> str:
+    """Every Secret the bootstrap Job of deploy/k8s would create on an empty cluster, as one multi-document
+    YAML text, for operators who create Secrets themselves (holds passwords and keys: never log it)."""
+    from tidepool_stack.k8s_bootstrap import plan  # it imports this module's nats_tls
+
+    documents = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "type": "Opaque",
+            "stringData": data,
+        }
+        for (namespace, name), data in plan({}, postgres=postgres, registry=registry).items()
     ]
-    documents += [
-        _secret("tidepool-nats-config", {"nats.conf": config}, "nats-server (bcrypt hashes only)"),
-        _secret("tidepool-nats-tls", tls, "nats-server"),
-        _secret("tidepool-nats-ca", {"ca.crt": tls["ca.crt"]}, "every service (verifies the server)"),
-        _secret(
-            "tidepool-signing-seal",
-            {"TIDEPOOL_SIGNING_SEAL_KEY": secrets.token_urlsafe(32)},
-            "the API and the proxy",
-        ),
-        _secret(
-            "tidepool-registry-seal",
-            {"TIDEPOOL_REGISTRY_SEAL_KEY": secrets.token_urlsafe(32)},
-            "the API and the builder",
-        ),
-    ]
-    for document in documents:
-        document["metadata"]["namespace"] = namespace
     return yaml.safe_dump_all(documents, sort_keys=False, width=200)

