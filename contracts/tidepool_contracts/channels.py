@@ -22,6 +22,7 @@ from tidepool_contracts.models import (
     BuildLogLine,
     DaemonHealthEvent,
     DesiredSandbox,
+    OrganizationTelemetry,
     Placement,
     PreviewAccess,
     ProcessTerminationEvent,
@@ -228,6 +229,12 @@ SSH_ACCESS = Bucket(
     "sha256(token)",
     "API -> SSH gateway: SSH access tokens (deleted when revoked)",
 )
+ORGANIZATION_TELEMETRY = Bucket(
+    subjects.KV_ORGANIZATION_TELEMETRY,
+    OrganizationTelemetry,
+    "organization_id",
+    "API -> telemetry: an organization's OTLP destination (headers sealed) and quotas",
+)
 BUCKETS: tuple[Bucket, ...] = (
     RUNNERS,
     ROUTES,
@@ -239,6 +246,7 @@ BUCKETS: tuple[Bucket, ...] = (
     PREVIEWS,
     SIGNED_PREVIEWS,
     SSH_ACCESS,
+    ORGANIZATION_TELEMETRY,
 )
 
 

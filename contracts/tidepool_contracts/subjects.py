@@ -32,6 +32,8 @@ KV_SIGNING_KEYS = "tidepool_signing_keys"  # sandbox id -> SigningKeyRecord (pro
 KV_PREVIEWS = "tidepool_previews"  # sandbox id -> PreviewAccess (public flag, preview token hash)
 KV_SIGNED_PREVIEWS = "tidepool_signed_previews"  # sha256(token) -> SignedPreview (signed preview URLs)
 KV_SSH_ACCESS = "tidepool_ssh_access"  # sha256(token) -> SshAccessGrant (SSH gateway logins)
+# organization id -> OrganizationTelemetry (API writes, telemetry exports to it)
+KV_ORGANIZATION_TELEMETRY = "tidepool_organization_telemetry"
 
 
 def intent_sandbox(sandbox_id: str) -> str:

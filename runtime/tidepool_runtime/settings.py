@@ -385,6 +385,23 @@ class RegistrySealSettings(_Base):
     """Empty: generated once under data_dir (one machine); give the API and the builder the same value."""
 
 
+class OtelSealSettings(_Base):
+    """Seals organizations' OTLP headers on the bus: the API and the telemetry service only."""
+
+    otel_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and telemetry the same value."""
+
+
+class OrganizationMetricsSettings(_Base):
+    """The organization metrics (`daytona.sandbox.used_cpu`, ...; feature inventory §10 B)."""
+
+    organization_metrics_interval_seconds: float = 60.0
+    """How often each organization's metrics are pushed to its OTLP endpoint(s)."""
+    organization_metrics_otlp_endpoint: str = ""
+    """The operator's OTLP endpoint for every organization's metrics (`http(s)://` OTLP/HTTP base URL or
+    `grpc(s)://host:port`), besides each organization's own (`PUT …/otel-config`); empty: none."""
+
+
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
@@ -403,6 +420,7 @@ class ApiSettings(
     SigningSealSettings,
     RegistrySealSettings,
     PublicSshGatewaySettings,
+    OtelSealSettings,
 ):
     pass
 
@@ -437,7 +455,7 @@ class SshGatewaySettings(
     pass
 
 
-class TelemetrySettings(CommonSettings):
+class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
     pass
 
 

@@ -6,8 +6,8 @@
 - `tidepool-nats-tls`: a private CA and the server's certificate for `nats`, `nats.<namespace>`,
   `nats.<namespace>.svc` (and the cluster domain); `tidepool-nats-ca`: the CA alone, which the services
   verify the server with (TIDEPOOL_NATS_CA_FILE);
-- `tidepool-signing-seal` (API, proxy) and `tidepool-registry-seal` (API, builder): the keys sealing secrets
-  on the bus (tidepool_runtime.sealing).
+- `tidepool-signing-seal` (API, proxy), `tidepool-registry-seal` (API, builder) and `tidepool-otel-seal`
+  (API, telemetry): the keys sealing secrets on the bus (tidepool_runtime.sealing).
 """
 
 from __future__ import annotations
@@ -102,6 +102,11 @@ def k8s_secrets(namespace: str = "tidepool") -> str:
             "tidepool-registry-seal",
             {"TIDEPOOL_REGISTRY_SEAL_KEY": secrets.token_urlsafe(32)},
             "the API and the builder",
+        ),
+        _secret(
+            "tidepool-otel-seal",
+            {"TIDEPOOL_OTEL_SEAL_KEY": secrets.token_urlsafe(32)},
+            "the API and the telemetry service",
         ),
     ]
     for document in documents:

@@ -48,6 +48,7 @@ REGISTRY_CLIENTS = ("builder", "runner")
 SEAL_KEYS = {
     "TIDEPOOL_SIGNING_SEAL_KEY": (sealing.SIGNING_KEYS, ("api", "proxy")),
     "TIDEPOOL_REGISTRY_SEAL_KEY": (sealing.REGISTRY_CREDENTIALS, ("api", "builder")),
+    "TIDEPOOL_OTEL_SEAL_KEY": (sealing.OTEL_HEADERS, ("api", "telemetry")),
 }
 REGISTRY_USERNAME = "tidepool"
 REGISTRY_BCRYPT_ROUNDS = 12

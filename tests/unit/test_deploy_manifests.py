@@ -59,6 +59,7 @@ def test_each_service_gets_its_own_nats_login_and_only_its_sealing_keys() -> Non
         assert f"tidepool-nats-{service}" in generated
         assert ("tidepool-signing-seal" in refs) == (service in ("api", "proxy")), module
         assert ("tidepool-registry-seal" in refs) == (service in ("api", "builder")), module
+        assert ("tidepool-otel-seal" in refs) == (service in ("api", "telemetry")), module
 
 
 def test_nats_serves_the_generated_config_and_certificate_over_tls() -> None:
