@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from daytona import CreateSandboxFromSnapshotParams, Daytona, DaytonaConfig, Resources, Sandbox
+from daytona import CreateSandboxFromSnapshotParams, Daytona, DaytonaConfig, Sandbox
 from daytona_api_client import OrganizationsApi, OtelConfig
 from daytona_api_client.exceptions import NotFoundException
 
@@ -121,21 +121,21 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
     team_id, team = new_organization(metrics_stack)
     other_id, other = new_organization(metrics_stack)
 
-    def create(daytona: Daytona, cpu: int, memory: int, disk: int) -> Sandbox:
-        params = CreateSandboxFromSnapshotParams(resources=Resources(cpu=cpu, memory=memory, disk=disk))
-        return daytona.create(params, timeout=180)
+    def create(daytona: Daytona, snapshot: str) -> Sandbox:
+        return daytona.create(CreateSandboxFromSnapshotParams(snapshot=snapshot), timeout=180)
 
     sandboxes = []
     try:
-        sandboxes += [create(team, 1, 1, 3), create(team, 2, 2, 4)]
-        stopped = create(team, 1, 1, 5)
+        # Sizes (cpu, GiB memory, GiB disk): daytona-small (1, 1, 3), daytona-medium (2, 4, 8).
+        sandboxes += [create(team, "daytona-small"), create(team, "daytona-medium")]
+        stopped = create(team, "daytona-small")
         sandboxes.append(stopped)
         stopped.stop()
-        sandboxes.append(create(other, 1, 2, 3))
+        sandboxes.append(create(other, "daytona-medium"))
         # Started ones count cpu, memory and disk; the stopped one its disk only; the other organization's
         # sandbox is not the team's.
-        team_expected = {"used_cpu": 3, "used_ram": 3, "used_storage": 12, **TOTALS}
-        other_expected = {"used_cpu": 1, "used_ram": 2, "used_storage": 3, **TOTALS}
+        team_expected = {"used_cpu": 3, "used_ram": 5, "used_storage": 14, **TOTALS}
+        other_expected = {"used_cpu": 2, "used_ram": 4, "used_storage": 8, **TOTALS}
 
         # The operator's endpoint gets every organization's metrics, each under its own resource.
         arrives(receiver, team_id, "http", None, team_expected)
@@ -173,7 +173,7 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
             team_id, OtelConfig(endpoint=receiver.grpc_url, headers={"api-key": grpc_secret})
         )
         stopped.start()
-        team_expected = {"used_cpu": 4, "used_ram": 4, "used_storage": 12, **TOTALS}
+        team_expected = {"used_cpu": 4, "used_ram": 6, "used_storage": 14, **TOTALS}
         arrives(receiver, team_id, "grpc", ("api-key", grpc_secret), team_expected)
         assert not latest(receiver.points(), other_id, "grpc", None)
 
