@@ -43,6 +43,10 @@ class CommonSettings(_Base):
     nats_ca_file: str = ""
     """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
     otlp_endpoint: str = ""
+    metrics_port: int = 0
+    """Prometheus `GET /metrics` of this service on this port (0: none); `make up` gives each service its own
+    port from this one on, in the order api, scheduler, builder, runner, proxy, ssh_gateway, telemetry."""
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_json: bool = False
 

@@ -4,12 +4,15 @@ organization.
 
 A stack of its own that exports every second (TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS) to a real
 OTLP receiver on loopback (tests/integration/otlp_receiver.py: OTLP/HTTP and OTLP/gRPC from the OTLP
-protobuf definitions). The otel-config calls go through the official SDK's API client.
+protobuf definitions). The otel-config calls go through the official SDK's API client. And every service
+serves Prometheus `/metrics`.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -23,6 +26,7 @@ from tests.integration.conftest import drop_postgres_database, fresh_postgres_da
 from tests.integration.otlp_receiver import MetricsReceiver, Point
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
+from tidepool_stack.supervisor import SERVICES
 
 pytestmark = pytest.mark.integration
 REGION = "us"  # TIDEPOOL_RUNNER_REGION's default
@@ -38,9 +42,32 @@ def receiver() -> Iterator[MetricsReceiver]:
     running.stop()
 
 
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports free now (`make up` numbers services from a base)."""
+    while True:
+        base = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+@pytest.fixture(scope="module")
+def metrics_base_port() -> int:
+    return free_port_block(len(SERVICES))
+
+
 @pytest.fixture(scope="module")
 def metrics_stack(
-    tmp_path_factory: pytest.TempPathFactory, receiver: MetricsReceiver
+    tmp_path_factory: pytest.TempPathFactory, receiver: MetricsReceiver, metrics_base_port: int
 ) -> Iterator[StackThread]:
     base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
     database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
@@ -50,6 +77,7 @@ def metrics_stack(
         extra_env={
             "TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS": "1",
             "TIDEPOOL_ORGANIZATION_METRICS_OTLP_ENDPOINT": receiver.http_url,
+            "TIDEPOOL_METRICS_PORT": str(metrics_base_port),
         },
     )
     try:
@@ -193,3 +221,20 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
     finally:
         for sandbox in sandboxes:
             sandbox.delete()
+
+
+def test_every_service_serves_prometheus_metrics(metrics_stack: StackThread, metrics_base_port: int) -> None:
+    """Each service on its own port (the base port + its place in SERVICES): the process's own metrics and
+    the bus's (FastStream's OpenTelemetry metrics), under the service's name."""
+    _, team = new_organization(metrics_stack)
+    team.delete(team.create())  # traffic on the bus: an intent published, jobs and events consumed
+    for index, service in enumerate(SERVICES):
+        answer = httpx.get(f"http://127.0.0.1:{metrics_base_port + index}/metrics")
+        assert answer.status_code == 200, service
+        text = answer.text
+        assert "process_resident_memory_bytes" in text and "tidepool_service_up" in text, service
+        assert f'service_name="tidepool-{service}"' in text, service
+    api = httpx.get(f"http://127.0.0.1:{metrics_base_port + SERVICES.index('api')}/metrics").text
+    assert "messaging_publish_duration" in api
+    scheduler = httpx.get(f"http://127.0.0.1:{metrics_base_port + SERVICES.index('scheduler')}/metrics").text
+    assert "messaging_process_duration" in scheduler
