@@ -8,12 +8,16 @@ in memory: every data point with its resource attributes, its attributes and the
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# gRPC's fork handlers abort children forked while its threads run (the stack's services are forked from
+# this process, with a `preexec_fn`): off, before grpc is first imported.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
 import grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
