@@ -147,9 +147,14 @@ class OrganizationExports:
             wanted = self._destinations(record)
         current = {destination for owner, destination in self._providers if owner == organization_id}
         for destination in wanted - current:
-            reader = PeriodicExportingMetricReader(
-                otlp_exporter(destination), export_interval_millis=self._interval_millis
-            )
+            try:
+                exporter = otlp_exporter(destination)
+            except Exception as error:  # an endpoint the exporter refuses: this one only, the others go on
+                log.warning(
+                    "organization.endpoint_refused", organization_id=organization_id, error=repr(error)
+                )
+                continue
+            reader = PeriodicExportingMetricReader(exporter, export_interval_millis=self._interval_millis)
             self._providers[(organization_id, destination)] = build_organization_provider(
                 organization_id,
                 self._region_id,
@@ -161,6 +166,10 @@ class OrganizationExports:
         stale = [self._providers.pop((organization_id, destination)) for destination in current - wanted]
         for provider in stale:
             await asyncio.to_thread(provider.shutdown)
+
+    def endpoints(self, organization_id: str) -> set[str]:
+        """The endpoints `organization_id`'s metrics are exported to now."""
+        return {destination.endpoint for owner, destination in self._providers if owner == organization_id}
 
     async def close(self) -> None:
         providers, self._providers = list(self._providers.values()), {}

@@ -6,6 +6,7 @@ from typing import Any
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from tests.integration.otlp_receiver import MetricsReceiver
 from tidepool_contracts.models import (
     DesiredSandbox,
     OrganizationTelemetry,
@@ -13,7 +14,8 @@ from tidepool_contracts.models import (
     SandboxStateEvent,
 )
 from tidepool_contracts.states import DesiredState, SandboxState
-from tidepool_telemetry.organization_metrics import build_organization_provider
+from tidepool_runtime.sealing import OTEL_HEADERS, Sealer
+from tidepool_telemetry.organization_metrics import OrganizationExports, build_organization_provider
 from tidepool_telemetry.usage import OrganizationUsage, Usage
 
 
@@ -88,3 +90,42 @@ def test_six_gauges_with_the_organization_on_the_resource_and_the_region_on_each
         "daytona.sandbox.total_storage": 30,
     }
     provider.shutdown()
+
+
+async def test_exports_follow_the_records_and_a_bad_endpoint_spoils_no_other() -> None:
+    receiver = MetricsReceiver()  # reachable endpoints: a provider's shutdown exports once more
+    receiver.start()
+    operator, grpc_url = receiver.http_url, receiver.grpc_url
+    sealer = Sealer("k", OTEL_HEADERS)
+    exports = OrganizationExports(
+        OrganizationUsage(), "us", interval_seconds=3600, operator_endpoint=operator, opener=sealer
+    )
+
+    def record(organization: str, endpoint: str, headers: str = "") -> OrganizationTelemetry:
+        return OrganizationTelemetry(
+            organization_id=organization,
+            endpoint=endpoint,
+            headers_sealed=headers,
+            total_cpu=1,
+            total_memory_gib=1,
+            total_disk_gib=1,
+        )
+
+    try:
+        await exports.apply("a", record("a", "grpc://127.0.0.1:port"))  # the exporter refuses it
+        assert exports.endpoints("a") == {operator}  # the operator's still gets it
+        await exports.apply("b", record("b", grpc_url, sealer.seal('{"api-key": "x"}')))
+        assert exports.endpoints("b") == {operator, grpc_url}
+        await exports.apply("c", record("c", f"{operator}/c", "not sealed with this key"))
+        assert exports.endpoints("c") == {operator}
+        await exports.apply("b", record("b", ""))
+        assert exports.endpoints("b") == {operator}
+        # The removed destination got the last export of its provider, with the organization's headers.
+        over_grpc = [p for p in receiver.points() if p.transport == "grpc"]
+        assert {(p.headers.get("api-key"), p.resource["organization.id"]) for p in over_grpc} == {("x", "b")}
+        await exports.apply("b", None)
+        assert exports.endpoints("b") == set()
+        await exports.close()
+        assert exports.endpoints("a") == set()
+    finally:
+        receiver.stop()

@@ -93,8 +93,14 @@ OTEL_SCHEMES = ("http", "https", "grpc", "grpcs")
 
 def otlp_endpoint(value: str) -> str:
     parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number in 0-65535)
+    except ValueError:
+        raise invalid("the port must be a number from 1 to 65535") from None
     if parts.scheme not in OTEL_SCHEMES or not parts.hostname or parts.query or parts.fragment:
         raise invalid("must be an http(s):// (OTLP/HTTP) or grpc(s):// (OTLP/gRPC) URL with a host")
+    if any(character.isspace() for character in value):
+        raise invalid("must not contain spaces")
     return value
 
 
