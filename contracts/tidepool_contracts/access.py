@@ -70,6 +70,7 @@ API = Access(
         channels.PREVIEWS,
         channels.SIGNED_PREVIEWS,
         channels.SSH_ACCESS,
+        channels.ORGANIZATION_TELEMETRY,
     ),
     owns_topology=True,
 )
@@ -114,7 +115,10 @@ PROXY = Access(
 )
 # Reads only: which sandbox a token opens, and where that sandbox runs.
 SSH_GATEWAY = Access(reads=(channels.ROUTES, channels.SSH_ACCESS))
-TELEMETRY = Access(consumes=(channels.SANDBOX_EVENTS,))
+# DESIRED: each sandbox's cpu, memory and disk (the `used_*` organization metrics).
+TELEMETRY = Access(
+    consumes=(channels.SANDBOX_EVENTS,), reads=(channels.DESIRED, channels.ORGANIZATION_TELEMETRY)
+)
 
 SERVICE_ACCESS: dict[str, Access] = {
     "api": API,

@@ -22,6 +22,7 @@ from tidepool_contracts.models import (
     BuildLogLine,
     DaemonHealthEvent,
     DesiredSandbox,
+    OrganizationTelemetry,
     Placement,
     PreviewAccess,
     ProcessTerminationEvent,
@@ -235,6 +236,12 @@ SCHEDULER_LEASE = Bucket(
     "leader",
     "scheduler replicas: which one leads (runs reconciliation and lifecycle timers)",
 )
+ORGANIZATION_TELEMETRY = Bucket(
+    subjects.KV_ORGANIZATION_TELEMETRY,
+    OrganizationTelemetry,
+    "organization_id",
+    "API -> telemetry: an organization's OTLP destination (headers sealed) and quotas",
+)
 BUCKETS: tuple[Bucket, ...] = (
     RUNNERS,
     ROUTES,
@@ -247,6 +254,7 @@ BUCKETS: tuple[Bucket, ...] = (
     SIGNED_PREVIEWS,
     SSH_ACCESS,
     SCHEDULER_LEASE,
+    ORGANIZATION_TELEMETRY,
 )
 
 

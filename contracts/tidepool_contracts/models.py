@@ -293,6 +293,24 @@ class SshAccessGrant(BusModel):
     expires_at: datetime
 
 
+class OrganizationTelemetry(BusModel):
+    """API -> KV: where an organization's metrics go, and its quotas (feature inventory §10 B).
+
+    `endpoint`: the organization's OTLP destination (`PUT /organizations/{id}/otel-config`), "" for none:
+    `http(s)://host[:port][/path]` is OTLP/HTTP (`/v1/metrics` appended), `grpc(s)://host:port` is OTLP/gRPC.
+    `headers_sealed`: the request headers as a JSON object, sealed by the API for the telemetry service
+    (`tidepool_runtime.sealing.OTEL_HEADERS`); "" for none. Quotas in cores and GiB (the `total_*` metrics).
+    """
+
+    organization_id: str
+    endpoint: str = ""
+    headers_sealed: str = ""
+    total_cpu: float
+    total_memory_gib: float
+    total_disk_gib: float
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
 class SnapshotState(StrEnum):
     PENDING = "pending"
     PULLING = "pulling"

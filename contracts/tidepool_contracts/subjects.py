@@ -33,6 +33,8 @@ KV_PREVIEWS = "tidepool_previews"  # sandbox id -> PreviewAccess (public flag, p
 KV_SIGNED_PREVIEWS = "tidepool_signed_previews"  # sha256(token) -> SignedPreview (signed preview URLs)
 KV_SSH_ACCESS = "tidepool_ssh_access"  # sha256(token) -> SshAccessGrant (SSH gateway logins)
 KV_SCHEDULER_LEASE = "tidepool_scheduler_lease"  # "leader" -> SchedulerLease (which scheduler replica leads)
+# organization id -> OrganizationTelemetry (API writes, telemetry exports to it)
+KV_ORGANIZATION_TELEMETRY = "tidepool_organization_telemetry"
 
 
 def intent_sandbox(sandbox_id: str) -> str:

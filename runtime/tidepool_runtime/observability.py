@@ -33,6 +33,26 @@ def configure_logging(service: str, level: str = "INFO", json_output: bool = Fal
     structlog.contextvars.bind_contextvars(service=service)
 
 
+def serve_prometheus_metrics(service: str, host: str, port: int) -> None:
+    """`GET http://{host}:{port}/metrics` in Prometheus' text format, from a daemon thread: the process's own
+    metrics (CPU, memory, open fds, GC) and every OpenTelemetry metric recorded through the global
+    MeterProvider, which this sets (FastStream's `messaging.*` metrics of the bus, among others)."""
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    resource = Resource.create({"service.name": f"tidepool-{service}"})
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()], resource=resource)
+    metrics.set_meter_provider(provider)
+    # 1 while the service runs: every service has a metric of its own (and so a `target_info` naming it),
+    # even one that sends nothing on the bus.
+    provider.get_meter("tidepool").create_observable_gauge(
+        "tidepool.service.up", callbacks=[lambda _options: [metrics.Observation(1)]], description="1: running"
+    )
+    start_http_server(port, addr=host)
+
+
 def configure_tracing(service: str, otlp_endpoint: str) -> None:
     """Always record trace context (so it propagates through message headers); export only when configured."""
     provider = TracerProvider(resource=Resource.create({"service.name": f"tidepool-{service}"}))

@@ -9,7 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from tidepool_runtime.observability import configure_logging, configure_tracing
+from tidepool_runtime.observability import configure_logging, configure_tracing, serve_prometheus_metrics
 from tidepool_runtime.settings import CommonSettings
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
@@ -25,6 +25,8 @@ def run_service(
     settings = settings_type()
     configure_logging(name, settings.log_level, settings.log_json)
     configure_tracing(name, settings.otlp_endpoint)
+    if settings.metrics_port:
+        serve_prometheus_metrics(name, settings.metrics_host, settings.metrics_port)
 
     async def runner() -> None:
         stop = asyncio.Event()

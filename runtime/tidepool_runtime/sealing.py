@@ -2,7 +2,9 @@
 
 - sandbox signing keys (KV `KV_SIGNING_KEYS`): sealed by the API, opened by the proxy (`signing_seal_key`);
 - organizations' registry passwords (request/reply `tidepool.rpc.registry.credentials`): sealed by the API,
-  opened by the builder (`registry_seal_key`).
+  opened by the builder (`registry_seal_key`);
+- organizations' OTLP headers (KV `KV_ORGANIZATION_TELEMETRY`): sealed by the API, opened by the telemetry
+  service (`otel_seal_key`).
 
 Whoever reads the bucket, the stream store on disk or a reply without the key learns nothing usable. A key
 left empty is generated once under the data directory (0600), which suits a single machine; services on
@@ -21,6 +23,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 SIGNING_KEYS = "signing-keys"
 REGISTRY_CREDENTIALS = "registry-credentials"
+OTEL_HEADERS = "otel-headers"
 
 
 class Sealer:

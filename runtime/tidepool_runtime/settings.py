@@ -46,6 +46,10 @@ class CommonSettings(_Base):
     """Replicas of the streams and KV buckets a service creates: 1 on one machine, 3 on the 3-node JetStream
     cluster of deploy/k8s (every service must be given the same value)."""
     otlp_endpoint: str = ""
+    metrics_port: int = 0
+    """Prometheus `GET /metrics` of this service on this port (0: none); `make up` gives each service its own
+    port from this one on, in the order api, scheduler, builder, runner, proxy, ssh_gateway, telemetry."""
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_json: bool = False
     health_host: str = "0.0.0.0"
@@ -400,6 +404,23 @@ class RegistrySealSettings(_Base):
     """Empty: generated once under data_dir (one machine); give the API and the builder the same value."""
 
 
+class OtelSealSettings(_Base):
+    """Seals organizations' OTLP headers on the bus: the API and the telemetry service only."""
+
+    otel_seal_key: str = ""
+    """Empty: generated once under data_dir (one machine); give the API and telemetry the same value."""
+
+
+class OrganizationMetricsSettings(_Base):
+    """The organization metrics (`daytona.sandbox.used_cpu`, ...; feature inventory §10 B)."""
+
+    organization_metrics_interval_seconds: float = 60.0
+    """How often each organization's metrics are pushed to its OTLP endpoint(s)."""
+    organization_metrics_otlp_endpoint: str = ""
+    """The operator's OTLP endpoint for every organization's metrics (`http(s)://` OTLP/HTTP base URL or
+    `grpc(s)://host:port`), besides each organization's own (`PUT …/otel-config`); empty: none."""
+
+
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
@@ -418,6 +439,7 @@ class ApiSettings(
     SigningSealSettings,
     RegistrySealSettings,
     PublicSshGatewaySettings,
+    OtelSealSettings,
 ):
     pass
 
@@ -452,7 +474,7 @@ class SshGatewaySettings(
     pass
 
 
-class TelemetrySettings(CommonSettings):
+class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
     pass
 
 

@@ -100,6 +100,7 @@ def plan(existing: Existing, *, postgres: bool, registry: bool) -> dict[tuple[st
 
     both = (CONTROL, COMPUTE)
     shared("tidepool-signing-seal", "TIDEPOOL_SIGNING_SEAL_KEY", (CONTROL,), _token)
+    shared("tidepool-otel-seal", "TIDEPOOL_OTEL_SEAL_KEY", (CONTROL,), _token)
     shared("tidepool-registry-seal", "TIDEPOOL_REGISTRY_SEAL_KEY", both, _token)
     shared("tidepool-secret-key", "TIDEPOOL_SECRET_KEY", (CONTROL,), _token)
     shared("tidepool-s3", "TIDEPOOL_S3_SECRET_KEY", both, lambda: secrets.token_hex(20))
@@ -196,7 +197,7 @@ def secret_names(*, postgres: bool, registry: bool) -> list[tuple[str, str]]:
     ]
     names += [(CONTROL, "tidepool-nats-users"), (CONTROL, "tidepool-nats-tls")]
     names += [(ns, "tidepool-nats-ca") for ns in (CONTROL, COMPUTE)]
-    names += [(CONTROL, "tidepool-signing-seal"), (CONTROL, "tidepool-secret-key")]
+    names += [(CONTROL, "tidepool-signing-seal"), (CONTROL, "tidepool-otel-seal"), (CONTROL, "tidepool-secret-key")]
     names += [
         (ns, name)
         for name in ("tidepool-registry-seal", "tidepool-s3", "tidepool-runner-token")

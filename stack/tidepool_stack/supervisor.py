@@ -48,7 +48,10 @@ REGISTRY_CLIENTS = ("builder", "runner")
 SEAL_KEYS = {
     "TIDEPOOL_SIGNING_SEAL_KEY": (sealing.SIGNING_KEYS, ("api", "proxy")),
     "TIDEPOOL_REGISTRY_SEAL_KEY": (sealing.REGISTRY_CREDENTIALS, ("api", "builder")),
+    "TIDEPOOL_OTEL_SEAL_KEY": (sealing.OTEL_HEADERS, ("api", "telemetry")),
 }
+# Prometheus /metrics: this port for the first of SERVICES, the next ones for the others (0 or unset: off).
+METRICS_PORT = "TIDEPOOL_METRICS_PORT"
 REGISTRY_USERNAME = "tidepool"
 REGISTRY_BCRYPT_ROUNDS = 12
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
@@ -380,6 +383,9 @@ class Stack:
             if name in holders:
                 configured = self.config.extra_env.get(variable) or os.environ.get(variable, "")
                 env[variable] = sealing.load_seal_key(configured, self.config.data_dir, purpose)
+        metrics_port = self.config.extra_env.get(METRICS_PORT) or os.environ.get(METRICS_PORT)
+        if metrics_port and int(metrics_port) and name in SERVICES:  # one machine: a port per service
+            env[METRICS_PORT] = str(int(metrics_port) + SERVICES.index(name))
         env.update(self.service_overrides.get(name, {}))
         return env
 

@@ -51,6 +51,7 @@ class ApiContext:
     previews_kv: KeyValue | None = None
     signed_previews_kv: KeyValue | None = None
     ssh_access_kv: KeyValue | None = None  # tidepool_api.ssh_access
+    organization_telemetry_kv: KeyValue | None = None  # tidepool_api.otel_config
     waiters: StateWaiters = field(default_factory=StateWaiters)
 
     @cached_property
@@ -67,3 +68,9 @@ class ApiContext:
         configured = self.settings.registry_seal_key
         key = sealing.load_seal_key(configured, self.settings.data_dir, sealing.REGISTRY_CREDENTIALS)
         return sealing.Sealer(key, sealing.REGISTRY_CREDENTIALS)
+
+    @cached_property
+    def otel_sealer(self) -> sealing.Sealer:
+        """Seals organizations' OTLP headers for the telemetry service (the only other holder of the key)."""
+        key = sealing.load_seal_key(self.settings.otel_seal_key, self.settings.data_dir, sealing.OTEL_HEADERS)
+        return sealing.Sealer(key, sealing.OTEL_HEADERS)

@@ -33,6 +33,10 @@ class Organization(SQLModel, table=True):
     # stays as the record of the deletion (sandbox rows still refer to it).
     deleted_at: datetime | None = Field(default=None, sa_column=Column(DateTime(timezone=True)))
     created_at: datetime = timestamp_column()
+    # `PUT /organizations/{id}/otel-config`: where its metrics go; the headers (a JSON object, they often
+    # hold an API key) sealed by the API's SecretBox.
+    otel_endpoint: str | None = None
+    otel_headers_sealed: str | None = None
 
 
 class ApiKey(SQLModel, table=True):

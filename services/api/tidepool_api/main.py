@@ -9,6 +9,7 @@ import structlog
 import uvicorn
 from sqlalchemy import text
 
+from tidepool_api import otel_config
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator
 from tidepool_api.bootstrap import ensure_admin, ensure_default_snapshots, mirror_api_keys
@@ -47,10 +48,12 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
         api_keys_kv=await bus.kv(channels.API_KEYS),
         authenticator=Authenticator(database),
         secret_box=SecretBox(load_secret_key(settings)),
+        organization_telemetry_kv=await bus.kv(channels.ORGANIZATION_TELEMETRY),
     )
     bus.add_publishers(register(bus.broker, context))
     await ensure_admin(context)
     await mirror_api_keys(context)
+    await otel_config.mirror_all(context)
     await ensure_default_snapshots(context)
     await bus.start()
     consumers = [asyncio.create_task(evict_expired_builds_forever(context))]

@@ -8,6 +8,7 @@ import structlog
 from sqlalchemy import delete
 from sqlmodel import col, select
 
+from tidepool_api import otel_config
 from tidepool_api.auth import key_record
 from tidepool_api.context import ApiContext
 from tidepool_api.db import ApiKey, DockerRegistry, Organization, Sandbox, Snapshot
@@ -72,6 +73,7 @@ async def delete_organization(context: ApiContext, organization_id: str, deleted
     for api_key in keys:
         context.authenticator.forget(api_key.key_hash)
         await publish_key(context, api_key)
+    await otel_config.publish(context, organization)  # its metrics stop being exported
     sandboxes_deleted = 0
     for sandbox_id in sandbox_ids:
         try:

@@ -1,18 +1,49 @@
 """Every subscriber of the telemetry service on the bus (the map: docs/asyncapi/asyncapi.yaml).
 
 Subscribes: sandbox events, replayed from the start of the stream on every start (counts need no storage).
-Publishes nothing.
+Watches: KV `DESIRED` (each sandbox's size) and KV `ORGANIZATION_TELEMETRY` (each organization's OTLP
+destination and quotas), from their current values on. Publishes nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from pydantic import BaseModel
+
 from tidepool_contracts import channels
 from tidepool_contracts.models import SandboxStateEvent
-from tidepool_runtime.broker import Registrar, replay_subscriber
+from tidepool_runtime.broker import KeyValue, Registrar, kv_watch, replay_subscriber
 from tidepool_telemetry.counts import SandboxCounts
+from tidepool_telemetry.usage import OrganizationUsage
+
+log = structlog.get_logger("tidepool.telemetry")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+WATCH_RESTART_DELAY_SECONDS = 1.0
 
 
-def register(registrar: Registrar, counts: SandboxCounts) -> None:
+def register(registrar: Registrar, counts: SandboxCounts, usage: OrganizationUsage | None = None) -> None:
     @replay_subscriber(registrar, channels.SANDBOX_EVENTS, service="telemetry")
     async def on_sandbox_state(event: SandboxStateEvent) -> None:
         counts.apply(event)
+        if usage is not None:
+            usage.apply_state(event)
+
+
+async def watch_forever(
+    kv: KeyValue, model_type: type[ModelT], apply: Callable[[str, ModelT | None], Awaitable[None]]
+) -> None:
+    """`apply(key, value or None when deleted)` for every current entry, then every change; the watch is
+    restarted after a failure (it replays the current values, so `apply` must be idempotent)."""
+    while True:
+        try:
+            async for key, value in kv_watch(kv, model_type):
+                await apply(key, value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # reconnects and server restarts: resubscribe
+            log.warning("telemetry.watch_failed", model=model_type.__name__, error=str(error))
+        await asyncio.sleep(WATCH_RESTART_DELAY_SECONDS)

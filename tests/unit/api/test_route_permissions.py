@@ -99,6 +99,10 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     # Organizations mint full-access keys: only a full-access key (of the admin organization) may.
     ("POST", "/api/organizations"): EVERY,
     ("DELETE", "/api/organizations/{organization_id}"): EVERY,
+    # An organization's OTLP destination: its headers hold the destination's API key.
+    ("GET", "/api/organizations/{organization_id}/otel-config"): EVERY,
+    ("PUT", "/api/organizations/{organization_id}/otel-config"): EVERY,
+    ("DELETE", "/api/organizations/{organization_id}/otel-config"): EVERY,
     # Keys: checked against the caller's own scopes in the handler (never broader than itself).
     ("GET", "/api/api-keys"): ANY_KEY,
     ("POST", "/api/api-keys"): ANY_KEY,

@@ -7,17 +7,21 @@ creates), with a key that holds every permission (it mints full-access keys): ot
 
 from __future__ import annotations
 
+import re
 import uuid
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter
 from fastapi.responses import Response
+from pydantic import AfterValidator, Field, StrictStr
 
-from tidepool_api import organizations
+from tidepool_api import organizations, otel_config
 from tidepool_api.db import Organization
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.api_keys import ApiKeyDto, issue_key, key_dto
 from tidepool_api.routes.deps import Context, FullAccess
-from tidepool_api.schemas import PlainName, WireModel, error_responses, iso
+from tidepool_api.schemas import PlainName, WireModel, error_responses, invalid, iso
 from tidepool_contracts.permissions import ALL_PERMISSIONS
 
 router = APIRouter(responses=error_responses(401))
@@ -53,6 +57,7 @@ async def create_organization(
     async with context.database.sessions() as session:
         session.add(organization)
         await session.commit()
+    await otel_config.publish(context, organization)
     api_key, value = await issue_key(context, organization.id, "default", None, ALL_PERMISSIONS)
     return JsonResponse(
         status_code=201,
@@ -76,4 +81,85 @@ async def delete_organization(context: Context, caller: FullAccess, organization
     asynchronously, through the runners), snapshots and registries; 404 for an unknown or deleted one."""
     await organizations.require_admin(context, caller.organization_id)
     await organizations.delete_organization(context, organization_id, deleted_by=caller.organization_id)
+    return Response(status_code=204)
+
+
+# An HTTP header name (RFC 9110 token) and a value without control characters.
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,256}")
+_HEADER_VALUE = re.compile(r"[^\x00-\x1f\x7f]{0,4096}")
+OTEL_HEADERS_MAX = 32
+OTEL_SCHEMES = ("http", "https", "grpc", "grpcs")
+
+
+def otlp_endpoint(value: str) -> str:
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 (raises for a port that is not a number in 0-65535)
+    except ValueError:
+        raise invalid("the port must be a number from 1 to 65535") from None
+    if parts.scheme not in OTEL_SCHEMES or not parts.hostname or parts.query or parts.fragment:
+        raise invalid("must be an http(s):// (OTLP/HTTP) or grpc(s):// (OTLP/gRPC) URL with a host")
+    if any(character.isspace() for character in value):
+        raise invalid("must not contain spaces")
+    return value
+
+
+def otlp_headers(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > OTEL_HEADERS_MAX:
+        raise invalid("at most {limit} headers", limit=OTEL_HEADERS_MAX)
+    for name, header in value.items():
+        if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(header):
+            raise invalid("header names must be HTTP tokens, values 4096 characters without control ones")
+    return value
+
+
+class OtelConfigDto(WireModel):
+    """Daytona's `OtelConfig`: where the organization's telemetry goes (feature inventory §10).
+
+    `endpoint`: `http(s)://host[:port][/base]` is OTLP/HTTP (`/v1/metrics` is appended, as
+    OTEL_EXPORTER_OTLP_ENDPOINT), `grpc(s)://host:port` OTLP/gRPC. `headers`: sent with every export
+    (e.g. `{"api-key": "..."}`), stored encrypted."""
+
+    endpoint: Annotated[StrictStr, Field(min_length=1, max_length=2048), AfterValidator(otlp_endpoint)]
+    headers: Annotated[dict[StrictStr, StrictStr], AfterValidator(otlp_headers)] | None = None
+    organization_id: str | None = None
+
+
+@router.get(
+    "/organizations/{organization_id}/otel-config",
+    response_model=OtelConfigDto,
+    responses=error_responses(403, 404),
+)
+async def get_otel_config(context: Context, caller: FullAccess, organization_id: str) -> JsonResponse:
+    """The caller's own organization's OTLP destination, headers included (hence a full-access key);
+    404 when none is set, or for another organization."""
+    endpoint, headers = await otel_config.get_config(context, caller.organization_id, organization_id)
+    return JsonResponse(content={"endpoint": endpoint, "headers": headers, "organizationId": organization_id})
+
+
+@router.put(
+    "/organizations/{organization_id}/otel-config",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(400, 403, 404),
+)
+async def put_otel_config(
+    context: Context, caller: FullAccess, organization_id: str, body: OtelConfigDto
+) -> Response:
+    """Set the organization's OTLP destination (204, as Daytona): its metrics (`daytona.sandbox.used_cpu`,
+    ...) go there from the next export on, without a restart. 404 for another organization."""
+    headers = body.headers or {}
+    await otel_config.set_config(context, caller.organization_id, organization_id, body.endpoint, headers)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/organizations/{organization_id}/otel-config",
+    status_code=204,
+    response_class=Response,
+    responses=error_responses(403, 404),
+)
+async def delete_otel_config(context: Context, caller: FullAccess, organization_id: str) -> Response:
+    """Stop exporting to the organization's destination (idempotent); 404 for another organization."""
+    await otel_config.set_config(context, caller.organization_id, organization_id, None, {})
     return Response(status_code=204)

@@ -1,0 +1,109 @@
+"""An organization's OTLP destination (`/organizations/{id}/otel-config`) and what the telemetry service is
+told of it (feature inventory §10 B: the organization metrics go there every 60 s).
+
+The headers often carry the destination's API key: in the database they are sealed by the API's
+SecretBox, on the bus (KV `ORGANIZATION_TELEMETRY`) sealed for the telemetry service only
+(`tidepool_runtime.sealing.OTEL_HEADERS`); they are never logged.
+"""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+from sqlmodel import col, select
+
+from tidepool_api.context import ApiContext
+from tidepool_api.db import Organization
+from tidepool_api.errors import not_found
+from tidepool_contracts.models import OrganizationTelemetry
+from tidepool_runtime.broker import kv_delete, kv_put
+
+log = structlog.get_logger("tidepool.api.otel_config")
+
+# Daytona's RegionQuota defaults (design digest §7): what `daytona.sandbox.total_*` report. Tidepool does
+# not enforce them yet (issue #12 brings quotas); this is the one place to read them from when it does.
+TOTAL_CPU_QUOTA = 10.0  # cores
+TOTAL_MEMORY_QUOTA_GIB = 10.0
+TOTAL_DISK_QUOTA_GIB = 30.0
+
+
+def _headers(context: ApiContext, organization: Organization) -> dict[str, str]:
+    if not organization.otel_headers_sealed:
+        return {}
+    assert context.secret_box is not None
+    return dict(orjson.loads(context.secret_box.open(organization.otel_headers_sealed)))
+
+
+def telemetry_record(context: ApiContext, organization: Organization) -> OrganizationTelemetry:
+    """What the telemetry service needs of `organization`: destination (headers sealed for it), quotas."""
+    headers = _headers(context, organization)
+    return OrganizationTelemetry(
+        organization_id=organization.id,
+        endpoint=organization.otel_endpoint or "",
+        headers_sealed=context.otel_sealer.seal(orjson.dumps(headers).decode()) if headers else "",
+        total_cpu=TOTAL_CPU_QUOTA,
+        total_memory_gib=TOTAL_MEMORY_QUOTA_GIB,
+        total_disk_gib=TOTAL_DISK_QUOTA_GIB,
+    )
+
+
+async def publish(context: ApiContext, organization: Organization) -> None:
+    """Mirror `organization` to KV (a deleted one is removed): the telemetry service follows the bucket."""
+    kv = context.organization_telemetry_kv
+    if kv is None:
+        return
+    if organization.deleted_at is not None:
+        await kv_delete(kv, organization.id)
+    else:
+        await kv_put(kv, organization.id, telemetry_record(context, organization))
+
+
+async def mirror_all(context: ApiContext) -> None:
+    """At start: every live organization to KV (the bucket may be new, or have missed a write)."""
+    async with context.database.sessions() as session:
+        rows = (await session.exec(select(Organization).where(col(Organization.deleted_at).is_(None)))).all()
+    for organization in rows:
+        await publish(context, organization)
+
+
+async def _own(context: ApiContext, caller_organization_id: str, organization_id: str) -> Organization:
+    """The caller's own live organization; 404 for another one (tenants never see each other)."""
+    async with context.database.sessions() as session:
+        organization = await session.get(Organization, organization_id)
+    if organization is None or organization.id != caller_organization_id or organization.deleted_at:
+        raise not_found(f"Organization {organization_id} not found")
+    return organization
+
+
+async def get_config(
+    context: ApiContext, caller_organization_id: str, organization_id: str
+) -> tuple[str, dict[str, str]]:
+    """`(endpoint, headers)`; 404 for another organization, or when none is set."""
+    organization = await _own(context, caller_organization_id, organization_id)
+    if not organization.otel_endpoint:
+        raise not_found(f"Organization {organization_id} has no OpenTelemetry configuration")
+    return organization.otel_endpoint, _headers(context, organization)
+
+
+async def set_config(
+    context: ApiContext,
+    caller_organization_id: str,
+    organization_id: str,
+    endpoint: str | None,
+    headers: dict[str, str],
+) -> None:
+    """Replace the destination (None: remove it); the telemetry service picks it up from KV at once."""
+    await _own(context, caller_organization_id, organization_id)
+    assert context.secret_box is not None
+    async with context.database.sessions() as session:
+        organization = await session.get(Organization, organization_id)
+        assert organization is not None
+        organization.otel_endpoint = endpoint
+        organization.otel_headers_sealed = (
+            context.secret_box.seal(orjson.dumps(headers).decode()) if endpoint and headers else None
+        )
+        session.add(organization)
+        await session.commit()
+        await session.refresh(organization)
+    await publish(context, organization)
+    log.info("organization.otel_config", organization_id=organization_id, set=endpoint is not None)

@@ -1,0 +1,240 @@
+"""Issue #14: the organization metrics (feature inventory §10 B) reach the organization's own OTLP endpoint
+after `PUT /organizations/{id}/otel-config`, without a restart, and the operator's endpoint for every
+organization.
+
+A stack of its own that exports every second (TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS) to a real
+OTLP receiver on loopback (tests/integration/otlp_receiver.py: OTLP/HTTP and OTLP/gRPC from the OTLP
+protobuf definitions). The otel-config calls go through the official SDK's API client. And every service
+serves Prometheus `/metrics`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from daytona import CreateSandboxFromSnapshotParams, Daytona, DaytonaConfig, Sandbox
+from daytona_api_client import OrganizationsApi, OtelConfig
+from daytona_api_client.exceptions import NotFoundException
+
+from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
+from tests.integration.otlp_receiver import MetricsReceiver, Point
+from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
+from tidepool_stack.supervisor import SERVICES
+
+pytestmark = pytest.mark.integration
+REGION = "us"  # TIDEPOOL_RUNNER_REGION's default
+# Daytona's default quotas (design digest §7), what Tidepool reports as `total_*`.
+TOTALS = {"total_cpu": 10, "total_ram": 10, "total_storage": 30}
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[MetricsReceiver]:
+    running = MetricsReceiver()
+    running.start()
+    yield running
+    running.stop()
+
+
+def free_port_block(count: int) -> int:
+    """The first of `count` consecutive loopback ports free now (`make up` numbers services from a base)."""
+    while True:
+        base = random.randrange(20000, 60000)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+@pytest.fixture(scope="module")
+def metrics_base_port() -> int:
+    return free_port_block(len(SERVICES))
+
+
+@pytest.fixture(scope="module")
+def metrics_stack(
+    tmp_path_factory: pytest.TempPathFactory, receiver: MetricsReceiver, metrics_base_port: int
+) -> Iterator[StackThread]:
+    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
+    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
+    running = StackThread(
+        tmp_path_factory.mktemp("orgmetrics"),
+        database_url=database_url,
+        extra_env={
+            "TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS": "1",
+            "TIDEPOOL_ORGANIZATION_METRICS_OTLP_ENDPOINT": receiver.http_url,
+            "TIDEPOOL_METRICS_PORT": str(metrics_base_port),
+        },
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+        if database_name:
+            drop_postgres_database(base_url, database_name)
+
+
+def new_organization(stack: StackThread) -> tuple[str, Daytona]:
+    created = httpx.post(
+        f"{stack.api_url}/organizations",
+        json={"name": f"metrics-{uuid.uuid4().hex[:6]}"},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return body["id"], Daytona(DaytonaConfig(api_key=body["apiKey"]["value"], api_url=stack.api_url))
+
+
+def organizations_api(daytona: Daytona) -> OrganizationsApi:
+    return OrganizationsApi(daytona._api_client)
+
+
+def latest(points: list[Point], organization_id: str, transport: str, header: tuple[str, str] | None) -> dict:
+    """The last value of each organization metric received for `organization_id` over `transport` (with
+    request header `header` when given), keyed by the name after `daytona.sandbox.`."""
+    values: dict[str, float] = {}
+    for point in points:
+        if point.transport != transport or point.resource.get("organization.id") != organization_id:
+            continue
+        if header is not None and point.headers.get(header[0]) != header[1]:
+            continue
+        if point.name.startswith("daytona.sandbox."):
+            assert point.attributes == {"region.id": REGION}, point
+            values[point.name.removeprefix("daytona.sandbox.")] = point.value
+    return values
+
+
+def arrives(
+    receiver: MetricsReceiver,
+    organization_id: str,
+    transport: str,
+    header: tuple[str, str] | None,
+    expected: dict[str, float],
+) -> None:
+    """Wait until the last values received for `organization_id` are `expected`."""
+    wait_until(
+        lambda: latest(receiver.points(), organization_id, transport, header) == expected,
+        lambda: f"{transport} {header}: {latest(receiver.points(), organization_id, transport, header)}",
+    )
+
+
+def exports_passed(receiver: MetricsReceiver, count: int) -> None:
+    """Wait until the operator's endpoint has received `count` more exports (1 s apart)."""
+    seen = {id(p) for p in receiver.points()}
+
+    def new_exports() -> int:
+        return len([p for p in receiver.points() if id(p) not in seen and p.name.endswith("used_cpu")])
+
+    wait_until(lambda: new_exports() >= count * 3, "the operator's endpoint stopped receiving")
+
+
+def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
+    metrics_stack: StackThread, receiver: MetricsReceiver
+) -> None:
+    team_id, team = new_organization(metrics_stack)
+    other_id, other = new_organization(metrics_stack)
+
+    def create(daytona: Daytona, snapshot: str) -> Sandbox:
+        return daytona.create(CreateSandboxFromSnapshotParams(snapshot=snapshot), timeout=180)
+
+    sandboxes = []
+    try:
+        # Sizes (cpu, GiB memory, GiB disk): daytona-small (1, 1, 3), daytona-medium (2, 4, 8).
+        sandboxes += [create(team, "daytona-small"), create(team, "daytona-medium")]
+        stopped = create(team, "daytona-small")
+        sandboxes.append(stopped)
+        stopped.stop()
+        sandboxes.append(create(other, "daytona-medium"))
+        # Started ones count cpu, memory and disk; the stopped one its disk only; the other organization's
+        # sandbox is not the team's.
+        team_expected = {"used_cpu": 3, "used_ram": 5, "used_storage": 14, **TOTALS}
+        other_expected = {"used_cpu": 2, "used_ram": 4, "used_storage": 8, **TOTALS}
+
+        # The operator's endpoint gets every organization's metrics, each under its own resource.
+        arrives(receiver, team_id, "http", None, team_expected)
+        arrives(receiver, other_id, "http", None, other_expected)
+
+        # No configuration yet: 404, for the team and for another organization asking about the team.
+        api = organizations_api(team)
+        with pytest.raises(NotFoundException):
+            api.get_organization_otel_config(team_id)
+
+        # The team's own endpoint, OTLP/HTTP with a header: picked up by the running telemetry service.
+        secret = f"key-{uuid.uuid4().hex}"
+        api.update_organization_otel_config(
+            team_id, OtelConfig(endpoint=f"{receiver.http_url}/", headers={"api-key": secret})
+        )
+        config = api.get_organization_otel_config(team_id)
+        assert (config.endpoint, config.headers) == (f"{receiver.http_url}/", {"api-key": secret})
+        arrives(receiver, team_id, "http", ("api-key", secret), team_expected)
+
+        # Another organization sees no trace of it, and cannot change it.
+        other_api = organizations_api(other)
+        with pytest.raises(NotFoundException):
+            other_api.get_organization_otel_config(team_id)
+        with pytest.raises(NotFoundException):
+            other_api.update_organization_otel_config(team_id, OtelConfig(endpoint="http://127.0.0.1:9/"))
+        with pytest.raises(NotFoundException):
+            other_api.delete_organization_otel_config(team_id)
+        assert api.get_organization_otel_config(team_id).endpoint == f"{receiver.http_url}/"
+        leaked = [p for p in receiver.points() if p.headers.get("api-key") == secret]
+        assert {p.resource.get("organization.id") for p in leaked} == {team_id}
+
+        # Switched to OTLP/gRPC, again without a restart; the values follow the sandboxes.
+        grpc_secret = f"key-{uuid.uuid4().hex}"
+        api.update_organization_otel_config(
+            team_id, OtelConfig(endpoint=receiver.grpc_url, headers={"api-key": grpc_secret})
+        )
+        stopped.start()
+        team_expected = {"used_cpu": 4, "used_ram": 6, "used_storage": 14, **TOTALS}
+        arrives(receiver, team_id, "grpc", ("api-key", grpc_secret), team_expected)
+        assert not latest(receiver.points(), other_id, "grpc", None)
+
+        # Removed: nothing more goes to the old destination.
+        api.delete_organization_otel_config(team_id)
+        with pytest.raises(NotFoundException):
+            api.get_organization_otel_config(team_id)
+        # (The old destination gets one last export as its exporter shuts down: then nothing.)
+        exports_passed(receiver, 3)
+        settled = [p for p in receiver.points() if p.transport == "grpc"]
+        exports_passed(receiver, 3)
+        assert [p for p in receiver.points() if p.transport == "grpc"] == settled
+
+        # The header values are secrets: never in the services' logs.
+        log = metrics_stack.log_path.read_text()
+        assert secret not in log and grpc_secret not in log
+    finally:
+        for sandbox in sandboxes:
+            sandbox.delete()
+
+
+def test_every_service_serves_prometheus_metrics(metrics_stack: StackThread, metrics_base_port: int) -> None:
+    """Each service on its own port (the base port + its place in SERVICES): the process's own metrics and
+    the bus's (FastStream's OpenTelemetry metrics), under the service's name."""
+    _, team = new_organization(metrics_stack)
+    team.delete(team.create())  # traffic on the bus: an intent published, jobs and events consumed
+    for index, service in enumerate(SERVICES):
+        answer = httpx.get(f"http://127.0.0.1:{metrics_base_port + index}/metrics")
+        assert answer.status_code == 200, service
+        text = answer.text
+        assert "process_resident_memory_bytes" in text and "tidepool_service_up" in text, service
+        assert f'service_name="tidepool-{service}"' in text, service
+    api = httpx.get(f"http://127.0.0.1:{metrics_base_port + SERVICES.index('api')}/metrics").text
+    assert "messaging_publish_duration" in api
+    scheduler = httpx.get(f"http://127.0.0.1:{metrics_base_port + SERVICES.index('scheduler')}/metrics").text
+    assert "messaging_process_duration" in scheduler
