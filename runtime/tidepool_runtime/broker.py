@@ -315,7 +315,8 @@ async def connect(
     return bus
 
 
-def _stream_config(stream: Stream) -> StreamConfig:
+def stream_config(stream: Stream) -> StreamConfig:
+    """The JetStream configuration of a stream of the channel table."""
     return StreamConfig(
         name=stream.name,
         subjects=stream_subjects(stream),
@@ -338,7 +339,7 @@ async def declare_topology(broker: NatsBroker, access: Access | None = None) -> 
     streams = STREAMS if access is None else access.streams
     buckets = BUCKETS if access is None else access.buckets
     for stream in streams:
-        config = _stream_config(stream)
+        config = stream_config(stream)
         try:
             await js.add_stream(config=config)
         except BadRequestError:

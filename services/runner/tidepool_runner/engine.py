@@ -61,6 +61,7 @@ class ContainerStatus:
     # engine across a restart: the runner applies the sandbox's own after every start).
     nano_cpus: int = 0
     memory_bytes: int = 0
+    pid: int = 0  # the container's first process on the host (0: not running)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class ContainerEngine:
             work_dir=str(layer.get("WorkDir") or ""),
             nano_cpus=int(host_config.get("NanoCpus") or 0),
             memory_bytes=int(host_config.get("Memory") or 0),
+            pid=int(state.get("Pid") or 0),
         )
 
     async def root_ids(self, container_id: str) -> RootIds:
