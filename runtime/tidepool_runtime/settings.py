@@ -43,6 +43,8 @@ class CommonSettings(_Base):
     nats_ca_file: str = ""
     """CA that signed the NATS server's certificate, for a `tls://` URL (empty: the system's CAs)."""
     otlp_endpoint: str = ""
+    tracing_enabled: bool = True
+    """False: no spans and no trace context at all (to measure what tracing costs; `make bench`)."""
     log_level: str = "INFO"
     log_json: bool = False
 
