@@ -40,6 +40,11 @@ METRIC_FIELDS: dict[str, str] = {
 }
 FETCH_BATCH = 1000
 FETCH_TIMEOUT_SECONDS = 2.0
+# A reply stays far below NATS's 1 MiB message limit: longer ranges are averaged down to this many points
+# (3 days at one sample per 10 s are 25,920 samples).
+MAX_POINTS = 300
+# Gauges averaged over a bucket; the other fields (limits, totals, counters) take the bucket's last value.
+AVERAGED = ("cpu_utilization", "memory_usage", "memory_cache", "filesystem_usage")
 
 
 async def apply_retention(bus: Bus, seconds: float) -> None:
@@ -118,6 +123,26 @@ def series(samples: list[SandboxMetricsSample], names: list[str]) -> SandboxMetr
     return SandboxMetricsReply(series=[one for one in result if one.points])
 
 
+def downsample(
+    samples: list[SandboxMetricsSample], max_points: int = MAX_POINTS
+) -> list[SandboxMetricsSample]:
+    """At most `max_points` samples: consecutive runs of samples merged into one (timestamp of the run's
+    last; gauges averaged over the samples that have them, everything else the run's last value)."""
+    if len(samples) <= max_points:
+        return samples
+    size = -(-len(samples) // max_points)
+    merged: list[SandboxMetricsSample] = []
+    for index in range(0, len(samples), size):
+        run = samples[index : index + size]
+        averages: dict[str, float | int | None] = {}
+        for field in AVERAGED:
+            values = [value for value in (getattr(sample, field) for sample in run) if value is not None]
+            mean = sum(values) / len(values) if values else None
+            averages[field] = mean if field == "cpu_utilization" or mean is None else round(mean)
+        merged.append(run[-1].model_copy(update=averages))
+    return merged
+
+
 async def answer(bus: Bus, query: SandboxMetricsQuery) -> SandboxMetricsReply:
     samples = await read_samples(bus, query.sandbox_id, query.start, query.end)
-    return series(samples, query.metric_names)
+    return series(downsample(samples), query.metric_names)
