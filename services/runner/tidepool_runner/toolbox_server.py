@@ -68,13 +68,17 @@ def daemon_url(request: web.Request, path: str) -> URL:
 
 
 def record_daemon_span(path: str, parent: trace.Span) -> Callable[[CIMultiDict[str]], None]:
-    """`relay_http`'s header hook: takes the daemon's timing header (DAEMON_SPAN_HEADER) off the response and
-    records it as a span of `tidepool-daemon`, child of the runner's span. The daemon measured it on the
-    same host clock; it covers the daemon's handling until its response head (not a streamed body)."""
+    """`relay_http`'s header hook: takes the daemon's timing header (DAEMON_SPAN_HEADER) off the response and,
+    if the runner's span records, records it as a span of `tidepool-daemon`, child of that span. The daemon
+    measured it on the same host clock; it covers the daemon's handling until its response head (not a
+    streamed body). The header never reaches the client, traced or not (a caller's own `traceparent`
+    reaches the daemon even with tracing off)."""
 
     def adjust(headers: CIMultiDict[str]) -> None:
         timing = headers.popall(DAEMON_SPAN_HEADER, [])
-        fields = dict(part.partition("=")[::2] for part in timing[0].split(";")) if timing else {}
+        if not timing or not parent.is_recording():
+            return
+        fields = dict(part.partition("=")[::2] for part in timing[0].split(";"))
         if not (fields.get("start", "").isdigit() and fields.get("end", "").isdigit()):
             return
         span = tracer_on_behalf_of("daemon").start_span(
@@ -119,14 +123,12 @@ async def _relay_toolbox(request: web.Request, span: trace.Span) -> web.StreamRe
     session = request.app[DAEMONS_KEY].session(sandbox_id)
     url = daemon_url(request, path)
     headers = upstream_request_headers(request.headers, drop=CREDENTIAL_HEADERS)
-    traced = span.is_recording()
-    if traced:
+    if span.is_recording():
         propagate.inject(headers)
     try:
         if is_websocket_upgrade(request):
             return await relay_websocket(request, session, url, headers)
-        adjust = record_daemon_span(path, span) if traced else None
-        return await relay_http(request, session, url, headers, adjust_headers=adjust)
+        return await relay_http(request, session, url, headers, adjust_headers=record_daemon_span(path, span))
     except UpstreamUnreachableError:
         return error_response(request, 502, "sandbox toolbox is not reachable")
     except UpstreamRejectedUpgradeError as rejected:
