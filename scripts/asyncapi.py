@@ -34,7 +34,7 @@ def platform_broker() -> NatsBroker:
     runner.publishers(broker)
     runner.register_jobs(broker, "{runner_id}", NO_DEPENDENCY)
     builder.register(broker, NO_DEPENDENCY)
-    telemetry.register(broker, NO_DEPENDENCY)
+    telemetry.register(broker, NO_DEPENDENCY, NO_DEPENDENCY)
     return broker
 
 

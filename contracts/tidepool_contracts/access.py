@@ -23,6 +23,7 @@ class Access:
     a channel allows consumers on its whole stream, see README "Security"). `requests`/`answers`:
     request/reply channels. `reads`/`writes`: KV buckets (read = get, keys, watch; write = put, delete).
     `owns_topology`: may also update streams' configuration (the others only create a missing one).
+    `tunes`: streams whose limits this service sets from its own settings (may update just those).
     """
 
     publishes: tuple[Channel[Any], ...] = ()
@@ -32,6 +33,7 @@ class Access:
     reads: tuple[Bucket[Any], ...] = ()
     writes: tuple[Bucket[Any], ...] = ()
     owns_topology: bool = False
+    tunes: tuple[Stream, ...] = ()
 
     @property
     def streams(self) -> tuple[Stream, ...]:
@@ -55,6 +57,7 @@ API = Access(
         channels.BUILD_LOG_LINES,
     ),
     answers=(channels.REGISTRY_CREDENTIALS,),
+    requests=(channels.SANDBOX_METRICS_QUERY,),
     # DESIRED read: a resize of a stopped sandbox or an interval change updates the existing record.
     reads=(
         channels.SIGNING_KEYS,
@@ -99,6 +102,7 @@ RUNNER = Access(
         channels.PROCESS_EVENTS,
         channels.DAEMON_EVENTS,
         channels.SNAPSHOT_EVENTS,
+        channels.SANDBOX_METRICS,
     ),
     consumes=(channels.RUNNER_JOBS,),
     reads=(channels.ROUTES,),
@@ -117,7 +121,10 @@ PROXY = Access(
 SSH_GATEWAY = Access(reads=(channels.ROUTES, channels.SSH_ACCESS))
 # DESIRED: each sandbox's cpu, memory and disk (the `used_*` organization metrics).
 TELEMETRY = Access(
-    consumes=(channels.SANDBOX_EVENTS,), reads=(channels.DESIRED, channels.ORGANIZATION_TELEMETRY)
+    consumes=(channels.SANDBOX_EVENTS, channels.SANDBOX_METRICS),
+    reads=(channels.DESIRED, channels.ORGANIZATION_TELEMETRY),
+    answers=(channels.SANDBOX_METRICS_QUERY,),
+    tunes=(channels.SANDBOX_METRICS_SAMPLES,),
 )
 
 SERVICE_ACCESS: dict[str, Access] = {

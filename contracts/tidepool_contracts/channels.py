@@ -32,6 +32,9 @@ from tidepool_contracts.models import (
     RunnerJob,
     SandboxActivity,
     SandboxIntent,
+    SandboxMetricsQuery,
+    SandboxMetricsReply,
+    SandboxMetricsSample,
     SandboxRoute,
     SandboxStateEvent,
     SchedulerLease,
@@ -117,7 +120,14 @@ BUILD_LOGS = Stream(
     max_age=2 * 24 * 3600.0,
     max_msgs_per_subject=200_000,
 )
-STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS)
+# The telemetry service sets max_age from its settings (TIDEPOOL_SANDBOX_METRICS_RETENTION_SECONDS) at start.
+SANDBOX_METRICS_SAMPLES = Stream(
+    subjects.SANDBOX_METRICS_STREAM,
+    "limits",
+    "runner -> telemetry: per-sandbox resource samples, kept for the retention period (default 3 days)",
+    max_age=3 * 24 * 3600.0,
+)
+STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES)
 
 SANDBOX_INTENTS = Channel(
     f"{subjects.INTENT_SANDBOX_PREFIX}.{{sandbox_id}}",
@@ -170,6 +180,18 @@ REGISTRY_CREDENTIALS = Channel(
     "builder -> API (request/reply): pull credentials of an organization's private registry; never stored",
     reply=RegistryCredentialsReply,
 )
+SANDBOX_METRICS = Channel(
+    f"{subjects.SANDBOX_METRICS_PREFIX}.{{sandbox_id}}",
+    SandboxMetricsSample,
+    "runner -> telemetry (read back per query): a running sandbox's CPU, memory, disk and network sample",
+    SANDBOX_METRICS_SAMPLES,
+)
+SANDBOX_METRICS_QUERY = Channel(
+    subjects.SANDBOX_METRICS_QUERY_SUBJECT,
+    SandboxMetricsQuery,
+    "API -> telemetry (request/reply): one sandbox's stored samples as series (the API checked the tenant)",
+    reply=SandboxMetricsReply,
+)
 CHANNELS: tuple[Channel, ...] = (
     SANDBOX_INTENTS,
     RUNNER_JOBS,
@@ -180,6 +202,8 @@ CHANNELS: tuple[Channel, ...] = (
     DAEMON_EVENTS,
     BUILD_LOG_LINES,
     REGISTRY_CREDENTIALS,
+    SANDBOX_METRICS,
+    SANDBOX_METRICS_QUERY,
 )
 
 RUNNERS = Bucket(

@@ -381,3 +381,51 @@ class RegistryCredentialsReply(BusModel):
     username: str = ""
     password: str = ""
     server_address: str = ""
+
+
+class SandboxMetricsSample(BusModel):
+    """One runner sample of a running sandbox's resources (runner -> telemetry, every few seconds).
+
+    Units: `cpu_utilization` % of the sandbox's CPU limit (0-100), `cpu_limit` cores, memory and filesystem
+    in bytes, network in bytes since the container started (counters). A value the host could not read is
+    None (e.g. a cgroup controller that is not mounted)."""
+
+    sandbox_id: str
+    organization_id: str
+    runner_id: str
+    sampled_at: datetime
+    cpu_utilization: float | None = None
+    cpu_limit: float | None = None
+    memory_usage: int | None = None
+    memory_limit: int | None = None
+    memory_cache: int | None = None
+    filesystem_usage: int | None = None
+    filesystem_total: int | None = None
+    network_rx_bytes: int | None = None
+    network_tx_bytes: int | None = None
+
+
+class SandboxMetricsQuery(BusModel):
+    """API -> telemetry: the samples of one sandbox between `start` and `end` (inclusive), only the metrics
+    named (Daytona's names, e.g. `daytona.sandbox.cpu.utilization`; empty: all)."""
+
+    sandbox_id: str
+    start: datetime
+    end: datetime
+    metric_names: list[str] = Field(default_factory=list)
+
+
+class MetricPoint(BusModel):
+    timestamp: datetime
+    value: float
+
+
+class MetricSeriesData(BusModel):
+    metric_name: str
+    points: list[MetricPoint]
+
+
+class SandboxMetricsReply(BusModel):
+    """One series per metric name that has points in the range (Daytona's `MetricsResponse` in bus form)."""
+
+    series: list[MetricSeriesData] = Field(default_factory=list)

@@ -7,6 +7,7 @@ INTENTS_STREAM = "TIDEPOOL_INTENTS"  # API -> scheduler: desired-state changes (
 JOBS_STREAM = "TIDEPOOL_JOBS"  # scheduler -> runner, API -> builder: durable work (work queue)
 EVENTS_STREAM = "TIDEPOOL_EVENTS"  # runner/builder -> everyone: actual state (fan-out, replayable)
 BUILD_LOGS_STREAM = "TIDEPOOL_BUILD_LOGS"  # builder -> API: build output, replayable from the start
+SANDBOX_METRICS_STREAM = "TIDEPOOL_SANDBOX_METRICS"  # runner -> telemetry: resource samples, kept 3 days
 
 INTENT_SANDBOX_PREFIX = "tidepool.intent.sandbox"
 JOB_RUNNER_PREFIX = "tidepool.job.runner"
@@ -16,10 +17,13 @@ EVENT_SNAPSHOT_PREFIX = "tidepool.event.snapshot"
 EVENT_PROCESS_PREFIX = "tidepool.event.process"  # runner -> API: notable process terminations in sandboxes
 EVENT_DAEMON_PREFIX = "tidepool.event.daemon"  # runner -> API: toolbox daemon health (restarts, failures)
 BUILD_LOG_PREFIX = "tidepool.buildlog"
+SANDBOX_METRICS_PREFIX = "tidepool.metrics.sandbox"  # runner -> telemetry: one subject per sandbox
 
 # Core NATS request/reply (caller waits). Builder -> API: pull credentials of an organization's private
 # registry (never stored on the bus).
 REGISTRY_CREDENTIALS_SUBJECT = "tidepool.rpc.registry.credentials"
+# API -> telemetry: a sandbox's stored resource samples.
+SANDBOX_METRICS_QUERY_SUBJECT = "tidepool.rpc.telemetry.sandbox_metrics"
 
 # KV buckets (shared read models).
 KV_RUNNERS = "tidepool_runners"  # runner id -> RunnerInfo (expires without heartbeats)

@@ -319,7 +319,8 @@ async def connect(
     return bus
 
 
-def _stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
+def stream_config(stream: Stream, replicas: int = 1) -> StreamConfig:
+    """The JetStream configuration of a stream of the channel table."""
     return StreamConfig(
         num_replicas=replicas,
         name=stream.name,
@@ -349,7 +350,7 @@ async def declare_topology(
     streams = STREAMS if access is None else access.streams
     buckets = BUCKETS if access is None else access.buckets
     for stream in streams:
-        config = _stream_config(stream, replicas or 1)
+        config = stream_config(stream, replicas or 1)
         try:
             await js.add_stream(config=config)
         except BadRequestError:

@@ -70,7 +70,7 @@ def permissions(access: Access, user: str) -> dict[str, Any]:
     publish: list[str] = [f"{JS}.INFO", f"{JS}.STREAM.NAMES"]
     stream: Stream
     for stream in access.streams:
-        publish += _declare(stream.name, access.owns_topology)
+        publish += _declare(stream.name, access.owns_topology or stream in access.tunes)
     for bucket in access.buckets:
         publish += _declare(kv_stream(bucket), update=False)
     publish += [channel.filter for channel in access.publishes]

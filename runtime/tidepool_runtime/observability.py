@@ -53,8 +53,10 @@ def serve_prometheus_metrics(service: str, host: str, port: int) -> None:
     start_http_server(port, addr=host)
 
 
-def configure_tracing(service: str, otlp_endpoint: str) -> None:
-    """Always record trace context (so it propagates through message headers); export only when configured."""
+_otlp_endpoint: str | None = None  # None: tracing off (configure_tracing(enabled=False) or never called)
+
+
+def _provider(service: str, otlp_endpoint: str) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": f"tidepool-{service}"}))
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -62,4 +64,30 @@ def configure_tracing(service: str, otlp_endpoint: str) -> None:
         provider.add_span_processor(
             BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{otlp_endpoint}/v1/traces"))
         )
-    trace.set_tracer_provider(provider)
+    return provider
+
+
+def configure_tracing(service: str, otlp_endpoint: str, enabled: bool = True) -> None:
+    """Always record trace context (so it propagates through message headers); export only when configured.
+
+    `enabled` False (TIDEPOOL_TRACING_ENABLED=false): no tracer provider at all, so spans are no-ops and no
+    trace context travels (what `make bench` compares against)."""
+    global _otlp_endpoint
+    if not enabled:
+        return
+    _otlp_endpoint = otlp_endpoint
+    trace.set_tracer_provider(_provider(service, otlp_endpoint))
+
+
+_foreign: dict[str, trace.Tracer] = {}
+
+
+def tracer_on_behalf_of(service: str) -> trace.Tracer:
+    """A tracer whose spans carry `service.name = tidepool-{service}`, for a part that cannot export its own
+    (the sandbox daemon: the runner records its spans from the timing it reports). A no-op tracer while
+    tracing is off."""
+    if _otlp_endpoint is None:
+        return trace.NoOpTracer()
+    if service not in _foreign:
+        _foreign[service] = _provider(service, _otlp_endpoint).get_tracer(f"tidepool.{service}")
+    return _foreign[service]

@@ -24,7 +24,7 @@ def run_service(
     """
     settings = settings_type()
     configure_logging(name, settings.log_level, settings.log_json)
-    configure_tracing(name, settings.otlp_endpoint)
+    configure_tracing(name, settings.otlp_endpoint, settings.tracing_enabled)
     if settings.metrics_port:
         serve_prometheus_metrics(name, settings.metrics_host, settings.metrics_port)
 

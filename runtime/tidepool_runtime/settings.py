@@ -50,6 +50,8 @@ class CommonSettings(_Base):
     """Prometheus `GET /metrics` of this service on this port (0: none); `make up` gives each service its own
     port from this one on, in the order api, scheduler, builder, runner, proxy, ssh_gateway, telemetry."""
     metrics_host: str = "127.0.0.1"
+    tracing_enabled: bool = True
+    """False: no spans and no trace context at all (to measure what tracing costs; `make bench`)."""
     log_level: str = "INFO"
     log_json: bool = False
     health_host: str = "0.0.0.0"
@@ -234,6 +236,8 @@ class SandboxHostSettings(_Base):
     runner_public_url: str = ""
     # Toolbox use is recorded as a sandbox's activity (for auto-stop) at most this often per sandbox.
     activity_write_interval_seconds: float = 10.0
+    # Each running sandbox's CPU, memory, disk and network is sampled this often (tests: shorter).
+    sandbox_metrics_interval_seconds: float = 10.0
     daemon_dir: Path = REPO_ROOT / "services" / "daemon"
     # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
     # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
@@ -475,7 +479,8 @@ class SshGatewaySettings(
 
 
 class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
-    pass
+    # How long sandbox resource samples are kept (Daytona: 3 days); set as the samples stream's max_age.
+    sandbox_metrics_retention_seconds: float = 3 * 24 * 3600.0
 
 
 class RunnerSettings(

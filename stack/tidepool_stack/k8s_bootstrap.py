@@ -197,7 +197,11 @@ def secret_names(*, postgres: bool, registry: bool) -> list[tuple[str, str]]:
     ]
     names += [(CONTROL, "tidepool-nats-users"), (CONTROL, "tidepool-nats-tls")]
     names += [(ns, "tidepool-nats-ca") for ns in (CONTROL, COMPUTE)]
-    names += [(CONTROL, "tidepool-signing-seal"), (CONTROL, "tidepool-otel-seal"), (CONTROL, "tidepool-secret-key")]
+    names += [
+        (CONTROL, "tidepool-signing-seal"),
+        (CONTROL, "tidepool-otel-seal"),
+        (CONTROL, "tidepool-secret-key"),
+    ]
     names += [
         (ns, name)
         for name in ("tidepool-registry-seal", "tidepool-s3", "tidepool-runner-token")

@@ -88,6 +88,7 @@ def main() -> None:
     from tests.bench.bench_process import bench_deadlines, bench_process
     from tests.bench.bench_search import bench_search
     from tests.bench.bench_snapshots import bench_snapshots
+    from tests.bench.bench_tracing import bench_tracing
     from tests.bench.bench_transfer import bench_transfer
     from tests.bench.bench_volumes import bench_volumes
 
@@ -105,6 +106,7 @@ def main() -> None:
         ("hops", bench_hops),
         ("previews", bench_previews),
         ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
+        ("tracing", bench_tracing),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

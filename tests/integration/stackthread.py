@@ -56,6 +56,8 @@ class StackThread:
                 "TIDEPOOL_DAEMON_HEALTH_TIMEOUT_SECONDS": "5",
                 "TIDEPOOL_DAEMON_HEALTH_FAILURES": "2",
                 "TIDEPOOL_DAEMON_RESTART_WAIT_SECONDS": "15",
+                # Sandbox resource samples every second, so a metrics test sees several within moments.
+                "TIDEPOOL_SANDBOX_METRICS_INTERVAL_SECONDS": "1",
                 "TIDEPOOL_ALLOWED_HOST_REGISTRIES": f'["127.0.0.1:{self.private_registry_port}"]',
                 **(extra_env or {}),
             },

@@ -41,3 +41,36 @@ def test_one_create_is_one_trace_across_api_scheduler_and_runner(
         )
     finally:
         daytona.delete(sandbox)
+
+
+def test_one_toolbox_call_is_one_trace_across_proxy_runner_and_daemon(
+    stack: StackThread, spans: SpanCollector
+) -> None:
+    """The proxy's span goes to the runner as `traceparent`, the runner's to the daemon; the daemon reports
+    its handling time back and the runner records it as a `tidepool-daemon` span (sandboxes export none)."""
+    daytona = Daytona()
+    sandbox = daytona.create()
+    try:
+        assert sandbox.process.exec("echo traced").result.strip() == "traced"
+
+        def services_of_the_exec_trace() -> set[str]:
+            collected = spans.snapshot()
+            proxy_spans = {
+                span.trace_id
+                for span in collected
+                if span.service == "tidepool-proxy"
+                and span.attributes.get("sandbox.id") == sandbox.id
+                and any(
+                    other.trace_id == span.trace_id and other.name == "daemon /process/execute"
+                    for other in collected
+                )
+            }
+            return {span.service for span in collected if span.trace_id in proxy_spans}
+
+        wait_until(
+            lambda: {"tidepool-proxy", "tidepool-runner", "tidepool-daemon"} <= services_of_the_exec_trace(),
+            lambda: f"the exec's trace spans only {services_of_the_exec_trace()}",
+            timeout=60,
+        )
+    finally:
+        daytona.delete(sandbox)

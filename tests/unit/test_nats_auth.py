@@ -38,7 +38,7 @@ def registered(service: str) -> NatsBroker:
     elif service == "builder":
         builder.register(broker, NO_DEPENDENCY)
     elif service == "telemetry":
-        telemetry.register(broker, NO_DEPENDENCY)
+        telemetry.register(broker, NO_DEPENDENCY, NO_DEPENDENCY)
     return broker  # the proxy registers nothing: it only reads buckets
 
 
@@ -93,8 +93,9 @@ def test_every_publisher_and_subscriber_is_allowed(service: str) -> None:
     assert allowed(subscribe, f"{nats_auth.inbox_prefix(service)}.nuid.token")
 
 
-# Consumed outside a broker-wide subscriber: the API replays one build's log per request (follow_subject).
-CONSUMED_PER_REQUEST = {"api": {channels.BUILD_LOG_LINES}}
+# Consumed outside a broker-wide subscriber: the API replays one build's log per request (follow_subject),
+# the telemetry service reads one sandbox's samples per query (samples.py).
+CONSUMED_PER_REQUEST = {"api": {channels.BUILD_LOG_LINES}, "telemetry": {channels.SANDBOX_METRICS}}
 
 
 @pytest.mark.parametrize("service", sorted(SERVICE_ACCESS))

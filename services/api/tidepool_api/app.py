@@ -16,6 +16,7 @@ from tidepool_api.routes.previews import router as previews_router
 from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
 from tidepool_api.routes.ssh_access import router as ssh_access_router
+from tidepool_api.routes.telemetry import router as telemetry_router
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -38,6 +39,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match
     api.include_router(previews_router)  # likewise (POST /{id}/public/{isPublic})
     api.include_router(ssh_access_router)  # likewise (GET /ssh-access/validate is not GET /{id})
+    api.include_router(telemetry_router)
     api.include_router(sandbox.router)
     api.include_router(organizations.router)
     api.include_router(api_keys.router)

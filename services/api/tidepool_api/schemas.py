@@ -650,3 +650,23 @@ TEXT_PLAIN = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 class ListQuery(WireModel):
     cursor: str | None = None
     limit: int = Field(default=100, ge=1, le=200)
+
+
+class MetricDataPointDto(WireModel):
+    """`MetricDataPoint`: `timestamp` an ISO 8601 string (UTC), `value` a number in the metric's unit."""
+
+    timestamp: str
+    value: float
+
+
+class MetricSeriesDto(WireModel):
+    """`MetricSeries`: one metric (`daytona.sandbox.cpu.utilization`, ...) over time."""
+
+    metric_name: str
+    data_points: list[MetricDataPointDto]
+
+
+class MetricsResponseDto(WireModel):
+    """`MetricsResponse` of `GET /sandbox/{id}/telemetry/metrics` (wire contract §2.2)."""
+
+    series: list[MetricSeriesDto]

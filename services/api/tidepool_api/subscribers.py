@@ -29,7 +29,7 @@ from tidepool_runtime.broker import Registrar, declare_publishers, jetstream_sub
 
 log = structlog.get_logger("tidepool.api.subscribers")
 
-PUBLISHES = (channels.SANDBOX_INTENTS, channels.BUILD_JOBS)
+PUBLISHES = (channels.SANDBOX_INTENTS, channels.BUILD_JOBS, channels.SANDBOX_METRICS_QUERY)
 
 
 def register(registrar: Registrar, context: ApiContext) -> dict[channels.Channel[Any], Any]:

@@ -21,6 +21,7 @@ import signal
 import socket
 import socketserver
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from types import FrameType
@@ -167,6 +168,11 @@ def build_router(context: DaemonContext) -> Router:
     return router
 
 
+# The handling time of a traced request, `start=<unix ns>;end=<unix ns>` (until the response head is
+# written); the runner turns it into the daemon's span and drops it (tidepool_contracts.toolbox_routes).
+DAEMON_SPAN_HEADER = "X-Tidepool-Daemon-Span"
+
+
 class ToolboxRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the SDK pools connections
     server_version = f"tidepool-daemon/{DAEMON_VERSION}"
@@ -202,6 +208,9 @@ class ToolboxRequestHandler(BaseHTTPRequestHandler):
         splice(self.connection, take_buffered_bytes(self.connection, self.rfile), upstream)
 
     def _handle(self) -> None:
+        # A traced request (the runner sent `traceparent`) gets its handling time back in a header: the
+        # daemon exports nothing itself (it has no dependencies); the runner records it as the daemon's span.
+        started_ns = time.time_ns() if "traceparent" in self.headers else 0
         split = urlsplit(self.path)
         route_path = split.path or "/"
         body: RequestBody = EmptyBody()
@@ -224,6 +233,14 @@ class ToolboxRequestHandler(BaseHTTPRequestHandler):
         if isinstance(response, WebSocketUpgrade):
             self._run_websocket(response)
             return
+        if started_ns:
+            timing = f"start={started_ns};end={time.time_ns()}"
+            response = Response(
+                response.status,
+                [*response.headers, (DAEMON_SPAN_HEADER, timing)],
+                response.body,
+                response.content_length,
+            )
         self._write_response(response)
 
     def _run_websocket(self, upgrade: WebSocketUpgrade) -> None:

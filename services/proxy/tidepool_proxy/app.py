@@ -16,6 +16,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from opentelemetry import propagate, trace
 from yarl import URL
 
 from tidepool_contracts import channels
@@ -49,6 +50,7 @@ from tidepool_runtime.sealing import Sealer, load_seal_key
 from tidepool_runtime.settings import ProxySettings
 
 log = structlog.get_logger("tidepool.proxy")
+tracer = trace.get_tracer("tidepool.proxy")
 
 # Also what the KV accepts as a key; anything else cannot name a sandbox.
 SANDBOX_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -93,6 +95,21 @@ def runner_url(request: web.Request, route: SandboxRoute, path: str) -> URL:
 
 
 async def relay_toolbox(request: web.Request) -> web.StreamResponse:
+    """One span per toolbox request (child of the caller's `traceparent`, e.g. the SDK's with OTel on); its
+    context goes on to the runner, and from there to the daemon."""
+    sandbox_id = request.match_info["sandbox_id"]
+    with tracer.start_as_current_span(
+        f"proxy toolbox {request.method}",
+        context=propagate.extract(request.headers),
+        kind=trace.SpanKind.SERVER,
+        attributes={"sandbox.id": sandbox_id, "http.request.method": request.method},
+    ) as span:
+        response = await _relay_toolbox(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
+
+
+async def _relay_toolbox(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     sandbox_id = request.match_info["sandbox_id"]
     not_found = f"sandbox {sandbox_id} not found"
@@ -130,6 +147,7 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
         drop=CREDENTIAL_HEADERS,
         extra={"Authorization": f"Bearer {state.settings.runner_token}", "X-Forwarded-Host": request.host},
     )
+    propagate.inject(headers)  # this request's span (the caller's own `traceparent` was copied above)
     url = runner_url(request, route, path)
     try:
         if is_websocket_upgrade(request):

@@ -64,6 +64,7 @@ class ContainerStatus:
     pids_limit: int = 0  # 0: none
     # The container's IP addresses on its networks (IPv4 and global IPv6), once it is initialized or running.
     addresses: tuple[str, ...] = ()
+    pid: int = 0  # the container's first process on the host (0: not running)
 
 
 def _addresses(network_settings: dict[str, Any]) -> tuple[str, ...]:
@@ -126,6 +127,7 @@ class ContainerEngine:
             memory_bytes=int(host_config.get("Memory") or 0),
             pids_limit=max(0, int(host_config.get("PidsLimit") or 0)),
             addresses=_addresses(container._container.get("NetworkSettings") or {}),
+            pid=int(state.get("Pid") or 0),
         )
 
     async def root_ids(self, container_id: str) -> RootIds:

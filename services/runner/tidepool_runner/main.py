@@ -21,6 +21,7 @@ from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runner.network import prepare_sandbox_network
+from tidepool_runner.resource_samples import ResourceSampler
 from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.subscribers import publishers, register_jobs
 from tidepool_runner.terminations import TerminationCollector
@@ -141,6 +142,13 @@ class Runner:
             routes=routes,
             locks=executor.locks,
         )
+        sampler = ResourceSampler(
+            runner_id=self.runner_id,
+            engine=engine,
+            disks=self.disks,
+            bus=bus,
+            interval=settings.sandbox_metrics_interval_seconds,
+        )
         self._tasks = [
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
             asyncio.create_task(collector.run_forever(), name="runner-terminations"),
@@ -148,6 +156,7 @@ class Runner:
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
             asyncio.create_task(executor.egress.refresh_forever(), name="runner-egress-domains"),
+            asyncio.create_task(sampler.run_forever(), name="runner-resource-samples"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import hmac
 import re
+from collections.abc import Callable
 
 from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry import propagate, trace
 from yarl import URL
 
-from tidepool_contracts.toolbox_routes import toolbox_route_status
+from tidepool_contracts.toolbox_routes import DAEMON_SPAN_HEADER, toolbox_route_status
 from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
 from tidepool_runner.tcp_tunnel import relay_tcp
+from tidepool_runtime.observability import tracer_on_behalf_of
 from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
@@ -37,6 +41,8 @@ MAX_HEADER_FIELD_SIZE = 64 * 1024
 DAEMONS_KEY = web.AppKey("daemons", DaemonConnections)
 RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
 ACTIVITY_KEY = web.AppKey("activity", ActivityRecorder)
+
+tracer = trace.get_tracer("tidepool.runner")
 
 
 def _has_runner_token(request: web.Request, runner_token: str) -> bool:
@@ -61,7 +67,47 @@ def daemon_url(request: web.Request, path: str) -> URL:
     return URL(f"{DAEMON_BASE_URL}{path}{'?' + query if query else ''}", encoded=True)
 
 
+def record_daemon_span(path: str, parent: trace.Span) -> Callable[[CIMultiDict[str]], None]:
+    """`relay_http`'s header hook: takes the daemon's timing header (DAEMON_SPAN_HEADER) off the response and,
+    if the runner's span records, records it as a span of `tidepool-daemon`, child of that span. The daemon
+    measured it on the same host clock; it covers the daemon's handling until its response head (not a
+    streamed body). The header never reaches the client, traced or not (a caller's own `traceparent`
+    reaches the daemon even with tracing off)."""
+
+    def adjust(headers: CIMultiDict[str]) -> None:
+        timing = headers.popall(DAEMON_SPAN_HEADER, [])
+        if not timing or not parent.is_recording():
+            return
+        fields = dict(part.partition("=")[::2] for part in timing[0].split(";"))
+        if not (fields.get("start", "").isdigit() and fields.get("end", "").isdigit()):
+            return
+        span = tracer_on_behalf_of("daemon").start_span(
+            f"daemon {path}",
+            context=trace.set_span_in_context(parent),
+            kind=trace.SpanKind.SERVER,
+            start_time=int(fields["start"]),
+            attributes={"url.path": path},
+        )
+        span.end(end_time=int(fields["end"]))
+
+    return adjust
+
+
 async def relay_toolbox(request: web.Request) -> web.StreamResponse:
+    """One span per toolbox request, child of the proxy's (`traceparent`); the daemon gets its context and
+    reports its own handling time back (record_daemon_span)."""
+    with tracer.start_as_current_span(
+        f"runner toolbox {request.method}",
+        context=propagate.extract(request.headers),
+        kind=trace.SpanKind.SERVER,
+        attributes={"sandbox.id": request.match_info["sandbox_id"], "http.request.method": request.method},
+    ) as span:
+        response = await _relay_toolbox(request, span)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
+
+
+async def _relay_toolbox(request: web.Request, span: trace.Span) -> web.StreamResponse:
     if not _has_runner_token(request, request.app[RUNNER_TOKEN_KEY]):
         return error_response(request, 401, "invalid runner token")
     sandbox_id = request.match_info["sandbox_id"]
@@ -77,10 +123,12 @@ async def relay_toolbox(request: web.Request) -> web.StreamResponse:
     session = request.app[DAEMONS_KEY].session(sandbox_id)
     url = daemon_url(request, path)
     headers = upstream_request_headers(request.headers, drop=CREDENTIAL_HEADERS)
+    if span.is_recording():
+        propagate.inject(headers)
     try:
         if is_websocket_upgrade(request):
             return await relay_websocket(request, session, url, headers)
-        return await relay_http(request, session, url, headers)
+        return await relay_http(request, session, url, headers, adjust_headers=record_daemon_span(path, span))
     except UpstreamUnreachableError:
         return error_response(request, 502, "sandbox toolbox is not reachable")
     except UpstreamRejectedUpgradeError as rejected:

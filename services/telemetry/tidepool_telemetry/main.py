@@ -1,5 +1,6 @@
 """Start-up of the telemetry service: sandbox counts and usage from the bus (subscribers.py), exported as
-metrics; the organization metrics to each organization's OTLP endpoint (organization_metrics.py)."""
+metrics; the organization metrics to each organization's OTLP endpoint (organization_metrics.py); sandbox
+resource samples kept for the retention period and served to the API (samples.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tidepool_runtime.settings import TelemetrySettings
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
 from tidepool_telemetry.organization_metrics import OrganizationExports
+from tidepool_telemetry.samples import apply_retention
 from tidepool_telemetry.subscribers import register, watch_forever
 from tidepool_telemetry.usage import OrganizationUsage
 
@@ -34,6 +36,7 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
         Health("telemetry", {"nats": bus_check(lambda: bus)}), settings.health_host, settings.health_port
     )
     await bus.connect()
+    await apply_retention(bus, settings.sandbox_metrics_retention_seconds)
     counts = SandboxCounts()
     usage = OrganizationUsage()
     readers = [otlp_reader(settings.otlp_endpoint)] if settings.otlp_endpoint else []
@@ -46,7 +49,7 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
         operator_endpoint=settings.organization_metrics_otlp_endpoint,
         opener=sealing.Sealer(seal_key, sealing.OTEL_HEADERS),
     )
-    register(bus.broker, counts, usage)
+    register(bus.broker, counts, bus, usage)
     await bus.start()
 
     async def apply_desired(_key: str, desired: DesiredSandbox | None) -> None:

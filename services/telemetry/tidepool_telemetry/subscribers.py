@@ -1,6 +1,7 @@
 """Every subscriber of the telemetry service on the bus (the map: docs/asyncapi/asyncapi.yaml).
 
 Subscribes: sandbox events, replayed from the start of the stream on every start (counts need no storage).
+Answers: the API's queries of a sandbox's resource samples (read from their stream per query, samples.py).
 Watches: KV `DESIRED` (each sandbox's size) and KV `ORGANIZATION_TELEMETRY` (each organization's OTLP
 destination and quotas), from their current values on. Publishes nothing.
 """
@@ -15,8 +16,9 @@ import structlog
 from pydantic import BaseModel
 
 from tidepool_contracts import channels
-from tidepool_contracts.models import SandboxStateEvent
-from tidepool_runtime.broker import KeyValue, Registrar, kv_watch, replay_subscriber
+from tidepool_contracts.models import SandboxMetricsQuery, SandboxMetricsReply, SandboxStateEvent
+from tidepool_runtime.broker import Bus, KeyValue, Registrar, kv_watch, replay_subscriber, reply_subscriber
+from tidepool_telemetry import samples
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.usage import OrganizationUsage
 
@@ -25,12 +27,20 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 WATCH_RESTART_DELAY_SECONDS = 1.0
 
 
-def register(registrar: Registrar, counts: SandboxCounts, usage: OrganizationUsage | None = None) -> None:
+def register(
+    registrar: Registrar, counts: SandboxCounts, bus: Bus, usage: OrganizationUsage | None = None
+) -> None:
+    """`bus`: the service's connected bus, which the metrics queries read the samples stream through."""
+
     @replay_subscriber(registrar, channels.SANDBOX_EVENTS, service="telemetry")
     async def on_sandbox_state(event: SandboxStateEvent) -> None:
         counts.apply(event)
         if usage is not None:
             usage.apply_state(event)
+
+    @reply_subscriber(registrar, channels.SANDBOX_METRICS_QUERY, queue="telemetry")
+    async def on_sandbox_metrics_query(query: SandboxMetricsQuery) -> SandboxMetricsReply:
+        return await samples.answer(bus, query)
 
 
 async def watch_forever(

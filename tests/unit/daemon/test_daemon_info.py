@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -17,6 +18,22 @@ def test_version(daemon_client: httpx.Client) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"version": "0.1.0"}
+
+
+def test_a_traced_request_gets_its_handling_time_back(daemon_client: httpx.Client) -> None:
+    """With `traceparent` the daemon reports `start=<unix ns>;end=<unix ns>` (the runner makes it a span)."""
+    assert "x-tidepool-daemon-span" not in daemon_client.get("/version").headers
+    before = time.time_ns()
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    response = daemon_client.post(
+        "/process/execute", json={"command": "sleep 0.2"}, headers={"traceparent": traceparent}
+    )
+    after = time.time_ns()
+    assert response.status_code == 200
+    fields = dict(part.split("=") for part in response.headers["x-tidepool-daemon-span"].split(";"))
+    start, end = int(fields["start"]), int(fields["end"])
+    assert before <= start <= end <= after
+    assert end - start >= 200_000_000  # it covers the command's run
 
 
 def test_user_home_dir_comes_from_home_env(daemon_client: httpx.Client, tmp_path: Path) -> None:

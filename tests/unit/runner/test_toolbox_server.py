@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.unit.runner.sockets import SANDBOX_ROOT_UID, serve_as
+from tidepool_contracts.toolbox_routes import DAEMON_SPAN_HEADER
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.toolbox_server import build_toolbox_app
 
@@ -27,6 +28,11 @@ async def fake_daemon(request: web.Request) -> web.StreamResponse:
     route = (request.method, request.rel_url.path)
     if route == ("GET", "/version"):
         return web.json_response({"version": "fake-1"})
+    if (
+        route == ("GET", "/work-dir") and "traceparent" in request.headers
+    ):  # as the daemon answers a traced call
+        timing = {DAEMON_SPAN_HEADER: "start=1;end=2"}
+        return web.json_response({"traceparent": request.headers["traceparent"]}, headers=timing)
     if route == ("DELETE", "/files"):
         return web.Response(status=204)
     if route == ("GET", "/files/info"):
@@ -108,6 +114,21 @@ async def test_health_and_runner_token(runner: RunnerUnderTest) -> None:
             f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/version", headers=alternative
         ) as response:
             assert response.status == 200
+
+
+async def test_the_daemons_timing_header_never_reaches_the_client(runner: RunnerUnderTest) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{runner.url}/sandboxes/{SANDBOX_ID}/toolbox/work-dir",
+            headers={**AUTH, "traceparent": traceparent},
+        ) as response,
+    ):
+        assert response.status == 200
+        assert DAEMON_SPAN_HEADER not in response.headers
+        # Tracing is not configured in unit tests: the caller's context passes through to the daemon.
+        assert (await response.json())["traceparent"].split("-")[1] == traceparent.split("-")[1]
 
 
 async def test_relays_raw_path_and_query_without_credentials(runner: RunnerUnderTest) -> None:

@@ -15,7 +15,7 @@ from tidepool_telemetry.counts import SandboxCounts
 async def test_sandbox_events_update_the_counts() -> None:
     broker = create_broker("nats://unused:4222", "test")
     counts = SandboxCounts()
-    subscribers.register(broker, counts)
+    subscribers.register(broker, counts, Bus(broker))
     runner = Bus(broker, declare_publishers(broker, channels.SANDBOX_EVENTS, service="runner"))
     async with TestNatsBroker(broker):
         for sandbox_id, state in (
