@@ -51,6 +51,9 @@ class SandboxSpec(BusModel):
     network_block_all: bool = False
     entrypoint: list[str] | None = None
     volumes: list[VolumeMountSpec] = Field(default_factory=list)
+    # Claimed from the warm pool: the container was created for no tenant, so its creation env lacks the
+    # claimer's `env` and organization; the runner pushes them to the daemon (`POST /env`) after each start.
+    claimed: bool = False
 
 
 class SandboxAction(StrEnum):
@@ -69,6 +72,9 @@ class SandboxAction(StrEnum):
     # The sandbox's filesystem is committed to the image `SandboxIntent.snapshot` names (a snapshot, or the
     # image of a fork); the sandbox's own state does not change. Not a desired state: sent once.
     SNAPSHOT = "snapshot"
+    # A started warm-pool sandbox was claimed by an organization: the runner applies the spec's env and
+    # organization to its daemon (no restart), rewrites its route, and reports `started` again.
+    CLAIM = "claim"
 
 
 class SnapshotTarget(BusModel):

@@ -49,6 +49,21 @@ class KvCache(Generic[ModelT]):
                 log.warning("cache.watch_failed", bucket=self._name, error=str(error))
             await asyncio.sleep(WATCH_RESTART_DELAY_SECONDS)
 
+    async def refresh(self, key: str) -> ModelT | None:
+        """A direct read, replacing the cached value: for a refusal the cache may have caused (an entry
+        changed just now whose change the watch has not delivered yet, e.g. a claimed warm-pool sandbox's
+        new owner). Costs one round trip, so only refusals call it."""
+        changes_before = self._changes_applied
+        value = await kv_get(self._kv, key, self._model_type)
+        if self._changes_applied != changes_before:
+            return self._entries.get(key, value)
+        self._misses.pop(key, None)
+        if value is None:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = value
+        return value
+
     async def get(self, key: str) -> ModelT | None:
         """The cached value; on a miss one direct read, because the watch may lag a write made just now."""
         cached = self._entries.get(key)

@@ -14,6 +14,7 @@ import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import structlog
 
 from tidepool_contracts import channels
@@ -44,6 +45,7 @@ from tidepool_runner.engine import (
     RootIds,
     SandboxFailedError,
 )
+from tidepool_runner.owners import ClaimedOwners
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 from tidepool_runner.volumes import VolumeMountError, VolumeMounts
 from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
@@ -100,8 +102,10 @@ class JobExecutor:
         daemons: DaemonConnections,
         disks: SandboxDisks,
         volumes: VolumeMounts | None = None,
+        owners: ClaimedOwners | None = None,
     ) -> None:
         self._settings = settings
+        self._owners = owners
         self._volumes = volumes or VolumeMounts(settings)
         self._disks = disks
         self._runner_id = runner_id
@@ -137,6 +141,9 @@ class JobExecutor:
                 case SandboxAction.CREATE | SandboxAction.START:
                     # Same convergence either way: a START whose container vanished recreates it.
                     daemon_version = await self._ensure_running(job.spec)
+                    await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+                case SandboxAction.CLAIM:
+                    daemon_version = await self._claim(job)
                     await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
                 case SandboxAction.RESIZE:
                     await self._resize(job)
@@ -192,7 +199,34 @@ class JobExecutor:
             await self._daemons.close(spec.sandbox_id)
             await self._engine.start(status.container_id)
         await self._apply_resources(spec, status)
-        return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+        version = await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+        await self._apply_claimed_env(spec)
+        return version
+
+    async def _claim(self, job: RunnerJob) -> str:
+        """A warm-pool sandbox now belongs to `job.spec.organization_id`: its daemon gets the claimer's env
+        (no restart); the route is rewritten by the report that follows. A container that is not running
+        any more is brought up as a START would (which applies the env too)."""
+        status = await self._engine.inspect(container_name(job.sandbox_id))
+        if status is None or not status.running or status.paused:
+            return await self._ensure_running(job.spec)
+        version = await self._daemons.probe_version(job.sandbox_id)
+        if version is None:
+            return await self._ensure_running(job.spec)
+        await self._apply_claimed_env(job.spec)
+        return version
+
+    async def _apply_claimed_env(self, spec: SandboxSpec) -> None:
+        """A claimed sandbox's container was created with the pool's env: give its daemon the claimer's."""
+        if not spec.claimed:
+            return
+        if self._owners is not None:
+            await asyncio.to_thread(self._owners.record, spec.sandbox_id, spec.organization_id)
+        env = {**spec.env, "DAYTONA_ORGANIZATION_ID": spec.organization_id}
+        try:
+            await self._daemons.set_env(spec.sandbox_id, env)
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise SandboxFailedError(f"cannot apply the environment to the sandbox daemon: {error}") from None
 
     async def _apply_resources(self, spec: SandboxSpec, status: ContainerStatus) -> None:
         """The engine keeps a container's creation limits across restarts, not a live update: after a
@@ -373,6 +407,7 @@ class JobExecutor:
     async def _remove_container_and_disk(self, sandbox_id: str) -> None:
         await self._daemons.close(sandbox_id)
         await self._engine.remove(container_name(sandbox_id))
+        self._forget_owner(sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, sandbox_id)
         await asyncio.to_thread(self._volumes.release, sandbox_id)  # the stop released them; idempotent
@@ -380,9 +415,15 @@ class JobExecutor:
         await asyncio.to_thread(unmount_socket_dir, socket_dir)
         await asyncio.to_thread(_remove_tree, socket_dir)
 
+    def _forget_owner(self, sandbox_id: str) -> None:
+        """The container is gone: a later one of this sandbox (a restored archive) carries its own label."""
+        if self._owners is not None:
+            self._owners.forget(sandbox_id)
+
     async def _destroy(self, job: RunnerJob) -> None:
         await self._daemons.close(job.sandbox_id)
         await self._engine.remove(container_name(job.sandbox_id))
+        self._forget_owner(job.sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, job.sandbox_id)
         await asyncio.to_thread(self._volumes.release, job.sandbox_id)

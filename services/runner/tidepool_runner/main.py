@@ -20,6 +20,7 @@ from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runner.network import prepare_sandbox_network
+from tidepool_runner.owners import ClaimedOwners
 from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.subscribers import publishers, register_jobs
 from tidepool_runner.terminations import TerminationCollector
@@ -43,6 +44,7 @@ class Runner:
         self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
         self.disks = SandboxDisks(settings.disks_dir)
         self.volumes = VolumeMounts(settings)
+        self.owners = ClaimedOwners(settings.data_dir / "claimed-owners")
         self._bus: Bus | None = None
         self._engine: ContainerEngine | None = None
         self._web: web.AppRunner | None = None
@@ -68,6 +70,7 @@ class Runner:
                 image, settings.registry_url, settings.registry_username, settings.registry_password
             ),
             home=runner_home(settings),
+            owners=self.owners,
         )
         # Before any job can start a container: no sandbox ever runs on an unisolated network.
         await prepare_sandbox_network(engine, settings)
@@ -95,6 +98,7 @@ class Runner:
             daemons=self.daemons,
             disks=self.disks,
             volumes=self.volumes,
+            owners=self.owners,
         )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
@@ -104,7 +108,7 @@ class Runner:
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
 
-        register_jobs(bus.broker, self.runner_id, executor)
+        register_jobs(bus.broker, self.runner_id, executor, self.settings.runner_job_concurrency)
 
         async def adopt_then_serve_jobs() -> None:
             # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.

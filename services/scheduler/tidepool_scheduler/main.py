@@ -21,7 +21,7 @@ async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     bus = Bus(create_broker(settings.nats_url, "tidepool-scheduler", **settings.nats_login), access=SCHEDULER)
     await bus.connect()
     scheduler = await Scheduler.create(settings, bus)
-    bus.add_publishers(register(bus.broker, scheduler))
+    bus.add_publishers(register(bus.broker, scheduler, settings.scheduler_intent_concurrency))
     await bus.start()
     timers = await LifecycleTimers.create(scheduler)
     loops = [
