@@ -6,7 +6,6 @@ sandboxes; the pool refills; members belong to no tenant and a claimed one only 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -24,6 +23,7 @@ from daytona import (
 from daytona_api_client.exceptions import ApiException
 
 from tests.integration.stackthread import StackThread
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.usefixtures("sdk_env")
 
@@ -40,14 +40,13 @@ def warm_ids(admin: Daytona, pool_id: str) -> set[str]:
 
 def wait_for_pool(admin: Daytona, pool: WarmPool, size: int) -> set[str]:
     """Until the pool has `size` started members (the SDK's `current_size` and the operator's list agree)."""
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while True:
+
+    def settled() -> set[str] | None:
         current = next(p for p in admin.warm_pool.list() if p.id == pool.id)
         members = warm_ids(admin, pool.id)
-        if current.current_size == size and len(members) == size:
-            return members
-        assert time.monotonic() < deadline, f"pool has {current.current_size} members, not {size}"
-        time.sleep(0.5)
+        return members if current.current_size == size and len(members) == size else None
+
+    return wait_until(settled, f"pool never had {size} started members", timeout=SETTLE_SECONDS, interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +63,17 @@ def pool(admin: Daytona) -> Iterator[WarmPool]:
         yield created
     finally:
         admin.warm_pool.delete(created.id)
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while admin._sandbox_api.list_sandboxes(include_warm=True, limit=200).items and any(
-            item.warm_pool_id == created.id
-            for item in admin._sandbox_api.list_sandboxes(include_warm=True, limit=200).items
-        ):
-            assert time.monotonic() < deadline, "a deleted pool's members were not removed"
-            time.sleep(0.5)
+        wait_until(
+            lambda: (
+                not any(
+                    item.warm_pool_id == created.id
+                    for item in admin._sandbox_api.list_sandboxes(include_warm=True, limit=200).items
+                )
+            ),
+            "a deleted pool's members were not removed",
+            timeout=SETTLE_SECONDS,
+            interval=0.5,
+        )
 
 
 @pytest.fixture(scope="module")
