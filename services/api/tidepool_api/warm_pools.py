@@ -372,6 +372,11 @@ async def refill_once(context: ApiContext) -> None:
     removals: list[Sandbox] = []
     async with context.database.sessions() as session:
         pools = {pool.id: pool for pool in (await session.exec(select(WarmPool))).all()}
+        gone = select(Organization.id).where(col(Organization.deleted_at).is_not(None))
+        deleted = set((await session.exec(gone)).all())
+        for pool in [pool for pool in pools.values() if pool.organization_id in deleted]:
+            await session.delete(pool)  # its organization is gone: so is the pool (members removed below)
+            del pools[pool.id]
         members = list(
             (
                 await session.exec(
@@ -391,9 +396,8 @@ async def refill_once(context: ApiContext) -> None:
                 live[pool.id].append(member)
         for pool in pools.values():
             floor, ceiling = pool_bounds(context, pool)
-            wanted = target_size(
-                pool, _demand.recent(pool.id, settings.warm_pool_demand_window_seconds), floor, ceiling
-            )
+            demand = _demand.recent(pool.id, settings.warm_pool_demand_window_seconds)
+            wanted = target_size(demand, floor, ceiling)
             have = live.get(pool.id, [])
             if len(have) < wanted:
                 for _ in range(min(wanted - len(have), settings.warm_pool_refill_batch)):

@@ -9,9 +9,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from sqlmodel import col, select
 
-from tidepool_api import warm_pools
+from tidepool_api import sandboxes, warm_pools
 from tidepool_api.db import WARM_POOL_ORGANIZATION_ID, Database, Organization, Sandbox, Snapshot, WarmPool
 from tidepool_api.migrate import migrate
 from tidepool_api.schemas import CreateSandboxRequest
@@ -109,3 +110,35 @@ def test_target_size_follows_demand_between_floor_and_ceiling() -> None:
     assert warm_pools.target_size(50, 1, 8) == 8
     assert warm_pools.target_size(0, 3, 3) == 3
     assert warm_pools.target_size(9, 0, 0) == 0
+
+
+async def test_refill_makes_the_configured_pool_and_its_members(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database, context, snapshot, own_pool = await populated(tmp_path)
+    async with database.sessions() as session:
+        session.add(Organization(id="admin", name="admin", is_admin=True))
+        await session.commit()
+    announced: list[tuple[str, str]] = []
+
+    async def announce(
+        _context: Any, sandbox: Sandbox, action: Any, _desired: Any, force: bool = False
+    ) -> None:
+        announced.append((sandbox.id, str(action)))
+
+    monkeypatch.setattr(sandboxes, "announce", announce)
+    await warm_pools.refill_once(context)
+    async with database.sessions() as session:
+        configured = (await session.exec(select(WarmPool).where(col(WarmPool.configured).is_(True)))).one()
+        assert (configured.organization_id, configured.snapshot_id, configured.pool) == (
+            "admin",
+            snapshot.id,
+            1,
+        )
+        members = (await session.exec(select(Sandbox).where(Sandbox.warm_pool_id == configured.id))).all()
+        assert [m.organization_id for m in members] == [WARM_POOL_ORGANIZATION_ID]
+        assert (members[0].state, members[0].auto_stop_interval) == ("creating", 0)
+    assert announced == [(members[0].id, "create")]
+    # The organization's own pool was full already: nothing made for it, nothing removed.
+    assert own_pool.id
+    await database.close()
