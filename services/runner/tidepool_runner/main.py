@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 import aiodocker
 import structlog
@@ -53,6 +54,11 @@ class Runner:
 
     async def start(self) -> None:
         settings = self.settings
+        # Jobs block in threads (mkfs, mount, socket-dir set-up): the default pool (cores + 4 threads) would
+        # queue concurrent creates behind each other on a small machine; these threads mostly wait.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=2 * settings.runner_job_concurrency, thread_name_prefix="runner")
+        )
         await asyncio.to_thread(prepare_runtime_dir, settings)
         # Ready disks a previous run left are of unknown state: start the pool afresh.
         await asyncio.to_thread(self.disks.discard_pool)
