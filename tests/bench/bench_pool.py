@@ -19,8 +19,10 @@ import os
 import statistics
 import time
 import uuid
+from datetime import datetime
 
 import aiodocker
+import httpx
 from daytona import AsyncDaytona, Daytona, DaytonaConfig
 
 from tests.integration.stackthread import StackThread
@@ -59,7 +61,7 @@ async def raw_create_exec(docker: aiodocker.Docker) -> float:
     )
     try:
         await container.start()
-        execution = await container.exec(["true"], stdout=False, stderr=False)
+        execution = await container.exec(["true"], stdout=True, stderr=True)
         async with execution.start(detach=False) as stream:
             while await stream.read_out() is not None:
                 pass
@@ -96,19 +98,60 @@ def wait_for_members(admin: Daytona, pool_id: str, size: int) -> set[str]:
         time.sleep(0.2)
 
 
+# Wall-clock moments of each create (same machine as the stack): sent, answered, first exec done.
+MOMENTS: dict[str, tuple[float, float, float]] = {}
+
+
 async def create_exec(client: AsyncDaytona) -> tuple[str, float]:
+    sent = time.time()
     started = time.perf_counter()
     sandbox = await client.create(timeout=120)
+    answered = time.time()
     await sandbox.process.exec("true")
+    MOMENTS[sandbox.id] = (sent, answered, time.time())
     return sandbox.id, (time.perf_counter() - started) * 1000
 
 
-async def concurrent_creates(config: DaytonaConfig, count: int) -> tuple[list[str], list[float], int]:
-    """`count` creates at once (asyncio.gather), each followed by its first exec; all deleted after."""
+def breakdown(stack: StackThread, ids: list[str]) -> str:
+    """Where cold creates spent their time, medians in ms, from each sandbox's own timeline: request sent →
+    row written by the API (`createdAt`) → `started` reported by the runner (its event's `occurredAt`:
+    scheduler, runner, engine and daemon start) → create answered (event applied, waiter woken) → first
+    exec done (SDK → proxy → runner → daemon)."""
+    names = ("api", "scheduler+runner+engine", "back to SDK", "exec")
+    segments: dict[str, list[float]] = {name: [] for name in names}
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    for sandbox_id in ids:
+        sent, answered, executed = MOMENTS[sandbox_id]
+        row = httpx.get(f"{stack.api_url}/sandbox/{sandbox_id}", headers=headers).json()
+        events = httpx.get(f"{stack.api_url}/sandbox/{sandbox_id}/events", headers=headers).json()
+        started = [e for e in events if e.get("newState") == "started"]
+        if not started:
+            continue
+        created = datetime.fromisoformat(row["createdAt"]).timestamp()
+        reported = min(datetime.fromisoformat(e["occurredAt"]).timestamp() for e in started)
+        for name, value in (
+            ("api", created - sent),
+            ("scheduler+runner+engine", reported - created),
+            ("back to SDK", answered - reported),
+            ("exec", executed - answered),
+        ):
+            segments[name].append(value * 1000)
+    parts = [f"{name} {statistics.median(values):.0f}" for name, values in segments.items() if values]
+    return "  where the time goes (p50 ms): " + ", ".join(parts)
+
+
+async def concurrent_creates(
+    config: DaytonaConfig, count: int, keep: list[str] | None = None
+) -> tuple[list[str], list[float], int]:
+    """`count` creates at once (asyncio.gather), each followed by its first exec; all deleted after (`keep`
+    receives their ids before, for a breakdown)."""
     async with AsyncDaytona(config) as client:
         results = await asyncio.gather(*(create_exec(client) for _ in range(count)), return_exceptions=True)
         done = [result for result in results if isinstance(result, tuple)]
         failures = len(results) - len(done)
+        if keep is not None:
+            keep.extend(sandbox_id for sandbox_id, _ in done)
+            return [sandbox_id for sandbox_id, _ in done], [ms for _, ms in done], failures
         for sandbox_id, _ in done:
             try:
                 await client.delete(await client.get(sandbox_id), timeout=120)
@@ -141,7 +184,8 @@ def bench_pool(daytona: Daytona, stack: StackThread) -> list[str]:
     ]
 
     daytona.delete(daytona.create())  # first use of the image on this stack: not measured
-    _, cold, cold_failures = asyncio.run(concurrent_creates(config, CONCURRENT))
+    cold_ids: list[str] = []
+    _, cold, cold_failures = asyncio.run(concurrent_creates(config, CONCURRENT, keep=cold_ids))
     cold_p50 = p50_p95(cold)[0] if cold else float("nan")
     lines.append(
         line(
@@ -150,6 +194,9 @@ def bench_pool(daytona: Daytona, stack: StackThread) -> list[str]:
             f"ok={100 * len(cold) / CONCURRENT:.0f}%  vs raw p50 {cold_p50 / raw_p50:4.2f}x (target <= 1.3x)",
         )
     )
+    lines.append(breakdown(stack, cold_ids))
+    for sandbox_id in cold_ids:
+        daytona.delete(daytona.get(sandbox_id), timeout=120)
 
     pool = daytona.warm_pool.create(SNAPSHOT, pool=2)
     try:
