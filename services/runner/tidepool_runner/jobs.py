@@ -54,7 +54,12 @@ from tidepool_runtime.settings import RunnerSettings
 log = structlog.get_logger("tidepool.runner.jobs")
 
 DAEMON_START_TIMEOUT_SECONDS = 60.0
+# The socket is probed often while a daemon usually comes up (within DAEMON_FAST_PROBE_SECONDS), then less
+# and less: many sandboxes starting at once would otherwise cost the runner's one core more than their
+# starts do.
 DAEMON_PROBE_INTERVAL_SECONDS = 0.01
+DAEMON_FAST_PROBE_SECONDS = 0.4
+DAEMON_PROBE_MAX_INTERVAL_SECONDS = 0.1
 # Checking the container while waiting costs an engine call, so it happens less often than probing the socket.
 CONTAINER_CHECK_INTERVAL_SECONDS = 0.25
 STOP_TIMEOUT_SECONDS = 10
@@ -207,9 +212,7 @@ class JobExecutor:
         """A warm-pool sandbox now belongs to `job.spec.organization_id`: its daemon gets the claimer's env
         (no restart); the route is rewritten by the report that follows. A container that is not running
         any more is brought up as a START would (which applies the env too)."""
-        status = await self._engine.inspect(container_name(job.sandbox_id))
-        if status is None or not status.running or status.paused:
-            return await self._ensure_running(job.spec)
+        # A daemon that answers runs in a running container: no engine call on this path.
         version = await self._daemons.probe_version(job.sandbox_id)
         if version is None:
             return await self._ensure_running(job.spec)
@@ -271,6 +274,8 @@ class JobExecutor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DAEMON_START_TIMEOUT_SECONDS
         next_container_check = loop.time() + CONTAINER_CHECK_INTERVAL_SECONDS
+        interval = DAEMON_PROBE_INTERVAL_SECONDS
+        slow_after = loop.time() + DAEMON_FAST_PROBE_SECONDS
         while True:
             version = await self._daemons.probe_version(sandbox_id)
             if version is not None:
@@ -283,7 +288,9 @@ class JobExecutor:
                     + (f"; last log lines: {logs}" if logs else "")
                 )
             if now >= next_container_check:
-                next_container_check = now + CONTAINER_CHECK_INTERVAL_SECONDS
+                # An engine call each: rarer once the start is slow (the engine is busy with other starts).
+                slow = now >= slow_after
+                next_container_check = now + CONTAINER_CHECK_INTERVAL_SECONDS * (4 if slow else 1)
                 status = await self._engine.inspect(container_id)
                 if status is None or not status.running:
                     logs = await self._engine.log_tail(container_id) if status is not None else ""
@@ -292,7 +299,9 @@ class JobExecutor:
                         f"sandbox container exited (code {exit_code}) before its daemon was ready"
                         + (f"; last log lines: {logs}" if logs else "")
                     )
-            await asyncio.sleep(DAEMON_PROBE_INTERVAL_SECONDS)
+            await asyncio.sleep(interval)
+            if now >= slow_after:
+                interval = min(interval * 1.5, DAEMON_PROBE_MAX_INTERVAL_SECONDS)
 
     async def _stop(self, job: RunnerJob) -> None:
         status = await self._engine.inspect(container_name(job.sandbox_id))
