@@ -201,6 +201,7 @@ def bench_pool(daytona: Daytona, stack: StackThread) -> list[str]:
     pool = daytona.warm_pool.create(SNAPSHOT, pool=2)
     try:
         wait_for_members(daytona, pool.id, 2)
+        MOMENTS.clear()
         warm, claims = asyncio.run(sequential_claims(config, daytona, pool.id))
         lines.append(
             line(
@@ -208,6 +209,12 @@ def bench_pool(daytona: Daytona, stack: StackThread) -> list[str]:
                 warm,
                 f"claims={claims}/{len(warm)}  (target p50 <= 30, p95 <= 80 ms)",
             )
+        )
+        answered = [(a - s) * 1000 for s, a, _ in MOMENTS.values()]
+        executed = [(e - a) * 1000 for _, a, e in MOMENTS.values()]
+        lines.append(
+            f"  of which (p50 ms): create answered {statistics.median(answered):.0f}, "
+            f"first exec {statistics.median(executed):.0f}"
         )
 
         daytona.warm_pool.update(pool.id, pool=BURST)
