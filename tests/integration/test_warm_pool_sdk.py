@@ -30,6 +30,11 @@ pytestmark = pytest.mark.usefixtures("sdk_env")
 POOL_SIZE = 2
 SNAPSHOT = "daytona-small"
 SETTLE_SECONDS = 180.0
+# The toolbox daemon's serving process(es) (it runs as the sandbox user, so the user sees it).
+WORKER_PIDS = (
+    "for p in /proc/[0-9]*; do "
+    '[ "$(cat $p/comm 2>/dev/null)" = tidepool-worker ] && echo ${p#/proc/}; done; true'
+)
 
 
 def warm_ids(admin: Daytona, pool_id: str) -> set[str]:
@@ -131,6 +136,21 @@ def test_env_reaches_sessions_and_survives_a_restart(admin: Daytona, pool: WarmP
         sandbox.process.create_session("s")
         command = sandbox.process.execute_session_command("s", SessionExecuteRequest(command="echo $MODE"))
         assert command.stdout == "claimed\n"
+        # A new toolbox worker (here: the old one killed from inside) starts with the claimer's env too.
+        before = sandbox.process.exec(WORKER_PIDS).result.split()
+        assert before, "no toolbox worker found"
+        sandbox.process.exec(f"nohup sh -c 'sleep 0.5; kill -9 {' '.join(before)}' >/dev/null 2>&1 &")
+
+        def new_worker_answers() -> str | None:
+            try:
+                workers = sandbox.process.exec(WORKER_PIDS).result.split()
+                if not workers or not set(workers).isdisjoint(before):
+                    return None
+                return sandbox.process.exec("echo $MODE").result.strip()
+            except Exception:  # the worker is being replaced
+                return None
+
+        assert wait_until(new_worker_answers, "no new toolbox worker answered", timeout=60) == "claimed"
         sandbox.stop()
         sandbox.start()
         # The container still has the pool's creation env: the runner gives the daemon the claimer's again.

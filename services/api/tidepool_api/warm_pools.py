@@ -182,9 +182,14 @@ async def delete_pool(context: ApiContext, organization_id: str, pool_id: str) -
 
 
 async def _own_pool(session: AsyncSession, organization_id: str, pool_id: str) -> WarmPool:
+    """The organization's own pool to change: 404 for another's, 400 for one the settings configure."""
     pool = await session.get(WarmPool, pool_id)
     if pool is None or pool.organization_id != organization_id:
         raise not_found(f"Warm pool {pool_id} not found")
+    if pool.configured:
+        raise bad_request(
+            f"Warm pool {pool_id} is configured by the operator (TIDEPOOL_WARM_POOL_SNAPSHOTS, _MIN, _MAX)"
+        )
     return pool
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import stat
@@ -226,7 +227,12 @@ class JobExecutor:
         if self._owners is not None:
             await asyncio.to_thread(self._owners.record, spec.sandbox_id, spec.organization_id)
         env = {**spec.env, "DAYTONA_ORGANIZATION_ID": spec.organization_id}
+        # For every later worker of the daemon (a restart by the health checker or after a crash) ...
+        await asyncio.to_thread(
+            _write_env_file, sandbox_socket_dir(self._settings, spec.sandbox_id) / DAEMON_ENV_FILE, env
+        )
         try:
+            # ... and for the one serving now.
             await self._daemons.set_env(spec.sandbox_id, env)
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
             raise SandboxFailedError(f"cannot apply the environment to the sandbox daemon: {error}") from None
@@ -556,6 +562,22 @@ def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
     if rest and ("." in first or ":" in first or first == "localhost"):
         name = rest  # drop the source registry host; keep the path
     return f"{registry}/snapshots/{name}", tag
+
+
+# Read by each daemon worker at its start (tidepool_daemon.supervisor.ENV_FILE_NAME).
+DAEMON_ENV_FILE = "env.json"
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> None:
+    """Write `env` as JSON to `path` atomically, 0600, owned like its folder (the sandbox's root)."""
+    owner = path.parent.stat()
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(env, handle)
+    os.chown(staging, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    os.replace(staging, path)
 
 
 def _remove_tree(path: Path) -> None:

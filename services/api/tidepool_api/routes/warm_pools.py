@@ -47,7 +47,7 @@ async def update_warm_pool(
     return JsonResponse(warm_pool_dto(pool, size))
 
 
-@router.delete("/{warm_pool_id}", status_code=204, responses=error_responses(404))
+@router.delete("/{warm_pool_id}", status_code=204, responses=error_responses(400, 404))
 async def delete_warm_pool(context: Context, caller: SnapshotDeleter, warm_pool_id: str) -> Response:
     await warm_pools.delete_pool(context, caller.organization_id, warm_pool_id)
     return Response(status_code=204)
