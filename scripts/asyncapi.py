@@ -32,7 +32,7 @@ def platform_broker() -> NatsBroker:
     api.register(broker, NO_DEPENDENCY)
     scheduler.register(broker, NO_DEPENDENCY)
     runner.publishers(broker)
-    runner.register_jobs(broker, "{runner_id}", NO_DEPENDENCY)
+    runner.register_jobs(broker, "{runner_id}", NO_DEPENDENCY, 16)
     builder.register(broker, NO_DEPENDENCY)
     telemetry.register(broker, NO_DEPENDENCY, NO_DEPENDENCY)
     return broker

@@ -56,6 +56,9 @@ class SandboxSpec(BusModel):
     domain_allow_list: list[str] = Field(default_factory=list)
     entrypoint: list[str] | None = None
     volumes: list[VolumeMountSpec] = Field(default_factory=list)
+    # Claimed from the warm pool: the container was created for no tenant, so its creation env lacks the
+    # claimer's `env` and organization; the runner pushes them to the daemon (`POST /env`) after each start.
+    claimed: bool = False
 
 
 class SandboxAction(StrEnum):
@@ -77,6 +80,9 @@ class SandboxAction(StrEnum):
     # A running sandbox's egress policy changed (spec carries the new one); applied at once, no restart.
     # Not a desired state: sent once (a stopped sandbox's next START applies the spec's policy anyway).
     NETWORK = "network"
+    # A started warm-pool sandbox was claimed by an organization: the runner applies the spec's env and
+    # organization to its daemon (no restart), rewrites its route, and reports `started` again.
+    CLAIM = "claim"
 
 
 class SnapshotTarget(BusModel):

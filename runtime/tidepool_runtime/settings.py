@@ -238,6 +238,9 @@ class SandboxHostSettings(_Base):
     activity_write_interval_seconds: float = 10.0
     # Each running sandbox's CPU, memory, disk and network is sampled this often (tests: shorter).
     sandbox_metrics_interval_seconds: float = 10.0
+    # How many jobs the runner works on at once (each sandbox's own jobs stay in order, one at a time);
+    # more only queues up in the container engine.
+    runner_job_concurrency: int = 16
     daemon_dir: Path = REPO_ROOT / "services" / "daemon"
     # OCI runtime for sandboxes, by the name the engine knows it under ("" = the engine's default, runc
     # here). Set e.g. "runsc" (gVisor) or "kata" after registering it with the engine (see the README).
@@ -305,6 +308,23 @@ class ImageSettings(_Base):
     base_image: str = "localhost/tidepool/base:bookworm"
 
 
+class WarmPoolSettings(_Base):
+    """Warm pools (behaviour: wire contract §2.8, design digest §1.8): started sandboxes of no organization,
+    claimed by a matching create instead of a cold start."""
+
+    # Snapshots the operator keeps warm (names; the default snapshot unless set otherwise; [] turns the
+    # configured pools off — pools made with `POST /warm-pools` still run).
+    warm_pool_snapshots: list[str] = ["daytona-small"]
+    # A pool's size follows its recent demand (creates that asked for it within the window), kept between
+    # the floor and the ceiling; a `POST /warm-pools` pool's `pool` is its floor.
+    warm_pool_min: int = 1
+    warm_pool_max: int = 8
+    warm_pool_demand_window_seconds: float = 120.0
+    # How often pools are checked and refilled, and how many members one check may start at once.
+    warm_pool_tick_seconds: float = 2.0
+    warm_pool_refill_batch: int = 4
+
+
 class SchedulingSettings(_Base):
     """The scheduler's reconciliation."""
 
@@ -321,6 +341,8 @@ class SchedulingSettings(_Base):
     leader's lease went unrenewed this long; the leader renews it every third of it."""
     scheduler_id: str = ""
     """This replica's id in the lease; empty: host name and process id."""
+    # How many intents the scheduler handles at once (each is a few KV reads and one publish).
+    scheduler_intent_concurrency: int = 32
 
 
 class ObjectStorageSettings(_Base):
@@ -444,6 +466,7 @@ class ApiSettings(
     RegistrySealSettings,
     PublicSshGatewaySettings,
     OtelSealSettings,
+    WarmPoolSettings,
 ):
     pass
 

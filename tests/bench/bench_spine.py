@@ -61,7 +61,8 @@ BenchFunction = Callable[[Daytona, StackThread], list[str]]
 def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
     """Start one stack, run every bench through the official SDK, print all figures at the end."""
     data_dir = Path(tempfile.mkdtemp(prefix="tidepool-bench-"))
-    stack = StackThread(data_dir)
+    # The pool section sizes one pool for a burst of concurrent creates (up to 100 where cores allow).
+    stack = StackThread(data_dir, extra_env={"TIDEPOOL_WARM_POOL_MAX": "100"})
     print(f"starting a stack in {data_dir} …", flush=True)
     stack.start()
     lines: list[str] = []
@@ -84,6 +85,7 @@ def main() -> None:
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_hops import bench_hops
     from tests.bench.bench_isolation import bench_isolation
+    from tests.bench.bench_pool import bench_pool
     from tests.bench.bench_previews import bench_previews
     from tests.bench.bench_process import bench_deadlines, bench_process
     from tests.bench.bench_search import bench_search
@@ -107,6 +109,7 @@ def main() -> None:
         ("previews", bench_previews),
         ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
         ("tracing", bench_tracing),
+        ("pool", bench_pool),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

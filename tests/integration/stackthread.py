@@ -59,6 +59,10 @@ class StackThread:
                 # Sandbox resource samples every second, so a metrics test sees several within moments.
                 "TIDEPOOL_SANDBOX_METRICS_INTERVAL_SECONDS": "1",
                 "TIDEPOOL_ALLOWED_HOST_REGISTRIES": f'["127.0.0.1:{self.private_registry_port}"]',
+                # No configured warm pool: each test decides whether its creates are cold or claims (the
+                # warm-pool tests make their pools through the SDK); pools are checked every half second.
+                "TIDEPOOL_WARM_POOL_SNAPSHOTS": "[]",
+                "TIDEPOOL_WARM_POOL_TICK_SECONDS": "0.5",
                 **(extra_env or {}),
             },
             untrust_ca_on_stop=True,

@@ -34,7 +34,7 @@ def registered(service: str) -> NatsBroker:
         scheduler.register(broker, NO_DEPENDENCY)
     elif service == "runner":
         runner.publishers(broker)
-        runner.register_jobs(broker, "runner-one", NO_DEPENDENCY)
+        runner.register_jobs(broker, "runner-one", NO_DEPENDENCY, 16)
     elif service == "builder":
         builder.register(broker, NO_DEPENDENCY)
     elif service == "telemetry":

@@ -9,7 +9,16 @@ from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
 from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
 from tidepool_api.responses import JsonResponse
-from tidepool_api.routes import api_keys, audit, organizations, platform, sandbox, snapshots, volumes
+from tidepool_api.routes import (
+    api_keys,
+    audit,
+    organizations,
+    platform,
+    sandbox,
+    snapshots,
+    volumes,
+    warm_pools,
+)
 from tidepool_api.routes.deps import document_permissions
 from tidepool_api.routes.object_storage import router as object_storage_router
 from tidepool_api.routes.previews import router as previews_router
@@ -46,6 +55,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(audit.router)
     api.include_router(snapshots.router)
     api.include_router(volumes.router)
+    api.include_router(warm_pools.router)
     api.include_router(object_storage_router)
     api.include_router(registries_router)
     app.include_router(api)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
 from tidepool_api.auth import generate_key, hash_key, key_record
 from tidepool_api.context import ApiContext
-from tidepool_api.db import ApiKey, Organization, Snapshot
+from tidepool_api.db import WARM_POOL_ORGANIZATION_ID, ApiKey, Organization, Snapshot
 from tidepool_contracts import channels
 from tidepool_contracts.models import BuildJob, SnapshotState
 from tidepool_contracts.permissions import ALL_PERMISSIONS
@@ -34,7 +36,8 @@ def admin_key_file(context: ApiContext) -> Path:
 async def ensure_admin(context: ApiContext) -> None:
     """Create the admin organization and its key once; the plain key is written only to a 0600 file."""
     async with context.database.sessions() as session:
-        if (await session.exec(select(Organization))).first() is not None:
+        others = select(Organization).where(Organization.id != WARM_POOL_ORGANIZATION_ID)
+        if (await session.exec(others)).first() is not None:
             return
         organization = Organization(id=str(uuid.uuid4()), name="admin", is_admin=True)
         key = generate_key()
@@ -57,6 +60,24 @@ async def ensure_admin(context: ApiContext) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")
     log.info("bootstrap.admin_created", organization_id=organization.id, key_file=str(path))
+
+
+async def ensure_warm_pool_organization(context: ApiContext) -> None:
+    """The owner of unclaimed warm-pool sandboxes (no key, no limits: nobody creates through it)."""
+    async with context.database.sessions() as session:
+        if await session.get(Organization, WARM_POOL_ORGANIZATION_ID) is not None:
+            return
+        session.add(
+            Organization(
+                id=WARM_POOL_ORGANIZATION_ID,
+                name="warm-pool (unclaimed sandboxes)",
+                max_cpu_per_sandbox=0,
+                max_memory_per_sandbox=0,
+                max_disk_per_sandbox=0,
+            )
+        )
+        with contextlib.suppress(IntegrityError):  # another API replica made it meanwhile
+            await session.commit()
 
 
 async def mirror_api_keys(context: ApiContext) -> None:

@@ -134,9 +134,45 @@ class Sandbox(SQLModel, table=True):
     daemon_version: str | None = None
     # The sandbox this one was forked from (a parent with live forks cannot be deleted).
     parent_id: str | None = Field(default=None, index=True)
+    # The warm pool this sandbox waits in, set only while it is an unclaimed member (its organization is
+    # then WARM_POOL_ORGANIZATION_ID); cleared by the claim.
+    warm_pool_id: str | None = Field(default=None, index=True)
+    # Claimed from a warm pool: its container was created with the pool's env, so the runner gives the
+    # daemon this sandbox's env after every start (SandboxSpec.claimed).
+    claimed: bool = False
     created_at: datetime = timestamp_column()
     updated_at: datetime = timestamp_column()
     last_activity_at: datetime = timestamp_column()
+
+
+# Owner of unclaimed warm-pool sandboxes (Daytona's "unassigned" organization): no API key belongs to it, so
+# no tenant lists, counts or reaches them; a claim moves a sandbox to the claimer's organization.
+WARM_POOL_ORGANIZATION_ID = "00000000-0000-0000-0000-000000000000"
+
+
+class WarmPool(SQLModel, table=True):
+    """A pool an organization made with `POST /warm-pools` (wire contract §2.8). The operator's configured
+    pools (setting `warm_pool_snapshots`) are rows too, owned by the admin organization, `configured`."""
+
+    __tablename__ = "warm_pool"
+    __table_args__ = (UniqueConstraint("organization_id", "snapshot_id", "target", name="uq_warm_pool"),)
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id", index=True)
+    snapshot_id: str
+    snapshot: str  # its name, as the SDK shows it
+    image: str
+    target: str
+    # The floor: at least this many members are kept started; recent demand may raise it to the ceiling.
+    pool: int
+    cpu: int
+    memory: int
+    disk: int
+    os_user: str = "daytona"
+    configured: bool = False
+    error_reason: str | None = None
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
 
 
 class Volume(SQLModel, table=True):

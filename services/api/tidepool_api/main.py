@@ -12,7 +12,12 @@ from sqlalchemy import text
 from tidepool_api import otel_config
 from tidepool_api.app import create_app
 from tidepool_api.auth import Authenticator
-from tidepool_api.bootstrap import ensure_admin, ensure_default_snapshots, mirror_api_keys
+from tidepool_api.bootstrap import (
+    ensure_admin,
+    ensure_default_snapshots,
+    ensure_warm_pool_organization,
+    mirror_api_keys,
+)
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Database
 from tidepool_api.http_limits import bounded_http_protocol
@@ -21,6 +26,7 @@ from tidepool_api.migrate import migrate
 from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_api.subscribers import register
+from tidepool_api.warm_pools import refill_forever
 from tidepool_contracts import channels
 from tidepool_contracts.access import API
 from tidepool_runtime.broker import Bus, create_broker
@@ -52,11 +58,15 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     )
     bus.add_publishers(register(bus.broker, context))
     await ensure_admin(context)
+    await ensure_warm_pool_organization(context)
     await mirror_api_keys(context)
     await otel_config.mirror_all(context)
     await ensure_default_snapshots(context)
     await bus.start()
-    consumers = [asyncio.create_task(evict_expired_builds_forever(context))]
+    consumers = [
+        asyncio.create_task(evict_expired_builds_forever(context)),
+        asyncio.create_task(refill_forever(context)),
+    ]
     live_events = LiveEvents(context.authenticator, settings.toolbox_proxy_url)
     database.sessions.configure(info={SESSION_LIVE: live_events})  # state writes emit once committed
 

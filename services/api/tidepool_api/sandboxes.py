@@ -7,6 +7,7 @@ import base64
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import structlog
@@ -15,7 +16,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews, ssh_access
+from tidepool_api import previews, ssh_access, warm_pools
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -122,6 +123,7 @@ def spec_of(sandbox: Sandbox) -> SandboxSpec:
         domain_allow_list=[] if sandbox.network_block_all else split_list(sandbox.domain_allow_list),
         entrypoint=sandbox.entrypoint,
         volumes=mount_specs(sandbox.volumes or []),
+        claimed=sandbox.claimed,
     )
 
 
@@ -265,6 +267,29 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
         auto_archive = request.auto_archive_interval
         if auto_archive is not None:
             auto_archive = MAX_AUTO_ARCHIVE if auto_archive == 0 else min(auto_archive, MAX_AUTO_ARCHIVE)
+        auto_stop = DEFAULT_AUTO_STOP if request.auto_stop_interval is None else request.auto_stop_interval
+        auto_delete = -1 if request.auto_delete_interval is None else request.auto_delete_interval
+        if build is None:
+            claimed = await warm_pools.claim(
+                context,
+                session,
+                organization_id,
+                request,
+                snapshot,
+                {
+                    # Without a name the sandbox is named by its id, as a cold create names it.
+                    "name": request.name if request.name is not None else col(Sandbox.id),
+                    "labels": labels,
+                    "env": dict(request.env or {}),
+                    "public": bool(request.public),
+                    "auto_stop_interval": auto_stop,
+                    "auto_archive_interval": DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
+                    "auto_delete_interval": auto_delete,
+                },
+            )
+            if claimed is not None:
+                await session.commit()
+                return await _finish_claim(context, claimed)
         waits_for_build = build is not None and build.state != SnapshotState.ACTIVE.value
         initial_state = SandboxState.PENDING_BUILD if waits_for_build else SandboxState.CREATING
         assert_transition(SandboxState.UNKNOWN, initial_state)
@@ -291,11 +316,9 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             network_allow_list=None if request.network_block_all else request.network_allow_list or None,
             domain_allow_list=None if request.network_block_all else request.domain_allow_list or None,
             target=request.target or context.settings.runner_region,
-            auto_stop_interval=DEFAULT_AUTO_STOP
-            if request.auto_stop_interval is None
-            else request.auto_stop_interval,
+            auto_stop_interval=auto_stop,
             auto_archive_interval=DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
-            auto_delete_interval=-1 if request.auto_delete_interval is None else request.auto_delete_interval,
+            auto_delete_interval=auto_delete,
             volumes=mounts,
         )
         session.add(sandbox)
@@ -323,10 +346,33 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
     )
 
 
+async def _finish_claim(context: ApiContext, sandbox: Sandbox) -> Sandbox:
+    """After a warm-pool claim is committed: the desired record, preview access and the runner (route, the
+    daemon's env) follow the new owner; answer once the runner has reported it (its daemon version is set
+    again) or the sandbox failed, as a cold create waits for `started`."""
+    try:
+        await announce(context, sandbox, SandboxAction.CLAIM, DesiredState.STARTED)
+    except Exception as error:
+        log.error("sandbox.claim_intent_failed", sandbox_id=sandbox.id, error=str(error))
+        raise ApiError(503, "the platform bus is unavailable; retry") from error
+    return await wait_for_state(
+        context,
+        sandbox.id,
+        SETTLED_AFTER_CREATE - {SandboxState.STARTED},
+        context.settings.create_wait_seconds,
+        until=lambda row: row.state == SandboxState.STARTED and row.daemon_version is not None,
+    )
+
+
 async def wait_for_state(
-    context: ApiContext, sandbox_id: str, states: set[SandboxState], wait_seconds: float
+    context: ApiContext,
+    sandbox_id: str,
+    states: set[SandboxState],
+    wait_seconds: float,
+    until: Callable[[Sandbox], bool] | None = None,
 ) -> Sandbox:
-    """Wait until the sandbox reaches one of `states` (or the timeout), then return it as stored."""
+    """Wait until the sandbox reaches one of `states` or satisfies `until` (or the timeout), then return it
+    as stored."""
     wake = context.waiters.register(sandbox_id)
     deadline = time.monotonic() + wait_seconds
     try:
@@ -336,7 +382,11 @@ async def wait_for_state(
             if sandbox is None:
                 raise not_found(f"Sandbox with ID or name {sandbox_id} not found")
             remaining = deadline - time.monotonic()
-            if SandboxState(sandbox.state) in states or remaining <= 0:
+            if (
+                SandboxState(sandbox.state) in states
+                or remaining <= 0
+                or (until is not None and until(sandbox))
+            ):
                 return sandbox
             wake.clear()
             # The poll interval covers wake-ups published by another API replica.
@@ -803,7 +853,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 async def list_sandboxes(
     context: ApiContext,
-    organization_id: str,
+    organization_ids: list[str],
     *,
     cursor: str | None,
     limit: int,
@@ -813,7 +863,7 @@ async def list_sandboxes(
     id_prefix: str | None,
 ) -> tuple[list[Sandbox], str | None]:
     statement = select(Sandbox).where(
-        Sandbox.organization_id == organization_id, Sandbox.state != SandboxState.DESTROYED
+        col(Sandbox.organization_id).in_(organization_ids), Sandbox.state != SandboxState.DESTROYED
     )
     if states:
         statement = statement.where(col(Sandbox.state).in_(states))

@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from tidepool_api.db import Sandbox, Snapshot, Volume
+from tidepool_api.db import Sandbox, Snapshot, Volume, WarmPool
 from tidepool_contracts.states import SandboxState
 
 # Limits where Daytona documents none (units: characters, entries, minutes).
@@ -432,6 +432,7 @@ class SandboxDto(WireModel):
     volumes: list[VolumeMount]
     runner_id: str | None
     daemon_version: str | None
+    warm_pool_id: str | None = None
     sandbox_class: str
     toolbox_proxy_url: str
     build_info: BuildInfoDto | None
@@ -475,6 +476,37 @@ class SnapshotDto(WireModel):
     last_used_at: str | None
     region_ids: list[str]
     source_sandbox_id: str | None  # required (nullable) by the SDK; no snapshot is made from a sandbox
+
+
+class CreateWarmPoolRequest(WireModel):
+    """`CreateWarmPool` (wire contract §2.8)."""
+
+    snapshot: Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(no_control)]
+    pool: Annotated[StrictInt, Field(ge=1)]
+    target: Annotated[StrictStr, Field(max_length=NAME_MAX), AfterValidator(no_control)] | None = None
+
+
+class UpdateWarmPoolRequest(WireModel):
+    pool: Annotated[StrictInt, Field(ge=0)]
+
+
+class WarmPoolDto(WireModel):
+    """`WarmPool` (wire contract §2.8): `pool` is the floor asked for, `currentSize` the started members."""
+
+    id: str
+    organization_id: str
+    snapshot: str
+    target: str
+    pool: int
+    current_size: int
+    cpu: int
+    mem: int
+    disk: int
+    os_user: str
+    env: dict[str, str]
+    error_reason: str | None = None
+    created_at: str
+    updated_at: str
 
 
 class CreateVolumeRequest(WireModel):
@@ -554,6 +586,7 @@ def sandbox_dto(sandbox: Sandbox, toolbox_proxy_url: str) -> dict[str, object]:
         ],
         "runnerId": sandbox.runner_id,
         "daemonVersion": sandbox.daemon_version,
+        "warmPoolId": sandbox.warm_pool_id,
         "sandboxClass": "container",
         "toolboxProxyUrl": toolbox_proxy_url,
         # The SDK requires createdAt, updatedAt and snapshotRef whenever buildInfo is present.
@@ -670,3 +703,22 @@ class MetricsResponseDto(WireModel):
     """`MetricsResponse` of `GET /sandbox/{id}/telemetry/metrics` (wire contract §2.2)."""
 
     series: list[MetricSeriesDto]
+
+
+def warm_pool_dto(pool: WarmPool, current_size: int) -> dict[str, object]:
+    return {
+        "id": pool.id,
+        "organizationId": pool.organization_id,
+        "snapshot": pool.snapshot,
+        "target": pool.target,
+        "pool": pool.pool,
+        "currentSize": current_size,
+        "cpu": pool.cpu,
+        "mem": pool.memory,
+        "disk": pool.disk,
+        "osUser": pool.os_user,
+        "env": {},
+        "errorReason": pool.error_reason,
+        "createdAt": iso(pool.created_at),
+        "updatedAt": iso(pool.updated_at),
+    }

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -96,6 +97,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
     return Supervisor(args).run()
+
+
+# ----- the environment the runner gives every worker -------------------------------------------------------
+
+# Next to the toolbox socket (a folder only the sandbox's root may enter): a JSON object of variables every
+# worker adds to its environment before it serves, e.g. the env of a sandbox claimed from a warm pool, whose
+# container was created without it. Read at each worker start, so a restarted worker keeps them.
+ENV_FILE_NAME = "env.json"
+
+
+def apply_env_file(path: str) -> None:
+    """Add the variables of the JSON object at `path` to this process's environment (a missing or malformed
+    file adds nothing: the worker serves anyway, with the container's environment)."""
+    try:
+        with open(path, "rb") as handle:
+            variables = json.loads(handle.read())
+    except (OSError, ValueError):
+        return
+    if not isinstance(variables, dict):
+        return
+    for name, value in variables.items():
+        valid_name = isinstance(name, str) and name and "=" not in name and "\x00" not in name
+        if valid_name and isinstance(value, str) and "\x00" not in value:
+            os.environ[name] = value
 
 
 # ----- listeners ------------------------------------------------------------------------------------------
@@ -213,6 +238,8 @@ class Supervisor:
             # Only once: the entrypoint keeps running across worker restarts.
             worker_args.entrypoint_json = self._args.entrypoint_json if first else ""
             worker_args.listen_fd = [f"{kind}:{listener.fileno()}" for kind, listener in self._listeners]
+            if self._args.socket:
+                apply_env_file(os.path.join(os.path.dirname(self._args.socket), ENV_FILE_NAME))
             from .server import serve
 
             code = serve(worker_args)

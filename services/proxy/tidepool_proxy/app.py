@@ -128,6 +128,8 @@ async def _relay_toolbox(request: web.Request) -> web.StreamResponse:
         return error_response(request, 404, not_found)
     try:
         route = await state.routes.get(sandbox_id)
+        if route is not None and not access.allows(sandbox_id, route.organization_id):
+            route = await state.routes.refresh(sandbox_id)  # maybe just claimed from the warm pool
     except Exception as error:  # NATS unavailable on a cache miss
         log.warning("proxy.route_lookup_failed", sandbox_id=sandbox_id, error=str(error))
         return error_response(request, 503, "sandbox routing is temporarily unavailable")

@@ -28,6 +28,7 @@ class KvCache(Generic[ModelT]):
         self._entries: dict[str, ModelT] = {}
         self._misses: dict[str, float] = {}  # key -> monotonic time until which the miss is trusted
         self._changes_applied = 0
+        self._refreshed: dict[str, float] = {}  # key -> monotonic time before which refresh() reads no more
 
     def apply(self, key: str, value: ModelT | None) -> None:
         """One change from the watch (None = deleted). The watch is the authority: it overrides misses."""
@@ -48,6 +49,28 @@ class KvCache(Generic[ModelT]):
             except Exception as error:  # reconnects and server restarts: resubscribe (replays current values)
                 log.warning("cache.watch_failed", bucket=self._name, error=str(error))
             await asyncio.sleep(WATCH_RESTART_DELAY_SECONDS)
+
+    async def refresh(self, key: str) -> ModelT | None:
+        """A direct read, replacing the cached value: for a refusal the cache may have caused (an entry
+        changed just now whose change the watch has not delivered yet, e.g. a claimed warm-pool sandbox's
+        new owner). At most once per key per MISS_TTL_SECONDS (else the cached value): refused requests
+        must not turn into a NATS round trip each."""
+        loop = asyncio.get_running_loop()
+        if self._refreshed.get(key, 0.0) > loop.time():
+            return self._entries.get(key)
+        if len(self._refreshed) >= MAX_REMEMBERED_MISSES:
+            self._refreshed.clear()
+        self._refreshed[key] = loop.time() + MISS_TTL_SECONDS
+        changes_before = self._changes_applied
+        value = await kv_get(self._kv, key, self._model_type)
+        if self._changes_applied != changes_before:
+            return self._entries.get(key, value)
+        self._misses.pop(key, None)
+        if value is None:
+            self._entries.pop(key, None)
+        else:
+            self._entries[key] = value
+        return value
 
     async def get(self, key: str) -> ModelT | None:
         """The cached value; on a miss one direct read, because the watch may lag a write made just now."""

@@ -24,6 +24,7 @@ proxy never answers `*` with credentials. `X-Daytona-Disable-CORS: true` leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import html
@@ -200,6 +201,13 @@ async def serve_preview(request: web.Request, state: ProxyState, target: Preview
     consumed: list[str] = []
     if signed is None:
         refusal = await _authorize(request, state, access, port, consumed)
+        if refusal is not None:
+            # The cached access may predate a change made just now (a warm-pool claim's new owner and token).
+            with contextlib.suppress(Exception):
+                fresh = await state.previews.refresh(sandbox_id)
+                if fresh is not None and fresh != access:
+                    access, consumed = fresh, []
+                    refusal = await _authorize(request, state, access, port, consumed)
         if refusal is not None:
             status, message = refusal
             return error_response(request, status, not_found if status == 404 else message)

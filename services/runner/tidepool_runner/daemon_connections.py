@@ -256,6 +256,17 @@ class DaemonConnections:
             return None
         return _version_from_body(body)
 
+    async def set_env(self, sandbox_id: str, env: dict[str, str]) -> None:
+        """`POST /env {"set": env}`: processes the daemon starts from now on inherit `env` (running ones keep
+        theirs). Raises aiohttp.ClientError or OSError when the daemon cannot be reached or refuses."""
+        async with self.session(sandbox_id).post(
+            f"{DAEMON_BASE_URL}/env", json={"set": env}, timeout=aiohttp.ClientTimeout(total=10.0)
+        ) as response:
+            if response.status != 200:
+                raise aiohttp.ClientResponseError(
+                    response.request_info, (), status=response.status, message=await response.text()
+                )
+
 
 def _version_from_body(body: bytes) -> str:
     with contextlib.suppress(orjson.JSONDecodeError):

@@ -12,7 +12,8 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
-from tidepool_runner.container_config import RUNNER_HOME_LABEL, SANDBOX_LABEL
+from tidepool_runner.container_config import ORGANIZATION_LABEL, RUNNER_HOME_LABEL, SANDBOX_LABEL
+from tidepool_runner.owners import ClaimedOwners
 
 # aiodocker reports "cannot reach the engine" as this pseudo status.
 ENGINE_UNREACHABLE_STATUS = 900
@@ -91,12 +92,18 @@ class ContainerEngine:
         docker: aiodocker.Docker,
         registry_auth: Callable[[str], dict[str, str] | None] | None = None,
         home: str = "",
+        owners: ClaimedOwners | None = None,
     ) -> None:
-        """`home`: list only the sandbox containers labelled with this runner home (RUNNER_HOME_LABEL)."""
+        """`home`: list only the sandbox containers labelled with this runner home (RUNNER_HOME_LABEL).
+        `owners`: claimed warm-pool sandboxes' organizations, reported instead of the container's label."""
         self._docker = docker
         self._home = home
+        self._owners = owners
         # The login an image's registry needs (the platform's internal one), by image reference.
         self._registry_auth = registry_auth
+        # Images seen present: a create of the same snapshot skips the inspect (one engine call less per
+        # create, which matters when many start at once). Forgotten when a create finds one gone.
+        self._present_images: set[str] = set()
 
     async def close(self) -> None:
         await self._docker.close()
@@ -150,8 +157,11 @@ class ContainerEngine:
 
     async def ensure_image(self, image_ref: str) -> None:
         """Use the local image, else pull it once; a failing pull means the image can't be had."""
+        if image_ref in self._present_images:
+            return
         try:
             await self._docker.images.inspect(image_ref)
+            self._present_images.add(image_ref)
             return
         except DockerError as error:
             if error.status != 404:
@@ -163,6 +173,7 @@ class ContainerEngine:
             if error.status == ENGINE_UNREACHABLE_STATUS:
                 raise EngineUnavailableError(str(error)) from error
             raise SandboxFailedError(f"image {image_ref} not found") from error
+        self._present_images.add(image_ref)
 
     async def create(self, name: str, config: dict[str, Any]) -> str:
         """Create the container and return its id; a concurrent create of the same name yields that one."""
@@ -174,7 +185,12 @@ class ContainerEngine:
                 if existing is not None:
                     return existing.container_id
             if error.status == 404:
-                raise SandboxFailedError(f"image {config.get('Image')} not found") from error
+                image = str(config.get("Image"))
+                if image in self._present_images:
+                    # Removed since we saw it: retried (redelivery), and ensure_image pulls it again.
+                    self._present_images.discard(image)
+                    raise EngineUnavailableError(f"image {image} was removed; pulling it again") from error
+                raise SandboxFailedError(f"image {image} not found") from error
             raise self._translate(error, "create the sandbox container") from error
         return container.id
 
@@ -262,6 +278,7 @@ class ContainerEngine:
 
     async def remove_image(self, image_ref: str) -> None:
         """Untag (and delete when unused) an image this runner made; missing or in use is fine."""
+        self._present_images.discard(image_ref)
         try:
             await self._docker.images.delete(image_ref)
         except DockerError:
@@ -373,12 +390,13 @@ class ContainerEngine:
         summaries: list[ContainerSummary] = []
         for container in containers:
             raw: dict[str, Any] = container._container
-            summaries.append(
-                ContainerSummary(
-                    container_id=container.id,
-                    state=str(raw.get("State", "")),
-                    labels=dict(raw.get("Labels") or {}),
+            labels = dict(raw.get("Labels") or {})
+            if self._owners is not None and SANDBOX_LABEL in labels:
+                labels[ORGANIZATION_LABEL] = self._owners.owner(
+                    labels[SANDBOX_LABEL], labels.get(ORGANIZATION_LABEL, "")
                 )
+            summaries.append(
+                ContainerSummary(container_id=container.id, state=str(raw.get("State", "")), labels=labels)
             )
         return summaries
 

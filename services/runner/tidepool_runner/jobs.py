@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import structlog
 
 from tidepool_contracts import channels
@@ -45,6 +47,7 @@ from tidepool_runner.engine import (
     RootIds,
     SandboxFailedError,
 )
+from tidepool_runner.owners import ClaimedOwners
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 from tidepool_runner.volumes import VolumeMountError, VolumeMounts
 from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
@@ -53,7 +56,12 @@ from tidepool_runtime.settings import RunnerSettings
 log = structlog.get_logger("tidepool.runner.jobs")
 
 DAEMON_START_TIMEOUT_SECONDS = 60.0
+# The socket is probed often while a daemon usually comes up (within DAEMON_FAST_PROBE_SECONDS), then less
+# and less: many sandboxes starting at once would otherwise cost the runner's one core more than their
+# starts do.
 DAEMON_PROBE_INTERVAL_SECONDS = 0.01
+DAEMON_FAST_PROBE_SECONDS = 0.4
+DAEMON_PROBE_MAX_INTERVAL_SECONDS = 0.1
 # Checking the container while waiting costs an engine call, so it happens less often than probing the socket.
 CONTAINER_CHECK_INTERVAL_SECONDS = 0.25
 STOP_TIMEOUT_SECONDS = 10
@@ -102,9 +110,11 @@ class JobExecutor:
         disks: SandboxDisks,
         volumes: VolumeMounts | None = None,
         egress: EgressPolicies | None = None,
+        owners: ClaimedOwners | None = None,
     ) -> None:
         self._settings = settings
         self._egress = egress or EgressPolicies(settings)
+        self._owners = owners
         self._volumes = volumes or VolumeMounts(settings)
         self._disks = disks
         self._runner_id = runner_id
@@ -145,6 +155,9 @@ class JobExecutor:
                 case SandboxAction.CREATE | SandboxAction.START:
                     # Same convergence either way: a START whose container vanished recreates it.
                     daemon_version = await self._ensure_running(job.spec)
+                    await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
+                case SandboxAction.CLAIM:
+                    daemon_version = await self._claim(job)
                     await self._report(job, SandboxState.STARTED, daemon_version=daemon_version)
                 case SandboxAction.RESIZE:
                     await self._resize(job)
@@ -207,7 +220,37 @@ class JobExecutor:
             await self._egress.converge(spec, initialized.addresses if initialized else ())
             await self._engine.start(status.container_id)
         await self._apply_resources(spec, status)
-        return await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+        version = await self._wait_for_daemon(spec.sandbox_id, status.container_id)
+        await self._apply_claimed_env(spec)
+        return version
+
+    async def _claim(self, job: RunnerJob) -> str:
+        """A warm-pool sandbox now belongs to `job.spec.organization_id`: its daemon gets the claimer's env
+        (no restart); the route is rewritten by the report that follows. A container that is not running
+        any more is brought up as a START would (which applies the env too)."""
+        # A daemon that answers runs in a running container: no engine call on this path.
+        version = await self._daemons.probe_version(job.sandbox_id)
+        if version is None:
+            return await self._ensure_running(job.spec)
+        await self._apply_claimed_env(job.spec)
+        return version
+
+    async def _apply_claimed_env(self, spec: SandboxSpec) -> None:
+        """A claimed sandbox's container was created with the pool's env: give its daemon the claimer's."""
+        if not spec.claimed:
+            return
+        if self._owners is not None:
+            await asyncio.to_thread(self._owners.record, spec.sandbox_id, spec.organization_id)
+        env = {**spec.env, "DAYTONA_ORGANIZATION_ID": spec.organization_id}
+        # For every later worker of the daemon (a restart by the health checker or after a crash) ...
+        await asyncio.to_thread(
+            _write_env_file, sandbox_socket_dir(self._settings, spec.sandbox_id) / DAEMON_ENV_FILE, env
+        )
+        try:
+            # ... and for the one serving now.
+            await self._daemons.set_env(spec.sandbox_id, env)
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            raise SandboxFailedError(f"cannot apply the environment to the sandbox daemon: {error}") from None
 
     async def _apply_resources(self, spec: SandboxSpec, status: ContainerStatus) -> None:
         """The engine keeps a container's creation limits across restarts, not a live update: after a
@@ -260,6 +303,8 @@ class JobExecutor:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + DAEMON_START_TIMEOUT_SECONDS
         next_container_check = loop.time() + CONTAINER_CHECK_INTERVAL_SECONDS
+        interval = DAEMON_PROBE_INTERVAL_SECONDS
+        slow_after = loop.time() + DAEMON_FAST_PROBE_SECONDS
         while True:
             version = await self._daemons.probe_version(sandbox_id)
             if version is not None:
@@ -272,7 +317,9 @@ class JobExecutor:
                     + (f"; last log lines: {logs}" if logs else "")
                 )
             if now >= next_container_check:
-                next_container_check = now + CONTAINER_CHECK_INTERVAL_SECONDS
+                # An engine call each: rarer once the start is slow (the engine is busy with other starts).
+                slow = now >= slow_after
+                next_container_check = now + CONTAINER_CHECK_INTERVAL_SECONDS * (4 if slow else 1)
                 status = await self._engine.inspect(container_id)
                 if status is None or not status.running:
                     logs = await self._engine.log_tail(container_id) if status is not None else ""
@@ -281,7 +328,9 @@ class JobExecutor:
                         f"sandbox container exited (code {exit_code}) before its daemon was ready"
                         + (f"; last log lines: {logs}" if logs else "")
                     )
-            await asyncio.sleep(DAEMON_PROBE_INTERVAL_SECONDS)
+            await asyncio.sleep(interval)
+            if now >= slow_after:
+                interval = min(interval * 1.5, DAEMON_PROBE_MAX_INTERVAL_SECONDS)
 
     async def _stop(self, job: RunnerJob) -> None:
         status = await self._engine.inspect(container_name(job.sandbox_id))
@@ -398,6 +447,7 @@ class JobExecutor:
         await self._daemons.close(sandbox_id)
         await self._engine.remove(container_name(sandbox_id))
         await self._egress.remove(sandbox_id)
+        self._forget_owner(sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, sandbox_id)
         await asyncio.to_thread(self._volumes.release, sandbox_id)  # the stop released them; idempotent
@@ -405,10 +455,16 @@ class JobExecutor:
         await asyncio.to_thread(unmount_socket_dir, socket_dir)
         await asyncio.to_thread(_remove_tree, socket_dir)
 
+    def _forget_owner(self, sandbox_id: str) -> None:
+        """The container is gone: a later one of this sandbox (a restored archive) carries its own label."""
+        if self._owners is not None:
+            self._owners.forget(sandbox_id)
+
     async def _destroy(self, job: RunnerJob) -> None:
         await self._daemons.close(job.sandbox_id)
         await self._engine.remove(container_name(job.sandbox_id))
         await self._egress.remove(job.sandbox_id)
+        self._forget_owner(job.sandbox_id)
         # After the container: its writable layer lives on the disk until the engine has let go of it.
         await asyncio.to_thread(self._disks.remove, job.sandbox_id)
         await asyncio.to_thread(self._volumes.release, job.sandbox_id)
@@ -532,6 +588,22 @@ def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:
     if rest and ("." in first or ":" in first or first == "localhost"):
         name = rest  # drop the source registry host; keep the path
     return f"{registry}/snapshots/{name}", tag
+
+
+# Read by each daemon worker at its start (tidepool_daemon.supervisor.ENV_FILE_NAME).
+DAEMON_ENV_FILE = "env.json"
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> None:
+    """Write `env` as JSON to `path` atomically, 0600, owned like its folder (the sandbox's root)."""
+    owner = path.parent.stat()
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.unlink(missing_ok=True)
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(env, handle)
+    os.chown(staging, owner.st_uid, owner.st_gid, follow_symlinks=False)
+    os.replace(staging, path)
 
 
 def _remove_tree(path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import aiodocker
 import structlog
@@ -21,6 +22,7 @@ from tidepool_runner.engine import ContainerEngine
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runner.network import prepare_sandbox_network
+from tidepool_runner.owners import ClaimedOwners
 from tidepool_runner.resource_samples import ResourceSampler
 from tidepool_runner.staging import prepare_runtime_dir
 from tidepool_runner.subscribers import publishers, register_jobs
@@ -46,6 +48,7 @@ class Runner:
         self.daemons = DaemonConnections(lambda sandbox_id: sandbox_socket_dir(settings, sandbox_id))
         self.disks = SandboxDisks(settings.disks_dir)
         self.volumes = VolumeMounts(settings)
+        self.owners = ClaimedOwners(settings.data_dir / "claimed-owners")
         self._bus: Bus | None = None
         self._engine: ContainerEngine | None = None
         self._web: web.AppRunner | None = None
@@ -62,6 +65,11 @@ class Runner:
 
     async def start(self) -> None:
         settings = self.settings
+        # Jobs block in threads (mkfs, mount, socket-dir set-up): the default pool (cores + 4 threads) would
+        # queue concurrent creates behind each other on a small machine; these threads mostly wait.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=2 * settings.runner_job_concurrency, thread_name_prefix="runner")
+        )
         await asyncio.to_thread(prepare_runtime_dir, settings)
         # Ready disks a previous run left are of unknown state: start the pool afresh.
         await asyncio.to_thread(self.disks.discard_pool)
@@ -80,6 +88,7 @@ class Runner:
                 image, settings.registry_url, settings.registry_username, settings.registry_password
             ),
             home=runner_home(settings),
+            owners=self.owners,
         )
         # Before any job can start a container: no sandbox ever runs on an unisolated network.
         await prepare_sandbox_network(engine, settings)
@@ -107,6 +116,7 @@ class Runner:
             daemons=self.daemons,
             disks=self.disks,
             volumes=self.volumes,
+            owners=self.owners,
         )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
@@ -116,7 +126,7 @@ class Runner:
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
 
-        register_jobs(bus.broker, self.runner_id, executor)
+        register_jobs(bus.broker, self.runner_id, executor, self.settings.runner_job_concurrency)
 
         async def adopt_then_serve_jobs() -> None:
             # Rules of sandboxes that ended while the runner was away go (their addresses are reused).

@@ -24,15 +24,15 @@ PUBLISHES = (
     channels.SANDBOX_METRICS,
 )
 JOB_ACK_WAIT_SECONDS = 15.0
-JOB_CONCURRENCY = 16
 
 
 def publishers(registrar: Registrar) -> dict[channels.Channel[Any], Any]:
     return declare_publishers(registrar, *PUBLISHES, service="runner")
 
 
-def register_jobs(registrar: Registrar, runner_id: str, executor: JobExecutor) -> None:
-    """Consume this runner's jobs (a durable consumer per runner: jobs wait while the runner is down)."""
+def register_jobs(registrar: Registrar, runner_id: str, executor: JobExecutor, concurrency: int) -> None:
+    """Consume this runner's jobs (a durable consumer per runner: jobs wait while the runner is down),
+    at most `concurrency` at once (setting `runner_job_concurrency`)."""
 
     @jetstream_subscriber(
         registrar,
@@ -40,7 +40,7 @@ def register_jobs(registrar: Registrar, runner_id: str, executor: JobExecutor) -
         durable=f"runner-{runner_id}",
         subject=channels.RUNNER_JOBS.address(runner_id=runner_id),
         ack_wait=JOB_ACK_WAIT_SECONDS,
-        concurrency=JOB_CONCURRENCY,
+        concurrency=concurrency,
     )
     async def on_job(job: RunnerJob, msg: NatsMessage) -> None:
         await executor.handle(job, msg.raw_message)

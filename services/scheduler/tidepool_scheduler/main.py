@@ -37,7 +37,7 @@ async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     holder = settings.scheduler_id or f"{socket.gethostname()}-{os.getpid()}"
     lease = LeaderLease(await bus.kv(channels.SCHEDULER_LEASE), holder, settings.scheduler_lease_seconds)
     # Every replica consumes intents (one durable consumer: each intent to one replica at a time).
-    bus.add_publishers(register(bus.broker, scheduler))
+    bus.add_publishers(register(bus.broker, scheduler, settings.scheduler_intent_concurrency))
     await bus.start()
     timers = await LifecycleTimers.create(scheduler)
     campaign = asyncio.create_task(lease.run_forever(stop), name="scheduler-lease")

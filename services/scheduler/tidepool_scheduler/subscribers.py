@@ -18,8 +18,11 @@ from tidepool_scheduler.scheduler import MAX_DELIVERIES_WITHOUT_RUNNER, Schedule
 PUBLISHES = (channels.RUNNER_JOBS, channels.SANDBOX_EVENTS)
 
 
-def register(registrar: Registrar, scheduler: Scheduler) -> dict[channels.Channel[Any], Any]:
-    """Add the scheduler's subscribers to `registrar`; return its publishers (for `Bus`)."""
+def register(
+    registrar: Registrar, scheduler: Scheduler, concurrency: int = 32
+) -> dict[channels.Channel[Any], Any]:
+    """Add the scheduler's subscribers to `registrar`, handling up to `concurrency` intents at once (setting
+    `scheduler_intent_concurrency`); return its publishers (for `Bus`)."""
 
     @jetstream_subscriber(
         registrar,
@@ -27,7 +30,7 @@ def register(registrar: Registrar, scheduler: Scheduler) -> dict[channels.Channe
         durable="scheduler-intents",
         ack_wait=10.0,
         max_deliver=MAX_DELIVERIES_WITHOUT_RUNNER + 2,
-        concurrency=4,
+        concurrency=concurrency,
     )
     async def on_intent(intent: SandboxIntent, msg: NatsMessage) -> None:
         await scheduler.handle_intent(intent, msg.raw_message)

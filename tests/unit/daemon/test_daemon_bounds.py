@@ -377,3 +377,22 @@ def test_sigterm_stops_supervisor_and_worker_and_removes_the_socket(
         os.kill(supervisor, signal.SIGTERM)
         wait_for(lambda: not Path(f"/proc/{worker}").exists(), "the worker to end")
         wait_for(lambda: not socket_path.exists(), "the socket to be removed")
+
+
+def test_every_worker_gets_the_env_file_next_to_the_socket(
+    daemon_client: httpx.Client, daemon_socket: Path
+) -> None:
+    """A claimed warm-pool sandbox: the runner writes the claimer's env next to the socket; a worker that
+    replaces a killed one starts with it too (a `POST /env` alone would be lost with the worker)."""
+    (daemon_socket.parent / "env.json").write_text('{"CLAIMED": "yes", "bad=name": "x"}')
+    _supervisor, worker = daemon_pids(daemon_socket)
+    assert (
+        daemon_client.post("/process/execute", json={"command": "echo ${CLAIMED:-no}"}).json()["result"]
+        == "no\n"
+    )
+    os.kill(worker, signal.SIGKILL)
+    new_worker(daemon_socket, worker)
+    assert (
+        daemon_client.post("/process/execute", json={"command": "echo ${CLAIMED:-no}"}).json()["result"]
+        == "yes\n"
+    )

@@ -29,7 +29,7 @@ def job(sandbox_id: str) -> RunnerJob:
 async def test_a_runner_handles_its_own_jobs_only() -> None:
     broker = create_broker("nats://unused:4222", "test")
     executor = RecordingExecutor()
-    subscribers.register_jobs(broker, "runner-a", executor)  # type: ignore[arg-type]
+    subscribers.register_jobs(broker, "runner-a", executor, 16)  # type: ignore[arg-type]
     scheduler = Bus(broker, declare_publishers(broker, channels.RUNNER_JOBS, service="scheduler"))
     async with TestNatsBroker(broker):
         await scheduler.publish(channels.RUNNER_JOBS, job("mine"), runner_id="runner-a")

@@ -10,8 +10,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from tidepool_api import sandboxes
 from tidepool_api.buildlogs import stream_build_log
-from tidepool_api.db import Sandbox
+from tidepool_api.db import WARM_POOL_ORGANIZATION_ID, Sandbox
 from tidepool_api.errors import bad_request, not_found
+from tidepool_api.organizations import is_admin
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.deps import Caller, Context, SandboxDeleter, SandboxSnapshotWriter, SandboxWriter
 from tidepool_api.sandbox_events import list_events
@@ -93,11 +94,21 @@ async def list_sandboxes(
     states: Annotated[list[SandboxStateFilter] | None, Query()] = None,
     name: Annotated[str | None, Query(max_length=NAME_MAX, description="name prefix")] = None,
     id: Annotated[str | None, Query(max_length=NAME_MAX, description="ID prefix")] = None,
+    include_warm: Annotated[
+        bool,
+        Query(
+            alias="includeWarm",
+            description="admin organization only: the unclaimed warm-pool sandboxes too (warmPoolId set)",
+        ),
+    ] = False,
 ) -> JsonResponse:
     label_filter = parse_label_filter(labels) if labels else None
+    owners = [caller.organization_id]
+    if include_warm and await is_admin(context, caller.organization_id):
+        owners.append(WARM_POOL_ORGANIZATION_ID)  # they belong to no tenant; only the operator sees them
     items, next_cursor = await sandboxes.list_sandboxes(
         context,
-        caller.organization_id,
+        owners,
         cursor=cursor,
         limit=limit,
         labels=label_filter,
