@@ -22,8 +22,10 @@ from aiohttp import web
 
 from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
+from tidepool_proxy.browser import subprotocol_bearer
 from tidepool_proxy.kv_cache import KvCache
 from tidepool_runtime.broker import KeyValue, kv_get
+from tidepool_runtime.relay import is_websocket_upgrade
 from tidepool_runtime.sealing import Sealer
 
 log = structlog.get_logger("tidepool.proxy.auth")
@@ -174,7 +176,11 @@ async def authenticate(
     api_keys: KvCache[ApiKeyRecord],
     signing_keys: SigningKeys | None = None,
 ) -> Access:
+    """The caller's access: `Authorization: Bearer`, else (browsers' WebSockets) the key subprotocol, else a
+    signed URL. Raises AuthenticationError (401) or VerificationUnavailableError (503)."""
     token = bearer_token(request)
+    if token is None and is_websocket_upgrade(request):
+        token = subprotocol_bearer(request)
     if token is None:
         if is_signed_url(request):
             return await authenticate_signed_url(request, sandbox_id, signing_keys)
