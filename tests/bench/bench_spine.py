@@ -82,6 +82,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 def main() -> None:
     from tests.bench.bench_api import bench_api
     from tests.bench.bench_code import bench_code
+    from tests.bench.bench_dashboard import bench_dashboard
     from tests.bench.bench_hops import bench_hops
     from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_previews import bench_previews
@@ -105,6 +106,7 @@ def main() -> None:
         ("hops", bench_hops),
         ("previews", bench_previews),
         ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
+        ("dashboard", lambda _daytona, stack: bench_dashboard(stack)),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

@@ -64,6 +64,10 @@ def shot(page: Page, name: str) -> None:
 
 def sign_in(browser: Browser, stack: StackThread, key: str) -> Page:
     page = browser.new_context(accept_downloads=True).new_page()
+    # Shown with a failure: what the page logged and which requests failed.
+    page.on("console", lambda message: print(f"console {message.type}: {message.text}"))
+    page.on("pageerror", lambda error: print(f"page error: {error}"))
+    page.on("requestfailed", lambda request: print(f"request failed: {request.method} {request.url}"))
     page.goto(dashboard_url(stack))
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
@@ -142,6 +146,9 @@ def test_the_dashboard_runs_a_sandbox_end_to_end(
         detail.get_by_role("button", name="Delete").click()
         expect(row).to_have_count(0, timeout=STATE_TIMEOUT_MS)
         shot(page, "07-deleted")
+    except BaseException:
+        shot(page, "failed")
+        raise
     finally:
         httpx.delete(f"{stack.api_url}/sandbox/{sandbox_id}", headers=headers, timeout=120)
         page.context.close()

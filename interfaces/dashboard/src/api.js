@@ -49,8 +49,9 @@ export async function request(url, { method = "GET", body, key = session.key, ra
 
 export const api = (path, options) => request(`${apiBase}${path}`, options);
 
-/** Every sandbox of the organization, following the cursor 200 at a time. */
-export async function listAllSandboxes() {
+/** Every sandbox of the organization, following the cursor 200 at a time; `onPage(soFar)` after each page
+ * so the first rows render before the last page arrives. */
+export async function listAllSandboxes(onPage = () => {}) {
   const all = [];
   let cursor = null;
   do {
@@ -59,6 +60,7 @@ export async function listAllSandboxes() {
     const page = await api(`/sandbox?${query}`);
     all.push(...page.items);
     cursor = page.nextCursor;
+    if (cursor) onPage(all);
   } while (cursor);
   return all;
 }

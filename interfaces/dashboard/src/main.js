@@ -83,10 +83,13 @@ function useLiveSandboxes() {
   const [sandboxes, setSandboxes] = useState(() => new Map());
   const [error, setError] = useState(null);
   const [live, setLive] = useState(false);
+  const [loaded, setLoaded] = useState(false);
   const reload = useCallback(async () => {
     try {
-      const items = await listAllSandboxes();
-      setSandboxes(new Map(items.map((s) => [s.id, s])));
+      const toMap = (items) => new Map(items.map((s) => [s.id, s]));
+      const items = await listAllSandboxes((soFar) => setSandboxes((old) => new Map([...old, ...toMap(soFar)])));
+      setSandboxes(toMap(items));
+      setLoaded(true);
       setError(null);
     } catch (failure) {
       setError(failure);
@@ -124,7 +127,7 @@ function useLiveSandboxes() {
       socket.close();
     };
   }, []);
-  return { sandboxes, error, live, reload, upsert, remove };
+  return { sandboxes, error, live, loaded, reload, upsert, remove };
 }
 
 function CreateSandbox({ onCreated }) {
@@ -203,7 +206,7 @@ function SandboxTable({ rows, selected, onSelect }) {
 }
 
 function Sandboxes() {
-  const { sandboxes, error, live, reload, upsert, remove } = useLiveSandboxes();
+  const { sandboxes, error, live, loaded, reload, upsert, remove } = useLiveSandboxes();
   const [selected, setSelected] = useState(null);
   const [filter, setFilter] = useState("");
   const rows = useMemo(() => {
@@ -215,7 +218,7 @@ function Sandboxes() {
   }, [sandboxes, filter]);
   const current = selected ? sandboxes.get(selected) : null;
   return html`<section aria-labelledby="sandboxes-title">
-    <h2 id="sandboxes-title">Sandboxes <small class="count">${sandboxes.size}</small>
+    <h2 id="sandboxes-title">Sandboxes <small class="count" data-loaded=${loaded}>${sandboxes.size}</small>
       <span class=${live ? "live on" : "live"} role="status">${live ? "live" : "polling"}</span></h2>
     <${CreateSandbox} onCreated=${(s) => { upsert(s); setSelected(s.id); }} />
     <div class="toolbar">
