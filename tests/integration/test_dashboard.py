@@ -9,6 +9,7 @@ of each step go to `test-artifacts/dashboard/` (gitignored).
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -118,6 +119,8 @@ def test_the_dashboard_runs_a_sandbox_end_to_end(
 
         # Files: upload through the browser, see it listed, download it back.
         detail.get_by_role("tab", name="Files").click()
+        expect(detail.get_by_label("Folder")).to_have_value(re.compile("^/"))  # the work dir, once known
+        expect(detail.get_by_label("Upload file")).to_be_enabled()
         content = f"hello from the dashboard {uuid.uuid4().hex}\n".encode()
         detail.get_by_label("Upload file").set_input_files(
             files=[{"name": "hello.txt", "mimeType": "text/plain", "buffer": content}]
@@ -133,6 +136,7 @@ def test_the_dashboard_runs_a_sandbox_end_to_end(
         # Another organization's key sees nothing of it, in the dashboard or behind it.
         theirs = sign_in(browser, stack, tenant_key)
         expect(theirs.get_by_role("table", name="Sandboxes")).to_be_visible()
+        expect(theirs.locator(".count[data-loaded=true]")).to_have_text("0")  # loaded, and empty
         expect(theirs.locator("[role=row]", has_text=name)).to_have_count(0)
         expect(theirs.locator("[role=row][data-sandbox-id]")).to_have_count(0)
         shot(theirs, "06-other-tenant")

@@ -392,7 +392,7 @@ function Files({ sandbox }) {
       <label>Folder <input name="path" value=${path || ""} /></label><button type="submit">Go</button>
       <button type="button" onClick=${up}>Up</button>
     </form>
-    <label class="upload">Upload file <input type="file" onChange=${upload} /></label>
+    <label class="upload">Upload file <input type="file" disabled=${!path} onChange=${upload} /></label>
     <${ErrorText} error=${error || listing.error} />
     <ul aria-label="Files" class="file-list">
       ${(listing.data || []).map((f) => html`<li>

@@ -109,7 +109,7 @@ WARNING: This link could potentially be dangerous`)){let e=window.open();if(e){t
       <label>Folder <input name="path" value=${t||``} /></label><button type="submit">Go</button>
       <button type="button" onClick=${()=>n(t.replace(/\/[^/]+\/?$/,``)||`/`)}>Up</button>
     </form>
-    <label class="upload">Upload file <input type="file" onChange=${c} /></label>
+    <label class="upload">Upload file <input type="file" disabled=${!t} onChange=${c} /></label>
     <${Mu} error=${r||a.error} />
     <ul aria-label="Files" class="file-list">
       ${(a.data||[]).map(e=>$`<li>
