@@ -16,21 +16,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from tidepool_proxy.auth import BEARER_SUBPROTOCOL_PREFIX
+from tidepool_proxy.previews import preview_target
 from tidepool_runtime.relay import offered_subprotocols
 
-BEARER_SUBPROTOCOL_PREFIX = "Tidepool-Bearer~"
 TOOLBOX_PREFIX = "/toolbox/"
 ALLOWED_METHODS = "GET, POST, PUT, PATCH, DELETE, OPTIONS"
 PREFLIGHT_MAX_AGE_SECONDS = 600
-
-
-def subprotocol_bearer(request: web.Request) -> str | None:
-    """The key offered as `Tidepool-Bearer~<key>`, or None."""
-    for offered in offered_subprotocols(request):
-        if offered.startswith(BEARER_SUBPROTOCOL_PREFIX):
-            token = offered.removeprefix(BEARER_SUBPROTOCOL_PREFIX).strip()
-            return token or None
-    return None
 
 
 def upstream_subprotocols(request: web.Request) -> list[str]:
@@ -62,6 +54,10 @@ def preflight_response(request: web.Request) -> web.Response:
 async def add_toolbox_cors(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: every toolbox answer (relayed, error or streamed) to a cross-origin request is
     readable by the page; previews (another host) keep their own CORS rules."""
-    if request.path.startswith(TOOLBOX_PREFIX) and "Origin" in request.headers:
+    if (
+        request.path.startswith(TOOLBOX_PREFIX)
+        and "Origin" in request.headers
+        and preview_target(request) is None
+    ):
         response.headers["Access-Control-Allow-Origin"] = "*"
         response.headers["Access-Control-Expose-Headers"] = "Content-Disposition, Content-Length"
