@@ -150,6 +150,12 @@ def test_the_dashboard_runs_a_sandbox_end_to_end(
         detail.get_by_role("button", name="Delete").click()
         expect(row).to_have_count(0, timeout=STATE_TIMEOUT_MS)
         shot(page, "07-deleted")
+
+        # Keyboard only: the sections are buttons; the audit log names what was done to the sandbox.
+        page.get_by_role("button", name="Audit log").focus()
+        page.keyboard.press("Enter")
+        expect(page.get_by_role("table", name=re.compile("^Audit log"))).to_contain_text(sandbox_id)
+        shot(page, "08-audit-log")
     except BaseException:
         shot(page, "failed")
         raise
