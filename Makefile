@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TIDEPOOL_CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 export TIDEPOOL_CA_BUNDLE
 
-.PHONY: up up-detached down test unit integration lint bench host venv clean asyncapi
+.PHONY: up up-detached down test unit integration lint bench host venv clean asyncapi dashboard
 
 # A machine's pip configuration may name package folders it lacks; pip warns once per package: filtered.
 $(STAMP): pyproject.toml
@@ -45,6 +45,11 @@ lint: venv
 
 asyncapi: venv  # regenerate docs/asyncapi/asyncapi.yaml from the services' subscribers and publishers
 	$(BIN)/python scripts/asyncapi.py
+
+# Rebuilds the dashboard (interfaces/dashboard) into services/api/tidepool_api/dashboard, which is committed:
+# only this target needs Node (20+) and the npm registry; `make up` serves the built files.
+dashboard:
+	cd interfaces/dashboard && npm ci --no-audit --no-fund && npm run build
 
 unit: venv
 	$(BIN)/python -m pytest tests/unit -q

@@ -5,7 +5,8 @@
 # Run as root or via sudo. Prints one line per change; a fully set-up host is a fast no-op.
 set -euo pipefail
 
-REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl fuse3 openssh-client)
+# chromium: the browser the dashboard tests drive (Playwright with executable_path, never a downloaded build).
+REQUIRED_PACKAGES=(podman runc debootstrap catatonit uidmap libnss-myhostname docker-registry openssl fuse3 openssh-client chromium)
 NSSWITCH_FILE=/etc/nsswitch.conf
 
 if [[ ${EUID} -ne 0 ]]; then

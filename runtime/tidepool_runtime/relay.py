@@ -153,10 +153,15 @@ async def relay_http(
 
 
 async def relay_websocket(
-    request: web.Request, session: aiohttp.ClientSession, url: URL, headers: CIMultiDict[str]
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    protocols: list[str] | None = None,
 ) -> web.WebSocketResponse:
     """Open the upstream WebSocket first (so a rejected upgrade keeps its HTTP status), then accept the
-    client's with the subprotocol the upstream chose, and pump frames both ways until either side closes."""
+    client's with the subprotocol the upstream chose, and pump frames both ways until either side closes.
+    `protocols`: what to offer upstream (default: what the client offered)."""
     upstream_headers = CIMultiDict(
         (name, value) for name, value in headers.items() if istr(name) not in WEBSOCKET_HANDSHAKE_HEADERS
     )
@@ -164,7 +169,7 @@ async def relay_websocket(
         upstream = await session.ws_connect(
             url,
             headers=upstream_headers,
-            protocols=offered_subprotocols(request),
+            protocols=offered_subprotocols(request) if protocols is None else protocols,
             autoclose=False,
             autoping=True,
             max_msg_size=0,

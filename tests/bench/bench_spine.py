@@ -83,6 +83,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 def main() -> None:
     from tests.bench.bench_api import bench_api
     from tests.bench.bench_code import bench_code
+    from tests.bench.bench_dashboard import bench_dashboard
     from tests.bench.bench_hops import bench_hops
     from tests.bench.bench_isolation import bench_isolation
     from tests.bench.bench_pool import bench_pool
@@ -110,6 +111,7 @@ def main() -> None:
         ("volumes", lambda daytona, _stack: bench_volumes(daytona)),
         ("tracing", bench_tracing),
         ("pool", bench_pool),
+        ("dashboard", lambda _daytona, stack: bench_dashboard(stack)),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

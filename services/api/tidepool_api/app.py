@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 
 from tidepool_api.audit import AuditMiddleware
 from tidepool_api.context import ApiContext
@@ -26,6 +30,9 @@ from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
 from tidepool_api.routes.ssh_access import router as ssh_access_router
 from tidepool_api.routes.telemetry import router as telemetry_router
+
+# The dashboard's built static files (sources: interfaces/dashboard, rebuilt with `make dashboard`).
+DASHBOARD_DIR = Path(__file__).parent / "dashboard"
 
 
 def create_app(context: ApiContext) -> FastAPI:
@@ -60,4 +67,20 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(registries_router)
     app.include_router(api)
     document_permissions(app)
+    mount_dashboard(app)
     return app
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """`GET /dashboard/` serves the single-page dashboard (same origin as /api and /api/socket.io, so no
+    CORS there; it reaches the toolbox at each sandbox's `toolboxProxyUrl`, which answers CORS). The files
+    are public: every call they make carries the user's key."""
+    if not (DASHBOARD_DIR / "index.html").is_file():
+        return
+
+    async def to_dashboard(_: Request) -> RedirectResponse:
+        return RedirectResponse("/dashboard/")
+
+    # A plain Starlette route, not an API route: it needs no key and is no part of the API's contract.
+    app.add_route("/dashboard", to_dashboard, include_in_schema=False)
+    app.mount("/dashboard", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")

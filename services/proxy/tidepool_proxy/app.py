@@ -32,6 +32,12 @@ from tidepool_proxy.auth import (
     VerificationUnavailableError,
     authenticate,
 )
+from tidepool_proxy.browser import (
+    add_toolbox_cors,
+    is_preflight,
+    preflight_response,
+    upstream_subprotocols,
+)
 from tidepool_proxy.kv_cache import KvCache
 from tidepool_proxy.previews import preview_target, serve_preview
 from tidepool_runtime import sealing
@@ -113,6 +119,8 @@ async def _relay_toolbox(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     sandbox_id = request.match_info["sandbox_id"]
     not_found = f"sandbox {sandbox_id} not found"
+    if is_preflight(request):
+        return preflight_response(request)
     try:
         access = await authenticate(request, sandbox_id, state.api_keys, state.signing_keys)
     except AuthenticationError as error:
@@ -153,7 +161,9 @@ async def _relay_toolbox(request: web.Request) -> web.StreamResponse:
     url = runner_url(request, route, path)
     try:
         if is_websocket_upgrade(request):
-            return await relay_websocket(request, state.runners, url, headers)
+            return await relay_websocket(
+                request, state.runners, url, headers, protocols=upstream_subprotocols(request)
+            )
         return await relay_http(request, state.runners, url, headers)
     except UpstreamUnreachableError as error:
         log.warning(
@@ -243,6 +253,7 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
             await bus.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_response_prepare.append(add_toolbox_cors)
     app.router.add_get("/health", health)
     app.router.add_route("*", "/toolbox/{sandbox_id}/{path:.*}", relay_toolbox)
     return app

@@ -24,6 +24,7 @@ from tidepool_contracts.models import ApiKeyRecord, SigningKeyRecord
 from tidepool_contracts.subjects import KV_SIGNING_KEYS
 from tidepool_proxy.kv_cache import KvCache
 from tidepool_runtime.broker import KeyValue, kv_get
+from tidepool_runtime.relay import is_websocket_upgrade, offered_subprotocols
 from tidepool_runtime.sealing import Sealer
 
 log = structlog.get_logger("tidepool.proxy.auth")
@@ -33,6 +34,8 @@ SIGNATURE_PREFIX = "v1_"
 SIGNED_OPERATIONS = frozenset({("GET", "/files/download"), ("POST", "/files/upload-v2")})
 # What a KV key (and so a sandbox id) can be; anything else cannot have a signing key.
 _KV_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_=-]{1,128}$")
+# A browser's WebSocket cannot carry `Authorization`: the key comes as this subprotocol (see browser.py).
+BEARER_SUBPROTOCOL_PREFIX = "Tidepool-Bearer~"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ def bearer_token(request: web.Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def subprotocol_bearer(request: web.Request) -> str | None:
+    """The key offered as `Tidepool-Bearer~<key>`, or None."""
+    for offered in offered_subprotocols(request):
+        if offered.startswith(BEARER_SUBPROTOCOL_PREFIX):
+            token = offered.removeprefix(BEARER_SUBPROTOCOL_PREFIX).strip()
+            return token or None
+    return None
 
 
 def is_signed_url(request: web.Request) -> bool:
@@ -174,7 +186,11 @@ async def authenticate(
     api_keys: KvCache[ApiKeyRecord],
     signing_keys: SigningKeys | None = None,
 ) -> Access:
+    """The caller's access: `Authorization: Bearer`, else (browsers' WebSockets) the key subprotocol, else a
+    signed URL. Raises AuthenticationError (401) or VerificationUnavailableError (503)."""
     token = bearer_token(request)
+    if token is None and is_websocket_upgrade(request):
+        token = subprotocol_bearer(request)
     if token is None:
         if is_signed_url(request):
             return await authenticate_signed_url(request, sandbox_id, signing_keys)

@@ -40,6 +40,8 @@ class FakeRunner:
     def __init__(self) -> None:
         self.download = download_payload()
         self.requests: list[dict[str, object]] = []
+        # Each WebSocket handshake's (Sec-WebSocket-Protocol, Authorization) as the runner received them.
+        self.websocket_handshakes: list[tuple[str, str]] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -111,6 +113,9 @@ class FakeRunner:
         )
 
     async def websocket_echo(self, request: web.Request) -> web.WebSocketResponse:
+        self.websocket_handshakes.append(
+            (request.headers.get("Sec-WebSocket-Protocol", ""), request.headers.get("Authorization", ""))
+        )
         ws = web.WebSocketResponse(protocols=("X-Daytona-Pty-Exit-Control",))
         await ws.prepare(request)
         await ws.send_str('{"type":"control","status":"connected"}')

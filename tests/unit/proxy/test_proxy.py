@@ -341,6 +341,55 @@ async def test_websocket_passthrough(
         assert closing.extra == '{"exitCode":3}'
 
 
+async def test_browser_websocket_key_travels_as_a_subprotocol_the_runner_never_sees(
+    http: aiohttp.ClientSession,
+    proxy_url: str,
+    sandbox: str,
+    api_key: str,
+    fake_runner: tuple[FakeRunner, str],
+) -> None:
+    """Browsers cannot set Authorization on a WebSocket: the dashboard offers `Tidepool-Bearer~<key>`."""
+    runner, _ = fake_runner
+    url = f"{proxy_url}/toolbox/{sandbox}/process/pty/pty1/connect?cols=80&rows=24"
+    async with http.ws_connect(
+        url,
+        protocols=("X-Daytona-Pty-Exit-Control", f"Tidepool-Bearer~{api_key}"),
+        headers={"Origin": "http://x"},
+    ) as ws:
+        assert ws.protocol == "X-Daytona-Pty-Exit-Control"
+        assert (await ws.receive_str(timeout=5)) == '{"type":"control","status":"connected"}'
+        await ws.send_str("hi")
+        assert (await ws.receive_str(timeout=5)) == "echo:hi"
+    offered, authorization = runner.websocket_handshakes[-1]
+    assert offered == "X-Daytona-Pty-Exit-Control"
+    assert api_key not in authorization and authorization == f"Bearer {RUNNER_TOKEN}"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as wrong:
+        await http.ws_connect(url, protocols=("X-Daytona-Pty-Exit-Control", "Tidepool-Bearer~tp_wrong"))
+    assert wrong.value.status == 401
+
+
+async def test_toolbox_cors_for_the_dashboard(
+    http: aiohttp.ClientSession, proxy_url: str, sandbox: str
+) -> None:
+    """Preflights are answered without a key; answers carry `*` and never credentials."""
+    url = f"{proxy_url}/toolbox/{sandbox}/files/upload-v2?path=/a"
+    preflight_headers = {
+        "Origin": "http://dashboard.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    async with http.options(url, headers=preflight_headers) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+        assert response.headers["Access-Control-Allow-Headers"] == "authorization"
+        assert "Access-Control-Allow-Credentials" not in response.headers
+    async with http.post(url, headers={"Origin": "http://dashboard.example"}) as response:
+        assert response.status == 401
+        assert response.headers["Access-Control-Allow-Origin"] == "*"
+    async with http.options(url) as response:  # not a preflight: a toolbox call, which needs a key
+        assert response.status == 401
+
+
 async def test_websocket_needs_auth_and_keeps_rejection_status(
     http: aiohttp.ClientSession, proxy_url: str, sandbox: str, api_key: str
 ) -> None:
