@@ -9,6 +9,7 @@ from functools import cached_property
 
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
+from tidepool_api.ratelimit import RateLimiter
 from tidepool_api.secrets_box import SecretBox
 from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, KeyValue
@@ -52,6 +53,7 @@ class ApiContext:
     signed_previews_kv: KeyValue | None = None
     ssh_access_kv: KeyValue | None = None  # tidepool_api.ssh_access
     waiters: StateWaiters = field(default_factory=StateWaiters)
+    rate_limiter: RateLimiter | None = None  # None: no rate limits (unit tests)
 
     @cached_property
     def signing_sealer(self) -> sealing.Sealer:

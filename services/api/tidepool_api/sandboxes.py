@@ -15,7 +15,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews, ssh_access
+from tidepool_api import previews, quotas, ssh_access
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -182,15 +182,16 @@ def validate_resources(request: CreateSandboxRequest, organization: Organization
         "memory": (request.memory, organization.max_memory_per_sandbox),
         "disk": (request.disk, organization.max_disk_per_sandbox),
     }
-    for name, (value, maximum) in limits.items():
-        if value is None:
-            continue
-        if value < 1:
+    for name, (value, _) in limits.items():
+        if value is not None and value < 1:
             raise bad_request(f"{name} must be at least 1, got {value}")
-        if value > maximum:
-            raise bad_request(
-                f"{name} must be at most {maximum} (organization per-sandbox limit), got {value}"
-            )
+    # Checked again on the final values (a snapshot's) at admission; this refuses before any build.
+    quotas.check_per_sandbox(
+        quotas.Limits(None, None, None, *(maximum for _, maximum in limits.values()), None, None, None),
+        request.cpu or 0,
+        request.memory or 0,
+        request.disk or 0,
+    )
     if request.gpu:
         raise bad_request("GPU sandboxes are not available on this installation")
     for name in ("auto_stop_interval", "auto_archive_interval"):
@@ -288,9 +289,12 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             auto_delete_interval=-1 if request.auto_delete_interval is None else request.auto_delete_interval,
             volumes=mounts,
         )
-        session.add(sandbox)
-        record_created(session, sandbox)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            # Check, insert and commit under the organization's lock: a burst cannot overshoot.
+            await admit_new(context, session, locked, sandbox)
+            session.add(sandbox)
+            record_created(session, sandbox)
+            await session.commit()
     if sandbox.state == SandboxState.PENDING_BUILD:
         # The create intent follows when the builder reports the image ready (see events.py); the image may
         # have become ready while this row was being written, so check once more now.
@@ -311,6 +315,16 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
     return await wait_for_state(
         context, sandbox.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds
     )
+
+
+async def admit_new(
+    context: ApiContext, session: AsyncSession, organization: Organization, sandbox: Sandbox
+) -> None:
+    """Quota admission of a sandbox about to be inserted (under `quotas.organization_lock`)."""
+    limits = quotas.limits_of(organization, context.settings)
+    quotas.check_per_sandbox(limits, sandbox.cpu, sandbox.memory, sandbox.disk)
+    wanted = quotas.demand(sandbox.cpu, sandbox.memory, sandbox.disk, SandboxState(sandbox.state))
+    await quotas.admit(session, context.settings, organization, quotas.Resources(), wanted)
 
 
 async def wait_for_state(
@@ -336,6 +350,22 @@ async def wait_for_state(
         context.waiters.unregister(sandbox_id, wake)
 
 
+async def admit_change(
+    context: ApiContext,
+    session: AsyncSession,
+    organization: Organization,
+    sandbox: Sandbox,
+    next_state: SandboxState,
+    resources: tuple[int, int, int] | None = None,
+) -> None:
+    """Quota admission of a sandbox going to `next_state` (with new `resources` (cpu, memory, disk) for a
+    resize), under `quotas.organization_lock`."""
+    cpu, memory, disk = resources or (sandbox.cpu, sandbox.memory, sandbox.disk)
+    before = quotas.demand(sandbox.cpu, sandbox.memory, sandbox.disk, SandboxState(sandbox.state))
+    after = quotas.demand(cpu, memory, disk, next_state)
+    await quotas.admit(session, context.settings, organization, before, after, exclude_id=sandbox.id)
+
+
 async def change_state(
     context: ApiContext,
     organization_id: str,
@@ -353,7 +383,13 @@ async def change_state(
 ) -> Sandbox:
     """`target_from`: a different transitional state from some states (archived → restoring).
     `keep_forks_alive`: a DESTROY of a parent with live forks is refused (409)."""
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        # A start uses quota again (cpu and memory; disk too from an archive): admitted under the lock.
+        quotas.organization_lock(session, organization_id)
+        if action == SandboxAction.START
+        else contextlib.nullcontext() as locked,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
         if current in already and sandbox.desired_state == desired.value:
@@ -362,13 +398,16 @@ async def change_state(
             raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
         if action == SandboxAction.DESTROY and keep_forks_alive:
             await refuse_parent_of_live_forks(session, sandbox)
+        next_state = (target_from or {}).get(current, target)
+        if locked is not None:
+            await admit_change(context, session, locked, sandbox, next_state)
         # A start hands out a new preview token: links given out before it open nothing any more.
         rotated = {"preview_token": previews.new_preview_token()} if action == SandboxAction.START else {}
         try:
             changed = await transition(
                 session,
                 sandbox,
-                (target_from or {}).get(current, target),
+                next_state,
                 desired_state=desired.value,
                 error_reason=None,
                 **rotated,
@@ -499,8 +538,10 @@ async def snapshot_sandbox(context: ApiContext, organization_id: str, id_or_name
         if taken.first() is not None:
             raise conflict(f"Snapshot with name {name} already exists")
         snapshot = _snapshot_row(sandbox, name, hidden=False)
-        session.add(snapshot)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            await quotas.check_snapshot_count(session, context.settings, locked)
+            session.add(snapshot)
+            await session.commit()
     await _request_commit(context, sandbox, snapshot)
     return snapshot
 
@@ -570,9 +611,11 @@ async def fork_sandbox(
             auto_delete_interval=parent.auto_delete_interval,
             parent_id=parent.id,
         )
-        session.add(child)
-        record_created(session, child)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            await admit_new(context, session, locked, child)
+            session.add(child)
+            record_created(session, child)
+            await session.commit()
     await _request_commit(context, parent, snapshot)
     return await wait_for_state(context, child.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds)
 
@@ -616,12 +659,16 @@ async def delete_sandbox(
 async def recover_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
     """`POST /sandbox/{id}/recover` (behaviour spec "Recover"): only from `error` with `recoverable` true
     (400 otherwise; never automatic): the sandbox's container restarts, `error` → `starting` → `started`."""
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        quotas.organization_lock(session, organization_id) as locked,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
         if current != SandboxState.ERROR or not sandbox.recoverable:
             what = "its error is not recoverable" if current == SandboxState.ERROR else f"it is '{current}'"
             raise bad_request(f"Sandbox {sandbox.id} cannot be recovered: {what}")
+        await admit_change(context, session, locked, sandbox, SandboxState.STARTING)
         changed = await transition(
             session,
             sandbox,
@@ -646,25 +693,19 @@ async def resize_sandbox(
     disk (applied at its next start). Everything else is a 400 naming the rule; nothing changes then."""
     if request.cpu is None and request.memory is None and request.disk is None:
         raise bad_request("resize needs at least one of cpu, memory or disk")
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        quotas.organization_lock(session, organization_id) as organization,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
-        organization = await session.get(Organization, sandbox.organization_id)
-        assert organization is not None
-        limits = {
-            "cpu": organization.max_cpu_per_sandbox,
-            "memory": organization.max_memory_per_sandbox,
-            "disk": organization.max_disk_per_sandbox,
-        }
         wanted = {
             "cpu": sandbox.cpu if request.cpu is None else request.cpu,
             "memory": sandbox.memory if request.memory is None else request.memory,
             "disk": sandbox.disk if request.disk is None else request.disk,
         }
-        for name, value in wanted.items():
-            if value > limits[name]:
-                raise bad_request(
-                    f"{name} must be at most {limits[name]} (organization per-sandbox limit), got {value}"
-                )
+        quotas.check_per_sandbox(
+            quotas.limits_of(organization, context.settings), wanted["cpu"], wanted["memory"], wanted["disk"]
+        )
         if wanted["disk"] < sandbox.disk:
             raise bad_request(f"disk can only grow: it is {sandbox.disk} GiB, asked {wanted['disk']} GiB")
         current = SandboxState(sandbox.state)
@@ -681,6 +722,9 @@ async def resize_sandbox(
             raise bad_request(f"Sandbox {sandbox.id} cannot be resized in state '{current}'")
         if all(wanted[name] == getattr(sandbox, name) for name in wanted):
             return sandbox
+        next_state = SandboxState.RESIZING if current == SandboxState.STARTED else current
+        resources = (wanted["cpu"], wanted["memory"], wanted["disk"])
+        await admit_change(context, session, organization, sandbox, next_state, resources)
         sandbox.cpu, sandbox.memory, sandbox.disk = wanted["cpu"], wanted["memory"], wanted["disk"]
         sandbox.updated_at = utc_now()
         session.add(sandbox)

@@ -98,6 +98,10 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     # Organizations mint full-access keys: only a full-access key (of the admin organization) may.
     ("POST", "/api/organizations"): EVERY,
     ("DELETE", "/api/organizations/{organization_id}"): EVERY,
+    # Quotas and rate limits are the admin's to set (a full-access key of the admin organization).
+    ("PATCH", "/api/organizations/{organization_id}/quota"): EVERY,
+    # An organization's own usage: any of its keys (404 for another organization's, unless the admin's).
+    ("GET", "/api/organizations/{organization_id}/usage"): ANY_KEY,
     # Keys: checked against the caller's own scopes in the handler (never broader than itself).
     ("GET", "/api/api-keys"): ANY_KEY,
     ("POST", "/api/api-keys"): ANY_KEY,
