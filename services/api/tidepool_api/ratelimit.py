@@ -8,8 +8,8 @@ Three throttlers, each a fixed window per organization (as NestJS's throttler: `
 
 Every answer to an authenticated request carries `X-RateLimit-Limit-{t}`, `X-RateLimit-Remaining-{t}` and
 `X-RateLimit-Reset-{t}` (seconds) of its throttler; a request over the limit gets 429
-`{"statusCode":429,"message":"Rate limit exceeded","error":"Too Many Requests"}` with `Retry-After-{t}` and a
-plain `Retry-After` (seconds), which the SDK raises as `DaytonaRateLimitError`. It is refused before its
+`{"statusCode":429,"message":"Rate limit exceeded","error":"Too Many Requests"}` with `Retry-After-{t}`
+(seconds), which the SDK raises as `DaytonaRateLimitError`. It is refused before its
 audit record and its handler: it did nothing.
 
 Limits: the organization's own (`PATCH /organizations/{id}/quota`: `authenticatedRateLimit`,
@@ -143,8 +143,9 @@ class RateLimiter:
         }
         if hits >= rule.limit:
             headers[f"X-RateLimit-Remaining-{throttler}"] = "0"
+            # Only the suffixed form, as NestJS's throttler: a plain `Retry-After` makes the Python SDK's
+            # urllib3 sleep and resend silently instead of raising DaytonaRateLimitError.
             headers[f"Retry-After-{throttler}"] = str(reset)
-            headers["Retry-After"] = str(reset)
             raise RateLimited(headers)
         hits += 1
         self._windows[key] = (start, hits)
