@@ -7,7 +7,7 @@ when archived, in error or deleted). Stopping a sandbox frees its cpu and memory
 frees its disk, at once (the state write is the release).
 
 Admission is atomic under concurrent requests: `organization_lock` serializes the check-and-insert of one
-organization (PostgreSQL: `SELECT ... FOR UPDATE` on the organization row, held to the commit; SQLite,
+organization (PostgreSQL: `SELECT ... FOR NO KEY UPDATE` on the organization row, held to the commit; SQLite,
 embedded and single-process: an in-process lock per organization), so a burst cannot overshoot.
 
 Errors are Daytona's: 403 `Total CPU limit exceeded. Maximum allowed: 10.` (memory / disk alike), 403
@@ -276,7 +276,8 @@ async def organization_lock(session: AsyncSession, organization_id: str) -> Asyn
         await session.exec(
             select(Organization)
             .where(Organization.id == organization_id)
-            .with_for_update()
+            # NO KEY UPDATE: admissions exclude each other, inserts referencing the row (FK) still pass.
+            .with_for_update(key_share=True)
             .execution_options(populate_existing=True)
         )
     ).first()
