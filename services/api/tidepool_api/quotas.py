@@ -164,26 +164,23 @@ async def usage(session: AsyncSession, organization_id: str, exclude_id: str | N
     return Resources(int(cpu), int(memory), int(disk))
 
 
-def check_per_sandbox(limits: Limits, cpu: int, memory: int, disk: int) -> None:
-    """403 as Daytona's, for one sandbox over the organization's per-sandbox maxima."""
-    if cpu > limits.max_cpu_per_sandbox:
-        raise ApiError(
-            403,
-            f"CPU request {cpu} exceeds maximum allowed per sandbox ({limits.max_cpu_per_sandbox}).\n"
-            f"{PER_SANDBOX_MESSAGE}",
-        )
-    if memory > limits.max_memory_per_sandbox:
-        raise ApiError(
-            403,
-            f"Memory request {memory}GB exceeds maximum allowed per sandbox "
-            f"({limits.max_memory_per_sandbox}GB).\n{PER_SANDBOX_MESSAGE}",
-        )
-    if disk > limits.max_disk_per_sandbox:
-        raise ApiError(
-            403,
-            f"Disk request {disk}GB exceeds maximum allowed per sandbox ({limits.max_disk_per_sandbox}GB).\n"
-            f"{PER_SANDBOX_MESSAGE}",
-        )
+def check_per_sandbox(
+    organization: Organization, cpu: int, memory: int, disk: int, status_code: int = 403
+) -> None:
+    """403 as Daytona's create, for one sandbox over the organization's per-sandbox maxima (a resize
+    keeps its 400: `status_code`)."""
+    checks = (
+        ("CPU", cpu, organization.max_cpu_per_sandbox, ""),
+        ("Memory", memory, organization.max_memory_per_sandbox, "GB"),
+        ("Disk", disk, organization.max_disk_per_sandbox, "GB"),
+    )
+    for name, wanted, maximum, unit in checks:
+        if wanted > maximum:
+            raise ApiError(
+                status_code,
+                f"{name} request {wanted}{unit} exceeds maximum allowed per sandbox ({maximum}{unit}).\n"
+                f"{PER_SANDBOX_MESSAGE}",
+            )
 
 
 async def admit(

@@ -177,21 +177,11 @@ async def refresh_desired(context: ApiContext, sandbox: Sandbox) -> None:
 
 
 def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:
-    limits = {
-        "cpu": (request.cpu, organization.max_cpu_per_sandbox),
-        "memory": (request.memory, organization.max_memory_per_sandbox),
-        "disk": (request.disk, organization.max_disk_per_sandbox),
-    }
-    for name, (value, _) in limits.items():
+    for name, value in (("cpu", request.cpu), ("memory", request.memory), ("disk", request.disk)):
         if value is not None and value < 1:
             raise bad_request(f"{name} must be at least 1, got {value}")
     # Checked again on the final values (a snapshot's) at admission; this refuses before any build.
-    quotas.check_per_sandbox(
-        quotas.Limits(None, None, None, *(maximum for _, maximum in limits.values()), None, None, None),
-        request.cpu or 0,
-        request.memory or 0,
-        request.disk or 0,
-    )
+    quotas.check_per_sandbox(organization, request.cpu or 0, request.memory or 0, request.disk or 0)
     if request.gpu:
         raise bad_request("GPU sandboxes are not available on this installation")
     for name in ("auto_stop_interval", "auto_archive_interval"):
@@ -321,8 +311,7 @@ async def admit_new(
     context: ApiContext, session: AsyncSession, organization: Organization, sandbox: Sandbox
 ) -> None:
     """Quota admission of a sandbox about to be inserted (under `quotas.organization_lock`)."""
-    limits = quotas.limits_of(organization, context.settings)
-    quotas.check_per_sandbox(limits, sandbox.cpu, sandbox.memory, sandbox.disk)
+    quotas.check_per_sandbox(organization, sandbox.cpu, sandbox.memory, sandbox.disk)
     wanted = quotas.demand(sandbox.cpu, sandbox.memory, sandbox.disk, SandboxState(sandbox.state))
     await quotas.admit(session, context.settings, organization, quotas.Resources(), wanted)
 
@@ -703,9 +692,7 @@ async def resize_sandbox(
             "memory": sandbox.memory if request.memory is None else request.memory,
             "disk": sandbox.disk if request.disk is None else request.disk,
         }
-        quotas.check_per_sandbox(
-            quotas.limits_of(organization, context.settings), wanted["cpu"], wanted["memory"], wanted["disk"]
-        )
+        quotas.check_per_sandbox(organization, wanted["cpu"], wanted["memory"], wanted["disk"], 400)
         if wanted["disk"] < sandbox.disk:
             raise bad_request(f"disk can only grow: it is {sandbox.disk} GiB, asked {wanted['disk']} GiB")
         current = SandboxState(sandbox.state)
