@@ -367,6 +367,22 @@ class VolumeSettings(_Base):
     volume_limit_per_organization: int = 100
 
 
+class QuotaSettings(_Base):
+    """Organization quotas and API rate limits (behaviour spec "limits"); an organization's own values
+    (`PATCH /organizations/{id}/quota`) override these installation defaults."""
+
+    # Daytona's tier whose totals apply to an organization without its own (1..4; limits.mdx Resources).
+    quota_tier: int = 1
+    # Tier 1 memory: the docs say 10 GiB in one table and 20 in another (spec conflicts table: 10).
+    quota_tier1_memory_gib: int = 10
+    # Requests per window per organization, by throttler (`authenticated`, `sandbox-create`,
+    # `sandbox-lifecycle`); 0 = the tier's. The window is Daytona's minute unless a test shortens it.
+    rate_limit_authenticated: int = 0
+    rate_limit_sandbox_create: int = 0
+    rate_limit_sandbox_lifecycle: int = 0
+    rate_limit_window_seconds: float = 60.0
+
+
 class ObjectStorageBackendSettings(_Base):
     """Where the object-storage gateway stores: an external S3, given only to the gateway."""
 
@@ -467,6 +483,7 @@ class ApiSettings(
     PublicSshGatewaySettings,
     OtelSealSettings,
     WarmPoolSettings,
+    QuotaSettings,
 ):
     pass
 

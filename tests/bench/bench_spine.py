@@ -82,6 +82,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 
 def main() -> None:
     from tests.bench.bench_api import bench_api
+    from tests.bench.bench_apioverhead import bench_apioverhead
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_dashboard import bench_dashboard
     from tests.bench.bench_hops import bench_hops
@@ -99,6 +100,7 @@ def main() -> None:
     benches: list[tuple[str, BenchFunction]] = [
         ("spine", lambda daytona, _stack: bench(daytona)),
         ("api", lambda _daytona, stack: bench_api(stack)),
+        ("apioverhead", lambda _daytona, stack: bench_apioverhead(stack)),
         ("process", lambda daytona, _stack: bench_process(daytona)),
         ("deadlines", lambda daytona, _stack: bench_deadlines(daytona)),
         ("code", lambda daytona, _stack: bench_code(daytona)),

@@ -12,6 +12,7 @@ from tidepool_api.audit import AuditMiddleware
 from tidepool_api.context import ApiContext
 from tidepool_api.errors import install_error_handlers
 from tidepool_api.http_limits import BodyLimitMiddleware, NulGuardMiddleware
+from tidepool_api.ratelimit import RateLimitHeadersMiddleware
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes import (
     api_keys,
@@ -50,6 +51,8 @@ def create_app(context: ApiContext) -> FastAPI:
     app.add_middleware(NulGuardMiddleware)
     # Opens a trail for each write; the record is written once the key is known (routes.deps.get_principal).
     app.add_middleware(AuditMiddleware, database_of=lambda: context.database)
+    # Outermost: the throttler's X-RateLimit-* headers go on every answer, errors included.
+    app.add_middleware(RateLimitHeadersMiddleware)
     api = APIRouter(prefix="/api")
     api.include_router(platform.router)
     api.include_router(signing_router)  # before sandbox.router: its POST /{id}/{kind}/{minutes} would match

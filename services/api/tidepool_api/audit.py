@@ -64,6 +64,8 @@ def describe(method: str, path: str, path_params: dict[str, Any]) -> tuple[str, 
         action = "delete"
     elif method == "POST":
         action = "create"
+    elif method == "PATCH" and literals:
+        action = "update_" + "_".join(literals)  # Daytona's `update_quota`
     else:
         action = "_".join(literals) if literals else "update"
     return action, target_type, target_id

@@ -9,6 +9,7 @@ from functools import cached_property
 
 from tidepool_api.auth import Authenticator
 from tidepool_api.db import Database
+from tidepool_api.ratelimit import RateLimiter
 from tidepool_api.secrets_box import SecretBox
 from tidepool_runtime import sealing
 from tidepool_runtime.broker import Bus, KeyValue
@@ -53,6 +54,7 @@ class ApiContext:
     ssh_access_kv: KeyValue | None = None  # tidepool_api.ssh_access
     organization_telemetry_kv: KeyValue | None = None  # tidepool_api.otel_config
     waiters: StateWaiters = field(default_factory=StateWaiters)
+    rate_limiter: RateLimiter | None = None  # None: no rate limits (unit tests)
 
     @cached_property
     def signing_sealer(self) -> sealing.Sealer:

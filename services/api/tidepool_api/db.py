@@ -27,6 +27,20 @@ class Organization(SQLModel, table=True):
     max_cpu_per_sandbox: int = 4
     max_memory_per_sandbox: int = 8
     max_disk_per_sandbox: int = 10
+    # Quotas (behaviour spec "limits"); None = the installation's default (its tier, tidepool_api.quotas).
+    total_cpu_quota: int | None = None  # vCPU of sandboxes using compute
+    total_memory_quota: int | None = None  # GiB
+    total_disk_quota: int | None = None  # GiB of sandboxes using storage (not archived)
+    snapshot_quota: int | None = None
+    max_snapshot_size: int | None = None  # GB
+    volume_quota: int | None = None
+    # Rate-limit overrides: requests per `*_ttl_seconds` window (None = the installation's).
+    authenticated_rate_limit: int | None = None
+    sandbox_create_rate_limit: int | None = None
+    sandbox_lifecycle_rate_limit: int | None = None
+    authenticated_rate_limit_ttl_seconds: int | None = None
+    sandbox_create_rate_limit_ttl_seconds: int | None = None
+    sandbox_lifecycle_rate_limit_ttl_seconds: int | None = None
     # The operator's organization (created by the first start): it alone manages organizations.
     is_admin: bool = False
     # Set when the admin deletes the organization: its keys are revoked, its resources removed; the row

@@ -151,7 +151,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def handle_api_error(request: Request, error: ApiError) -> JsonResponse:
-        return error_response(request, error.status_code, error.message)
+        response = error_response(request, error.status_code, error.message)
+        response.headers.update(getattr(error, "headers", None) or {})  # e.g. Retry-After of a 429
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def handle_http_error(request: Request, error: StarletteHTTPException) -> JsonResponse:

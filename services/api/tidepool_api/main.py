@@ -23,6 +23,7 @@ from tidepool_api.db import Database
 from tidepool_api.http_limits import bounded_http_protocol
 from tidepool_api.live_events import SESSION_LIVE, LiveEvents
 from tidepool_api.migrate import migrate
+from tidepool_api.ratelimit import RateLimiter
 from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_api.subscribers import register
@@ -55,6 +56,7 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
         authenticator=Authenticator(database),
         secret_box=SecretBox(load_secret_key(settings)),
         organization_telemetry_kv=await bus.kv(channels.ORGANIZATION_TELEMETRY),
+        rate_limiter=RateLimiter(database, settings),
     )
     bus.add_publishers(register(bus.broker, context))
     await ensure_admin(context)

@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews, ssh_access, warm_pools
+from tidepool_api import previews, quotas, ssh_access, warm_pools
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -186,20 +186,11 @@ async def refresh_desired(context: ApiContext, sandbox: Sandbox) -> None:
 
 
 def validate_resources(request: CreateSandboxRequest, organization: Organization) -> None:
-    limits = {
-        "cpu": (request.cpu, organization.max_cpu_per_sandbox),
-        "memory": (request.memory, organization.max_memory_per_sandbox),
-        "disk": (request.disk, organization.max_disk_per_sandbox),
-    }
-    for name, (value, maximum) in limits.items():
-        if value is None:
-            continue
-        if value < 1:
+    for name, value in (("cpu", request.cpu), ("memory", request.memory), ("disk", request.disk)):
+        if value is not None and value < 1:
             raise bad_request(f"{name} must be at least 1, got {value}")
-        if value > maximum:
-            raise bad_request(
-                f"{name} must be at most {maximum} (organization per-sandbox limit), got {value}"
-            )
+    # Checked again on the final values (a snapshot's) at admission; this refuses before any build.
+    quotas.check_per_sandbox(organization, request.cpu or 0, request.memory or 0, request.disk or 0)
     if request.gpu:
         raise bad_request("GPU sandboxes are not available on this installation")
     for name in ("auto_stop_interval", "auto_archive_interval"):
@@ -269,26 +260,38 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             auto_archive = MAX_AUTO_ARCHIVE if auto_archive == 0 else min(auto_archive, MAX_AUTO_ARCHIVE)
         auto_stop = DEFAULT_AUTO_STOP if request.auto_stop_interval is None else request.auto_stop_interval
         auto_delete = -1 if request.auto_delete_interval is None else request.auto_delete_interval
+        auto_archive = DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive
         if build is None:
-            claimed = await warm_pools.claim(
-                context,
-                session,
-                organization_id,
-                request,
-                snapshot,
-                {
-                    # Without a name the sandbox is named by its id, as a cold create names it.
-                    "name": request.name if request.name is not None else col(Sandbox.id),
-                    "labels": labels,
-                    "env": dict(request.env or {}),
-                    "public": bool(request.public),
-                    "auto_stop_interval": auto_stop,
-                    "auto_archive_interval": DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
-                    "auto_delete_interval": auto_delete,
-                },
-            )
+            # A claimed sandbox counts against the quota as a cold create would: admitted under the same lock.
+            async with quotas.organization_lock(session, organization_id) as locked:
+                quotas.check_per_sandbox(locked, snapshot.cpu, snapshot.memory, snapshot.disk)
+                claimed = await warm_pools.claim(
+                    context,
+                    session,
+                    organization_id,
+                    request,
+                    snapshot,
+                    {
+                        # Without a name the sandbox is named by its id, as a cold create names it.
+                        "name": request.name if request.name is not None else col(Sandbox.id),
+                        "labels": labels,
+                        "env": dict(request.env or {}),
+                        "public": bool(request.public),
+                        "auto_stop_interval": auto_stop,
+                        "auto_archive_interval": auto_archive,
+                        "auto_delete_interval": auto_delete,
+                    },
+                )
+                if claimed is not None:
+                    wanted = quotas.demand(claimed.cpu, claimed.memory, claimed.disk, SandboxState.STARTED)
+                    try:
+                        settings, none = context.settings, quotas.Resources()
+                        await quotas.admit(session, settings, locked, none, wanted, exclude_id=claimed.id)
+                    except ApiError:
+                        await session.rollback()  # the member goes back to the pool
+                        raise
+                    await session.commit()
             if claimed is not None:
-                await session.commit()
                 return await _finish_claim(context, claimed)
         waits_for_build = build is not None and build.state != SnapshotState.ACTIVE.value
         initial_state = SandboxState.PENDING_BUILD if waits_for_build else SandboxState.CREATING
@@ -317,13 +320,16 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             domain_allow_list=None if request.network_block_all else request.domain_allow_list or None,
             target=request.target or context.settings.runner_region,
             auto_stop_interval=auto_stop,
-            auto_archive_interval=DEFAULT_AUTO_ARCHIVE if auto_archive is None else auto_archive,
+            auto_archive_interval=auto_archive,
             auto_delete_interval=auto_delete,
             volumes=mounts,
         )
-        session.add(sandbox)
-        record_created(session, sandbox)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            # Check, insert and commit under the organization's lock: a burst cannot overshoot.
+            await admit_new(context, session, locked, sandbox)
+            session.add(sandbox)
+            record_created(session, sandbox)
+            await session.commit()
     if sandbox.state == SandboxState.PENDING_BUILD:
         # The create intent follows when the builder reports the image ready (see events.py); the image may
         # have become ready while this row was being written, so check once more now.
@@ -364,6 +370,15 @@ async def _finish_claim(context: ApiContext, sandbox: Sandbox) -> Sandbox:
     )
 
 
+async def admit_new(
+    context: ApiContext, session: AsyncSession, organization: Organization, sandbox: Sandbox
+) -> None:
+    """Quota admission of a sandbox about to be inserted (under `quotas.organization_lock`)."""
+    quotas.check_per_sandbox(organization, sandbox.cpu, sandbox.memory, sandbox.disk)
+    wanted = quotas.demand(sandbox.cpu, sandbox.memory, sandbox.disk, SandboxState(sandbox.state))
+    await quotas.admit(session, context.settings, organization, quotas.Resources(), wanted)
+
+
 async def wait_for_state(
     context: ApiContext,
     sandbox_id: str,
@@ -396,6 +411,22 @@ async def wait_for_state(
         context.waiters.unregister(sandbox_id, wake)
 
 
+async def admit_change(
+    context: ApiContext,
+    session: AsyncSession,
+    organization: Organization,
+    sandbox: Sandbox,
+    next_state: SandboxState,
+    resources: tuple[int, int, int] | None = None,
+) -> None:
+    """Quota admission of a sandbox going to `next_state` (with new `resources` (cpu, memory, disk) for a
+    resize), under `quotas.organization_lock`."""
+    cpu, memory, disk = resources or (sandbox.cpu, sandbox.memory, sandbox.disk)
+    before = quotas.demand(sandbox.cpu, sandbox.memory, sandbox.disk, SandboxState(sandbox.state))
+    after = quotas.demand(cpu, memory, disk, next_state)
+    await quotas.admit(session, context.settings, organization, before, after, exclude_id=sandbox.id)
+
+
 async def change_state(
     context: ApiContext,
     organization_id: str,
@@ -413,7 +444,13 @@ async def change_state(
 ) -> Sandbox:
     """`target_from`: a different transitional state from some states (archived → restoring).
     `keep_forks_alive`: a DESTROY of a parent with live forks is refused (409)."""
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        # A start uses quota again (cpu and memory; disk too from an archive): admitted under the lock.
+        quotas.organization_lock(session, organization_id)
+        if action == SandboxAction.START
+        else contextlib.nullcontext() as locked,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
         if current in already and sandbox.desired_state == desired.value:
@@ -422,13 +459,16 @@ async def change_state(
             raise bad_request(f"Sandbox {sandbox.id} cannot be {verb} in state '{current}'")
         if action == SandboxAction.DESTROY and keep_forks_alive:
             await refuse_parent_of_live_forks(session, sandbox)
+        next_state = (target_from or {}).get(current, target)
+        if locked is not None:
+            await admit_change(context, session, locked, sandbox, next_state)
         # A start hands out a new preview token: links given out before it open nothing any more.
         rotated = {"preview_token": previews.new_preview_token()} if action == SandboxAction.START else {}
         try:
             changed = await transition(
                 session,
                 sandbox,
-                (target_from or {}).get(current, target),
+                next_state,
                 desired_state=desired.value,
                 error_reason=None,
                 **rotated,
@@ -559,8 +599,10 @@ async def snapshot_sandbox(context: ApiContext, organization_id: str, id_or_name
         if taken.first() is not None:
             raise conflict(f"Snapshot with name {name} already exists")
         snapshot = _snapshot_row(sandbox, name, hidden=False)
-        session.add(snapshot)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            await quotas.check_snapshot_count(session, context.settings, locked)
+            session.add(snapshot)
+            await session.commit()
     await _request_commit(context, sandbox, snapshot)
     return snapshot
 
@@ -632,9 +674,11 @@ async def fork_sandbox(
             auto_delete_interval=parent.auto_delete_interval,
             parent_id=parent.id,
         )
-        session.add(child)
-        record_created(session, child)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            await admit_new(context, session, locked, child)
+            session.add(child)
+            record_created(session, child)
+            await session.commit()
     await _request_commit(context, parent, snapshot)
     return await wait_for_state(context, child.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds)
 
@@ -678,12 +722,16 @@ async def delete_sandbox(
 async def recover_sandbox(context: ApiContext, organization_id: str, id_or_name: str) -> Sandbox:
     """`POST /sandbox/{id}/recover` (behaviour spec "Recover"): only from `error` with `recoverable` true
     (400 otherwise; never automatic): the sandbox's container restarts, `error` → `starting` → `started`."""
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        quotas.organization_lock(session, organization_id) as locked,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
         current = SandboxState(sandbox.state)
         if current != SandboxState.ERROR or not sandbox.recoverable:
             what = "its error is not recoverable" if current == SandboxState.ERROR else f"it is '{current}'"
             raise bad_request(f"Sandbox {sandbox.id} cannot be recovered: {what}")
+        await admit_change(context, session, locked, sandbox, SandboxState.STARTING)
         changed = await transition(
             session,
             sandbox,
@@ -708,25 +756,17 @@ async def resize_sandbox(
     disk (applied at its next start). Everything else is a 400 naming the rule; nothing changes then."""
     if request.cpu is None and request.memory is None and request.disk is None:
         raise bad_request("resize needs at least one of cpu, memory or disk")
-    async with context.database.sessions() as session:
+    async with (
+        context.database.sessions() as session,
+        quotas.organization_lock(session, organization_id) as organization,
+    ):
         sandbox = await find_sandbox(session, organization_id, id_or_name)
-        organization = await session.get(Organization, sandbox.organization_id)
-        assert organization is not None
-        limits = {
-            "cpu": organization.max_cpu_per_sandbox,
-            "memory": organization.max_memory_per_sandbox,
-            "disk": organization.max_disk_per_sandbox,
-        }
         wanted = {
             "cpu": sandbox.cpu if request.cpu is None else request.cpu,
             "memory": sandbox.memory if request.memory is None else request.memory,
             "disk": sandbox.disk if request.disk is None else request.disk,
         }
-        for name, value in wanted.items():
-            if value > limits[name]:
-                raise bad_request(
-                    f"{name} must be at most {limits[name]} (organization per-sandbox limit), got {value}"
-                )
+        quotas.check_per_sandbox(organization, wanted["cpu"], wanted["memory"], wanted["disk"], 400)
         if wanted["disk"] < sandbox.disk:
             raise bad_request(f"disk can only grow: it is {sandbox.disk} GiB, asked {wanted['disk']} GiB")
         current = SandboxState(sandbox.state)
@@ -743,6 +783,9 @@ async def resize_sandbox(
             raise bad_request(f"Sandbox {sandbox.id} cannot be resized in state '{current}'")
         if all(wanted[name] == getattr(sandbox, name) for name in wanted):
             return sandbox
+        next_state = SandboxState.RESIZING if current == SandboxState.STARTED else current
+        resources = (wanted["cpu"], wanted["memory"], wanted["disk"])
+        await admit_change(context, session, organization, sandbox, next_state, resources)
         sandbox.cpu, sandbox.memory, sandbox.disk = wanted["cpu"], wanted["memory"], wanted["disk"]
         sandbox.updated_at = utc_now()
         session.add(sandbox)

@@ -12,6 +12,7 @@ from sqlalchemy import or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tidepool_api import quotas
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -178,8 +179,10 @@ async def create_snapshot(context: ApiContext, organization_id: str, body: Creat
             memory=body.memory or 1,
             disk=body.disk or 3,
         )
-        session.add(snapshot)
-        await session.commit()
+        async with quotas.organization_lock(session, organization_id) as locked:
+            await quotas.check_snapshot_count(session, context.settings, locked)
+            session.add(snapshot)
+            await session.commit()
     await request_build(context, snapshot)
     return snapshot
 

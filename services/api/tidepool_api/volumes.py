@@ -19,9 +19,10 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, func, or_, select
+from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from tidepool_api import quotas
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Volume
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -216,18 +217,11 @@ def require_storage(settings: ApiSettings) -> None:
 async def create_volume(context: ApiContext, organization_id: str, name: str) -> Volume:
     settings = context.settings
     require_storage(settings)
-    async with context.database.sessions() as session:
-        live = (
-            await session.exec(
-                select(func.count())
-                .select_from(Volume)
-                .where(Volume.organization_id == organization_id, Volume.state != DELETED)
-            )
-        ).one()
-        if live >= settings.volume_limit_per_organization:
-            raise bad_request(
-                f"Volume quota exceeded: at most {settings.volume_limit_per_organization} volumes"
-            )
+    async with (
+        context.database.sessions() as session,
+        quotas.organization_lock(session, organization_id) as organization,
+    ):
+        await quotas.check_volume_count(session, settings, organization, DELETED)
         volume = Volume(id=str(uuid.uuid4()), organization_id=organization_id, name=name, state=CREATING)
         session.add(volume)
         try:

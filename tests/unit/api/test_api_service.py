@@ -138,7 +138,8 @@ async def test_runner_events_drive_the_state_machine(api) -> None:  # type: igno
     [
         ('{"cpu": 0}', 400, "cpu: Input should be greater than or equal to 1"),
         ('{"memory": -1}', 400, "memory: Input should be greater than or equal to 1"),
-        ('{"cpu": 64}', 400, "at most 4"),
+        # Daytona's per-sandbox limit: 403 (ForbiddenException), naming the organization's maximum.
+        ('{"cpu": 64}', 403, "CPU request 64 exceeds maximum allowed per sandbox (4)."),
         ('{"snapshot": "nope"}', 400, "Snapshot nope not found"),
         ("{not json", 400, "not valid JSON"),
         ("[1]", 400, "JSON object"),

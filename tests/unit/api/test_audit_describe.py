@@ -30,6 +30,12 @@ from tidepool_api.audit import describe
         ("PATCH", "/api/docker-registry/r1", {"registry_id": "r1"}, ("update", "docker_registry", "r1")),
         ("DELETE", "/api/api-keys/ci", {"name": "ci"}, ("delete", "api_key", "ci")),
         ("POST", "/api/volumes", {}, ("create", "volume", None)),
+        (
+            "PATCH",
+            "/api/organizations/o1/quota",
+            {"organization_id": "o1"},
+            ("update_quota", "organization", "o1"),
+        ),
     ],
 )
 def test_describe(method: str, path: str, params: dict[str, object], expected: tuple[str, ...]) -> None:

@@ -108,6 +108,10 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/api/organizations/{organization_id}/otel-config"): EVERY,
     ("PUT", "/api/organizations/{organization_id}/otel-config"): EVERY,
     ("DELETE", "/api/organizations/{organization_id}/otel-config"): EVERY,
+    # Quotas and rate limits are the admin's to set (a full-access key of the admin organization).
+    ("PATCH", "/api/organizations/{organization_id}/quota"): EVERY,
+    # An organization's own usage: any of its keys (404 for another organization's, unless the admin's).
+    ("GET", "/api/organizations/{organization_id}/usage"): ANY_KEY,
     # Keys: checked against the caller's own scopes in the handler (never broader than itself).
     ("GET", "/api/api-keys"): ANY_KEY,
     ("POST", "/api/api-keys"): ANY_KEY,

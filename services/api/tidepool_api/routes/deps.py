@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute
 from tidepool_api.auth import Principal
 from tidepool_api.context import ApiContext
 from tidepool_api.errors import ApiError
+from tidepool_api.ratelimit import STATE_KEY
 from tidepool_api.schemas import error_responses
 from tidepool_contracts.permissions import Permission, missing
 
@@ -35,6 +36,11 @@ def get_context(request: Request) -> ApiContext:
 async def get_principal(request: Request) -> Principal:
     context: ApiContext = request.app.state.context
     principal = await context.authenticator.authenticate(request)
+    # Throttled before the audit record and the handler: a refused request does nothing (ratelimit.py).
+    limiter = getattr(context, "rate_limiter", None)  # absent in unit tests' stand-in contexts
+    if limiter is not None:
+        headers = await limiter.hit(principal, request.method, request.url.path)
+        setattr(request.state, STATE_KEY, headers)
     # A write is recorded (tidepool_api.audit) before its handler runs: no write goes unaudited.
     trail = getattr(request.state, "audit", None)
     if trail is not None:

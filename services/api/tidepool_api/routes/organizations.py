@@ -16,11 +16,12 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import AfterValidator, Field, StrictStr
 
-from tidepool_api import organizations, otel_config
+from tidepool_api import organizations, otel_config, quotas
 from tidepool_api.db import Organization
+from tidepool_api.errors import not_found
 from tidepool_api.responses import JsonResponse
 from tidepool_api.routes.api_keys import ApiKeyDto, issue_key, key_dto
-from tidepool_api.routes.deps import Context, FullAccess
+from tidepool_api.routes.deps import Caller, Context, FullAccess
 from tidepool_api.schemas import PlainName, WireModel, error_responses, invalid, iso
 from tidepool_contracts.permissions import ALL_PERMISSIONS
 
@@ -163,3 +164,133 @@ async def delete_otel_config(context: Context, caller: FullAccess, organization_
     """Stop exporting to the organization's destination (idempotent); 404 for another organization."""
     await otel_config.set_config(context, caller.organization_id, organization_id, None, {})
     return Response(status_code=204)
+
+
+QUOTA_FIELDS = (
+    "total_cpu_quota",
+    "total_memory_quota",
+    "total_disk_quota",
+    "max_cpu_per_sandbox",
+    "max_memory_per_sandbox",
+    "max_disk_per_sandbox",
+    "snapshot_quota",
+    "max_snapshot_size",
+    "volume_quota",
+    "authenticated_rate_limit",
+    "sandbox_create_rate_limit",
+    "sandbox_lifecycle_rate_limit",
+    "authenticated_rate_limit_ttl_seconds",
+    "sandbox_create_rate_limit_ttl_seconds",
+    "sandbox_lifecycle_rate_limit_ttl_seconds",
+)
+# The per-sandbox maxima always have a value (Daytona's org columns): null puts the default back.
+PER_SANDBOX_DEFAULTS = {"max_cpu_per_sandbox": 4, "max_memory_per_sandbox": 8, "max_disk_per_sandbox": 10}
+Quantity = Annotated[int | None, Field(ge=0, le=1_000_000)]
+
+
+class UpdateOrganizationQuotaRequest(WireModel):
+    """Daytona's `UpdateOrganizationQuota` (nullable fields), plus the totals Daytona keeps per region
+    (`totalCpuQuota` vCPU, `totalMemoryQuota` GiB, `totalDiskQuota` GiB: one region here). A field left
+    out is unchanged; `null` puts the installation's default back (its tier, `TIDEPOOL_QUOTA_TIER`)."""
+
+    total_cpu_quota: Quantity = None
+    total_memory_quota: Quantity = None
+    total_disk_quota: Quantity = None
+    max_cpu_per_sandbox: Quantity = None
+    max_memory_per_sandbox: Quantity = None
+    max_disk_per_sandbox: Quantity = None
+    snapshot_quota: Quantity = None
+    max_snapshot_size: Quantity = None
+    volume_quota: Quantity = None
+    authenticated_rate_limit: Quantity = None
+    sandbox_create_rate_limit: Quantity = None
+    sandbox_lifecycle_rate_limit: Quantity = None
+    authenticated_rate_limit_ttl_seconds: Quantity = None
+    sandbox_create_rate_limit_ttl_seconds: Quantity = None
+    sandbox_lifecycle_rate_limit_ttl_seconds: Quantity = None
+
+
+class OrganizationUsageDto(WireModel):
+    """What the organization may use and uses now (`null` quota: unlimited). cpu in vCPU, memory and disk
+    in GiB, snapshot size in GB."""
+
+    total_cpu_quota: int | None
+    total_memory_quota: int | None
+    total_disk_quota: int | None
+    current_cpu_usage: int
+    current_memory_usage: int
+    current_disk_usage: int
+    max_cpu_per_sandbox: int
+    max_memory_per_sandbox: int
+    max_disk_per_sandbox: int
+    total_snapshot_quota: int | None
+    current_snapshot_usage: int
+    max_snapshot_size: int | None
+    total_volume_quota: int | None
+    current_volume_usage: int
+
+
+@router.patch(
+    "/organizations/{organization_id}/quota",
+    response_model=OrganizationUsageDto,
+    responses=error_responses(400, 403, 404),
+)
+async def update_quota(
+    context: Context, caller: FullAccess, organization_id: str, body: UpdateOrganizationQuotaRequest
+) -> JsonResponse:
+    """Admin only (403 otherwise): set an organization's quotas and rate limits (Daytona's
+    `PATCH /organizations/{id}/quota`); answers its usage with the new limits. 404: unknown or deleted."""
+    await organizations.require_admin(context, caller.organization_id)
+    given = body.model_fields_set & set(QUOTA_FIELDS)
+    async with context.database.sessions() as session:
+        organization = await session.get(Organization, organization_id)
+        if organization is None or organization.deleted_at is not None:
+            raise not_found(f"Organization {organization_id} not found")
+        for name in given:
+            value = getattr(body, name)
+            setattr(organization, name, PER_SANDBOX_DEFAULTS.get(name) if value is None else value)
+        session.add(organization)
+        await session.commit()
+    if context.rate_limiter is not None:
+        context.rate_limiter.forget(organization_id)  # new rate limits apply at once
+    return JsonResponse(content=await organization_usage(context, organization_id))
+
+
+@router.get(
+    "/organizations/{organization_id}/usage",
+    response_model=OrganizationUsageDto,
+    responses=error_responses(404),
+)
+async def get_usage(context: Context, caller: Caller, organization_id: str) -> JsonResponse:
+    """The organization's quotas and current usage: its own keys, or the admin's (404 for any other)."""
+    if caller.organization_id != organization_id and not await organizations.is_admin(
+        context, caller.organization_id
+    ):
+        raise not_found(f"Organization {organization_id} not found")
+    return JsonResponse(content=await organization_usage(context, organization_id))
+
+
+async def organization_usage(context: Context, organization_id: str) -> dict[str, object]:
+    async with context.database.sessions() as session:
+        organization = await session.get(Organization, organization_id)
+        if organization is None or organization.deleted_at is not None:
+            raise not_found(f"Organization {organization_id} not found")
+        limits = quotas.limits_of(organization, context.settings)
+        used = await quotas.usage(session, organization_id)
+        snapshots, volumes = await quotas.counts(session, organization_id)
+    return OrganizationUsageDto(
+        total_cpu_quota=limits.total_cpu,
+        total_memory_quota=limits.total_memory,
+        total_disk_quota=limits.total_disk,
+        current_cpu_usage=used.cpu,
+        current_memory_usage=used.memory,
+        current_disk_usage=used.disk,
+        max_cpu_per_sandbox=limits.max_cpu_per_sandbox,
+        max_memory_per_sandbox=limits.max_memory_per_sandbox,
+        max_disk_per_sandbox=limits.max_disk_per_sandbox,
+        total_snapshot_quota=limits.snapshot_quota,
+        current_snapshot_usage=snapshots,
+        max_snapshot_size=limits.max_snapshot_size,
+        total_volume_quota=limits.volume_quota,
+        current_volume_usage=volumes,
+    ).model_dump(by_alias=True)
