@@ -26,7 +26,7 @@ class DaemonContext:
         return cls(
             work_dir=os.getcwd(),
             home_dir=_home_dir(),
-            base_env=dict(os.environ),
+            base_env=_environment_as_started(),
             entrypoint=tuple(entrypoint),
         )
 
@@ -54,6 +54,22 @@ class DaemonContext:
                 400, f"path is not valid for this filesystem: {raw_path!r}", INVALID_FILE_PATH
             ) from None
         return os.path.normpath(os.path.join(self.work_dir, raw_path))
+
+
+def _environment_as_started() -> dict[str, str]:
+    """os.environ without what CPython itself added: with a C locale it sets LC_CTYPE=C.UTF-8 (PEP 538
+    locale coercion, which `-I` cannot turn off), and that must not reach user processes (issue #15). The
+    process's environment as exec'd (/proc/self/environ) tells whether LC_CTYPE was the container's."""
+    env = dict(os.environ)
+    if "LC_CTYPE" in env:
+        try:
+            with open("/proc/self/environ", "rb") as initial:
+                started_with = {entry.split(b"=", 1)[0] for entry in initial.read().split(b"\0")}
+        except OSError:
+            return env
+        if b"LC_CTYPE" not in started_with:
+            del env["LC_CTYPE"]
+    return env
 
 
 def _home_dir() -> str:

@@ -165,10 +165,15 @@ class _Worker:
 
 
 def _python_executable() -> str:
+    """The image's python3 (never the toolbox's own runtime); DaemonError 400 naming it when there is none."""
     import shutil
-    import sys
 
-    return shutil.which("python3") or sys.executable or "python3"
+    python = shutil.which("python3")
+    if python is None:
+        raise DaemonError(
+            400, "the code interpreter needs python3, but this sandbox's image has none on PATH"
+        )
+    return python
 
 
 @dataclass

@@ -37,7 +37,6 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -49,6 +48,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
+from .own_python import own_python, require_shell
 from .process import COMMAND_SHELL
 from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -150,13 +150,14 @@ class PtySession:
         with self._lock:
             if self._process is not None or self.exited.is_set():
                 return
+            require_shell(COMMAND_SHELL, "a PTY session")
             master, slave = os.openpty()
             try:
                 _set_window_size(master, self.cols, self.rows)
                 os.set_inheritable(slave, False)
                 self._oom = OomWatch()
                 self._process = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _CTTY_HELPER, COMMAND_SHELL],
+                    [*own_python(), "-I", "-S", "-c", _CTTY_HELPER, COMMAND_SHELL],
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,

@@ -44,7 +44,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -57,6 +56,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
+from .own_python import own_python, require_shell
 from .process import COMMAND_SHELL
 from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -300,10 +300,11 @@ class Session:
     def _ensure_shell(self) -> subprocess.Popen[bytes]:
         if self._shell is not None:
             return self._shell
+        require_shell(COMMAND_SHELL, "a session command")
         try:
             shell = subprocess.Popen(
                 # A child subreaper: orphans of its commands stay in its tree (see proctree.py).
-                [sys.executable, "-I", "-S", "-c", SUBREAPER_EXEC_HELPER, COMMAND_SHELL],
+                [*own_python(), "-I", "-S", "-c", SUBREAPER_EXEC_HELPER, COMMAND_SHELL],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

@@ -1,0 +1,38 @@
+"""How the daemon starts its own interpreter again, and what it needs of the image (issue #15).
+
+The daemon runs on the runtime the runner stages read-only at /opt/tidepool/runtime (see the runner's
+toolbox_runtime.py): `lib/ld.so --library-path lib bin/python3`. Its `bin/python3` started directly would use
+the image's dynamic loader and libraries (or fail on a musl or static image), so helper processes (session
+and PTY shells' helpers, bounded jobs) are started through `own_python()`. No environment variable is
+involved, so user processes inherit nothing of the runtime.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import DaemonError
+
+RUNTIME_LOADER = os.path.join("lib", "ld.so")
+RUNTIME_LIBRARY_DIR = "lib"
+
+
+def own_python() -> list[str]:
+    """argv prefix running the daemon's interpreter: through the staged runtime's loader when the daemon
+    runs from one, else `sys.executable` (a daemon started by hand or in unit tests)."""
+    root = os.path.dirname(os.path.dirname(sys.executable))
+    loader = os.path.join(root, RUNTIME_LOADER)
+    if os.path.isfile(loader):
+        return [loader, "--library-path", os.path.join(root, RUNTIME_LIBRARY_DIR), sys.executable]
+    return [sys.executable]
+
+
+def require_shell(shell: str, feature: str) -> None:
+    """Raise a DaemonError naming the missing shell when the image has none (distroless-style images).
+
+    Shape: 400 `"<feature> needs a shell, but this sandbox's image has no <shell> (nor /bin/bash)"`."""
+    if not os.path.exists(shell):
+        raise DaemonError(
+            400, f"{feature} needs a shell, but this sandbox's image has no {shell} (nor /bin/bash)"
+        )
