@@ -662,7 +662,10 @@ class SessionService:
         if context.entrypoint:
             # Like upstream: the image's own entrypoint runs in a session whose logs the SDK can read.
             self._entrypoint = Session(ENTRYPOINT_SESSION_ID, context)
-            self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
+            try:
+                self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
+            except DaemonError as error:  # an image without a shell: the toolbox still serves the rest
+                logger.error("the image's entrypoint cannot run: %s", error.message)
 
     def _session(self, request: Request) -> Session:
         session_id = request.path_params["sessionId"]
