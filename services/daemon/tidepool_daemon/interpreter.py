@@ -329,6 +329,8 @@ class InterpreterService:
         threading.Thread(target=_receive_until_closed, args=(ws,), name="interpreter-ws", daemon=True).start()
         try:
             self.run(interpreter_context, code, envs, timeout, send)
+        except DaemonError as exc:  # e.g. no python3 in the image: the execution's error, not a crash
+            send(_error_event("InterpreterUnavailable", exc.message))
         except ExecutionTimeout:
             ws.close(CLOSE_TIMEOUT, "execution timed out")
             return

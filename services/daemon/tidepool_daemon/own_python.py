@@ -28,6 +28,27 @@ def own_python() -> list[str]:
     return [sys.executable]
 
 
+# Prepended to helper code: CPython's locale coercion (PEP 538) sets LC_CTYPE=C.UTF-8 in a helper started
+# with a C locale, and the helper execs the user's shell with that environment. Drop it unless the helper
+# was given it (its environment as exec'd: /proc/self/environ; the helper runs as the user, so readable).
+_DROP_COERCED_LOCALE = (
+    "import os\n"
+    "try:\n"
+    "    with open('/proc/self/environ', 'rb') as _f:\n"
+    "        _given = {_e.split(b'=', 1)[0] for _e in _f.read().split(b'\\0')}\n"
+    "    if b'LC_CTYPE' not in _given:\n"
+    "        os.environ.pop('LC_CTYPE', None)\n"
+    "except OSError:\n"
+    "    pass\n"
+)
+
+
+def own_python_helper(code: str, *args: str) -> list[str]:
+    """argv running `code` (a `-c` helper that execs a user program) on the daemon's interpreter, leaving
+    the user program's environment exactly as the helper was given it."""
+    return [*own_python(), "-I", "-S", "-c", _DROP_COERCED_LOCALE + code, *args]
+
+
 def require_shell(shell: str, feature: str) -> None:
     """Raise a DaemonError naming the missing shell when the image has none (distroless-style images).
 

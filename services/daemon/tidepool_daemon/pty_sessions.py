@@ -48,7 +48,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
-from .own_python import own_python, require_shell
+from .own_python import own_python_helper, require_shell
 from .process import COMMAND_SHELL
 from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -157,7 +157,7 @@ class PtySession:
                 os.set_inheritable(slave, False)
                 self._oom = OomWatch()
                 self._process = subprocess.Popen(
-                    [*own_python(), "-I", "-S", "-c", _CTTY_HELPER, COMMAND_SHELL],
+                    own_python_helper(_CTTY_HELPER, COMMAND_SHELL),
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
@@ -384,6 +384,7 @@ class PtyService:
         if not isinstance(session_id, str) or len(session_id) > MAX_ID_LENGTH or "/" in session_id:
             raise bad_request("id must be a string of at most 256 characters without '/'")
         resolved_cwd = self._context.resolve_cwd(cwd)
+        require_shell(COMMAND_SHELL, "a PTY session")  # here too: a lazy start's error never reaches the SDK
         env = effective_environment(self._context)
         env.setdefault("TERM", "xterm-256color")
         env.update(envs)

@@ -56,7 +56,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
-from .own_python import own_python, require_shell
+from .own_python import own_python_helper, require_shell
 from .process import COMMAND_SHELL
 from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -304,7 +304,7 @@ class Session:
         try:
             shell = subprocess.Popen(
                 # A child subreaper: orphans of its commands stay in its tree (see proctree.py).
-                [*own_python(), "-I", "-S", "-c", SUBREAPER_EXEC_HELPER, COMMAND_SHELL],
+                own_python_helper(SUBREAPER_EXEC_HELPER, COMMAND_SHELL),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
