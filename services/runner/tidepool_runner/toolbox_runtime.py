@@ -23,7 +23,6 @@ from __future__ import annotations
 import compileall
 import hashlib
 import os
-import py_compile
 import re
 import shutil
 import struct
@@ -53,7 +52,6 @@ STDLIB_SKIPPED_DIRS = frozenset(
         "pydoc_data",
         "site-packages",
         "dist-packages",
-        "__pycache__",
     }
 )
 # Extension modules left out: test helpers and those pulling in X11, curses or NIS libraries.
@@ -119,17 +117,20 @@ def _build(root: Path, interpreter: Path) -> None:
     shutil.copy2(loader, root / RUNTIME_LOADER)
     for soname, path in _shared_libraries(loader, [interpreter, *extensions]).items():
         shutil.copy2(path, lib / soname)
-    # Bytecode next to the sources, never revalidated: the copy is read-only inside sandboxes.
-    compileall.compile_dir(
-        target_stdlib, quiet=1, workers=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH
-    )
+    # Bytecode next to the sources (the copy is read-only inside sandboxes): the interpreter's own compiled
+    # files were copied with their sources' mtimes, so only missing ones are compiled here (seconds saved
+    # on every runner start on a fresh tmpfs).
+    compileall.compile_dir(target_stdlib, quiet=1, workers=1)
 
 
 def _stdlib_ignore(directory: str, names: list[str]) -> set[str]:
     ignored = {name for name in names if name in STDLIB_SKIPPED_DIRS or name.startswith("config-")}
     if os.path.basename(directory) == "lib-dynload":
         ignored.update(names)  # copied selectively by _build
-    ignored.update(name for name in names if name.endswith((".pyc", ".exe", ".a")))
+    ignored.update(name for name in names if name.endswith((".exe", ".a")))
+    if os.path.basename(directory) == "__pycache__":
+        # This interpreter's unoptimised bytecode only (no other versions, no -O/-OO files).
+        ignored.update(name for name in names if not name.endswith(f".{sys.implementation.cache_tag}.pyc"))
     return ignored
 
 
