@@ -49,11 +49,16 @@ def own_python_helper(code: str, *args: str) -> list[str]:
     return [*own_python(), "-I", "-S", "-c", _DROP_COERCED_LOCALE + code, *args]
 
 
-def require_shell(shell: str, feature: str) -> None:
-    """Raise a DaemonError naming the missing shell when the image has none (distroless-style images).
+def missing_shell(shell: str, feature: str) -> str | None:
+    """None when `shell` exists, else the message naming it: `"<feature> needs a shell, but this sandbox's
+    image has no <shell> (nor /bin/bash)"` (distroless-style images)."""
+    if os.path.exists(shell):
+        return None
+    return f"{feature} needs a shell, but this sandbox's image has no {shell} (nor /bin/bash)"
 
-    Shape: 400 `"<feature> needs a shell, but this sandbox's image has no <shell> (nor /bin/bash)"`."""
-    if not os.path.exists(shell):
-        raise DaemonError(
-            400, f"{feature} needs a shell, but this sandbox's image has no {shell} (nor /bin/bash)"
-        )
+
+def require_shell(shell: str, feature: str) -> None:
+    """Raise DaemonError 400 with missing_shell()'s message when the image has no `shell`."""
+    message = missing_shell(shell, feature)
+    if message is not None:
+        raise DaemonError(400, message)

@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
-from .own_python import own_python_helper, require_shell
+from .own_python import missing_shell, own_python_helper, require_shell
 from .process import COMMAND_SHELL
 from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -412,6 +413,10 @@ class PtyService:
         protocol = _exit_control_protocol(request)
         # Validate the handshake before creating anything, so a bad upgrade leaves no session behind.
         websocket_upgrade(request, _noop, protocol=protocol)
+        no_shell = missing_shell(COMMAND_SHELL, "a PTY session")
+        if no_shell is not None:
+            # The SDK shows nothing of a refused upgrade but its status: say it as its "error" control.
+            return websocket_upgrade(request, functools.partial(_refuse, no_shell), protocol=protocol)
         session = self._create(session_id, request.query_value("cwd"), envs, cols, rows, lazy_start=False)
         return websocket_upgrade(request, session.serve, protocol=protocol, greeting=CONNECTED_GREETING)
 
@@ -470,6 +475,11 @@ class PtyService:
 
 def _noop(ws: WebSocket) -> None:
     return None
+
+
+def _refuse(message: str, ws: WebSocket) -> None:
+    ws.send_text(json.dumps({"type": "control", "status": "error", "error": message}))
+    ws.close(1000)
 
 
 def _exit_control_protocol(request: Request) -> str | None:
