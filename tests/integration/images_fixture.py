@@ -3,6 +3,7 @@ name a declarative `Image` asks for (e.g. `Image.debian_slim("3.12")` → python
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,3 +51,85 @@ def ensure_python_slim_stand_in() -> str:
                 capture_output=True,
             )
     return PYTHON_SLIM
+
+
+# ----- images without the toolbox's needs (issue #15): built from Debian packages, no registry -----------
+
+# Under Docker Hub names, like the python stand-in: a tenant may not name another's `localhost/` image, and
+# the builder finds these locally without pulling.
+BUSYBOX_MUSL_IMAGE = "docker.io/tidepooltest/busybox-musl:1"
+DISTROLESS_IMAGE = "docker.io/tidepooltest/distroless:1"
+# Busybox applets linked into the Alpine stand-in (the ones the tests and the daemon's shells use).
+BUSYBOX_APPLETS = (
+    "sh ash cat echo env id ls mkdir printf pwd rm sleep stty true false whoami uname head tail grep"
+    " sed tr wc kill ps test [ readlink"
+)
+_ETC_FILES = {
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+    "etc/group": "root:x:0:\nnogroup:x:65534:\n",
+}
+
+
+def _debian_package(name: str, into: Path) -> None:
+    """Unpack Debian's package `name` (fetched by apt from the host's configured mirror) into `into`."""
+    with tempfile.TemporaryDirectory() as downloads:
+        subprocess.run(["apt-get", "download", name], cwd=downloads, check=True, capture_output=True)
+        (deb,) = Path(downloads).glob("*.deb")
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, capture_output=True)
+
+
+def _import_rootfs(rootfs: Path, name: str) -> None:
+    """`podman import` a folder as a one-layer image labelled with STAND_IN_VERSION."""
+    for relative, text in _ETC_FILES.items():
+        (rootfs / relative).parent.mkdir(parents=True, exist_ok=True)
+        (rootfs / relative).write_text(text)
+    for folder in ("tmp", "root", "home"):
+        (rootfs / folder).mkdir(exist_ok=True)
+    (rootfs / "tmp").chmod(0o1777)
+    with tempfile.TemporaryDirectory() as scratch:
+        tarball = Path(scratch) / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
+        subprocess.run(
+            [
+                "podman",
+                "import",
+                "--change",
+                f"LABEL io.tidepool.stand-in={STAND_IN_VERSION}",
+                str(tarball),
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+
+def ensure_busybox_musl_image() -> str:
+    """Stands for Alpine: no glibc at all. Debian's busybox-static as /bin/busybox (sh = its ash) and
+    Debian's musl loader at /lib/ld-musl-x86_64.so.1; nothing else."""
+    if not image_present(BUSYBOX_MUSL_IMAGE):
+        with tempfile.TemporaryDirectory() as work:
+            packages, rootfs = Path(work) / "packages", Path(work) / "rootfs"
+            for package in ("busybox-static", "musl"):
+                _debian_package(package, packages)
+            (rootfs / "bin").mkdir(parents=True)
+            (packages / "bin" / "busybox").rename(rootfs / "bin" / "busybox")
+            for applet in BUSYBOX_APPLETS.split():
+                (rootfs / "bin" / applet).symlink_to("busybox")
+            # musl's own layout: lib/ld-musl-x86_64.so.1 -> x86_64-linux-musl/libc.so, plus its path files.
+            shutil.copytree(packages / "lib", rootfs / "lib", symlinks=True)
+            shutil.copytree(packages / "etc", rootfs / "etc", symlinks=True)
+            _import_rootfs(rootfs, BUSYBOX_MUSL_IMAGE)
+    return BUSYBOX_MUSL_IMAGE
+
+
+def ensure_distroless_image() -> str:
+    """Distroless-style: one static program (Debian's busybox-static, under a name that is no shell) and the
+    /etc files; no shell, no python, no libc."""
+    if not image_present(DISTROLESS_IMAGE):
+        with tempfile.TemporaryDirectory() as work:
+            packages, rootfs = Path(work) / "packages", Path(work) / "rootfs"
+            _debian_package("busybox-static", packages)
+            (rootfs / "app").mkdir(parents=True)
+            (packages / "bin" / "busybox").rename(rootfs / "app" / "tool")
+            _import_rootfs(rootfs, DISTROLESS_IMAGE)
+    return DISTROLESS_IMAGE

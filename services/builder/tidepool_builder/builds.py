@@ -25,7 +25,6 @@ from tidepool_builder.images import (
     ensure_source_image,
     inspect_image,
     push_to_registry,
-    verify_toolbox_can_run,
 )
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
@@ -232,7 +231,6 @@ class Builder:
                 auth = await self.pull_credentials(job)
                 async with self.source_lock:
                     await ensure_source_image(self.docker, job.source_image, job.image_ref, auth)
-                await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
             except ImageUnusableError as error:
                 await self.report(job, SnapshotState.ERROR, str(error))
                 return
@@ -270,7 +268,6 @@ class Builder:
                 isolation=self.isolation,
                 cgroup_parent=cgroup_parent,
             )
-            await verify_toolbox_can_run(self.docker, self.settings, job.image_ref)
         except (BuildFailedError, ImageUnusableError, ContextHashMismatchError, SandboxNetworkError) as error:
             await self.fail(job, str(error))
             return

@@ -1,10 +1,8 @@
-"""Engine operations around builds: pulling a source image, inspecting it, proving it can run the toolbox."""
+"""Engine operations around builds: pulling a source image, inspecting it, pushing it to the registry."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
 from dataclasses import dataclass
 
 import aiodocker
@@ -12,16 +10,10 @@ import aiodocker
 from tidepool_runtime.image_refs import ImageReference, parse_reference
 
 # The builder reads only its own concerns (runtime settings.py); `Settings` here means those.
-from tidepool_runtime.settings import BuilderSettings as Settings
-
-VERIFY_MEMORY_BYTES = 512 * 1024**2
-VERIFY_PIDS_LIMIT = 64
-DELETE_RETRY_SECONDS = 30.0
-DELETE_RETRY_INTERVAL_SECONDS = 0.2
 
 
 class ImageUnusableError(Exception):
-    """The image exists but cannot host a sandbox (e.g. no python3 for the toolbox daemon)."""
+    """The image exists but cannot host a sandbox (e.g. it cannot be pulled)."""
 
 
 @dataclass(frozen=True)
@@ -109,65 +101,6 @@ async def ensure_source_image(
         name = reference.canonical
         with contextlib.suppress(aiodocker.DockerError):
             await docker.images.delete(name)  # only a name: `ref` still holds the image
-
-
-async def verify_toolbox_can_run(docker: aiodocker.Docker, settings: Settings, ref: str) -> None:
-    """The daemon runs on the image's own python3: refuse images without one instead of failing later.
-
-    The image's python3 is tenant code: it runs confined like a sandbox (private user namespace, no
-    capabilities, no network, bounded memory and processes).
-    """
-    config = {
-        "Image": ref,
-        "Entrypoint": ["python3", "-c", "import sys; assert sys.version_info >= (3, 8)"],
-        "Cmd": None,
-        "User": "0",
-        "NetworkDisabled": True,
-        "HostConfig": {
-            "Ulimits": [
-                {"Name": "nofile", "Soft": settings.container_nofile, "Hard": settings.container_nofile},
-                {"Name": "nproc", "Soft": settings.container_nproc, "Hard": settings.container_nproc},
-            ],
-            "NetworkMode": "none",
-            "UsernsMode": settings.sandbox_userns,
-            "CapDrop": ["ALL"],
-            "SecurityOpt": ["no-new-privileges"],
-            "Memory": VERIFY_MEMORY_BYTES,
-            "MemorySwap": VERIFY_MEMORY_BYTES,
-            "PidsLimit": VERIFY_PIDS_LIMIT,
-        },
-    }
-    container = await docker.containers.create(config=config)
-    try:
-        try:
-            await container.start()
-        except aiodocker.DockerError as error:
-            raise ImageUnusableError(
-                f"image {ref} has no usable python3 (needed by the sandbox toolbox): {error.message}"
-            ) from error
-        result = await container.wait(timeout=60)
-        if result.get("StatusCode") != 0:
-            raise ImageUnusableError(
-                f"image {ref} has no usable python3 >= 3.8 (needed by the sandbox toolbox)"
-            )
-    finally:
-        await _delete_when_released(container)
-
-
-async def _delete_when_released(container: aiodocker.containers.DockerContainer) -> None:
-    """Delete a just-exited container. Right after the exit, the engine's own cleanup may still hold its
-    mounts ("device or resource busy", seen with user namespaces): retry until released or the deadline."""
-    deadline = time.monotonic() + DELETE_RETRY_SECONDS
-    while True:
-        try:
-            await container.delete(force=True)
-            return
-        except aiodocker.DockerError as error:
-            if error.status == 404:
-                return
-            if "busy" not in str(error.message) or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(DELETE_RETRY_INTERVAL_SECONDS)
 
 
 def registry_reference(registry: str, image_ref: str) -> tuple[str, str]:

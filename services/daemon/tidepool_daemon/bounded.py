@@ -41,7 +41,6 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -58,6 +57,7 @@ from .errors import (
     DaemonError,
 )
 from .http_io import READ_CHUNK_SIZE, Response, stream_response
+from .own_python import own_python
 
 MIB = 1024 * 1024
 
@@ -140,7 +140,7 @@ def _run_child(kind: str, params: dict[str, Any], what: str, bounds: Bounds) -> 
     try:
         child = subprocess.Popen(
             [
-                sys.executable,
+                *own_python(),
                 "-I",
                 "-S",
                 "-X",

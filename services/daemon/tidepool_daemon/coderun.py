@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -106,8 +105,9 @@ def _parse_argv(raw: object) -> list[str]:
 
 
 def _python_executable(search_path: str | None) -> str:
-    # The user's python3 on PATH is what `python3 -u -` would run; fall back to the daemon's own.
-    return shutil.which("python3", path=search_path) or sys.executable or "python3"
+    # The user's python3 on PATH is what `python3 -u -` would run. Never the daemon's own (the toolbox
+    # runtime is not the user's python): without one, the run ends as "python3: command not found".
+    return shutil.which("python3", path=search_path) or "python3"
 
 
 def _command_for(
@@ -168,7 +168,11 @@ def run_program(
                 os.close(descriptor)
         if isinstance(exc, FileNotFoundError):
             return CommandOutcome(
-                f"{command[0]}: command not found\n".encode(), 127, "exited", None, output_truncated=False
+                f"{command[0]}: command not found (this sandbox's image has no {command[0]})\n".encode(),
+                127,
+                "exited",
+                None,
+                output_truncated=False,
             )
         raise DaemonError(500, f"failed to start {command[0]}: {exc}") from None
     if started_write >= 0:

@@ -26,7 +26,7 @@ class DaemonContext:
         return cls(
             work_dir=os.getcwd(),
             home_dir=_home_dir(),
-            base_env=dict(os.environ),
+            base_env=_environment_as_started(),
             entrypoint=tuple(entrypoint),
         )
 
@@ -54,6 +54,29 @@ class DaemonContext:
                 400, f"path is not valid for this filesystem: {raw_path!r}", INVALID_FILE_PATH
             ) from None
         return os.path.normpath(os.path.join(self.work_dir, raw_path))
+
+
+def _names_started_with() -> frozenset[bytes] | None:
+    """The variable names of the environment this process was exec'd with (/proc/self/environ), None when
+    unreadable. Read at import, while still root: once privileges are dropped the process is no longer
+    dumpable and its /proc files are root's."""
+    try:
+        with open("/proc/self/environ", "rb") as initial:
+            return frozenset(entry.split(b"=", 1)[0] for entry in initial.read().split(b"\0"))
+    except OSError:
+        return None
+
+
+_STARTED_WITH = _names_started_with()
+
+
+def _environment_as_started() -> dict[str, str]:
+    """os.environ without what CPython itself added: with a C locale it sets LC_CTYPE=C.UTF-8 (PEP 538
+    locale coercion, which `-I` cannot turn off), and that must not reach user processes (issue #15)."""
+    env = dict(os.environ)
+    if "LC_CTYPE" in env and _STARTED_WITH is not None and b"LC_CTYPE" not in _STARTED_WITH:
+        del env["LC_CTYPE"]
+    return env
 
 
 def _home_dir() -> str:

@@ -165,10 +165,15 @@ class _Worker:
 
 
 def _python_executable() -> str:
+    """The image's python3 (never the toolbox's own runtime); DaemonError 400 naming it when there is none."""
     import shutil
-    import sys
 
-    return shutil.which("python3") or sys.executable or "python3"
+    python = shutil.which("python3")
+    if python is None:
+        raise DaemonError(
+            400, "the code interpreter needs python3, but this sandbox's image has none on PATH"
+        )
+    return python
 
 
 @dataclass
@@ -324,6 +329,8 @@ class InterpreterService:
         threading.Thread(target=_receive_until_closed, args=(ws,), name="interpreter-ws", daemon=True).start()
         try:
             self.run(interpreter_context, code, envs, timeout, send)
+        except DaemonError as exc:  # e.g. no python3 in the image: the execution's error, not a crash
+            send(_error_event("InterpreterUnavailable", exc.message))
         except ExecutionTimeout:
             ws.close(CLOSE_TIMEOUT, "execution timed out")
             return

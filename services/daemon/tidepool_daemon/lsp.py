@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -535,7 +534,9 @@ def _server_command(family: str) -> list[str] | None:
         pylsp = shutil.which("pylsp")
         if pylsp:
             return [pylsp]
-        python = shutil.which("python3") or sys.executable
+        python = shutil.which("python3")  # the image's: pylsp must see the user's packages
+        if python is None:
+            return None
         probe = subprocess.run([python, "-c", "import pylsp"], capture_output=True, check=False)
         return [python, "-m", "pylsp"] if probe.returncode == 0 else None
     server = shutil.which("typescript-language-server")

@@ -123,6 +123,14 @@ class ProcessService:
         return env
 
 
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for the daemon's child `pid` (readable once it has exited), None where unavailable."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
 def _parse_timeout(raw_timeout: object) -> float | None:
     if raw_timeout is None:
         return None
@@ -314,12 +322,25 @@ class _ShellRun:
                 return False  # shell gone and the pipe went quiet: leftovers belong to background jobs
 
     def _wait_for_shell_exit(self) -> bool:
-        """The output pipe closed; the shell itself may still be running (e.g. it closed stdout)."""
-        while not self._exited():
-            if self._deadline is not None and time.monotonic() >= self._deadline:
-                self._kill_process_group()
-                return True
-            time.sleep(_EXIT_CHECK_INTERVAL_SECONDS)
+        """The output pipe closed; the shell itself may still be running (e.g. it closed stdout). An exiting
+        shell closes its pipes a moment before it becomes waitable: its pidfd wakes this at that moment
+        instead of a whole check interval later (which was most of a short command's round trip)."""
+        pidfd = _open_pidfd(self._shell.pid)
+        try:
+            while not self._exited():
+                wait_seconds = _EXIT_CHECK_INTERVAL_SECONDS
+                if self._deadline is not None:
+                    wait_seconds = min(wait_seconds, self._deadline - time.monotonic())
+                    if wait_seconds <= 0:
+                        self._kill_process_group()
+                        return True
+                if pidfd is None:
+                    time.sleep(wait_seconds)
+                else:
+                    select.select([pidfd], [], [], wait_seconds)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
         return False
 
     def _program_started(self) -> None:

@@ -30,6 +30,7 @@ import binascii
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ import select
 import signal
 import struct
 import subprocess
-import sys
 import termios
 import threading
 import time
@@ -49,6 +49,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import Request, Response, json_response
+from .own_python import missing_shell, own_python_helper, require_shell
 from .process import COMMAND_SHELL
 from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -150,13 +151,14 @@ class PtySession:
         with self._lock:
             if self._process is not None or self.exited.is_set():
                 return
+            require_shell(COMMAND_SHELL, "a PTY session")
             master, slave = os.openpty()
             try:
                 _set_window_size(master, self.cols, self.rows)
                 os.set_inheritable(slave, False)
                 self._oom = OomWatch()
                 self._process = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _CTTY_HELPER, COMMAND_SHELL],
+                    own_python_helper(_CTTY_HELPER, COMMAND_SHELL),
                     stdin=slave,
                     stdout=slave,
                     stderr=slave,
@@ -383,6 +385,7 @@ class PtyService:
         if not isinstance(session_id, str) or len(session_id) > MAX_ID_LENGTH or "/" in session_id:
             raise bad_request("id must be a string of at most 256 characters without '/'")
         resolved_cwd = self._context.resolve_cwd(cwd)
+        require_shell(COMMAND_SHELL, "a PTY session")  # here too: a lazy start's error never reaches the SDK
         env = effective_environment(self._context)
         env.setdefault("TERM", "xterm-256color")
         env.update(envs)
@@ -410,6 +413,10 @@ class PtyService:
         protocol = _exit_control_protocol(request)
         # Validate the handshake before creating anything, so a bad upgrade leaves no session behind.
         websocket_upgrade(request, _noop, protocol=protocol)
+        no_shell = missing_shell(COMMAND_SHELL, "a PTY session")
+        if no_shell is not None:
+            # The SDK shows nothing of a refused upgrade but its status: say it as its "error" control.
+            return websocket_upgrade(request, functools.partial(_refuse, no_shell), protocol=protocol)
         session = self._create(session_id, request.query_value("cwd"), envs, cols, rows, lazy_start=False)
         return websocket_upgrade(request, session.serve, protocol=protocol, greeting=CONNECTED_GREETING)
 
@@ -468,6 +475,11 @@ class PtyService:
 
 def _noop(ws: WebSocket) -> None:
     return None
+
+
+def _refuse(message: str, ws: WebSocket) -> None:
+    ws.send_text(json.dumps({"type": "control", "status": "error", "error": message}))
+    ws.close(1000)
 
 
 def _exit_control_protocol(request: Request) -> str | None:

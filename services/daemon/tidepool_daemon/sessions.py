@@ -44,7 +44,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -57,6 +56,7 @@ from .context import DaemonContext
 from .environment import effective_environment
 from .errors import DaemonError, bad_request
 from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
+from .own_python import own_python_helper, require_shell
 from .process import COMMAND_SHELL
 from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
@@ -300,10 +300,11 @@ class Session:
     def _ensure_shell(self) -> subprocess.Popen[bytes]:
         if self._shell is not None:
             return self._shell
+        require_shell(COMMAND_SHELL, "a session command")
         try:
             shell = subprocess.Popen(
                 # A child subreaper: orphans of its commands stay in its tree (see proctree.py).
-                [sys.executable, "-I", "-S", "-c", SUBREAPER_EXEC_HELPER, COMMAND_SHELL],
+                own_python_helper(SUBREAPER_EXEC_HELPER, COMMAND_SHELL),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -661,7 +662,10 @@ class SessionService:
         if context.entrypoint:
             # Like upstream: the image's own entrypoint runs in a session whose logs the SDK can read.
             self._entrypoint = Session(ENTRYPOINT_SESSION_ID, context)
-            self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
+            try:
+                self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
+            except DaemonError as error:  # an image without a shell: the toolbox still serves the rest
+                logger.error("the image's entrypoint cannot run: %s", error.message)
 
     def _session(self, request: Request) -> Session:
         session_id = request.path_params["sessionId"]

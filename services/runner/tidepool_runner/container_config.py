@@ -39,12 +39,19 @@ DISK_LABEL = "tidepool.disk_gib"
 # made, even when several platforms (test stacks, a benchmark's baseline) share one engine and runner id.
 RUNNER_HOME_LABEL = "tidepool.runner_home"
 
-# Where the runner's daemon directory and the per-sandbox socket directory appear inside the sandbox.
+# Where the runner's daemon directory, its Python runtime and the per-sandbox socket directory appear inside
+# the sandbox.
 DAEMON_MOUNT_PATH = "/opt/tidepool/daemon"
+RUNTIME_MOUNT_PATH = "/opt/tidepool/runtime"
 SOCKET_MOUNT_DIR = "/run/tidepool"
 TOOLBOX_SOCKET_NAME = "toolbox.sock"
+# The daemon runs on its own runtime (toolbox_runtime.py), started by that runtime's own dynamic loader with
+# its own libraries: nothing of the image is used, so images without python3, glibc or a shell work.
 DAEMON_ENTRYPOINT = [
-    "python3",
+    f"{RUNTIME_MOUNT_PATH}/lib/ld.so",
+    "--library-path",
+    f"{RUNTIME_MOUNT_PATH}/lib",
+    f"{RUNTIME_MOUNT_PATH}/bin/python3",
     # Isolated mode: the user's PYTHONPATH/PYTHONHOME or a stray module in the cwd can't hijack the daemon.
     "-I",
     f"{DAEMON_MOUNT_PATH}/main.py",
@@ -119,6 +126,11 @@ def staged_daemon_dir(settings: RunnerSettings) -> Path:
     return settings.runtime_dir / "daemon"
 
 
+def staged_runtime_dir(settings: RunnerSettings) -> Path:
+    """The runner's read-only Python runtime for the daemon on its tmpfs (see toolbox_runtime.py)."""
+    return settings.runtime_dir / "pyrt"
+
+
 def staged_ca_bundle(settings: RunnerSettings) -> Path:
     return settings.runtime_dir / "ca-bundle.crt"
 
@@ -137,6 +149,7 @@ def volume_mount_point(settings: RunnerSettings, sandbox_id: str, index: int) ->
 def container_binds(spec: SandboxSpec, settings: RunnerSettings) -> list[str]:
     binds = [
         f"{staged_daemon_dir(settings)}:{DAEMON_MOUNT_PATH}:ro",
+        f"{staged_runtime_dir(settings)}:{RUNTIME_MOUNT_PATH}:ro",
         # nosuid, nodev, noexec: the toolbox channel is a socket, nothing in it is ever run.
         f"{sandbox_socket_dir(settings, spec.sandbox_id)}:{SOCKET_MOUNT_DIR}:rw,nosuid,nodev,noexec",
     ]

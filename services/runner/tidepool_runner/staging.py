@@ -1,6 +1,7 @@
 """The runner's private tmpfs (`RunnerSettings.runtime_dir`): all a sandbox sees of the host comes from here.
 
-Layout: `daemon/` (a read-only copy of the toolbox daemon), `ca-bundle.crt` (the configured CA bundle),
+Layout: `daemon/` (a read-only copy of the toolbox daemon), `pyrt/` (the Python runtime it runs on, see
+toolbox_runtime.py), `ca-bundle.crt` (the configured CA bundle),
 `seccomp.json` (the sandboxes' seccomp profile, which the engine reads when it creates a container) and
 `sockets/<sandboxId>/` (one folder per sandbox, owned by that sandbox's root, holding its toolbox socket).
 
@@ -24,13 +25,22 @@ from pathlib import Path
 
 import structlog
 
-from tidepool_runner.container_config import staged_ca_bundle, staged_daemon_dir, staged_seccomp_profile
+from tidepool_runner.container_config import (
+    staged_ca_bundle,
+    staged_daemon_dir,
+    staged_runtime_dir,
+    staged_seccomp_profile,
+)
 from tidepool_runner.seccomp import SHIPPED_PROFILE, UNCONFINED_VALUES, validate_profile
+from tidepool_runner.toolbox_runtime import stage_runtime
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.staging")
 
-RUNTIME_TMPFS_OPTIONS = "mode=0711,size=64m,nosuid,nodev"
+# A cap, not a reservation: the daemon (~1 MB a copy) and its Python runtime (~70 MB, shared by every
+# sandbox's page cache) with room for copies still mounted by older sandboxes.
+RUNTIME_TMPFS_SIZE = "512m"
+RUNTIME_TMPFS_OPTIONS = f"mode=0711,size={RUNTIME_TMPFS_SIZE},nosuid,nodev"
 # Each sandbox's toolbox folder is a tmpfs of its own, so a sandbox's root filling it (it may write there)
 # fills nothing of its neighbours'. Room for the socket and little else.
 SOCKET_TMPFS_SIZE = "256k"
@@ -59,8 +69,18 @@ def prepare_runtime_dir(settings: RunnerSettings) -> None:
             capture_output=True,
         )
         log.info("staging.mounted", path=str(runtime))
+    else:
+        # Mounted by an older runner with a smaller cap: raise it (keeps the contents).
+        subprocess.run(
+            ["mount", "-o", f"remount,size={RUNTIME_TMPFS_SIZE}", str(runtime)],
+            check=True,
+            capture_output=True,
+        )
     settings.sockets_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(settings.sockets_dir, 0o700)
+    if stage_runtime(staged_runtime_dir(settings)):
+        log.info("staging.runtime_staged", path=str(staged_runtime_dir(settings)))
+    _remove_unmounted_copies(staged_runtime_dir(settings))
     _stage_daemon(settings.daemon_dir, staged_daemon_dir(settings))
     if settings.ca_bundle:
         _replace_file(Path(settings.ca_bundle), staged_ca_bundle(settings))
@@ -148,10 +168,9 @@ def _remove_unmounted_copies(target: Path) -> None:
 
 def _compile_bytecode(root: Path) -> None:
     """Ship bytecode with the read-only copy, so the daemon's start does not compile ~9,000 lines each time
-    (about a third of its start-up). Compiled by this interpreter: a sandbox whose python3 has the same
-    minor version (the default image's) uses it, any other finds no file for its own tag and compiles as
-    before. `unchecked-hash` because the copy's timestamps mean nothing inside the sandbox and the files
-    never change under a mount (a new daemon is staged as a fresh copy)."""
+    (about a third of its start-up). Compiled by this interpreter, which is the one the daemon runs on in
+    every sandbox (toolbox_runtime.py). `unchecked-hash` because the copy's timestamps mean nothing inside
+    the sandbox and the files never change under a mount (a new daemon is staged as a fresh copy)."""
     compileall.compile_dir(
         root,
         quiet=1,

@@ -43,8 +43,15 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     assert config["User"] == "0"  # the daemon creates the user if needed, then drops to it
     assert "WorkingDir" not in config  # the daemon makes the home directory inside the user namespace
     assert config["Hostname"] == spec.sandbox_id
-    assert config["Entrypoint"][:3] == ["python3", "-I", "/opt/tidepool/daemon/main.py"]
-    assert config["Entrypoint"][3:] == ["--socket", "/run/tidepool/toolbox.sock", "--user", "daytona"]
+    # Issue #15: the daemon's own runtime, started by its own loader, never the image's python3.
+    assert config["Entrypoint"][:4] == [
+        "/opt/tidepool/runtime/lib/ld.so",
+        "--library-path",
+        "/opt/tidepool/runtime/lib",
+        "/opt/tidepool/runtime/bin/python3",
+    ]
+    assert config["Entrypoint"][4:6] == ["-I", "/opt/tidepool/daemon/main.py"]
+    assert config["Entrypoint"][6:] == ["--socket", "/run/tidepool/toolbox.sock", "--user", "daytona"]
     assert config["Cmd"] is None
     assert host["NanoCpus"] == 2_000_000_000
     assert host["Memory"] == host["MemorySwap"] == 3 * 1024**3
@@ -76,6 +83,7 @@ def test_resources_identity_and_isolation(tmp_path: Path) -> None:
     # Shared host paths come from the runner's private tmpfs, never from where the platform lives.
     assert host["Binds"] == [
         f"{tmp_path / 'run' / 'daemon'}:/opt/tidepool/daemon:ro",
+        f"{tmp_path / 'run' / 'pyrt'}:/opt/tidepool/runtime:ro",
         f"{tmp_path / 'run' / 'sockets' / spec.sandbox_id}:/run/tidepool:rw,nosuid,nodev,noexec",
     ]
     assert config["Labels"]["tidepool.sandbox"] == spec.sandbox_id
