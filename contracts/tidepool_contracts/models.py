@@ -42,6 +42,8 @@ class SandboxSpec(BusModel):
     sandbox_id: str
     organization_id: str
     image: str
+    # The snapshot's name (None: built from an image or a Dockerfile): a label of its exported telemetry.
+    snapshot: str | None = None
     os_user: str = "daytona"
     cpu: int = 1
     memory_gib: int = 1

@@ -32,6 +32,7 @@ from faststream.nats import JStream, NatsBroker, NatsRouter, NatsSecurity, NatsU
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.publisher.usecase import LogicPublisher
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
@@ -51,6 +52,8 @@ from tidepool_runtime.nats_auth import inbox_prefix
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # Services name `Msg` (a JetStream message a handler is given) and `KeyValue` (a bucket) from here.
 log = structlog.get_logger("tidepool.bus")
+TOPOLOGY_RETRY_SECONDS = 60.0
+TOPOLOGY_RETRY_DELAY_SECONDS = 1.0
 
 Registrar = NatsBroker | NatsRouter
 
@@ -196,6 +199,21 @@ def replay_subscriber(registrar: Registrar, channel: Channel[Any], *, service: s
     )
 
 
+def follow_subscriber(registrar: Registrar, channel: Channel[Any], *, service: str) -> Any:
+    """An ordered, ephemeral consumer of what is published on `channel` from now on (nothing replayed): for
+    live views of a stream that another reader keeps (e.g. the latest resource sample of each sandbox)."""
+    assert channel.stream is not None
+    return registrar.subscriber(
+        channel.filter,
+        stream=JStream(channel.stream.name, declare=False),
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.MANUAL,
+        title=f"{service} (live) <- {channel.filter}",
+        description=channel.description,
+    )
+
+
 def reply_subscriber(registrar: Registrar, channel: Channel[Any], *, queue: str) -> Any:
     """A core NATS responder for a request/reply channel; the queue group spreads requests over replicas."""
     assert channel.reply is not None
@@ -247,9 +265,22 @@ class Bus:
         self.publishers.update(publishers)
 
     async def connect(self) -> None:
-        """Connect (subscribers are not started yet: `start`) and declare the topology."""
+        """Connect (subscribers are not started yet: `start`) and declare the topology.
+
+        A JetStream API request that times out (a busy or just-elected server) is retried for up to
+        `TOPOLOGY_RETRY_SECONDS`: declaring is idempotent, and a service that gave up at start would only be
+        restarted to do the same."""
         await self.broker.connect()
-        await declare_topology(self.broker, self.access, replicas=self.replicas)
+        deadline = asyncio.get_running_loop().time() + TOPOLOGY_RETRY_SECONDS
+        while True:
+            try:
+                await declare_topology(self.broker, self.access, replicas=self.replicas)
+                return
+            except NatsTimeoutError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                log.warning("bus.topology_timeout", retry_in=TOPOLOGY_RETRY_DELAY_SECONDS)
+                await asyncio.sleep(TOPOLOGY_RETRY_DELAY_SECONDS)
 
     async def start(self) -> None:
         """Start every subscriber registered on the broker (connected first, if it is not yet).

@@ -521,6 +521,8 @@ class SshGatewaySettings(
 class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
     # How long sandbox resource samples are kept (Daytona: 3 days); set as the samples stream's max_age.
     sandbox_metrics_retention_seconds: float = 3 * 24 * 3600.0
+    # How often each running sandbox's latest sample goes to its organization's OTLP endpoint (otel-config).
+    sandbox_metrics_export_interval_seconds: float = 15.0
 
 
 class RunnerSettings(

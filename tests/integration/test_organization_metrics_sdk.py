@@ -78,6 +78,8 @@ def metrics_stack(
             "TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS": "1",
             "TIDEPOOL_ORGANIZATION_METRICS_OTLP_ENDPOINT": receiver.http_url,
             "TIDEPOOL_METRICS_PORT": str(metrics_base_port),
+            "TIDEPOOL_SANDBOX_METRICS_INTERVAL_SECONDS": "1",
+            "TIDEPOOL_SANDBOX_METRICS_EXPORT_INTERVAL_SECONDS": "1",
         },
     )
     try:
@@ -221,6 +223,66 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
     finally:
         for sandbox in sandboxes:
             sandbox.delete()
+
+
+SANDBOX_METRICS = {
+    "daytona.sandbox.cpu.utilization",
+    "daytona.sandbox.cpu.limit",
+    "daytona.sandbox.memory.utilization",
+    "daytona.sandbox.memory.usage",
+    "daytona.sandbox.memory.limit",
+}
+
+
+def test_sandbox_metrics_reach_the_organization_endpoint_with_its_labels(
+    metrics_stack: StackThread, receiver: MetricsReceiver
+) -> None:
+    """Feature inventory §10 A: once the organization has an endpoint, each running sandbox's metrics go
+    there under a resource of its own with Daytona's attributes and the sandbox's extra labels; another
+    organization's sandboxes never do, nor go to the operator's endpoint."""
+    team_id, team = new_organization(metrics_stack)
+    _, other = new_organization(metrics_stack)
+    secret = f"key-{uuid.uuid4().hex}"
+    organizations_api(team).update_organization_otel_config(
+        team_id, OtelConfig(endpoint=receiver.http_url, headers={"api-key": secret})
+    )
+    labelled = team.create(
+        CreateSandboxFromSnapshotParams(
+            snapshot="daytona-small",
+            env_vars={"DAYTONA_SANDBOX_OTEL_EXTRA_LABELS": "team=backend, env=staging,x"},
+        ),
+        timeout=180,
+    )
+    foreign = other.create(CreateSandboxFromSnapshotParams(snapshot="daytona-small"), timeout=180)
+    try:
+
+        def of(sandbox_id: str) -> list[Point]:
+            return [p for p in receiver.points() if p.resource.get("daytona_sandbox_id") == sandbox_id]
+
+        wait_until(
+            lambda: {p.name for p in of(labelled.id)} >= SANDBOX_METRICS,
+            lambda: f"sandbox metrics received: {sorted({p.name for p in of(labelled.id)})}",
+        )
+        points = of(labelled.id)
+        for point in points:
+            assert point.transport == "http" and point.headers.get("api-key") == secret, point
+            assert point.resource["daytona_organization_id"] == team_id
+            assert point.resource["daytona_region_id"] == REGION
+            assert point.resource["daytona_snapshot"] == "daytona-small"
+            assert (point.resource["team"], point.resource["env"]) == ("backend", "staging")
+            assert "x" not in point.resource
+        values = {p.name: p.value for p in points}
+        assert values["daytona.sandbox.cpu.limit"] == 1
+        assert values["daytona.sandbox.memory.limit"] == 1024**3
+        assert 0 < values["daytona.sandbox.memory.usage"] <= 1024**3
+        assert 0 <= values["daytona.sandbox.cpu.utilization"] <= 100
+        # The other organization has no endpoint: its sandbox's samples go nowhere (not to the operator's).
+        exports_passed(receiver, 3)
+        assert not of(foreign.id)
+    finally:
+        labelled.delete()
+        foreign.delete()
+        organizations_api(team).delete_organization_otel_config(team_id)
 
 
 def test_every_service_serves_prometheus_metrics(metrics_stack: StackThread, metrics_base_port: int) -> None:

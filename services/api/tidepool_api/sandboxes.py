@@ -112,6 +112,7 @@ def spec_of(sandbox: Sandbox) -> SandboxSpec:
         sandbox_id=sandbox.id,
         organization_id=sandbox.organization_id,
         image=sandbox.image,
+        snapshot=sandbox.snapshot,
         os_user=sandbox.os_user,
         cpu=sandbox.cpu,
         memory_gib=sandbox.memory,

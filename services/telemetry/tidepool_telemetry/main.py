@@ -1,6 +1,7 @@
 """Start-up of the telemetry service: sandbox counts and usage from the bus (subscribers.py), exported as
-metrics; the organization metrics to each organization's OTLP endpoint (organization_metrics.py); sandbox
-resource samples kept for the retention period and served to the API (samples.py)."""
+metrics; the organization metrics to each organization's OTLP endpoint (organization_metrics.py), and its
+sandboxes' latest samples too (sandbox_metrics_export.py); sandbox resource samples kept for the retention
+period and served to the API (samples.py)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
 from tidepool_telemetry.organization_metrics import OrganizationExports
 from tidepool_telemetry.samples import apply_retention
+from tidepool_telemetry.sandbox_metrics_export import SandboxMetricsExports
 from tidepool_telemetry.subscribers import register, watch_forever
 from tidepool_telemetry.usage import OrganizationUsage
 
@@ -49,17 +51,24 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
         operator_endpoint=settings.organization_metrics_otlp_endpoint,
         opener=sealing.Sealer(seal_key, sealing.OTEL_HEADERS),
     )
-    register(bus.broker, counts, bus, usage)
+    sandbox_exports = SandboxMetricsExports(
+        region_id=settings.runner_region,
+        interval_seconds=settings.sandbox_metrics_export_interval_seconds,
+        destinations=exports.organization_destinations,
+    )
+    register(bus.broker, counts, bus, usage, sandbox_exports)
     await bus.start()
 
-    async def apply_desired(_key: str, desired: DesiredSandbox | None) -> None:
+    async def apply_desired(key: str, desired: DesiredSandbox | None) -> None:
         usage.apply_desired(desired)
+        sandbox_exports.apply_desired(key, desired)
 
     watches = [
         asyncio.create_task(watch_forever(await bus.kv(channels.DESIRED), DesiredSandbox, apply_desired)),
         asyncio.create_task(
             watch_forever(await bus.kv(channels.ORGANIZATION_TELEMETRY), OrganizationTelemetry, exports.apply)
         ),
+        asyncio.create_task(sandbox_exports.run(stop)),
     ]
     log.info("telemetry.ready", otlp=settings.otlp_endpoint or "disabled")
     await stop.wait()

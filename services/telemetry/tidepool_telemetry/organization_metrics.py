@@ -167,6 +167,14 @@ class OrganizationExports:
         for provider in stale:
             await asyncio.to_thread(provider.shutdown)
 
+    def organization_destinations(self, organization_id: str) -> set[Destination]:
+        """The organization's own destination (its otel-config), without the operator's: where its sandboxes'
+        telemetry goes."""
+        record = self._records.get(organization_id)
+        if record is None:
+            return set()
+        return self._destinations(record) - ({self._operator} if self._operator else set())
+
     def endpoints(self, organization_id: str) -> set[str]:
         """The endpoints `organization_id`'s metrics are exported to now."""
         return {destination.endpoint for owner, destination in self._providers if owner == organization_id}

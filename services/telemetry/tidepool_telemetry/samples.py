@@ -92,7 +92,7 @@ async def read_samples(
         await subscription.unsubscribe()
 
 
-def _values(sample: SandboxMetricsSample, name: str) -> float | None:
+def metric_value(sample: SandboxMetricsSample, name: str) -> float | None:
     field = METRIC_FIELDS[name]
     if field:
         value = getattr(sample, field)
@@ -115,7 +115,7 @@ def series(samples: list[SandboxMetricsSample], names: list[str]) -> SandboxMetr
 
     def points(name: str) -> Iterator[MetricPoint]:
         for sample in samples:
-            value = _values(sample, name)
+            value = metric_value(sample, name)
             if value is not None:
                 yield MetricPoint(timestamp=sample.sampled_at, value=value)
 
