@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -831,6 +832,20 @@ def engine_info() -> dict[str, str]:
 
 
 SYSTEM_CA_DIR = Path("/usr/local/share/ca-certificates")
+# update-ca-certificates rewrites one bundle: stacks starting or stopping at once on a host (tests, several
+# checkouts) take turns, or one of them fails on the other's half-written files.
+SYSTEM_CA_LOCK = Path("/run/lock/tidepool-ca-certificates.lock")
+
+
+@contextlib.contextmanager
+def _system_ca_lock() -> Iterator[None]:
+    SYSTEM_CA_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with SYSTEM_CA_LOCK.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def trust_in_system_store(ca_cert: Path, config: StackConfig) -> Path | None:
@@ -840,14 +855,15 @@ def trust_in_system_store(ca_cert: Path, config: StackConfig) -> Path | None:
         return None
     digest = hashlib.sha256(str(config.data_dir.resolve()).encode()).hexdigest()[:12]
     target = SYSTEM_CA_DIR / f"tidepool-object-storage-{digest}.crt"
-    if not target.exists() or target.read_bytes() != ca_cert.read_bytes():
-        shutil.copyfile(ca_cert, target)
-        subprocess.run(["update-ca-certificates"], capture_output=True, check=True)
+    with _system_ca_lock():
+        if not target.exists() or target.read_bytes() != ca_cert.read_bytes():
+            shutil.copyfile(ca_cert, target)
+            subprocess.run(["update-ca-certificates"], capture_output=True, check=True)
     return target
 
 
 def untrust(target: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    with _system_ca_lock(), contextlib.suppress(FileNotFoundError):
         target.unlink()
         subprocess.run(["update-ca-certificates", "--fresh"], capture_output=True, check=False)
 
