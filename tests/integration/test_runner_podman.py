@@ -422,13 +422,29 @@ async def test_heartbeat_and_adoption_after_restart(harness: Harness) -> None:
     await harness.run_job(spec, SandboxAction.DESTROY)
 
 
-async def test_blocked_network_sandbox_starts_without_network(harness: Harness) -> None:
+async def test_blocked_network_sandbox_gets_a_chain_of_its_own_that_allows_nothing(harness: Harness) -> None:
+    """networkBlockAll: the sandbox is on the sandbox network (so the policy can change without a restart)
+    behind a chain of its own, keyed on its address, that accepts nothing, DNS included; gone with it."""
     spec = harness.new_spec(network_block_all=True)
     started = await harness.run_job(spec, SandboxAction.CREATE)
     assert started["state"] == "started", started
     container = await harness.container(spec.sandbox_id)
-    assert container is not None and container["HostConfig"]["NetworkMode"] == "none"
+    assert container is not None
+    networks = container["NetworkSettings"]["Networks"]
+    assert list(networks) == [harness.settings.sandbox_network]
+    address = networks[harness.settings.sandbox_network]["IPAddress"]
+
+    def rules() -> list[str]:
+        save = subprocess.run(["iptables-save", "-t", "filter"], capture_output=True, text=True, check=True)
+        return save.stdout.splitlines()
+
+    dispatch = [line for line in rules() if f"tidepool sandbox {spec.sandbox_id}" in line]
+    assert len(dispatch) == 1 and f"-s {address}/32" in dispatch[0], dispatch
+    chain = dispatch[0].split()[-1]
+    own = [line for line in rules() if line.startswith(f"-A {chain} ")]
+    assert own and not any(line.endswith("-j ACCEPT") or line.endswith("-j RETURN") for line in own), own
     await harness.run_job(spec, SandboxAction.DESTROY)
+    assert not [line for line in rules() if spec.sandbox_id in line or line.startswith(f"-A {chain} ")]
 
 
 def firewall_jumps() -> dict[str, int]:
