@@ -8,7 +8,7 @@ from pathlib import Path
 
 import structlog
 
-from tidepool_contracts.models import RunnerInfo, SandboxRoute
+from tidepool_contracts.models import RunnerCapabilities, RunnerInfo, SandboxRoute
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.container_config import CPU_LABEL, MEMORY_LABEL, ORGANIZATION_LABEL, SANDBOX_LABEL
 from tidepool_runner.disks import SandboxDisks
@@ -54,9 +54,13 @@ def _int_label(container: ContainerSummary, label: str) -> int:
 
 
 def runner_info(
-    settings: RunnerSettings, runner_id: str, containers: list[ContainerSummary] | None
+    settings: RunnerSettings,
+    runner_id: str,
+    containers: list[ContainerSummary] | None,
+    capabilities: RunnerCapabilities | None = None,
 ) -> RunnerInfo:
-    """Capacity and allocation; `containers` None means the engine is unreachable (then: unschedulable)."""
+    """Capacity, allocation and what the backend can do (`capabilities`; None: the defaults, which are
+    the container engine's); `containers` None means the engine is unreachable (then: unschedulable)."""
     running = [container for container in containers or [] if container.state == "running"]
     return RunnerInfo(
         runner_id=runner_id,
@@ -70,6 +74,7 @@ def runner_info(
         sandboxes_running=len(running),
         sandboxes_total=len(containers or []),
         unschedulable=containers is None,
+        capabilities=capabilities or RunnerCapabilities(),
     )
 
 
@@ -83,8 +88,10 @@ class Inventory:
         runners: KeyValue,
         routes: KeyValue,
         disks: SandboxDisks,
+        capabilities: RunnerCapabilities | None = None,
     ) -> None:
         self._settings = settings
+        self._capabilities = capabilities
         self._disks = disks
         self._runner_id = runner_id
         self._engine = engine
@@ -97,7 +104,7 @@ class Inventory:
         except (EngineUnavailableError, SandboxFailedError) as error:
             log.warning("inventory.engine_unavailable", error=str(error))
             containers = None
-        return runner_info(self._settings, self._runner_id, containers)
+        return runner_info(self._settings, self._runner_id, containers, self._capabilities)
 
     async def heartbeat_forever(self) -> None:
         while True:

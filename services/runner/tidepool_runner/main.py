@@ -14,6 +14,7 @@ from aiohttp import web
 from tidepool_contracts import channels
 from tidepool_contracts.access import RUNNER
 from tidepool_runner.activity import ActivityRecorder
+from tidepool_runner.container_backend import ContainerEngineBackend
 from tidepool_runner.container_config import SANDBOX_LABEL, runner_home, sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
@@ -99,6 +100,19 @@ class Runner:
             if summary.state in ("running", "paused")
         }
         await asyncio.to_thread(self.volumes.clean_stale, running)
+        # The one place that knows which backend runs the sandboxes: the handlers only see SandboxBackend.
+        backend = ContainerEngineBackend(
+            settings=settings,
+            runner_id=self.runner_id,
+            engine=engine,
+            daemons=self.daemons,
+            disks=self.disks,
+            volumes=self.volumes,
+            owners=self.owners,
+        )
+        executor = JobExecutor(
+            settings=settings, runner_id=self.runner_id, bus=bus, routes=routes, backend=backend
+        )
         inventory = Inventory(
             settings=settings,
             runner_id=self.runner_id,
@@ -106,22 +120,12 @@ class Runner:
             runners=runners,
             routes=routes,
             disks=self.disks,
-        )
-        executor = JobExecutor(
-            settings=settings,
-            runner_id=self.runner_id,
-            bus=bus,
-            routes=routes,
-            engine=engine,
-            daemons=self.daemons,
-            disks=self.disks,
-            volumes=self.volumes,
-            owners=self.owners,
+            capabilities=backend.capabilities,
         )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
         self._web = web.AppRunner(
-            build_toolbox_app(self.daemons, settings.runner_token, activity), access_log=None
+            build_toolbox_app(backend.toolbox, settings.runner_token, activity), access_log=None
         )
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
@@ -135,7 +139,7 @@ class Runner:
                 for container in await engine.list_sandboxes()
                 if container.state in ("running", "paused") and container.labels.get(SANDBOX_LABEL)
             ]
-            await executor.egress.load(running)
+            await backend.egress.load(running)
             # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.
             await inventory.adopt_until_done()
             await bus.start()
@@ -165,7 +169,7 @@ class Runner:
             asyncio.create_task(self._health.run_forever(), name="runner-daemon-health"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
-            asyncio.create_task(executor.egress.refresh_forever(), name="runner-egress-domains"),
+            asyncio.create_task(backend.egress.refresh_forever(), name="runner-egress-domains"),
             asyncio.create_task(sampler.run_forever(), name="runner-resource-samples"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
