@@ -25,12 +25,17 @@ Contract every method keeps:
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import aiohttp
 
 from tidepool_contracts.models import RunnerCapabilities, SandboxSpec
+from tidepool_contracts.states import SandboxState
+
+# The host part of every URL sent through a ToolboxChannel session: the channel decides where it goes.
+TOOLBOX_BASE_URL = "http://daemon"
 
 
 class BackendUnavailableError(Exception):
@@ -43,6 +48,25 @@ class SandboxFailedError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ToolboxUnreachableError(OSError):
+    """The sandbox's toolbox daemon cannot be reached (not running, or its channel fails verification)."""
+
+
+@dataclass(frozen=True)
+class HostedSandbox:
+    """A sandbox this runner's backend hosts, as the heartbeat and the adoption after a restart see it."""
+
+    sandbox_id: str
+    organization_id: str
+    # What its route reports: started (running or paused), stopped, or error (a state the backend cannot
+    # map).
+    state: SandboxState
+    # It holds its cpu and memory now (running, not paused): what the heartbeat counts as allocated.
+    running: bool
+    cpu: int  # cores
+    memory_gib: int
 
 
 @dataclass(frozen=True)
@@ -59,7 +83,7 @@ class SnapshotImage:
 class ToolboxChannel(Protocol):
     """The exec relay: HTTP (and WebSocket) sessions that reach a sandbox's toolbox daemon, which serves
     the toolbox API (exec, sessions, files, PTY, …; tidepool_contracts.toolbox_routes). The runner's
-    toolbox server relays the proxy's requests through it; URLs are `http://daemon/<toolbox path>`."""
+    toolbox server relays the proxy's requests through it; URLs are `TOOLBOX_BASE_URL/<toolbox path>`."""
 
     def session(self, sandbox_id: str) -> aiohttp.ClientSession:
         """A pooled session whose every connection reaches this sandbox's daemon, verified as its own (a
@@ -72,6 +96,14 @@ class ToolboxChannel(Protocol):
 
     async def probe_version(self, sandbox_id: str) -> str | None:
         """The daemon's version if it answers now, else None (never raises)."""
+        ...
+
+    async def open_tunnel(
+        self, sandbox_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A raw byte stream to `port` on the sandbox's loopback, through its daemon (SSH port forwarding).
+        Raises ToolboxUnreachableError if the daemon cannot be reached, another OSError if nothing
+        answers on the port."""
         ...
 
     async def close(self, sandbox_id: str) -> None:
@@ -94,6 +126,18 @@ class SandboxBackend(Protocol):
     @property
     def toolbox(self) -> ToolboxChannel:
         """The exec relay to the sandboxes' toolbox daemons."""
+        ...
+
+    async def list_sandboxes(self) -> list[HostedSandbox]:
+        """Every sandbox this backend hosts for this runner now, running or not (the heartbeat's
+        allocation). BackendUnavailableError or SandboxFailedError when it cannot tell (the runner then
+        reports itself unschedulable)."""
+        ...
+
+    async def adopt(self) -> list[HostedSandbox]:
+        """After a runner restart: remove what the runner keeps locally of sandboxes that no longer exist
+        (e.g. the disk of a delete interrupted half-way), then return the hosted sandboxes, whose routes
+        the runner publishes again. Errors as `list_sandboxes`; retried until it succeeds."""
         ...
 
     async def start(self, spec: SandboxSpec) -> str:

@@ -17,11 +17,17 @@ import stat
 from pathlib import Path
 
 import aiohttp
+import structlog
 
 from tidepool_contracts.models import IsolationKind, RunnerCapabilities, SandboxSpec
-from tidepool_runner.backend import SandboxFailedError, SnapshotImage
+from tidepool_contracts.states import SandboxState
+from tidepool_runner.backend import HostedSandbox, SandboxFailedError, SnapshotImage
 from tidepool_runner.container_config import (
+    CPU_LABEL,
     GIB,
+    MEMORY_LABEL,
+    ORGANIZATION_LABEL,
+    SANDBOX_LABEL,
     build_container_config,
     container_name,
     sandbox_socket_dir,
@@ -30,11 +36,19 @@ from tidepool_runner.container_config import (
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.egress import EgressPolicies
-from tidepool_runner.engine import ContainerEngine, ContainerStatus, EngineUnavailableError, RootIds
+from tidepool_runner.engine import (
+    ContainerEngine,
+    ContainerStatus,
+    ContainerSummary,
+    EngineUnavailableError,
+    RootIds,
+)
 from tidepool_runner.owners import ClaimedOwners
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 from tidepool_runner.volumes import VolumeMountError, VolumeMounts
 from tidepool_runtime.settings import RunnerSettings
+
+log = structlog.get_logger("tidepool.runner.backend")
 
 DAEMON_START_TIMEOUT_SECONDS = 60.0
 # The socket is probed often while a daemon usually comes up (within DAEMON_FAST_PROBE_SECONDS), then less
@@ -47,6 +61,16 @@ DAEMON_PROBE_MAX_INTERVAL_SECONDS = 0.1
 CONTAINER_CHECK_INTERVAL_SECONDS = 0.25
 STOP_TIMEOUT_SECONDS = 10
 
+# Engine container states -> the sandbox state a route reports.
+STATE_BY_CONTAINER_STATE: dict[str, SandboxState] = {
+    "running": SandboxState.STARTED,
+    "paused": SandboxState.STARTED,
+    "created": SandboxState.STOPPED,
+    "configured": SandboxState.STOPPED,
+    "exited": SandboxState.STOPPED,
+    "stopped": SandboxState.STOPPED,
+}
+
 # What this backend can do: everything the platform offers today, except GPUs.
 CONTAINER_ENGINE_CAPABILITIES = RunnerCapabilities(
     isolation=IsolationKind.CONTAINER,
@@ -58,6 +82,25 @@ CONTAINER_ENGINE_CAPABILITIES = RunnerCapabilities(
     volumes=True,
     gpu=False,
 )
+
+
+def _int_label(container: ContainerSummary, label: str) -> int:
+    try:
+        return int(container.labels.get(label, "0"))
+    except ValueError:
+        return 0
+
+
+def hosted_sandbox(container: ContainerSummary) -> HostedSandbox:
+    """A sandbox container as the runner's inventory sees it (its labels carry its id, owner and size)."""
+    return HostedSandbox(
+        sandbox_id=container.labels.get(SANDBOX_LABEL, ""),
+        organization_id=container.labels.get(ORGANIZATION_LABEL, ""),
+        state=STATE_BY_CONTAINER_STATE.get(container.state, SandboxState.ERROR),
+        running=container.state == "running",
+        cpu=_int_label(container, CPU_LABEL),
+        memory_gib=_int_label(container, MEMORY_LABEL),
+    )
 
 
 class ContainerEngineBackend:
@@ -106,6 +149,18 @@ class ContainerEngineBackend:
         await self._engine.close()
 
     # --- SandboxBackend ------------------------------------------------------------------------------
+
+    async def list_sandboxes(self) -> list[HostedSandbox]:
+        return [hosted_sandbox(container) for container in await self._engine.list_sandboxes()]
+
+    async def adopt(self) -> list[HostedSandbox]:
+        """The sandbox containers on this engine; the disks of sandboxes whose container is gone (a destroy
+        interrupted between removing the container and its disk) are deleted first."""
+        hosted = await self.list_sandboxes()
+        for orphan in self._disks.disk_ids() - {sandbox.sandbox_id for sandbox in hosted}:
+            log.info("inventory.orphan_disk_removed", sandbox_id=orphan)
+            await asyncio.to_thread(self._disks.remove, orphan)
+        return hosted
 
     async def start(self, spec: SandboxSpec) -> str:
         return await self._ensure_running(spec)

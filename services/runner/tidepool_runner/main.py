@@ -114,13 +114,7 @@ class Runner:
             settings=settings, runner_id=self.runner_id, bus=bus, routes=routes, backend=backend
         )
         inventory = Inventory(
-            settings=settings,
-            runner_id=self.runner_id,
-            engine=engine,
-            runners=runners,
-            routes=routes,
-            disks=self.disks,
-            capabilities=backend.capabilities,
+            settings=settings, runner_id=self.runner_id, backend=backend, runners=runners, routes=routes
         )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
@@ -146,7 +140,7 @@ class Runner:
             # The broker consumes jobs from here on; this task stays so that `wait` watches adoption too.
             await asyncio.Event().wait()
 
-        collector = TerminationCollector(engine=engine, daemons=self.daemons, bus=bus)
+        collector = TerminationCollector(backend=backend, bus=bus)
         self._health = DaemonHealthChecker(
             settings=settings,
             runner_id=self.runner_id,

@@ -1,9 +1,11 @@
 """The runner's job handlers need nothing but a `SandboxBackend`: an in-memory backend (no engine, no disks,
 no sockets) drives every job action through the real bus subscriber in FastStream's TestNatsBroker, and the
-handlers report routes, sandbox events and snapshot events from what the backend answers."""
+handlers report routes, sandbox events and snapshot events from what the backend answers. The heartbeat and
+the adoption after a restart (inventory.py) need nothing else either."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +32,17 @@ from tidepool_contracts.states import SandboxState
 from tidepool_runner import subscribers
 from tidepool_runner.backend import (
     BackendUnavailableError,
+    HostedSandbox,
     SandboxBackend,
     SandboxFailedError,
     SnapshotImage,
     ToolboxChannel,
+    ToolboxUnreachableError,
 )
 from tidepool_runner.container_backend import ContainerEngineBackend
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
+from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor
 from tidepool_runtime.broker import Bus, create_broker, declare_publishers, jetstream_subscriber, kv_get
 from tidepool_runtime.settings import Settings
@@ -56,6 +61,11 @@ class NoToolbox:
 
     async def probe_version(self, sandbox_id: str) -> str | None:
         return None
+
+    async def open_tunnel(
+        self, sandbox_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise ToolboxUnreachableError(f"sandbox {sandbox_id} has no daemon")
 
     async def close(self, sandbox_id: str) -> None:
         return None
@@ -85,6 +95,25 @@ class FakePodBackend:
         self.calls.append(f"{name} {sandbox_id}")
         if name in self.fail:
             raise self.fail[name]
+
+    async def list_sandboxes(self) -> list[HostedSandbox]:
+        if "list" in self.fail:
+            raise self.fail["list"]
+        return [
+            HostedSandbox(
+                sandbox_id=sandbox_id,
+                organization_id="org-1",
+                state=SandboxState.STARTED if sandbox.get("running") else SandboxState.STOPPED,
+                running=bool(sandbox.get("running")),
+                cpu=sandbox.get("cpu", 1),
+                memory_gib=1,
+            )
+            for sandbox_id, sandbox in self.sandboxes.items()
+        ]
+
+    async def adopt(self) -> list[HostedSandbox]:
+        self.calls.append("adopt")
+        return await self.list_sandboxes()
 
     async def start(self, spec: SandboxSpec) -> str:
         self._call("start", spec.sandbox_id)
@@ -315,3 +344,35 @@ async def test_backend_failures_follow_the_error_policy(tmp_path: Path) -> None:
     last = [e for e in w.events if isinstance(e, SandboxStateEvent)][-1]
     assert (last.sandbox_id, last.state) == ("sb-2", SandboxState.ERROR)
     assert "cluster API unreachable" in (last.error_reason or "")
+
+
+async def test_heartbeat_and_adoption_come_from_the_backend(tmp_path: Path) -> None:
+    backend = FakePodBackend()
+    await backend.start(SandboxSpec(sandbox_id="up", organization_id="org-1", image="i", cpu=3))
+    backend.sandboxes["down"] = {"running": False, "cpu": 2}
+    runners, routes = MemoryKV(), MemoryKV()
+    inventory = Inventory(
+        settings=Settings(data_dir=tmp_path, runner_public_url="http://runner.test:3003"),
+        runner_id=RUNNER_ID,
+        backend=backend,
+        runners=runners,  # type: ignore[arg-type]
+        routes=routes,  # type: ignore[arg-type]
+    )
+    info = await inventory.current_info()
+    assert info.capabilities == backend.capabilities and info.capabilities.isolation is IsolationKind.POD
+    assert (info.cpu_allocated, info.sandboxes_running, info.sandboxes_total, info.unschedulable) == (
+        3,
+        1,
+        2,
+        False,
+    )
+
+    assert await inventory.adopt_containers() == 2
+    adopted = {key: await kv_get(routes, key, SandboxRoute) for key in ("up", "down")}  # type: ignore[arg-type]
+    assert {key: (route.state, route.runner_id) for key, route in adopted.items() if route} == {
+        "up": (SandboxState.STARTED, RUNNER_ID),
+        "down": (SandboxState.STOPPED, RUNNER_ID),
+    }
+
+    backend.fail["list"] = BackendUnavailableError("cluster API unreachable")
+    assert (await inventory.current_info()).unschedulable
