@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 
 import aiohttp
 
-from tidepool_contracts.models import RunnerCapabilities, SandboxSpec
+from tidepool_contracts.models import RunnerCapabilities, SandboxMetricsSample, SandboxSpec
 from tidepool_contracts.states import SandboxState
 
 # The host part of every URL sent through a ToolboxChannel session: the channel decides where it goes.
@@ -132,6 +132,13 @@ class SandboxBackend(Protocol):
         """Every sandbox this backend hosts for this runner now, running or not (the heartbeat's
         allocation). BackendUnavailableError or SandboxFailedError when it cannot tell (the runner then
         reports itself unschedulable)."""
+        ...
+
+    async def stats(self) -> list[SandboxMetricsSample]:
+        """One resource sample per running sandbox, now: cpu utilization (% of its limit, since the previous
+        call; None in a sandbox's first sample), memory, filesystem and network in bytes. A sandbox that
+        cannot be read this time is left out; errors as `list_sandboxes`. The runner publishes them on
+        `channels.SANDBOX_METRICS` every `sandbox_metrics_interval_seconds`."""
         ...
 
     async def adopt(self) -> list[HostedSandbox]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from tidepool_contracts.models import IsolationKind, RunnerCapabilities, SandboxSpec
+from tidepool_contracts.models import IsolationKind, RunnerCapabilities, SandboxMetricsSample, SandboxSpec
 from tidepool_contracts.states import SandboxState
 from tidepool_runner.backend import HostedSandbox, SandboxFailedError, SnapshotImage
 from tidepool_runner.container_config import (
@@ -44,6 +44,7 @@ from tidepool_runner.engine import (
     RootIds,
 )
 from tidepool_runner.owners import ClaimedOwners
+from tidepool_runner.resource_samples import ContainerStats
 from tidepool_runner.staging import mount_socket_dir, unmount_socket_dir
 from tidepool_runner.volumes import VolumeMountError, VolumeMounts
 from tidepool_runtime.settings import RunnerSettings
@@ -126,6 +127,7 @@ class ContainerEngineBackend:
         self._volumes = volumes or VolumeMounts(settings)
         self._egress = egress or EgressPolicies(settings)
         self._owners = owners
+        self._stats = ContainerStats(runner_id=runner_id, engine=engine, disks=disks)
 
     @property
     def capabilities(self) -> RunnerCapabilities:
@@ -152,6 +154,9 @@ class ContainerEngineBackend:
 
     async def list_sandboxes(self) -> list[HostedSandbox]:
         return [hosted_sandbox(container) for container in await self._engine.list_sandboxes()]
+
+    async def stats(self) -> list[SandboxMetricsSample]:
+        return await self._stats.collect()
 
     async def adopt(self) -> list[HostedSandbox]:
         """The sandbox containers on this engine; the disks of sandboxes whose container is gone (a destroy

@@ -151,11 +151,7 @@ class Runner:
             locks=executor.locks,
         )
         sampler = ResourceSampler(
-            runner_id=self.runner_id,
-            engine=engine,
-            disks=self.disks,
-            bus=bus,
-            interval=settings.sandbox_metrics_interval_seconds,
+            backend=backend, bus=bus, interval=settings.sandbox_metrics_interval_seconds
         )
         self._tasks = [
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),

@@ -21,12 +21,14 @@ from tidepool_contracts.models import (
     RunnerCapabilities,
     RunnerJob,
     SandboxAction,
+    SandboxMetricsSample,
     SandboxRoute,
     SandboxSpec,
     SandboxStateEvent,
     SnapshotEvent,
     SnapshotState,
     SnapshotTarget,
+    utc_now,
 )
 from tidepool_contracts.states import SandboxState
 from tidepool_runner import subscribers
@@ -44,6 +46,7 @@ from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor
+from tidepool_runner.resource_samples import ResourceSampler
 from tidepool_runtime.broker import Bus, create_broker, declare_publishers, jetstream_subscriber, kv_get
 from tidepool_runtime.settings import Settings
 
@@ -109,6 +112,20 @@ class FakePodBackend:
                 memory_gib=1,
             )
             for sandbox_id, sandbox in self.sandboxes.items()
+        ]
+
+    async def stats(self) -> list[SandboxMetricsSample]:
+        return [
+            SandboxMetricsSample(
+                sandbox_id=sandbox.sandbox_id,
+                organization_id=sandbox.organization_id,
+                runner_id=RUNNER_ID,
+                sampled_at=utc_now(),
+                cpu_limit=float(sandbox.cpu),
+                memory_usage=1 << 20,
+            )
+            for sandbox in await self.list_sandboxes()
+            if sandbox.running
         ]
 
     async def adopt(self) -> list[HostedSandbox]:
@@ -376,3 +393,22 @@ async def test_heartbeat_and_adoption_come_from_the_backend(tmp_path: Path) -> N
 
     backend.fail["list"] = BackendUnavailableError("cluster API unreachable")
     assert (await inventory.current_info()).unschedulable
+
+
+async def test_resource_samples_come_from_the_backend() -> None:
+    backend = FakePodBackend()
+    await backend.start(SandboxSpec(sandbox_id="up", organization_id="org-1", image="i", cpu=2))
+    backend.sandboxes["down"] = {"running": False}
+    broker = create_broker("nats://unused:4222", "test")
+    bus = Bus(broker)
+    bus.add_publishers(subscribers.publishers(broker))
+    received: list[SandboxMetricsSample] = []
+
+    @jetstream_subscriber(broker, channels.SANDBOX_METRICS, durable="probe-metrics")
+    async def on_sample(sample: SandboxMetricsSample) -> None:
+        received.append(sample)
+
+    sampler = ResourceSampler(backend=backend, bus=bus, interval=60)
+    async with TestNatsBroker(broker):
+        assert await sampler.sample_once() == 1
+    assert [(sample.sandbox_id, sample.cpu_limit) for sample in received] == [("up", 2.0)]
