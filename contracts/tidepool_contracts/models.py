@@ -232,8 +232,85 @@ class SandboxRoute(BusModel):
     updated_at: datetime = Field(default_factory=utc_now)
 
 
+class IsolationKind(StrEnum):
+    """How a runner's sandbox backend isolates sandboxes."""
+
+    # Containers on the runner's own container engine (Podman's Docker API): user namespace, seccomp,
+    # the host firewall on the sandbox bridge. Today's only backend.
+    CONTAINER = "container"
+    # Pods in a Kubernetes cluster under a sandboxing RuntimeClass (gVisor, Kata); not implemented yet.
+    POD = "pod"
+
+
+class Capability(StrEnum):
+    """What a sandbox (or a job on it) may need of its runner (see `RunnerCapabilities.unmet`)."""
+
+    LIVE_RESIZE = "live_resize"
+    ARCHIVE = "archive"
+    SNAPSHOTS = "snapshots"
+    NETWORK_POLICIES = "network_policies"
+    DOMAIN_ALLOW_LISTS = "domain_allow_lists"
+    VOLUMES = "volumes"
+    GPU = "gpu"
+
+
+class RunnerCapabilities(BusModel):
+    """What a runner's sandbox backend can do (tidepool_runner.backend.SandboxBackend.capabilities), sent
+    with every heartbeat. The scheduler places a sandbox only on a runner whose capabilities cover what
+    the sandbox and the job need.
+
+    The defaults describe today's container-engine backend, so a heartbeat from a runner that predates
+    this field reads as exactly what that runner can do."""
+
+    isolation: IsolationKind = IsolationKind.CONTAINER
+    # The Kubernetes RuntimeClass sandboxes run under (`gvisor`, `kata`); None for the container engine.
+    runtime_class: str | None = None
+    # A running sandbox's cpu and memory change without a restart (a RESIZE job).
+    live_resize: bool = True
+    # A stopped sandbox's filesystem can be committed to an image and its local state dropped (ARCHIVE).
+    archive: bool = True
+    # A sandbox's filesystem can be committed to a snapshot image (SNAPSHOT, forks).
+    snapshots: bool = True
+    # Egress policies: block all, CIDR allow lists (and their live change, NETWORK).
+    network_policies: bool = True
+    # Egress allowed to what domain names resolve to (re-resolved while the sandbox runs).
+    domain_allow_lists: bool = True
+    # Object-storage volumes mounted into sandboxes.
+    volumes: bool = True
+    gpu: bool = False
+
+    def unmet(self, needs: frozenset[Capability]) -> list[Capability]:
+        """The capabilities among `needs` this runner lacks, in a stable order (empty: it can take it)."""
+        return sorted(need for need in needs if not getattr(self, need.value))
+
+
+def required_capabilities(spec: SandboxSpec, action: SandboxAction | None = None) -> frozenset[Capability]:
+    """What a runner must be able to do to host the sandbox `spec` describes (and, given `action`, to carry
+    out that job on it): a network policy needs network policies, a volume needs volumes, a RESIZE of a
+    running sandbox needs live resize, and so on."""
+    needs: set[Capability] = set()
+    if spec.network_block_all or spec.network_allow_list:
+        needs.add(Capability.NETWORK_POLICIES)
+    if spec.domain_allow_list and not spec.network_block_all:
+        needs.update((Capability.NETWORK_POLICIES, Capability.DOMAIN_ALLOW_LISTS))
+    if spec.volumes:
+        needs.add(Capability.VOLUMES)
+    match action:
+        case SandboxAction.RESIZE:
+            needs.add(Capability.LIVE_RESIZE)
+        case SandboxAction.ARCHIVE:
+            needs.add(Capability.ARCHIVE)
+        case SandboxAction.SNAPSHOT:
+            needs.add(Capability.SNAPSHOTS)
+        case SandboxAction.NETWORK:
+            needs.add(Capability.NETWORK_POLICIES)
+        case _:
+            pass
+    return frozenset(needs)
+
+
 class RunnerInfo(BusModel):
-    """Runner -> KV heartbeat: identity, address and capacity."""
+    """Runner -> KV heartbeat: identity, address, capacity and what its sandbox backend can do."""
 
     runner_id: str
     url: str
@@ -245,6 +322,8 @@ class RunnerInfo(BusModel):
     sandboxes_running: int = 0
     sandboxes_total: int = 0
     unschedulable: bool = False
+    # Absent in heartbeats of runners older than the field: those are container-engine runners.
+    capabilities: RunnerCapabilities = Field(default_factory=RunnerCapabilities)
     heartbeat_at: datetime = Field(default_factory=utc_now)
 
 

@@ -1,11 +1,20 @@
-"""Runner choice for new sandboxes."""
+"""Runner choice for new sandboxes: room, freshness, and the capabilities the sandbox needs."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tidepool_contracts.models import RunnerInfo, SandboxSpec
-from tidepool_scheduler.placement import choose_runner
+from tidepool_contracts.models import (
+    Capability,
+    IsolationKind,
+    RunnerCapabilities,
+    RunnerInfo,
+    SandboxAction,
+    SandboxSpec,
+    VolumeMountSpec,
+    required_capabilities,
+)
+from tidepool_scheduler.placement import NO_CAPACITY_REASON, choose_runner, no_runner_reason
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SPEC = SandboxSpec(sandbox_id="s", organization_id="o", image="i", cpu=1, memory_gib=1)
@@ -38,3 +47,58 @@ def test_skips_stale_and_unschedulable_runners() -> None:
 def test_refuses_a_runner_without_room() -> None:
     full = runner("full", cpu_allocated=16)
     assert choose_runner([full], SPEC, NOW) is None
+
+
+POD_WITHOUT_POLICIES = RunnerCapabilities(
+    isolation=IsolationKind.POD, network_policies=False, domain_allow_lists=False, live_resize=False
+)
+
+
+def test_a_heartbeat_without_capabilities_reads_as_a_container_engine_runner() -> None:
+    old = RunnerInfo.model_validate_json(
+        '{"runner_id": "old", "url": "http://old", "cpu_total": 4, "memory_total_gib": 8}'
+    )
+    assert old.capabilities == RunnerCapabilities()
+    assert old.capabilities.isolation is IsolationKind.CONTAINER
+    assert not old.capabilities.unmet(required_capabilities(SPEC.model_copy(update={"volumes": []})))
+
+
+def test_a_sandbox_with_a_network_policy_goes_only_where_policies_are_enforced() -> None:
+    roomy_pod = runner("pod", capabilities=POD_WITHOUT_POLICIES)
+    busy_container = runner("container", cpu_allocated=12, memory_allocated_gib=12)
+    # Without a policy the emptier runner wins, whatever its isolation.
+    assert choose_runner([roomy_pod, busy_container], SPEC, NOW) == roomy_pod
+    for policy in ({"network_block_all": True}, {"network_allow_list": ["10.0.0.0/8"]}):
+        restricted = SPEC.model_copy(update=policy)
+        assert choose_runner([roomy_pod, busy_container], restricted, NOW) == busy_container
+    domains = SPEC.model_copy(update={"domain_allow_list": ["pypi.org"]})
+    no_domains = runner("no-domains", capabilities=RunnerCapabilities(domain_allow_lists=False))
+    assert choose_runner([no_domains, busy_container], domains, NOW) == busy_container
+
+
+def test_capability_mismatch_means_no_runner_and_says_which() -> None:
+    pod = runner("pod", capabilities=POD_WITHOUT_POLICIES)
+    blocked = SPEC.model_copy(update={"network_block_all": True})
+    assert choose_runner([pod], blocked, NOW) is None
+    assert (
+        no_runner_reason([pod], blocked, NOW)
+        == "no runner supports what the sandbox needs (network_policies)"
+    )
+    # A job that needs live resize is not placed on a runner without it either.
+    assert choose_runner([pod], SPEC, NOW, action=SandboxAction.RESIZE) is None
+    assert choose_runner([pod], SPEC, NOW, action=SandboxAction.START) == pod
+    # Lack of room stays the reason it always was.
+    assert no_runner_reason([runner("full", cpu_allocated=16)], SPEC, NOW) == NO_CAPACITY_REASON
+
+
+def test_required_capabilities_follow_the_spec_and_the_job() -> None:
+    assert required_capabilities(SPEC) == frozenset()
+    volume = VolumeMountSpec(volume_id="v", mount_path="/data", key_prefix="volumes/v")
+    assert required_capabilities(SPEC.model_copy(update={"volumes": [volume]})) == {Capability.VOLUMES}
+    # Block-all wins over a domain list (as in Daytona): domains are then not needed.
+    both = SPEC.model_copy(update={"network_block_all": True, "domain_allow_list": ["pypi.org"]})
+    assert required_capabilities(both) == {Capability.NETWORK_POLICIES}
+    assert required_capabilities(SPEC, SandboxAction.ARCHIVE) == {Capability.ARCHIVE}
+    assert required_capabilities(SPEC, SandboxAction.SNAPSHOT) == {Capability.SNAPSHOTS}
+    gpu_less = RunnerCapabilities()
+    assert gpu_less.unmet(frozenset({Capability.GPU, Capability.VOLUMES})) == [Capability.GPU]

@@ -32,6 +32,7 @@ import orjson
 from aiohttp.client_exceptions import UnixClientConnectorError
 from aiohttp.helpers import ceil_timeout
 
+from tidepool_runner.backend import TOOLBOX_BASE_URL, ToolboxUnreachableError
 from tidepool_runtime.relay import SESSION_SKIP_AUTO_HEADERS
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from aiohttp.tracing import Trace
 
 # The host part of URLs sent over a unix socket; only the Host header sees it.
-DAEMON_BASE_URL = "http://daemon"
+DAEMON_BASE_URL = TOOLBOX_BASE_URL
 TOOLBOX_SOCKET_NAME = "toolbox.sock"
 PROBE_REQUEST_TIMEOUT = 1.0
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -231,6 +232,23 @@ class DaemonConnections:
             )
             self._port_sessions[key] = session
         return session
+
+    async def open_tunnel(
+        self, sandbox_id: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A byte stream to `port` on the sandbox's loopback over a verified daemon connection (the
+        daemon's `CONNECT`). Raises ToolboxUnreachableError if the daemon cannot be reached, another
+        OSError if nothing answers on the port."""
+        try:
+            sock = await connect_daemon_socket(self.socket_dir(sandbox_id))
+        except OSError as error:
+            raise ToolboxUnreachableError(f"sandbox {sandbox_id} is not reachable: {error}") from error
+        try:
+            await open_port_tunnel(sock, port)
+            return await asyncio.open_unix_connection(sock=sock)
+        except OSError:
+            sock.close()
+            raise
 
     async def close(self, sandbox_id: str) -> None:
         session = self._sessions.pop(sandbox_id, None)

@@ -12,6 +12,7 @@ from typing import Any
 import aiodocker
 from aiodocker.exceptions import DockerError
 
+from tidepool_runner.backend import BackendUnavailableError, SandboxFailedError
 from tidepool_runner.container_config import ORGANIZATION_LABEL, RUNNER_HOME_LABEL, SANDBOX_LABEL
 from tidepool_runner.owners import ClaimedOwners
 
@@ -22,16 +23,8 @@ LOG_TAIL_LINES = 20
 REMOVE_BUSY_SECONDS = 30.0
 
 
-class EngineUnavailableError(Exception):
+class EngineUnavailableError(BackendUnavailableError):
     """The engine could not do it now (unreachable, overloaded): the job should be retried."""
-
-
-class SandboxFailedError(Exception):
-    """The sandbox cannot reach the requested state; `reason` is shown to the user as `errorReason`."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def is_transient(error: DockerError) -> bool:

@@ -14,6 +14,7 @@ from aiohttp import web
 from tidepool_contracts import channels
 from tidepool_contracts.access import RUNNER
 from tidepool_runner.activity import ActivityRecorder
+from tidepool_runner.container_backend import ContainerEngineBackend
 from tidepool_runner.container_config import SANDBOX_LABEL, runner_home, sandbox_socket_dir
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
@@ -99,29 +100,26 @@ class Runner:
             if summary.state in ("running", "paused")
         }
         await asyncio.to_thread(self.volumes.clean_stale, running)
-        inventory = Inventory(
+        # The one place that knows which backend runs the sandboxes: the handlers only see SandboxBackend.
+        backend = ContainerEngineBackend(
             settings=settings,
             runner_id=self.runner_id,
-            engine=engine,
-            runners=runners,
-            routes=routes,
-            disks=self.disks,
-        )
-        executor = JobExecutor(
-            settings=settings,
-            runner_id=self.runner_id,
-            bus=bus,
-            routes=routes,
             engine=engine,
             daemons=self.daemons,
             disks=self.disks,
             volumes=self.volumes,
             owners=self.owners,
         )
+        executor = JobExecutor(
+            settings=settings, runner_id=self.runner_id, bus=bus, routes=routes, backend=backend
+        )
+        inventory = Inventory(
+            settings=settings, runner_id=self.runner_id, backend=backend, runners=runners, routes=routes
+        )
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
         self._web = web.AppRunner(
-            build_toolbox_app(self.daemons, settings.runner_token, activity), access_log=None
+            build_toolbox_app(backend.toolbox, settings.runner_token, activity), access_log=None
         )
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()
@@ -135,14 +133,14 @@ class Runner:
                 for container in await engine.list_sandboxes()
                 if container.state in ("running", "paused") and container.labels.get(SANDBOX_LABEL)
             ]
-            await executor.egress.load(running)
+            await backend.egress.load(running)
             # Adoption first: once jobs run, a late adoption could overwrite the state a job just reported.
             await inventory.adopt_until_done()
             await bus.start()
             # The broker consumes jobs from here on; this task stays so that `wait` watches adoption too.
             await asyncio.Event().wait()
 
-        collector = TerminationCollector(engine=engine, daemons=self.daemons, bus=bus)
+        collector = TerminationCollector(backend=backend, bus=bus)
         self._health = DaemonHealthChecker(
             settings=settings,
             runner_id=self.runner_id,
@@ -153,11 +151,7 @@ class Runner:
             locks=executor.locks,
         )
         sampler = ResourceSampler(
-            runner_id=self.runner_id,
-            engine=engine,
-            disks=self.disks,
-            bus=bus,
-            interval=settings.sandbox_metrics_interval_seconds,
+            backend=backend, bus=bus, interval=settings.sandbox_metrics_interval_seconds
         )
         self._tasks = [
             asyncio.create_task(inventory.heartbeat_forever(), name="runner-heartbeat"),
@@ -165,7 +159,7 @@ class Runner:
             asyncio.create_task(self._health.run_forever(), name="runner-daemon-health"),
             asyncio.create_task(adopt_then_serve_jobs(), name="runner-jobs"),
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
-            asyncio.create_task(executor.egress.refresh_forever(), name="runner-egress-domains"),
+            asyncio.create_task(backend.egress.refresh_forever(), name="runner-egress-domains"),
             asyncio.create_task(sampler.run_forever(), name="runner-resource-samples"),
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)

@@ -7,6 +7,9 @@ CPU utilization is the CPU time used between two samples over the wall time betw
 sandbox's CPU limit (%, 0-100 of the limit); a sandbox's first sample has none. One engine list per round
 (which sandboxes run, with their organization) plus one inspect per newly seen container (its pid); the
 rest are file reads in a worker thread. A failed read skips that sandbox for the round, never the loop.
+
+`ContainerStats` reads them for the container-engine backend (its `SandboxBackend.stats`);
+`ResourceSampler` publishes whatever the runner's backend returns.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import structlog
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import SandboxMetricsSample, utc_now
+from tidepool_runner.backend import SandboxBackend
 from tidepool_runner.cgroups import CgroupUsage, cgroup_paths, network_bytes, read_usage
 from tidepool_runner.container_config import CPU_LABEL, ORGANIZATION_LABEL, SANDBOX_LABEL
 from tidepool_runner.disks import SandboxDisks
@@ -45,32 +49,23 @@ class _Reading:
     at_ns: int
 
 
-class ResourceSampler:
-    def __init__(
-        self, *, runner_id: str, engine: ContainerEngine, disks: SandboxDisks, bus: Bus, interval: float
-    ) -> None:
+class ContainerStats:
+    """The container backend's `stats`: one sample per running sandbox container, read from its cgroups,
+    its network namespace and its own disk."""
+
+    def __init__(self, *, runner_id: str, engine: ContainerEngine, disks: SandboxDisks) -> None:
         self._runner_id = runner_id
         self._engine = engine
         self._disks = disks
-        self._bus = bus
-        self._interval = interval
         self._seen: dict[str, _Seen] = {}  # container id -> what the previous round read
 
-    async def run_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.sample_once()
-            except Exception as error:  # the engine or NATS briefly away: next round
-                log.warning("samples.round_failed", error=str(error))
-
-    async def sample_once(self) -> int:
-        """Publish one sample per running sandbox; returns how many were published."""
+    async def collect(self) -> list[SandboxMetricsSample]:
+        """One sample per running sandbox (CPU utilization since the previous call)."""
         running = [c for c in await self._engine.list_sandboxes() if c.state == "running"]
         self._seen = {
             cid: seen for cid, seen in self._seen.items() if cid in {c.container_id for c in running}
         }
-        published = 0
+        samples: list[SandboxMetricsSample] = []
         for container in running:
             sandbox_id = container.labels.get(SANDBOX_LABEL, "")
             if not sandbox_id:
@@ -90,10 +85,8 @@ class ResourceSampler:
             except OSError:  # the process is gone (stopped meanwhile): look it up afresh next round
                 self._seen.pop(container.container_id, None)
                 continue
-            sample = self._sample(sandbox_id, container.labels, seen, reading)
-            await self._bus.publish(channels.SANDBOX_METRICS, sample, sandbox_id=sandbox_id)
-            published += 1
-        return published
+            samples.append(self._sample(sandbox_id, container.labels, seen, reading))
+        return samples
 
     def _read(self, sandbox_id: str, seen: _Seen) -> _Reading:
         if not os.path.exists(f"/proc/{seen.pid}"):
@@ -134,3 +127,28 @@ class ResourceSampler:
             network_rx_bytes=reading.network[0] if reading.network else None,
             network_tx_bytes=reading.network[1] if reading.network else None,
         )
+
+
+class ResourceSampler:
+    """Publishes the backend's samples (`SandboxBackend.stats`) every `interval` seconds."""
+
+    def __init__(self, *, backend: SandboxBackend, bus: Bus, interval: float) -> None:
+        self._backend = backend
+        self._bus = bus
+        self._interval = interval
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.sample_once()
+            except Exception as error:  # the engine or NATS briefly away: next round
+                log.warning("samples.round_failed", error=str(error))
+
+    async def sample_once(self) -> int:
+        """Publish one sample per running sandbox; returns how many were published."""
+        published = 0
+        for sample in await self._backend.stats():
+            await self._bus.publish(channels.SANDBOX_METRICS, sample, sandbox_id=sample.sandbox_id)
+            published += 1
+        return published

@@ -16,24 +16,20 @@ import contextlib
 import aiohttp
 from aiohttp import web
 
-from tidepool_runner.daemon_connections import DaemonConnections, connect_daemon_socket, open_port_tunnel
+from tidepool_runner.backend import ToolboxChannel, ToolboxUnreachableError
 from tidepool_runtime.relay import error_response
 
 _CHUNK = 64 * 1024
 
 
 async def relay_tcp(
-    request: web.Request, daemons: DaemonConnections, sandbox_id: str, port: int
+    request: web.Request, toolbox: ToolboxChannel, sandbox_id: str, port: int
 ) -> web.StreamResponse:
     try:
-        sock = await connect_daemon_socket(daemons.socket_dir(sandbox_id))
-    except OSError:
+        reader, writer = await toolbox.open_tunnel(sandbox_id, port)
+    except ToolboxUnreachableError:
         return error_response(request, 502, f"sandbox {sandbox_id} is not reachable")
-    try:
-        await open_port_tunnel(sock, port)
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
     except OSError:
-        sock.close()
         return error_response(request, 502, f"nothing answers on port {port} in sandbox {sandbox_id}")
     ws = web.WebSocketResponse(max_msg_size=0)
     await ws.prepare(request)

@@ -13,9 +13,7 @@ import structlog
 
 from tidepool_contracts import channels
 from tidepool_contracts.models import ProcessTerminationEvent
-from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL
-from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
-from tidepool_runner.engine import ContainerEngine
+from tidepool_runner.backend import TOOLBOX_BASE_URL, SandboxBackend
 from tidepool_runtime.broker import Bus
 
 log = structlog.get_logger("tidepool.runner.terminations")
@@ -26,20 +24,18 @@ NOTABLE_REASONS = frozenset({"signal", "timeout", "oom_killed"})
 
 @dataclass
 class TerminationCollector:
-    engine: ContainerEngine
-    daemons: DaemonConnections
+    backend: SandboxBackend
     bus: Bus
     # sandbox id -> (daemon boot id, last sequence seen)
     _cursors: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     async def collect_once(self) -> int:
         published = 0
-        running = [c for c in await self.engine.list_sandboxes() if c.state == "running"]
-        for container in running:
-            sandbox_id = container.labels.get(SANDBOX_LABEL)
-            if sandbox_id:
-                published += await self._collect(sandbox_id, container.labels.get(ORGANIZATION_LABEL, ""))
-        live = {c.labels.get(SANDBOX_LABEL) for c in running}
+        running = [sandbox for sandbox in await self.backend.list_sandboxes() if sandbox.running]
+        for sandbox in running:
+            if sandbox.sandbox_id:
+                published += await self._collect(sandbox.sandbox_id, sandbox.organization_id)
+        live = {sandbox.sandbox_id for sandbox in running}
         for gone in set(self._cursors) - live:
             del self._cursors[gone]
         return published
@@ -47,8 +43,8 @@ class TerminationCollector:
     async def _collect(self, sandbox_id: str, organization_id: str) -> int:
         boot_id, after = self._cursors.get(sandbox_id, ("", 0))
         try:
-            async with self.daemons.session(sandbox_id).get(
-                f"{DAEMON_BASE_URL}/process/terminations",
+            async with self.backend.toolbox.session(sandbox_id).get(
+                f"{TOOLBOX_BASE_URL}/process/terminations",
                 params={"after": str(after)},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as response:

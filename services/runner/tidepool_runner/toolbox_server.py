@@ -18,7 +18,8 @@ from yarl import URL
 
 from tidepool_contracts.toolbox_routes import DAEMON_SPAN_HEADER, toolbox_route_status
 from tidepool_runner.activity import ActivityRecorder
-from tidepool_runner.daemon_connections import DAEMON_BASE_URL, DaemonConnections
+from tidepool_runner.backend import ToolboxChannel
+from tidepool_runner.daemon_connections import DAEMON_BASE_URL
 from tidepool_runner.tcp_tunnel import relay_tcp
 from tidepool_runtime.observability import tracer_on_behalf_of
 from tidepool_runtime.relay import (
@@ -38,7 +39,7 @@ CREDENTIAL_HEADERS = ("Authorization", "X-Daytona-Authorization")
 
 MAX_HEADER_FIELD_SIZE = 64 * 1024
 
-DAEMONS_KEY = web.AppKey("daemons", DaemonConnections)
+DAEMONS_KEY = web.AppKey("daemons", ToolboxChannel)
 RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
 ACTIVITY_KEY = web.AppKey("activity", ActivityRecorder)
 
@@ -211,7 +212,7 @@ async def health(_: web.Request) -> web.Response:
 
 
 def build_toolbox_app(
-    daemons: DaemonConnections, runner_token: str, activity: ActivityRecorder | None = None
+    daemons: ToolboxChannel, runner_token: str, activity: ActivityRecorder | None = None
 ) -> web.Application:
     # Bodies are streamed, so client_max_size never applies. Long headers are allowed: a PTY's envs travel
     # base64-encoded inside Sec-WebSocket-Protocol.

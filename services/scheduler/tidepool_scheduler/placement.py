@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tidepool_contracts.models import RunnerInfo, SandboxSpec
+from tidepool_contracts.models import RunnerInfo, SandboxAction, SandboxSpec, required_capabilities
 
 # A runner whose last heartbeat is older than this is not offered new sandboxes.
 HEARTBEAT_FRESHNESS = timedelta(seconds=20)
@@ -20,13 +20,22 @@ def available_capacity_score(runner: RunnerInfo, spec: SandboxSpec) -> float:
 
 
 def choose_runner(
-    runners: list[RunnerInfo], spec: SandboxSpec, now: datetime | None = None
+    runners: list[RunnerInfo],
+    spec: SandboxSpec,
+    now: datetime | None = None,
+    action: SandboxAction | None = None,
 ) -> RunnerInfo | None:
+    """The fresh, schedulable runner with the most room left whose backend can do what the sandbox (and
+    the job `action`) needs (tidepool_contracts.models.required_capabilities); None if there is none. The
+    choice never looks at how a backend isolates: any backend that advertises the capabilities will do."""
     moment = now or datetime.now(UTC)
+    needs = required_capabilities(spec, action)
     candidates = [
         runner
         for runner in runners
-        if not runner.unschedulable and moment - runner.heartbeat_at <= HEARTBEAT_FRESHNESS
+        if not runner.unschedulable
+        and moment - runner.heartbeat_at <= HEARTBEAT_FRESHNESS
+        and not runner.capabilities.unmet(needs)
     ]
     scored = [(available_capacity_score(runner, spec), runner) for runner in candidates]
     scored = [(score, runner) for score, runner in scored if score >= 0]
@@ -34,3 +43,27 @@ def choose_runner(
         return None
     scored.sort(key=lambda item: (-item[0], item[1].runner_id))
     return scored[0][1]
+
+
+NO_CAPACITY_REASON = "no runner with enough capacity is available"
+
+
+def no_runner_reason(
+    runners: list[RunnerInfo],
+    spec: SandboxSpec,
+    now: datetime | None = None,
+    action: SandboxAction | None = None,
+) -> str:
+    """Why `choose_runner` found none, as the sandbox's error reason: the capabilities no fresh runner
+    offers, or (as before capabilities existed) a lack of capacity."""
+    moment = now or datetime.now(UTC)
+    needs = required_capabilities(spec, action)
+    fresh = [
+        runner
+        for runner in runners
+        if not runner.unschedulable and moment - runner.heartbeat_at <= HEARTBEAT_FRESHNESS
+    ]
+    if fresh and all(runner.capabilities.unmet(needs) for runner in fresh):
+        missing = sorted({need for runner in fresh for need in runner.capabilities.unmet(needs)})
+        return f"no runner supports what the sandbox needs ({', '.join(missing)})"
+    return NO_CAPACITY_REASON

@@ -30,7 +30,7 @@ from tidepool_contracts.models import (
 from tidepool_contracts.states import DesiredState, SandboxState
 from tidepool_runtime.broker import Bus, KeyValue, Msg, kv_delete, kv_get, kv_items, kv_put
 from tidepool_runtime.settings import SchedulerSettings
-from tidepool_scheduler.placement import choose_runner
+from tidepool_scheduler.placement import choose_runner, no_runner_reason
 
 log = structlog.get_logger("tidepool.scheduler")
 
@@ -165,13 +165,12 @@ class Scheduler:
                 await self.report(intent, SandboxState.STOPPED)
                 return
             runners = await kv_items(self.runners_kv, RunnerInfo)
-            runner = choose_runner(runners, intent.spec)
+            runner = choose_runner(runners, intent.spec, action=intent.action)
             if runner is None:
                 delivered = msg.metadata.num_delivered if msg is not None and msg.metadata else 1
                 if delivered >= MAX_DELIVERIES_WITHOUT_RUNNER:
-                    await self.report(
-                        intent, SandboxState.ERROR, "no runner with enough capacity is available"
-                    )
+                    reason = no_runner_reason(runners, intent.spec, action=intent.action)
+                    await self.report(intent, SandboxState.ERROR, reason)
                     return
                 raise RuntimeError("no runner available yet")
             placement = Placement(

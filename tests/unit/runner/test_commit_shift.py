@@ -1,6 +1,7 @@
-"""The layer's ownership shift around a commit (jobs.shift_down / shift_up): the engine copies the host's ids
-of the sandbox's user namespace as they are, so the runner gives the layer the sandbox's own ids for the
-copy and the host's back after it, exactly (ids outside the namespace untouched, setuid bits kept)."""
+"""The layer's ownership shift around a commit (container_backend.shift_down / shift_up): the engine copies
+the host's ids of the sandbox's user namespace as they are, so the runner gives the layer the sandbox's
+own ids for the copy and the host's back after it, exactly (ids outside the namespace untouched, setuid
+bits kept)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tidepool_runner.container_backend import shift_down, shift_up
 from tidepool_runner.engine import RootIds
-from tidepool_runner.jobs import shift_down, shift_up
 
 ROOT = RootIds(uid=300_000_000, gid=300_000_000)
 

@@ -1,4 +1,5 @@
-"""Job handling with a scripted engine and a real nats-server: ordering, reported states, error policy."""
+"""Job handling through the container-engine backend with a scripted engine and a real nats-server: ordering,
+reported states, error policy."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerJob, SandboxAction, SandboxRoute, SandboxSpec, SandboxStateEvent
 from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import event_sandbox
+from tidepool_runner.container_backend import ContainerEngineBackend
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, RootIds, SandboxFailedError
@@ -132,14 +134,19 @@ async def harness(
     settings = Settings(data_dir=short_tmp, runner_public_url="http://runner.test:3003")
     engine = ScriptedEngine()
     daemons = AlwaysReadyDaemons(lambda sandbox_id: short_tmp / sandbox_id)
+    backend = ContainerEngineBackend(
+        settings=settings,
+        runner_id=RUNNER_ID,
+        engine=engine,  # type: ignore[arg-type]
+        daemons=daemons,
+        disks=RecordingDisks(engine.calls),
+    )
     executor = JobExecutor(
         settings=settings,
         runner_id=RUNNER_ID,
         bus=bus,
         routes=await bus.kv(channels.ROUTES),
-        engine=engine,  # type: ignore[arg-type]
-        daemons=daemons,
-        disks=RecordingDisks(engine.calls),
+        backend=backend,
     )
     events: asyncio.Queue[SandboxStateEvent] = asyncio.Queue()
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from faststream.nats import TestNatsBroker
 
 from tests.fakes_kv import MemoryKV
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DesiredSandbox,
+    IsolationKind,
     Placement,
+    RunnerCapabilities,
     RunnerInfo,
     RunnerJob,
     SandboxAction,
@@ -30,7 +34,7 @@ from tidepool_runtime.broker import (
 )
 from tidepool_runtime.settings import Settings
 from tidepool_scheduler import subscribers
-from tidepool_scheduler.scheduler import Scheduler
+from tidepool_scheduler.scheduler import MAX_DELIVERIES_WITHOUT_RUNNER, Scheduler
 
 
 def intent(sandbox_id: str, action: SandboxAction) -> SandboxIntent:
@@ -137,3 +141,59 @@ async def test_start_of_an_archive_is_placed_anew_and_a_snapshot_leaves_the_plac
     assert placement is not None
     # Placed on the live runner; the one-off snapshot job did not become the placement's last intent.
     assert (placement.runner_id, placement.last_intent_id) == ("r2", start.intent_id)
+
+
+class Delivery:
+    """The metadata `Scheduler.handle_intent` reads of a JetStream message: how often it was delivered."""
+
+    def __init__(self, num_delivered: int) -> None:
+        self.metadata = SimpleNamespace(num_delivered=num_delivered)
+
+
+async def test_a_sandbox_no_runner_can_host_takes_the_no_runner_path() -> None:
+    broker, scheduler, _, sent = await scheduler_on_test_broker()
+    create = intent("s3", SandboxAction.CREATE)
+    create = create.model_copy(update={"spec": create.spec.model_copy(update={"network_block_all": True})})
+    await kv_put(
+        scheduler.desired_kv,
+        "s3",
+        DesiredSandbox(
+            sandbox_id="s3",
+            organization_id="o",
+            desired_state=DesiredState.STARTED,
+            spec=create.spec,
+            intent_id=create.intent_id,
+        ),
+    )
+    # Plenty of room, but its backend enforces no network policy: a blocked sandbox must not land there.
+    pods = RunnerCapabilities(isolation=IsolationKind.POD, network_policies=False)
+    await kv_put(
+        scheduler.runners_kv,
+        "pod-runner",
+        RunnerInfo(
+            runner_id="pod-runner", url="http://p", cpu_total=64, memory_total_gib=256, capabilities=pods
+        ),
+    )
+    async with TestNatsBroker(broker):
+        # Early deliveries wait for a runner (the intent is redelivered) ...
+        with pytest.raises(RuntimeError, match="no runner available yet"):
+            await scheduler.handle_intent(create, Delivery(1))  # type: ignore[arg-type]
+        # ... the last one fails the sandbox visibly, naming what no runner offers.
+        await scheduler.handle_intent(create, Delivery(MAX_DELIVERIES_WITHOUT_RUNNER))  # type: ignore[arg-type]
+    assert not [item for item in sent if isinstance(item, RunnerJob)]
+    assert "s3" not in scheduler.placements_kv.entries  # type: ignore[attr-defined]
+    errors = [item for item in sent if isinstance(item, SandboxStateEvent)]
+    assert [(e.sandbox_id, e.state, e.error_reason) for e in errors] == [
+        ("s3", SandboxState.ERROR, "no runner supports what the sandbox needs (network_policies)")
+    ]
+
+    # A runner that enforces policies (any heartbeat without capabilities does) takes it.
+    await kv_put(
+        scheduler.runners_kv,
+        "engine-runner",
+        RunnerInfo(runner_id="engine-runner", url="http://e", cpu_total=4, memory_total_gib=8),
+    )
+    async with TestNatsBroker(broker):
+        await scheduler.handle_intent(create, Delivery(1))  # type: ignore[arg-type]
+    placement = await kv_get(scheduler.placements_kv, "s3", Placement)
+    assert placement is not None and placement.runner_id == "engine-runner"
