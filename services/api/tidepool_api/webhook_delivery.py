@@ -226,9 +226,7 @@ async def _claim(context: ApiContext) -> list[tuple[WebhookDelivery, WebhookEndp
             session.add(delivery)
             claimed.append((delivery, endpoint))
         await session.commit()
-        for delivery, endpoint in claimed:
-            session.expunge(delivery)
-            session.expunge(endpoint)
+        session.expunge_all()  # used after the session (expire_on_commit is off); one endpoint may recur
     return claimed
 
 
