@@ -1,13 +1,15 @@
 """Webhooks in the API (tidepool_api.webhooks, tidepool_api.webhook_delivery) against a real nats-server
-and an SQLite database: the outbox commits with the change, the relay and the fan-out on JetStream, and the
-deliverer's signatures, retries and per-resource order, with a receiver on loopback."""
+and SQLite, or PostgreSQL (a fresh database) when TIDEPOOL_DATABASE_URL names a server: the outbox commits
+with the change, the relay and the fan-out on JetStream, and the deliverer's signatures, retries and
+per-resource order, with a receiver on loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from sqlmodel import select
 from standardwebhooks import Webhook
 
 from tests.conftest import free_port
+from tests.integration.stackthread import drop_postgres_database, fresh_postgres_database
 from tests.polling import wait_until_async
 from tidepool_api import webhooks
 from tidepool_api.auth import Authenticator
@@ -34,11 +37,22 @@ from tidepool_runtime.settings import Settings
 
 
 @pytest.fixture
-async def context(nats_url: str, tmp_path: Path) -> AsyncIterator[ApiContext]:
+def database_url() -> Iterator[str]:
+    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
+    if not base_url:
+        yield ""  # SQLite in the data directory
+        return
+    url, name = fresh_postgres_database(base_url)
+    yield url
+    drop_postgres_database(base_url, name)
+
+
+@pytest.fixture
+async def context(nats_url: str, tmp_path: Path, database_url: str) -> AsyncIterator[ApiContext]:
     settings = Settings(
         data_dir=tmp_path,
         nats_url=nats_url,
-        database_url="",
+        database_url=database_url,
         webhook_allow_insecure_urls=True,
         webhook_retry_base_seconds=0.05,
         webhook_retry_max_seconds=0.2,
@@ -187,10 +201,12 @@ async def test_signed_retried_and_in_order_per_resource(context: ApiContext) -> 
             )
             assert await fan_out(context, event) == 1
 
-        async def all_received() -> bool:
-            return len(received) == 3
+        async def all_delivered() -> bool:
+            # The receiver answers before the deliverer records the outcome: wait for both.
+            done = all(delivery.status == "delivered" for delivery in await deliveries(context))
+            return done and len(received) == 3
 
-        await wait_until_async(all_received, lambda: f"received: {received}")
+        await wait_until_async(all_delivered, lambda: f"received: {received}")
     finally:
         deliverer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
