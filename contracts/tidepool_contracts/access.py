@@ -48,8 +48,9 @@ class Access:
 
 
 API = Access(
-    publishes=(channels.SANDBOX_INTENTS, channels.BUILD_JOBS),
+    publishes=(channels.SANDBOX_INTENTS, channels.BUILD_JOBS, channels.WEBHOOK_EVENTS),
     consumes=(
+        channels.WEBHOOK_EVENTS,
         channels.SANDBOX_EVENTS,
         channels.SNAPSHOT_EVENTS,
         channels.PROCESS_EVENTS,

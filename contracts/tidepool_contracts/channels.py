@@ -42,6 +42,7 @@ from tidepool_contracts.models import (
     SigningKeyRecord,
     SnapshotEvent,
     SshAccessGrant,
+    WebhookEvent,
 )
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -127,7 +128,16 @@ SANDBOX_METRICS_SAMPLES = Stream(
     "runner -> telemetry: per-sandbox resource samples, kept for the retention period (default 3 days)",
     max_age=3 * 24 * 3600.0,
 )
-STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES)
+# The webhook outbox: a change committed to the database is relayed here (tidepool_api.webhook_delivery),
+# so it survives restarts of the API until the fan-out has turned it into deliveries.
+WEBHOOKS = Stream(
+    subjects.WEBHOOKS_STREAM,
+    "limits",
+    "API -> its webhook fan-out: committed changes for organizations' webhook endpoints",
+    max_age=7 * 24 * 3600.0,
+    duplicate_window=600.0,
+)
+STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES, WEBHOOKS)
 
 SANDBOX_INTENTS = Channel(
     f"{subjects.INTENT_SANDBOX_PREFIX}.{{sandbox_id}}",
@@ -192,6 +202,12 @@ SANDBOX_METRICS_QUERY = Channel(
     "API -> telemetry (request/reply): one sandbox's stored samples as series (the API checked the tenant)",
     reply=SandboxMetricsReply,
 )
+WEBHOOK_EVENTS = Channel(
+    f"{subjects.WEBHOOK_EVENT_PREFIX}.{{organization_id}}",
+    WebhookEvent,
+    "API -> API: a committed change for an organization's webhook endpoints (the outbox, replayable)",
+    WEBHOOKS,
+)
 CHANNELS: tuple[Channel, ...] = (
     SANDBOX_INTENTS,
     RUNNER_JOBS,
@@ -204,6 +220,7 @@ CHANNELS: tuple[Channel, ...] = (
     REGISTRY_CREDENTIALS,
     SANDBOX_METRICS,
     SANDBOX_METRICS_QUERY,
+    WEBHOOK_EVENTS,
 )
 
 RUNNERS = Bucket(

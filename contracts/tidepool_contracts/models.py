@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -516,3 +517,31 @@ class SandboxMetricsReply(BusModel):
     """One series per metric name that has points in the range (Daytona's `MetricsResponse` in bus form)."""
 
     series: list[MetricSeriesData] = Field(default_factory=list)
+
+
+class WebhookEventType(StrEnum):
+    """Daytona's webhook event types (behaviour spec §17)."""
+
+    SANDBOX_CREATED = "sandbox.created"
+    SANDBOX_STATE_UPDATED = "sandbox.state.updated"
+    SNAPSHOT_CREATED = "snapshot.created"
+    SNAPSHOT_STATE_UPDATED = "snapshot.state.updated"
+    SNAPSHOT_REMOVED = "snapshot.removed"
+    VOLUME_CREATED = "volume.created"
+    VOLUME_STATE_UPDATED = "volume.state.updated"
+
+
+class WebhookEvent(BusModel):
+    """API -> API (its webhook fan-out): one committed change an organization's endpoints may subscribe to.
+
+    `id` is the Standard Webhooks `webhook-id` every endpoint receives (receivers deduplicate by it);
+    `ordering_key` (e.g. `sandbox:<id>`) names the resource whose events are delivered in `sequence` order;
+    `payload` is Daytona's flat JSON body (`event`, `timestamp` and the event's fields)."""
+
+    id: str
+    organization_id: str
+    event_type: WebhookEventType
+    ordering_key: str
+    sequence: int
+    payload: dict[str, Any]
+    occurred_at: datetime = Field(default_factory=utc_now)

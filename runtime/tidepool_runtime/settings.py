@@ -466,6 +466,22 @@ class OrganizationMetricsSettings(_Base):
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
+class WebhookSettings(_Base):
+    """Webhook delivery (behaviour spec §17; README "Webhooks")."""
+
+    # Endpoint URLs must be HTTPS (the docs); `true` also accepts http:// (a receiver on a private network,
+    # the tests' loopback receiver).
+    webhook_allow_insecure_urls: bool = False
+    # A failed attempt is retried after base * 2^(attempts - 1) seconds, at most `max`, until the message is
+    # `give_up` seconds old (then it is recorded as failed and the next one of its resource goes).
+    webhook_retry_base_seconds: float = 1.0
+    webhook_retry_max_seconds: float = 300.0
+    webhook_give_up_seconds: float = 3 * 24 * 3600.0
+    # One attempt's time limit, and how often the deliverer looks for due messages when nothing woke it.
+    webhook_timeout_seconds: float = 15.0
+    webhook_poll_seconds: float = 1.0
+
+
 class ApiSettings(
     CommonSettings,
     DatabaseSettings,
@@ -484,6 +500,7 @@ class ApiSettings(
     OtelSealSettings,
     WarmPoolSettings,
     QuotaSettings,
+    WebhookSettings,
 ):
     pass
 

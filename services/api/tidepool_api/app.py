@@ -31,6 +31,7 @@ from tidepool_api.routes.registries import router as registries_router
 from tidepool_api.routes.signing import router as signing_router
 from tidepool_api.routes.ssh_access import router as ssh_access_router
 from tidepool_api.routes.telemetry import router as telemetry_router
+from tidepool_api.routes.webhooks import router as webhooks_router
 
 # The dashboard's built static files (sources: interfaces/dashboard, rebuilt with `make dashboard`).
 DASHBOARD_DIR = Path(__file__).parent / "dashboard"
@@ -68,6 +69,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(warm_pools.router)
     api.include_router(object_storage_router)
     api.include_router(registries_router)
+    api.include_router(webhooks_router)
     app.include_router(api)
     document_permissions(app)
     mount_dashboard(app)

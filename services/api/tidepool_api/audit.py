@@ -38,6 +38,7 @@ TARGET_TYPES = {
     "organizations": "organization",
     "volumes": "volume",
     "object-storage": "object_storage",
+    "webhook-endpoints": "webhook_endpoint",
 }
 MAX_CAPTURED_BODY = 64 * 1024  # enough for any DTO naming what was created
 TEXT_MAX = 1024
@@ -50,6 +51,8 @@ def describe(method: str, path: str, path_params: dict[str, Any]) -> tuple[str, 
         segments = segments[1:]
     if not segments:
         return method.lower(), None, None
+    if segments[:2] == ["webhooks", "endpoints"]:
+        segments = ["webhook-endpoints", *segments[2:]]  # an endpoint is the target, not `webhooks`
     target_type = TARGET_TYPES.get(segments[0], segments[0].replace("-", "_"))
     target_id = next((str(value) for value in path_params.values()), None)
     # What follows the target, but the target's id and numbers (`/sandbox/{id}/autostop/{minutes}`).

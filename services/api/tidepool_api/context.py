@@ -55,6 +55,9 @@ class ApiContext:
     organization_telemetry_kv: KeyValue | None = None  # tidepool_api.otel_config
     waiters: StateWaiters = field(default_factory=StateWaiters)
     rate_limiter: RateLimiter | None = None  # None: no rate limits (unit tests)
+    # Wake the webhook outbox relay (a commit recorded a change) and the deliverer (deliveries were made).
+    webhook_outbox_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    webhook_delivery_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     @cached_property
     def signing_sealer(self) -> sealing.Sealer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, UniqueConstraint, event, text
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, UniqueConstraint, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlmodel import Field, SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -287,6 +287,86 @@ class AuditLog(SQLModel, table=True):
     source: str | None = None  # X-Daytona-Source
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     created_at: datetime = timestamp_column()
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """Where an organization's webhook messages go (README "Webhooks"); the signing secret sealed by the
+    API's SecretBox, shown once (at creation and rotation)."""
+
+    __tablename__ = "webhook_endpoint"
+
+    id: str = Field(primary_key=True)
+    organization_id: str = Field(foreign_key="organization.id", index=True)
+    url: str
+    description: str = ""
+    # Event types it receives; empty: all of them.
+    event_types: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    enabled: bool = True
+    secret_sealed: str
+    created_at: datetime = timestamp_column()
+    updated_at: datetime = timestamp_column()
+
+
+class WebhookOutbox(SQLModel, table=True):
+    """A change, written in the transaction that made it; relayed to the bus (channel WEBHOOK_EVENTS) and
+    removed. `seq` orders one resource's changes (a later change commits after the earlier one)."""
+
+    __tablename__ = "webhook_outbox"
+
+    seq: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    id: str = Field(unique=True)  # the message id (webhook-id)
+    organization_id: str
+    event_type: str
+    ordering_key: str
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    occurred_at: datetime = timestamp_column()
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One message for one endpoint: pending until delivered (2xx) or given up (failed). Within an
+    endpoint, a resource's (`ordering_key`) messages go one at a time in `sequence` order."""
+
+    __tablename__ = "webhook_delivery"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "message_id", name="uq_webhook_delivery_message"),
+        Index("ix_webhook_delivery_queue", "endpoint_id", "ordering_key", "status", "sequence"),
+        Index("ix_webhook_delivery_due", "status", "next_attempt_at"),
+    )
+
+    id: str = Field(primary_key=True)
+    endpoint_id: str
+    organization_id: str
+    message_id: str
+    event_type: str
+    ordering_key: str
+    sequence: int = Field(sa_column=Column(BigInteger, nullable=False))
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "pending"  # pending | delivered | failed
+    attempts: int = 0
+    next_attempt_at: datetime = timestamp_column()
+    created_at: datetime = timestamp_column()
+
+
+class WebhookAttempt(SQLModel, table=True):
+    """One HTTP attempt of a delivery: the delivery log (`GET /webhooks/endpoints/{id}/attempts`)."""
+
+    __tablename__ = "webhook_attempt"
+    __table_args__ = (Index("ix_webhook_attempt_endpoint_time", "endpoint_id", "attempted_at"),)
+
+    id: str = Field(primary_key=True)
+    delivery_id: str
+    endpoint_id: str
+    organization_id: str
+    message_id: str
+    event_type: str
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int
+    attempted_at: datetime = timestamp_column()
 
 
 class Database:

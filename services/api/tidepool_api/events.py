@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import structlog
 from sqlmodel import col, select
 
+from tidepool_api import webhooks
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.sandbox_events import STATE_UPDATED, add_event
@@ -86,6 +87,7 @@ async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> Non
             )
             rows = list((await session.exec(platform)).all())
         for snapshot in rows:
+            old_state = snapshot.state
             snapshot.state = event.state.value
             snapshot.error_reason = event.error_reason
             if event.entrypoint is not None and not snapshot.entrypoint:
@@ -95,6 +97,7 @@ async def apply_snapshot_event(context: ApiContext, event: SnapshotEvent) -> Non
             if event.registry_ref:
                 snapshot.registry_ref = event.registry_ref
             snapshot.updated_at = datetime.now(UTC)
+            webhooks.record_snapshot_state(session, snapshot, old_state, snapshot.state)
             session.add(snapshot)
         await session.commit()
         waiting = [sandbox.id for row in rows for sandbox in await pending_build_sandboxes(session, row)]

@@ -28,6 +28,8 @@ from tidepool_api.secrets_box import SecretBox, load_secret_key
 from tidepool_api.snapshots import evict_expired_builds_forever
 from tidepool_api.subscribers import register
 from tidepool_api.warm_pools import refill_forever
+from tidepool_api.webhook_delivery import deliver_forever, relay_forever
+from tidepool_api.webhooks import SESSION_WAKE
 from tidepool_contracts import channels
 from tidepool_contracts.access import API
 from tidepool_runtime.broker import Bus, create_broker
@@ -68,9 +70,12 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
     consumers = [
         asyncio.create_task(evict_expired_builds_forever(context)),
         asyncio.create_task(refill_forever(context)),
+        asyncio.create_task(relay_forever(context)),
+        asyncio.create_task(deliver_forever(context)),
     ]
     live_events = LiveEvents(context.authenticator, settings.toolbox_proxy_url)
-    database.sessions.configure(info={SESSION_LIVE: live_events})  # state writes emit once committed
+    # State writes emit once committed; a commit that recorded a webhook message wakes the outbox relay.
+    database.sessions.configure(info={SESSION_LIVE: live_events, SESSION_WAKE: context.webhook_outbox_wake})
 
     async def database_answers() -> None:
         async with database.engine.connect() as connection:

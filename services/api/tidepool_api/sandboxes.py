@@ -16,7 +16,7 @@ from sqlalchemy import and_, or_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews, quotas, ssh_access, warm_pools
+from tidepool_api import previews, quotas, ssh_access, warm_pools, webhooks
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization, Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -93,6 +93,7 @@ async def transition(
     for key, value in values.items():
         setattr(sandbox, key, value)
     record_state_change(session, sandbox, current.value, target.value, cause)
+    webhooks.record_sandbox_state(session, sandbox, current.value, target.value)
     return True
 
 
@@ -330,6 +331,7 @@ async def create_sandbox(context: ApiContext, organization_id: str, request: Cre
             await admit_new(context, session, locked, sandbox)
             session.add(sandbox)
             record_created(session, sandbox)
+            webhooks.record_sandbox_created(session, sandbox)
             await session.commit()
     if sandbox.state == SandboxState.PENDING_BUILD:
         # The create intent follows when the builder reports the image ready (see events.py); the image may
@@ -679,6 +681,7 @@ async def fork_sandbox(
             await admit_new(context, session, locked, child)
             session.add(child)
             record_created(session, child)
+            webhooks.record_sandbox_created(session, child)
             await session.commit()
     await _request_commit(context, parent, snapshot)
     return await wait_for_state(context, child.id, SETTLED_AFTER_CREATE, context.settings.create_wait_seconds)

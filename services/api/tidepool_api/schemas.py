@@ -33,7 +33,15 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from tidepool_api.db import Sandbox, Snapshot, Volume, WarmPool
+from tidepool_api.db import (
+    Sandbox,
+    Snapshot,
+    Volume,
+    WarmPool,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+)
 from tidepool_contracts.states import SandboxState
 
 # Limits where Daytona documents none (units: characters, entries, minutes).
@@ -509,6 +517,77 @@ class WarmPoolDto(WireModel):
     updated_at: str
 
 
+URL_MAX = 2048
+
+
+class CreateWebhookEndpointRequest(WireModel):
+    """An organization's webhook endpoint (README "Webhooks"); `eventTypes` empty: every event type."""
+
+    url: Annotated[StrictStr, Field(min_length=1, max_length=URL_MAX), AfterValidator(no_control)]
+    event_types: list[StrictStr] = Field(default_factory=list, max_length=32)
+    enabled: StrictBool = True
+    description: Annotated[StrictStr, Field(max_length=1024), AfterValidator(no_control)] = ""
+
+
+class UpdateWebhookEndpointRequest(WireModel):
+    url: Annotated[StrictStr, Field(min_length=1, max_length=URL_MAX), AfterValidator(no_control)] | None = (
+        None
+    )
+    event_types: list[StrictStr] | None = Field(default=None, max_length=32)
+    enabled: StrictBool | None = None
+    description: Annotated[StrictStr, Field(max_length=1024), AfterValidator(no_control)] | None = None
+
+
+class WebhookEndpointDto(WireModel):
+    id: str
+    organization_id: str
+    url: str
+    description: str
+    event_types: list[str]
+    enabled: bool
+    created_at: str
+    updated_at: str
+
+
+class CreatedWebhookEndpointDto(WebhookEndpointDto):
+    """At creation only: the signing secret (`whsec_...`), never shown again."""
+
+    secret: str
+
+
+class WebhookSecretDto(WireModel):
+    """A rotated signing secret, shown once."""
+
+    secret: str
+
+
+class WebhookAttemptDto(WireModel):
+    """One delivery attempt: `statusCode` null when no answer came (refused, timed out)."""
+
+    id: str
+    message_id: str
+    event_type: str
+    attempt: int
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: int
+    attempted_at: str
+
+
+class WebhookDeliveryDto(WireModel):
+    """A message for the endpoint: `status` pending | delivered | failed (given up)."""
+
+    id: str
+    message_id: str
+    event_type: str
+    ordering_key: str
+    status: str
+    attempts: int
+    next_attempt_at: str
+    created_at: str
+    payload: dict[str, Any]
+
+
 class CreateVolumeRequest(WireModel):
     name: Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(no_control)]
 
@@ -721,4 +800,44 @@ def warm_pool_dto(pool: WarmPool, current_size: int) -> dict[str, object]:
         "errorReason": pool.error_reason,
         "createdAt": iso(pool.created_at),
         "updatedAt": iso(pool.updated_at),
+    }
+
+
+def webhook_endpoint_dto(endpoint: WebhookEndpoint) -> dict[str, object]:
+    return {
+        "id": endpoint.id,
+        "organizationId": endpoint.organization_id,
+        "url": endpoint.url,
+        "description": endpoint.description,
+        "eventTypes": list(endpoint.event_types),
+        "enabled": endpoint.enabled,
+        "createdAt": iso(endpoint.created_at),
+        "updatedAt": iso(endpoint.updated_at),
+    }
+
+
+def webhook_attempt_dto(attempt: WebhookAttempt) -> dict[str, object]:
+    return {
+        "id": attempt.id,
+        "messageId": attempt.message_id,
+        "eventType": attempt.event_type,
+        "attempt": attempt.attempt,
+        "statusCode": attempt.status_code,
+        "error": attempt.error,
+        "durationMs": attempt.duration_ms,
+        "attemptedAt": iso(attempt.attempted_at),
+    }
+
+
+def webhook_delivery_dto(delivery: WebhookDelivery) -> dict[str, object]:
+    return {
+        "id": delivery.id,
+        "messageId": delivery.message_id,
+        "eventType": delivery.event_type,
+        "orderingKey": delivery.ordering_key,
+        "status": delivery.status,
+        "attempts": delivery.attempts,
+        "nextAttemptAt": iso(delivery.next_attempt_at),
+        "createdAt": iso(delivery.created_at),
+        "payload": delivery.payload,
     }

@@ -12,7 +12,7 @@ from sqlalchemy import or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import quotas
+from tidepool_api import quotas, webhooks
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Snapshot
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -182,6 +182,7 @@ async def create_snapshot(context: ApiContext, organization_id: str, body: Creat
         async with quotas.organization_lock(session, organization_id) as locked:
             await quotas.check_snapshot_count(session, context.settings, locked)
             session.add(snapshot)
+            webhooks.record_snapshot_created(session, snapshot)
             await session.commit()
     await request_build(context, snapshot)
     return snapshot
@@ -201,6 +202,7 @@ async def delete_snapshot(context: ApiContext, organization_id: str, id_or_name:
         )
         if in_use.first() is not None:
             raise conflict(f"Snapshot {snapshot.name} is used by existing sandboxes; delete them first")
+        webhooks.record_snapshot_removed(session, snapshot)
         await session.delete(snapshot)
         await session.commit()
 
@@ -217,8 +219,10 @@ async def set_active(context: ApiContext, organization_id: str, id_or_name: str,
         if not active and snapshot.state != SnapshotState.ACTIVE.value:
             raise bad_request(f"Snapshot {snapshot.name} is not active (state: {snapshot.state})")
         # Activation re-verifies the image (it may have been removed while inactive).
+        old_state = snapshot.state
         snapshot.state = SnapshotState.PENDING.value if active else SnapshotState.INACTIVE.value
         snapshot.updated_at = utc_now()
+        webhooks.record_snapshot_state(session, snapshot, old_state, snapshot.state)
         session.add(snapshot)
         await session.commit()
     if active:

@@ -1,7 +1,8 @@
 """Every subscriber and publisher of the API on the bus (the map: docs/asyncapi/asyncapi.yaml).
 
 Subscribes: sandbox, snapshot, process and daemon events (applied to the database), registry-credential
-requests (answered). Publishes: sandbox intents and build jobs.
+requests (answered), its own webhook outbox (fanned out to endpoints' deliveries). Publishes: sandbox
+intents, build jobs and the webhook outbox.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from tidepool_api.context import ApiContext
 from tidepool_api.events import apply_sandbox_event, apply_snapshot_event
 from tidepool_api.registries import credentials_for
 from tidepool_api.sandbox_events import record_daemon_health, record_process_termination
+from tidepool_api.webhook_delivery import fan_out
 from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DaemonHealthEvent,
@@ -24,12 +26,18 @@ from tidepool_contracts.models import (
     RegistryCredentialsRequest,
     SandboxStateEvent,
     SnapshotEvent,
+    WebhookEvent,
 )
 from tidepool_runtime.broker import Registrar, declare_publishers, jetstream_subscriber, reply_subscriber
 
 log = structlog.get_logger("tidepool.api.subscribers")
 
-PUBLISHES = (channels.SANDBOX_INTENTS, channels.BUILD_JOBS, channels.SANDBOX_METRICS_QUERY)
+PUBLISHES = (
+    channels.SANDBOX_INTENTS,
+    channels.BUILD_JOBS,
+    channels.SANDBOX_METRICS_QUERY,
+    channels.WEBHOOK_EVENTS,
+)
 
 
 def register(registrar: Registrar, context: ApiContext) -> dict[channels.Channel[Any], Any]:
@@ -56,6 +64,11 @@ def register(registrar: Registrar, context: ApiContext) -> dict[channels.Channel
     @jetstream_subscriber(registrar, channels.DAEMON_EVENTS, durable="api-daemon-events")
     async def on_daemon_health(event: DaemonHealthEvent) -> None:
         await record_daemon_health(context, event)
+
+    # One at a time, in stream order: the deliveries of a resource are made in the order of its changes.
+    @jetstream_subscriber(registrar, channels.WEBHOOK_EVENTS, durable="api-webhook-fanout")
+    async def on_webhook_event(event: WebhookEvent) -> None:
+        await fan_out(context, event)
 
     @reply_subscriber(registrar, channels.REGISTRY_CREDENTIALS, queue="api")
     async def on_registry_credentials(request: RegistryCredentialsRequest) -> RegistryCredentialsReply:

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, or_, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import quotas
+from tidepool_api import quotas, webhooks
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Sandbox, Volume
 from tidepool_api.errors import ApiError, bad_request, conflict, not_found
@@ -224,6 +224,7 @@ async def create_volume(context: ApiContext, organization_id: str, name: str) ->
         await quotas.check_volume_count(session, settings, organization, DELETED)
         volume = Volume(id=str(uuid.uuid4()), organization_id=organization_id, name=name, state=CREATING)
         session.add(volume)
+        webhooks.record_volume_created(session, volume)
         try:
             await session.commit()
         except IntegrityError:
@@ -243,9 +244,11 @@ async def _set_state(
         row = await session.get(Volume, volume.id)
         if row is None:
             raise not_found(f"Volume {volume.id} not found")
+        old_state = row.state
         row.state = state
         row.error_reason = error_reason
         row.updated_at = utc_now()
+        webhooks.record_volume_state(session, row, old_state, state)
         session.add(row)
         await session.commit()
         await session.refresh(row)
@@ -279,8 +282,10 @@ async def delete_volume(context: ApiContext, organization_id: str, volume_id: st
         users = await users_of(session, organization_id, volume_id)
         if users:
             raise conflict(f"Volume {volume.name} is in use by sandbox(es) {', '.join(users)}")
+        old_state = volume.state
         volume.state = PENDING_DELETE
         volume.updated_at = utc_now()
+        webhooks.record_volume_state(session, volume, old_state, PENDING_DELETE)
         session.add(volume)
         await session.commit()
     await _set_state(context, volume, DELETING)

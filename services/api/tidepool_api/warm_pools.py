@@ -34,7 +34,7 @@ from sqlalchemy import and_, update
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api import previews
+from tidepool_api import previews, webhooks
 from tidepool_api.context import ApiContext
 from tidepool_api.db import WARM_POOL_ORGANIZATION_ID, Organization, Sandbox, Snapshot, WarmPool
 from tidepool_api.errors import bad_request, conflict, not_found
@@ -310,6 +310,7 @@ async def claim(
                 )
             ).one()
             record_created(session, sandbox)
+            webhooks.record_sandbox_created(session, sandbox)
             log.info(
                 "warm_pool.claimed", sandbox_id=sandbox_id, pool_id=pool.id, organization_id=organization_id
             )

@@ -36,6 +36,15 @@ from tidepool_api.audit import describe
             {"organization_id": "o1"},
             ("update_quota", "organization", "o1"),
         ),
+        ("POST", "/api/webhooks/endpoints", {}, ("create", "webhook_endpoint", None)),
+        ("PATCH", "/api/webhooks/endpoints/w1", {"endpoint_id": "w1"}, ("update", "webhook_endpoint", "w1")),
+        (
+            "POST",
+            "/api/webhooks/endpoints/w1/rotate-secret",
+            {"endpoint_id": "w1"},
+            ("rotate_secret", "webhook_endpoint", "w1"),
+        ),
+        ("DELETE", "/api/webhooks/endpoints/w1", {"endpoint_id": "w1"}, ("delete", "webhook_endpoint", "w1")),
     ],
 )
 def test_describe(method: str, path: str, params: dict[str, object], expected: tuple[str, ...]) -> None:

@@ -121,6 +121,16 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("DELETE", "/api/api-keys/{user_id}/{name}"): ANY_KEY,
     ("GET", "/api/audit/organizations/{organization_id}"): ("read:audit_logs",),
     ("GET", "/api/audit-logs"): ("read:audit_logs",),
+    # Webhook endpoints receive every event of the organization and hold its signing secret: the
+    # organization's owners (a full-access key), as Daytona's webhook pages give them to admins.
+    ("GET", "/api/webhooks/endpoints"): EVERY,
+    ("POST", "/api/webhooks/endpoints"): EVERY,
+    ("GET", "/api/webhooks/endpoints/{endpoint_id}"): EVERY,
+    ("PATCH", "/api/webhooks/endpoints/{endpoint_id}"): EVERY,
+    ("DELETE", "/api/webhooks/endpoints/{endpoint_id}"): EVERY,
+    ("POST", "/api/webhooks/endpoints/{endpoint_id}/rotate-secret"): EVERY,
+    ("GET", "/api/webhooks/endpoints/{endpoint_id}/attempts"): EVERY,
+    ("GET", "/api/webhooks/endpoints/{endpoint_id}/deliveries"): EVERY,
 }
 # Writes that check scopes in the handler rather than by a declared `Requires`.
 CHECKED_IN_HANDLER = {
