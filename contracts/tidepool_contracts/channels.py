@@ -31,6 +31,7 @@ from tidepool_contracts.models import (
     RunnerInfo,
     RunnerJob,
     SandboxActivity,
+    SandboxFlow,
     SandboxIntent,
     SandboxMetricsQuery,
     SandboxMetricsReply,
@@ -127,7 +128,14 @@ SANDBOX_METRICS_SAMPLES = Stream(
     "runner -> telemetry: per-sandbox resource samples, kept for the retention period (default 3 days)",
     max_age=3 * 24 * 3600.0,
 )
-STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES)
+SANDBOX_FLOW_LOG = Stream(
+    subjects.SANDBOX_FLOWS_STREAM,
+    "limits",
+    "runner -> API: per-sandbox network flows (new connections a network policy allowed or denied)",
+    max_age=3 * 24 * 3600.0,
+    max_msgs_per_subject=10_000,
+)
+STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES, SANDBOX_FLOW_LOG)
 
 SANDBOX_INTENTS = Channel(
     f"{subjects.INTENT_SANDBOX_PREFIX}.{{sandbox_id}}",
@@ -192,6 +200,13 @@ SANDBOX_METRICS_QUERY = Channel(
     "API -> telemetry (request/reply): one sandbox's stored samples as series (the API checked the tenant)",
     reply=SandboxMetricsReply,
 )
+SANDBOX_FLOWS = Channel(
+    f"{subjects.SANDBOX_FLOW_PREFIX}.{{sandbox_id}}",
+    SandboxFlow,
+    "runner -> API (read back per request): a new connection of a sandbox with a network policy, allowed or "
+    "denied, and the rule that decided",
+    SANDBOX_FLOW_LOG,
+)
 CHANNELS: tuple[Channel, ...] = (
     SANDBOX_INTENTS,
     RUNNER_JOBS,
@@ -204,6 +219,7 @@ CHANNELS: tuple[Channel, ...] = (
     REGISTRY_CREDENTIALS,
     SANDBOX_METRICS,
     SANDBOX_METRICS_QUERY,
+    SANDBOX_FLOWS,
 )
 
 RUNNERS = Bucket(

@@ -8,6 +8,7 @@ JOBS_STREAM = "TIDEPOOL_JOBS"  # scheduler -> runner, API -> builder: durable wo
 EVENTS_STREAM = "TIDEPOOL_EVENTS"  # runner/builder -> everyone: actual state (fan-out, replayable)
 BUILD_LOGS_STREAM = "TIDEPOOL_BUILD_LOGS"  # builder -> API: build output, replayable from the start
 SANDBOX_METRICS_STREAM = "TIDEPOOL_SANDBOX_METRICS"  # runner -> telemetry: resource samples, kept 3 days
+SANDBOX_FLOWS_STREAM = "TIDEPOOL_SANDBOX_FLOWS"  # runner -> API: per-sandbox network flow log, kept 3 days
 
 INTENT_SANDBOX_PREFIX = "tidepool.intent.sandbox"
 JOB_RUNNER_PREFIX = "tidepool.job.runner"
@@ -18,6 +19,7 @@ EVENT_PROCESS_PREFIX = "tidepool.event.process"  # runner -> API: notable proces
 EVENT_DAEMON_PREFIX = "tidepool.event.daemon"  # runner -> API: toolbox daemon health (restarts, failures)
 BUILD_LOG_PREFIX = "tidepool.buildlog"
 SANDBOX_METRICS_PREFIX = "tidepool.metrics.sandbox"  # runner -> telemetry: one subject per sandbox
+SANDBOX_FLOW_PREFIX = "tidepool.flow.sandbox"  # runner -> API: one subject per sandbox
 
 # Core NATS request/reply (caller waits). Builder -> API: pull credentials of an organization's private
 # registry (never stored on the bus).
