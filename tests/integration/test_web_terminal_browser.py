@@ -139,6 +139,12 @@ def test_the_web_terminal_refuses_strangers_even_on_a_public_sandbox(
             seen += message if isinstance(message, str) else message.decode(errors="replace")
         assert "42-socket" in seen
 
+    # A closed terminal's shell is gone too (a PTY outlives its clients unless the proxy ends it).
+    def terminals() -> list[str]:
+        return [pty.id for pty in sandbox.process.list_pty_sessions() if pty.id.startswith("web-terminal-")]
+
+    wait_until(lambda: not terminals(), "the web terminal's shells outlived their pages")
+
 
 def test_the_preview_warning_page_and_its_cookie(browser: Browser, sandbox: Sandbox) -> None:
     link = sandbox.get_preview_link(WEB_PORT)

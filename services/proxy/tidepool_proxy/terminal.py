@@ -10,6 +10,7 @@ files, the same for every sandbox, are served without credentials.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from importlib import resources
 
@@ -96,7 +97,8 @@ async def _relay_pty(
     route: SandboxRoute,
     consumed: list[str],
 ) -> web.StreamResponse:
-    query = {"id": f"web-terminal-{secrets.token_hex(6)}"}
+    session_id = f"web-terminal-{secrets.token_hex(6)}"
+    query = {"id": session_id}
     for name in ("cols", "rows"):
         value = request.query.get(name, "")
         if value.isdigit() and 0 < int(value) <= 1000:
@@ -114,9 +116,21 @@ async def _relay_pty(
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     protocols = [EXIT_CONTROL] if EXIT_CONTROL in offered else []
     try:
-        return await relay_websocket(request, runners, url, headers, protocols=protocols)
+        relayed = await relay_websocket(request, runners, url, headers, protocols=protocols)
     except UpstreamUnreachableError:
         return error_response(request, 502, "sandbox runner is not reachable")
     except UpstreamRejectedUpgradeError as rejected:
         message = f"the sandbox refused the terminal ({rejected.status})"
         return error_response(request, rejected.status, message)
+    # The page is gone: so is its shell, with everything it started (a PTY outlives its clients otherwise).
+    session_url = URL(route.runner_url.rstrip("/")).with_path(
+        f"/sandboxes/{route.sandbox_id}/toolbox/process/pty/{session_id}"
+    )
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with runners.delete(
+            session_url,
+            headers={"Authorization": f"Bearer {runner_token}"},
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as answer:
+            await answer.read()
+    return relayed
