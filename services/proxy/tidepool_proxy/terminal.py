@@ -10,11 +10,12 @@ files, the same for every sandbox, are served without credentials.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import secrets
 from importlib import resources
 
 import aiohttp
+import structlog
 from aiohttp import web
 from yarl import URL
 
@@ -27,6 +28,8 @@ from tidepool_runtime.relay import (
     relay_websocket,
     upstream_request_headers,
 )
+
+log = structlog.get_logger("tidepool.proxy.terminal")
 
 WEB_TERMINAL_PORT = 22222
 PREFIX = "/__tidepool/terminal/"
@@ -116,21 +119,33 @@ async def _relay_pty(
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     protocols = [EXIT_CONTROL] if EXIT_CONTROL in offered else []
     try:
-        relayed = await relay_websocket(request, runners, url, headers, protocols=protocols)
+        return await relay_websocket(request, runners, url, headers, protocols=protocols)
     except UpstreamUnreachableError:
         return error_response(request, 502, "sandbox runner is not reachable")
     except UpstreamRejectedUpgradeError as rejected:
         message = f"the sandbox refused the terminal ({rejected.status})"
         return error_response(request, rejected.status, message)
-    # The page is gone: so is its shell, with everything it started (a PTY outlives its clients otherwise).
-    session_url = URL(route.runner_url.rstrip("/")).with_path(
+    finally:
+        # The page is gone: so is its shell, with everything it started (a PTY outlives its clients
+        # otherwise). In a task of its own: this handler may be ending by cancellation.
+        task = asyncio.create_task(_delete_session(runners, runner_token, route, session_id))
+        _deletions.add(task)
+        task.add_done_callback(_deletions.discard)
+
+
+_deletions: set[asyncio.Task[None]] = set()
+
+
+async def _delete_session(
+    runners: aiohttp.ClientSession, runner_token: str, route: SandboxRoute, session_id: str
+) -> None:
+    url = URL(route.runner_url.rstrip("/")).with_path(
         f"/sandboxes/{route.sandbox_id}/toolbox/process/pty/{session_id}"
     )
-    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+    try:
         async with runners.delete(
-            session_url,
-            headers={"Authorization": f"Bearer {runner_token}"},
-            timeout=aiohttp.ClientTimeout(total=10),
+            url, headers={"Authorization": f"Bearer {runner_token}"}, timeout=aiohttp.ClientTimeout(total=10)
         ) as answer:
             await answer.read()
-    return relayed
+    except (aiohttp.ClientError, TimeoutError) as error:
+        log.warning("proxy.web_terminal_cleanup_failed", sandbox_id=route.sandbox_id, error=str(error))
