@@ -31,6 +31,7 @@ from tidepool_contracts.models import (
     RunnerInfo,
     RunnerJob,
     SandboxActivity,
+    SandboxFlow,
     SandboxIntent,
     SandboxMetricsQuery,
     SandboxMetricsReply,
@@ -137,7 +138,22 @@ WEBHOOKS = Stream(
     max_age=7 * 24 * 3600.0,
     duplicate_window=600.0,
 )
-STREAMS: tuple[Stream, ...] = (INTENTS, JOBS, EVENTS, BUILD_LOGS, SANDBOX_METRICS_SAMPLES, WEBHOOKS)
+SANDBOX_FLOW_LOG = Stream(
+    subjects.SANDBOX_FLOWS_STREAM,
+    "limits",
+    "runner -> API: per-sandbox network flows (new connections a network policy allowed or denied)",
+    max_age=3 * 24 * 3600.0,
+    max_msgs_per_subject=10_000,
+)
+STREAMS: tuple[Stream, ...] = (
+    INTENTS,
+    JOBS,
+    EVENTS,
+    BUILD_LOGS,
+    SANDBOX_METRICS_SAMPLES,
+    WEBHOOKS,
+    SANDBOX_FLOW_LOG,
+)
 
 SANDBOX_INTENTS = Channel(
     f"{subjects.INTENT_SANDBOX_PREFIX}.{{sandbox_id}}",
@@ -208,6 +224,13 @@ WEBHOOK_EVENTS = Channel(
     "API -> API: a committed change for an organization's webhook endpoints (the outbox, replayable)",
     WEBHOOKS,
 )
+SANDBOX_FLOWS = Channel(
+    f"{subjects.SANDBOX_FLOW_PREFIX}.{{sandbox_id}}",
+    SandboxFlow,
+    "runner -> API (read back per request): a new connection of a sandbox with a network policy, allowed or "
+    "denied, and the rule that decided",
+    SANDBOX_FLOW_LOG,
+)
 CHANNELS: tuple[Channel, ...] = (
     SANDBOX_INTENTS,
     RUNNER_JOBS,
@@ -221,6 +244,7 @@ CHANNELS: tuple[Channel, ...] = (
     SANDBOX_METRICS,
     SANDBOX_METRICS_QUERY,
     WEBHOOK_EVENTS,
+    SANDBOX_FLOWS,
 )
 
 RUNNERS = Bucket(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -491,6 +491,23 @@ class SandboxMetricsSample(BusModel):
     filesystem_total: int | None = None
     network_rx_bytes: int | None = None
     network_tx_bytes: int | None = None
+
+
+class SandboxFlow(BusModel):
+    """One new connection (or UDP flow) a sandbox with a network policy opened, as its runner's firewall
+    saw it (runner -> API, the sandbox's flow log). `verdict`: `allowed` or `denied`; `rule`: what decided,
+    e.g. `networkBlockAll`, `networkAllowList 10.0.0.0/8`, `domainAllowList pypi.org`, `dns`, or
+    `not in the allow lists`. `port` is None for protocols without ports (ICMP)."""
+
+    sandbox_id: str
+    runner_id: str
+    time: datetime
+    protocol: str
+    source: str
+    destination: str
+    port: int | None = None
+    verdict: Literal["allowed", "denied"]
+    rule: str
 
 
 class SandboxMetricsQuery(BusModel):

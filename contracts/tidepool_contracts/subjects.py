@@ -9,6 +9,7 @@ EVENTS_STREAM = "TIDEPOOL_EVENTS"  # runner/builder -> everyone: actual state (f
 BUILD_LOGS_STREAM = "TIDEPOOL_BUILD_LOGS"  # builder -> API: build output, replayable from the start
 SANDBOX_METRICS_STREAM = "TIDEPOOL_SANDBOX_METRICS"  # runner -> telemetry: resource samples, kept 3 days
 WEBHOOKS_STREAM = "TIDEPOOL_WEBHOOKS"  # API -> its webhook fan-out: the outbox of committed changes
+SANDBOX_FLOWS_STREAM = "TIDEPOOL_SANDBOX_FLOWS"  # runner -> API: per-sandbox network flow log, kept 3 days
 
 INTENT_SANDBOX_PREFIX = "tidepool.intent.sandbox"
 JOB_RUNNER_PREFIX = "tidepool.job.runner"
@@ -20,6 +21,7 @@ EVENT_DAEMON_PREFIX = "tidepool.event.daemon"  # runner -> API: toolbox daemon h
 BUILD_LOG_PREFIX = "tidepool.buildlog"
 SANDBOX_METRICS_PREFIX = "tidepool.metrics.sandbox"  # runner -> telemetry: one subject per sandbox
 WEBHOOK_EVENT_PREFIX = "tidepool.webhook.event"  # API outbox -> webhook fan-out: one subject per organization
+SANDBOX_FLOW_PREFIX = "tidepool.flow.sandbox"  # runner -> API: one subject per sandbox
 
 # Core NATS request/reply (caller waits). Builder -> API: pull credentials of an organization's private
 # registry (never stored on the bus).

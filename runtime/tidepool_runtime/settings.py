@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -259,6 +259,9 @@ class SandboxHostSettings(_Base):
     sandbox_allowed_cidrs: Annotated[list[str], NoDecode] = []
     """Widen on purpose: destinations sandboxes may reach although private or on the host, e.g.
     `10.1.2.0/24,fd00:1::/64` (comma-separated or a JSON list; IPv4 and IPv6)."""
+    sandbox_flow_log_group: int = Field(default=7100, ge=0, le=65535 - 64)
+    """The first NFLOG group the runner tries for its sandboxes' flow log (it takes the first free one of the
+    64 from here: one per runner on a host). The flow log is on whenever the sandbox firewall is."""
     sandbox_domain_refresh_seconds: float = 60.0
     """How often the runner re-resolves the domains of sandboxes' `domainAllowList`s (their addresses
     change, e.g. behind CDNs) and updates their egress rules."""

@@ -27,7 +27,15 @@ import pytest
 
 from tests.integration.netprobe import BLOCKED_TCP, BLOCKED_UDP, PROBE, SERVER
 from tests.polling import wait_until
-from tidepool_runner.firewall import BRIDGE_NETFILTER_SYSCTLS, Commands, FirewallPolicy, apply
+from tidepool_runner.firewall import (
+    BRIDGE_NETFILTER_SYSCTLS,
+    Commands,
+    FirewallPolicy,
+    SandboxEgress,
+    apply,
+    apply_sandbox,
+    sandbox_tag,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -313,3 +321,59 @@ def test_operator_widening_and_per_sandbox_narrowing(lab: Lab) -> None:
         lab.ns(h, "iptables", "-D", "TIDEPOOL-SANDBOXES", "-s", "10.77.0.2", "-j", "TIDEPOOL-SB-A")
         lab.ns(h, "iptables", "-F", "TIDEPOOL-SB-A")
         lab.ns(h, "iptables", "-X", "TIDEPOOL-SB-A")
+
+
+# Runs in the host namespace: the runner's flow-log reader (tidepool_runner.flowlog) on a free NFLOG group
+# from argv[1]; prints the group, then, once stdin closes, every packet logged meanwhile as JSON.
+FLOW_READER = r"""
+import asyncio, json, sys
+from tidepool_runner.flowlog import NflogSocket, read_forever
+nflog = NflogSocket(int(sys.argv[1]))
+print(nflog.open(), flush=True)
+got = []
+def keep(packet):
+    got.append([packet.prefix, packet.protocol, packet.source, packet.destination, packet.port])
+async def main():
+    async def handle(packet):
+        keep(packet)
+    reading = asyncio.create_task(read_forever(nflog, handle))
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for packet in nflog.receive():  # logged synchronously with the verdict: already in the socket
+        keep(packet)
+    reading.cancel()
+asyncio.run(main())
+print(json.dumps(got), flush=True)
+"""
+
+
+def test_the_flow_log_reads_each_decision_of_a_sandbox_policy(lab: Lab) -> None:
+    lab.apply(POLICY)
+    reader = subprocess.Popen(
+        ["ip", "netns", "exec", lab.host, sys.executable, "-c", FLOW_READER, "7300"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert reader.stdin is not None and reader.stdout is not None
+    tag = sandbox_tag("sbx-flow")
+    try:
+        group = int(reader.stdout.readline())
+        only_dns = SandboxEgress(allowed=(), log_group=group)
+        apply_sandbox(POLICY, "sbx-flow", ["10.77.0.2"], only_dns, lab.commands, lab.lock_file)
+        assert lab.probe(lab.a, ("tcp", INTERNET, 80), ("udp", RESOLVER, 53)) == [BLOCKED_TCP, "ok"]
+        assert lab.probe(lab.b, ("tcp", INTERNET, 80)) == ["ok"]  # no policy, no flow log
+        internet = SandboxEgress(allowed=(f"{INTERNET}/32",), log_group=group)
+        apply_sandbox(POLICY, "sbx-flow", ["10.77.0.2"], internet, lab.commands, lab.lock_file)
+        assert lab.probe(lab.a, ("tcp", INTERNET, 80)) == ["ok"]
+        reader.stdin.close()
+        logged = json.loads(reader.stdout.readline())
+    finally:
+        apply_sandbox(POLICY, "sbx-flow", ["10.77.0.2"], None, lab.commands, lab.lock_file)
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait()
+    assert logged == [
+        [f"TPF {tag} D", "tcp", "10.77.0.2", INTERNET, 80],
+        [f"TPF {tag} AD", "udp", "10.77.0.2", RESOLVER, 53],
+        [f"TPF {tag} A0", "tcp", "10.77.0.2", INTERNET, 80],
+    ]

@@ -236,3 +236,83 @@ def test_bad_settings_are_refused_and_another_organization_sees_nothing(
         assert reaches(sandbox, PYPI), "another organization's request changed the sandbox's network"
     finally:
         daytona.delete(sandbox)
+
+
+def flows(stack: StackThread, sandbox: Sandbox, key: str | None = None, **query: str) -> httpx.Response:
+    return httpx.get(
+        f"{stack.api_url}/sandbox/{sandbox.id}/network/flows",
+        params=query,
+        headers={"Authorization": f"Bearer {key or stack.api_key}"},
+        timeout=30,
+    )
+
+
+def flow_entries(stack: StackThread, sandbox: Sandbox, **query: str) -> list[dict[str, object]]:
+    answer = flows(stack, sandbox, **query)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["flows"]
+
+
+def test_the_flow_log_says_what_was_denied_by_which_rule_and_what_was_allowed(
+    stack: StackThread, outside: str, tenant_key: str
+) -> None:
+    daytona = Daytona()
+    sandbox = daytona.create(CreateSandboxFromSnapshotParams(network_block_all=True))
+    try:
+        pypi = ipv4_of("pypi.org")[0]
+        # The package index by name (DNS is denied too) and by address: both fail.
+        assert curl_exit(sandbox, PYPI) == CURL_COULD_NOT_RESOLVE
+        assert curl_exit(sandbox, f"https://{pypi}/simple/") == CURL_COULD_NOT_CONNECT
+
+        def denied_to(destination: str, port: int) -> list[dict[str, object]]:
+            return [
+                entry
+                for entry in flow_entries(stack, sandbox, verdict="denied")
+                if entry["destination"] == destination and entry["port"] == port
+            ]
+
+        wait_until(lambda: denied_to(pypi, 443), "the flow log never showed the denied connection")
+        entry = denied_to(pypi, 443)[0]
+        assert entry["protocol"] == "tcp" and entry["verdict"] == "denied"
+        assert entry["rule"] == "networkBlockAll"
+        assert str(entry["time"]).endswith("Z")
+        sandbox_address = str(entry["source"])
+        assert ipaddress.ip_address(sandbox_address).is_private
+        # The DNS query that failed is in the log too, as a UDP flow to port 53.
+        assert any(
+            flow["port"] == 53 and flow["protocol"] in ("udp", "tcp")
+            for flow in flow_entries(stack, sandbox, verdict="denied")
+        )
+
+        sandbox.update_network_settings(network_allow_list=f"{OUTSIDE_ADDRESS}/32")
+        wait_until(
+            lambda: reaches(sandbox, outside),
+            "the CIDR allow list did not let its network through",
+            timeout=APPLIED_WITHIN_SECONDS,
+        )
+        assert curl_exit(sandbox, f"https://{pypi}/simple/") == CURL_COULD_NOT_CONNECT
+
+        def to_outside() -> list[dict[str, object]]:
+            return [
+                flow
+                for flow in flow_entries(stack, sandbox)
+                if flow["destination"] == OUTSIDE_ADDRESS and flow["port"] == OUTSIDE_PORT
+            ]
+
+        wait_until(lambda: to_outside(), "the flow log never showed the allowed connection")
+        assert all(flow["verdict"] == "allowed" for flow in to_outside()), to_outside()
+        assert to_outside()[0]["rule"] == f"networkAllowList {OUTSIDE_ADDRESS}/32"
+        wait_until(
+            lambda: any(
+                flow["rule"] == "not in networkAllowList or domainAllowList" for flow in denied_to(pypi, 443)
+            ),
+            "the flow log never showed the address outside the allow list as denied",
+        )
+        # Filters: only allowed ones, and the newest N.
+        allowed = flow_entries(stack, sandbox, verdict="allowed")
+        assert allowed and all(flow["verdict"] == "allowed" for flow in allowed)
+        assert len(flow_entries(stack, sandbox, limit="1")) == 1
+        # Another organization's key: the sandbox does not exist for it.
+        assert flows(stack, sandbox, key=tenant_key).status_code == 404
+    finally:
+        daytona.delete(sandbox)

@@ -309,3 +309,23 @@ def test_stopped_sandbox_is_unreachable_and_works_after_start(stack: StackThread
     assert get(f"{new.url}/hello.txt", **{TOKEN_HEADER: old.token}).status_code == 404
     answer = get(f"{new.url}/hello.txt", **{TOKEN_HEADER: new.token})
     assert answer.status_code == 200, answer.text
+
+
+def test_port_80_is_served_by_the_sandbox_user_without_sudo(sandbox: Sandbox) -> None:
+    assert sandbox.process.exec("id -u").result.strip() != "0"
+    session = f"port80-{uuid.uuid4().hex[:6]}"
+    sandbox.process.create_session(session)
+    sandbox.process.execute_session_command(
+        session,
+        SessionExecuteRequest(
+            command=f"id -un > /tmp/port80-user && cd {WWW} && exec python3 -m http.server 80", run_async=True
+        ),
+    )
+    probe = "python3 -c \"import socket; socket.create_connection(('127.0.0.1', 80), 1)\""
+    wait_until(lambda: sandbox.process.exec(probe).exit_code == 0, "nothing listens on port 80")
+    # The server is the session's shell, exec'd: the sandbox user's, no sudo anywhere.
+    assert sandbox.process.exec("cat /tmp/port80-user").result.split() == ["daytona"]
+    link = sandbox.get_preview_link(80)
+    assert link.url.startswith(f"http://80-{sandbox.id}.localhost:")
+    answer = get(f"{link.url}/hello.txt", **{TOKEN_HEADER: link.token})
+    assert answer.status_code == 200 and answer.text == "hello from the sandbox\n"

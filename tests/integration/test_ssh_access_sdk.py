@@ -116,6 +116,20 @@ def test_revoked_token_is_refused(stack: StackThread, sandbox: Sandbox) -> None:
     assert not sandbox.validate_ssh_access(token).valid
 
 
+def test_an_expired_token_is_refused(stack: StackThread, sandbox: Sandbox) -> None:
+    """The shortest lifetime (one minute): it works, then the OpenSSH client is refused once it is over."""
+    access = sandbox.create_ssh_access(expires_in_minutes=1)
+    assert ssh(stack, access.token, "true").returncode == 0
+
+    def refused() -> bool:
+        answer = ssh(stack, access.token, "echo should-not-run")
+        assert "should-not-run" not in answer.stdout
+        return answer.returncode == 255 and "Permission denied" in answer.stderr
+
+    wait_until(refused, "an expired SSH token still opened a shell", timeout=150)
+    assert not sandbox.validate_ssh_access(access.token).valid
+
+
 def test_a_new_token_revokes_the_earlier_ones(stack: StackThread, sandbox: Sandbox) -> None:
     first = sandbox.create_ssh_access().token
     second = sandbox.create_ssh_access().token

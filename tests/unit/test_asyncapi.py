@@ -35,6 +35,10 @@ def test_document_lists_every_stream_subject_and_bucket_in_use_and_only_those() 
     subscribed = {channel["address"] for name, channel in document["channels"].items() if " <- " in name}
     consumed = {channel.subject for channel in CHANNELS if {channel.subject, channel.filter} & subscribed}
     # Every channel someone publishes on is consumed by some service (the build log by the API, the sandbox
-    # samples by the telemetry service, per request).
-    per_request = {"tidepool.buildlog.{image}", "tidepool.metrics.sandbox.{sandbox_id}"}
+    # samples by the telemetry service, a sandbox's flow log by the API, per request).
+    per_request = {
+        "tidepool.buildlog.{image}",
+        "tidepool.metrics.sandbox.{sandbox_id}",
+        "tidepool.flow.sandbox.{sandbox_id}",
+    }
     assert consumed | per_request == {channel.subject for channel in CHANNELS}

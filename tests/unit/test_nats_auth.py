@@ -95,7 +95,10 @@ def test_every_publisher_and_subscriber_is_allowed(service: str) -> None:
 
 # Consumed outside a broker-wide subscriber: the API replays one build's log per request (follow_subject),
 # the telemetry service reads one sandbox's samples per query (samples.py).
-CONSUMED_PER_REQUEST = {"api": {channels.BUILD_LOG_LINES}, "telemetry": {channels.SANDBOX_METRICS}}
+CONSUMED_PER_REQUEST = {
+    "api": {channels.BUILD_LOG_LINES, channels.SANDBOX_FLOWS},
+    "telemetry": {channels.SANDBOX_METRICS},
+}
 
 
 @pytest.mark.parametrize("service", sorted(SERVICE_ACCESS))

@@ -784,6 +784,26 @@ class MetricsResponseDto(WireModel):
     series: list[MetricSeriesDto]
 
 
+class NetworkFlowDto(WireModel):
+    """One entry of a sandbox's flow log (Tidepool's own: Daytona has no flow log). `time` ISO 8601 (UTC);
+    `verdict` `allowed` or `denied`; `rule` what decided (`networkBlockAll`, `networkAllowList <cidr>`,
+    `domainAllowList <domain>`, `dns`, `not in networkAllowList or domainAllowList`)."""
+
+    time: str
+    protocol: str
+    source: str
+    destination: str
+    port: int | None = None
+    verdict: str
+    rule: str
+
+
+class NetworkFlowsDto(WireModel):
+    """`GET /sandbox/{id}/network/flows`: the newest flows, oldest first."""
+
+    flows: list[NetworkFlowDto]
+
+
 def warm_pool_dto(pool: WarmPool, current_size: int) -> dict[str, object]:
     return {
         "id": pool.id,

@@ -14,6 +14,8 @@ The request then goes to the runner hosting the sandbox (`/sandboxes/{id}/ports/
 through the sandbox's daemon to the port on the sandbox's loopback. A stopped sandbox answers 503 (its
 container is never reached), a destroyed one 404/410.
 
+Port 22222 is the web terminal (terminal.py), never the app's.
+
 A browser's first visit to a preview page gets a warning page; continuing sets a 24-hour cookie
 (`daytona-preview-page-accepted`). `X-Daytona-Skip-Preview-Warning: true`, a custom proxy in front and the
 reserved ports skip it.
@@ -41,7 +43,9 @@ from yarl import URL
 from tidepool_contracts.models import PreviewAccess, SandboxRoute, SignedPreview
 from tidepool_contracts.permissions import TOOLBOX_PERMISSION
 from tidepool_contracts.states import SandboxState
+from tidepool_proxy import terminal
 from tidepool_proxy.auth import api_key_hash, bearer_token
+from tidepool_proxy.terminal import WEB_TERMINAL_PORT
 from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
     UpstreamUnreachableError,
@@ -163,6 +167,8 @@ async def serve_preview(request: web.Request, state: ProxyState, target: Preview
     port = target.port
     if not 1 <= port <= 65535:
         return error_response(request, 400, "Invalid port")
+    if port == WEB_TERMINAL_PORT and (static := terminal.asset(request)) is not None:
+        return static
     not_found = f"preview {target.host} not found"
     signed: SignedPreview | None = None
     try:
@@ -224,6 +230,10 @@ async def serve_preview(request: web.Request, state: ProxyState, target: Preview
         return _accept_warning(request)
     if _shows_warning(request, port):
         return _warning_page(request)
+    if port == WEB_TERMINAL_PORT:
+        return await terminal.serve_terminal(
+            request, state.runners, state.settings.runner_token, route, consumed
+        )
     return await _forward(
         request, state, route, port, consumed, origin if not disable_cors else None, own_origin
     )

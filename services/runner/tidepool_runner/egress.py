@@ -19,9 +19,10 @@ from collections.abc import Iterable
 
 import structlog
 
-from tidepool_contracts.models import SandboxSpec
+from tidepool_contracts.models import SandboxFlow, SandboxSpec
 from tidepool_runner import firewall
 from tidepool_runner.engine import SandboxFailedError
+from tidepool_runner.flowlog import LoggedPacket
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.egress")
@@ -39,6 +40,10 @@ class EgressPolicies:
         # Sandboxes with a domain allow list -> (spec, addresses), re-resolved periodically.
         self._domains: dict[str, tuple[SandboxSpec, tuple[str, ...]]] = {}
         self._lock = asyncio.Lock()
+        # The flow log's NFLOG group (flowlog.py), once open; rules applied from then on log to it.
+        self.flow_log_group: int | None = None
+        # Flow-log tag (firewall.sandbox_tag) -> (sandbox id, what its rules are: allowed[n], denial).
+        self._rules: dict[str, tuple[str, tuple[str, ...], str]] = {}
 
     def _firewall(self) -> firewall.FirewallPolicy:
         if self._policy is None:
@@ -88,8 +93,9 @@ class EgressPolicies:
                 return
             if not addresses:
                 raise SandboxFailedError("the sandbox has no network address to apply its network policy to")
-            egress = await self._egress_of(spec)
+            egress, described = await self._egress_of(spec)
             await self._apply(sandbox_id, addresses, egress)
+            self._rules[firewall.sandbox_tag(sandbox_id)] = (sandbox_id, *described)
             if spec.domain_allow_list and not spec.network_block_all:
                 self._domains[sandbox_id] = (spec, addresses)
             else:
@@ -108,10 +114,11 @@ class EgressPolicies:
             await asyncio.sleep(self._settings.sandbox_domain_refresh_seconds)
             for sandbox_id, (spec, addresses) in list(self._domains.items()):
                 try:
-                    egress = await self._egress_of(spec)
+                    egress, described = await self._egress_of(spec)
                     async with self._lock:
                         if self._domains.get(sandbox_id, (None,))[0] is spec:
                             await self._apply(sandbox_id, addresses, egress)
+                            self._rules[firewall.sandbox_tag(sandbox_id)] = (sandbox_id, *described)
                 except Exception as error:  # keep the previous rules; try again next round
                     log.warning("egress.refresh_failed", sandbox_id=sandbox_id, error=str(error))
 
@@ -126,18 +133,58 @@ class EgressPolicies:
 
     async def _remove_locked(self, sandbox_id: str) -> None:
         addresses = self._applied.pop(sandbox_id, ())
+        self._rules.pop(firewall.sandbox_tag(sandbox_id), None)
         try:
             await asyncio.to_thread(firewall.apply_sandbox, self._firewall(), sandbox_id, addresses, None)
         except firewall.FirewallError as error:
             log.warning("egress.remove_failed", sandbox_id=sandbox_id, error=str(error))
 
-    async def _egress_of(self, spec: SandboxSpec) -> firewall.SandboxEgress:
+    def flow_of(self, packet: LoggedPacket, runner_id: str) -> SandboxFlow | None:
+        """The flow-log entry of a packet the sandbox chains logged; None if not of a sandbox known here."""
+        parts = packet.prefix.split()
+        if len(parts) != 3 or parts[1] not in self._rules:
+            return None
+        sandbox_id, allowed, denial = self._rules[parts[1]]
+        decision = parts[2]
+        if decision == "D":
+            verdict, rule = "denied", denial
+        elif decision == "AD":
+            verdict, rule = "allowed", "dns"
+        elif decision.startswith("A") and decision[1:].isdigit() and int(decision[1:]) < len(allowed):
+            verdict, rule = "allowed", allowed[int(decision[1:])]
+        else:
+            return None
+        return SandboxFlow(
+            sandbox_id=sandbox_id,
+            runner_id=runner_id,
+            time=packet.time,
+            protocol=packet.protocol,
+            source=packet.source,
+            destination=packet.destination,
+            port=packet.port,
+            verdict=verdict,
+            rule=rule,
+        )
+
+    async def _egress_of(
+        self, spec: SandboxSpec
+    ) -> tuple[firewall.SandboxEgress, tuple[tuple[str, ...], str]]:
+        """The firewall's egress policy for `spec`, and for the flow log what each allowed network is (by
+        index) and what a denial means."""
         if spec.network_block_all:
-            return firewall.SandboxEgress(block_all=True)
-        allowed = [str(ipaddress.IPv4Network(cidr, strict=False)) for cidr in spec.network_allow_list]
+            return firewall.SandboxEgress(block_all=True, log_group=self.flow_log_group), (
+                (),
+                "networkBlockAll",
+            )
+        rules: dict[str, str] = {}
+        for cidr in spec.network_allow_list:
+            network = str(ipaddress.IPv4Network(cidr, strict=False))
+            rules.setdefault(network, f"networkAllowList {cidr}")
         for domain in spec.domain_allow_list:
-            allowed += await _resolve(domain.removeprefix("*."))
-        return firewall.SandboxEgress(allowed=tuple(dict.fromkeys(allowed)))
+            for network in await _resolve(domain.removeprefix("*.")):
+                rules.setdefault(network, f"domainAllowList {domain}")
+        egress = firewall.SandboxEgress(allowed=tuple(rules), log_group=self.flow_log_group)
+        return egress, (tuple(rules.values()), "not in networkAllowList or domainAllowList")
 
 
 async def _resolve(domain: str) -> list[str]:

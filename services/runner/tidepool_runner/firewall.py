@@ -362,6 +362,9 @@ class SandboxEgress:
 
     block_all: bool = False
     allowed: tuple[str, ...] = ()
+    # The NFLOG group of the runner's flow log (flowlog.py): each new flow the policy decides is logged there
+    # first, with the prefix `flow_prefix(...)`; None: no flow log.
+    log_group: int | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.allowed:
@@ -389,9 +392,25 @@ def sandboxes_with_policies(policy: FirewallPolicy, current: str) -> dict[str, t
     return {sandbox_id: tuple(addresses) for sandbox_id, addresses in found.items()}
 
 
+def sandbox_tag(sandbox_id: str) -> str:
+    """8 hex digits naming the sandbox in its chain's name and its flow-log prefixes."""
+    return hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]
+
+
 def sandbox_chain(policy: FirewallPolicy, sandbox_id: str) -> str:
     """The sandbox's own chain: `<prefix>-S-<8 hex>` (iptables allows 28 characters)."""
-    return policy.chain(f"S-{hashlib.sha256(sandbox_id.encode()).hexdigest()[:8]}")
+    return policy.chain(f"S-{sandbox_tag(sandbox_id)}")
+
+
+FLOW_PREFIX = "TPF"
+# Flow-log rate per sandbox: a sandbox hammering a blocked address cannot flood the log (the verdict holds).
+FLOW_LOG_LIMIT = "-m limit --limit 50/second --limit-burst 200"
+
+
+def flow_prefix(sandbox_id: str, decision: str) -> str:
+    """The NFLOG prefix of one rule of the sandbox's chain: `TPF <tag> <decision>`; decision `D` (denied),
+    `A<n>` (allowed by `allowed[n]`) or `AD` (DNS to the resolvers)."""
+    return f"{FLOW_PREFIX} {sandbox_tag(sandbox_id)} {decision}"
 
 
 def render_sandbox(
@@ -438,15 +457,24 @@ def render_sandbox(
     lines += [f"-D {dispatch} {spec}" for spec in deleted]
     lines += [f"-X {orphan}" for orphan in orphans]
     if egress is not None:
+
+        def decide(match: str, verdict: str, decision: str) -> None:
+            if egress.log_group is not None:
+                prefix = flow_prefix(sandbox_id, decision)
+                lines.append(
+                    f"-A {own} {match}{FLOW_LOG_LIMIT} "
+                    f'-j NFLOG --nflog-group {egress.log_group} --nflog-prefix "{prefix}"'
+                )
+            lines.append(f"-A {own} {match}-j {verdict}")
+
         if not egress.block_all:
-            for cidr in _of_family(egress.allowed, family):
-                lines.append(f"-A {own} -d {cidr} -j RETURN")
+            for index, cidr in enumerate(egress.allowed):
+                if ipaddress.ip_network(cidr, strict=False).version == family:
+                    decide(f"-d {cidr} ", "RETURN", f"A{index}")
             for resolver in _of_family(policy.resolvers, family):
                 for protocol in ("udp", "tcp"):
-                    lines.append(
-                        f"-A {own} -d {resolver} -p {protocol} -m {protocol} --dport {DNS_PORT} -j RETURN"
-                    )
-        lines.append(f"-A {own} -j {policy.reject_chain}")
+                    decide(f"-d {resolver} -p {protocol} -m {protocol} --dport {DNS_PORT} ", "RETURN", "AD")
+        decide("", policy.reject_chain, "D")
         prefix = 32 if family == 4 else 128
         for host in sorted(hosts):
             comment = f'-m comment --comment "{SANDBOX_COMMENT_PREFIX}{sandbox_id}"'

@@ -19,7 +19,9 @@ from tidepool_runner.container_config import SANDBOX_LABEL, runner_home, sandbox
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.disks import SandboxDisks
+from tidepool_runner.egress import EgressPolicies
 from tidepool_runner.engine import ContainerEngine
+from tidepool_runner.flowlog import FlowLogError, LoggedPacket, NflogSocket, read_forever
 from tidepool_runner.inventory import Inventory
 from tidepool_runner.jobs import JobExecutor
 from tidepool_runner.network import prepare_sandbox_network
@@ -150,6 +152,9 @@ class Runner:
             routes=routes,
             locks=executor.locks,
         )
+        flow_tasks: list[asyncio.Task[None]] = []
+        if settings.sandbox_firewall:
+            flow_tasks.append(await self._open_flow_log(executor.egress, bus))
         sampler = ResourceSampler(
             backend=backend, bus=bus, interval=settings.sandbox_metrics_interval_seconds
         )
@@ -161,8 +166,26 @@ class Runner:
             asyncio.create_task(self._keep_disk_pool_filled(), name="runner-disk-pool"),
             asyncio.create_task(backend.egress.refresh_forever(), name="runner-egress-domains"),
             asyncio.create_task(sampler.run_forever(), name="runner-resource-samples"),
+            *flow_tasks,
         ]
         log.info("runner.started", runner_id=self.runner_id, url=settings.effective_runner_url)
+
+    async def _open_flow_log(self, egress: EgressPolicies, bus: Bus) -> asyncio.Task[None]:
+        """Bind this runner's NFLOG group (flowlog.py): the sandbox chains applied from now on log to it."""
+        nflog = NflogSocket(self.settings.sandbox_flow_log_group)
+        try:
+            egress.flow_log_group = await asyncio.to_thread(nflog.open)
+        except FlowLogError as error:  # observability, not enforcement: policies hold without it
+            log.error("runner.flow_log_unavailable", error=str(error))
+            return asyncio.create_task(asyncio.Event().wait(), name="runner-flow-log")
+        log.info("runner.flow_log_opened", group=egress.flow_log_group)
+
+        async def publish(packet: LoggedPacket) -> None:
+            flow = egress.flow_of(packet, self.runner_id)
+            if flow is not None:
+                await bus.publish(channels.SANDBOX_FLOWS, flow, sandbox_id=flow.sandbox_id)
+
+        return asyncio.create_task(read_forever(nflog, publish), name="runner-flow-log")
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:

@@ -22,6 +22,7 @@ PUBLISHES = (
     channels.DAEMON_EVENTS,
     channels.SNAPSHOT_EVENTS,
     channels.SANDBOX_METRICS,
+    channels.SANDBOX_FLOWS,
 )
 JOB_ACK_WAIT_SECONDS = 15.0
 

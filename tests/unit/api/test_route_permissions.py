@@ -83,6 +83,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("GET", "/api/sandbox/{sandbox_id_or_name}/build-logs"): ANY_KEY,
     ("GET", "/api/sandbox/{sandbox_id_or_name}/events"): ANY_KEY,
     ("GET", "/api/sandbox/{sandbox_id_or_name}/telemetry/metrics"): ANY_KEY,
+    ("GET", "/api/sandbox/{sandbox_id_or_name}/network/flows"): ANY_KEY,
     # The signing key makes toolbox file URLs: it needs what the toolbox needs.
     ("GET", "/api/sandbox/{sandbox_id}/signing-key"): ("write:sandboxes",),
     ("POST", "/api/sandbox/{sandbox_id}/signing-key/rotate"): ("write:sandboxes",),

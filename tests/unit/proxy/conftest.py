@@ -77,7 +77,7 @@ class FakeRunner:
                 "headers": dict(request.headers),
             }
         )
-        if path == "process/pty/pty1/connect":
+        if path in ("process/pty/pty1/connect", "process/pty/create-connect"):
             return await self.websocket_echo(request)
         if path == "process/pty/busy/connect":
             return web.json_response({"message": "pty session exists"}, status=409)

@@ -188,3 +188,62 @@ async def test_warning_page_for_browsers(http: aiohttp.ClientSession, proxy_url:
         http, proxy_url, private, **browser, Cookie="daytona-preview-page-accepted=true"
     )
     assert status == 200 and body["raw_path"].endswith("/ports/3000/")  # type: ignore[union-attr]
+
+
+async def test_port_22222_is_the_web_terminal_behind_credentials(
+    http: aiohttp.ClientSession, proxy_url: str, bus: Bus, fake_runner: tuple[FakeRunner, str]
+) -> None:
+    runner, runner_url = fake_runner
+    public = await add_preview(bus, runner_url, public=True)
+    terminal = {"Host": f"22222-{public}.localhost"}
+    # The static files are the same for every sandbox: served to anyone (even for no sandbox at all).
+    for name, kind in (
+        ("xterm.js", "text/javascript"),
+        ("terminal.js", "text/javascript"),
+        ("xterm.css", "text/css"),
+    ):
+        async with http.get(f"{proxy_url}/__tidepool/terminal/{name}", headers=terminal) as answer:
+            assert answer.status == 200 and answer.content_type == kind
+    async with http.get(f"{proxy_url}/__tidepool/terminal/../../etc/passwd", headers=terminal) as answer:
+        assert answer.status == 401
+    # The page: credentials even on a public sandbox; only `/` and the socket live on 22222.
+    assert (await fetch(http, proxy_url, public, port=22222))[0] == 401
+    status, _, headers = await fetch(
+        http, proxy_url, public, f"/?DAYTONA_SANDBOX_AUTH_KEY={TOKEN}", port=22222
+    )
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert (await fetch(http, proxy_url, public, "/x", port=22222, **{"X-Daytona-Preview-Token": TOKEN}))[
+        0
+    ] == 404
+    socket = f"{proxy_url}/__tidepool/terminal/pty?cols=100&rows=30"
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(socket, headers=terminal)
+    assert refused.value.status == 401
+
+    before = len(runner.requests)
+    async with http.ws_connect(
+        f"{socket}&DAYTONA_SANDBOX_AUTH_KEY={TOKEN}",
+        headers=terminal,
+        protocols=("X-Daytona-Pty-Exit-Control",),
+    ) as shell:
+        assert shell.protocol == "X-Daytona-Pty-Exit-Control"
+        assert "connected" in (await shell.receive_str())
+        await shell.send_str("ls")
+        assert await shell.receive_str() == "echo:ls"
+    opened = runner.requests[before]
+    assert str(opened["raw_path"]).endswith("/toolbox/process/pty/create-connect")
+    query = str(opened["raw_query"])
+    assert "cols=100" in query and "rows=30" in query and "DAYTONA_SANDBOX_AUTH_KEY" not in query
+    session = query.split("id=", 1)[1].split("&", 1)[0]
+    assert session.startswith("web-terminal-")
+    opened_headers = opened["headers"]
+    assert isinstance(opened_headers, dict) and opened_headers["Authorization"] == f"Bearer {RUNNER_TOKEN}"
+
+    async def deleted() -> bool:
+        return any(
+            request["method"] == "DELETE" and str(request["raw_path"]).endswith(f"/process/pty/{session}")
+            for request in runner.requests[before:]
+        )
+
+    await wait_until_async(deleted, "the closed terminal's shell was not deleted")

@@ -17,6 +17,7 @@ from tidepool_runner.firewall import (
     render,
     render_sandbox,
     sandbox_chain,
+    sandbox_tag,
     sandboxes_with_policies,
 )
 from tidepool_runtime.settings import Settings
@@ -284,3 +285,36 @@ def test_removing_a_sandbox_policy_deletes_its_jumps_and_its_chain() -> None:
     ]
     with pytest.raises(FirewallError):
         render_sandbox(SANDBOX_POLICY, 4, "bad id; -j ACCEPT", [], None, "")
+
+
+def test_with_a_flow_log_each_decision_is_logged_first_with_its_rule() -> None:
+    egress = SandboxEgress(allowed=("151.101.0.223/32", "2a04:4e42::223/128"), log_group=7100)
+    chain = sandbox_chain(SANDBOX_POLICY, "sbx-4")
+    tag = sandbox_tag("sbx-4")
+    text = render_sandbox(SANDBOX_POLICY, 4, "sbx-4", ["10.90.0.10"], egress, current="")
+    limit = "-m limit --limit 50/second --limit-burst 200"
+
+    def logged(match: str, decision: str) -> str:
+        return f'{match}{limit} -j NFLOG --nflog-group 7100 --nflog-prefix "TPF {tag} {decision}"'
+
+    assert rules_of(text, chain) == [
+        logged("-d 151.101.0.223/32 ", "A0"),
+        "-d 151.101.0.223/32 -j RETURN",
+        logged("-d 10.255.255.53 -p udp -m udp --dport 53 ", "AD"),
+        "-d 10.255.255.53 -p udp -m udp --dport 53 -j RETURN",
+        logged("-d 10.255.255.53 -p tcp -m tcp --dport 53 ", "AD"),
+        "-d 10.255.255.53 -p tcp -m tcp --dport 53 -j RETURN",
+        logged("", "D"),
+        "-j TIDEPOOL-REJECT",
+    ]
+    # The index is the network's place in `allowed`, whatever the family.
+    six = render_sandbox(SANDBOX_POLICY, 6, "sbx-4", ["fd00::7"], egress, current="")
+    assert rules_of(six, chain)[:2] == [
+        logged("-d 2a04:4e42::223/128 ", "A1"),
+        "-d 2a04:4e42::223/128 -j RETURN",
+    ]
+    blocked = SandboxEgress(block_all=True, log_group=7100)
+    assert rules_of(render_sandbox(SANDBOX_POLICY, 4, "sbx-4", ["10.90.0.10"], blocked, ""), chain) == [
+        logged("", "D"),
+        "-j TIDEPOOL-REJECT",
+    ]
