@@ -59,20 +59,28 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
-def _declare(stream: str, update: bool) -> list[str]:
-    subjects = [f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.CREATE.{stream}"]
+def _declare(stream: str, *, create: bool, update: bool) -> list[str]:
+    subjects = [f"{JS}.STREAM.INFO.{stream}"]
+    if create:
+        subjects.append(f"{JS}.STREAM.CREATE.{stream}")
     return [*subjects, f"{JS}.STREAM.UPDATE.{stream}"] if update else subjects
 
 
-def permissions(access: Access, user: str) -> dict[str, Any]:
+def permissions(access: Access, user: str, *, create_streams: bool = True) -> dict[str, Any]:
     """nats-server permissions of one service: `{"publish": {"allow": [...]}, "subscribe": {"allow": [...]},
-    "allow_responses": bool}` (answering requests needs no publish right on the requester's inbox)."""
+    "allow_responses": bool}` (answering requests needs no publish right on the requester's inbox).
+
+    `create_streams` False (deploy/k8s, where the bus-init Job makes every stream and bucket): no right to
+    create any stream or bucket, nor to update a stream's configuration except one the service tunes from
+    its own settings; the service only inspects them (`TIDEPOOL_BUS_CREATE_STREAMS=false`)."""
     publish: list[str] = [f"{JS}.INFO", f"{JS}.STREAM.NAMES"]
     stream: Stream
     for stream in access.streams:
-        publish += _declare(stream.name, access.owns_topology or stream in access.tunes)
+        tuned = stream in access.tunes
+        owner = access.owns_topology and create_streams
+        publish += _declare(stream.name, create=create_streams, update=owner or tuned)
     for bucket in access.buckets:
-        publish += _declare(kv_stream(bucket), update=False)
+        publish += _declare(kv_stream(bucket), create=create_streams, update=False)
     publish += [channel.filter for channel in access.publishes]
     for stream in {channel.stream for channel in access.consumes if channel.stream}:
         publish += _consume(stream.name)
@@ -179,9 +187,10 @@ def cluster_config(
     return text
 
 
-def permissions_for(service: str) -> dict[str, Any]:
-    """`{"permissions": ...}` of a service of `SERVICE_ACCESS` (KeyError: unknown service)."""
-    return {"permissions": permissions(SERVICE_ACCESS[service], service)}
+def permissions_for(service: str, *, create_streams: bool = True) -> dict[str, Any]:
+    """`{"permissions": ...}` of a service of `SERVICE_ACCESS` (KeyError: unknown service);
+    `create_streams` as for `permissions`."""
+    return {"permissions": permissions(SERVICE_ACCESS[service], service, create_streams=create_streams)}
 
 
 def hash_password(password: str) -> str:
