@@ -234,13 +234,16 @@ def test_the_single_machine_keeps_creating_its_streams() -> None:
 @per_target
 def test_a_metrics_port_is_declared_and_reachable(target: str) -> None:
     docs = render(target)
+    seen = set()
     for doc, container, module in tidepool_containers(docs):
         env = environment(docs, target, doc["metadata"]["namespace"], container)
-        if "metrics_port" not in SETTINGS_OF[module].model_fields:
-            continue
+        if "metrics_port" not in SETTINGS_OF[module].model_fields or "run_service(" not in sources(module):
+            continue  # tidepool_runtime.process.run_service serves /metrics; one-shot Jobs do not
+        seen.add(module)
         port = setting(module, env, "metrics_port")
         if not port:
             continue
         declared = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
         assert declared.get(port) == "metrics", f"{key(doc)}: metrics port {port} is not declared"
         assert setting(module, env, "metrics_host") == "0.0.0.0", f"{key(doc)}: metrics on loopback"
+    assert "tidepool_runner" in seen and "tidepool_api" in seen
