@@ -102,10 +102,20 @@ def permissions(access: Access, user: str, *, create_streams: bool = True) -> di
 
 
 def _server(
-    password_hashes: dict[str, str], *, host: str, port: int, store_dir: str, tls: dict[str, str] | None
+    password_hashes: dict[str, str],
+    *,
+    host: str,
+    port: int,
+    store_dir: str,
+    tls: dict[str, str] | None,
+    create_streams: bool = True,
 ) -> dict[str, Any]:
     users = [
-        {"user": service, "password": password_hashes[service], **permissions_for(service)}
+        {
+            "user": service,
+            "password": password_hashes[service],
+            **permissions_for(service, create_streams=create_streams),
+        }
         for service in SERVICE_ACCESS
         if service in password_hashes
     ]
@@ -151,9 +161,12 @@ def cluster_config(
     cluster_name: str = "tidepool",
     tls: dict[str, str] | None = None,
     route_tls: dict[str, str] | None = None,
+    create_streams: bool = True,
 ) -> str:
-    """The configuration (JSON) of one node of a JetStream cluster (issue #17: the 3-node StatefulSet),
-    with the same per-service users and permissions as `server_config`.
+    """The configuration (JSON) of one node of a JetStream cluster, with the same per-service users and
+    permissions as `server_config` (`create_streams` False: as deploy/k8s gives them, where only the
+    bus-init Job creates streams). deploy/k8s's own file is `tidepool_stack.k8s_nats.render` (TLS routes,
+    hashes from a Secret); tests/unit/deploy checks both give every service the same permissions.
 
     `server_name`: unique and stable per node (JetStream's RAFT identity, e.g. the pod name `nats-0`), or
     `$VARIABLE` to read it from the node's environment (one configuration for every pod of a StatefulSet:
@@ -164,7 +177,9 @@ def cluster_config(
     (`/healthz?js-enabled-only=true` is the node's probe; 0: none). `tls` as for `server_config`;
     `route_tls`: {"cert_file", "key_file", "ca_file"} to encrypt and verify routes.
     """
-    config = _server(password_hashes, host=host, port=port, store_dir=store_dir, tls=tls)
+    config = _server(
+        password_hashes, host=host, port=port, store_dir=store_dir, tls=tls, create_streams=create_streams
+    )
     config["server_name"] = server_name
     login = f"{quote(route_user, safe='')}:{quote(route_password, safe='')}@"
     cluster: dict[str, Any] = {
