@@ -294,6 +294,7 @@ def test_resources_and_probes(target: str) -> None:
     }
     if target == "overlay/production":
         assert replicas["api"] >= 2 and replicas["proxy"] >= 2
+        assert replicas["scheduler"] >= 2  # high availability by its lease
 
 
 @per_target
