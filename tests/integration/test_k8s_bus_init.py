@@ -7,19 +7,24 @@ to start before it ran, and none may create a stream or bucket."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from tests.conftest import die_with_parent, free_port, nats_binary, wait_for_port, watch_server
 from tests.integration.test_nats_auth import Raw
+from tests.polling import wait_until
 from tidepool_contracts.access import SERVICE_ACCESS
 from tidepool_contracts.channels import BUCKETS, STREAMS
 from tidepool_runtime import nats_auth
@@ -198,3 +203,89 @@ async def test_services_start_on_bus_init_streams_and_cannot_create_one(
             await nc.close()
     after = await streams_and_buckets(url, passwords["bus_init"])
     assert set(after) == set(before), "no service created a stream"
+
+
+def start_service(module: str, url: str, password: str, tmp_path: Path, health_port: int) -> subprocess.Popen:
+    """`python -m <module>` with the environment deploy/k8s gives it (tidepool-common, its NATS Secret)."""
+    user = module.removeprefix("tidepool_")
+    environment = {
+        **os.environ,
+        "TIDEPOOL_NATS_URL": url,
+        "TIDEPOOL_NATS_USER": user,
+        "TIDEPOOL_NATS_PASSWORD": password,
+        "TIDEPOOL_NATS_REPLICAS": "3",
+        "TIDEPOOL_BUS_CREATE_STREAMS": "false",
+        "TIDEPOOL_HEALTH_HOST": "127.0.0.1",
+        "TIDEPOOL_HEALTH_PORT": str(health_port),
+        "TIDEPOOL_DATA_DIR": str(tmp_path / user),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / f"{user}.log").open("w"),
+        preexec_fn=die_with_parent,
+    )
+
+
+RESTARTS = 2
+
+
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_service_processes_wait_for_bus_init_then_start_on_its_streams(
+    cluster_users_server: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The scheduler and telemetry (which tunes its samples stream) as processes, configured as deploy/k8s
+    configures them: before bus-init they exit (Kubernetes restarts them), after it they become ready."""
+    url, passwords = cluster_users_server
+    modules = ("tidepool_scheduler", "tidepool_telemetry")
+    early = start_service("tidepool_scheduler", url, passwords["scheduler"], tmp_path, free_port())
+    try:
+        assert early.wait(timeout=60) != 0
+    finally:
+        early.kill()
+    assert "MissingTopologyError" in (tmp_path / "scheduler.log").read_text()
+    asyncio.run(
+        init_bus(CommonSettings(nats_url=url, nats_user="bus_init", nats_password=passwords["bus_init"]), 1)
+    )
+    ports = {module: free_port() for module in modules}
+    processes: dict[str, subprocess.Popen] = {}
+
+    def up(module: str) -> bool:
+        """Ready; a process that exited is started again, as Kubernetes does (on a loaded machine a NATS
+        request at start may time out), at most `RESTARTS` times."""
+        process = processes.get(module)
+        if process is None or process.poll() is not None:
+            starts[module] += 1
+            assert starts[module] <= 1 + RESTARTS, f"{module} keeps exiting: {log(module)}"
+            user = module.removeprefix("tidepool_")
+            processes[module] = start_service(module, url, passwords[user], tmp_path, ports[module])
+            return False
+        return ready(ports[module])
+
+    def log(module: str) -> str:
+        return (tmp_path / f"{module.removeprefix('tidepool_')}.log").read_text()[-2000:]
+
+    starts = dict.fromkeys(modules, 0)
+    try:
+        for module in modules:
+            wait_until(
+                lambda module=module: up(module),
+                lambda module=module: f"{module} never became ready: {log(module)}",
+                timeout=180,  # process starts, on a loaded machine
+            )
+            assert "MissingTopologyError" not in log(module)
+    finally:
+        for process in processes.values():
+            process.terminate()
+        for process in processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
