@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 
 from tidepool_contracts.access import Access
 from tidepool_contracts.channels import BUCKETS, STREAMS, Bucket, Channel, Stream, stream_subjects
-from tidepool_runtime.nats_auth import inbox_prefix
+from tidepool_runtime.nats_auth import inbox_prefix, kv_stream
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # Services name `Msg` (a JetStream message a handler is given) and `KeyValue` (a bucket) from here.
@@ -247,12 +247,17 @@ class Bus:
         publishers: dict[Channel[Any], LogicPublisher] | None = None,
         access: Access | None = None,
         replicas: int = 1,
+        *,
+        create_streams: bool = True,
     ) -> None:
         """`access`: the service's part of the bus (`tidepool_contracts.access`): only its streams and
         buckets are declared and handed out. None: all of them (tests, tools on an open server).
-        `replicas`: of the streams and buckets it creates (`TIDEPOOL_NATS_REPLICAS`, 3 on 3 nodes)."""
+        `replicas`: of the streams and buckets it creates (`TIDEPOOL_NATS_REPLICAS`, 3 on 3 nodes).
+        `create_streams` (`TIDEPOOL_BUS_CREATE_STREAMS`): False only checks that they exist (deploy/k8s,
+        where the bus-init Job creates them)."""
         self.broker = broker
         self.replicas = replicas
+        self.create_streams = create_streams
         self.publishers: dict[Channel[Any], LogicPublisher] = dict(publishers or {})
         self.access = access
 
@@ -274,7 +279,10 @@ class Bus:
         deadline = asyncio.get_running_loop().time() + TOPOLOGY_RETRY_SECONDS
         while True:
             try:
-                await declare_topology(self.broker, self.access, replicas=self.replicas)
+                if self.create_streams:
+                    await declare_topology(self.broker, self.access, replicas=self.replicas)
+                else:
+                    await verify_topology(self.broker, self.access)
                 return
             except NatsTimeoutError:
                 if asyncio.get_running_loop().time() > deadline:
@@ -339,13 +347,21 @@ async def connect(
     *,
     access: Access | None = None,
     replicas: int = 1,
+    create_streams: bool = True,
     **login: str,
 ) -> Bus:
     """A connected bus with the topology declared, publishers for `publishes`, and no subscribers.
 
-    `login`: `user`, `password`, `ca_file` of `create_broker`; `access`, `replicas` as for `Bus`."""
+    `login`: `user`, `password`, `ca_file` of `create_broker`; `access`, `replicas`, `create_streams` as
+    for `Bus`."""
     broker = create_broker(nats_url, name, **login)
-    bus = Bus(broker, declare_publishers(broker, *publishes, service=name), access, replicas)
+    bus = Bus(
+        broker,
+        declare_publishers(broker, *publishes, service=name),
+        access,
+        replicas,
+        create_streams=create_streams,
+    )
     await bus.connect()
     return bus
 
@@ -399,6 +415,27 @@ async def declare_topology(
                         bucket=bucket.name, history=1, ttl=bucket.ttl, replicas=replicas or 1
                     )
                 )
+
+
+class MissingTopologyError(RuntimeError):
+    """A stream or KV bucket a service uses does not exist (and the service may not create it)."""
+
+
+async def verify_topology(broker: NatsBroker, access: Access | None = None) -> None:
+    """Check that every stream and bucket of the channel table (with `access`: those the service uses)
+    exists, creating nothing (`$JS.API.STREAM.INFO` only): the start of a service whose streams the bus-init
+    Job makes (deploy/k8s). MissingTopologyError names the first one missing."""
+    js = broker.config.connection_state.stream
+    streams = STREAMS if access is None else access.streams
+    buckets = BUCKETS if access is None else access.buckets
+    names = [stream.name for stream in streams] + [kv_stream(bucket) for bucket in buckets]
+    for name in names:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            raise MissingTopologyError(
+                f"stream {name} does not exist: the bus-init Job (tidepool_stack.bus_init) creates it"
+            ) from None
 
 
 # KV values are the channel table's models as JSON.

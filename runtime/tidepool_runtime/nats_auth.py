@@ -59,20 +59,28 @@ def _consume(stream: str) -> list[str]:
     ]
 
 
-def _declare(stream: str, update: bool) -> list[str]:
-    subjects = [f"{JS}.STREAM.INFO.{stream}", f"{JS}.STREAM.CREATE.{stream}"]
+def _declare(stream: str, *, create: bool, update: bool) -> list[str]:
+    subjects = [f"{JS}.STREAM.INFO.{stream}"]
+    if create:
+        subjects.append(f"{JS}.STREAM.CREATE.{stream}")
     return [*subjects, f"{JS}.STREAM.UPDATE.{stream}"] if update else subjects
 
 
-def permissions(access: Access, user: str) -> dict[str, Any]:
+def permissions(access: Access, user: str, *, create_streams: bool = True) -> dict[str, Any]:
     """nats-server permissions of one service: `{"publish": {"allow": [...]}, "subscribe": {"allow": [...]},
-    "allow_responses": bool}` (answering requests needs no publish right on the requester's inbox)."""
+    "allow_responses": bool}` (answering requests needs no publish right on the requester's inbox).
+
+    `create_streams` False (deploy/k8s, where the bus-init Job makes every stream and bucket): no right to
+    create any stream or bucket, nor to update a stream's configuration except one the service tunes from
+    its own settings; the service only inspects them (`TIDEPOOL_BUS_CREATE_STREAMS=false`)."""
     publish: list[str] = [f"{JS}.INFO", f"{JS}.STREAM.NAMES"]
     stream: Stream
     for stream in access.streams:
-        publish += _declare(stream.name, access.owns_topology or stream in access.tunes)
+        tuned = stream in access.tunes
+        owner = access.owns_topology and create_streams
+        publish += _declare(stream.name, create=create_streams, update=owner or tuned)
     for bucket in access.buckets:
-        publish += _declare(kv_stream(bucket), update=False)
+        publish += _declare(kv_stream(bucket), create=create_streams, update=False)
     publish += [channel.filter for channel in access.publishes]
     for stream in {channel.stream for channel in access.consumes if channel.stream}:
         publish += _consume(stream.name)
@@ -94,10 +102,20 @@ def permissions(access: Access, user: str) -> dict[str, Any]:
 
 
 def _server(
-    password_hashes: dict[str, str], *, host: str, port: int, store_dir: str, tls: dict[str, str] | None
+    password_hashes: dict[str, str],
+    *,
+    host: str,
+    port: int,
+    store_dir: str,
+    tls: dict[str, str] | None,
+    create_streams: bool = True,
 ) -> dict[str, Any]:
     users = [
-        {"user": service, "password": password_hashes[service], **permissions_for(service)}
+        {
+            "user": service,
+            "password": password_hashes[service],
+            **permissions_for(service, create_streams=create_streams),
+        }
         for service in SERVICE_ACCESS
         if service in password_hashes
     ]
@@ -143,9 +161,12 @@ def cluster_config(
     cluster_name: str = "tidepool",
     tls: dict[str, str] | None = None,
     route_tls: dict[str, str] | None = None,
+    create_streams: bool = True,
 ) -> str:
-    """The configuration (JSON) of one node of a JetStream cluster (issue #17: the 3-node StatefulSet),
-    with the same per-service users and permissions as `server_config`.
+    """The configuration (JSON) of one node of a JetStream cluster, with the same per-service users and
+    permissions as `server_config` (`create_streams` False: as deploy/k8s gives them, where only the
+    bus-init Job creates streams). deploy/k8s's own file is `tidepool_stack.k8s_nats.render` (TLS routes,
+    hashes from a Secret); tests/unit/deploy checks both give every service the same permissions.
 
     `server_name`: unique and stable per node (JetStream's RAFT identity, e.g. the pod name `nats-0`), or
     `$VARIABLE` to read it from the node's environment (one configuration for every pod of a StatefulSet:
@@ -156,7 +177,9 @@ def cluster_config(
     (`/healthz?js-enabled-only=true` is the node's probe; 0: none). `tls` as for `server_config`;
     `route_tls`: {"cert_file", "key_file", "ca_file"} to encrypt and verify routes.
     """
-    config = _server(password_hashes, host=host, port=port, store_dir=store_dir, tls=tls)
+    config = _server(
+        password_hashes, host=host, port=port, store_dir=store_dir, tls=tls, create_streams=create_streams
+    )
     config["server_name"] = server_name
     login = f"{quote(route_user, safe='')}:{quote(route_password, safe='')}@"
     cluster: dict[str, Any] = {
@@ -179,9 +202,10 @@ def cluster_config(
     return text
 
 
-def permissions_for(service: str) -> dict[str, Any]:
-    """`{"permissions": ...}` of a service of `SERVICE_ACCESS` (KeyError: unknown service)."""
-    return {"permissions": permissions(SERVICE_ACCESS[service], service)}
+def permissions_for(service: str, *, create_streams: bool = True) -> dict[str, Any]:
+    """`{"permissions": ...}` of a service of `SERVICE_ACCESS` (KeyError: unknown service);
+    `create_streams` as for `permissions`."""
+    return {"permissions": permissions(SERVICE_ACCESS[service], service, create_streams=create_streams)}
 
 
 def hash_password(password: str) -> str:

@@ -45,6 +45,10 @@ class CommonSettings(_Base):
     nats_replicas: int = 1
     """Replicas of the streams and KV buckets a service creates: 1 on one machine, 3 on the 3-node JetStream
     cluster of deploy/k8s (every service must be given the same value)."""
+    bus_create_streams: bool = True
+    """True (one machine): a service creates the streams and KV buckets it uses when missing. False
+    (deploy/k8s, where the bus-init Job alone may create them): it only checks they exist, and fails to start
+    until they do; its NATS login has no right to create any (`nats_auth.permissions`)."""
     otlp_endpoint: str = ""
     metrics_port: int = 0
     """Prometheus `GET /metrics` of this service on this port (0: none); `make up` gives each service its own

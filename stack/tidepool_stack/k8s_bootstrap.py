@@ -26,12 +26,13 @@ import httpx
 
 from tidepool_runtime import nats_auth
 from tidepool_stack import k8s_nats
-from tidepool_stack.k8s_secrets import nats_tls
+from tidepool_stack.k8s_secrets import nats_tls, ssh_host_key
 
 CONTROL = "tidepool"
 COMPUTE = "tidepool-compute"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 COMPUTE_USERS = ("runner", "builder")
+SSH_HOST_KEY = "ssh_host_ed25519_key"
 
 Data = dict[str, str]
 Existing = dict[tuple[str, str], Data]  # (namespace, name) -> decoded data
@@ -105,6 +106,8 @@ def plan(existing: Existing, *, postgres: bool, registry: bool) -> dict[tuple[st
     shared("tidepool-secret-key", "TIDEPOOL_SECRET_KEY", (CONTROL,), _token)
     shared("tidepool-s3", "TIDEPOOL_S3_SECRET_KEY", both, lambda: secrets.token_hex(20))
     shared("tidepool-runner-token", "TIDEPOOL_RUNNER_TOKEN", both, _token)
+    # A file (TIDEPOOL_SSH_GATEWAY_HOST_KEY names it): one host key for every replica, kept across restarts.
+    ensure(CONTROL, "tidepool-ssh-host-key", (SSH_HOST_KEY,), lambda: {SSH_HOST_KEY: ssh_host_key()})
 
     if postgres:
         pg = shared("tidepool-postgres", "POSTGRES_PASSWORD", (CONTROL,), _token)
@@ -201,6 +204,7 @@ def secret_names(*, postgres: bool, registry: bool) -> list[tuple[str, str]]:
         (CONTROL, "tidepool-signing-seal"),
         (CONTROL, "tidepool-otel-seal"),
         (CONTROL, "tidepool-secret-key"),
+        (CONTROL, "tidepool-ssh-host-key"),
     ]
     names += [
         (ns, name)

@@ -1,6 +1,7 @@
 """The nats-server configuration of deploy/k8s: a 3-node JetStream cluster with the same users and permissions
-as on one machine (`tidepool_runtime.nats_auth`, from `tidepool_contracts.access`), plus `bus_init`, the
-bus-init Job's user.
+as on one machine (`tidepool_runtime.nats_auth`, from `tidepool_contracts.access`) except that no service
+may create a stream or KV bucket (`create_streams=False`: services run with TIDEPOOL_BUS_CREATE_STREAMS=false)
+and `bus_init`, the bus-init Job's user, the only one that creates and updates them.
 
 The rendered text holds no secret: each user's bcrypt hash is a variable (`$NATS_HASH_<USER>`) defined in
 `users/hashes.conf`, a file of the Secret `tidepool-nats-users` that the bootstrap Job creates
@@ -62,7 +63,9 @@ def render(namespace: str = NAMESPACE, cluster_domain: str = "cluster.local") ->
     entries = []
     for user in users():
         permissions = (
-            bus_init_permissions() if user == BUS_INIT else nats_auth.permissions_for(user)["permissions"]
+            bus_init_permissions()
+            if user == BUS_INIT
+            else nats_auth.permissions_for(user, create_streams=False)["permissions"]
         )
         entries.append(
             {"user": user, "password": _placeholder(hash_variable(user)), "permissions": permissions}

@@ -1,6 +1,7 @@
 """Secrets of deploy/k8s: the NATS certificate (the bootstrap Job's too) and `tidepool k8s-secrets`.
 
 - `nats_tls(namespace)`: a private CA and the NATS certificate (clients and the cluster's routes);
+- `ssh_host_key()`: the SSH gateway's host key (one for every replica and restart);
 - `k8s_secrets()`: `tidepool k8s-secrets`, every Secret the bootstrap Job (tidepool_stack.k8s_bootstrap)
   would create, printed once for operators who create Secrets themselves instead of running the Job.
 """
@@ -13,7 +14,7 @@ import secrets
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS, CERT_DAYS = 3650, 825
@@ -87,6 +88,14 @@ def nats_tls(namespace: str, cluster_domain: str = "cluster.local") -> dict[str,
         "tls.crt": cert.public_bytes(serialization.Encoding.PEM).decode(),
         "tls.key": _pem_key(key),
     }
+
+
+def ssh_host_key() -> str:
+    """A new Ed25519 SSH host key for the SSH gateway, OpenSSH's private-key format (PEM text)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ).decode()
 
 
 def k8s_secrets(*, postgres: bool = True, registry: bool = True) -> str:

@@ -1,5 +1,7 @@
 """Issue #17: the bus as Kubernetes runs it, a 3-node JetStream cluster configured by
-`tidepool_runtime.nats_auth.cluster_config` (what the manifests' NATS StatefulSet is given), on loopback.
+`tidepool_runtime.nats_auth.cluster_config`, on loopback: the services' users of the manifests' NATS
+StatefulSet, except that here they may create streams (on Kubernetes only the bus-init Job may:
+tests/integration/test_k8s_bus_init.py), and routes log in with a password instead of the cluster's CA.
 
 - every node's configuration passes `nats-server -t`;
 - a stream with 3 replicas keeps every acknowledged message when its leader is killed with SIGKILL, and

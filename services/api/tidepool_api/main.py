@@ -47,6 +47,7 @@ async def main(settings: ApiSettings, stop: asyncio.Event) -> None:
         create_broker(settings.nats_url, "tidepool-api", **settings.nats_login),
         access=API,
         replicas=settings.nats_replicas,
+        create_streams=settings.bus_create_streams,
     )
     await bus.connect()
     context = ApiContext(

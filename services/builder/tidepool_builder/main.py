@@ -23,6 +23,7 @@ async def main(settings: BuilderSettings, stop: asyncio.Event) -> None:
         create_broker(settings.nats_url, "tidepool-builder", **settings.nats_login),
         access=BUILDER,
         replicas=settings.nats_replicas,
+        create_streams=settings.bus_create_streams,
     )
     docker = aiodocker.Docker(url=settings.effective_docker_host)
     health = Health("builder", {"nats": bus_check(lambda: bus), "engine": engine_check(lambda: docker)})

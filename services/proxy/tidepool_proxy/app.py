@@ -214,6 +214,7 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
             name="tidepool-proxy",
             access=PROXY,
             replicas=settings.nats_replicas,
+            create_streams=settings.bus_create_streams,
             **settings.nats_login,
         )
         routes = KvCache(await bus.kv(channels.ROUTES), SandboxRoute, KV_ROUTES)

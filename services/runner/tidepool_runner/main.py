@@ -80,6 +80,7 @@ class Runner:
             create_broker(settings.nats_url, f"tidepool-runner-{self.runner_id}", **settings.nats_login),
             access=RUNNER,
             replicas=settings.nats_replicas,
+            create_streams=settings.bus_create_streams,
         )
         await bus.connect()
         bus.add_publishers(publishers(bus.broker))

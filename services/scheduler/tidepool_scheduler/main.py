@@ -29,6 +29,7 @@ async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
         create_broker(settings.nats_url, "tidepool-scheduler", **settings.nats_login),
         access=SCHEDULER,
         replicas=settings.nats_replicas,
+        create_streams=settings.bus_create_streams,
     )
     health = Health("scheduler", {"nats": bus_check(lambda: bus)})
     probes = await serve_health(health, settings.health_host, settings.health_port)

@@ -51,6 +51,7 @@ async def main(settings: SshGatewaySettings, stop: asyncio.Event) -> None:
         name="tidepool-ssh-gateway",
         access=SSH_GATEWAY,
         replicas=settings.nats_replicas,
+        create_streams=settings.bus_create_streams,
         **settings.nats_login,
     )
     connected.append(bus)

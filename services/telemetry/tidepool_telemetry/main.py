@@ -33,6 +33,7 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
         create_broker(settings.nats_url, "tidepool-telemetry", **settings.nats_login),
         access=TELEMETRY,
         replicas=settings.nats_replicas,
+        create_streams=settings.bus_create_streams,
     )
     probes = await serve_health(
         Health("telemetry", {"nats": bus_check(lambda: bus)}), settings.health_host, settings.health_port

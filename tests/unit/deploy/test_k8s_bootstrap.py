@@ -8,6 +8,7 @@ import base64
 import functools
 import json
 
+import asyncssh
 import bcrypt
 import httpx
 
@@ -39,6 +40,10 @@ def test_a_fresh_cluster_gets_every_secret_consistent() -> None:
         f":{password}@postgres.tidepool.svc:5432/"
         in made[(CONTROL, "tidepool-database")]["TIDEPOOL_DATABASE_URL"]
     )
+    # The SSH gateway's host key, as it reads it (asyncssh), the same for every replica.
+    host_key = made[(CONTROL, "tidepool-ssh-host-key")][k8s_bootstrap.SSH_HOST_KEY]
+    assert asyncssh.import_private_key(host_key).algorithm == b"ssh-ed25519"
+    assert made[(CONTROL, "tidepool-otel-seal")]["TIDEPOOL_OTEL_SEAL_KEY"]
     login = made[(COMPUTE, "tidepool-registry")]
     user, _, hashed = made[(CONTROL, "tidepool-registry-htpasswd")]["htpasswd"].strip().partition(":")
     assert user == login["TIDEPOOL_REGISTRY_USERNAME"]

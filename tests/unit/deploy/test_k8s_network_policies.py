@@ -18,6 +18,7 @@ from tests.unit.deploy.netpol import Endpoint, Evaluator, Port, matches
 
 MATRIX = TESTS_DIR / "reachability.yaml"
 GATEWAY_NAMESPACE = "gateway-system"
+MONITORING_NAMESPACE = "monitoring"  # labeled tidepool.io/metrics-scraper=true by the operator (README)
 # Stand-ins for what is not in the manifests. Pod addresses come from 10.244.0.0/16.
 OUTSIDE = [
     Endpoint(
@@ -31,6 +32,7 @@ OUTSIDE = [
         "kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.244.200.2", [Port(53, "UDP"), Port(53, "TCP")]
     ),
     Endpoint("other-app", "default", {"app": "other"}, "10.244.200.3", [Port(8080)]),
+    Endpoint("metrics-scraper", MONITORING_NAMESPACE, {"app": "prometheus"}, "10.244.200.4", [Port(9090)]),
     Endpoint("kube-apiserver", "", {}, "10.0.0.1", [Port(443), Port(6443)], external=True),
     Endpoint("internet", "", {}, "203.0.113.10", [Port(443), Port(80)], external=True),
     Endpoint("cloud-metadata", "", {}, "169.254.169.254", [Port(80)], external=True),
@@ -60,6 +62,10 @@ def endpoints(overlay: str) -> tuple[Evaluator, list[Endpoint]]:
     namespaces[GATEWAY_NAMESPACE] = {
         "kubernetes.io/metadata.name": GATEWAY_NAMESPACE,
         "tidepool.io/gateway": "true",
+    }
+    namespaces[MONITORING_NAMESPACE] = {
+        "kubernetes.io/metadata.name": MONITORING_NAMESPACE,
+        "tidepool.io/metrics-scraper": "true",
     }
     namespaces["kube-system"] = {"kubernetes.io/metadata.name": "kube-system"}
     namespaces["default"] = {"kubernetes.io/metadata.name": "default"}
@@ -143,6 +149,17 @@ def test_sandboxes_reach_nothing_of_the_platform(overlay: str) -> None:
         "runner",
         "builder",
     }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_metrics_are_open_to_the_scraper_alone(overlay: str) -> None:
+    """Every `metrics` port (TIDEPOOL_METRICS_PORT) is reached by the scraper's namespace and nothing else."""
+    evaluator, points = endpoints(overlay)
+    exposing = [(point, port) for point in points for port in point.ports if port.name == "metrics"]
+    assert {point.name for point, _ in exposing} >= {"api", "scheduler", "proxy", "runner", "builder"}
+    for point, port in exposing:
+        reached_from = {source.name for source in points if evaluator.allowed(source, point, port)}
+        assert reached_from == {"metrics-scraper"}, (point.name, reached_from)
 
 
 def test_the_evaluator_applies_default_deny_and_allow_rules() -> None:
