@@ -11,7 +11,7 @@ from tidepool_runtime.settings import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "services" / "daemon"))
 from tidepool_daemon.context import DaemonContext
-from tidepool_daemon.server import build_router
+from tidepool_daemon.routes import build_router
 
 
 def test_table_equals_the_daemons_router() -> None:

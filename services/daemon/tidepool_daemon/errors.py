@@ -23,7 +23,7 @@ BAD_REQUEST = "BAD_REQUEST"
 NOT_FOUND = "NOT_FOUND"
 METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
 INTERNAL_ERROR = "INTERNAL_ERROR"
-# A bounded operation (bounded.py) reached one of its bounds.
+# A bounded operation (process/bounded.py) reached one of its bounds.
 TIME_LIMIT_EXCEEDED = "TIME_LIMIT_EXCEEDED"
 MEMORY_LIMIT_EXCEEDED = "MEMORY_LIMIT_EXCEEDED"
 OUTPUT_LIMIT_EXCEEDED = "OUTPUT_LIMIT_EXCEEDED"

@@ -7,7 +7,7 @@ the child of the container's init). It
   (mode 0600), and `SO_PEERCRED`, which reports the credentials of the `listen()` call, keeps naming the
   sandbox's root whichever worker happens to serve it (the runner checks exactly that);
 - forks the worker (process name `tidepool-worker`), which keeps the listening socket, becomes the
-  sandbox user and serves the toolbox API on it (see `server.serve`);
+  sandbox user and serves the toolbox API on it (see `worker.serve`);
 - starts a fresh worker whenever the worker ends (a crash, a kill by the sandbox user), backing off when
   workers keep dying right after their start; connections wait in the socket's backlog meanwhile;
 - on SIGUSR1 kills the worker (SIGKILL, which also ends a stopped or wedged one) so that a fresh one takes
@@ -240,7 +240,7 @@ class Supervisor:
             worker_args.listen_fd = [f"{kind}:{listener.fileno()}" for kind, listener in self._listeners]
             if self._args.socket:
                 apply_env_file(os.path.join(os.path.dirname(self._args.socket), ENV_FILE_NAME))
-            from .server import serve
+            from .worker import serve
 
             code = serve(worker_args)
         except SystemExit as exit_request:

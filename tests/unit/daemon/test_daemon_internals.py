@@ -10,8 +10,8 @@ import os
 import pytest
 
 from tidepool_daemon.errors import DaemonError, file_error_from_os_error
-from tidepool_daemon.http_io import ChunkedBody, RequestBody
-from tidepool_daemon.multipart import MultipartReader, parse_header_parameters
+from tidepool_daemon.http.http_io import ChunkedBody, RequestBody
+from tidepool_daemon.http.multipart import MultipartReader, parse_header_parameters
 
 
 class TrickleBody(RequestBody):
@@ -108,7 +108,7 @@ def test_bounded_output_spool_moves_to_a_file_or_stays_in_memory_on_a_full_disk(
 ) -> None:
     """A bounded job's result is kept until the job's status is known: past 4 MiB in a temporary file, or,
     when none can be made (a full disk), in memory up to 64 MiB, then OSError (answered 507)."""
-    from tidepool_daemon import bounded
+    from tidepool_daemon.process import bounded
 
     block = bytes(range(256)) * 4096  # 1 MiB
     spool = bounded._Spool()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tidepool_daemon.http.routing import Router
+from tidepool_daemon.http.server import UnixToolboxServer
 from tidepool_daemon.port_forward import parse_target
-from tidepool_daemon.routing import Router
-from tidepool_daemon.server import UnixToolboxServer
 
 
 class _Echo(socketserver.BaseRequestHandler):

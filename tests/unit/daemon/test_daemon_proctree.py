@@ -16,8 +16,15 @@ import httpx
 import pytest
 
 from tests import polling
-from tidepool_daemon import proctree
-from tidepool_daemon.proctree import TREE_ENV, DeadlineReaper, ProcessEntry, TreeSpec, kill_tree, members
+from tidepool_daemon.process import proctree
+from tidepool_daemon.process.proctree import (
+    TREE_ENV,
+    DeadlineReaper,
+    ProcessEntry,
+    TreeSpec,
+    kill_tree,
+    members,
+)
 
 GENEROUS_SECONDS = 30.0
 

@@ -16,7 +16,7 @@ def test_staged_daemon_carries_bytecode_for_this_interpreter(tmp_path: Path) -> 
     target = tmp_path / "daemon"
     _stage_daemon(DAEMON_SOURCE, target)
 
-    sources = sorted((target / "tidepool_daemon").glob("*.py"))
+    sources = sorted((target / "tidepool_daemon").rglob("*.py"))
     assert sources, "the daemon package was not copied"
     for source in sources:
         cached = Path(importlib.util.cache_from_source(str(source)))

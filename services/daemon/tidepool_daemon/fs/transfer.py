@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 from urllib.parse import quote
 
-from .context import DaemonContext
-from .errors import (
+from ..context import DaemonContext
+from ..errors import (
     INVALID_FILE_PATH,
     DaemonError,
     bad_request,
@@ -28,7 +28,7 @@ from .errors import (
     error_envelope,
     file_error_from_os_error,
 )
-from .http_io import (
+from ..http.http_io import (
     READ_CHUNK_SIZE,
     Request,
     Response,
@@ -36,7 +36,7 @@ from .http_io import (
     json_response,
     stream_response,
 )
-from .multipart import MultipartReader, PartHeaders, boundary_from_content_type, parse_header_parameters
+from ..http.multipart import MultipartReader, PartHeaders, boundary_from_content_type, parse_header_parameters
 
 DOWNLOAD_BOUNDARY = "DAYTONA-FILE-BOUNDARY"
 _UPLOAD_FIELD = re.compile(r"files\[(\d+)\]\.(path|file)")

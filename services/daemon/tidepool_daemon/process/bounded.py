@@ -48,22 +48,24 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .bounded_job import EXIT_DAEMON_ERROR, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
-from .errors import (
+from ..errors import (
     MEMORY_LIMIT_EXCEEDED,
     OUTPUT_LIMIT_EXCEEDED,
     TIME_LIMIT_EXCEEDED,
     TOO_MANY_OPERATIONS,
     DaemonError,
 )
-from .http_io import READ_CHUNK_SIZE, Response, stream_response
+from ..http.http_io import READ_CHUNK_SIZE, Response, stream_response
+from .bounded_job import EXIT_DAEMON_ERROR, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 from .own_python import own_python
 
 MIB = 1024 * 1024
 
-_DAEMON_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# services/daemon (the folder holding tidepool_daemon/), three levels above this file.
+_DAEMON_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from tidepool_daemon.bounded_job import main; main()"
+    "import sys; sys.path.insert(0, sys.argv[1]); "
+    "from tidepool_daemon.process.bounded_job import main; main()"
 )
 # Results up to this size stay in memory; larger ones go to an unlinked temporary file.
 _SPOOL_IN_MEMORY_BYTES = 4 * MIB

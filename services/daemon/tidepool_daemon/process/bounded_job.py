@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, BinaryIO
 
-from .errors import DaemonError
+from ..errors import DaemonError
 
 # Exit statuses (anything else is a crash).
 EXIT_OK = 0
@@ -35,8 +35,8 @@ class JobStopped(BaseException):
 
 
 def _jobs() -> dict[str, Callable[[dict[str, Any], BinaryIO], None]]:
-    from .files import list_job
-    from .search import find_job, replace_job, search_job
+    from ..fs.files import list_job
+    from ..fs.search import find_job, replace_job, search_job
 
     return {"find": find_job, "search": search_job, "replace": replace_job, "list": list_job}
 
@@ -81,6 +81,6 @@ def main() -> None:
 def _clean_up() -> None:
     """Undo what a job left half-done, with further stop signals held back so the cleanup completes."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGXCPU})
-    from .search import remove_temp_files
+    from ..fs.search import remove_temp_files
 
     remove_temp_files()

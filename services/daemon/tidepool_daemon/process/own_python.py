@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import DaemonError
+from ..errors import DaemonError
 
 RUNTIME_LOADER = os.path.join("lib", "ld.so")
 RUNTIME_LIBRARY_DIR = "lib"

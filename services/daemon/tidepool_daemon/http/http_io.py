@@ -11,9 +11,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .errors import DaemonError, bad_request
+from ..errors import DaemonError, bad_request
 
-if TYPE_CHECKING:  # annotations only: the bounded job process (bounded_job.py) imports this module too
+# Annotations only: the bounded job process (process/bounded_job.py) imports this module too.
+if TYPE_CHECKING:
     from email.message import Message
 
 READ_CHUNK_SIZE = 64 * 1024

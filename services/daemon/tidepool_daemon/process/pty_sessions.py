@@ -45,15 +45,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from .context import DaemonContext
-from .environment import effective_environment
-from .errors import DaemonError, bad_request
-from .http_io import Request, Response, json_response
-from .own_python import missing_shell, own_python_helper, require_shell
-from .process import COMMAND_SHELL
-from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
-from .termination import OomWatch, Termination, classify
-from .websocket import (
+from ..context import DaemonContext
+from ..environment import effective_environment
+from ..errors import DaemonError, bad_request
+from ..http.http_io import Request, Response, json_response
+from ..http.websocket import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     Close,
@@ -62,6 +58,10 @@ from .websocket import (
     offered_subprotocols,
     websocket_upgrade,
 )
+from .execute import COMMAND_SHELL
+from .own_python import missing_shell, own_python_helper, require_shell
+from .proctree import BECOME_SUBREAPER, TreeSpec, expose_to_oom_killer, kill_tree
+from .termination import OomWatch, Termination, classify
 
 logger = logging.getLogger("tidepool_daemon.pty")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from .errors import METHOD_NOT_ALLOWED, NOT_FOUND, DaemonError
+from ..errors import METHOD_NOT_ALLOWED, NOT_FOUND, DaemonError
 from .http_io import Request, Response
 
 RouteHandler = Callable[[Request], Response]

@@ -1,4 +1,5 @@
-"""Process sessions (`/process/session…`): one persistent shell per session, commands run inside it.
+"""A process session: one persistent shell, commands run inside it, their logs. The `/process/session…`
+routes on top of it are in `sessions.py`.
 
 How a command runs
 ------------------
@@ -52,22 +53,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .context import DaemonContext
-from .environment import effective_environment
-from .errors import DaemonError, bad_request
-from .http_io import READ_CHUNK_SIZE, Request, Response, empty_response, json_response
+from ..context import DaemonContext
+from ..environment import effective_environment
+from ..errors import DaemonError
+from ..http.http_io import READ_CHUNK_SIZE
+from ..http.websocket import CLOSE_NORMAL, Close, ConnectionClosed, WebSocket
+from .execute import COMMAND_SHELL
 from .own_python import own_python_helper, require_shell
-from .process import COMMAND_SHELL
 from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree
 from .termination import OomWatch, Termination, classify
-from .websocket import (
-    CLOSE_NORMAL,
-    Close,
-    ConnectionClosed,
-    WebSocket,
-    is_websocket_request,
-    websocket_upgrade,
-)
 
 logger = logging.getLogger("tidepool_daemon.sessions")
 
@@ -76,8 +70,6 @@ STDERR_MARKER = b"\x02\x02\x02"
 PROCESS_NOT_FOUND = "PROCESS_NOT_FOUND"
 SESSION_ENDED = "SESSION_ENDED"
 COMMAND_ALREADY_COMPLETED = "COMMAND_ALREADY_COMPLETED"
-ENTRYPOINT_SESSION_ID = "entrypoint"
-MAX_SESSION_ID_LENGTH = 256
 # After a command's status arrives: keep collecting while output flows, stop once quiet this long...
 DRAIN_IDLE_SECONDS = 0.1
 # ...or after this long in any case (a background job chattering on the inherited pipe).
@@ -91,7 +83,7 @@ LOG_FRAME_BYTES = 64 * 1024
 SHELL_EXIT_POLL_SECONDS = 0.2
 
 
-def _not_found(message: str) -> DaemonError:
+def not_found(message: str) -> DaemonError:
     return DaemonError(404, message, PROCESS_NOT_FOUND)
 
 
@@ -149,10 +141,6 @@ def split_log(data: bytes) -> tuple[bytes, bytes, bytes]:
     return bytes(output), bytes(streams[STDOUT_MARKER]), bytes(streams[STDERR_MARKER])
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
-
-
 class Session:
     def __init__(self, session_id: str, context: DaemonContext) -> None:
         self.id = session_id
@@ -198,7 +186,7 @@ class Session:
         with self._cond:
             command = self._commands.get(command_id)
         if command is None:
-            raise _not_found(f"command {command_id} not found in session {self.id}")
+            raise not_found(f"command {command_id} not found in session {self.id}")
         return command
 
     def submit(
@@ -648,159 +636,3 @@ def _client_left(ws: WebSocket) -> bool:
             return False
         if isinstance(event, Close):
             return True
-
-
-class SessionService:
-    """The `/process/session…` routes."""
-
-    def __init__(self, context: DaemonContext) -> None:
-        self._context = context
-        self._sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()
-        self._entrypoint: Session | None = None
-        self._entrypoint_command: SessionCommand | None = None
-        if context.entrypoint:
-            # Like upstream: the image's own entrypoint runs in a session whose logs the SDK can read.
-            self._entrypoint = Session(ENTRYPOINT_SESSION_ID, context)
-            try:
-                self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
-            except DaemonError as error:  # an image without a shell: the toolbox still serves the rest
-                logger.error("the image's entrypoint cannot run: %s", error.message)
-
-    def _session(self, request: Request) -> Session:
-        session_id = request.path_params["sessionId"]
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            raise _not_found(f"session {session_id} not found")
-        return session
-
-    # POST /process/session
-    def create_session(self, request: Request) -> Response:
-        payload = request.json_object_body()
-        session_id = payload.get("sessionId")
-        if not isinstance(session_id, str) or not session_id.strip():
-            raise bad_request("sessionId is required")
-        if len(session_id) > MAX_SESSION_ID_LENGTH or "/" in session_id or "\x00" in session_id:
-            raise bad_request("sessionId must be at most 256 characters without '/'")
-        with self._lock:
-            if session_id in self._sessions:
-                raise DaemonError(409, f"session {session_id} already exists", "CONFLICT")
-            self._sessions[session_id] = Session(session_id, self._context)
-        return empty_response(201)
-
-    # GET /process/session
-    def list_sessions(self, request: Request) -> Response:
-        with self._lock:
-            sessions = list(self._sessions.values())
-        return json_response(200, [session.as_dict() for session in sessions])
-
-    # GET /process/session/{sessionId}
-    def get_session(self, request: Request) -> Response:
-        return json_response(200, self._session(request).as_dict())
-
-    # DELETE /process/session/{sessionId}
-    def delete_session(self, request: Request) -> Response:
-        session_id = request.path_params["sessionId"]
-        with self._lock:
-            session = self._sessions.pop(session_id, None)
-        if session is None:
-            raise _not_found(f"session {session_id} not found")
-        session.close()
-        return empty_response(204)
-
-    # POST /process/session/{sessionId}/exec
-    def execute(self, request: Request) -> Response:
-        session = self._session(request)
-        payload = request.json_object_body()
-        command_text = payload.get("command")
-        if not isinstance(command_text, str) or not command_text.strip():
-            raise bad_request("command is required")
-        run_async = _optional_bool(payload, "runAsync") or _optional_bool(payload, "async")
-        suppress_echo = _optional_bool(payload, "suppressInputEcho")
-        command = session.submit(command_text, suppress_echo, interactive=run_async)
-        if run_async:
-            return json_response(202, {"cmdId": command.id})
-        session.wait_complete(command)
-        output, stdout, stderr = split_log(session.read_log(command))
-        response: dict[str, Any] = {
-            "cmdId": command.id,
-            "output": _text(output),
-            "stdout": _text(stdout),
-            "stderr": _text(stderr),
-            "exitCode": command.exit_code,
-        }
-        if command.termination is not None:
-            response["termination"] = command.termination.as_dict()
-        return json_response(200, response)
-
-    # GET /process/session/{sessionId}/command/{commandId}
-    def get_command(self, request: Request) -> Response:
-        session = self._session(request)
-        return json_response(200, session.command(request.path_params["commandId"]).as_dict())
-
-    # GET /process/session/{sessionId}/command/{commandId}/logs[?follow=true[&offset=N]]
-    def command_logs(self, request: Request) -> Response:
-        session = self._session(request)
-        command = session.command(request.path_params["commandId"])
-        if is_websocket_request(request):
-            follow = (request.query_value("follow") or "").lower() == "true"
-            offset = _parse_offset(request.query_value("offset"))
-            return websocket_upgrade(request, lambda ws: session.follow(command, ws, offset, follow))
-        output, stdout, stderr = split_log(session.read_log(command))
-        return json_response(200, {"output": _text(output), "stdout": _text(stdout), "stderr": _text(stderr)})
-
-    # POST /process/session/{sessionId}/command/{commandId}/input
-    def send_input(self, request: Request) -> Response:
-        session = self._session(request)
-        command = session.command(request.path_params["commandId"])
-        payload = request.json_object_body()
-        data = payload.get("data")
-        if not isinstance(data, str):
-            raise bad_request("data is required and must be a string")
-        session.send_input(command, data)
-        return empty_response(204)
-
-    # GET /process/session/entrypoint
-    def entrypoint_session(self, request: Request) -> Response:
-        if self._entrypoint is None:
-            return json_response(200, {"sessionId": ENTRYPOINT_SESSION_ID, "commands": []})
-        return json_response(200, self._entrypoint.as_dict())
-
-    # GET /process/session/entrypoint/logs[?follow=true]
-    def entrypoint_logs(self, request: Request) -> Response:
-        session, command = self._entrypoint, self._entrypoint_command
-        if session is None or command is None:
-            if is_websocket_request(request):
-                return websocket_upgrade(request, lambda ws: ws.close(CLOSE_NORMAL))
-            return json_response(200, {"output": "", "stdout": "", "stderr": ""})
-        if is_websocket_request(request):
-            follow = (request.query_value("follow") or "").lower() == "true"
-            offset = _parse_offset(request.query_value("offset"))
-            return websocket_upgrade(request, lambda ws: session.follow(command, ws, offset, follow))
-        output, stdout, stderr = split_log(session.read_log(command))
-        return json_response(200, {"output": _text(output), "stdout": _text(stdout), "stderr": _text(stderr)})
-
-    def close_all(self) -> None:
-        with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for session in sessions:
-            session.close()
-
-
-def _optional_bool(payload: dict[str, Any], name: str) -> bool:
-    value = payload.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise bad_request(f"{name} must be a boolean")
-    return value
-
-
-def _parse_offset(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return 0
-    if not raw.isdigit():
-        raise bad_request("offset must be a non-negative integer")
-    return int(raw)

@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .errors import bad_request
-from .http_io import Request, Response, json_response
+from ..errors import bad_request
+from ..http.http_io import Request, Response, json_response
 
 TerminationReason = Literal["exited", "signal", "timeout", "oom_killed"]
 

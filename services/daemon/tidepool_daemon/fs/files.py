@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
-from .context import DaemonContext
-from .errors import (
+from ..context import DaemonContext
+from ..errors import (
     FILE_ACCESS_DENIED,
     INVALID_FILE_PATH,
     OUTPUT_LIMIT_EXCEEDED,
@@ -22,7 +22,7 @@ from .errors import (
     bad_request,
     file_error_from_os_error,
 )
-from .http_io import Request, Response, empty_response, encode_json, json_response
+from ..http.http_io import Request, Response, empty_response, encode_json, json_response
 
 DEFAULT_FOLDER_MODE = "755"
 CONFLICT = "CONFLICT"
@@ -104,7 +104,8 @@ def iter_entries(directory: str, depth: int, limit: int) -> Iterator[dict[str, A
 
 
 def list_job(params: dict[str, Any], out: BinaryIO) -> None:
-    """The bounded child's listing (see bounded_job.py): `params` directory (absolute), requested, depth."""
+    """The bounded child's listing (see process/bounded_job.py): `params` directory (absolute), requested,
+    depth."""
     requested = params["requested"]
     try:
         entries = iter_entries(params["directory"], int(params["depth"]), MAX_LIST_ENTRIES)
@@ -143,8 +144,9 @@ class FileSystemService:
 
     def list_files(self, request: Request) -> Response:
         """Sorted by name, depth-first. Small listings are made right here; one that turns out to have more
-        than IN_PROCESS_LIST_ENTRIES entries is made again by a bounded child process (see bounded.py),
-        so a folder of millions of entries can neither exhaust the daemon's memory nor hold it up."""
+        than IN_PROCESS_LIST_ENTRIES entries is made again by a bounded child process (see
+        process/bounded.py), so a folder of millions of entries can neither exhaust the daemon's memory nor
+        hold it up."""
         requested = request.query_value("path") or ""
         depth = _parse_depth(request.query_value("depth"))
         directory = self._context.resolve_path(requested)
@@ -156,7 +158,7 @@ class FileSystemService:
             raise file_error_from_os_error(exc, requested) from None
         except _TooManyEntries:
             # Imported here: the bounded child imports this module for list_job and must start fast.
-            from .bounded import run_bounded
+            from ..process.bounded import run_bounded
 
             params = {"directory": directory, "requested": requested, "depth": depth}
             return run_bounded("list", params, what="list")

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .context import DaemonContext
-from .errors import DaemonError, bad_request, utc_timestamp
-from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from ..context import DaemonContext
+from ..errors import DaemonError, bad_request, utc_timestamp
+from ..http.http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from ..http.websocket import Close, ConnectionClosed, WebSocket, websocket_upgrade
 from .proctree import expose_to_oom_killer
 from .spawn_env import build_environment, parse_envs
-from .websocket import Close, ConnectionClosed, WebSocket, websocket_upgrade
 
 logger = logging.getLogger("tidepool_daemon.interpreter")
 

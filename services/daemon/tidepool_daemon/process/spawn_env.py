@@ -1,7 +1,7 @@
 """The environment for processes the code/git/LSP endpoints spawn on the user's behalf.
 
 It starts from the sandbox's effective environment (the container's, plus whatever `POST /env` set, when
-`environment.py` provides `effective_environment()`), then adds per-request `envs`, validated exactly like
+`../environment.py` provides `effective_environment()`), then adds per-request `envs`, validated exactly like
 `/process/execute` does.
 """
 
@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .context import DaemonContext
-from .errors import bad_request
+from ..context import DaemonContext
+from ..errors import bad_request
 
 
 def base_environment(context: DaemonContext) -> dict[str, str]:
     try:
-        from .environment import effective_environment
+        from ..environment import effective_environment
     except ImportError:
         return dict(context.base_env)
     return dict(effective_environment(context))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import bad_request
+from ..errors import bad_request
 from .http_io import READ_CHUNK_SIZE, RequestBody
 
 _MAX_HEADER_LINE_BYTES = 16 * 1024

@@ -34,10 +34,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .context import DaemonContext
-from .environment import effective_environment
-from .errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
-from .http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from ..context import DaemonContext
+from ..environment import effective_environment
+from ..errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
+from ..http.http_io import READ_CHUNK_SIZE, Request, Response, json_response
 from .proctree import (
     DEADLINE_REAPER,
     TreeSpec,

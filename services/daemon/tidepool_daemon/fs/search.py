@@ -18,7 +18,7 @@ How each one matches, exactly as Daytona's daemon does (issue #19 item 4):
   through a temporary file, keeping its mode and owner); a symlink's target is rewritten.
 
 No pattern is ever a regular expression, so no pattern can make matching super-linear. All three still
-run in a bounded child process (bounded.py): their cost grows with the tree, the files and the result,
+run in a bounded child process (process/bounded.py): their cost grows with the tree, the files and the result,
 which the user controls. Results are streamed from the walk into the child's output, so neither a huge
 tree nor a huge file is ever held in memory.
 """
@@ -32,10 +32,10 @@ import stat
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from .context import DaemonContext
-from .errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
+from ..context import DaemonContext
+from ..errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
+from ..http.http_io import READ_CHUNK_SIZE, Request, Response, encode_json
 from .globs import Glob, GlobError
-from .http_io import READ_CHUNK_SIZE, Request, Response, encode_json
 
 # Files whose first bytes contain a NUL are treated as binary and skipped (upstream checks 512 bytes,
 # grep a buffer; this is in between).
@@ -126,12 +126,12 @@ class SearchService:
 
 def _run_bounded(kind: str, params: dict[str, Any]) -> Response:
     # Imported here: the bounded child imports this module for its jobs and must start fast.
-    from .bounded import run_bounded
+    from ..process.bounded import run_bounded
 
     return run_bounded(kind, params, what=kind)
 
 
-# ----- jobs (run in the bounded child, see bounded_job.py) -------------------------------------------------
+# ----- jobs (run in the bounded child, see process/bounded_job.py) ------------------------------------------
 
 
 def find_job(params: dict[str, Any], out: BinaryIO) -> None:

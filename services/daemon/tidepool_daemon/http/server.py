@@ -1,9 +1,9 @@
-"""HTTP/1.1 server (keep-alive, one thread per connection) on a unix socket, plus the route table.
+"""HTTP/1.1 server (keep-alive, one thread per connection) on a unix socket.
 
-This is the worker process: the supervisor (`supervisor.py`) binds the socket and starts `serve`, which
-serves the inherited listener as the sandbox user. The host-side runner reaches it through the
-bind-mounted unix socket; `--tcp` exists only for local debugging. Process reaping is left to the
-container's init process (see `process.py`).
+This is what the worker (`worker.serve`) runs on the listener inherited from the supervisor
+(`supervisor.py`); it knows no route itself: `routes.build_router` gives it the route table. The host-side
+runner reaches it through the bind-mounted unix socket; `--tcp` exists only for local debugging. Process
+reaping is left to the container's init process (see `process/execute.py`).
 
 A route may answer with `websocket.WebSocketUpgrade` (built by `websocket.websocket_upgrade`): the handler
 thread then writes the 101 response and runs the route's `on_open` on that same connection, which is never
@@ -12,27 +12,20 @@ used for HTTP again (no keep-alive after an upgrade). See `websocket.py` for the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import os
-import signal
 import socket
 import socketserver
-import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from . import DAEMON_VERSION
-from .context import DaemonContext
-from .environment import EnvironmentService
-from .errors import DaemonError, envelope_for
-from .files import FileSystemService
+from .. import DAEMON_VERSION
+from ..errors import DaemonError, envelope_for
+from ..supervisor import LISTEN_BACKLOG, bind_unix_listener
 from .http_io import (
     BodyFramingError,
     EmptyBody,
@@ -42,17 +35,7 @@ from .http_io import (
     body_for_request,
     encode_json,
 )
-from .identity import become_user, enter_image_work_dir
-from .info import InfoService
-from .process import ProcessService
-from .pty_sessions import PtyService
 from .routing import Router
-from .search import SearchService
-from .sessions import SessionService
-from .supervisor import LISTEN_BACKLOG, bind_unix_listener
-from .system import SystemService
-from .termination import list_terminations
-from .transfer import FileTransferService
 from .websocket import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
@@ -63,109 +46,6 @@ from .websocket import (
 )
 
 logger = logging.getLogger("tidepool_daemon")
-
-
-def build_router(context: DaemonContext) -> Router:
-    info = InfoService(context)
-    files = FileSystemService(context)
-    transfer = FileTransferService(context)
-    process = ProcessService(context)
-
-    router = Router()
-    router.add("GET", "/version", info.version)
-    router.add("GET", "/user-home-dir", info.user_home_dir)
-    router.add("GET", "/work-dir", info.work_dir)
-
-    router.add("GET", "/files", files.list_files)
-    router.add("DELETE", "/files", files.delete_file)
-    router.add("GET", "/files/info", files.get_file_info)
-    router.add("POST", "/files/folder", files.create_folder)
-    router.add("POST", "/files/bulk-upload", transfer.bulk_upload)
-    router.add("POST", "/files/bulk-download", transfer.bulk_download)
-    router.add("GET", "/files/download", transfer.download)
-    router.add("POST", "/files/upload-v2", transfer.upload_v2)
-    router.add("POST", "/files/move", files.move_file)
-    router.add("POST", "/files/permissions", files.set_file_permissions)
-    router.add("GET", "/files/find", SearchService(context).find_in_files)
-    router.add("GET", "/files/search", SearchService(context).search_files)
-    router.add("POST", "/files/replace", SearchService(context).replace_in_files)
-    router.add("POST", "/env", EnvironmentService().update_env)
-    router.add("POST", "/init", EnvironmentService().initialize)
-    router.add("GET", "/system/metrics", SystemService().metrics)
-    router.add("GET", "/port", SystemService().ports)
-    router.add("GET", "/port/{port}/in-use", SystemService().port_in_use)
-
-    router.add("POST", "/process/execute", process.execute)
-    router.add("GET", "/process/terminations", list_terminations)
-
-    sessions = SessionService(context)
-    # Literal routes before the `{sessionId}` templates: the first match wins.
-    router.add("GET", "/process/session/entrypoint", sessions.entrypoint_session)
-    router.add("GET", "/process/session/entrypoint/logs", sessions.entrypoint_logs)
-    router.add("POST", "/process/session", sessions.create_session)
-    router.add("GET", "/process/session", sessions.list_sessions)
-    router.add("GET", "/process/session/{sessionId}", sessions.get_session)
-    router.add("DELETE", "/process/session/{sessionId}", sessions.delete_session)
-    router.add("POST", "/process/session/{sessionId}/exec", sessions.execute)
-    router.add("GET", "/process/session/{sessionId}/command/{commandId}", sessions.get_command)
-    router.add("GET", "/process/session/{sessionId}/command/{commandId}/logs", sessions.command_logs)
-    router.add("POST", "/process/session/{sessionId}/command/{commandId}/input", sessions.send_input)
-
-    pty = PtyService(context)
-    router.add("GET", "/process/pty/create-connect", pty.create_connect)
-    router.add("POST", "/process/pty", pty.create)
-    router.add("GET", "/process/pty", pty.list_sessions)
-    router.add("GET", "/process/pty/{sessionId}", pty.get_session)
-    router.add("DELETE", "/process/pty/{sessionId}", pty.delete)
-    router.add("GET", "/process/pty/{sessionId}/connect", pty.connect)
-    router.add("POST", "/process/pty/{sessionId}/resize", pty.resize)
-
-    # Code run, code interpreter, git and LSP (imported here to keep this file's import block untouched).
-    from .coderun import CodeRunService
-    from .git_ops import GitService
-    from .interpreter import InterpreterService
-    from .lsp import LspService
-
-    router.add("POST", "/process/code-run", CodeRunService(context).code_run)
-
-    interpreter = InterpreterService(context)
-    router.add("POST", "/process/interpreter/context", interpreter.create_context)
-    router.add("GET", "/process/interpreter/context", interpreter.list_contexts)
-    router.add("DELETE", "/process/interpreter/context/{id}", interpreter.delete_context)
-    router.add("GET", "/process/interpreter/execute", interpreter.execute)
-
-    git = GitService(context)
-    router.add("POST", "/git/clone", git.clone)
-    router.add("GET", "/git/status", git.status)
-    router.add("GET", "/git/branches", git.list_branches)
-    router.add("POST", "/git/branches", git.create_branch)
-    router.add("DELETE", "/git/branches", git.delete_branch)
-    router.add("POST", "/git/checkout", git.checkout)
-    router.add("POST", "/git/add", git.add)
-    router.add("POST", "/git/commit", git.commit)
-    router.add("POST", "/git/push", git.push)
-    router.add("POST", "/git/pull", git.pull)
-    router.add("GET", "/git/history", git.history)
-    router.add("POST", "/git/init", git.init)
-    router.add("POST", "/git/reset", git.reset)
-    router.add("POST", "/git/restore", git.restore)
-    router.add("POST", "/git/remotes", git.add_remote)
-    router.add("GET", "/git/remotes", git.list_remotes)
-    router.add("POST", "/git/config", git.set_config)
-    router.add("GET", "/git/config", git.get_config)
-    router.add("POST", "/git/config/user", git.configure_user)
-    router.add("POST", "/git/credentials", git.authenticate)
-
-    lsp = LspService(context)
-    router.add("POST", "/lsp/start", lsp.start)
-    router.add("POST", "/lsp/stop", lsp.stop)
-    router.add("POST", "/lsp/did-open", lsp.did_open)
-    router.add("POST", "/lsp/did-close", lsp.did_close)
-    router.add("POST", "/lsp/completions", lsp.completions)
-    router.add("GET", "/lsp/document-symbols", lsp.document_symbols)
-    router.add("GET", "/lsp/workspacesymbols", lsp.workspace_symbols)
-    router.add("GET", "/lsp/workspace-symbols", lsp.workspace_symbols)  # the deprecated spelling
-    return router
 
 
 # The handling time of a traced request, `start=<unix ns>;end=<unix ns>` (until the response head is
@@ -185,8 +65,8 @@ class ToolboxRequestHandler(BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
 
     def do_CONNECT(self) -> None:
-        """A tunnel to a port on the sandbox's loopback, for previews (see port_forward.py)."""
-        from .port_forward import open_loopback, parse_target, splice
+        """A tunnel to a port on the sandbox's loopback, for previews (see ../port_forward.py)."""
+        from ..port_forward import open_loopback, parse_target, splice
 
         self.close_connection = True
         port = parse_target(self.path)
@@ -425,55 +305,3 @@ class TcpToolboxServer(ToolboxServerMixin, socketserver.TCPServer):
         super().__init__(address, TcpToolboxRequestHandler, bind_and_activate=listener is None)
         if listener is not None:
             self.adopt_listener(listener)
-
-
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    # Raised in the main thread, which unwinds serve_forever() and closes the listeners.
-    raise SystemExit(0)
-
-
-def serve(args: argparse.Namespace) -> int:
-    """The worker (see supervisor.py): serve the listeners inherited from the supervisor as the sandbox
-    user until SIGTERM. `args.listen_fd` holds `unix:FD` / `tcp:FD` entries: the supervisor's listeners."""
-    listeners: list[tuple[str, socket.socket]] = []
-    for entry in args.listen_fd:
-        kind, _, raw_fd = entry.partition(":")
-        listeners.append((kind, socket.socket(fileno=int(raw_fd))))
-    image_work_dir = os.getcwd()  # the engine starts the daemon in the image's WORKDIR
-    become_user(args.user)
-    enter_image_work_dir(image_work_dir)
-    entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
-    context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])
-    router = build_router(context)
-    servers: list[socketserver.BaseServer] = []
-    for kind, listener in listeners:
-        if kind == "unix":
-            servers.append(UnixToolboxServer(args.socket or "", router, listener))
-        else:
-            servers.append(TcpToolboxServer(args.tcp or ("", 0), router, listener))
-    # PID 1 ignores SIGTERM unless a handler is installed, so always install one.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
-    signal.signal(signal.SIGINT, _exit_on_signal)
-
-    for extra_server in servers[1:]:
-        threading.Thread(target=extra_server.serve_forever, name="tcp-listener", daemon=True).start()
-    logger.info(
-        "tidepool daemon %s worker %d serving %s (work dir %s)",
-        DAEMON_VERSION,
-        os.getpid(),
-        ", ".join(_describe(server) for server in servers),
-        context.work_dir,
-    )
-    try:
-        servers[0].serve_forever()
-    finally:
-        for server in servers:
-            server.server_close()
-    return 0
-
-
-def _describe(server: socketserver.BaseServer) -> str:
-    address = server.server_address
-    if isinstance(address, tuple):
-        return f"tcp://{address[0]}:{address[1]}"
-    return f"unix://{os.fsdecode(address) if isinstance(address, bytes) else address}"
