@@ -166,5 +166,5 @@ def toolbox_route_status(method: str, raw_path: str) -> int | None:
 
 # Response header of the daemon for a request that carried `traceparent`: `start=<unix ns>;end=<unix ns>`,
 # its handling time until the response head was written. The runner records it as the daemon's span and
-# drops it (the daemon, dependency-free, exports nothing itself). Same name in tidepool_daemon.http.server.
+# drops it (the daemon, dependency-free, exports nothing itself). Same name in tidepool_daemon.httpd.server.
 DAEMON_SPAN_HEADER = "X-Tidepool-Daemon-Span"

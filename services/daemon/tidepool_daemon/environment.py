@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import bad_request
-from .http.http_io import Request, Response, json_response
+from .httpd.http_io import Request, Response, json_response
 
 
 class HasBaseEnv(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import DAEMON_VERSION
 from .context import DaemonContext
-from .http.http_io import Request, Response, json_response
+from .httpd.http_io import Request, Response, json_response
 
 
 class InfoService:

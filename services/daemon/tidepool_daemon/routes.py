@@ -11,7 +11,7 @@ from .fs.files import FileSystemService
 from .fs.search import SearchService
 from .fs.transfer import FileTransferService
 from .git.service import GitService
-from .http.routing import Router
+from .httpd.routing import Router
 from .info import InfoService
 from .lsp.service import LspService
 from .process.coderun import CodeRunService

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .errors import bad_request
-from .http.http_io import Request, Response, json_response
+from .httpd.http_io import Request, Response, json_response
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 PROC_ROOT = "/proc"

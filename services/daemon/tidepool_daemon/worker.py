@@ -1,5 +1,5 @@
 """The worker process: forked by the supervisor (`supervisor.py`), it becomes the sandbox user and serves
-the toolbox API (`routes.build_router`) on the listeners it inherited, with the HTTP server of `http/`.
+the toolbox API (`routes.build_router`) on the listeners it inherited, with the HTTP server of `httpd/`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from types import FrameType
 
 from . import DAEMON_VERSION
 from .context import DaemonContext
-from .http.server import TcpToolboxServer, UnixToolboxServer
+from .httpd.server import TcpToolboxServer, UnixToolboxServer
 from .identity import become_user, enter_image_work_dir
 from .routes import build_router
 

@@ -10,8 +10,8 @@ import os
 import pytest
 
 from tidepool_daemon.errors import DaemonError, file_error_from_os_error
-from tidepool_daemon.http.http_io import ChunkedBody, RequestBody
-from tidepool_daemon.http.multipart import MultipartReader, parse_header_parameters
+from tidepool_daemon.httpd.http_io import ChunkedBody, RequestBody
+from tidepool_daemon.httpd.multipart import MultipartReader, parse_header_parameters
 
 
 class TrickleBody(RequestBody):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tidepool_daemon.http.routing import Router
-from tidepool_daemon.http.server import UnixToolboxServer
+from tidepool_daemon.httpd.routing import Router
+from tidepool_daemon.httpd.server import UnixToolboxServer
 from tidepool_daemon.port_forward import parse_target
 
 

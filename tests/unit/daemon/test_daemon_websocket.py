@@ -24,10 +24,10 @@ from websockets.sync.client import unix_connect
 
 from tests.polling import wait_until
 from tidepool_daemon.errors import DaemonError
-from tidepool_daemon.http.http_io import Request, Response, json_response
-from tidepool_daemon.http.routing import Router
-from tidepool_daemon.http.server import UnixToolboxServer
-from tidepool_daemon.http.websocket import (
+from tidepool_daemon.httpd.http_io import Request, Response, json_response
+from tidepool_daemon.httpd.routing import Router
+from tidepool_daemon.httpd.server import UnixToolboxServer
+from tidepool_daemon.httpd.websocket import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

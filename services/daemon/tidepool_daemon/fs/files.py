@@ -22,7 +22,7 @@ from ..errors import (
     bad_request,
     file_error_from_os_error,
 )
-from ..http.http_io import Request, Response, empty_response, encode_json, json_response
+from ..httpd.http_io import Request, Response, empty_response, encode_json, json_response
 
 DEFAULT_FOLDER_MODE = "755"
 CONFLICT = "CONFLICT"

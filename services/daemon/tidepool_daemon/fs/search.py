@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 from ..context import DaemonContext
 from ..errors import INVALID_FILE_PATH, DaemonError, bad_request, file_error_from_os_error
-from ..http.http_io import READ_CHUNK_SIZE, Request, Response, encode_json
+from ..httpd.http_io import READ_CHUNK_SIZE, Request, Response, encode_json
 from .globs import Glob, GlobError
 
 # Files whose first bytes contain a NUL are treated as binary and skipped (upstream checks 512 bytes,

@@ -28,7 +28,7 @@ from ..errors import (
     error_envelope,
     file_error_from_os_error,
 )
-from ..http.http_io import (
+from ..httpd.http_io import (
     READ_CHUNK_SIZE,
     Request,
     Response,
@@ -36,7 +36,12 @@ from ..http.http_io import (
     json_response,
     stream_response,
 )
-from ..http.multipart import MultipartReader, PartHeaders, boundary_from_content_type, parse_header_parameters
+from ..httpd.multipart import (
+    MultipartReader,
+    PartHeaders,
+    boundary_from_content_type,
+    parse_header_parameters,
+)
 
 DOWNLOAD_BOUNDARY = "DAYTONA-FILE-BOUNDARY"
 _UPLOAD_FIELD = re.compile(r"files\[(\d+)\]\.(path|file)")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..context import DaemonContext
 from ..errors import DaemonError, bad_request
-from ..http.http_io import Request, Response, empty_response, json_response
+from ..httpd.http_io import Request, Response, empty_response, json_response
 from .commands import (
     GIT_BRANCH_EXISTS,
     GIT_BRANCH_NOT_FOUND,

@@ -28,7 +28,7 @@ from urllib.parse import unquote
 
 from ..context import DaemonContext
 from ..errors import DaemonError, bad_request
-from ..http.http_io import Request, Response, json_response
+from ..httpd.http_io import Request, Response, json_response
 from ..process.proctree import expose_to_oom_killer
 from ..process.spawn_env import build_environment
 from .client import (

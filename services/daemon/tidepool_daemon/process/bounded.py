@@ -55,7 +55,7 @@ from ..errors import (
     TOO_MANY_OPERATIONS,
     DaemonError,
 )
-from ..http.http_io import READ_CHUNK_SIZE, Response, stream_response
+from ..httpd.http_io import READ_CHUNK_SIZE, Response, stream_response
 from .bounded_job import EXIT_DAEMON_ERROR, EXIT_OK, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 from .own_python import own_python
 

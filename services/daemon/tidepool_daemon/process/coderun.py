@@ -25,7 +25,7 @@ from typing import Any
 
 from ..context import DaemonContext
 from ..errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
-from ..http.http_io import Request, Response, json_response
+from ..httpd.http_io import Request, Response, json_response
 from .execute import TIMEOUT_MESSAGE, CommandOutcome, _parse_timeout, _ShellRun
 from .proctree import TreeSpec
 from .spawn_env import build_environment

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from ..context import DaemonContext
 from ..environment import effective_environment
 from ..errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
-from ..http.http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from ..httpd.http_io import READ_CHUNK_SIZE, Request, Response, json_response
 from .proctree import (
     DEADLINE_REAPER,
     TreeSpec,

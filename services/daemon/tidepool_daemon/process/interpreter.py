@@ -33,8 +33,8 @@ from typing import Any
 
 from ..context import DaemonContext
 from ..errors import DaemonError, bad_request, utc_timestamp
-from ..http.http_io import READ_CHUNK_SIZE, Request, Response, json_response
-from ..http.websocket import Close, ConnectionClosed, WebSocket, websocket_upgrade
+from ..httpd.http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from ..httpd.websocket import Close, ConnectionClosed, WebSocket, websocket_upgrade
 from .proctree import expose_to_oom_killer
 from .spawn_env import build_environment, parse_envs
 

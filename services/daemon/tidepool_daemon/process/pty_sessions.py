@@ -48,8 +48,8 @@ from typing import Any
 from ..context import DaemonContext
 from ..environment import effective_environment
 from ..errors import DaemonError, bad_request
-from ..http.http_io import Request, Response, json_response
-from ..http.websocket import (
+from ..httpd.http_io import Request, Response, json_response
+from ..httpd.websocket import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_NORMAL,
     Close,

@@ -56,8 +56,8 @@ from typing import Any
 from ..context import DaemonContext
 from ..environment import effective_environment
 from ..errors import DaemonError
-from ..http.http_io import READ_CHUNK_SIZE
-from ..http.websocket import CLOSE_NORMAL, Close, ConnectionClosed, WebSocket
+from ..httpd.http_io import READ_CHUNK_SIZE
+from ..httpd.websocket import CLOSE_NORMAL, Close, ConnectionClosed, WebSocket
 from .execute import COMMAND_SHELL
 from .own_python import own_python_helper, require_shell
 from .proctree import SUBREAPER_EXEC_HELPER, TreeSpec, expose_to_oom_killer, kill_tree

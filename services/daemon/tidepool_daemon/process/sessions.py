@@ -12,8 +12,8 @@ from typing import Any
 
 from ..context import DaemonContext
 from ..errors import DaemonError, bad_request
-from ..http.http_io import Request, Response, empty_response, json_response
-from ..http.websocket import CLOSE_NORMAL, is_websocket_request, websocket_upgrade
+from ..httpd.http_io import Request, Response, empty_response, json_response
+from ..httpd.websocket import CLOSE_NORMAL, is_websocket_request, websocket_upgrade
 from .session_shell import Session, SessionCommand, not_found, split_log
 
 logger = logging.getLogger("tidepool_daemon.sessions")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import bad_request
-from ..http.http_io import Request, Response, json_response
+from ..httpd.http_io import Request, Response, json_response
 
 TerminationReason = Literal["exited", "signal", "timeout", "oom_killed"]
 
