@@ -24,7 +24,7 @@ class StackThread:
         data_dir: Path,
         database_url: str = "",
         extra_env: dict[str, str] | None = None,
-        registry_mirrors: dict[str, list[str]] | None = None,
+        registry_mirrors: str = "",
     ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "stack.log"
@@ -45,7 +45,7 @@ class StackThread:
             ssh_gateway_port=free_port(),
             database_url=database_url,
             ca_bundle=ca_bundle,
-            registry_mirrors=registry_mirrors or {},
+            registry_mirrors=registry_mirrors,
             extra_env={
                 # Tests kill services on purpose: resend unanswered jobs sooner than in production.
                 "TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20",
