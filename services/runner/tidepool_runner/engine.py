@@ -201,7 +201,10 @@ class ContainerEngine:
             return False
 
         async def pull(candidate: str) -> None:
-            await self._docker.images.pull(candidate)
+            progress = await self._docker.images.pull(candidate)
+            for entry in progress if isinstance(progress, list) else [progress]:
+                if isinstance(entry, dict) and entry.get("error"):  # in-band, with HTTP 200
+                    raise DockerError(500, {"message": str(entry["error"])})
 
         try:
             pulled = await pull_through_mirrors(reference, self._mirrors, pull)
