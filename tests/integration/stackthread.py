@@ -76,8 +76,10 @@ class StackThread:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         return future.result(timeout)
 
-    def start(self) -> None:
-        self.run(self.stack.start(), timeout=3600)
+    def start(self, wait_for_default_snapshot: bool = True) -> None:
+        """`wait_for_default_snapshot=False`: ready once the services answer (for tests that never use the
+        default snapshot, while its first build still runs)."""
+        self.run(self.stack.start(wait_for_default_snapshot), timeout=3600)
 
     def stop(self) -> None:
         try:

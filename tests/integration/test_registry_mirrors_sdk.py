@@ -65,7 +65,7 @@ def mirrored_stack(tmp_path_factory: pytest.TempPathFactory, mirror: str) -> Ite
         registry_mirrors=f"docker.io=http://{mirror}",
     )
     try:
-        running.start()
+        running.start(wait_for_default_snapshot=False)  # every sandbox here comes from the mirror
         yield running
     finally:
         running.stop()
