@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tidepool_runtime.registry_mirrors import Mirror, parse_registry_mirrors
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -417,6 +419,25 @@ class RegistryUrlSettings(_Base):
     allowed_host_registries: list[str] = []
 
 
+class RegistryMirrorSettings(_Base):
+    """Mirrors the builder and the runners pull through (tidepool_runtime.registry_mirrors)."""
+
+    registry_mirrors: str = ""
+    """`REGISTRY=MIRROR[,…]` or a JSON object, e.g. `docker.io=http://127.0.0.1:5001,ghcr.io=https://m.example`:
+    anonymous pulls of that registry's images (snapshot sources, Dockerfile FROMs, runner pulls) try its
+    mirrors in order, then the registry itself."""
+
+    @field_validator("registry_mirrors")
+    @classmethod
+    def _mirrors_parse(cls, value: str) -> str:
+        parse_registry_mirrors(value)  # ValueError naming the bad entry stops the service at start
+        return value
+
+    @cached_property
+    def mirrors(self) -> dict[str, list[Mirror]]:
+        return parse_registry_mirrors(self.registry_mirrors)
+
+
 class RegistryLoginSettings(_Base):
     """Its login: only the builder (push) and the runners (pull) are given it."""
 
@@ -523,6 +544,7 @@ class BuilderSettings(
     ObjectStorageSettings,
     RegistryUrlSettings,
     RegistryLoginSettings,
+    RegistryMirrorSettings,
     BuildIsolationSettings,
     SandboxNetworkSettings,
     RegistrySealSettings,
@@ -559,6 +581,7 @@ class RunnerSettings(
     ObjectStorageSettings,
     RegistryUrlSettings,
     RegistryLoginSettings,
+    RegistryMirrorSettings,
     SandboxNetworkSettings,
 ):
     pass

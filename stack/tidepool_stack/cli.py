@@ -16,8 +16,9 @@ import typer
 from rich.console import Console
 
 from tidepool_cli.app import register as register_client_commands
+from tidepool_runtime.registry_mirrors import parse_registry_mirrors
 from tidepool_runtime.settings import REPO_ROOT
-from tidepool_stack.supervisor import Stack, StackConfig, parse_registry_mirrors
+from tidepool_stack.supervisor import Stack, StackConfig
 
 app = typer.Typer(help="Run Tidepool on this machine, and use it: sandboxes, snapshots, volumes, MCP.")
 console = Console()
@@ -42,14 +43,14 @@ def up(
         str,
         typer.Option(
             envvar="TIDEPOOL_REGISTRY_MIRRORS",
-            help="Mirrors for pulls and builds: REGISTRY=MIRROR[,...], e.g. docker.io=127.0.0.1:5000",
+            help="Mirrors for pulls and builds: REGISTRY=MIRROR[,...], e.g. docker.io=http://127.0.0.1:5001",
         ),
     ] = "",
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background")] = False,
 ) -> None:
     """Start every service; print the API URL and key once the platform answers."""
     try:
-        mirrors = parse_registry_mirrors(registry_mirrors)
+        parse_registry_mirrors(registry_mirrors)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--registry-mirrors") from None
     data_dir = data_dir.resolve()
@@ -65,7 +66,7 @@ def up(
         ssh_gateway_port=ssh_gateway_port,
         ca_bundle=ca_bundle,
         database_url=database_url,
-        registry_mirrors=mirrors,
+        registry_mirrors=registry_mirrors,
     )
     pid_file(data_dir).write_text(str(os.getpid()))
     try:

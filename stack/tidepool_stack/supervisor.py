@@ -28,6 +28,7 @@ import httpx
 
 from tidepool_runtime import nats_auth, sealing
 from tidepool_runtime.process import die_with_parent
+from tidepool_runtime.registry_mirrors import parse_registry_mirrors
 from tidepool_runtime.settings import (
     REPO_ROOT,
     ObjectStorageBackendSettings,
@@ -194,27 +195,6 @@ def ensure_object_storage_tls(tls_dir: Path) -> ObjectStorageTls:
     return ObjectStorageTls(ca_cert, server_cert, server_key, bundle)
 
 
-def is_loopback_registry(host: str) -> bool:
-    """True for `localhost[:port]`, `127.x.y.z[:port]` and `[::1][:port]` (served over plain http)."""
-    name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
-    return name == "localhost" or name == "::1" or name.startswith("127.")
-
-
-def parse_registry_mirrors(raw: str) -> dict[str, list[str]]:
-    """`docker.io=127.0.0.1:5000,docker.io=mirror.example, quay.io=m2` -> {registry: [mirrors in order]}.
-    Raises ValueError naming the entry that is not `registry=mirror`."""
-    mirrors: dict[str, list[str]] = {}
-    for entry in raw.replace(" ", ",").split(","):
-        if not entry:
-            continue
-        source, separator, mirror = entry.partition("=")
-        if not separator or not source or not mirror or "/" in source or "/" in mirror.rstrip("/"):
-            example = "docker.io=127.0.0.1:5000"
-            raise ValueError(f"registry mirror {entry!r} is not REGISTRY=MIRROR (e.g. {example})")
-        mirrors.setdefault(source.lower(), []).append(mirror.rstrip("/"))
-    return mirrors
-
-
 @dataclass
 class StackConfig:
     data_dir: Path
@@ -226,9 +206,9 @@ class StackConfig:
     docker_host: str = ""  # empty: start `podman system service` on a socket in data_dir
     database_url: str = ""  # empty: SQLite in data_dir
     registry_url: str = ""  # empty: start Debian's docker-registry on loopback (when we run the engine)
-    # Registry mirrors for every pull and build of the engines this stack runs: registry (e.g. "docker.io")
-    # -> mirrors tried in order before it (`host[:port]`; plain http for loopback ones), see registries_conf.
-    registry_mirrors: dict[str, list[str]] = field(default_factory=dict)
+    # Registry mirrors (TIDEPOOL_REGISTRY_MIRRORS, tidepool_runtime.registry_mirrors): the builder and the
+    # runner pull through them; the engines are told which of them speak plain http (registries_conf).
+    registry_mirrors: str = ""
     ca_bundle: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     # The SDK uploads build context with obstore, which trusts only the system store: add our (localhost-only,
@@ -479,19 +459,16 @@ class Stack:
         return f"127.0.0.1:{port}"
 
     def registries_conf(self, registry: str) -> Path:
-        """The engines' registries.conf: the embedded registry speaks plain http on loopback (only that host
-        is insecure), and each configured mirror is tried before the registry it stands for (pulls of
-        `docker.io/library/x` go to the mirror first; the engine falls back to the registry itself)."""
+        """The engines' registries.conf: the embedded registry and the configured mirrors that speak plain
+        http (loopback ones, or given as `http://`) are the only insecure hosts. Mirrors themselves are not
+        listed here: the builder and the runner pull through them by reference (registry_mirrors)."""
         path = self.config.data_dir / "registries.conf"
         text = 'unqualified-search-registries = ["docker.io"]\n'
-        if registry:
-            text += f'[[registry]]\nlocation = "{registry}"\ninsecure = true\n'
-        for source, mirrors in sorted(self.config.registry_mirrors.items()):
-            text += f'[[registry]]\nprefix = "{source}"\nlocation = "{source}"\n'
-            for mirror in mirrors:
-                text += f'[[registry.mirror]]\nlocation = "{mirror}"\n'
-                if is_loopback_registry(mirror):
-                    text += "insecure = true\n"
+        plain = [registry] if registry else []
+        for mirrors in parse_registry_mirrors(self.config.registry_mirrors).values():
+            plain += [mirror.host for mirror in mirrors if mirror.plain_http and mirror.host not in plain]
+        for location in plain:
+            text += f'[[registry]]\nlocation = "{location}"\ninsecure = true\n'
         path.write_text(text)
         return path
 
@@ -569,7 +546,7 @@ class Stack:
             socket_path.unlink()
         env = {"CONTAINERS_CONF": str(containers_conf), "CONTAINERS_STORAGE_CONF": str(storage_conf)}
         self.build_engine_env = dict(env)
-        if registry:
+        if registry or self.config.registry_mirrors:
             env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf(registry))
         argv = ["podman", "system", "service", "--time=0", f"unix://{socket_path}"]
         await self.spawn("podman-build", argv, env)
@@ -701,6 +678,7 @@ class Stack:
             "TIDEPOOL_DATABASE_URL": config.database_url,
             "TIDEPOOL_CA_BUNDLE": config.ca_bundle,
             "TIDEPOOL_REGISTRY_URL": registry,
+            "TIDEPOOL_REGISTRY_MIRRORS": config.registry_mirrors,
             **object_storage_env,
             **without_gateway_secrets(config.extra_env),
         }

@@ -24,7 +24,7 @@ class StackThread:
         data_dir: Path,
         database_url: str = "",
         extra_env: dict[str, str] | None = None,
-        registry_mirrors: dict[str, list[str]] | None = None,
+        registry_mirrors: str = "",
     ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir / "stack.log"
@@ -45,7 +45,7 @@ class StackThread:
             ssh_gateway_port=free_port(),
             database_url=database_url,
             ca_bundle=ca_bundle,
-            registry_mirrors=registry_mirrors or {},
+            registry_mirrors=registry_mirrors,
             extra_env={
                 # Tests kill services on purpose: resend unanswered jobs sooner than in production.
                 "TIDEPOOL_JOB_RESEND_AFTER_SECONDS": "20",
@@ -80,8 +80,10 @@ class StackThread:
         future: Future[T] = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         return future.result(timeout)
 
-    def start(self) -> None:
-        self.run(self.stack.start(), timeout=3600)
+    def start(self, wait_for_default_snapshot: bool = True) -> None:
+        """`wait_for_default_snapshot=False`: ready once the services answer (for tests that never use the
+        default snapshot, while its first build still runs)."""
+        self.run(self.stack.start(wait_for_default_snapshot), timeout=3600)
 
     def stop(self) -> None:
         try:

@@ -22,6 +22,7 @@ from tidepool_builder.docker_build import (
 )
 from tidepool_builder.images import (
     ImageUnusableError,
+    ensure_build_sources,
     ensure_source_image,
     inspect_image,
     push_to_registry,
@@ -230,7 +231,9 @@ class Builder:
             try:
                 auth = await self.pull_credentials(job)
                 async with self.source_lock:
-                    await ensure_source_image(self.docker, job.source_image, job.image_ref, auth)
+                    await ensure_source_image(
+                        self.docker, job.source_image, job.image_ref, auth, self.settings.mirrors
+                    )
             except ImageUnusableError as error:
                 await self.report(job, SnapshotState.ERROR, str(error))
                 return
@@ -254,6 +257,7 @@ class Builder:
             # RUN steps are tenant code: they run only on the firewalled sandbox network.
             await wait_for_sandbox_network(self.docker, self.settings)
             cgroup_parent = await self.bounded_cgroup(cgroup)
+            await self.pull_mirrored_sources(job)
             context = read_context(job.context_dir)
             if job.context_hashes:
                 context |= await self.fetch_verified_context(job)
@@ -280,6 +284,18 @@ class Builder:
         log.info("build.finished", image=job.image_ref)
         await self.log_line(job, f"Built {job.image_ref}\n", done=True)
         await self.report(job, SnapshotState.ACTIVE, ready=True)
+
+    async def pull_mirrored_sources(self, job: BuildJob) -> None:
+        """The Dockerfile's images that come through a registry mirror, pulled before the build (which then
+        finds them locally); without mirrors the engine's build pulls what it lacks itself."""
+        if not (self.settings.mirrors and job.dockerfile):
+            return
+        try:
+            sources = dockerfile_image_references(job.dockerfile)
+        except ValueError:
+            return  # a platform Dockerfile with build arguments: the build itself reports what is wrong
+        async with self.source_lock:
+            await ensure_build_sources(self.docker, sources, self.settings.mirrors)
 
     async def bounded_cgroup(self, cgroup: BuildCgroup) -> str | None:
         """The build's own cgroup (`pids.max` = `build_pids`) as the build API's `cgroupparent`; None, with a

@@ -4,8 +4,9 @@ Podman's compat socket also speaks), translating engine failures into transient 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,14 @@ from aiodocker.exceptions import DockerError
 from tidepool_runner.backend import BackendUnavailableError, SandboxFailedError
 from tidepool_runner.container_config import ORGANIZATION_LABEL, RUNNER_HOME_LABEL, SANDBOX_LABEL
 from tidepool_runner.owners import ClaimedOwners
+from tidepool_runtime.image_refs import parse_reference
+from tidepool_runtime.registry_mirrors import (
+    Mirror,
+    PullFailedError,
+    local_tag,
+    mirrored_references,
+    pull_through_mirrors,
+)
 
 # aiodocker reports "cannot reach the engine" as this pseudo status.
 ENGINE_UNREACHABLE_STATUS = 900
@@ -86,9 +95,12 @@ class ContainerEngine:
         registry_auth: Callable[[str], dict[str, str] | None] | None = None,
         home: str = "",
         owners: ClaimedOwners | None = None,
+        mirrors: Mapping[str, Sequence[Mirror]] | None = None,
     ) -> None:
         """`home`: list only the sandbox containers labelled with this runner home (RUNNER_HOME_LABEL).
-        `owners`: claimed warm-pool sandboxes' organizations, reported instead of the container's label."""
+        `owners`: claimed warm-pool sandboxes' organizations, reported instead of the container's label.
+        `mirrors`: registry mirrors anonymous pulls go through (tidepool_runtime.registry_mirrors)."""
+        self._mirrors = mirrors or {}
         self._docker = docker
         self._home = home
         self._owners = owners
@@ -161,12 +173,43 @@ class ContainerEngine:
                 raise self._translate(error, f"inspect image {image_ref}") from error
         auth = self._registry_auth(image_ref) if self._registry_auth else None
         try:
+            if auth is None and await self._pull_through_mirrors(image_ref):
+                self._present_images.add(image_ref)
+                return
             await self._docker.images.pull(image_ref, auth=auth)
         except DockerError as error:
             if error.status == ENGINE_UNREACHABLE_STATUS:
                 raise EngineUnavailableError(str(error)) from error
             raise SandboxFailedError(f"image {image_ref} not found") from error
         self._present_images.add(image_ref)
+
+    async def _pull_through_mirrors(self, image_ref: str) -> bool:
+        """Pull an image of a mirrored registry through its mirrors (then the registry itself) and give it
+        its own name locally; False when its registry has no mirror (nothing done)."""
+        try:
+            reference = parse_reference(image_ref)
+        except ValueError:
+            return False
+        if not mirrored_references(reference, self._mirrors):
+            return False
+
+        async def pull(candidate: str) -> None:
+            progress = await self._docker.images.pull(candidate)
+            for entry in progress if isinstance(progress, list) else [progress]:
+                if isinstance(entry, dict) and entry.get("error"):  # in-band, with HTTP 200
+                    raise DockerError(500, {"message": str(entry["error"])})
+
+        try:
+            pulled = await pull_through_mirrors(reference, self._mirrors, pull)
+        except PullFailedError as error:
+            raise SandboxFailedError(f"image {image_ref} not found: {error}") from None
+        tag = local_tag(reference)
+        if pulled != reference.canonical and tag is not None:
+            await self._docker.images.tag(pulled, repo=reference.repository, tag=tag)
+            if reference.digest is None:
+                with contextlib.suppress(DockerError):
+                    await self._docker.images.delete(pulled)  # only that name
+        return True
 
     async def create(self, name: str, config: dict[str, Any]) -> str:
         """Create the container and return its id; a concurrent create of the same name yields that one."""

@@ -93,6 +93,7 @@ class Runner:
             ),
             home=runner_home(settings),
             owners=self.owners,
+            mirrors=settings.mirrors,
         )
         # Before any job can start a container: no sandbox ever runs on an unisolated network.
         await prepare_sandbox_network(engine, settings)
