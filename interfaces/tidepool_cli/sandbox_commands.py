@@ -1,15 +1,17 @@
-"""`tidepool sandbox create|list|info|start|stop|archive|delete`, `tidepool exec`, `tidepool preview-url`."""
+"""`tidepool sandbox create|list|info|start|stop|archive|delete`, `tidepool exec`, `preview-url` and `ssh`."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import sys
 from typing import Annotated, Any
 
 import typer
 
 from tidepool_cli.client import connect
-from tidepool_cli.output import Format, api_errors, emit, pairs, record, waiting
+from tidepool_cli.output import ExitCode, Format, api_errors, emit, fail, pairs, record, waiting
 
 app = typer.Typer(help="Create and manage sandboxes.", no_args_is_help=True)
 
@@ -165,3 +167,32 @@ def preview_url(
         emit([{"url": link.url, "token": link.token, "port": port}], (), fmt, single=True)
     else:
         typer.echo(link.url)
+
+
+def ssh_command(
+    sandbox: Annotated[str, typer.Argument(help="ID or name")],
+    ssh_args: Annotated[
+        list[str] | None,
+        typer.Argument(help="After --: more ssh options and/or a remote command (ssh parses both)"),
+    ] = None,
+    expires: Annotated[int, typer.Option(help="Minutes the access token stays valid")] = 1440,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the ssh command instead of running it")
+    ] = False,
+) -> None:
+    """Open an SSH session to a sandbox through the SSH gateway (OpenSSH's `ssh`, with a fresh token).
+
+    `tidepool ssh SB -- -o StrictHostKeyChecking=no 'echo hi'` runs one command; the exit status is ssh's
+    (the remote command's, or 255 when ssh itself fails). A new token revokes the sandbox's earlier ones."""
+    with api_errors():
+        access = connect().get(sandbox).create_ssh_access(expires_in_minutes=expires)
+    argv = [*shlex.split(access.ssh_command), *(ssh_args or [])]
+    if print_only:
+        typer.echo(shlex.join(argv))
+        return
+    program = shutil.which(argv[0])
+    if program is None:
+        raise fail(f"no `{argv[0]}` on PATH (install OpenSSH's client); or use --print", ExitCode.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(program, argv)

@@ -24,7 +24,7 @@ ALLOWED = [
     ("PATCH", "/api/sandbox/some-box", "DELETE, GET"),
     ("TRACE", "/api/sandbox/some-box/labels", "PUT"),
     ("GET", "/api/sandbox/some-box/start", "POST"),
-    ("TRACE", "/api/organizations", "POST"),
+    ("TRACE", "/api/organizations", "GET, POST"),
     ("TRACE", "/api/organizations/some-org", "DELETE"),
     ("PUT", "/api/health", "GET"),
     ("TRACE", "/api/docker-registry/r1", "DELETE, GET, PATCH"),
