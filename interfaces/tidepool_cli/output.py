@@ -125,9 +125,23 @@ def exit_code(error: BaseException) -> ExitCode:
         return ExitCode.UNAUTHENTICATED
     if isinstance(error, DaytonaTimeoutError):
         return ExitCode.TIMEOUT
-    if isinstance(error, DaytonaConnectionError):
+    if isinstance(error, DaytonaConnectionError) or unreachable(error):
         return ExitCode.UNAVAILABLE
     return ExitCode.ERROR
+
+
+def unreachable(error: BaseException) -> bool:
+    """The SDK wraps a refused or failed connection in a plain DaytonaError: look down its causes."""
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    cause: BaseException | None = error
+    for _ in range(8):
+        if cause is None:
+            return False
+        if isinstance(cause, ConnectionError | MaxRetryError | NewConnectionError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def fail(message: str, code: ExitCode) -> typer.Exit:
