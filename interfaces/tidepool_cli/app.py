@@ -26,8 +26,16 @@ def login(
     typer.echo(f"saved to {path}")
 
 
+def logout() -> None:
+    """Forget the stored API key (DAYTONA_API_KEY in the environment is not touched)."""
+    path = config.config_path()
+    path.unlink(missing_ok=True)
+    typer.echo(f"removed {path}")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(login)
+    app.command()(logout)
     app.add_typer(sandbox_app, name="sandbox")
     app.command("exec")(exec_command)
     app.command("ssh")(ssh_command)

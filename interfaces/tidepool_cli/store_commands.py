@@ -83,6 +83,13 @@ def volume_list(fmt: FormatOption = Format.table) -> None:
         emit([record(item, VOLUME_FIELDS) for item in connect().volume.list()], VOLUME_FIELDS, fmt)
 
 
+@volumes.command("get")
+def volume_get(name: Annotated[str, typer.Argument()], fmt: FormatOption = Format.table) -> None:
+    """Show one volume."""
+    with api_errors():
+        emit([record(connect().volume.get(name), VOLUME_FIELDS)], VOLUME_FIELDS, fmt, single=True)
+
+
 @volumes.command("delete")
 def volume_delete(name: Annotated[str, typer.Argument()]) -> None:
     """Delete a volume (refused while a sandbox mounts it)."""

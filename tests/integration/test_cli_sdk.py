@@ -22,6 +22,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 from tests.integration.images_fixture import ensure_python_slim_stand_in
+from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
 
@@ -332,3 +333,26 @@ def test_shell_completion_completes_commands() -> None:
         [TIDEPOOL], capture_output=True, text=True, env=env, timeout=60
     ).stdout.split()
     assert {"list", "create", "delete", "usage"} <= set(subcommands)
+
+
+def test_sandbox_create_mounts_a_volume_by_name_and_sets_network_flags() -> None:
+    name = f"cli-mount-{uuid.uuid4().hex[:6]}"
+    assert tidepool("volume", "create", name).returncode == 0
+    daytona = Daytona()
+    wait_until(lambda: daytona.volume.get(name).state in ("ready", "error"), f"volume {name} never settled")
+    assert json_of(tidepool("volume", "get", name, "-f", "json"))["state"] == "ready"
+    sandbox = json_of(
+        tidepool("sandbox", "create", "--volume", f"{name}:/mnt/shared", "--network-block-all", "-f", "json")
+    )
+    try:
+        wrote = tidepool("exec", sandbox["id"], "--", "sh", "-c", "echo kept > /mnt/shared/f && cat /mnt/shared/f")
+        assert wrote.returncode == 0 and wrote.stdout.strip() == "kept", wrote.stderr
+        assert daytona.get(sandbox["id"]).network_block_all is True
+    finally:
+        assert tidepool("sandbox", "delete", sandbox["id"]).returncode == 0
+    assert tidepool("sandbox", "create", "--volume", "no-such-volume:/mnt/x").returncode == NOT_FOUND
+
+    def volume_deleted() -> bool:  # refused while the deleted sandbox still mounts it
+        return tidepool("volume", "delete", name).returncode == 0
+
+    wait_until(volume_deleted, "the volume never became deletable", timeout=300, interval=2)

@@ -37,6 +37,9 @@ def test_login_writes_0600_and_the_environment_wins(home: Path, monkeypatch: pyt
     monkeypatch.setenv("DAYTONA_API_URL", "http://other/api")
     assert config.load() == config.Credentials("http://other/api", "from-env")
 
+    assert CliRunner().invoke(app, ["logout"]).exit_code == 0
+    assert not path.exists()
+
 
 @pytest.mark.parametrize("arguments", [["sandbox", "list"], ["api-key", "list"], ["ssh", "sb", "--print"]])
 def test_no_key_exits_4_not_authenticated(home: Path, arguments: list[str]) -> None:
@@ -93,6 +96,8 @@ def test_expiry_accepts_durations_and_iso_times() -> None:
         ["api-key", "create", "k", "--expires", "tomorrow"],
         ["api-key", "create", "k", "--read-only", "-p", "write:volumes"],
         ["mcp", "init", "emacs"],
+        ["sandbox", "create", "--volume", "novolume"],
+        ["sandbox", "create", "--volume", "v:relative/path"],
     ],
 )
 def test_usage_errors_exit_2(home: Path, arguments: list[str]) -> None:
