@@ -345,7 +345,8 @@ def test_sandbox_create_mounts_a_volume_by_name_and_sets_network_flags() -> None
         tidepool("sandbox", "create", "--volume", f"{name}:/mnt/shared", "--network-block-all", "-f", "json")
     )
     try:
-        wrote = tidepool("exec", sandbox["id"], "--", "sh", "-c", "echo kept > /mnt/shared/f && cat /mnt/shared/f")
+        script = "echo kept > /mnt/shared/f && cat /mnt/shared/f"
+        wrote = tidepool("exec", sandbox["id"], "--", "sh", "-c", script)
         assert wrote.returncode == 0 and wrote.stdout.strip() == "kept", wrote.stderr
         assert daytona.get(sandbox["id"]).network_block_all is True
     finally:
