@@ -75,7 +75,11 @@ def config_file(agent: Agent) -> Path:
 def server_entry() -> dict[str, Any]:
     """The agent spawns `tidepool mcp start`, which reads the key `tidepool login` stored (never copied
     into the agent's file): the environment passes what that lookup needs."""
-    command = shutil.which("tidepool") or str(Path(sys.executable).parent / "tidepool")
+    running = Path(sys.argv[0])
+    if running.name == "tidepool" and running.exists():
+        command = str(running.absolute())  # this very installation, whatever else is on PATH
+    else:
+        command = shutil.which("tidepool") or str(Path(sys.executable).parent / "tidepool")
     env = {"HOME": str(Path.home())}
     if os.environ.get("XDG_CONFIG_HOME"):
         env["XDG_CONFIG_HOME"] = os.environ["XDG_CONFIG_HOME"]

@@ -146,7 +146,8 @@ def unreachable(error: BaseException) -> bool:
 
 def fail(message: str, code: ExitCode) -> typer.Exit:
     """Print `error: message` on stderr; raise the returned Exit."""
-    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    # soft_wrap: one line per message, never folded at the terminal's width (scripts grep it).
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     return typer.Exit(int(code))
 
 
