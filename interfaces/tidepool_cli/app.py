@@ -1,4 +1,5 @@
-"""The client half of `tidepool`: login, sandbox, exec, preview-url, snapshot, volume and mcp.
+"""The client half of `tidepool`: login, sandbox, exec, ssh, preview-url, snapshot, volume, api-key,
+organization and mcp.
 
 `register` adds them to a Typer app (the operator's `tidepool up|down|status` lives in tidepool_stack)."""
 
@@ -9,8 +10,10 @@ from typing import Annotated
 import typer
 
 from tidepool_cli import config
+from tidepool_cli.account_commands import api_keys, organizations
+from tidepool_cli.mcp_commands import app as mcp_app
 from tidepool_cli.sandbox_commands import app as sandbox_app
-from tidepool_cli.sandbox_commands import exec_command, preview_url
+from tidepool_cli.sandbox_commands import exec_command, preview_url, ssh_command
 from tidepool_cli.store_commands import snapshots, volumes
 
 
@@ -23,26 +26,22 @@ def login(
     typer.echo(f"saved to {path}")
 
 
-def mcp(
-    http: Annotated[bool, typer.Option("--http", help="Streamable HTTP instead of stdio")] = False,
-    host: Annotated[str, typer.Option(help="Address for --http")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port for --http")] = 8765,
-) -> None:
-    """Run the MCP server (stdio by default; `--http --port N` for streamable HTTP at /mcp)."""
-    from tidepool_cli.mcp_server import build
-
-    server = build()
-    if http:
-        server.run("streamable-http", host=host, port=port)
-    else:
-        server.run("stdio")
+def logout() -> None:
+    """Forget the stored API key (DAYTONA_API_KEY in the environment is not touched)."""
+    path = config.config_path()
+    path.unlink(missing_ok=True)
+    typer.echo(f"removed {path}")
 
 
 def register(app: typer.Typer) -> None:
     app.command()(login)
+    app.command()(logout)
     app.add_typer(sandbox_app, name="sandbox")
     app.command("exec")(exec_command)
+    app.command("ssh")(ssh_command)
     app.command("preview-url")(preview_url)
     app.add_typer(snapshots, name="snapshot")
     app.add_typer(volumes, name="volume")
-    app.command()(mcp)
+    app.add_typer(api_keys, name="api-key")
+    app.add_typer(organizations, name="organization")
+    app.add_typer(mcp_app, name="mcp")

@@ -1,15 +1,17 @@
-"""`tidepool sandbox create|list|info|start|stop|archive|delete`, `tidepool exec`, `tidepool preview-url`."""
+"""`tidepool sandbox create|list|info|start|stop|archive|delete`, `tidepool exec`, `preview-url` and `ssh`."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
 import sys
 from typing import Annotated, Any
 
 import typer
 
 from tidepool_cli.client import connect
-from tidepool_cli.output import Format, api_errors, emit, pairs, record, waiting
+from tidepool_cli.output import ExitCode, Format, api_errors, emit, fail, pairs, record, waiting
 
 app = typer.Typer(help="Create and manage sandboxes.", no_args_is_help=True)
 
@@ -36,6 +38,17 @@ def create(
     auto_archive: Annotated[int | None, typer.Option(help="Minutes stopped before it is archived")] = None,
     auto_delete: Annotated[int | None, typer.Option(help="Minutes stopped before it is deleted")] = None,
     public: Annotated[bool, typer.Option("--public", help="Previews need no token")] = False,
+    volume: Annotated[
+        list[str] | None,
+        typer.Option("--volume", "-v", help="VOLUME_ID_OR_NAME:MOUNT_PATH, repeatable"),
+    ] = None,
+    network_block_all: Annotated[
+        bool, typer.Option("--network-block-all", help="No network access out of the sandbox")
+    ] = False,
+    network_allow_list: Annotated[
+        str | None, typer.Option(help="Only these IPv4 CIDRs out (comma-separated, e.g. 10.0.0.0/8)")
+    ] = None,
+    user: Annotated[str | None, typer.Option(help="OS user commands run as")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for it to start")] = 120,
     fmt: FormatOption = Format.table,
 ) -> None:
@@ -54,7 +67,11 @@ def create(
         auto_archive_interval=auto_archive,
         auto_delete_interval=auto_delete,
         public=public or None,
+        network_block_all=network_block_all or None,
+        network_allow_list=network_allow_list,
+        os_user=user,
     )
+    mounts = [mount_of(value) for value in volume or []]
     params = (
         CreateSandboxFromImageParams(
             image=image, resources=Resources(cpu=cpu, memory=memory, disk=disk), **common
@@ -64,9 +81,31 @@ def create(
     )
     with api_errors():
         daytona = connect()
+        if mounts:
+            params.volumes = [volume_mount(daytona, name, path) for name, path in mounts]
         with waiting("creating the sandbox…"):
             sandbox = daytona.create(params, timeout=timeout)
         emit([sandbox_record(sandbox)], COLUMNS, fmt, single=True)
+
+
+def mount_of(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition(":")
+    if not sep or not name or not path.startswith("/"):
+        raise typer.BadParameter(f"expected VOLUME:/ABSOLUTE/PATH, got {value!r}", param_hint="--volume")
+    return name, path
+
+
+def volume_mount(daytona: Any, name: str, path: str) -> Any:
+    """A volume by ID or name (the API mounts by ID, as Daytona's CLI resolves it)."""
+    from daytona import DaytonaNotFoundError, VolumeMount
+
+    try:
+        found = daytona.volume.get(name)
+    except DaytonaNotFoundError:
+        found = next((item for item in daytona.volume.list() if item.id == name), None)
+        if found is None:
+            raise
+    return VolumeMount(volume_id=found.id, mount_path=path)
 
 
 @app.command("list")
@@ -165,3 +204,32 @@ def preview_url(
         emit([{"url": link.url, "token": link.token, "port": port}], (), fmt, single=True)
     else:
         typer.echo(link.url)
+
+
+def ssh_command(
+    sandbox: Annotated[str, typer.Argument(help="ID or name")],
+    ssh_args: Annotated[
+        list[str] | None,
+        typer.Argument(help="After --: more ssh options and/or a remote command (ssh parses both)"),
+    ] = None,
+    expires: Annotated[int, typer.Option(help="Minutes the access token stays valid")] = 1440,
+    print_only: Annotated[
+        bool, typer.Option("--print", help="Print the ssh command instead of running it")
+    ] = False,
+) -> None:
+    """Open an SSH session to a sandbox through the SSH gateway (OpenSSH's `ssh`, with a fresh token).
+
+    `tidepool ssh SB -- -o StrictHostKeyChecking=no 'echo hi'` runs one command; the exit status is ssh's
+    (the remote command's, or 255 when ssh itself fails). A new token revokes the sandbox's earlier ones."""
+    with api_errors():
+        access = connect().get(sandbox).create_ssh_access(expires_in_minutes=expires)
+    argv = [*shlex.split(access.ssh_command), *(ssh_args or [])]
+    if print_only:
+        typer.echo(shlex.join(argv))
+        return
+    program = shutil.which(argv[0])
+    if program is None:
+        raise fail(f"no `{argv[0]}` on PATH (install OpenSSH's client); or use --print", ExitCode.ERROR)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(program, argv)

@@ -37,10 +37,14 @@ def snapshot_create(
     source: Any = image if image is not None else Image.from_dockerfile(dockerfile)
     resources = Resources(cpu=cpu, memory=memory, disk=disk) if (cpu or memory or disk) else None
     with api_errors():
-        snapshot = connect().snapshot.create(
-            CreateSnapshotParams(name=name, image=source, resources=resources),
-            on_logs=lambda line: stderr.print(line.rstrip("\n"), highlight=False, markup=False),
-        )
+        client = connect()
+        # The spinner stays below the streamed log lines (rich prints them above it), all on stderr.
+        step = "uploading its build context, then building" if dockerfile else "pulling and registering"
+        with waiting(f"snapshot {name}: {step}…"):
+            snapshot = client.snapshot.create(
+                CreateSnapshotParams(name=name, image=source, resources=resources),
+                on_logs=lambda line: stderr.print(line.rstrip("\n"), highlight=False, markup=False),
+            )
         emit([record(snapshot, SNAPSHOT_FIELDS)], SNAPSHOT_COLUMNS, fmt, single=True)
 
 
@@ -77,6 +81,13 @@ def volume_list(fmt: FormatOption = Format.table) -> None:
     """List the organization's volumes."""
     with api_errors():
         emit([record(item, VOLUME_FIELDS) for item in connect().volume.list()], VOLUME_FIELDS, fmt)
+
+
+@volumes.command("get")
+def volume_get(name: Annotated[str, typer.Argument()], fmt: FormatOption = Format.table) -> None:
+    """Show one volume."""
+    with api_errors():
+        emit([record(connect().volume.get(name), VOLUME_FIELDS)], VOLUME_FIELDS, fmt, single=True)
 
 
 @volumes.command("delete")

@@ -16,11 +16,15 @@ import typer
 from rich.console import Console
 
 from tidepool_cli.app import register as register_client_commands
+from tidepool_cli.output import EXIT_CODES_HELP, ExitCode
 from tidepool_runtime.registry_mirrors import parse_registry_mirrors
 from tidepool_runtime.settings import REPO_ROOT
 from tidepool_stack.supervisor import Stack, StackConfig
 
-app = typer.Typer(help="Run Tidepool on this machine, and use it: sandboxes, snapshots, volumes, MCP.")
+app = typer.Typer(
+    help="Run Tidepool on this machine, and use it: sandboxes, snapshots, volumes, keys, SSH, MCP.",
+    epilog=EXIT_CODES_HELP + " Shell completion: `tidepool --install-completion`.",
+)
 console = Console()
 DEFAULT_DATA_DIR = Path(os.environ.get("TIDEPOOL_DATA_DIR", REPO_ROOT / ".tidepool"))
 
@@ -143,6 +147,50 @@ def down(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
     console.print("Tidepool stopped.")
 
 
+def api_url_of(data_dir: Path) -> str | None:
+    """The API URL `up` wrote to `<data-dir>/env` (`export DAYTONA_API_URL=…`)."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in (data_dir / "env").read_text().splitlines():
+            name, _, value = line.removeprefix("export ").partition("=")
+            if name == "DAYTONA_API_URL":
+                return value
+    return None
+
+
+@app.command()
+def status(data_dir: Annotated[Path, typer.Option()] = DEFAULT_DATA_DIR) -> None:
+    """Whether a platform started with `up` runs from this data dir and its API answers.
+
+    Exit 0 when it does; 9 (unavailable) when it is not running or its API does not answer."""
+    import httpx
+
+    data_dir = data_dir.resolve()
+    path = pid_file(data_dir)
+    pid = int(path.read_text()) if path.exists() else None
+    alive = False
+    if pid is not None:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+    if not alive:
+        console.print(f"Tidepool is not running (data dir {data_dir}).")
+        raise typer.Exit(int(ExitCode.UNAVAILABLE))
+    api_url = api_url_of(data_dir)
+    healthy = False
+    if api_url:
+        with contextlib.suppress(httpx.HTTPError):
+            healthy = httpx.get(f"{api_url}/health", timeout=5).status_code == 200
+    if not healthy:
+        console.print(f"Tidepool runs (pid {pid}) but its API does not answer yet ({api_url or 'no URL'}).")
+        raise typer.Exit(int(ExitCode.UNAVAILABLE))
+    console.print(f"[bold green]Tidepool is up[/] (pid {pid}): API {api_url}")
+    console.print(f"  settings: source {data_dir / 'env'}")
+
+
 @app.command("k8s-secrets")
 def k8s_secrets(
     postgres: Annotated[
@@ -158,8 +206,8 @@ def k8s_secrets(
     sys.stdout.write(generate(postgres=postgres, registry=True))
 
 
-# The client commands (`login`, `sandbox …`, `exec`, `preview-url`, `snapshot …`, `volume …`, `mcp`) live in
-# tidepool_cli, which talks only to the REST API.
+# The client commands (`login`, `sandbox …`, `exec`, `ssh`, `preview-url`, `snapshot …`, `volume …`,
+# `api-key …`, `organization …`, `mcp …`) live in tidepool_cli, which talks only to the REST API.
 register_client_commands(app)
 
 if __name__ == "__main__":

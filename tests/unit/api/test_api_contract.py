@@ -24,7 +24,7 @@ ALLOWED = [
     ("PATCH", "/api/sandbox/some-box", "DELETE, GET"),
     ("TRACE", "/api/sandbox/some-box/labels", "PUT"),
     ("GET", "/api/sandbox/some-box/start", "POST"),
-    ("TRACE", "/api/organizations", "POST"),
+    ("TRACE", "/api/organizations", "GET, POST"),
     ("TRACE", "/api/organizations/some-org", "DELETE"),
     ("PUT", "/api/health", "GET"),
     ("TRACE", "/api/docker-registry/r1", "DELETE, GET, PATCH"),
@@ -97,6 +97,29 @@ async def test_only_the_admin_manages_organizations(api) -> None:  # noqa: F811 
     refused = await client.delete(f"/api/organizations/{admin.id}", headers=tenant)
     assert refused.status_code == 403, refused.text
     assert (await client.delete(f"/api/organizations/{admin.id}")).status_code == 403  # never the admin's own
+
+
+async def test_organization_list_is_every_one_for_the_admin_and_its_own_for_a_tenant(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+    client, _, _ = api
+    created = await client.post("/api/organizations", json={"name": "team-listed"})
+    assert created.status_code == 201, created.text
+    tenant_id = created.json()["id"]
+    tenant = {"Authorization": f"Bearer {created.json()['apiKey']['value']}"}
+    everyone = await client.get("/api/organizations")
+    assert everyone.status_code == 200, everyone.text
+    by_id = {item["id"]: item for item in everyone.json()}
+    assert by_id[tenant_id] == {
+        "id": tenant_id,
+        "name": "team-listed",
+        "createdAt": created.json()["createdAt"],
+        "personal": False,
+        "isAdmin": False,
+    }
+    assert [item["isAdmin"] for item in by_id.values()].count(True) == 1
+    own = await client.get("/api/organizations", headers=tenant)
+    assert [item["id"] for item in own.json()] == [tenant_id]
+    assert (await client.delete(f"/api/organizations/{tenant_id}")).status_code == 204
+    assert tenant_id not in [item["id"] for item in (await client.get("/api/organizations")).json()]
 
 
 async def test_deleting_an_organization_revokes_keys_and_deletes_what_it_owns(api) -> None:  # noqa: F811  # type: ignore[no-untyped-def]

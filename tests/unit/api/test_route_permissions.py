@@ -102,6 +102,8 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("DELETE", "/api/docker-registry/{registry_id}"): ("delete:registries",),
     # A build context serves sandboxes made from an Image and snapshot builds alike.
     ("GET", "/api/object-storage/push-access"): ("any:write:sandboxes", "any:write:snapshots"),
+    # The organizations a key sees (every one for the admin organization's, else its own): any key.
+    ("GET", "/api/organizations"): ANY_KEY,
     # Organizations mint full-access keys: only a full-access key (of the admin organization) may.
     ("POST", "/api/organizations"): EVERY,
     ("DELETE", "/api/organizations/{organization_id}"): EVERY,

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import AfterValidator, Field, StrictStr
+from sqlmodel import col, select
 
 from tidepool_api import organizations, otel_config, quotas
 from tidepool_api.db import Organization
@@ -41,6 +42,40 @@ class OrganizationCreatedDto(WireModel):
     name: str
     created_at: str
     api_key: ApiKeyDto
+
+
+class OrganizationDto(WireModel):
+    """`Organization`, as far as Tidepool has it (no users: `personal` is always false)."""
+
+    id: str
+    name: str
+    created_at: str
+    personal: bool
+    is_admin: bool
+
+
+@router.get("/organizations", response_model=list[OrganizationDto])
+async def list_organizations(context: Context, caller: Caller) -> JsonResponse:
+    """Daytona's "the caller's organizations": the admin organization's keys see every organization that
+    is not deleted, any other key only its own."""
+    admin = await organizations.is_admin(context, caller.organization_id)
+    query = select(Organization).where(col(Organization.deleted_at).is_(None))
+    if not admin:
+        query = query.where(Organization.id == caller.organization_id)
+    async with context.database.sessions() as session:
+        found = (await session.exec(query.order_by(col(Organization.created_at)))).all()
+    return JsonResponse(
+        [
+            {
+                "id": organization.id,
+                "name": organization.name,
+                "createdAt": iso(organization.created_at),
+                "personal": False,
+                "isAdmin": organization.is_admin,
+            }
+            for organization in found
+        ]
+    )
 
 
 @router.post(
