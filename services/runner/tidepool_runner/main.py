@@ -156,7 +156,7 @@ class Runner:
         )
         flow_tasks: list[asyncio.Task[None]] = []
         if settings.sandbox_firewall:
-            flow_tasks.append(await self._open_flow_log(executor.egress, bus))
+            flow_tasks.append(await self._open_flow_log(backend.egress, bus))
         sampler = ResourceSampler(
             backend=backend, bus=bus, interval=settings.sandbox_metrics_interval_seconds
         )
