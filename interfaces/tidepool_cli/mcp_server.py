@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 import anyio
+from daytona import DaytonaError
 from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 from tidepool_cli.client import connect
 from tidepool_cli.output import record
@@ -21,7 +23,12 @@ SANDBOX_FIELDS = ("id", "name", "state", "snapshot", "cpu", "memory", "disk", "l
 
 
 async def off_loop(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    return await anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs))
+    """`function` in a worker thread; an API error becomes a ToolError, whose message the agent sees (the MCP
+    SDK keeps any other exception's text on the server and answers only "Error executing tool ...")."""
+    try:
+        return await anyio.to_thread.run_sync(functools.partial(function, *args, **kwargs))
+    except DaytonaError as error:
+        raise ToolError(str(error) or type(error).__name__) from error
 
 
 def build() -> MCPServer:

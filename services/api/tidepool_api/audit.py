@@ -126,10 +126,12 @@ class AuditTrail:
                     return
                 record.status_code = status
                 if status >= 400 and isinstance(answer, dict):
-                    record.error_message = str(answer.get("message", ""))[:TEXT_MAX] or None
+                    # PostgreSQL text holds no NUL: a message echoing a client's bytes must still be recorded.
+                    message = str(answer.get("message", "")).replace("\x00", "\\x00")
+                    record.error_message = message[:TEXT_MAX] or None
                 if record.target_id is None and status < 400 and isinstance(answer, dict):
                     created = answer.get("id") or answer.get("name")
-                    record.target_id = str(created)[:TEXT_MAX] if created else None
+                    record.target_id = str(created).replace("\x00", "\\x00")[:TEXT_MAX] if created else None
                 session.add(record)
                 await session.commit()
         except Exception as error:  # the request is done; the record stays, without its outcome
