@@ -195,7 +195,9 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
             other_api.delete_organization_otel_config(team_id)
         assert api.get_organization_otel_config(team_id).endpoint == f"{receiver.http_url}/"
         leaked = [p for p in receiver.points() if p.headers.get("api-key") == secret]
-        assert {p.resource.get("organization.id") for p in leaked} == {team_id}
+        # Organization metrics name the owner `organization.id`, its sandboxes' `daytona_organization_id`.
+        owners = {p.resource.get("organization.id") or p.resource["daytona_organization_id"] for p in leaked}
+        assert owners == {team_id}
 
         # Switched to OTLP/gRPC, again without a restart; the values follow the sandboxes.
         grpc_secret = f"key-{uuid.uuid4().hex}"
