@@ -171,7 +171,9 @@ class NflogSocket:
             except OSError as error:
                 sock.close()
                 raise FlowLogError(f"NFLOG netlink socket: {error}") from None
-            if code == errno.EBUSY:
+            # A group another socket (another runner on this host) has bound answers EPERM (the kernel's
+            # "owned by another peer"); some kernels say EBUSY. Either way: the next group.
+            if code in (errno.EBUSY, errno.EPERM):
                 sock.close()
                 continue
             if code != 0:
@@ -180,7 +182,8 @@ class NflogSocket:
             sock.setblocking(False)
             self._socket, self.group = sock, group
             return group
-        raise FlowLogError(f"NFLOG groups {self._first}-{self._first + GROUPS_TRIED - 1} are all taken")
+        last = self._first + GROUPS_TRIED - 1
+        raise FlowLogError(f"NFLOG groups {self._first}-{last} are all taken (or not ours to bind)")
 
     @staticmethod
     def _configure(sock: socket.socket, group: int) -> int:
