@@ -55,7 +55,7 @@ unit: venv
 	$(BIN)/python -m pytest tests/unit -q
 
 test: venv host lint
-	$(BIN)/python -m pytest tests -q -ra
+	$(BIN)/python -m pytest tests -q -ra --durations=40
 
 bench: venv host
 	$(BIN)/python -m tests.bench.bench_spine

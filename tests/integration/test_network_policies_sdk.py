@@ -291,11 +291,6 @@ def test_the_flow_log_says_what_was_denied_and_by_which_rule(
         daytona.delete(sandbox)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: after update_network_settings to a CIDR allow list, the allowed connection is not "
-    "logged (the denied ones are); seen in the last session's runs, not yet diagnosed",
-)
 def test_the_flow_log_says_what_an_allow_list_allowed(stack: StackThread, outside: str) -> None:
     daytona = Daytona()
     sandbox = daytona.create(CreateSandboxFromSnapshotParams(network_block_all=True))

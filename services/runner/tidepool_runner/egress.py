@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import socket
 from collections.abc import Iterable
 
@@ -42,8 +43,11 @@ class EgressPolicies:
         self._lock = asyncio.Lock()
         # The flow log's NFLOG group (flowlog.py), once open; rules applied from then on log to it.
         self.flow_log_group: int | None = None
-        # Flow-log tag (firewall.sandbox_tag) -> (sandbox id, what its rules are: allowed[n], denial).
-        self._rules: dict[str, tuple[str, tuple[str, ...], str]] = {}
+        # Flow-log tag (firewall.sandbox_tag) -> (sandbox id, {policy generation: what its rules are:
+        # allowed[n], denial}), the latest generations only. Registered before the rules are applied, and the
+        # previous one kept: a packet logged at the moment of a change is read with the rules that logged it.
+        self._rules: dict[str, tuple[str, dict[int, tuple[tuple[str, ...], str]]]] = {}
+        self._generations = itertools.count(1)
 
     def _firewall(self) -> firewall.FirewallPolicy:
         if self._policy is None:
@@ -94,8 +98,8 @@ class EgressPolicies:
             if not addresses:
                 raise SandboxFailedError("the sandbox has no network address to apply its network policy to")
             egress, described = await self._egress_of(spec)
+            self._describe(sandbox_id, egress, described)
             await self._apply(sandbox_id, addresses, egress)
-            self._rules[firewall.sandbox_tag(sandbox_id)] = (sandbox_id, *described)
             if spec.domain_allow_list and not spec.network_block_all:
                 self._domains[sandbox_id] = (spec, addresses)
             else:
@@ -117,10 +121,21 @@ class EgressPolicies:
                     egress, described = await self._egress_of(spec)
                     async with self._lock:
                         if self._domains.get(sandbox_id, (None,))[0] is spec:
+                            self._describe(sandbox_id, egress, described)
                             await self._apply(sandbox_id, addresses, egress)
-                            self._rules[firewall.sandbox_tag(sandbox_id)] = (sandbox_id, *described)
                 except Exception as error:  # keep the previous rules; try again next round
                     log.warning("egress.refresh_failed", sandbox_id=sandbox_id, error=str(error))
+
+    def _describe(
+        self, sandbox_id: str, egress: firewall.SandboxEgress, described: tuple[tuple[str, ...], str]
+    ) -> None:
+        """Remember what the flow-log prefixes of `egress` mean (its generation and the one before it)."""
+        assert egress.generation is not None
+        tag = firewall.sandbox_tag(sandbox_id)
+        known = self._rules[tag][1] if tag in self._rules else {}
+        latest = max(known, default=None)
+        kept = {latest: known[latest]} if latest is not None else {}
+        self._rules[tag] = (sandbox_id, {**kept, egress.generation: described})
 
     async def _apply(
         self, sandbox_id: str, addresses: tuple[str, ...], egress: firewall.SandboxEgress
@@ -142,9 +157,12 @@ class EgressPolicies:
     def flow_of(self, packet: LoggedPacket, runner_id: str) -> SandboxFlow | None:
         """The flow-log entry of a packet the sandbox chains logged; None if not of a sandbox known here."""
         parts = packet.prefix.split()
-        if len(parts) != 3 or parts[1] not in self._rules:
+        if len(parts) != 4 or parts[1] not in self._rules or not parts[3].isdigit():
             return None
-        sandbox_id, allowed, denial = self._rules[parts[1]]
+        sandbox_id, generations = self._rules[parts[1]]
+        if int(parts[3]) not in generations:
+            return None
+        allowed, denial = generations[int(parts[3])]
         decision = parts[2]
         if decision == "D":
             verdict, rule = "denied", denial
@@ -172,7 +190,10 @@ class EgressPolicies:
         """The firewall's egress policy for `spec`, and for the flow log what each allowed network is (by
         index) and what a denial means."""
         if spec.network_block_all:
-            return firewall.SandboxEgress(block_all=True, log_group=self.flow_log_group), (
+            egress = firewall.SandboxEgress(
+                block_all=True, log_group=self.flow_log_group, generation=next(self._generations)
+            )
+            return egress, (
                 (),
                 "networkBlockAll",
             )
@@ -183,7 +204,9 @@ class EgressPolicies:
         for domain in spec.domain_allow_list:
             for network in await _resolve(domain.removeprefix("*.")):
                 rules.setdefault(network, f"domainAllowList {domain}")
-        egress = firewall.SandboxEgress(allowed=tuple(rules), log_group=self.flow_log_group)
+        egress = firewall.SandboxEgress(
+            allowed=tuple(rules), log_group=self.flow_log_group, generation=next(self._generations)
+        )
         return egress, (tuple(rules.values()), "not in networkAllowList or domainAllowList")
 
 

@@ -365,6 +365,9 @@ class SandboxEgress:
     # The NFLOG group of the runner's flow log (flowlog.py): each new flow the policy decides is logged there
     # first, with the prefix `flow_prefix(...)`; None: no flow log.
     log_group: int | None = None
+    # Which version of the sandbox's policy this is, in its flow-log prefixes: a packet the kernel logged just
+    # before or after a change is read with the rules that logged it (None: no generation in the prefix).
+    generation: int | None = None
 
     def __post_init__(self) -> None:
         for cidr in self.allowed:
@@ -407,10 +410,11 @@ FLOW_PREFIX = "TPF"
 FLOW_LOG_LIMIT = "-m limit --limit 50/second --limit-burst 200"
 
 
-def flow_prefix(sandbox_id: str, decision: str) -> str:
-    """The NFLOG prefix of one rule of the sandbox's chain: `TPF <tag> <decision>`; decision `D` (denied),
-    `A<n>` (allowed by `allowed[n]`) or `AD` (DNS to the resolvers)."""
-    return f"{FLOW_PREFIX} {sandbox_tag(sandbox_id)} {decision}"
+def flow_prefix(sandbox_id: str, decision: str, generation: int | None = None) -> str:
+    """The NFLOG prefix of one rule of the sandbox's chain: `TPF <tag> <decision>[ <generation>]`; decision
+    `D` (denied), `A<n>` (allowed by `allowed[n]`) or `AD` (DNS to the resolvers)."""
+    prefix = f"{FLOW_PREFIX} {sandbox_tag(sandbox_id)} {decision}"
+    return prefix if generation is None else f"{prefix} {generation}"
 
 
 def render_sandbox(
@@ -460,7 +464,7 @@ def render_sandbox(
 
         def decide(match: str, verdict: str, decision: str) -> None:
             if egress.log_group is not None:
-                prefix = flow_prefix(sandbox_id, decision)
+                prefix = flow_prefix(sandbox_id, decision, egress.generation)
                 lines.append(
                     f"-A {own} {match}{FLOW_LOG_LIMIT} "
                     f'-j NFLOG --nflog-group {egress.log_group} --nflog-prefix "{prefix}"'

@@ -3,8 +3,8 @@ verdict of its policy and the rule that decided, published on `channels.SANDBOX_
 API: `GET /api/sandbox/{id}/network/flows`).
 
 The sandbox's own chain (firewall.render_sandbox) sends each new flow it decides to an NFLOG group first,
-with the prefix `TPF <tag> <decision>`; only new flows reach that chain (established traffic is accepted
-before it), so one log entry is one flow. This module reads the group from the kernel over an
+with the prefix `TPF <tag> <decision> <generation>`; only new flows reach that chain (established traffic is
+accepted before it), so one log entry is one flow. This module reads the group from the kernel over an
 `nfnetlink_log` netlink socket (the protocol is small and stable; the Python bindings that exist wrap
 libnetfilter_log, which hosts don't have, and are unmaintained), parses each packet's IP and TCP/UDP header
 for the destination and port; egress.py turns it into a `SandboxFlow` for the bus.

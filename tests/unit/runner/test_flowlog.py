@@ -90,11 +90,12 @@ def test_the_runner_names_the_sandbox_and_the_rule_of_each_logged_packet() -> No
         )
         policy, described = await egress._egress_of(spec)
         assert policy.log_group == 7100 and policy.allowed == ("151.101.0.0/16",)
-        egress._rules[firewall.sandbox_tag("sbx-5")] = ("sbx-5", *described)
+        assert policy.generation is not None
+        egress._describe("sbx-5", policy, described)
         now = datetime.now(UTC)
 
-        def flow(decision: str):  # type: ignore[no-untyped-def]
-            prefix = f"TPF {firewall.sandbox_tag('sbx-5')} {decision}"
+        def flow(decision: str, generation: int | None = policy.generation):  # type: ignore[no-untyped-def]
+            prefix = firewall.flow_prefix("sbx-5", decision, generation)
             return egress.flow_of(LoggedPacket(prefix, now, "tcp", "10.90.0.7", "151.101.0.1", 443), "r1")
 
         allowed = flow("A0")
@@ -104,8 +105,23 @@ def test_the_runner_names_the_sandbox_and_the_rule_of_each_logged_packet() -> No
         assert denied is not None and denied.verdict == "denied"
         assert denied.rule == "not in networkAllowList or domainAllowList"
         assert flow("A1") is None  # no such rule
-        assert egress.flow_of(LoggedPacket("TPF ffffffff D", now, "tcp", "a", "b", 1), "r1") is None
-        blocked, (_, denial) = await egress._egress_of(spec.model_copy(update={"network_block_all": True}))
-        assert blocked.block_all and denial == "networkBlockAll"
+        assert flow("A0", None) is None  # a prefix without its policy's generation is not ours
+        assert egress.flow_of(LoggedPacket("TPF ffffffff D 1", now, "tcp", "a", "b", 1), "r1") is None
+
+        # The policy changes: the packets the old rules logged around the change still read as the old rules
+        # (allowed by the list, then denied as block-all), the new rules' as the new ones; two changes later
+        # the first generation is forgotten.
+        block_all = spec.model_copy(update={"network_block_all": True})
+        blocked, blocked_described = await egress._egress_of(block_all)
+        assert blocked.block_all and blocked_described[1] == "networkBlockAll"
+        assert blocked.generation is not None and blocked.generation > policy.generation
+        egress._describe("sbx-5", blocked, blocked_described)
+        old_allowed = flow("A0")
+        assert old_allowed is not None and old_allowed.rule == "networkAllowList 151.101.0.0/16"
+        new_denied = flow("D", blocked.generation)
+        assert new_denied is not None and new_denied.rule == "networkBlockAll"
+        again, again_described = await egress._egress_of(spec)
+        egress._describe("sbx-5", again, again_described)
+        assert flow("A0") is None and flow("D", blocked.generation) is not None
 
     asyncio.run(run())
