@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("sdk_env")]
-CONTAINERS_CONF = "/work/main/deploy/podman/containers.conf"
+CONTAINERS_CONF = str(Path(__file__).resolve().parents[2] / "deploy/podman/containers.conf")
 
 
 def container_exists(sandbox_id: str) -> bool:

@@ -294,8 +294,12 @@ async def test_each_service_is_denied_what_it_must_not_use(cluster: Cluster, ser
                 f"{service} was not refused {kind} on {subject}: {errors}",
                 timeout=10,
             )
-        # And what it may do still works (the login is not simply refused everything).
-        await client.subscribe(f"{nats_auth.inbox_prefix(service)}.probe")
+        # And what it may do still works (the login is not simply refused everything): a JetStream request
+        # answered on its own inbox, with no new refusal.
+        refusals = len(errors)
+        answer = await client.request("$JS.API.INFO", b"", timeout=5)
+        assert b'"type":"io.nats.jetstream.api.v1.account_info_response"' in answer.data, answer.data
         await client.flush()
+        assert len(errors) == refusals, errors[refusals:]
     finally:
         await client.close()

@@ -233,6 +233,9 @@ def test_bad_settings_are_refused_and_another_organization_sees_nothing(
             url, json={"networkBlockAll": True}, headers={"Authorization": f"Bearer {tenant_key}"}
         )
         assert stranger.status_code == 404, stranger.text
+        # The desired state (what the runner converges to) is unchanged, and the network still works.
+        sandbox.refresh_data()
+        assert (sandbox.network_block_all, sandbox.network_allow_list) == (False, None)
         assert reaches(sandbox, PYPI), "another organization's request changed the sandbox's network"
     finally:
         daytona.delete(sandbox)

@@ -34,7 +34,7 @@ from tidepool_runner.main import runner_health
 from tidepool_runtime.broker import connect
 from tidepool_runtime.process import die_with_parent
 
-PODMAN_CONF = Path("/work/main/deploy/podman/containers.conf")
+PODMAN_CONF = Path(__file__).resolve().parents[2] / "deploy/podman/containers.conf"
 
 
 class NatsServer:
@@ -106,7 +106,7 @@ class TcpRelay:
 def podman_service(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A Podman API service on a socket of its own (the engine a builder or runner is given)."""
     socket_path = folder / "podman.sock"
-    env = {**os.environ, "CONTAINERS_CONF": str(PODMAN_CONF)} if PODMAN_CONF.exists() else None
+    env = {**os.environ, "CONTAINERS_CONF": str(PODMAN_CONF)}
     process = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
         env=env,

@@ -129,7 +129,11 @@ def test_the_web_terminal_refuses_strangers_even_on_a_public_sandbox(
         assert other.status_code == 404
     finally:
         sandbox.set_public(False)
-    # With the token, the socket is a shell.
+
+    def terminals() -> list[str]:
+        return [pty.id for pty in sandbox.process.list_pty_sessions() if pty.id.startswith("web-terminal-")]
+
+    # With the token, the socket is a shell: a PTY of the sandbox while it is open.
     with connect(f"{socket_url}?DAYTONA_SANDBOX_AUTH_KEY={link.token}", open_timeout=30) as shell:
         shell.send("echo $((40+2))-socket\n")
         seen = ""
@@ -138,11 +142,9 @@ def test_the_web_terminal_refuses_strangers_even_on_a_public_sandbox(
             message = shell.recv(timeout=60)
             seen += message if isinstance(message, str) else message.decode(errors="replace")
         assert "42-socket" in seen
+        assert terminals(), "the open web terminal has no PTY in the sandbox"
 
     # A closed terminal's shell is gone too (a PTY outlives its clients unless the proxy ends it).
-    def terminals() -> list[str]:
-        return [pty.id for pty in sandbox.process.list_pty_sessions() if pty.id.startswith("web-terminal-")]
-
     wait_until(lambda: not terminals(), "the web terminal's shells outlived their pages")
 
 

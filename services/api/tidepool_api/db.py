@@ -312,6 +312,8 @@ class WebhookOutbox(SQLModel, table=True):
     removed. `seq` orders one resource's changes (a later change commits after the earlier one)."""
 
     __tablename__ = "webhook_outbox"
+    # SQLite's AUTOINCREMENT: without it a rowid is reused once the relay has emptied the table.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     seq: int | None = Field(
         default=None,

@@ -44,6 +44,8 @@ def upgrade() -> None:
         sa.Column("ordering_key", sa.String(), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+        # SQLite reuses a rowid once the relay has emptied the table; AUTOINCREMENT never goes back.
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "webhook_delivery",
