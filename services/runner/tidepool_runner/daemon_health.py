@@ -63,8 +63,8 @@ from tidepool_runner.engine import (
     EngineUnavailableError,
     SandboxFailedError,
 )
-from tidepool_runner.jobs import SandboxLocks
 from tidepool_runtime.broker import Bus, KeyValue, kv_get, kv_put
+from tidepool_runtime.locks import SandboxLocks
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.daemon_health")

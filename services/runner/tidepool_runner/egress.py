@@ -5,9 +5,10 @@ a running sandbox without a restart.
 A policy only narrows the runner's default policy (private ranges, the host and other sandboxes stay
 unreachable whatever a list says). The rules are keyed on the container's addresses and are in place before
 its first process runs (`ContainerEngine.initialize` assigns them first). Domains are enforced for real, as
-the addresses they resolve to on the runner (with the sandbox's own resolvers), re-resolved every
-`sandbox_domain_refresh_seconds`; a `*.example.com` entry allows the addresses of `example.com` itself
-(subdomains are not enumerable from DNS: list the ones you need).
+the addresses they resolve to on the runner (with the runner host's resolver: where the sandboxes are given
+other DNS servers, `TIDEPOOL_SANDBOX_DNS_SERVERS`, a split-horizon name may resolve differently for them),
+re-resolved every `sandbox_domain_refresh_seconds`; a `*.example.com` entry allows the addresses of
+`example.com` itself (subdomains are not enumerable from DNS: list the ones you need).
 """
 
 from __future__ import annotations

@@ -9,8 +9,6 @@ the first attempt left it and finishes the work, so handling a job twice is harm
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import structlog
 
@@ -27,6 +25,7 @@ from tidepool_contracts.states import SandboxState
 from tidepool_contracts.subjects import kv_safe
 from tidepool_runner.backend import BackendUnavailableError, SandboxBackend, SandboxFailedError
 from tidepool_runtime.broker import Bus, KeyValue, Msg, keep_in_progress, kv_delete, kv_get, kv_put
+from tidepool_runtime.locks import SandboxLocks
 from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.jobs")
@@ -35,32 +34,6 @@ log = structlog.get_logger("tidepool.runner.jobs")
 MAX_TRANSIENT_ATTEMPTS = 5
 IN_PROGRESS_INTERVAL_SECONDS = 5.0
 EVENT_SOURCE = "runner"
-
-
-class SandboxLocks:
-    """One FIFO lock per sandbox: its jobs run strictly in arrival order; other sandboxes' run in parallel."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._holders: dict[str, int] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, sandbox_id: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
-        self._holders[sandbox_id] = self._holders.get(sandbox_id, 0) + 1
-        try:
-            # asyncio.Lock queues waiters in call order, which is the order the jobs were fetched.
-            async with lock:
-                yield
-        finally:
-            self._holders[sandbox_id] -= 1
-            if self._holders[sandbox_id] == 0:
-                del self._holders[sandbox_id]
-                del self._locks[sandbox_id]
-
-    def queued(self, sandbox_id: str) -> bool:
-        """Whether someone waits for the sandbox's lock besides its holder (a job the holder delays)."""
-        return self._holders.get(sandbox_id, 0) > 1
 
 
 class JobExecutor:

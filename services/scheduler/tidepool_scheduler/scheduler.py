@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
@@ -29,6 +29,7 @@ from tidepool_contracts.models import (
 )
 from tidepool_contracts.states import DesiredState, SandboxState
 from tidepool_runtime.broker import Bus, KeyValue, Msg, kv_delete, kv_get, kv_items, kv_put
+from tidepool_runtime.locks import SandboxLocks
 from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.placement import choose_runner, no_runner_reason
 
@@ -57,6 +58,7 @@ class Scheduler:
     placements_kv: KeyValue
     desired_kv: KeyValue
     routes_kv: KeyValue
+    _intent_locks: SandboxLocks = field(default_factory=SandboxLocks, repr=False)
 
     @classmethod
     async def create(cls, settings: SchedulerSettings, bus: Bus) -> Scheduler:
@@ -133,6 +135,12 @@ class Scheduler:
         await self.handle_intent(intent, None)
 
     async def handle_intent(self, intent: SandboxIntent, msg: Msg | None) -> None:
+        """Carry out one intent; a sandbox's intents one at a time (a DESTROY that found no placement while
+        a concurrent CREATE was placing it would leave a container nobody owns)."""
+        async with self._intent_locks.hold(intent.sandbox_id):
+            await self._handle_intent(intent, msg)
+
+    async def _handle_intent(self, intent: SandboxIntent, msg: Msg | None) -> None:
         desired = await kv_get(self.desired_kv, intent.sandbox_id, DesiredSandbox)
         if intent.action == SandboxAction.CREATE and (
             desired is None or desired.desired_state == DesiredState.DESTROYED

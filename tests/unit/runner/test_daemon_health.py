@@ -29,8 +29,8 @@ from tidepool_runner.container_config import ORGANIZATION_LABEL, SANDBOX_LABEL, 
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.daemon_health import DaemonHealthChecker
 from tidepool_runner.engine import ContainerStatus, ContainerSummary
-from tidepool_runner.jobs import SandboxLocks
 from tidepool_runtime.broker import Bus, kv_get, kv_put
+from tidepool_runtime.locks import SandboxLocks
 from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-health-unit"

@@ -21,8 +21,9 @@ from tidepool_runner.container_backend import ContainerEngineBackend
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.disks import SandboxDisks
 from tidepool_runner.engine import ContainerStatus, EngineUnavailableError, RootIds, SandboxFailedError
-from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor, SandboxLocks
+from tidepool_runner.jobs import MAX_TRANSIENT_ATTEMPTS, JobExecutor
 from tidepool_runtime.broker import Bus, kv_get
+from tidepool_runtime.locks import SandboxLocks
 from tidepool_runtime.settings import Settings
 
 RUNNER_ID = "runner-unit"

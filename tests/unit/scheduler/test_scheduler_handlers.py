@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -197,3 +198,53 @@ async def test_a_sandbox_no_runner_can_host_takes_the_no_runner_path() -> None:
         await scheduler.handle_intent(create, Delivery(1))  # type: ignore[arg-type]
     placement = await kv_get(scheduler.placements_kv, "s3", Placement)
     assert placement is not None and placement.runner_id == "engine-runner"
+
+
+async def yield_to_the_loop() -> None:
+    """One turn of the event loop (other ready tasks run)."""
+    turn = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(turn.set_result, None)
+    await turn
+
+
+async def test_a_delete_while_the_create_is_being_placed_still_reaches_the_runner() -> None:
+    """A DESTROY handled while the CREATE of the same sandbox is choosing its runner must not report
+    `destroyed` with no job (the CREATE's job would then make a container nobody owns): intents of one
+    sandbox are handled one at a time, so the DESTROY sees the placement and sends its job after."""
+    broker, scheduler, _, sent = await scheduler_on_test_broker()
+    choosing, release = asyncio.Event(), asyncio.Event()
+
+    class SlowRunners(MemoryKV):
+        async def keys(self) -> list[str]:
+            choosing.set()
+            await release.wait()
+            return await super().keys()
+
+    scheduler.runners_kv = SlowRunners()  # type: ignore[assignment]
+    info = RunnerInfo(runner_id="r1", url="http://r1", cpu_total=8, memory_total_gib=16)
+    await kv_put(scheduler.runners_kv, "r1", info)
+    create = intent("s1", SandboxAction.CREATE)
+    desired = DesiredSandbox(
+        sandbox_id="s1",
+        organization_id="o",
+        desired_state=DesiredState.STARTED,
+        spec=create.spec,
+        intent_id=create.intent_id,
+    )
+    await kv_put(scheduler.desired_kv, "s1", desired)
+    async with TestNatsBroker(broker):
+        creating = asyncio.create_task(scheduler.handle_intent(create, None))
+        await choosing.wait()
+        # Meanwhile the user deletes it: the API writes the desired state, then the intent.
+        destroy = intent("s1", SandboxAction.DESTROY)
+        deleted = desired.model_copy(
+            update={"desired_state": DesiredState.DESTROYED, "intent_id": destroy.intent_id}
+        )
+        await kv_put(scheduler.desired_kv, "s1", deleted)
+        destroying = asyncio.create_task(scheduler.handle_intent(destroy, None))
+        while not (destroying.done() or scheduler._intent_locks.queued("s1")):
+            await yield_to_the_loop()
+        release.set()
+        await asyncio.gather(creating, destroying)
+    jobs = [message.action for message in sent if isinstance(message, RunnerJob)]
+    assert jobs == ["create", "destroy"], sent
