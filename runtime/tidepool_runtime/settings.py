@@ -164,6 +164,28 @@ class RunnerTokenSettings(_Base):
     runner_token: str = "tidepool-dev-runner-token"
 
 
+class ToolboxAdmissionSettings(_Base):
+    """Back-pressure on the toolbox path (tidepool_runtime.admission): how many toolbox requests one hop
+    relays at once before further ones wait briefly and are then refused with 503 and `Retry-After`.
+    WebSockets, log follows and streamed file transfers are exempt (not counted).
+
+    Sized from `BENCH_ONLY=backpressure` on 2 cores: the whole path completes ~150 mixed requests/s with
+    8 in flight at ~50 ms each; every further request in flight adds ~7 ms to all of them."""
+
+    proxy_toolbox_max_in_flight: int = Field(default=8, ge=0)
+    """Per proxy process; 0: unbounded (requests queue, as before issue #10)."""
+    runner_toolbox_max_in_flight: int = Field(default=16, ge=0)
+    """Per runner process, across all its sandboxes and every proxy that relays to it; 0: unbounded."""
+    toolbox_queue_wait_seconds: float = Field(default=0.05, ge=0)
+    """How long a request that finds every slot taken may wait for one (a burst is absorbed, a sustained
+    overload refused); the queue holds at most as many requests as there are slots. 0: refused at once."""
+    toolbox_slot_hold_seconds: float = Field(default=1.0, ge=0)
+    """A request still running after this long (a long `exec`) gives its slot to the next one: it waits on
+    the sandbox, not on the path. 0: slots are held until the response is complete."""
+    toolbox_retry_after_seconds: int = Field(default=1, ge=0)
+    """`Retry-After` of a refusal, in whole seconds."""
+
+
 class RegionSettings(_Base):
     """The region sandboxes are placed in."""
 
@@ -553,7 +575,12 @@ class BuilderSettings(
 
 
 class ProxySettings(
-    CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings, SigningSealSettings
+    CommonSettings,
+    ProxyHttpSettings,
+    PublicProxySettings,
+    RunnerTokenSettings,
+    SigningSealSettings,
+    ToolboxAdmissionSettings,
 ):
     pass
 
@@ -583,6 +610,7 @@ class RunnerSettings(
     RegistryLoginSettings,
     RegistryMirrorSettings,
     SandboxNetworkSettings,
+    ToolboxAdmissionSettings,
 ):
     pass
 
