@@ -164,6 +164,22 @@ class RunnerTokenSettings(_Base):
     runner_token: str = "tidepool-dev-runner-token"
 
 
+class RunnerLossSettings(_Base):
+    """When the scheduler (and the API's runner routes) count a runner as lost."""
+
+    runner_lost_after_seconds: float = Field(default=20.0, gt=0)
+    """A runner whose last heartbeat is older than this (or whose heartbeat entry expired, after 30 s) is
+    lost: placement skips it, and its sandboxes go to a recoverable `error` until it is back (checked at
+    every reconciliation). Several of its heartbeats (`runner_heartbeat_interval_seconds`) long."""
+
+
+class RunnerHeartbeatSettings(_Base):
+    """How often a runner tells the scheduler it is alive (tidepool_runner.inventory)."""
+
+    runner_heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    """Well below the scheduler's `runner_lost_after_seconds` and the heartbeat entry's 30 s expiry."""
+
+
 class ToolboxAdmissionSettings(_Base):
     """Back-pressure on the toolbox path (tidepool_runtime.admission): how many toolbox requests one hop
     relays at once before further ones wait briefly and are then refused with 503 and `Retry-After`.
@@ -551,11 +567,12 @@ class ApiSettings(
     WarmPoolSettings,
     QuotaSettings,
     WebhookSettings,
+    RunnerLossSettings,
 ):
     pass
 
 
-class SchedulerSettings(CommonSettings, SchedulingSettings):
+class SchedulerSettings(CommonSettings, SchedulingSettings, RunnerLossSettings):
     pass
 
 
@@ -611,6 +628,7 @@ class RunnerSettings(
     RegistryMirrorSettings,
     SandboxNetworkSettings,
     ToolboxAdmissionSettings,
+    RunnerHeartbeatSettings,
 ):
     pass
 
