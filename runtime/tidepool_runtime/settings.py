@@ -182,22 +182,26 @@ class RunnerHeartbeatSettings(_Base):
 
 class ToolboxAdmissionSettings(_Base):
     """Back-pressure on the toolbox path (tidepool_runtime.admission): how many toolbox requests one hop
-    relays at once before further ones wait briefly and are then refused with 503 and `Retry-After`.
-    WebSockets, log follows and streamed file transfers are exempt (not counted).
+    relays at once before further ones wait briefly (in a queue as long as the slots) and are then
+    refused with 503 and `Retry-After`. WebSockets, log follows and streamed file transfers are exempt.
 
-    Sized from `BENCH_ONLY=backpressure` on 2 cores: the whole path completes ~150 mixed requests/s with
-    8 in flight at ~50 ms each; every further request in flight adds ~7 ms to all of them."""
+    Sized from `BENCH_ONLY=backpressure` on 2 cores: the whole path completes 150-230 mixed requests/s
+    with 8 in flight at 40-50 ms each, and every further request in flight adds ~5 ms to all of them.
+    16 slots with a 0.1 s hold bound what is admitted to ~160 requests/s even when every request is slow,
+    and a burst of 32 calls (e.g. 24 one-second execs at once) is served without a refusal."""
 
-    proxy_toolbox_max_in_flight: int = Field(default=8, ge=0)
+    proxy_toolbox_max_in_flight: int = Field(default=16, ge=0)
     """Per proxy process; 0: unbounded (requests queue, as before issue #10)."""
-    runner_toolbox_max_in_flight: int = Field(default=16, ge=0)
+    runner_toolbox_max_in_flight: int = Field(default=32, ge=0)
     """Per runner process, across all its sandboxes and every proxy that relays to it; 0: unbounded."""
-    toolbox_queue_wait_seconds: float = Field(default=0.05, ge=0)
+    toolbox_queue_wait_seconds: float = Field(default=0.2, ge=0)
     """How long a request that finds every slot taken may wait for one (a burst is absorbed, a sustained
-    overload refused); the queue holds at most as many requests as there are slots. 0: refused at once."""
-    toolbox_slot_hold_seconds: float = Field(default=1.0, ge=0)
-    """A request still running after this long (a long `exec`) gives its slot to the next one: it waits on
-    the sandbox, not on the path. 0: slots are held until the response is complete."""
+    overload refused); the queue holds at most as many requests as there are slots, so past that a
+    request is refused at once. 0: refused at once."""
+    toolbox_slot_hold_seconds: float = Field(default=0.1, ge=0)
+    """A request still running after this long (a long `exec`, or everything on an overloaded machine)
+    gives its slot to the next one: it waits on the sandbox, not on the path. Below the queue wait, so a
+    burst of long calls queues instead of being refused. 0: held until the response is complete."""
     toolbox_retry_after_seconds: int = Field(default=1, ge=0)
     """`Retry-After` of a refusal, in whole seconds."""
 

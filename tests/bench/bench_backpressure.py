@@ -24,6 +24,7 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from daytona import Daytona
@@ -46,6 +47,8 @@ class Results:
 
     samples: dict[tuple[str, str], list[float]] = field(default_factory=lambda: defaultdict(list))
     refusals_without_retry_after: int = 0
+    # Open loop: how late (ms) each request was sent after its due time (the client's own lag).
+    send_lag_ms: list[float] = field(default_factory=list)
 
     def count(self, outcome: str) -> int:
         return sum(len(values) for (_, result), values in self.samples.items() if result == outcome)
@@ -134,10 +137,24 @@ async def open_loop(load: Load, rate: float, seconds: float) -> tuple[float, Res
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            results.send_lag_ms.append(max(0.0, time.perf_counter() - due) * 1000)
             tasks.append(asyncio.create_task(load.one(http, results)))
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
     return elapsed, results
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (Linux /proc/stat)."""
+    values = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def percentiles(values: list[float]) -> str:
@@ -155,11 +172,16 @@ def bench_backpressure(daytona: Daytona, stack: StackThread) -> list[str]:
             sandbox.process.exec("true")
         load = Load(stack, [sandbox.id for sandbox in sandboxes])
         pids = service_pids(stack)
+        cpu_pids = {**pids, "api": stack.stack.children["api"].process.pid, "client": os.getpid()}
 
         capacity, measured = asyncio.run(closed_loop(load, CAPACITY_SECONDS))
         rate = OVERLOAD_FACTOR * capacity
         rss_start = {name: rss_kib(pid) / 1024 for name, pid in pids.items()}
+        cpu_start = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
+        machine_start = machine_busy()
         elapsed, results = asyncio.run(open_loop(load, rate, OVERLOAD_SECONDS))
+        cpu_used = {name: cpu_seconds(pid) - cpu_start[name] for name, pid in cpu_pids.items()}
+        machine_end = machine_busy()
         rss_end = {name: rss_kib(pid) / 1024 for name, pid in pids.items()}
     finally:
         for sandbox in sandboxes:
@@ -192,4 +214,12 @@ def bench_backpressure(daytona: Daytona, stack: StackThread) -> list[str]:
         "    RSS start -> end: "
         + ", ".join(f"{name} {rss_start[name]:.1f} -> {rss_end[name]:.1f} MiB" for name in sorted(pids))
     )
+    lines.append(
+        "    CPU during overload (cores busy on average): "
+        + ", ".join(f"{name} {seconds / elapsed:.2f}" for name, seconds in cpu_used.items())
+        + " (client: this process, with the stack's log pumps); whole machine "
+        + f"{100 * (machine_end[0] - machine_start[0]) / (machine_end[1] - machine_start[1]):.0f} % busy "
+        + f"({os.cpu_count()} cores, other work included)"
+    )
+    lines.append(f"    client send lag (behind schedule) {percentiles(results.send_lag_ms)}")
     return lines
