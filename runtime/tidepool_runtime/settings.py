@@ -185,10 +185,12 @@ class ToolboxAdmissionSettings(_Base):
     relays at once before further ones wait briefly (in a queue as long as the slots) and are then
     refused with 503 and `Retry-After`. WebSockets, log follows and streamed file transfers are exempt.
 
-    Sized from `BENCH_ONLY=backpressure` on 2 cores: the whole path completes 150-230 mixed requests/s
-    with 8 in flight at 40-50 ms each, and every further request in flight adds ~5 ms to all of them.
-    16 slots with a 0.1 s hold bound what is admitted to ~160 requests/s even when every request is slow,
-    and a burst of 32 calls (e.g. 24 one-second execs at once) is served without a refusal."""
+    Sized from `BENCH_ONLY=backpressure` on 2 cores (busy with other work too): the whole path completes
+    150-230 mixed requests/s; at twice that, admitted toolbox requests took p50/p99 0.33/1.9 s with these
+    defaults, 0.2/0.7 s with 16 slots held until complete, 0.5/1.6 s with 32 slots held up to 1 s. 16 slots
+    with a 0.1 s hold bound what is admitted to ~160 requests/s even when every request is slow, and serve
+    a burst of 24 one-second execs at once without a refusal (a hold longer than the queue wait would
+    refuse the 17th); a deployment without such bursts gets lower latency under overload with hold 0."""
 
     proxy_toolbox_max_in_flight: int = Field(default=16, ge=0)
     """Per proxy process; 0: unbounded (requests queue, as before issue #10)."""
