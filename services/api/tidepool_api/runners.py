@@ -8,6 +8,7 @@ same two: a cordoned or draining runner gets no new placements; one silent for l
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -17,6 +18,8 @@ from tidepool_contracts import channels
 from tidepool_contracts.models import RunnerControl, RunnerInfo
 from tidepool_runtime.broker import KeyValue, kv_get, kv_items, kv_put
 
+# What a KV key may be (a runner's id is its heartbeat's key): anything else names no runner.
+RUNNER_ID_PATTERN = re.compile(r"[-_=A-Za-z0-9]+(\.[-_=A-Za-z0-9]+)*")
 READY = "ready"
 UNRESPONSIVE = "unresponsive"
 
@@ -80,6 +83,8 @@ async def list_runners(context: ApiContext) -> list[RunnerView]:
 
 async def get_runner(context: ApiContext, runner_id: str) -> RunnerView:
     """404 for a runner with neither a heartbeat entry nor an admin's decision."""
+    if len(runner_id) > 255 or not RUNNER_ID_PATTERN.fullmatch(runner_id):
+        raise not_found(f"Runner {runner_id} not found")
     info = await kv_get(await _runners_kv(context), runner_id, RunnerInfo)
     control = await kv_get(await _controls_kv(context), runner_id, RunnerControl)
     if info is None and control is None:
