@@ -61,15 +61,19 @@ API = Access(
     answers=(channels.REGISTRY_CREDENTIALS,),
     requests=(channels.SANDBOX_METRICS_QUERY,),
     # DESIRED read: a resize of a stopped sandbox or an interval change updates the existing record.
+    # RUNNERS, RUNNER_CONTROLS: the admin's runner routes (list, cordon, drain).
     reads=(
         channels.SIGNING_KEYS,
         channels.DESIRED,
         channels.PREVIEWS,
         channels.SIGNED_PREVIEWS,
         channels.SSH_ACCESS,
+        channels.RUNNERS,
+        channels.RUNNER_CONTROLS,
     ),
     writes=(
         channels.DESIRED,
+        channels.RUNNER_CONTROLS,
         channels.API_KEYS,
         channels.SIGNING_KEYS,
         channels.PREVIEWS,
@@ -84,6 +88,7 @@ SCHEDULER = Access(
     consumes=(channels.SANDBOX_INTENTS,),
     reads=(
         channels.RUNNERS,
+        channels.RUNNER_CONTROLS,
         channels.PLACEMENTS,
         channels.DESIRED,
         channels.ROUTES,

@@ -28,6 +28,7 @@ from tidepool_contracts.models import (
     ProcessTerminationEvent,
     RegistryCredentialsReply,
     RegistryCredentialsRequest,
+    RunnerControl,
     RunnerInfo,
     RunnerJob,
     SandboxActivity,
@@ -254,6 +255,12 @@ RUNNERS = Bucket(
     "runner -> scheduler: capacity; expires without heartbeats",
     30.0,
 )
+RUNNER_CONTROLS = Bucket(
+    subjects.KV_RUNNER_CONTROLS,
+    RunnerControl,
+    "runner_id",
+    "API -> scheduler: runners the admin cordoned or is draining (no new placements)",
+)
 ROUTES = Bucket(
     subjects.KV_ROUTES, SandboxRoute, "sandbox_id", "runner -> proxy, scheduler: where a sandbox runs"
 )
@@ -309,6 +316,7 @@ ORGANIZATION_TELEMETRY = Bucket(
 )
 BUCKETS: tuple[Bucket, ...] = (
     RUNNERS,
+    RUNNER_CONTROLS,
     ROUTES,
     PLACEMENTS,
     DESIRED,

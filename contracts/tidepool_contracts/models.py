@@ -328,6 +328,19 @@ class RunnerInfo(BusModel):
     heartbeat_at: datetime = Field(default_factory=utc_now)
 
 
+class RunnerControl(BusModel):
+    """API -> scheduler: what the admin decided about a runner (`POST /runners/{id}/cordon|drain|uncordon`).
+
+    `cordoned`: no new sandbox is placed on it (its sandboxes keep running; those it hosts stay there).
+    `draining`: cordoned, and reported as draining until it hosts no sandbox (the admin stops, archives
+    or deletes them; nothing is moved automatically yet). No record: schedulable."""
+
+    runner_id: str
+    cordoned: bool = False
+    draining: bool = False
+    updated_at: datetime = Field(default_factory=utc_now)
+
+
 class ApiKeyRecord(BusModel):
     """API -> KV: what the proxy needs to authenticate a key (stored under the key's hash)."""
 

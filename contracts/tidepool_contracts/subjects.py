@@ -31,6 +31,7 @@ SANDBOX_METRICS_QUERY_SUBJECT = "tidepool.rpc.telemetry.sandbox_metrics"
 
 # KV buckets (shared read models).
 KV_RUNNERS = "tidepool_runners"  # runner id -> RunnerInfo (expires without heartbeats)
+KV_RUNNER_CONTROLS = "tidepool_runner_controls"  # runner id -> RunnerControl (admin's cordon/drain)
 KV_ROUTES = "tidepool_routes"  # sandbox id -> SandboxRoute (proxy reads this, never the DB)
 KV_PLACEMENTS = "tidepool_placements"  # sandbox id -> Placement (scheduler's memory)
 KV_DESIRED = "tidepool_desired"  # sandbox id -> DesiredSandbox (API writes, scheduler reconciles)

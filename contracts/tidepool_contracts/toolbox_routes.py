@@ -164,6 +164,39 @@ def toolbox_route_status(method: str, raw_path: str) -> int | None:
     return METHOD_NOT_ALLOWED if allowed_elsewhere else ROUTE_NOT_FOUND
 
 
+# Routes whose requests last as long as their data or their user does, not as long as the work they ask
+# for: file transfers (streamed bodies of any size) and log follows (`?follow=true`, open until the command
+# ends). With WebSockets (PTY, interpreter, session log streams) they are exempt from toolbox admission
+# (tidepool_runtime.admission), since a slot they held would be held for minutes or hours.
+STREAMED_TRANSFER_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("GET", "/files/download"),
+        ("POST", "/files/bulk-download"),
+        ("POST", "/files/bulk-upload"),
+        ("POST", "/files/upload-v2"),
+    }
+)
+_FOLLOWABLE_LOGS: tuple[tuple[str | None, ...], ...] = (
+    ("process", "session", "entrypoint", "logs"),
+    ("process", "session", None, "command", None, "logs"),
+)
+
+
+def is_long_lived(method: str, raw_path: str, follow: bool) -> bool:
+    """True for a toolbox request that may stay open indefinitely by design: a streamed transfer
+    (STREAMED_TRANSFER_ROUTES) or a log request with `follow` set. `raw_path` as in
+    `toolbox_route_status` (a route it accepted); `follow`: the request's `follow` query parameter is
+    `true` or `1`. WebSocket upgrades are recognized by the caller, from the headers."""
+    path = raw_path[:-1] if raw_path.endswith("/") and raw_path != "/" else raw_path
+    method = method.upper()
+    if (method, path) in STREAMED_TRANSFER_ROUTES:
+        return True
+    if not follow or method != "GET":
+        return False
+    segments = path.split("/")[1:]
+    return any(len(pattern) == len(segments) and _matches(pattern, segments) for pattern in _FOLLOWABLE_LOGS)
+
+
 # Response header of the daemon for a request that carried `traceparent`: `start=<unix ns>;end=<unix ns>`,
 # its handling time until the response head was written. The runner records it as the daemon's span and
 # drops it (the daemon, dependency-free, exports nothing itself). Same name in tidepool_daemon.httpd.server.

@@ -164,6 +164,53 @@ class RunnerTokenSettings(_Base):
     runner_token: str = "tidepool-dev-runner-token"
 
 
+class RunnerLossSettings(_Base):
+    """When the scheduler (and the API's runner routes) count a runner as lost."""
+
+    runner_lost_after_seconds: float = Field(default=20.0, gt=0)
+    """A runner whose last heartbeat is older than this (or whose heartbeat entry expired, after 30 s) is
+    lost: placement skips it, and its sandboxes go to a recoverable `error` until it is back (checked at
+    every reconciliation). Several of its heartbeats (`runner_heartbeat_interval_seconds`) long."""
+
+
+class RunnerHeartbeatSettings(_Base):
+    """How often a runner tells the scheduler it is alive (tidepool_runner.inventory)."""
+
+    runner_heartbeat_interval_seconds: float = Field(default=5.0, gt=0)
+    """Well below the scheduler's `runner_lost_after_seconds` and the heartbeat entry's 30 s expiry."""
+
+
+class ToolboxAdmissionSettings(_Base):
+    """Back-pressure on the toolbox path (tidepool_runtime.admission): how many toolbox requests one hop
+    relays at once before further ones wait briefly (in a queue as long as the slots) and are then
+    refused with 503 and `Retry-After`. WebSockets, log follows and streamed file transfers are exempt.
+
+    Sized from `BENCH_ONLY=backpressure` on 2 cores (busy with other work too): the whole path completes
+    150-230 mixed requests/s; at twice that, admitted toolbox requests took p50/p99 0.33/1.9 s with these
+    defaults, 0.2/0.7 s with 16 slots held until complete, 0.5/1.6 s with 32 slots held up to 1 s. 16 slots
+    with a 0.1 s hold bound what is admitted to ~160 requests/s even when every request is slow, and serve
+    a burst of 24 one-second execs at once without a refusal (a hold longer than the queue wait would
+    refuse the 17th); a deployment without such bursts gets lower latency under overload with hold 0."""
+
+    proxy_toolbox_max_in_flight: int = Field(default=16, ge=0)
+    """Per proxy process; 0: unbounded (requests queue, as before issue #10)."""
+    runner_toolbox_max_in_flight: int = Field(default=32, ge=0)
+    """Per runner process, across all its sandboxes and every proxy that relays to it; 0: unbounded."""
+    toolbox_queue_wait_seconds: float = Field(default=0.2, ge=0)
+    """How long a request that finds every slot taken may wait for one (a burst is absorbed, a sustained
+    overload refused); past `toolbox_queue_length` waiting, a request is refused at once. 0: refused at
+    once."""
+    toolbox_queue_length: int = Field(default=512, ge=0)
+    """Requests that may wait for a slot at once, per hop: a burst of many agents' short calls (each
+    slot turns over in milliseconds) waits briefly instead of being refused; past it, refused at once."""
+    toolbox_slot_hold_seconds: float = Field(default=0.1, ge=0)
+    """A request still running after this long (a long `exec`, or everything on an overloaded machine)
+    gives its slot to the next one: it waits on the sandbox, not on the path. Below the queue wait, so a
+    burst of long calls queues instead of being refused. 0: held until the response is complete."""
+    toolbox_retry_after_seconds: int = Field(default=1, ge=0)
+    """`Retry-After` of a refusal, in whole seconds."""
+
+
 class RegionSettings(_Base):
     """The region sandboxes are placed in."""
 
@@ -529,11 +576,12 @@ class ApiSettings(
     WarmPoolSettings,
     QuotaSettings,
     WebhookSettings,
+    RunnerLossSettings,
 ):
     pass
 
 
-class SchedulerSettings(CommonSettings, SchedulingSettings):
+class SchedulerSettings(CommonSettings, SchedulingSettings, RunnerLossSettings):
     pass
 
 
@@ -553,7 +601,12 @@ class BuilderSettings(
 
 
 class ProxySettings(
-    CommonSettings, ProxyHttpSettings, PublicProxySettings, RunnerTokenSettings, SigningSealSettings
+    CommonSettings,
+    ProxyHttpSettings,
+    PublicProxySettings,
+    RunnerTokenSettings,
+    SigningSealSettings,
+    ToolboxAdmissionSettings,
 ):
     pass
 
@@ -583,6 +636,8 @@ class RunnerSettings(
     RegistryLoginSettings,
     RegistryMirrorSettings,
     SandboxNetworkSettings,
+    ToolboxAdmissionSettings,
+    RunnerHeartbeatSettings,
 ):
     pass
 

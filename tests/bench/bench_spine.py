@@ -83,6 +83,7 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
 def main() -> None:
     from tests.bench.bench_api import bench_api
     from tests.bench.bench_apioverhead import bench_apioverhead
+    from tests.bench.bench_backpressure import bench_backpressure
     from tests.bench.bench_code import bench_code
     from tests.bench.bench_dashboard import bench_dashboard
     from tests.bench.bench_hops import bench_hops
@@ -114,6 +115,7 @@ def main() -> None:
         ("tracing", bench_tracing),
         ("pool", bench_pool),
         ("dashboard", lambda _daytona, stack: bench_dashboard(stack)),
+        ("backpressure", bench_backpressure),
     ]
     run_with_stack([(name, function) for name, function in benches if not only or name in only])
 

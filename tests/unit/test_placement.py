@@ -14,7 +14,12 @@ from tidepool_contracts.models import (
     VolumeMountSpec,
     required_capabilities,
 )
-from tidepool_scheduler.placement import NO_CAPACITY_REASON, choose_runner, no_runner_reason
+from tidepool_scheduler.placement import (
+    CORDONED_REASON,
+    NO_CAPACITY_REASON,
+    choose_runner,
+    no_runner_reason,
+)
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SPEC = SandboxSpec(sandbox_id="s", organization_id="o", image="i", cpu=1, memory_gib=1)
@@ -42,6 +47,16 @@ def test_skips_stale_and_unschedulable_runners() -> None:
     stale = runner("stale", heartbeat_at=NOW - timedelta(minutes=5))
     cordoned = runner("cordoned", unschedulable=True)
     assert choose_runner([stale, cordoned], SPEC, NOW) is None
+
+
+def test_skips_runners_the_admin_cordoned_and_those_silent_longer_than_the_loss_time() -> None:
+    first, second = runner("first"), runner("second", cpu_allocated=2)
+    assert choose_runner([first, second], SPEC, NOW, cordoned=frozenset({"first"})) == second
+    assert choose_runner([first, second], SPEC, NOW, cordoned=frozenset({"first", "second"})) is None
+    assert no_runner_reason([first], SPEC, NOW, cordoned=frozenset({"first"})) == CORDONED_REASON
+    quiet = runner("quiet", heartbeat_at=NOW - timedelta(seconds=8))
+    assert choose_runner([quiet], SPEC, NOW, freshness=timedelta(seconds=10)) == quiet
+    assert choose_runner([quiet], SPEC, NOW, freshness=timedelta(seconds=5)) is None
 
 
 def test_refuses_a_runner_without_room() -> None:

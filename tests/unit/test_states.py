@@ -54,3 +54,23 @@ def test_same_state_is_idempotent() -> None:
 def test_transitions_only_name_known_states() -> None:
     for targets in ALLOWED_TRANSITIONS.values():
         assert targets <= set(SandboxState)
+
+
+def test_runner_loss_paths() -> None:
+    """A lost runner's sandboxes go to `error` from any state a runner holds them in
+    (tidepool_scheduler.runner_loss), and come back to what their runner reports once it returns."""
+    on_a_runner = (
+        SandboxState.CREATING,
+        SandboxState.PULLING_SNAPSHOT,
+        SandboxState.STARTING,
+        SandboxState.STARTED,
+        SandboxState.STOPPING,
+        SandboxState.STOPPED,
+        SandboxState.RESIZING,
+        SandboxState.ARCHIVING,
+        SandboxState.RESTORING,
+    )
+    for state in on_a_runner:
+        assert can_transition(state, SandboxState.ERROR), state
+    for back in (SandboxState.STARTED, SandboxState.STOPPED, SandboxState.DESTROYING):
+        assert can_transition(SandboxState.ERROR, back)

@@ -28,6 +28,7 @@ from tidepool_api.routes.deps import document_permissions
 from tidepool_api.routes.object_storage import router as object_storage_router
 from tidepool_api.routes.previews import router as previews_router
 from tidepool_api.routes.registries import router as registries_router
+from tidepool_api.routes.runners import router as runners_router
 from tidepool_api.routes.signing import router as signing_router
 from tidepool_api.routes.ssh_access import router as ssh_access_router
 from tidepool_api.routes.telemetry import router as telemetry_router
@@ -70,6 +71,7 @@ def create_app(context: ApiContext) -> FastAPI:
     api.include_router(object_storage_router)
     api.include_router(registries_router)
     api.include_router(webhooks_router)
+    api.include_router(runners_router)
     app.include_router(api)
     document_permissions(app)
     mount_dashboard(app)

@@ -39,6 +39,7 @@ TARGET_TYPES = {
     "volumes": "volume",
     "object-storage": "object_storage",
     "webhook-endpoints": "webhook_endpoint",
+    "runners": "runner",
 }
 MAX_CAPTURED_BODY = 64 * 1024  # enough for any DTO naming what was created
 TEXT_MAX = 1024

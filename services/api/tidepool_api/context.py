@@ -53,6 +53,8 @@ class ApiContext:
     signed_previews_kv: KeyValue | None = None
     ssh_access_kv: KeyValue | None = None  # tidepool_api.ssh_access
     organization_telemetry_kv: KeyValue | None = None  # tidepool_api.otel_config
+    runners_kv: KeyValue | None = None  # tidepool_api.runners
+    runner_controls_kv: KeyValue | None = None  # tidepool_api.runners
     waiters: StateWaiters = field(default_factory=StateWaiters)
     rate_limiter: RateLimiter | None = None  # None: no rate limits (unit tests)
     # Wake the webhook outbox relay (a commit recorded a change) and the deliverer (deliveries were made).

@@ -16,6 +16,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from multidict import CIMultiDict
 from opentelemetry import propagate, trace
 from yarl import URL
 
@@ -41,6 +42,7 @@ from tidepool_proxy.browser import (
 from tidepool_proxy.kv_cache import KvCache
 from tidepool_proxy.previews import preview_target, serve_preview
 from tidepool_runtime import sealing
+from tidepool_runtime.admission import Admission, admitted
 from tidepool_runtime.broker import Bus, connect
 from tidepool_runtime.relay import (
     SESSION_SKIP_AUTO_HEADERS,
@@ -82,6 +84,8 @@ class ProxyState:
 
 
 STATE_KEY = web.AppKey("proxy_state", ProxyState)
+# Toolbox requests this proxy relays at once (tidepool_runtime.admission); previews are not counted.
+ADMISSION_KEY = web.AppKey("toolbox_admission", Admission)
 
 
 def toolbox_path(request: web.Request, sandbox_id: str) -> str:
@@ -159,6 +163,19 @@ async def _relay_toolbox(request: web.Request) -> web.StreamResponse:
     )
     propagate.inject(headers)  # this request's span (the caller's own `traceparent` was copied above)
     url = runner_url(request, route, path)
+    # Admission last: what is refused above (401/403/404/409) is refused whatever the load.
+    return await admitted(
+        request.app[ADMISSION_KEY],
+        request,
+        path,
+        lambda: _relay_to_runner(request, state, route, url, headers),
+    )
+
+
+async def _relay_to_runner(
+    request: web.Request, state: ProxyState, route: SandboxRoute, url: URL, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    sandbox_id = route.sandbox_id
     try:
         if is_websocket_upgrade(request):
             return await relay_websocket(
@@ -253,6 +270,14 @@ def create_proxy_app(settings: ProxySettings) -> web.Application:
             await app[STATE_KEY].runners.close()
             await bus.close()
 
+    app[ADMISSION_KEY] = Admission(
+        settings.proxy_toolbox_max_in_flight,
+        queue_wait=settings.toolbox_queue_wait_seconds,
+        queue_length=settings.toolbox_queue_length,
+        hold=settings.toolbox_slot_hold_seconds,
+        retry_after_seconds=settings.toolbox_retry_after_seconds,
+        hop="toolbox proxy",
+    )
     app.cleanup_ctx.append(lifecycle)
     app.on_response_prepare.append(add_toolbox_cors)
     app.router.add_get("/health", health)

@@ -16,7 +16,6 @@ from tidepool_runtime.settings import RunnerSettings
 
 log = structlog.get_logger("tidepool.runner.inventory")
 
-HEARTBEAT_INTERVAL_SECONDS = 5.0
 ADOPTION_RETRY_SECONDS = 2.0
 MEMINFO_PATH = Path("/proc/meminfo")
 KIB_PER_GIB = 1024 * 1024
@@ -84,7 +83,7 @@ class Inventory:
                 await kv_put(self._runners, self._runner_id, await self.current_info())
             except Exception as error:  # a missed beat is harmless; the entry only expires after 30 s
                 log.warning("inventory.heartbeat_failed", error=str(error))
-            await asyncio.sleep(HEARTBEAT_INTERVAL_SECONDS)
+            await asyncio.sleep(self._settings.runner_heartbeat_interval_seconds)
 
     async def adopt_until_done(self) -> None:
         while True:

@@ -32,6 +32,7 @@ from tidepool_runner.subscribers import publishers, register_jobs
 from tidepool_runner.terminations import TerminationCollector
 from tidepool_runner.toolbox_server import build_toolbox_app
 from tidepool_runner.volumes import VolumeMounts
+from tidepool_runtime.admission import Admission
 from tidepool_runtime.broker import Bus, create_broker
 from tidepool_runtime.health import Health, bus_check, engine_check, serve_health
 from tidepool_runtime.image_refs import internal_registry_auth
@@ -123,7 +124,20 @@ class Runner:
 
         activity = ActivityRecorder(await bus.kv(channels.ACTIVITY), settings.activity_write_interval_seconds)
         self._web = web.AppRunner(
-            build_toolbox_app(backend.toolbox, settings.runner_token, activity), access_log=None
+            build_toolbox_app(
+                backend.toolbox,
+                settings.runner_token,
+                activity,
+                Admission(
+                    settings.runner_toolbox_max_in_flight,
+                    queue_wait=settings.toolbox_queue_wait_seconds,
+                    queue_length=settings.toolbox_queue_length,
+                    hold=settings.toolbox_slot_hold_seconds,
+                    retry_after_seconds=settings.toolbox_retry_after_seconds,
+                    hop="runner",
+                ),
+            ),
+            access_log=None,
         )
         await self._web.setup()
         await web.TCPSite(self._web, settings.runner_host, settings.runner_port).start()

@@ -21,6 +21,7 @@ from tidepool_runner.activity import ActivityRecorder
 from tidepool_runner.backend import ToolboxChannel
 from tidepool_runner.daemon_connections import DAEMON_BASE_URL
 from tidepool_runner.tcp_tunnel import relay_tcp
+from tidepool_runtime.admission import Admission, admitted
 from tidepool_runtime.observability import tracer_on_behalf_of
 from tidepool_runtime.relay import (
     UpstreamRejectedUpgradeError,
@@ -42,6 +43,8 @@ MAX_HEADER_FIELD_SIZE = 64 * 1024
 DAEMONS_KEY = web.AppKey("daemons", ToolboxChannel)
 RUNNER_TOKEN_KEY = web.AppKey("runner_token", str)
 ACTIVITY_KEY = web.AppKey("activity", ActivityRecorder)
+# Toolbox requests this runner relays at once, over all its sandboxes (tidepool_runtime.admission).
+ADMISSION_KEY = web.AppKey("toolbox_admission", Admission)
 
 tracer = trace.get_tracer("tidepool.runner")
 
@@ -118,6 +121,12 @@ async def _relay_toolbox(request: web.Request, span: trace.Span) -> web.StreamRe
     refused = toolbox_route_status(request.method, path)
     if refused is not None:
         return error_response(request, refused, f"the toolbox API has no route {request.method} {path}")
+    return await admitted(request.app[ADMISSION_KEY], request, path, lambda: _relay_to_daemon(request, span))
+
+
+async def _relay_to_daemon(request: web.Request, span: trace.Span) -> web.StreamResponse:
+    sandbox_id = request.match_info["sandbox_id"]
+    path = toolbox_path(request, sandbox_id)
     activity = request.app.get(ACTIVITY_KEY)
     if activity is not None:
         activity.touch(sandbox_id)
@@ -212,13 +221,18 @@ async def health(_: web.Request) -> web.Response:
 
 
 def build_toolbox_app(
-    daemons: ToolboxChannel, runner_token: str, activity: ActivityRecorder | None = None
+    daemons: ToolboxChannel,
+    runner_token: str,
+    activity: ActivityRecorder | None = None,
+    admission: Admission | None = None,
 ) -> web.Application:
+    """`admission`: the runner's toolbox concurrency limit (None: unbounded)."""
     # Bodies are streamed, so client_max_size never applies. Long headers are allowed: a PTY's envs travel
     # base64-encoded inside Sec-WebSocket-Protocol.
     app = web.Application(handler_args={"max_field_size": MAX_HEADER_FIELD_SIZE})
     app[DAEMONS_KEY] = daemons
     app[RUNNER_TOKEN_KEY] = runner_token
+    app[ADMISSION_KEY] = admission if admission is not None else Admission(0, hop="runner")
     if activity is not None:
         app[ACTIVITY_KEY] = activity
     app.router.add_get("/health", health)

@@ -1,6 +1,6 @@
 """Start-up of the scheduler: bus (subscribers.py), intent consumer, leader lease, and, while this replica
-leads (leader.py), the reconciliation loop and lifecycle timers; probes (tidepool_runtime.health); stop on
-SIGTERM."""
+leads (leader.py), the reconciliation loop, lifecycle timers and the runner-loss watch (runner_loss.py);
+probes (tidepool_runtime.health); stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tidepool_runtime.health import Health, bus_check, serve_health
 from tidepool_runtime.settings import SchedulerSettings
 from tidepool_scheduler.leader import LeaderLease
 from tidepool_scheduler.lifecycle import LifecycleTimers
+from tidepool_scheduler.runner_loss import RunnerWatch
 from tidepool_scheduler.scheduler import Scheduler
 from tidepool_scheduler.subscribers import register
 
@@ -45,6 +46,9 @@ async def main(settings: SchedulerSettings, stop: asyncio.Event) -> None:
     loops = [
         asyncio.create_task(scheduler.reconcile_forever(stop, lambda: lease.is_leader), name="reconcile"),
         asyncio.create_task(timers.run_forever(stop, lambda: lease.is_leader), name="lifecycle-timers"),
+        asyncio.create_task(
+            RunnerWatch(scheduler).run_forever(stop, lambda: lease.is_leader), name="runner-watch"
+        ),
     ]
     health.watch(campaign, *loops)
     log.info("scheduler.ready", holder=holder)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -20,6 +20,7 @@ from tidepool_contracts import channels
 from tidepool_contracts.models import (
     DesiredSandbox,
     Placement,
+    RunnerControl,
     RunnerInfo,
     RunnerJob,
     SandboxAction,
@@ -58,6 +59,7 @@ class Scheduler:
     placements_kv: KeyValue
     desired_kv: KeyValue
     routes_kv: KeyValue
+    controls_kv: KeyValue
     _intent_locks: SandboxLocks = field(default_factory=SandboxLocks, repr=False)
 
     @classmethod
@@ -69,7 +71,18 @@ class Scheduler:
             placements_kv=await bus.kv(channels.PLACEMENTS),
             desired_kv=await bus.kv(channels.DESIRED),
             routes_kv=await bus.kv(channels.ROUTES),
+            controls_kv=await bus.kv(channels.RUNNER_CONTROLS),
         )
+
+    @property
+    def freshness(self) -> timedelta:
+        """How old a runner's last heartbeat may be before it counts as lost (`runner_lost_after_seconds`)."""
+        return timedelta(seconds=self.settings.runner_lost_after_seconds)
+
+    async def cordoned(self) -> frozenset[str]:
+        """Ids of the runners the admin cordoned or is draining: they get no new placements."""
+        controls = await kv_items(self.controls_kv, RunnerControl)
+        return frozenset(control.runner_id for control in controls if control.cordoned or control.draining)
 
     async def report(self, intent: SandboxIntent, state: SandboxState, reason: str | None = None) -> None:
         event = SandboxStateEvent(
@@ -134,6 +147,25 @@ class Scheduler:
         await self.bus.publish(channels.SANDBOX_EVENTS, event, sandbox_id=desired.sandbox_id)
         await self.handle_intent(intent, None)
 
+    async def redo_desired(self, desired: DesiredSandbox) -> None:
+        """Send the sandbox's runner the job for its desired state again, as a new intent (a new dedupe
+        id): the runner converges and reports the actual state (e.g. after it was lost and came back)."""
+        action = ACTION_FOR_DESIRED.get(desired.desired_state)
+        if action is None:
+            return  # archived: nothing of it is on a runner
+        intent = SandboxIntent(
+            sandbox_id=desired.sandbox_id,
+            organization_id=desired.organization_id,
+            action=action,
+            spec=desired.spec,
+        )
+        await kv_put(
+            self.desired_kv,
+            desired.sandbox_id,
+            desired.model_copy(update={"intent_id": intent.intent_id, "force": False}),
+        )
+        await self.handle_intent(intent, None)
+
     async def handle_intent(self, intent: SandboxIntent, msg: Msg | None) -> None:
         """Carry out one intent; a sandbox's intents one at a time (a DESTROY that found no placement while
         a concurrent CREATE was placing it would leave a container nobody owns)."""
@@ -173,11 +205,20 @@ class Scheduler:
                 await self.report(intent, SandboxState.STOPPED)
                 return
             runners = await kv_items(self.runners_kv, RunnerInfo)
-            runner = choose_runner(runners, intent.spec, action=intent.action)
+            cordoned = await self.cordoned()
+            runner = choose_runner(
+                runners, intent.spec, action=intent.action, freshness=self.freshness, cordoned=cordoned
+            )
             if runner is None:
                 delivered = msg.metadata.num_delivered if msg is not None and msg.metadata else 1
                 if delivered >= MAX_DELIVERIES_WITHOUT_RUNNER:
-                    reason = no_runner_reason(runners, intent.spec, action=intent.action)
+                    reason = no_runner_reason(
+                        runners,
+                        intent.spec,
+                        action=intent.action,
+                        freshness=self.freshness,
+                        cordoned=cordoned,
+                    )
                     await self.report(intent, SandboxState.ERROR, reason)
                     return
                 raise RuntimeError("no runner available yet")

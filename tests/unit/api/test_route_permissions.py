@@ -134,6 +134,14 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
     ("POST", "/api/webhooks/endpoints/{endpoint_id}/rotate-secret"): EVERY,
     ("GET", "/api/webhooks/endpoints/{endpoint_id}/attempts"): EVERY,
     ("GET", "/api/webhooks/endpoints/{endpoint_id}/deliveries"): EVERY,
+    # Runners: the admin organization's only (404 for others, checked in the handler).
+    ("GET", "/api/runners"): ("read:runners",),
+    ("GET", "/api/runners/{runner_id}"): ("read:runners",),
+    ("POST", "/api/runners/{runner_id}/cordon"): ("write:runners",),
+    ("POST", "/api/runners/{runner_id}/drain"): ("write:runners",),
+    ("POST", "/api/runners/{runner_id}/uncordon"): ("write:runners",),
+    ("PATCH", "/api/runners/{runner_id}/scheduling"): ("write:runners",),
+    ("PATCH", "/api/runners/{runner_id}/draining"): ("write:runners",),
 }
 # Writes that check scopes in the handler rather than by a declared `Requires`.
 CHECKED_IN_HANDLER = {

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -13,14 +15,18 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.polling import wait_until_async
 from tests.unit.runner.sockets import SANDBOX_ROOT_UID, serve_as
 from tidepool_contracts.toolbox_routes import DAEMON_SPAN_HEADER
 from tidepool_runner.daemon_connections import DaemonConnections
 from tidepool_runner.toolbox_server import build_toolbox_app
+from tidepool_runtime.admission import Admission
 
 RUNNER_TOKEN = "runner-secret"
 SANDBOX_ID = "sbx-1"
 DOWNLOAD = os.urandom(10 * 1024 * 1024)
+# Set by a test: `POST /process/execute` answers once it is set (a long exec).
+GATE_KEY = web.AppKey("gate", asyncio.Event)
 
 
 async def fake_daemon(request: web.Request) -> web.StreamResponse:
@@ -35,6 +41,9 @@ async def fake_daemon(request: web.Request) -> web.StreamResponse:
         return web.json_response({"traceparent": request.headers["traceparent"]}, headers=timing)
     if route == ("DELETE", "/files"):
         return web.Response(status=204)
+    if route == ("POST", "/process/execute"):
+        await request.app[GATE_KEY].wait()
+        return web.json_response({"exitCode": 0, "result": ""})
     if route == ("GET", "/files/info"):
         return web.Response(body=b"\x1f\x8bnot-really-gzip", headers={"Content-Encoding": "gzip"})
     if route == ("POST", "/files/upload-v2"):
@@ -72,12 +81,21 @@ async def fake_daemon(request: web.Request) -> web.StreamResponse:
 class RunnerUnderTest:
     url: str
     sockets_dir: Path
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @pytest.fixture
 async def runner(short_tmp: Path) -> AsyncIterator[RunnerUnderTest]:
+    async with serve_runner(short_tmp, None) as serving:
+        yield serving
+
+
+@contextlib.asynccontextmanager
+async def serve_runner(short_tmp: Path, admission: Admission | None) -> AsyncIterator[RunnerUnderTest]:
     sockets_dir = short_tmp / "sockets"
+    gate = asyncio.Event()
     daemon_app = web.Application()
+    daemon_app[GATE_KEY] = gate
     daemon_app.router.add_route("*", "/{path:.*}", fake_daemon)
     daemon_runner = web.AppRunner(daemon_app)
     await daemon_runner.setup()
@@ -85,12 +103,15 @@ async def runner(short_tmp: Path) -> AsyncIterator[RunnerUnderTest]:
     await serve_as(SANDBOX_ROOT_UID, daemon_runner, sockets_dir / SANDBOX_ID)
 
     daemons = DaemonConnections(lambda sandbox_id: sockets_dir / sandbox_id)
-    server = TestServer(build_toolbox_app(daemons, RUNNER_TOKEN), host="127.0.0.1")
+    server = TestServer(build_toolbox_app(daemons, RUNNER_TOKEN, admission=admission), host="127.0.0.1")
     await server.start_server()
-    yield RunnerUnderTest(url=str(server.make_url("")).rstrip("/"), sockets_dir=sockets_dir)
-    await server.close()
-    await daemons.close_all()
-    await daemon_runner.cleanup()
+    try:
+        yield RunnerUnderTest(url=str(server.make_url("")).rstrip("/"), sockets_dir=sockets_dir, gate=gate)
+    finally:
+        gate.set()
+        await server.close()
+        await daemons.close_all()
+        await daemon_runner.cleanup()
 
 
 AUTH = {"Authorization": f"Bearer {RUNNER_TOKEN}"}
@@ -219,3 +240,56 @@ async def test_tcp_tunnel_needs_the_runner_token_a_websocket_and_a_reachable_san
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(f"{runner.url}/sandboxes/other/tcp/8080", headers=AUTH)
         assert refused.value.status == 502
+
+
+async def test_past_capacity_the_runner_refuses_fast_and_exempts_long_lived_requests(short_tmp: Path) -> None:
+    admission = Admission(2, retry_after_seconds=3, hop="runner")
+    toolbox = f"/sandboxes/{SANDBOX_ID}/toolbox"
+    async with serve_runner(short_tmp, admission) as runner, aiohttp.ClientSession() as http:
+        execute = f"{runner.url}{toolbox}/process/execute"
+
+        async def long_exec() -> tuple[int, dict]:
+            async with http.post(execute, json={"command": "sleep 60"}, headers=AUTH) as response:
+                return response.status, await response.json()
+
+        long_execs = [asyncio.create_task(long_exec()) for _ in range(2)]
+        await wait_until_async(lambda: admission.in_flight == 2, "the long execs were never admitted")
+
+        async with http.post(execute, json={"command": "true"}, headers=AUTH) as refused:
+            assert refused.status == 503
+            assert refused.headers["Retry-After"] == "3"
+            body = await refused.json()
+        assert body["statusCode"] == 503
+        assert "runner is at capacity (2 toolbox requests in flight)" in body["message"]
+        async with http.get(f"{runner.url}{toolbox}/version", headers=AUTH) as refused:
+            assert refused.status == 503
+        assert admission.refused == 2
+
+        # Long-lived requests pass while every slot is taken, and take none: a streamed download, an
+        # upload, a log follow (a plain log read is counted), a PTY WebSocket.
+        async with http.get(f"{runner.url}{toolbox}/files/download?path=x", headers=AUTH) as download:
+            assert download.status == 200
+            assert await download.read() == DOWNLOAD
+        async with http.post(f"{runner.url}{toolbox}/files/upload-v2", data=b"abc", headers=AUTH) as upload:
+            assert upload.status == 200
+        logs = f"{runner.url}{toolbox}/process/session/s1/command/c1/logs"
+        async with http.get(f"{logs}?follow=true", headers=AUTH) as followed:
+            assert followed.status == 200
+        async with http.get(logs, headers=AUTH) as read_once:
+            assert read_once.status == 503
+        async with http.ws_connect(
+            f"{runner.url}{toolbox}/process/pty/pty-1/connect",
+            headers=AUTH,
+            protocols=("X-Daytona-Pty-Exit-Control",),
+        ) as ws:
+            await ws.send_bytes(b"ls\n")
+            assert await ws.receive_bytes(timeout=5) == b"LS\n"
+        assert admission.in_flight == 2
+
+        # The admitted requests complete as if nothing had been refused; then their slots are free.
+        runner.gate.set()
+        assert await asyncio.gather(*long_execs) == [(200, {"exitCode": 0, "result": ""})] * 2
+        assert admission.in_flight == 0
+        async with http.get(f"{runner.url}{toolbox}/version", headers=AUTH) as response:
+            assert response.status == 200
+        assert (admission.admitted, admission.refused) == (3, 3)

@@ -54,6 +54,7 @@ async def scheduler_on_test_broker() -> tuple[Any, Scheduler, Bus, list[Any]]:
         placements_kv=MemoryKV(),  # type: ignore[arg-type]
         desired_kv=MemoryKV(),  # type: ignore[arg-type]
         routes_kv=MemoryKV(),  # type: ignore[arg-type]
+        controls_kv=MemoryKV(),  # type: ignore[arg-type]
     )
     bus.add_publishers(subscribers.register(broker, scheduler))
     sent: list[Any] = []
