@@ -19,15 +19,15 @@ from typing import Any
 import aiodocker
 import pytest
 
+from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
 from tidepool_builder.docker_build import BuildFailedError, build_image, image_exists, inject_ca_bundle
+from tidepool_runtime.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = REPO_ROOT / "deploy" / "podman" / "containers.conf"
 BUILD_BASE_SCRIPT = REPO_ROOT / "images" / "base" / "build-base.sh"
-DEFAULT_DOCKERFILE = REPO_ROOT / "images" / "default" / "Dockerfile"
 BASE_IMAGE = "localhost/tidepool/base:bookworm"
-DEFAULT_TEST_CACHE_REPO = "localhost/tidepool/default-test"
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 HOST_CA_BUNDLE_IF_PRESENT = HOST_CA_BUNDLE if os.path.exists(HOST_CA_BUNDLE) else None
 CA_BUNDLE_IN_SANDBOX = "/etc/ssl/certs/ca-certificates.crt"
@@ -120,99 +120,76 @@ async def _exec(container: Any, command: list[str]) -> tuple[int, str]:
 
 @needs_podman
 @pytest.mark.integration
-async def test_default_image_builds_and_runs_a_sandbox(base_image: str, docker: aiodocker.Docker) -> None:
-    tag = f"{DEFAULT_TEST_CACHE_REPO}:{os.getpid()}"
-    build_log = BuildLog()
-    started_at = time.monotonic()
-    image_id = await build_image(
-        docker,
-        dockerfile=DEFAULT_DOCKERFILE.read_text(),
-        context_files={},
-        tag=tag,
-        # Like the stack: the host's bundle when there is one (npm fetches over https during the build).
-        ca_bundle_path=HOST_CA_BUNDLE_IF_PRESENT,
-        on_log=build_log,
-    )
-    print(f"\n[timing] default image build_image() in {time.monotonic() - started_at:.1f}s")
-    try:
-        assert image_id.startswith("sha256:")
-        assert await image_exists(docker, tag)
-        assert any(line.startswith("STEP 1/") for line in build_log.lines), build_log.text
-
-        image = await docker.images.inspect(tag)
-        assert image["Config"]["Labels"]["io.tidepool.snapshot"] == "default"
-        assert image["Config"]["User"] == "daytona"
-
-        started_at = time.monotonic()
-        container = await docker.containers.create(
-            {
-                "Image": tag,
-                "Cmd": ["sleep", "infinity"],
-                "HostConfig": {
-                    "Init": True,
-                    "NanoCpus": 1_000_000_000,
-                    "Memory": 2 * 1024**3,
-                    # How the runner injects the configured CA into sandboxes at run time.
-                    "Binds": [f"{HOST_CA_BUNDLE}:{CA_BUNDLE_IN_SANDBOX}:ro"],
-                },
+async def test_default_image_builds_and_runs_a_sandbox(stack: StackThread, docker: aiodocker.Docker) -> None:
+    """The default snapshot's image, as the stack's builder built it from images/default/Dockerfile (its first
+    start waits for that build; building it a second time here cost four minutes of a cold CI run), runs a
+    sandbox-like container with everything the image promises."""
+    tag = Settings().default_image
+    assert await image_exists(docker, tag)
+    image = await docker.images.inspect(tag)
+    assert image["Config"]["Labels"]["io.tidepool.snapshot"] == "default"
+    assert image["Config"]["User"] == "daytona"
+    container = await docker.containers.create(
+        {
+            "Image": tag,
+            "Cmd": ["sleep", "infinity"],
+            "HostConfig": {
+                "Init": True,
+                "NanoCpus": 1_000_000_000,
+                "Memory": 2 * 1024**3,
+                # How the runner injects the configured CA into sandboxes at run time.
+                "Binds": [f"{HOST_CA_BUNDLE}:{CA_BUNDLE_IN_SANDBOX}:ro"],
             },
-            name=f"tidepool-images-test-{os.getpid()}",
+        },
+        name=f"tidepool-images-test-{os.getpid()}",
+    )
+    try:
+        await container.start()
+
+        checks: dict[str, list[str]] = {
+            "libraries": ["python3", "-c", "import numpy, pandas, matplotlib, requests, flask"],
+            "python": ["python", "--version"],
+            "git": ["git", "--version"],
+            "node": ["node", "--version"],
+            "npm": ["npm", "--version"],
+            "pylsp": ["pylsp", "--help"],
+            "sudo": ["sudo", "-n", "true"],
+        }
+        for name, command in checks.items():
+            exit_code, output = await _exec(container, command)
+            assert exit_code == 0, f"{name}: {command} -> {exit_code}: {output}"
+
+        assert (await _exec(container, ["id", "-un"])) == (0, "daytona\n")
+        # No WORKDIR: a sandbox's commands start in its user's home (the daemon's rule, tested through
+        # the SDK in test_snapshots_sdk), whichever user it has.
+        assert not image["Config"].get("WorkingDir")
+        assert (await _exec(container, ["sh", "-c", "echo $HOME"])) == (0, "/home/daytona\n")
+        _, python_version = await _exec(container, ["python", "--version"])
+        assert python_version.startswith("Python 3."), python_version
+        _, node_version = await _exec(container, ["node", "--version"])
+        assert node_version.startswith("v"), node_version
+
+        exit_code, output = await _exec(container, ["pip", "download", "--quiet", "six", "-d", "/tmp/pip-dl"])
+        assert exit_code == 0, output
+        # The user can pip install despite PEP 668; as non-root it lands in ~/.local.
+        exit_code, output = await _exec(
+            container,
+            [
+                "pip",
+                "install",
+                "--quiet",
+                "--force-reinstall",
+                "--no-index",
+                "--find-links",
+                "/tmp/pip-dl",
+                "six",
+            ],
         )
-        try:
-            await container.start()
-            print(f"[timing] container create+start in {time.monotonic() - started_at:.2f}s")
-
-            checks: dict[str, list[str]] = {
-                "libraries": ["python3", "-c", "import numpy, pandas, matplotlib, requests, flask"],
-                "python": ["python", "--version"],
-                "git": ["git", "--version"],
-                "node": ["node", "--version"],
-                "npm": ["npm", "--version"],
-                "pylsp": ["pylsp", "--help"],
-                "sudo": ["sudo", "-n", "true"],
-            }
-            for name, command in checks.items():
-                exit_code, output = await _exec(container, command)
-                assert exit_code == 0, f"{name}: {command} -> {exit_code}: {output}"
-
-            assert (await _exec(container, ["id", "-un"])) == (0, "daytona\n")
-            # No WORKDIR: a sandbox's commands start in its user's home (the daemon's rule, tested through
-            # the SDK in test_snapshots_sdk), whichever user it has.
-            assert not image["Config"].get("WorkingDir")
-            assert (await _exec(container, ["sh", "-c", "echo $HOME"])) == (0, "/home/daytona\n")
-            _, python_version = await _exec(container, ["python", "--version"])
-            assert python_version.startswith("Python 3."), python_version
-            _, node_version = await _exec(container, ["node", "--version"])
-            assert node_version.startswith("v"), node_version
-
-            exit_code, output = await _exec(
-                container, ["pip", "download", "--quiet", "six", "-d", "/tmp/pip-dl"]
-            )
-            assert exit_code == 0, output
-            # The user can pip install despite PEP 668; as non-root it lands in ~/.local.
-            exit_code, output = await _exec(
-                container,
-                [
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--force-reinstall",
-                    "--no-index",
-                    "--find-links",
-                    "/tmp/pip-dl",
-                    "six",
-                ],
-            )
-            assert exit_code == 0, output
-            _, six_location = await _exec(container, ["python", "-c", "import six; print(six.__file__)"])
-            assert six_location.startswith("/home/daytona/.local/"), six_location
-        finally:
-            await container.delete(force=True)
+        assert exit_code == 0, output
+        _, six_location = await _exec(container, ["python", "-c", "import six; print(six.__file__)"])
+        assert six_location.startswith("/home/daytona/.local/"), six_location
     finally:
-        # Deleting the only tag of an image also deletes its intermediate layers (podman ignores noprune),
-        # so a stable tag keeps the layer cache for the next run.
-        await docker.images.tag(tag, DEFAULT_TEST_CACHE_REPO, tag="cache")
-        await _untag(docker, tag)
+        await container.delete(force=True)
 
 
 @needs_podman
