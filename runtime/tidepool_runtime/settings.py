@@ -590,7 +590,9 @@ class SshGatewaySettings(
     pass
 
 
-class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
+class TelemetrySettings(
+    CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings, TenantEndpointSettings
+):
     # How long sandbox resource samples are kept (Daytona: 3 days); set as the samples stream's max_age.
     sandbox_metrics_retention_seconds: float = 3 * 24 * 3600.0
     # How often each running sandbox's latest sample goes to its organization's OTLP endpoint (otel-config).
