@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tidepool_runtime import netguard
 from tidepool_runtime.registry_mirrors import Mirror, parse_registry_mirrors
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -541,6 +542,30 @@ class OrganizationMetricsSettings(_Base):
 # What each service reads, and so all its Deployment is given (tests/unit/test_deploy_manifests.py).
 
 
+class TenantEndpointSettings(_Base):
+    """Where tenants' own destinations may point: webhook URLs, an organization's OTLP endpoint."""
+
+    tenant_endpoint_allowed_cidrs: Annotated[list[str], NoDecode] = []
+    """Widen on purpose: non-public networks tenants' webhook URLs and OTLP endpoints may resolve to, e.g.
+    `10.1.2.0/24,fd00:1::/64` (comma-separated or a JSON list). Empty: public addresses only (no loopback,
+    private, link-local / metadata, CGNAT, multicast, ...; tidepool_runtime.netguard)."""
+
+    @field_validator("tenant_endpoint_allowed_cidrs", mode="before")
+    @classmethod
+    def _split_tenant_endpoint_cidrs(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("tenant_endpoint_allowed_cidrs")
+    @classmethod
+    def _check_tenant_endpoint_cidrs(cls, value: list[str]) -> list[str]:
+        netguard.parse_networks(value)  # a typo fails the start, not the first request
+        return value
+
+    @cached_property
+    def tenant_endpoint_allowed_networks(self) -> tuple[netguard.IPNetwork, ...]:
+        return netguard.parse_networks(self.tenant_endpoint_allowed_cidrs)
+
+
 class WebhookSettings(_Base):
     """Webhook delivery (behaviour spec §17; README "Webhooks")."""
 
@@ -575,6 +600,7 @@ class ApiSettings(
     OtelSealSettings,
     WarmPoolSettings,
     QuotaSettings,
+    TenantEndpointSettings,
     WebhookSettings,
     RunnerLossSettings,
 ):
@@ -617,7 +643,9 @@ class SshGatewaySettings(
     pass
 
 
-class TelemetrySettings(CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings):
+class TelemetrySettings(
+    CommonSettings, RegionSettings, OtelSealSettings, OrganizationMetricsSettings, TenantEndpointSettings
+):
     # How long sandbox resource samples are kept (Daytona: 3 days); set as the samples stream's max_age.
     sandbox_metrics_retention_seconds: float = 3 * 24 * 3600.0
     # How often each running sandbox's latest sample goes to its organization's OTLP endpoint (otel-config).

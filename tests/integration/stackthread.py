@@ -89,9 +89,11 @@ class StackThread:
                 # warm-pool tests make their pools through the SDK); pools are checked every half second.
                 "TIDEPOOL_WARM_POOL_SNAPSHOTS": "[]",
                 "TIDEPOOL_WARM_POOL_TICK_SECONDS": "0.5",
-                # The webhook receiver of the tests listens on plain http on loopback; a receiver that was
+                # The webhook and OTLP receivers of the tests listen on plain http on loopback, which tenants'
+                # destinations may not reach unless the operator allows it; a webhook receiver that was
                 # down is retried at least every 5 s, so its backlog arrives soon after it is back.
                 "TIDEPOOL_WEBHOOK_ALLOW_INSECURE_URLS": "true",
+                "TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS": "127.0.0.0/8,::1",
                 "TIDEPOOL_WEBHOOK_RETRY_MAX_SECONDS": "5",
                 **(extra_env or {}),
             },

@@ -4,9 +4,15 @@ told of it (feature inventory §10 B: the organization metrics go there every 60
 The headers often carry the destination's API key: in the database they are sealed by the API's
 SecretBox, on the bus (KV `ORGANIZATION_TELEMETRY`) sealed for the telemetry service only
 (`tidepool_runtime.sealing.OTEL_HEADERS`); they are never logged.
+
+The endpoint is the tenant's: it must reach public addresses only, or the operator's
+`TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS` (tidepool_runtime.netguard), else the telemetry service would send
+requests inside the operator's network for it. The operator's own endpoint (from the environment) is trusted.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import orjson
 import structlog
@@ -14,8 +20,9 @@ from sqlmodel import col, select
 
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization
-from tidepool_api.errors import not_found
+from tidepool_api.errors import bad_request, not_found
 from tidepool_contracts.models import OrganizationTelemetry
+from tidepool_runtime import netguard
 from tidepool_runtime.broker import kv_delete, kv_put
 
 log = structlog.get_logger("tidepool.api.otel_config")
@@ -85,6 +92,25 @@ async def get_config(
     return organization.otel_endpoint, _headers(context, organization)
 
 
+async def check_endpoint(context: ApiContext, endpoint: str) -> None:
+    """Raise ApiError 400 when `endpoint`'s host resolves to an address that is not public (and not in the
+    operator's allow-list). A name that does not resolve now is accepted: what it resolves to can change
+    at any time anyway (the telemetry service checks its OTLP/HTTP connections again)."""
+    parts = urlsplit(endpoint)
+    assert parts.hostname is not None  # the route's validator asked for a host
+    try:
+        await netguard.check_host(
+            parts.hostname, parts.port, context.settings.tenant_endpoint_allowed_networks
+        )
+    except netguard.BlockedAddressError as refused:
+        raise bad_request(
+            f"The OTLP endpoint must reach a public address: {refused}; an operator can allow a network "
+            "with TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS"
+        ) from None
+    except OSError:
+        log.info("organization.otel_endpoint_unresolved", host=parts.hostname)
+
+
 async def set_config(
     context: ApiContext,
     caller_organization_id: str,
@@ -92,8 +118,11 @@ async def set_config(
     endpoint: str | None,
     headers: dict[str, str],
 ) -> None:
-    """Replace the destination (None: remove it); the telemetry service picks it up from KV at once."""
+    """Replace the destination (None: remove it); the telemetry service picks it up from KV at once.
+    404 for another organization, then 400 for an endpoint that reaches a non-public address."""
     await _own(context, caller_organization_id, organization_id)
+    if endpoint:
+        await check_endpoint(context, endpoint)
     assert context.secret_box is not None
     async with context.database.sessions() as session:
         organization = await session.get(Organization, organization_id)

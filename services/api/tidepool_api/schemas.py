@@ -562,7 +562,9 @@ class WebhookSecretDto(WireModel):
 
 
 class WebhookAttemptDto(WireModel):
-    """One delivery attempt: `statusCode` null when no answer came (refused, timed out)."""
+    """One delivery attempt: `statusCode` null when no answer came (refused, timed out, blocked address).
+    `error`: why it failed, in Tidepool's words (`HTTP 503 Service Unavailable`, the connection error, a
+    refused non-public address); never the receiver's answer."""
 
     id: str
     message_id: str

@@ -11,7 +11,11 @@
    `webhook-timestamp`, `webhook-signature`; the same values under Svix's `svix-*` names, as Daytona's
    Svix sends them) and POSTs the flat JSON payload. A 2xx delivers; anything else (status, refused
    connection, timeout) is retried after `base * 2^(attempts-1)` seconds, at most `max`, until the
-   message is `give_up` seconds old; then it is `failed`. Every attempt is logged (`webhook_attempt`).
+   message is `give_up` seconds old; then it is `failed` (also when its endpoint is disabled, or its secret
+   cannot be opened). Every attempt is logged (`webhook_attempt`) with the status code and a reason of
+   ours, never the receiver's answer (a tenant must not read what an address answered). Connections go to
+   public addresses only, or to `TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS` (tidepool_runtime.netguard, on the
+   address actually connected to, so DNS rebinding after the URL was saved does not get around it).
 
 Invariants: per endpoint, a resource's messages (`ordering_key`, e.g. `sandbox:<id>`) go in `sequence`
 order and one at a time: a message is due only when no earlier one of its resource is still pending for
@@ -28,11 +32,12 @@ import contextlib
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
 
 import aiohttp
 import orjson
 import structlog
-from sqlalchemy import and_, delete, exists
+from sqlalchemy import and_, delete, exists, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import aliased
 from sqlmodel import col, select
@@ -43,6 +48,7 @@ from tidepool_api.db import WebhookAttempt, WebhookDelivery, WebhookEndpoint, We
 from tidepool_api.webhooks import open_secret
 from tidepool_contracts import channels
 from tidepool_contracts.models import WebhookEvent, WebhookEventType
+from tidepool_runtime import netguard
 
 log = structlog.get_logger("tidepool.api.webhooks")
 
@@ -50,8 +56,7 @@ PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 RELAY_BATCH = 200
 DELIVERY_BATCH = 50
 USER_AGENT = "Tidepool-Webhooks/1"
-# Kept of a receiver's answer in the delivery log.
-MAX_LOGGED_BODY = 500
+SECRET_UNREADABLE = "The endpoint's signing secret cannot be opened (sealed with another key?): rotate it"
 
 
 # 1. Relay.
@@ -191,9 +196,32 @@ def signed_headers(secret: str, message_id: str, body: bytes, moment: datetime) 
     }
 
 
+async def _give_up_expired(context: ApiContext, now: datetime) -> int:
+    """Pending deliveries `give_up` seconds old and not in flight become `failed`, attempted or not: those
+    of a disabled endpoint (never claimed) and those queued behind an earlier one. How many."""
+    cutoff = now - timedelta(seconds=context.settings.webhook_give_up_seconds)
+    async with context.database.sessions() as session:
+        result = await session.exec(
+            update(WebhookDelivery)  # type: ignore[call-overload]
+            .where(
+                col(WebhookDelivery.status) == PENDING,
+                col(WebhookDelivery.created_at) <= cutoff,
+                col(WebhookDelivery.next_attempt_at) <= now,  # a leased one is settled by its attempt
+            )
+            .values(status=FAILED)
+        )
+        await session.commit()
+    given_up = int(result.rowcount or 0)
+    if given_up:
+        log.warning("webhooks.given_up_unattempted", deliveries=given_up)
+    return given_up
+
+
 async def _claim(context: ApiContext) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
-    """Due deliveries that head their resource's queue, leased for one attempt."""
+    """Due deliveries that head their resource's queue, leased for one attempt (expired ones given up
+    first)."""
     now = utc_now()
+    await _give_up_expired(context, now)
     earlier = aliased(WebhookDelivery)
     blocked = exists().where(
         and_(
@@ -233,10 +261,15 @@ async def _claim(context: ApiContext) -> list[tuple[WebhookDelivery, WebhookEndp
 async def _attempt(
     context: ApiContext, http: aiohttp.ClientSession, delivery: WebhookDelivery, endpoint: WebhookEndpoint
 ) -> tuple[int | None, str | None, int]:
-    """One POST: (status code or None, error or None, duration in ms)."""
+    """One POST: (status code or None, error or None, duration in ms). The error is ours (`HTTP 503 Service
+    Unavailable`, a refused connection or address, the secret): the receiver's body is never read."""
     body = orjson.dumps(delivery.payload)
-    headers = signed_headers(open_secret(context, endpoint), delivery.message_id, body, utc_now())
     started = time.monotonic()
+    try:
+        headers = signed_headers(open_secret(context, endpoint), delivery.message_id, body, utc_now())
+    except ValueError:  # sealed with another key, or not a secret: a failed attempt (a rotation fixes it)
+        log.warning("webhooks.secret_unreadable", endpoint_id=endpoint.id)
+        return None, SECRET_UNREADABLE, 0
     try:
         async with http.post(
             endpoint.url,
@@ -245,12 +278,30 @@ async def _attempt(
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=context.settings.webhook_timeout_seconds),
         ) as response:
-            text = (await response.content.read(MAX_LOGGED_BODY)).decode(errors="replace")
-            error = None if 200 <= response.status < 300 else f"HTTP {response.status}: {text}".strip()
+            error = None if 200 <= response.status < 300 else http_error(response.status)
             return response.status, error, int((time.monotonic() - started) * 1000)
     except (aiohttp.ClientError, TimeoutError, OSError) as failure:
-        message = f"{type(failure).__name__}: {failure}".strip()
-        return None, message, int((time.monotonic() - started) * 1000)
+        return None, connection_error(failure), int((time.monotonic() - started) * 1000)
+
+
+def http_error(status: int) -> str:
+    """`HTTP 503 Service Unavailable`: the code and the standard phrase (not the receiver's)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "non-2xx status"
+    if 300 <= status < 400:
+        phrase += " (redirects are not followed)"
+    return f"HTTP {status} {phrase}"
+
+
+def connection_error(failure: BaseException) -> str:
+    """Why no answer came; a refused address names the rule (and the operator's setting)."""
+    cause = getattr(failure, "os_error", None)
+    if isinstance(cause, netguard.BlockedAddressError) or "refused to connect:" in str(failure):
+        blocked = cause if isinstance(cause, netguard.BlockedAddressError) else failure
+        return f"Blocked: {blocked} (only public addresses, or TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS)"
+    return f"{type(failure).__name__}: {failure}".strip()
 
 
 async def _settle(
@@ -309,9 +360,15 @@ async def deliver_due(context: ApiContext, http: aiohttp.ClientSession) -> int:
     return len(claimed)
 
 
+def guarded_session(context: ApiContext) -> aiohttp.ClientSession:
+    """The deliverer's HTTP client: every connection checked on the address it goes to (netguard)."""
+    factory = netguard.guarded_socket_factory(context.settings.tenant_endpoint_allowed_networks)
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=factory))
+
+
 async def deliver_forever(context: ApiContext) -> None:
     wake = context.webhook_delivery_wake
-    async with aiohttp.ClientSession() as http:
+    async with guarded_session(context) as http:
         while True:
             try:
                 attempted = await deliver_due(context, http)

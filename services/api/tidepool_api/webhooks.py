@@ -7,7 +7,8 @@ for them in the transaction that made each change (the outbox).
   commit together or not at all; the commit wakes the relay (tidepool_api.webhook_delivery). Whether the
   organization has endpoints is not asked here (the hooks are synchronous, inside the write): the fan-out
   drops messages no endpoint subscribed to, as Daytona sends nothing to an organization without endpoints.
-- Endpoints: `https://` URLs (`TIDEPOOL_WEBHOOK_ALLOW_INSECURE_URLS` also accepts `http://`), an optional
+- Endpoints: `https://` URLs (`TIDEPOOL_WEBHOOK_ALLOW_INSECURE_URLS` also accepts `http://`) whose host
+  resolves to public addresses only (or `TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS`; `check_url`), an optional
   event-type filter (empty: every type), enabled flag, description. The signing secret (`whsec_...`,
   Standard Webhooks) is returned at creation and rotation only and stored sealed by the SecretBox.
   Another organization's endpoint is 404.
@@ -23,6 +24,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import structlog
 from sqlalchemy import delete, event
 from sqlalchemy.orm import Session
 from sqlmodel import col, select
@@ -42,6 +44,9 @@ from tidepool_api.db import (
 from tidepool_api.errors import ApiError
 from tidepool_api.schemas import iso
 from tidepool_contracts.models import WebhookEventType
+from tidepool_runtime import netguard
+
+log = structlog.get_logger("tidepool.api.webhooks")
 
 # Key of SQLAlchemy `Session.info`: the asyncio.Event that wakes the outbox relay once a commit recorded one.
 SESSION_WAKE = "tidepool.webhooks.wake"
@@ -222,11 +227,31 @@ def record_volume_state(session: Any, volume: Volume, old_state: str, new_state:
 # Endpoints.
 
 
-def check_url(context: ApiContext, url: str) -> str:
+async def check_url(context: ApiContext, url: str) -> str:
+    """`url`, if the deliverer may POST to it: an allowed scheme, a host, and every address the host
+    resolves to public or in `TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS` (tidepool_runtime.netguard). A name
+    that does not resolve now is accepted: the deliverer checks the address of every connection it makes.
+    Raises ApiError 400 saying which rule it breaks."""
     parts = urlsplit(url)
     allowed = ("https", "http") if context.settings.webhook_allow_insecure_urls else ("https",)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ApiError(400, "Webhook endpoint URL has a port that is not a number from 1 to 65535") from None
     if parts.scheme not in allowed or not parts.hostname:
         raise ApiError(400, f"Webhook endpoint URL must be an {' or '.join(allowed)} URL with a host")
+    host = parts.hostname
+    try:
+        await netguard.check_host(host, port, context.settings.tenant_endpoint_allowed_networks)
+    except netguard.BlockedAddressError as refused:
+        raise ApiError(
+            400,
+            f"Webhook endpoint URL must reach a public address: {refused}; an operator can allow a network "
+            "with TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS",
+        ) from None
+    except OSError:
+        # Not judged now (DNS down, a name made later): the deliverer judges every connection it makes.
+        log.info("webhooks.url_unresolved", host=host)
     return url
 
 
@@ -261,7 +286,7 @@ async def create_endpoint(
     endpoint = WebhookEndpoint(
         id=str(uuid.uuid4()),
         organization_id=organization_id,
-        url=check_url(context, url),
+        url=await check_url(context, url),
         description=description,
         event_types=check_event_types(event_types),
         enabled=enabled,
@@ -302,7 +327,7 @@ async def update_endpoint(
     async with context.database.sessions() as session:
         endpoint = await _owned(session, organization_id, endpoint_id)
         if changes.get("url") is not None:
-            endpoint.url = check_url(context, changes["url"])
+            endpoint.url = await check_url(context, changes["url"])
         if changes.get("event_types") is not None:
             endpoint.event_types = check_event_types(changes["event_types"])
         if changes.get("enabled") is not None:

@@ -19,7 +19,7 @@ from tidepool_runtime.health import Health, bus_check, serve_health
 from tidepool_runtime.settings import TelemetrySettings
 from tidepool_telemetry.counts import SandboxCounts
 from tidepool_telemetry.metrics import build_meter_provider, otlp_reader
-from tidepool_telemetry.organization_metrics import OrganizationExports
+from tidepool_telemetry.organization_metrics import OrganizationExports, otlp_exporter
 from tidepool_telemetry.samples import apply_retention
 from tidepool_telemetry.sandbox_metrics_export import SandboxMetricsExports
 from tidepool_telemetry.subscribers import register, watch_forever
@@ -51,11 +51,15 @@ async def main(settings: TelemetrySettings, stop: asyncio.Event) -> None:
         interval_seconds=settings.organization_metrics_interval_seconds,
         operator_endpoint=settings.organization_metrics_otlp_endpoint,
         opener=sealing.Sealer(seal_key, sealing.OTEL_HEADERS),
+        allowed_networks=settings.tenant_endpoint_allowed_networks,
     )
     sandbox_exports = SandboxMetricsExports(
         region_id=settings.runner_region,
         interval_seconds=settings.sandbox_metrics_export_interval_seconds,
         destinations=exports.organization_destinations,
+        exporter_factory=lambda destination: otlp_exporter(
+            destination, settings.tenant_endpoint_allowed_networks
+        ),
     )
     register(bus.broker, counts, bus, usage, sandbox_exports)
     await bus.start()

@@ -8,13 +8,15 @@ carries `organization.id`, each point `region.id`. One MeterProvider per (organi
 resource is per organization, and a destination's failures touch no other.
 
 Destinations follow KV `ORGANIZATION_TELEMETRY` (the API writes it on `PUT …/otel-config`): a change
-replaces the organization's providers without a restart.
+replaces the organization's providers without a restart. An organization's own OTLP/HTTP endpoint is
+reached over `guarded_http` (public addresses, or `TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS`); the operator's
+endpoint is trusted.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -26,7 +28,9 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader, Perio
 from opentelemetry.sdk.resources import Resource
 
 from tidepool_contracts.models import OrganizationTelemetry
+from tidepool_runtime.netguard import IPNetwork
 from tidepool_runtime.sealing import Sealer
+from tidepool_telemetry.guarded_http import guarded_session
 from tidepool_telemetry.usage import OrganizationUsage
 
 log = structlog.get_logger("tidepool.telemetry.organizations")
@@ -52,9 +56,11 @@ class Destination:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def otlp_exporter(destination: Destination) -> MetricExporter:
+def otlp_exporter(destination: Destination, allowed: Sequence[IPNetwork] | None = None) -> MetricExporter:
     """OTLP/HTTP to `{endpoint}/v1/metrics` (as OTEL_EXPORTER_OTLP_ENDPOINT), or OTLP/gRPC (grpc: plain,
-    grpcs: TLS; gRPC metadata keys are lowercase)."""
+    grpcs: TLS; gRPC metadata keys are lowercase). `allowed`: a tenant's endpoint, whose OTLP/HTTP
+    connections reach public addresses and these networks only (None: the operator's, trusted). gRPC
+    connections are not checked again (the API checked the endpoint when it was saved)."""
     parts = urlsplit(destination.endpoint)
     if parts.scheme in ("grpc", "grpcs"):
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -69,7 +75,9 @@ def otlp_exporter(destination: Destination) -> MetricExporter:
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
     return HttpExporter(
-        endpoint=f"{destination.endpoint.rstrip('/')}/v1/metrics", headers=dict(destination.headers)
+        endpoint=f"{destination.endpoint.rstrip('/')}/v1/metrics",
+        headers=dict(destination.headers),
+        session=None if allowed is None else guarded_session(allowed),
     )
 
 
@@ -114,12 +122,15 @@ class OrganizationExports:
         interval_seconds: float,
         operator_endpoint: str,
         opener: Sealer,
+        allowed_networks: Sequence[IPNetwork] = (),
     ) -> None:
+        """`allowed_networks`: the non-public networks organizations' own endpoints may reach."""
         self._usage = usage
         self._region_id = region_id
         self._interval_millis = int(interval_seconds * 1000)
         self._operator = Destination(operator_endpoint) if operator_endpoint else None
         self._opener = opener
+        self._allowed = tuple(allowed_networks)
         self._records: dict[str, OrganizationTelemetry] = {}
         self._providers: dict[tuple[str, Destination], MeterProvider] = {}
 
@@ -148,7 +159,9 @@ class OrganizationExports:
         current = {destination for owner, destination in self._providers if owner == organization_id}
         for destination in wanted - current:
             try:
-                exporter = otlp_exporter(destination)
+                exporter = otlp_exporter(
+                    destination, None if destination == self._operator else self._allowed
+                )
             except Exception as error:  # an endpoint the exporter refuses: this one only, the others go on
                 log.warning(
                     "organization.endpoint_refused", organization_id=organization_id, error=repr(error)

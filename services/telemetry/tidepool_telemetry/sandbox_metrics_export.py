@@ -11,6 +11,10 @@ labels of the sandbox's `DAYTONA_SANDBOX_OTEL_EXTRA_LABELS` env (`team=backend,e
 One exporter per destination and one export call per organization and round, whatever the number of
 sandboxes (the OTLP request carries a resource per sandbox): thousands of sandboxes cost no thread each.
 A sample older than two rounds is not exported again (the sandbox stopped or its runner is gone).
+
+Destinations are exported to at once (at most `max_concurrent_exports` threads), each within
+`export_timeout_seconds`: a dead endpoint delays no other organization. One whose export is still running
+from an earlier round is skipped until it ends (its exporter is not called twice at once).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import structlog
@@ -82,14 +87,20 @@ class SandboxMetricsExports:
     """Latest sample per sandbox, exported each round to its organization's destinations.
 
     `destinations(organization_id)`: where the organization's telemetry goes now (its otel-config; the
-    operator's endpoint is not one: it receives organization totals, not tenants' sandboxes)."""
+    operator's endpoint is not one: it receives organization totals, not tenants' sandboxes).
+    `export_timeout_seconds`: how long a round waits for one destination (the OTLP exporters' own default
+    timeout is 10 s); `max_concurrent_exports`: threads exporting at once."""
 
     region_id: str
     interval_seconds: float
     destinations: Callable[[str], Iterable[Destination]]
     exporter_factory: Callable[[Destination], MetricExporter] = otlp_exporter
+    export_timeout_seconds: float = 10.0
+    max_concurrent_exports: int = 32
     _sandboxes: dict[str, _Sandbox] = field(default_factory=dict)
     _exporters: dict[Destination, MetricExporter] = field(default_factory=dict)
+    _running: dict[Destination, asyncio.Future[MetricExportResult]] = field(default_factory=dict)
+    _threads: ThreadPoolExecutor | None = None
 
     def apply_desired(self, sandbox_id: str, desired: DesiredSandbox | None) -> None:
         """A sandbox's record (None: destroyed): its organization and resource attributes."""
@@ -145,37 +156,69 @@ class SandboxMetricsExports:
         return MetricsData(resource_metrics=resources) if resources else None
 
     async def export_round(self) -> None:
-        """One export per organization and destination (in a thread: the exporters block)."""
+        """One export per organization and destination, the destinations at once (each in a thread: the
+        exporters block); returns when each has answered or had `export_timeout_seconds`."""
         organizations = {known.organization_id for known in self._sandboxes.values() if known.sample}
         wanted: set[Destination] = set()
+        work: dict[Destination, list[tuple[str, MetricsData]]] = {}
         for organization_id in organizations:
             data = self.batch(organization_id)
             targets = set(self.destinations(organization_id))
             wanted |= targets
-            if data is None:
-                continue
-            for destination in targets:
-                exporter = self._exporters.get(destination)
-                if exporter is None:
-                    try:
-                        exporter = self._exporters[destination] = self.exporter_factory(destination)
-                    except Exception as error:  # refused endpoint: this organization's problem only
-                        log.warning(
-                            "sandbox_metrics.endpoint_refused",
-                            organization_id=organization_id,
-                            error=repr(error),
-                        )
-                        continue
-                result = await asyncio.to_thread(exporter.export, data)
-                if result is not MetricExportResult.SUCCESS:
-                    log.warning(
-                        "sandbox_metrics.export_failed",
-                        organization_id=organization_id,
-                        endpoint=destination.endpoint,
-                        sandboxes=len(data.resource_metrics),
-                    )
-        for destination in set(self._exporters) - wanted:  # endpoints no longer in use
+            if data is not None:
+                for destination in targets:
+                    work.setdefault(destination, []).append((organization_id, data))
+        await asyncio.gather(
+            *(self._export_to(destination, batches) for destination, batches in work.items())
+        )
+        for destination in set(self._exporters) - wanted - set(self._running):  # endpoints no longer in use
             await asyncio.to_thread(self._exporters.pop(destination).shutdown)
+
+    async def _export_to(self, destination: Destination, batches: list[tuple[str, MetricsData]]) -> None:
+        """The organizations' batches for one destination, one after the other, within the time limit."""
+        if destination in self._running:
+            log.warning("sandbox_metrics.export_still_running", endpoint=destination.endpoint)
+            return
+        exporter = self._exporters.get(destination)
+        if exporter is None:
+            try:
+                exporter = self._exporters[destination] = self.exporter_factory(destination)
+            except Exception as error:  # refused endpoint: its organizations' problem only
+                log.warning(
+                    "sandbox_metrics.endpoint_refused",
+                    organization_ids=sorted(organization_id for organization_id, _ in batches),
+                    error=repr(error),
+                )
+                return
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.max_concurrent_exports, "sandbox-metrics-export")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.export_timeout_seconds
+        for organization_id, data in batches:
+            running = loop.run_in_executor(self._threads, exporter.export, data)
+            try:
+                result = await asyncio.wait_for(asyncio.shield(running), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                # The thread cannot be stopped: the destination is skipped until its export ends.
+                self._running[destination] = running
+                running.add_done_callback(lambda _done: self._running.pop(destination, None))
+                log.warning(
+                    "sandbox_metrics.export_timed_out",
+                    organization_id=organization_id,
+                    endpoint=destination.endpoint,
+                    timeout_seconds=self.export_timeout_seconds,
+                )
+                return
+            except Exception as error:  # the exporter raised: this destination's problem only
+                result = MetricExportResult.FAILURE
+                log.warning("sandbox_metrics.export_raised", endpoint=destination.endpoint, error=repr(error))
+            if result is not MetricExportResult.SUCCESS:
+                log.warning(
+                    "sandbox_metrics.export_failed",
+                    organization_id=organization_id,
+                    endpoint=destination.endpoint,
+                    sandboxes=len(data.resource_metrics),
+                )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Export every `interval_seconds` until `stop`; a failing round is logged and the next one tries."""
@@ -189,3 +232,6 @@ class SandboxMetricsExports:
         for exporter in self._exporters.values():
             await asyncio.to_thread(exporter.shutdown)
         self._exporters.clear()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None

@@ -107,3 +107,30 @@ async def test_invalid_configs_are_refused(api, body: dict) -> None:  # type: ig
     answer = await client.put(f"/api/organizations/{organization_id}/otel-config", json=body)
     assert answer.status_code == 400, answer.text
     assert (await client.get(f"/api/organizations/{organization_id}/otel-config")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "kind"),
+    [
+        ("http://127.0.0.1:4318", "loopback"),
+        ("http://localhost:4318", "loopback"),
+        ("grpc://[::1]:4317", "loopback"),
+        ("http://169.254.169.254/latest", "link-local"),
+        ("https://10.0.0.7:4318", "private"),
+        ("grpcs://[::ffff:192.168.1.1]:4317", "private"),
+        ("http://[fd00::5]:4318", "private"),
+        ("http://100.100.100.100:4318", "CGNAT"),
+        ("grpc://0.0.0.0:4317", "unspecified"),
+    ],
+)
+async def test_an_endpoint_inside_the_operators_network_is_refused(api, endpoint: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    client, context, organization_id = api
+    path = f"/api/organizations/{organization_id}/otel-config"
+    answer = await client.put(path, json={"endpoint": endpoint})
+    assert answer.status_code == 400, answer.text
+    assert kind in answer.json()["message"] and "public address" in answer.json()["message"]
+    assert (await client.get(path)).status_code == 404
+    record = await kv_get(context.organization_telemetry_kv, organization_id, OrganizationTelemetry)
+    assert record is None or record.endpoint == ""
+    # A public address is taken.
+    assert (await client.put(path, json={"endpoint": "grpcs://192.0.0.9:4317"})).status_code == 204

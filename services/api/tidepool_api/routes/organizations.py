@@ -183,7 +183,9 @@ async def put_otel_config(
     context: Context, caller: FullAccess, organization_id: str, body: OtelConfigDto
 ) -> Response:
     """Set the organization's OTLP destination (204, as Daytona): its metrics (`daytona.sandbox.used_cpu`,
-    ...) go there from the next export on, without a restart. 404 for another organization."""
+    ...) go there from the next export on, without a restart. 404 for another organization; 400 for an
+    endpoint whose host is or resolves to a non-public address (loopback, private, link-local, ...) outside
+    `TIDEPOOL_TENANT_ENDPOINT_ALLOWED_CIDRS` (tidepool_api.otel_config.check_endpoint)."""
     headers = body.headers or {}
     await otel_config.set_config(context, caller.organization_id, organization_id, body.endpoint, headers)
     return Response(status_code=204)
