@@ -33,10 +33,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from tidepool_api.db import Organization, Sandbox, Snapshot, Volume
 from tidepool_api.errors import ApiError, bad_request
-from tidepool_contracts.states import SandboxState
+from tidepool_contracts.states import COMPUTE_STATES, DISK_STATES, SandboxState
 from tidepool_runtime.settings import ApiSettings
-
-S = SandboxState
 
 
 @dataclass(frozen=True)
@@ -60,22 +58,6 @@ TIERS: dict[int, Tier] = {
 DEFAULT_SNAPSHOT_QUOTA = 30
 DEFAULT_MAX_SNAPSHOT_SIZE = 20  # GB
 
-# Daytona's accounting (design digest §7 "Usage accounting"), on Tidepool's states.
-COMPUTE_STATES = frozenset(
-    {
-        S.UNKNOWN,
-        S.CREATING,
-        S.PENDING_BUILD,
-        S.BUILDING_SNAPSHOT,
-        S.PULLING_SNAPSHOT,
-        S.STARTING,
-        S.STARTED,
-        S.STOPPING,
-        S.RESTORING,
-        S.RESIZING,  # a started sandbox growing live
-    }
-)
-DISK_STATES = COMPUTE_STATES | {S.STOPPED, S.ARCHIVING}
 
 UPGRADE_MESSAGE = "To increase concurrency limits, ask the administrator to raise the organization's quota."
 PER_SANDBOX_MESSAGE = (
