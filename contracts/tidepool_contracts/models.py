@@ -400,15 +400,16 @@ class OrganizationTelemetry(BusModel):
     `endpoint`: the organization's OTLP destination (`PUT /organizations/{id}/otel-config`), "" for none:
     `http(s)://host[:port][/path]` is OTLP/HTTP (`/v1/metrics` appended), `grpc(s)://host:port` is OTLP/gRPC.
     `headers_sealed`: the request headers as a JSON object, sealed by the API for the telemetry service
-    (`tidepool_runtime.sealing.OTEL_HEADERS`); "" for none. Quotas in cores and GiB (the `total_*` metrics).
+    (`tidepool_runtime.sealing.OTEL_HEADERS`); "" for none. Quotas in cores and GiB (the `total_*` metrics),
+    as the API enforces them; None: no limit (the admin organization's default), no `total_*` point reported.
     """
 
     organization_id: str
     endpoint: str = ""
     headers_sealed: str = ""
-    total_cpu: float
-    total_memory_gib: float
-    total_disk_gib: float
+    total_cpu: float | None
+    total_memory_gib: float | None
+    total_disk_gib: float | None
     updated_at: datetime = Field(default_factory=utc_now)
 
 

@@ -65,6 +65,25 @@ FAILED_STATES: frozenset[SandboxState] = frozenset({S.ERROR, S.BUILD_FAILED})
 # States where the sandbox no longer has (or is losing) a container.
 GONE_STATES: frozenset[SandboxState] = frozenset({S.DESTROYING, S.DESTROYED})
 
+# Usage accounting (Daytona's, design digest §7), shared by the API's quotas and the telemetry service's
+# organization metrics so the two never disagree: cpu and memory are held in the compute states, disk in
+# those and where the filesystem is kept (stopped, archiving); archived, failed and destroyed hold nothing.
+COMPUTE_STATES: frozenset[SandboxState] = frozenset(
+    {
+        S.UNKNOWN,
+        S.CREATING,
+        S.PENDING_BUILD,
+        S.BUILDING_SNAPSHOT,
+        S.PULLING_SNAPSHOT,
+        S.STARTING,
+        S.STARTED,
+        S.STOPPING,
+        S.RESTORING,
+        S.RESIZING,  # only a started sandbox resizes (STARTED -> RESIZING): it keeps its compute meanwhile
+    }
+)
+DISK_STATES: frozenset[SandboxState] = COMPUTE_STATES | {S.STOPPED, S.ARCHIVING}
+
 
 class InvalidTransitionError(ValueError):
     def __init__(self, current: SandboxState, target: SandboxState) -> None:

@@ -380,6 +380,12 @@ class WarmPoolSettings(_Base):
     # How often pools are checked and refilled, and how many members one check may start at once.
     warm_pool_tick_seconds: float = 2.0
     warm_pool_refill_batch: int = 4
+    # The installation's cap on warm members of all pools together (unclaimed, not being removed): pools
+    # beyond it wait, with the reason on the pool (`errorReason`).
+    warm_pool_max_members: int = 32
+    # A pool whose members fail to start waits before the next try: one tick, doubled per failure in a row,
+    # at most this long (a started member resets it).
+    warm_pool_backoff_max_seconds: float = 300.0
 
 
 class SchedulingSettings(_Base):

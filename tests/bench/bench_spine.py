@@ -62,7 +62,9 @@ def run_with_stack(benches: list[tuple[str, BenchFunction]]) -> None:
     """Start one stack, run every bench through the official SDK, print all figures at the end."""
     data_dir = Path(tempfile.mkdtemp(prefix="tidepool-bench-"))
     # The pool section sizes one pool for a burst of concurrent creates (up to 100 where cores allow).
-    stack = StackThread(data_dir, extra_env={"TIDEPOOL_WARM_POOL_MAX": "100"})
+    stack = StackThread(
+        data_dir, extra_env={"TIDEPOOL_WARM_POOL_MAX": "100", "TIDEPOOL_WARM_POOL_MAX_MEMBERS": "100"}
+    )
     print(f"starting a stack in {data_dir} …", flush=True)
     stack.start()
     lines: list[str] = []

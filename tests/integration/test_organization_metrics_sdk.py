@@ -30,7 +30,8 @@ from tidepool_stack.supervisor import SERVICES
 
 pytestmark = pytest.mark.integration
 REGION = "us"  # TIDEPOOL_RUNNER_REGION's default
-# Daytona's default quotas (design digest §7), what Tidepool reports as `total_*`.
+# Daytona's default quotas (design digest §7, tier 1), what Tidepool reports as `total_*` for an
+# organization whose quota was not changed.
 TOTALS = {"total_cpu": 10, "total_ram": 10, "total_storage": 30}
 
 
@@ -225,6 +226,29 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
     finally:
         for sandbox in sandboxes:
             sandbox.delete()
+
+
+def test_the_totals_follow_a_quota_change_without_a_restart(
+    metrics_stack: StackThread, receiver: MetricsReceiver
+) -> None:
+    """`total_*` are the quotas the API enforces: an admin's `PATCH /organizations/{id}/quota` shows in the
+    next export (they used to be Daytona's defaults, whatever the organization's quota)."""
+    organization_id, _ = new_organization(metrics_stack)
+    idle = {"used_cpu": 0, "used_ram": 0, "used_storage": 0}
+    arrives(receiver, organization_id, "http", None, {**idle, **TOTALS})
+    answer = httpx.patch(
+        f"{metrics_stack.api_url}/organizations/{organization_id}/quota",
+        json={"totalCpuQuota": 24, "totalMemoryQuota": 48, "totalDiskQuota": 96},
+        headers={"Authorization": f"Bearer {metrics_stack.api_key}"},
+    )
+    assert answer.status_code == 200, answer.text
+    arrives(
+        receiver,
+        organization_id,
+        "http",
+        None,
+        {**idle, "total_cpu": 24, "total_ram": 48, "total_storage": 96},
+    )
 
 
 SANDBOX_METRICS = {

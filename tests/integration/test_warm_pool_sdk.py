@@ -1,7 +1,9 @@
 """Warm pools through the official SDK (wire contract §2.8): a create that a pool member can serve is a claim
 of an already started sandbox (observed: its id was in the pool, listed by the operator with
 `includeWarm`), with the request's env vars, labels and name applied; concurrent creates get distinct
-sandboxes; the pool refills; members belong to no tenant and a claimed one only to its claimer."""
+sandboxes; the pool refills; members belong to no tenant and a claimed one only to its claimer; an
+organization's own pool holds its quota and serves its creates alone; a claimed member runs its snapshot's
+entrypoint."""
 
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import pytest
 from daytona import (
     AsyncDaytona,
     CreateSandboxFromSnapshotParams,
+    CreateSnapshotParams,
     Daytona,
     DaytonaConfig,
+    DaytonaError,
     DaytonaNotFoundError,
     SessionExecuteRequest,
     WarmPool,
 )
 from daytona_api_client.exceptions import ApiException
 
+from tests.integration.images_fixture import ensure_python_slim_stand_in
 from tests.integration.stackthread import StackThread
 from tests.polling import wait_until
 
@@ -43,15 +48,44 @@ def warm_ids(admin: Daytona, pool_id: str) -> set[str]:
     return {item.id for item in page.items if item.warm_pool_id == pool_id and item.state == "started"}
 
 
-def wait_for_pool(admin: Daytona, pool: WarmPool, size: int) -> set[str]:
-    """Until the pool has `size` started members (the SDK's `current_size` and the operator's list agree)."""
+def wait_for_pool(admin: Daytona, pool: WarmPool, size: int, owner: Daytona | None = None) -> set[str]:
+    """Until the pool has `size` started members (the SDK's `current_size`, as its `owner` (default: the
+    admin) lists it, and the operator's list agree)."""
 
     def settled() -> set[str] | None:
-        current = next(p for p in admin.warm_pool.list() if p.id == pool.id)
+        current = next(p for p in (owner or admin).warm_pool.list() if p.id == pool.id)
         members = warm_ids(admin, pool.id)
         return members if current.current_size == size and len(members) == size else None
 
     return wait_until(settled, f"pool never had {size} started members", timeout=SETTLE_SECONDS, interval=0.5)
+
+
+def delete_pool(admin: Daytona, owner: Daytona, pool: WarmPool) -> None:
+    """Delete the pool and wait until its members are gone."""
+    owner.warm_pool.delete(pool.id)
+    wait_until(
+        lambda: (
+            not any(
+                item.warm_pool_id == pool.id
+                for item in admin._sandbox_api.list_sandboxes(include_warm=True, limit=200).items
+            )
+        ),
+        "a deleted pool's members were not removed",
+        timeout=SETTLE_SECONDS,
+        interval=0.5,
+    )
+
+
+def new_organization(stack: StackThread) -> tuple[str, Daytona]:
+    """(id, SDK client) of a new tenant organization, made by the admin."""
+    created = httpx.post(
+        f"{stack.api_url}/organizations",
+        json={"name": f"warm-{uuid.uuid4().hex[:6]}"},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    )
+    assert created.status_code == 201, created.text
+    body = created.json()
+    return body["id"], Daytona(DaytonaConfig(api_key=body["apiKey"]["value"], api_url=stack.api_url))
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +277,82 @@ def test_warm_pool_calls(admin: Daytona, pool: WarmPool, tenant: Daytona) -> Non
     shrunk = admin.warm_pool.update(pool.id, pool=POOL_SIZE)
     assert shrunk.pool == POOL_SIZE
     wait_for_pool(admin, pool, POOL_SIZE)
+
+
+def test_an_organizations_pool_holds_its_quota_and_serves_it_alone(
+    admin: Daytona, pool: WarmPool, other_tenant: Daytona, stack: StackThread
+) -> None:
+    owner_id, owner = new_organization(stack)
+    operator = {"Authorization": f"Bearer {stack.api_key}"}
+    quota = httpx.patch(
+        f"{stack.api_url}/organizations/{owner_id}/quota", json={"totalCpuQuota": 3}, headers=operator
+    )
+    assert quota.status_code == 200, quota.text
+    # daytona-small is 1 vCPU: 4 started members would not fit 3.
+    with pytest.raises(ApiException) as over:
+        owner.warm_pool.create(SNAPSHOT, pool=4)
+    assert over.value.status == 403 and "Total CPU limit exceeded. Maximum allowed: 3." in str(
+        over.value.body
+    )
+    own = owner.warm_pool.create(SNAPSHOT, pool=2)
+    try:
+        members = wait_for_pool(admin, own, 2, owner)
+        usage = httpx.get(f"{stack.api_url}/organizations/{owner_id}/usage", headers=operator).json()
+        assert usage["currentCpuUsage"] == 2, "the pool's members do not hold its organization's quota"
+        # Another organization's create never takes them (the operator's pool serves it).
+        foreign = other_tenant.create()
+        try:
+            assert foreign.id not in members
+            assert wait_for_pool(admin, own, 2, owner) == members
+        finally:
+            other_tenant.delete(foreign)
+        # The owner's create takes its own pool's member first.
+        mine = owner.create()
+        try:
+            assert mine.id in members
+            # Refilled within the quota: the claimed one and 2 members are its 3 vCPU; nothing more fits.
+            wait_for_pool(admin, own, 2, owner)
+            with pytest.raises(ApiException) as grow:
+                owner.warm_pool.update(own.id, pool=3)
+            assert grow.value.status == 403
+            with pytest.raises(DaytonaError) as cold:
+                owner.create(CreateSandboxFromSnapshotParams(os_user="root"))
+            assert cold.value.status_code == 403 and "Total CPU limit exceeded" in str(cold.value)
+        finally:
+            owner.delete(mine)
+    finally:
+        delete_pool(admin, owner, own)
+
+
+def test_a_claimed_member_runs_its_snapshots_entrypoint(admin: Daytona, stack: StackThread) -> None:
+    _, owner = new_organization(stack)
+    name = f"warm-entrypoint-{uuid.uuid4().hex[:8]}"
+    server = [
+        "python3",
+        "-c",
+        "print('entrypoint-up', flush=True); import http.server as s; "
+        "s.test(s.SimpleHTTPRequestHandler, port=8080)",
+    ]
+    owner.snapshot.create(
+        CreateSnapshotParams(name=name, image=ensure_python_slim_stand_in(), entrypoint=server)
+    )
+    own = owner.warm_pool.create(name, pool=1)
+    try:
+        members = wait_for_pool(admin, own, 1, owner)
+        sandbox = owner.create(CreateSandboxFromSnapshotParams(snapshot=name))
+        try:
+            assert sandbox.id in members, "the create did not claim the pool's member"
+            probe = (
+                "import time, urllib.request\n"
+                "for _ in range(50):\n"
+                "    try:\n"
+                "        print(urllib.request.urlopen('http://127.0.0.1:8080').status); break\n"
+                "    except OSError:\n"
+                "        time.sleep(0.1)\n"
+            )
+            assert sandbox.process.exec(f"python3 - <<'EOF'\n{probe}EOF").result.strip() == "200"
+            assert "entrypoint-up" in sandbox.process.get_entrypoint_logs().stdout
+        finally:
+            owner.delete(sandbox)
+    finally:
+        delete_pool(admin, owner, own)

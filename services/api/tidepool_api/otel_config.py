@@ -18,6 +18,7 @@ import orjson
 import structlog
 from sqlmodel import col, select
 
+from tidepool_api import quotas
 from tidepool_api.context import ApiContext
 from tidepool_api.db import Organization
 from tidepool_api.errors import bad_request, not_found
@@ -26,12 +27,6 @@ from tidepool_runtime import netguard
 from tidepool_runtime.broker import kv_delete, kv_put
 
 log = structlog.get_logger("tidepool.api.otel_config")
-
-# Daytona's RegionQuota defaults (design digest §7): what `daytona.sandbox.total_*` report. Tidepool does
-# not enforce them yet (issue #12 brings quotas); this is the one place to read them from when it does.
-TOTAL_CPU_QUOTA = 10.0  # cores
-TOTAL_MEMORY_QUOTA_GIB = 10.0
-TOTAL_DISK_QUOTA_GIB = 30.0
 
 
 def _headers(context: ApiContext, organization: Organization) -> dict[str, str]:
@@ -42,15 +37,17 @@ def _headers(context: ApiContext, organization: Organization) -> dict[str, str]:
 
 
 def telemetry_record(context: ApiContext, organization: Organization) -> OrganizationTelemetry:
-    """What the telemetry service needs of `organization`: destination (headers sealed for it), quotas."""
+    """What the telemetry service needs of `organization`: destination (headers sealed for it), and the
+    totals the quotas enforce (`quotas.limits_of`: its own values, else the tier's; None: unlimited)."""
     headers = _headers(context, organization)
+    limits = quotas.limits_of(organization, context.settings)
     return OrganizationTelemetry(
         organization_id=organization.id,
         endpoint=organization.otel_endpoint or "",
         headers_sealed=context.otel_sealer.seal(orjson.dumps(headers).decode()) if headers else "",
-        total_cpu=TOTAL_CPU_QUOTA,
-        total_memory_gib=TOTAL_MEMORY_QUOTA_GIB,
-        total_disk_gib=TOTAL_DISK_QUOTA_GIB,
+        total_cpu=limits.total_cpu,
+        total_memory_gib=limits.total_memory,
+        total_disk_gib=limits.total_disk,
     )
 
 

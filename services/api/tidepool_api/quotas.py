@@ -1,5 +1,6 @@
 """Organization quotas (behaviour spec "limits", design digest §7): pooled vCPU / memory / disk of the
-organization's sandboxes, per-sandbox maxima, snapshot and volume counts.
+organization's sandboxes (and the unclaimed members of the warm pools it made), per-sandbox maxima, snapshot
+and volume counts.
 
 Usage is never a counter that can drift: it is the sum over the organization's sandbox rows, by state
 (Daytona's accounting: compute in the running-ish states, disk also in `stopped` / `archiving`, nothing
@@ -27,16 +28,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from weakref import WeakValueDictionary
 
-from sqlalchemy import case, func
+from sqlalchemy import and_, case, func, or_
 from sqlmodel import col, select
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from tidepool_api.db import Organization, Sandbox, Snapshot, Volume
+from tidepool_api.db import WARM_POOL_ORGANIZATION_ID, Organization, Sandbox, Snapshot, Volume, WarmPool
 from tidepool_api.errors import ApiError, bad_request
-from tidepool_contracts.states import SandboxState
+from tidepool_contracts.states import COMPUTE_STATES, DISK_STATES, SandboxState
 from tidepool_runtime.settings import ApiSettings
-
-S = SandboxState
 
 
 @dataclass(frozen=True)
@@ -60,22 +59,6 @@ TIERS: dict[int, Tier] = {
 DEFAULT_SNAPSHOT_QUOTA = 30
 DEFAULT_MAX_SNAPSHOT_SIZE = 20  # GB
 
-# Daytona's accounting (design digest §7 "Usage accounting"), on Tidepool's states.
-COMPUTE_STATES = frozenset(
-    {
-        S.UNKNOWN,
-        S.CREATING,
-        S.PENDING_BUILD,
-        S.BUILDING_SNAPSHOT,
-        S.PULLING_SNAPSHOT,
-        S.STARTING,
-        S.STARTED,
-        S.STOPPING,
-        S.RESTORING,
-        S.RESIZING,  # a started sandbox growing live
-    }
-)
-DISK_STATES = COMPUTE_STATES | {S.STOPPED, S.ARCHIVING}
 
 UPGRADE_MESSAGE = "To increase concurrency limits, ask the administrator to raise the organization's quota."
 PER_SANDBOX_MESSAGE = (
@@ -145,8 +128,16 @@ def demand(cpu: int, memory: int, disk: int, state: SandboxState) -> Resources:
     return Resources(cpu if compute else 0, memory if compute else 0, disk if state in DISK_STATES else 0)
 
 
-async def usage(session: AsyncSession, organization_id: str, exclude_id: str | None = None) -> Resources:
-    """The organization's current use, summed from its sandbox rows (`exclude_id`: leave one out)."""
+async def usage(
+    session: AsyncSession,
+    organization_id: str,
+    exclude_id: str | None = None,
+    exclude_pool_id: str | None = None,
+) -> Resources:
+    """The organization's current use, summed from its sandbox rows and the unclaimed members of the warm
+    pools it made (`POST /warm-pools`: they are kept started for it, so they hold its quota; the operator's
+    configured pools hold nobody's). `exclude_id`: leave one sandbox out; `exclude_pool_id`: one pool's
+    members (the pool being resized)."""
 
     def total(column: object, states: frozenset[SandboxState]) -> object:
         return func.coalesce(
@@ -157,9 +148,25 @@ async def usage(session: AsyncSession, organization_id: str, exclude_id: str | N
         total(Sandbox.cpu, COMPUTE_STATES),  # type: ignore[call-overload]
         total(Sandbox.memory, COMPUTE_STATES),
         total(Sandbox.disk, DISK_STATES),
-    ).where(Sandbox.organization_id == organization_id)
+    ).where(
+        or_(
+            Sandbox.organization_id == organization_id,
+            and_(
+                Sandbox.organization_id == WARM_POOL_ORGANIZATION_ID,
+                col(Sandbox.warm_pool_id).in_(
+                    select(WarmPool.id).where(
+                        WarmPool.organization_id == organization_id, col(WarmPool.configured).is_(False)
+                    )
+                ),
+            ),
+        )
+    )
     if exclude_id is not None:
         statement = statement.where(Sandbox.id != exclude_id)
+    if exclude_pool_id is not None:
+        statement = statement.where(
+            or_(col(Sandbox.warm_pool_id).is_(None), col(Sandbox.warm_pool_id) != exclude_pool_id)
+        )
     cpu, memory, disk = (await session.exec(statement)).one()
     return Resources(int(cpu), int(memory), int(disk))
 
@@ -190,6 +197,7 @@ async def admit(
     before: Resources,
     after: Resources,
     exclude_id: str | None = None,
+    exclude_pool_id: str | None = None,
 ) -> None:
     """Refuse (403, Daytona's message) a change of one sandbox's use from `before` to `after` that would
     take the organization over a total. Only what grows is checked: a start that adds no disk passes an
@@ -197,7 +205,7 @@ async def admit(
     limits = limits_of(organization, settings)
     if limits.total_cpu is None and limits.total_memory is None and limits.total_disk is None:
         return
-    used = await usage(session, organization.id, exclude_id)
+    used = await usage(session, organization.id, exclude_id, exclude_pool_id)
     checks = (
         ("CPU", used.cpu, before.cpu, after.cpu, limits.total_cpu, "", ""),
         ("memory", used.memory, before.memory, after.memory, limits.total_memory, "GiB", ""),

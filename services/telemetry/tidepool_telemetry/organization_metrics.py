@@ -100,8 +100,8 @@ def build_organization_provider(
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
             if source == "used":
                 yield Observation(float(getattr(usage.used(organization_id), field)), point)
-            elif (record := quota()) is not None:
-                yield Observation(float(getattr(record, field)), point)
+            elif (record := quota()) is not None and (total := getattr(record, field)) is not None:
+                yield Observation(float(total), point)  # None: unlimited, nothing to report
 
         return observe
 

@@ -1,8 +1,8 @@
 """What each organization's sandboxes use, folded from the event stream (state) and KV `DESIRED` (size).
 
-Counted as Daytona's usage accounting (design digest §7): cpu and memory in the states where a sandbox
-holds compute, disk in those and the states where it still holds its filesystem (stopped, archiving,
-resizing); an archived, failed or destroyed sandbox uses nothing.
+Counted as the API's quotas count (`tidepool_contracts.states.COMPUTE_STATES` / `DISK_STATES`, Daytona's
+usage accounting, design digest §7): cpu and memory in the states where a sandbox holds compute, disk in
+those and where it still holds its filesystem (stopped, archiving); archived, failed or destroyed: nothing.
 
 Thread-safe: the bus handlers write on the event loop, the metric readers read from their own threads.
 """
@@ -13,23 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from tidepool_contracts.models import DesiredSandbox, SandboxStateEvent
-from tidepool_contracts.states import SandboxState
-
-S = SandboxState
-COMPUTE_STATES = frozenset(
-    {
-        S.UNKNOWN,
-        S.CREATING,
-        S.PENDING_BUILD,
-        S.BUILDING_SNAPSHOT,
-        S.PULLING_SNAPSHOT,
-        S.STARTING,
-        S.STARTED,
-        S.STOPPING,
-        S.RESTORING,
-    }
-)
-DISK_STATES = COMPUTE_STATES | {S.STOPPED, S.ARCHIVING, S.RESIZING}
+from tidepool_contracts.states import COMPUTE_STATES, DISK_STATES, SandboxState
 
 
 @dataclass(frozen=True)

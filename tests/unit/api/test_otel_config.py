@@ -134,3 +134,31 @@ async def test_an_endpoint_inside_the_operators_network_is_refused(api, endpoint
     assert record is None or record.endpoint == ""
     # A public address is taken.
     assert (await client.put(path, json={"endpoint": "grpcs://192.0.0.9:4317"})).status_code == 204
+
+
+async def test_the_totals_are_the_enforced_quotas_and_follow_a_quota_change(api) -> None:  # type: ignore[no-untyped-def]
+    client, context, admin_id = api
+    created = await client.post("/api/organizations", json={"name": "metered"})
+    assert created.status_code == 201, created.text
+    organization_id = created.json()["id"]
+
+    async def totals(organization: str) -> tuple[float | None, float | None, float | None]:
+        record = await kv_get(context.organization_telemetry_kv, organization, OrganizationTelemetry)
+        assert record is not None
+        return record.total_cpu, record.total_memory_gib, record.total_disk_gib
+
+    # A tenant: the installation's tier (tier 1, memory from TIDEPOOL_QUOTA_TIER1_MEMORY_GIB).
+    assert await totals(organization_id) == (10, context.settings.quota_tier1_memory_gib, 30)
+    # The admin organization has no totals unless set on its row: nothing to report.
+    await client.put(f"/api/organizations/{admin_id}/otel-config", json={"endpoint": "http://192.0.0.9:9"})
+    assert await totals(admin_id) == (None, None, None)
+
+    answer = await client.patch(
+        f"/api/organizations/{organization_id}/quota",
+        json={"totalCpuQuota": 24, "totalMemoryQuota": 48, "totalDiskQuota": 96},
+    )
+    assert answer.status_code == 200, answer.text
+    assert await totals(organization_id) == (24, 48, 96)
+    answer = await client.patch(f"/api/organizations/{organization_id}/quota", json={"totalCpuQuota": None})
+    assert answer.status_code == 200, answer.text
+    assert await totals(organization_id) == (10, 48, 96)

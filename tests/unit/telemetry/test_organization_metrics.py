@@ -13,7 +13,7 @@ from tidepool_contracts.models import (
     SandboxSpec,
     SandboxStateEvent,
 )
-from tidepool_contracts.states import DesiredState, SandboxState
+from tidepool_contracts.states import COMPUTE_STATES, DISK_STATES, DesiredState, SandboxState
 from tidepool_runtime.sealing import OTEL_HEADERS, Sealer
 from tidepool_telemetry.organization_metrics import OrganizationExports, build_organization_provider
 from tidepool_telemetry.usage import OrganizationUsage, Usage
@@ -59,6 +59,24 @@ def test_used_counts_compute_of_running_sandboxes_and_disk_of_stopped_ones_too()
     usage.apply_state(SandboxStateEvent(sandbox_id="a", organization_id="org-1", state="stopped", source="t"))
     assert usage.used("org-1") == Usage(1, 2, 8)
     assert usage.used("org-3") == Usage()
+
+
+def test_a_resizing_sandbox_holds_its_compute_as_the_quotas_count_it() -> None:
+    """The metrics and the quotas (services/api quotas.usage) share one accounting: a started sandbox
+    being resized keeps its cpu and memory (it used to count as disk only here)."""
+    usage = OrganizationUsage()
+    sandbox(usage, "a", "org-1", SandboxState.RESIZING, (2, 4, 5))
+    assert usage.used("org-1") == Usage(2, 4, 5)
+    for state in SandboxState:
+        usage.apply_state(SandboxStateEvent(sandbox_id="a", organization_id="org-1", state=state, source="t"))
+        if state == SandboxState.DESTROYED:
+            continue  # forgets the sandbox
+        expected = Usage(
+            2 if state in COMPUTE_STATES else 0,
+            4 if state in COMPUTE_STATES else 0,
+            5 if state in DISK_STATES else 0,
+        )
+        assert usage.used("org-1") == expected, state
 
 
 def test_six_gauges_with_the_organization_on_the_resource_and_the_region_on_each_point() -> None:

@@ -288,8 +288,11 @@ async def update_quota(
             setattr(organization, name, PER_SANDBOX_DEFAULTS.get(name) if value is None else value)
         session.add(organization)
         await session.commit()
+        await session.refresh(organization)
     if context.rate_limiter is not None:
         context.rate_limiter.forget(organization_id)  # new rate limits apply at once
+    # The telemetry service reports the totals as `daytona.sandbox.total_*`: they follow at once.
+    await otel_config.publish(context, organization)
     return JsonResponse(content=await organization_usage(context, organization_id))
 
 
