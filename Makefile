@@ -54,8 +54,12 @@ dashboard:
 unit: venv
 	$(BIN)/python -m pytest tests/unit -q
 
+# Unit tests on both cores (pytest-xdist; each test brings its own servers), then the integration tests one
+# at a time (they share one stack); both run, and either failing fails the target.
 test: venv host lint
-	$(BIN)/python -m pytest tests -q -ra --durations=40
+	$(BIN)/python -m pytest tests/unit -q -ra -n 2 --durations=20; unit=$$?; \
+	$(BIN)/python -m pytest tests/integration -q -ra --durations=40; integration=$$?; \
+	test $$unit -eq 0 && test $$integration -eq 0
 
 bench: venv host
 	$(BIN)/python -m tests.bench.bench_spine
