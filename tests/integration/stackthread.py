@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 import subprocess
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -207,3 +208,22 @@ def fresh_postgres_database(base_url: str) -> tuple[str, str]:
 
 def drop_postgres_database(base_url: str, name: str) -> None:
     run_on_postgres_server(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def own_stack(
+    data_dir: Path, wait_for_default_snapshot: bool = True, **options: Any
+) -> Iterator[StackThread]:
+    """A test module's own stack (settings the session's stack does not have: `options` are StackThread's),
+    on a fresh PostgreSQL database when TIDEPOOL_DATABASE_URL names a server (SQLite otherwise); stopped,
+    and its database dropped, after."""
+    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
+    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
+    running = StackThread(data_dir, database_url=database_url, **options)
+    try:
+        running.start(wait_for_default_snapshot)
+        yield running
+    finally:
+        running.stop()
+        if database_name:
+            drop_postgres_database(base_url, database_name)

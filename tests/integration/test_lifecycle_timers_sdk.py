@@ -8,7 +8,6 @@ twice a second, so the timers run in seconds; everything else is as `make up` ru
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import httpx
@@ -22,8 +21,7 @@ from daytona import (
     Sandbox,
 )
 
-from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
-from tests.integration.stackthread import StackThread
+from tests.integration.stackthread import StackThread, own_stack
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
@@ -32,24 +30,15 @@ MINUTE_SECONDS = 2.0
 
 @pytest.fixture(scope="module")
 def fast_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
-    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
-    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
-    running = StackThread(
+    with own_stack(
         tmp_path_factory.mktemp("lifecycle"),
-        database_url=database_url,
         extra_env={
             "TIDEPOOL_LIFECYCLE_MINUTE_SECONDS": str(MINUTE_SECONDS),
             "TIDEPOOL_LIFECYCLE_TICK_SECONDS": "0.5",
             "TIDEPOOL_ACTIVITY_WRITE_INTERVAL_SECONDS": "0.5",
         },
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        if database_name:
-            drop_postgres_database(base_url, database_name)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ serves Prometheus `/metrics`.
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import uuid
@@ -22,9 +21,8 @@ from daytona import CreateSandboxFromSnapshotParams, Daytona, DaytonaConfig, San
 from daytona_api_client import OrganizationsApi, OtelConfig
 from daytona_api_client.exceptions import NotFoundException
 
-from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
 from tests.integration.otlp_receiver import MetricsReceiver, Point
-from tests.integration.stackthread import StackThread
+from tests.integration.stackthread import StackThread, own_stack
 from tests.polling import wait_until
 from tidepool_stack.supervisor import SERVICES
 
@@ -70,11 +68,8 @@ def metrics_base_port() -> int:
 def metrics_stack(
     tmp_path_factory: pytest.TempPathFactory, receiver: MetricsReceiver, metrics_base_port: int
 ) -> Iterator[StackThread]:
-    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
-    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
-    running = StackThread(
+    with own_stack(
         tmp_path_factory.mktemp("orgmetrics"),
-        database_url=database_url,
         extra_env={
             "TIDEPOOL_ORGANIZATION_METRICS_INTERVAL_SECONDS": "1",
             "TIDEPOOL_ORGANIZATION_METRICS_OTLP_ENDPOINT": receiver.http_url,
@@ -82,14 +77,8 @@ def metrics_stack(
             "TIDEPOOL_SANDBOX_METRICS_INTERVAL_SECONDS": "1",
             "TIDEPOOL_SANDBOX_METRICS_EXPORT_INTERVAL_SECONDS": "1",
         },
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        if database_name:
-            drop_postgres_database(base_url, database_name)
 
 
 def new_organization(stack: StackThread) -> tuple[str, Daytona]:

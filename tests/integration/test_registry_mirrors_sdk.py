@@ -9,7 +9,6 @@ the operator's mirror serves what it mirrors all the same."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -27,9 +26,8 @@ from daytona import (
 )
 
 from tests.conftest import wait_for_port
-from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
 from tests.integration.images_fixture import ensure_python_slim_stand_in
-from tests.integration.stackthread import StackThread
+from tests.integration.stackthread import StackThread, own_stack
 from tidepool_stack.supervisor import free_port
 
 pytestmark = pytest.mark.integration
@@ -57,20 +55,12 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def mirrored_stack(tmp_path_factory: pytest.TempPathFactory, mirror: str) -> Iterator[StackThread]:
-    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
-    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
-    running = StackThread(
+    with own_stack(
         Path(tmp_path_factory.mktemp("mirrored")),
-        database_url=database_url,
+        wait_for_default_snapshot=False,
         registry_mirrors=f"docker.io=http://{mirror}",
-    )
-    try:
-        running.start(wait_for_default_snapshot=False)  # every sandbox here comes from the mirror
+    ) as running:  # every sandbox here comes from the mirror
         yield running
-    finally:
-        running.stop()
-        if database_name:
-            drop_postgres_database(base_url, database_name)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ A stack of its own whose runner beats every second and is lost after 5 s of sile
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import httpx
@@ -29,8 +28,7 @@ from daytona import (
     Sandbox,
 )
 
-from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
-from tests.integration.stackthread import StackThread
+from tests.integration.stackthread import StackThread, own_stack
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
@@ -39,24 +37,15 @@ LOST_AFTER_SECONDS = 5
 
 @pytest.fixture(scope="module")
 def fleet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
-    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
-    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
-    running = StackThread(
+    with own_stack(
         tmp_path_factory.mktemp("runner-loss"),
-        database_url=database_url,
         extra_env={
             "TIDEPOOL_RUNNER_HEARTBEAT_INTERVAL_SECONDS": "1",
             "TIDEPOOL_RUNNER_LOST_AFTER_SECONDS": str(LOST_AFTER_SECONDS),
             "TIDEPOOL_RECONCILE_INTERVAL_SECONDS": "1",
         },
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        if database_name:
-            drop_postgres_database(base_url, database_name)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ everything else is as `make up` runs it (a full proxy lets a request wait 50 ms 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +18,7 @@ import httpx
 import pytest
 from daytona import Daytona, DaytonaConfig, DaytonaServiceUnavailableError, ExecuteResponse, Sandbox
 
-from tests.integration.conftest import drop_postgres_database, fresh_postgres_database
-from tests.integration.stackthread import StackThread
+from tests.integration.stackthread import StackThread, own_stack
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
@@ -32,23 +30,14 @@ BLOCKER = "while [ ! -e /tmp/release ]; do sleep 0.05; done; echo released"
 
 @pytest.fixture(scope="module")
 def small_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackThread]:
-    base_url = os.environ.get("TIDEPOOL_DATABASE_URL", "")
-    database_url, database_name = fresh_postgres_database(base_url) if base_url else ("", "")
-    running = StackThread(
+    with own_stack(
         tmp_path_factory.mktemp("backpressure"),
-        database_url=database_url,
         extra_env={
             "TIDEPOOL_PROXY_TOOLBOX_MAX_IN_FLIGHT": str(CAPACITY),
             "TIDEPOOL_TOOLBOX_SLOT_HOLD_SECONDS": "0",
         },
-    )
-    try:
-        running.start()
+    ) as running:
         yield running
-    finally:
-        running.stop()
-        if database_name:
-            drop_postgres_database(base_url, database_name)
 
 
 @pytest.fixture(scope="module")
