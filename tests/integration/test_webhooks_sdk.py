@@ -173,65 +173,75 @@ def test_receiver_down_for_30_seconds_gets_every_event_once_in_order(
     assert "secret" not in shown and shown["url"] == receiver.url
 
     daytona = Daytona(DaytonaConfig(api_key=key, api_url=stack.api_url))
-    first = daytona.create()
-    wait_until(
-        lambda: chain_ends_in(receiver.of_sandbox(first.id), "started"),
-        lambda: f"events of {first.id}: {receiver.of_sandbox(first.id)}",
-        timeout=120,
-    )
-    created_event = receiver.of_sandbox(first.id)[0]
-    assert created_event["organizationId"] == organization_id
-    assert created_event["sandboxClass"] == "container"
-    assert set(created_event) == {
-        "event",
-        "timestamp",
-        "id",
-        "organizationId",
-        "state",
-        "sandboxClass",
-        "createdAt",
-    }
+    try:
+        first = daytona.create()
+        wait_until(
+            lambda: chain_ends_in(receiver.of_sandbox(first.id), "started"),
+            lambda: f"events of {first.id}: {receiver.of_sandbox(first.id)}",
+            timeout=120,
+        )
+        created_event = receiver.of_sandbox(first.id)[0]
+        assert created_event["organizationId"] == organization_id
+        assert created_event["sandboxClass"] == "container"
+        assert set(created_event) == {
+            "event",
+            "timestamp",
+            "id",
+            "organizationId",
+            "state",
+            "sandboxClass",
+            "createdAt",
+        }
 
-    # The receiver goes away; the sandboxes keep changing.
-    receiver.stop()
-    stopped_at = datetime.now(UTC)
-    daytona.stop(first)
-    second = daytona.create()
-    daytona.delete(second)
+        # The receiver goes away; the sandboxes keep changing.
+        receiver.stop()
+        stopped_at = datetime.now(UTC)
+        daytona.stop(first)
+        second = daytona.create()
+        daytona.delete(second)
 
-    def retried_for_the_outage() -> bool:
+        def retried_for_the_outage() -> bool:
+            listed = api.get(f"/webhooks/endpoints/{endpoint['id']}/attempts", params={"limit": 1000})
+            failed = [a for a in listed.json() if a["statusCode"] is None and a["error"]]
+            outage_end = stopped_at + timedelta(seconds=OUTAGE_SECONDS)
+            return any(parse(a["attemptedAt"]) >= outage_end for a in failed)
+
+        wait_until(retried_for_the_outage, "the API never retried for 30 s", timeout=OUTAGE_SECONDS + 120)
+
+        receiver.start()
+        wait_until(
+            lambda: (
+                chain_ends_in(receiver.of_sandbox(first.id), "stopped")
+                and chain_ends_in(receiver.of_sandbox(second.id), "destroyed")
+            ),
+            lambda: f"{receiver.of_sandbox(first.id)}\n{receiver.of_sandbox(second.id)}",
+            timeout=180,
+        )
+        assert first.id != second.id
+        assert receiver.bad_signatures == []
+
+        # Exactly once after dedup: the API's own list of messages for the endpoint, all delivered, is what
+        # the receiver has; nothing more, nothing less.
+        def deliveries() -> list[dict[str, Any]]:
+            listed = api.get(f"/webhooks/endpoints/{endpoint['id']}/deliveries", params={"limit": 1000})
+            return list(listed.json())
+
+        def all_delivered() -> bool:
+            listed = deliveries()
+            return bool(listed) and all(d["status"] == "delivered" for d in listed)
+
+        wait_until(all_delivered, "deliveries never completed")
+        assert {d["messageId"] for d in deliveries()} == set(receiver.unique())
+        # The delivery log has the failures (no answer) and the successes that followed.
         attempts = api.get(f"/webhooks/endpoints/{endpoint['id']}/attempts", params={"limit": 1000}).json()
-        failed = [a for a in attempts if a["statusCode"] is None and a["error"]]
-        return any(parse(a["attemptedAt"]) >= stopped_at + timedelta(seconds=OUTAGE_SECONDS) for a in failed)
-
-    wait_until(retried_for_the_outage, "the API never retried for 30 s", timeout=OUTAGE_SECONDS + 120)
-    assert receiver.of_sandbox(second.id) == []  # nothing arrived while it was down
-
-    receiver.start()
-    wait_until(
-        lambda: (
-            chain_ends_in(receiver.of_sandbox(first.id), "stopped")
-            and chain_ends_in(receiver.of_sandbox(second.id), "destroyed")
-        ),
-        lambda: f"{receiver.of_sandbox(first.id)}\n{receiver.of_sandbox(second.id)}",
-        timeout=180,
-    )
-    assert first.id != second.id
-    assert receiver.bad_signatures == []
-
-    # Exactly once after dedup: the API's own list of messages for the endpoint, all delivered, is what the
-    # receiver has; nothing more, nothing less.
-    def deliveries() -> list[dict[str, Any]]:
-        listed = api.get(f"/webhooks/endpoints/{endpoint['id']}/deliveries", params={"limit": 1000})
-        return list(listed.json())
-
-    wait_until(lambda: all(d["status"] == "delivered" for d in deliveries()), "deliveries never completed")
-    assert {d["messageId"] for d in deliveries()} == set(receiver.unique())
-    # The delivery log has the failures (no answer) and the successes that followed.
-    attempts = api.get(f"/webhooks/endpoints/{endpoint['id']}/attempts", params={"limit": 1000}).json()
-    assert any(a["statusCode"] is None and a["error"] for a in attempts)
-    assert {a["messageId"] for a in attempts if a["statusCode"] == 204} == set(receiver.unique())
-    daytona.delete(first)
+        assert any(a["statusCode"] is None and a["error"] for a in attempts)
+        assert {a["messageId"] for a in attempts if a["statusCode"] == 204} == set(receiver.unique())
+    finally:
+        # The endpoint first (its pending messages go with it), then its sandboxes: nothing is retried to a
+        # receiver port that a later test may reuse.
+        api.delete(f"/webhooks/endpoints/{endpoint['id']}")
+        for sandbox in daytona.list():
+            daytona.delete(sandbox)
 
 
 def test_another_organization_cannot_see_or_touch_the_endpoint(stack: StackThread) -> None:
