@@ -125,14 +125,24 @@ def arrives(
     )
 
 
-def exports_passed(receiver: MetricsReceiver, count: int) -> None:
-    """Wait until the operator's endpoint has received `count` more exports (1 s apart)."""
-    seen = {id(p) for p in receiver.points()}
+def exports_passed(receiver: MetricsReceiver, count: int, organization_id: str) -> None:
+    """Wait until `count` more exports of the operator's endpoint (1 s apart) have arrived, counted by the one
+    `used_cpu` point each carries for `organization_id` (over HTTP, without a team's own headers)."""
 
-    def new_exports() -> int:
-        return len([p for p in receiver.points() if id(p) not in seen and p.name.endswith("used_cpu")])
+    def operator_exports() -> list[int]:
+        return [
+            id(p)
+            for p in receiver.points()
+            if p.transport == "http"
+            and p.name.endswith("used_cpu")
+            and p.resource.get("organization.id") == organization_id
+            and "api-key" not in p.headers
+        ]
 
-    wait_until(lambda: new_exports() >= count * 3, "the operator's endpoint stopped receiving")
+    seen = set(operator_exports())
+    wait_until(
+        lambda: len(set(operator_exports()) - seen) >= count, "the operator's endpoint stopped receiving"
+    )
 
 
 def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
@@ -204,9 +214,9 @@ def test_organization_metrics_reach_its_endpoint_after_put_without_a_restart(
         with pytest.raises(NotFoundException):
             api.get_organization_otel_config(team_id)
         # (The old destination gets one last export as its exporter shuts down: then nothing.)
-        exports_passed(receiver, 3)
+        exports_passed(receiver, 3, team_id)
         settled = [p for p in receiver.points() if p.transport == "grpc"]
-        exports_passed(receiver, 3)
+        exports_passed(receiver, 3, team_id)
         assert [p for p in receiver.points() if p.transport == "grpc"] == settled
 
         # The header values are secrets: never in the services' logs.
@@ -292,7 +302,7 @@ def test_sandbox_metrics_reach_the_organization_endpoint_with_its_labels(
         assert 0 < values["daytona.sandbox.memory.usage"] <= 1024**3
         assert 0 <= values["daytona.sandbox.cpu.utilization"] <= 100
         # The other organization has no endpoint: its sandbox's samples go nowhere (not to the operator's).
-        exports_passed(receiver, 3)
+        exports_passed(receiver, 3, team_id)
         assert not of(foreign.id)
     finally:
         labelled.delete()
