@@ -57,6 +57,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(message, red=True, bold=True)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C (and watch_server's SIGINT) interrupts this process: pytest-xdist's workers, and processes
+    they start, begin with SIGINT ignored, which would leave a session whose server died waiting."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def watch_server(process: subprocess.Popen[bytes], what: str) -> Callable[[], None]:
     """Stop the test session at once (SIGINT, as Ctrl-C would) when `process` dies before the returned
     function is called, instead of every test waiting on it until pytest's 600 s timeout. Call the returned
