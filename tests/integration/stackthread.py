@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
@@ -20,32 +19,7 @@ from tidepool_stack.supervisor import CONTAINERS_CONF, Stack, StackConfig, free_
 T = TypeVar("T")
 
 
-def seed_registry(source: Path, target: Path) -> None:
-    """Give a new stack's registry storage what an earlier stack's holds: its blobs hard-linked (content-
-    addressed, never rewritten), the rest (repository links, tags, which the registry rewrites) copied.
-    The default snapshot's push then finds every layer there instead of compressing and uploading ~300 MB
-    per stack (a minute of a test stack's start on two cores)."""
-
-    def link_or_copy(from_path: str, to_path: str) -> None:
-        if "/blobs/" in from_path and from_path.endswith("/data"):
-            os.link(from_path, to_path)
-        else:
-            shutil.copy2(from_path, to_path)
-
-    shutil.copytree(
-        source,
-        target,
-        copy_function=link_or_copy,
-        ignore=shutil.ignore_patterns("_uploads"),
-        dirs_exist_ok=True,
-    )
-
-
 class StackThread:
-    # The registry storage of the first stack of this test session whose default snapshot became active:
-    # later stacks start from a copy of it (seed_registry).
-    registry_seed: Path | None = None
-
     def __init__(
         self,
         data_dir: Path,
@@ -112,13 +86,7 @@ class StackThread:
     def start(self, wait_for_default_snapshot: bool = True) -> None:
         """`wait_for_default_snapshot=False`: ready once the services answer (for tests that never use the
         default snapshot, while its first build still runs)."""
-        storage = self.data_dir / "registry"
-        seed = StackThread.registry_seed
-        if seed is not None and seed.is_dir() and not storage.exists():
-            seed_registry(seed, storage)
         self.run(self.stack.start(wait_for_default_snapshot), timeout=3600)
-        if wait_for_default_snapshot and StackThread.registry_seed is None:
-            StackThread.registry_seed = storage
 
     def stop(self) -> None:
         try:
