@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import structlog
 from opentelemetry import trace
@@ -22,6 +23,24 @@ def add_trace_context(
         event_dict.setdefault("trace_id", format(context.trace_id, "032x"))
         event_dict.setdefault("span_id", format(context.span_id, "016x"))
     return event_dict
+
+
+class QuietEmptyFetches(logging.Filter):
+    """Drops FastStream's "Task-N raised an exception, retrying" error for a pull fetch that found no message.
+
+    nats-py (2.x) raises a plain `asyncio.TimeoutError` when a pull request expires empty, which FastStream
+    0.7.8 does not count as "no messages" (it suppresses `nats.errors.TimeoutError` only): its supervisor
+    restarts the consume loop, which is right, and logs an error with a traceback, which made every start
+    of the platform look broken. Any other exception of a consume loop is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
+            return True
+        error = record.exc_info[1]
+        if type(error) is not TimeoutError or "raised an exception, retrying" not in str(record.msg):
+            return True
+        frames = traceback.extract_tb(error.__traceback__)
+        return not any(frame.name == "_fetch_n" for frame in frames)
 
 
 def configure_logging(service: str, level: str = "INFO", json_output: bool = False) -> None:
@@ -49,6 +68,7 @@ def configure_logging(service: str, level: str = "INFO", json_output: bool = Fal
             ],
         )
     )
+    handler.addFilter(QuietEmptyFetches())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

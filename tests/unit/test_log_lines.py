@@ -4,9 +4,11 @@ with the current span's trace id (issue #14, "Operations")."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,3 +48,27 @@ def test_every_line_is_json_with_the_trace_id_inside_a_span() -> None:
     assert by_event["library line 7"]["logger"] == "uvicorn.error"
     assert by_event["library line 7"]["level"] == "warning"
     assert by_event["inside.span"]["sandbox_id"] == "s-1"
+
+
+def test_an_empty_pull_fetch_is_not_logged_as_an_error_and_other_failures_are() -> None:
+    from tidepool_runtime.observability import QuietEmptyFetches
+
+    def _fetch_n() -> None:  # named as nats-py's, where the plain TimeoutError comes from
+        raise TimeoutError
+
+    def elsewhere() -> None:
+        raise TimeoutError
+
+    def record_of(
+        function: Any, message: str = "Task-10 raised an exception, retrying..."
+    ) -> logging.LogRecord:
+        try:
+            function()
+        except TimeoutError:
+            info = sys.exc_info()
+        return logging.LogRecord("faststream", logging.ERROR, __file__, 1, message, None, info)
+
+    quiet = QuietEmptyFetches()
+    assert not quiet.filter(record_of(_fetch_n))
+    assert quiet.filter(record_of(elsewhere))
+    assert quiet.filter(record_of(_fetch_n, "Task-10 raised an exception and won't be restarted."))
