@@ -56,7 +56,10 @@ def up(
     try:
         parse_registry_mirrors(registry_mirrors)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--registry-mirrors") from None
+        raise typer.BadParameter(
+            f"{error}; several mirrors of one registry: repeat it (docker.io=http://a,docker.io=http://b)",
+            param_hint="--registry-mirrors / TIDEPOOL_REGISTRY_MIRRORS",
+        ) from None
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     if detach:
