@@ -47,28 +47,6 @@ async def burst(api_url: str, key: str, count: int) -> list[Any]:
         )
 
 
-def test_fifty_concurrent_creates_against_a_quota_of_ten(stack: StackThread) -> None:
-    """The issue's figure: exactly 10 of 50 concurrent creates are admitted. A 2-core test machine's runner
-    holds 8 vCPU (its 4x overcommit), so an admitted create may then find no runner: never any other
-    failure. The quota of four below checks everything that follows admission."""
-    organization_id, key = new_organization(stack)
-    set_quota(stack, organization_id, totalCpuQuota=10, totalMemoryQuota=64, totalDiskQuota=1000)
-    daytona = Daytona(DaytonaConfig(api_key=key, api_url=stack.api_url))
-    try:
-        results = asyncio.run(burst(stack.api_url, key, 50))
-        refused = [r for r in results if isinstance(r, DaytonaError) and r.status_code == 403]
-        assert len(refused) == 40, [str(r) for r in results if isinstance(r, BaseException)][:3]
-        assert all("Total CPU limit exceeded. Maximum allowed: 10." in str(error) for error in refused)
-        for result in results:
-            if isinstance(result, BaseException) and result not in refused:
-                assert "no runner with enough capacity" in str(result), result
-            elif not isinstance(result, BaseException):
-                assert result.state == "started"
-    finally:
-        for sandbox in daytona.list():
-            daytona.delete(sandbox)
-
-
 def test_fifty_concurrent_creates_against_a_quota_of_four(stack: StackThread) -> None:
     organization_id, key = new_organization(stack)
     # daytona-small is 1 vCPU / 1 GiB / 3 GiB: 4 vCPU admits exactly 4 (memory and disk leave room), and 4
@@ -99,6 +77,28 @@ def test_fifty_concurrent_creates_against_a_quota_of_four(stack: StackThread) ->
         assert usage["currentCpuUsage"] == 3
         again = httpx.post(f"{stack.api_url}/sandbox", json={}, headers=headers, timeout=600)
         assert again.status_code == 200, again.text
+    finally:
+        for sandbox in daytona.list():
+            daytona.delete(sandbox)
+
+
+def test_fifty_concurrent_creates_against_a_quota_of_ten(stack: StackThread) -> None:
+    """The issue's figure: exactly 10 of 50 concurrent creates are admitted. A 2-core test machine's runner
+    holds 8 vCPU (its 4x overcommit), so an admitted create may then find no runner: never any other
+    failure. The quota of four below checks everything that follows admission."""
+    organization_id, key = new_organization(stack)
+    set_quota(stack, organization_id, totalCpuQuota=10, totalMemoryQuota=64, totalDiskQuota=1000)
+    daytona = Daytona(DaytonaConfig(api_key=key, api_url=stack.api_url))
+    try:
+        results = asyncio.run(burst(stack.api_url, key, 50))
+        refused = [r for r in results if isinstance(r, DaytonaError) and r.status_code == 403]
+        assert len(refused) == 40, [str(r) for r in results if isinstance(r, BaseException)][:3]
+        assert all("Total CPU limit exceeded. Maximum allowed: 10." in str(error) for error in refused)
+        for result in results:
+            if isinstance(result, BaseException) and result not in refused:
+                assert "no runner with enough capacity" in str(result), result
+            elif not isinstance(result, BaseException):
+                assert result.state == "started"
     finally:
         for sandbox in daytona.list():
             daytona.delete(sandbox)
