@@ -95,6 +95,10 @@ class RunnerWatch:
             hosted.setdefault(placement.runner_id, []).append(placement)
         for runner_id in sorted(set(hosted) | set(self.lost)):
             info = runners.get(runner_id)
+            if info is None:
+                # A listing (nats-py's keys() watcher) can come back short on a loaded server: before calling
+                # a runner lost for a missing entry, ask for that entry itself.
+                info = await kv_get(self.scheduler.runners_kv, runner_id, RunnerInfo)
             alive = info is not None and moment - info.heartbeat_at <= self.scheduler.freshness
             if not alive and runner_id not in self.lost:
                 self.lost[runner_id] = await self._mark_lost(runner_id, info, hosted.get(runner_id, []))

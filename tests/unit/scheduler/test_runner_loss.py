@@ -98,6 +98,24 @@ async def test_an_expired_heartbeat_entry_is_a_lost_runner() -> None:
     assert [(event.sandbox_id, event.state) for event in sent] == [("running", SandboxState.ERROR)]
 
 
+async def test_a_short_listing_of_heartbeats_does_not_lose_a_live_runner() -> None:
+    """nats-py's keys() can come back empty on a loaded server: the runner's own entry decides."""
+    broker, scheduler, _api, sent = await scheduler_on_test_broker()
+    await place(scheduler, "running", DesiredState.STARTED, SandboxState.STARTED)
+    later = T0 + timedelta(seconds=scheduler.settings.runner_lost_after_seconds)
+    await heartbeat(scheduler, later)
+
+    async def no_keys() -> list[str]:
+        return []
+
+    scheduler.runners_kv.keys = no_keys  # type: ignore[method-assign]
+    watch = RunnerWatch(scheduler)
+    async with TestNatsBroker(broker):
+        await watch.check_once(T0)
+        await watch.check_once(later)
+    assert sent == [] and watch.lost == {}
+
+
 async def test_a_cordoned_or_draining_runner_gets_no_new_sandbox() -> None:
     broker, scheduler, _api, _sent = await scheduler_on_test_broker()
     await heartbeat(scheduler, datetime.now(UTC))
