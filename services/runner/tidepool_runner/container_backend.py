@@ -21,6 +21,7 @@ import structlog
 
 from tidepool_contracts.models import IsolationKind, RunnerCapabilities, SandboxMetricsSample, SandboxSpec
 from tidepool_contracts.states import SandboxState
+from tidepool_runner.account_files import add_missing_account_files
 from tidepool_runner.backend import HostedSandbox, SandboxFailedError, SnapshotImage
 from tidepool_runner.container_config import (
     CPU_LABEL,
@@ -276,6 +277,13 @@ class ContainerEngineBackend:
             await asyncio.to_thread(
                 self._disks.attach, spec.sandbox_id, spec.disk_gib, status.upper_dir, status.work_dir
             )
+            try:
+                upper = self._disks.paths(spec.sandbox_id).upper
+                await asyncio.to_thread(
+                    add_missing_account_files, upper, status.lower_dirs, root.uid, root.gid
+                )
+            except OSError as error:
+                raise SandboxFailedError(f"cannot prepare the image's /etc: {error}") from None
             # Before the start: the engine binds whatever is at the mount point when the container starts.
             try:
                 await self._volumes.ensure(spec, root.uid, root.gid)
