@@ -14,7 +14,7 @@ from ..context import DaemonContext
 from ..errors import DaemonError, bad_request
 from ..httpd.http_io import Request, Response, empty_response, json_response
 from ..httpd.websocket import CLOSE_NORMAL, WebSocket, is_websocket_request, websocket_upgrade
-from .session_shell import Session, SessionCommand, not_found, split_log
+from .session_shell import STDERR_MARKER, Session, SessionCommand, not_found, split_log
 
 logger = logging.getLogger("tidepool_daemon.sessions")
 
@@ -173,7 +173,7 @@ class SessionService:
 
 def _send_and_close(ws: WebSocket, text: str) -> None:
     if text:
-        ws.send_bytes(text.encode())
+        ws.send_bytes(STDERR_MARKER + text.encode())  # the SDK's demultiplexer: stderr
     ws.close(CLOSE_NORMAL)
 
 
