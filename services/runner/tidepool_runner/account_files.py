@@ -34,8 +34,10 @@ def add_missing_account_files(
     writable. Nothing is done where the image has the file, nor to an /etc of the image (a directory made
     in the upper layer would hide its owner and mode)."""
     created: list[str] = []
-    if not upper.is_dir():
-        return created  # no writable layer of the runner's own (attach makes it): nothing to prepare
+    if not upper.is_dir() or not lower_dirs:
+        # No writable layer of the runner's own (attach makes it), or the engine did not say where the
+        # image's layers are: an empty file made here would hide the image's own, so nothing is done.
+        return created
     if not _in_image(ETC, upper, lower_dirs):
         (upper / ETC).mkdir(mode=0o755)
         os.chown(upper / ETC, root_uid, root_gid)

@@ -41,3 +41,9 @@ def test_an_image_with_its_own_etc_is_left_alone(tmp_path: Path) -> None:
     (lower / "etc" / "group").write_text("root:x:0:\n")
     assert add_missing_account_files(upper, [str(lower)], *SANDBOX_ROOT) == []
     assert list(upper.iterdir()) == []
+
+
+def test_nothing_is_made_when_the_images_layers_are_unknown(tmp_path: Path) -> None:
+    """An empty /etc/passwd in the writable layer would hide the image's own one."""
+    assert add_missing_account_files(tmp_path, [], *SANDBOX_ROOT) == []
+    assert list(tmp_path.iterdir()) == []
