@@ -3,6 +3,7 @@ name a declarative `Image` asks for (e.g. `Image.debian_slim("3.12")` → python
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -58,7 +59,9 @@ def ensure_python_slim_stand_in() -> str:
 # Under Docker Hub names, like the python stand-in: a tenant may not name another's `localhost/` image, and
 # the builder finds these locally without pulling.
 BUSYBOX_MUSL_IMAGE = "docker.io/tidepooltest/busybox-musl:1"
-DISTROLESS_IMAGE = "docker.io/tidepooltest/distroless:1"
+# 2: no /etc, /tmp or /home at all (a `FROM scratch` image), and a CMD that needs no shell.
+DISTROLESS_IMAGE = "docker.io/tidepooltest/distroless:2"
+DISTROLESS_CMD = ["/app/tool", "true"]
 # Busybox applets linked into the Alpine stand-in (the ones the tests and the daemon's shells use).
 BUSYBOX_APPLETS = (
     "sh ash cat echo env id ls mkdir printf pwd rm sleep stty true false whoami uname head tail grep"
@@ -78,14 +81,16 @@ def _debian_package(name: str, into: Path) -> None:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, capture_output=True)
 
 
-def _import_rootfs(rootfs: Path, name: str) -> None:
-    """`podman import` a folder as a one-layer image labelled with STAND_IN_VERSION."""
-    for relative, text in _ETC_FILES.items():
-        (rootfs / relative).parent.mkdir(parents=True, exist_ok=True)
-        (rootfs / relative).write_text(text)
-    for folder in ("tmp", "root", "home"):
-        (rootfs / folder).mkdir(exist_ok=True)
-    (rootfs / "tmp").chmod(0o1777)
+def _import_rootfs(rootfs: Path, name: str, *, scratch: bool = False, changes: tuple[str, ...] = ()) -> None:
+    """`podman import` a folder as a one-layer image labelled with STAND_IN_VERSION, with the /etc files
+    and /tmp, /root, /home of a distribution unless `scratch`; `changes` are more `--change` lines."""
+    if not scratch:
+        for relative, text in _ETC_FILES.items():
+            (rootfs / relative).parent.mkdir(parents=True, exist_ok=True)
+            (rootfs / relative).write_text(text)
+        for folder in ("tmp", "root", "home"):
+            (rootfs / folder).mkdir(exist_ok=True)
+        (rootfs / "tmp").chmod(0o1777)
     with tempfile.TemporaryDirectory() as scratch:
         tarball = Path(scratch) / "rootfs.tar"
         subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tarball), "."], check=True)
@@ -95,6 +100,7 @@ def _import_rootfs(rootfs: Path, name: str) -> None:
                 "import",
                 "--change",
                 f"LABEL io.tidepool.stand-in={STAND_IN_VERSION}",
+                *(argument for change in changes for argument in ("--change", change)),
                 str(tarball),
                 name,
             ],
@@ -123,13 +129,16 @@ def ensure_busybox_musl_image() -> str:
 
 
 def ensure_distroless_image() -> str:
-    """Distroless-style: one static program (Debian's busybox-static, under a name that is no shell) and the
-    /etc files; no shell, no python, no libc."""
+    """Distroless-style, as `FROM scratch` + one COPY: one static program (Debian's busybox-static, under a
+    name that is no shell) as its CMD, and nothing else: no /etc (no passwd, no group), no /tmp, no shell,
+    no python, no libc."""
     if not image_present(DISTROLESS_IMAGE):
         with tempfile.TemporaryDirectory() as work:
             packages, rootfs = Path(work) / "packages", Path(work) / "rootfs"
             _debian_package("busybox-static", packages)
             (rootfs / "app").mkdir(parents=True)
             (packages / "bin" / "busybox").rename(rootfs / "app" / "tool")
-            _import_rootfs(rootfs, DISTROLESS_IMAGE)
+            _import_rootfs(
+                rootfs, DISTROLESS_IMAGE, scratch=True, changes=(f"CMD {json.dumps(DISTROLESS_CMD)}",)
+            )
     return DISTROLESS_IMAGE

@@ -4,7 +4,8 @@ without python3, without glibc and without a shell, through the official SDK on 
 Images, built locally from Debian's packages (no Docker Hub here), once per session store-wide:
 - minbase: Debian bookworm minbase (the platform's base image): bash, glibc, no python3;
 - busybox-musl: a scratch image with Debian's busybox-static and musl loader, standing for Alpine (no glibc);
-- distroless: a scratch image with one static program and /etc files: no shell, no python, no libc;
+- distroless: a scratch image with one static program as its CMD and nothing else: no /etc (no passwd, no
+  group), no /tmp, no shell, no python, no libc;
 - python: the python:3.12-slim stand-in (Debian's python3, another build than the toolbox runtime's).
 """
 
@@ -14,11 +15,13 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from daytona import (
     CreateSandboxFromImageParams,
     Daytona,
+    DaytonaBadRequestError,
     DaytonaError,
     Image,
     PtySize,
@@ -29,6 +32,7 @@ from daytona.handle.pty_handle import PtyHandle
 
 from tests.integration.images_fixture import (
     BASE_IMAGE,
+    DISTROLESS_CMD,
     ensure_busybox_musl_image,
     ensure_distroless_image,
     ensure_python_slim_stand_in,
@@ -167,8 +171,59 @@ def test_code_run_without_python_fails_naming_python3(sandboxes: dict[str, Sandb
 
 @pytest.mark.parametrize("kind", IMAGES_WITHOUT_PYTHON)
 def test_git_without_git_names_it(sandboxes: dict[str, Sandbox], kind: str) -> None:
-    with pytest.raises(DaytonaError, match="git is not installed"):
+    # The image's limit, not a server error: HTTP 400, which the SDK raises as DaytonaBadRequestError.
+    with pytest.raises(DaytonaBadRequestError, match="git is not installed"):
         sandboxes[kind].git.status("/tmp")
+
+
+def test_an_image_without_etc_and_tmp_gets_roots_account_files_and_a_tmp(
+    sandboxes: dict[str, Sandbox],
+) -> None:
+    """No /etc/passwd, /etc/group (not even /etc) nor /tmp in the image: the sandbox user exists, its account
+    files are the sandbox root's and readable, and the daemon's session folders are not in the user's
+    files."""
+    sandbox = sandboxes["distroless"]
+    assert sandbox.get_user_home_dir() == "/home/daytona"
+    for account_file in ("/etc/passwd", "/etc/group"):
+        info = sandbox.fs.get_file_info(account_file)
+        assert (info.owner, info.permissions) == ("0", "0644"), (account_file, info)
+        assert b"daytona:x:" in sandbox.fs.download_file(account_file)
+    assert sandbox.fs.get_file_info("/tmp").permissions == "1777"
+    session = f"s-{uuid.uuid4().hex[:6]}"
+    sandbox.process.create_session(session)
+    try:
+        names = {entry.name for entry in sandbox.fs.list_files(".")}
+        assert not [name for name in names if name.startswith("tidepool-session-")], names
+    finally:
+        sandbox.process.delete_session(session)
+
+
+def test_an_entrypoint_that_cannot_run_says_why_in_its_log(sandboxes: dict[str, Sandbox]) -> None:
+    logs = sandboxes["distroless"].process.get_entrypoint_logs()
+    assert f"entrypoint {' '.join(DISTROLESS_CMD)} did not run" in logs.output, logs
+    assert "no /bin/sh" in logs.output, logs
+
+
+def test_a_built_scratch_image_keeps_copied_modes_and_becomes_a_sandbox(
+    stack: StackThread, tmp_path: Path
+) -> None:
+    """A Dockerfile `FROM <scratch image>` + COPY through the builder (the SDK uploads the context as a tar):
+    the copied file keeps its executable bits, and the image without /etc becomes a usable sandbox."""
+    program = tmp_path / "hello"
+    program.write_bytes(b"\x7fELF not really\n")
+    program.chmod(0o755)
+    daytona = Daytona()
+    image = Image.base(ensure_distroless_image()).add_local_file(program, "/app/hello")
+    sandbox = daytona.create(CreateSandboxFromImageParams(image=image), timeout=600)
+    try:
+        assert sandbox.state == "started"
+        assert sandbox.fs.get_file_info("/app/hello").permissions == "0755"
+        group = sandbox.fs.get_file_info("/etc/group")
+        assert (group.owner, group.permissions) == ("0", "0644")
+        with pytest.raises(DaytonaBadRequestError, match="no /bin/sh"):
+            sandbox.process.exec("true")
+    finally:
+        daytona.delete(sandbox)
 
 
 def test_code_run_uses_the_images_own_python(sandboxes: dict[str, Sandbox]) -> None:

@@ -12,7 +12,7 @@ import structlog
 
 from tidepool_builder.build_cgroup import CGROUP_ROOT, BuildCgroup, BuildCgroupError
 from tidepool_builder.context_hash import HashCheck, check_context_hash
-from tidepool_builder.context_store import fetch_archives, merge_archives
+from tidepool_builder.context_store import PERMISSION_BITS, fetch_archives, merge_archives, merge_modes
 from tidepool_builder.docker_build import (
     BuildFailedError,
     BuildIsolation,
@@ -76,6 +76,18 @@ def read_context(context_dir: str | None) -> dict[str, bytes]:
     }
 
 
+def read_context_modes(context_dir: str | None) -> dict[str, int]:
+    """The permission bits of read_context()'s files (path -> mode), which COPY keeps."""
+    if not context_dir:
+        return {}
+    root = Path(context_dir)
+    return {
+        str(path.relative_to(root)): path.stat().st_mode & PERMISSION_BITS
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != "Dockerfile"
+    }
+
+
 class Builder:
     def __init__(self, settings: Settings, bus: Bus, docker: aiodocker.Docker) -> None:
         self.settings = settings
@@ -124,8 +136,9 @@ class Builder:
             except ReferenceRefusedError as error:
                 raise SourceRefusedError(error.message) from error
 
-    async def fetch_verified_context(self, job: BuildJob) -> dict[str, bytes]:
-        """The job's uploaded context, each archive checked against the SDK hash it was requested by."""
+    async def fetch_verified_context(self, job: BuildJob) -> tuple[dict[str, bytes], dict[str, int]]:
+        """The job's uploaded context, each archive checked against the SDK hash it was requested by:
+        (path -> content, path -> permission bits)."""
         archives = await fetch_archives(self.settings, job.organization_id or "", job.context_hashes)
         for context_hash, archive in zip(job.context_hashes, archives, strict=True):
             verdict = await asyncio.to_thread(check_context_hash, archive, context_hash)
@@ -140,7 +153,7 @@ class Builder:
                     f"Context {context_hash}: a directory whose listing order the archive does not keep; "
                     "its hash could not be recomputed\n",
                 )
-        return merge_archives(archives)
+        return merge_archives(archives), merge_modes(archives)
 
     async def report(
         self, job: BuildJob, state: SnapshotState, reason: str | None = None, ready: bool = False
@@ -258,13 +271,16 @@ class Builder:
             await wait_for_sandbox_network(self.docker, self.settings)
             cgroup_parent = await self.bounded_cgroup(cgroup)
             await self.pull_mirrored_sources(job)
-            context = read_context(job.context_dir)
+            context, modes = read_context(job.context_dir), read_context_modes(job.context_dir)
             if job.context_hashes:
-                context |= await self.fetch_verified_context(job)
+                uploaded, uploaded_modes = await self.fetch_verified_context(job)
+                context |= uploaded
+                modes |= uploaded_modes
             await build_image(
                 self.docker,
                 dockerfile=job.dockerfile,
                 context_files=context,
+                context_modes=modes,
                 tag=job.image_ref,
                 ca_bundle_path=self.settings.ca_bundle or None,
                 on_log=lambda line: self.log_line(job, line + "\n"),

@@ -8,7 +8,8 @@ Daytona's runner merges them into one tar.
 The archives come from users, so they are read, never extracted to disk, and anything that could escape
 the context is refused: absolute paths, `..` components, links pointing outside the archive's root
 (or absolute), device files and FIFOs. Links that stay inside are resolved to the content they point to
-(the map holds regular files only); dangling links are dropped. File modes are not kept.
+(the map holds regular files only); dangling links are dropped. File permission bits are kept beside the
+map (`context_modes`: COPY keeps them, as Docker does; set-id bits are not kept).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tarfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import IO, NoReturn
+from typing import IO, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import urllib3
@@ -34,6 +35,11 @@ from tidepool_runtime.settings import BuilderSettings as Settings
 
 CONTEXT_OBJECT = "context.tar"
 MAX_LINK_DEPTH = 40  # symlink chains, as the kernel's MAXSYMLINKS
+# What of a member's mode COPY keeps: read/write/execute for owner, group, others (no set-id, no sticky:
+# the archive comes from a user). A file without a mode in the map gets DEFAULT_FILE_MODE.
+PERMISSION_BITS = 0o777
+Value = TypeVar("Value")  # a map over the context's files: their content or their mode
+DEFAULT_FILE_MODE = 0o644
 
 
 class ContextError(Exception):
@@ -101,6 +107,7 @@ class ContextArchive:
 
     order: list[str] = field(default_factory=list)  # every member path, first one first
     files: dict[str, bytes] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)  # path -> permission bits (0o777 at most)
     symlinks: dict[str, str] = field(default_factory=dict)  # path -> normalised target, both from the root
     directories: set[str] = field(default_factory=set)
 
@@ -125,6 +132,7 @@ def parse_context_archive(stream: IO[bytes], context_hash: str) -> ContextArchiv
                     if extracted is None:
                         raise UnsafeContextError(f"context {context_hash}: unreadable member {member.name!r}")
                     files[path] = extracted.read()
+                    contents.modes[path] = member.mode & PERMISSION_BITS
                 elif member.issym():
                     link = f"symlink {member.name!r} -> {member.linkname!r}"
                     if member.linkname.startswith("/"):
@@ -137,6 +145,7 @@ def parse_context_archive(stream: IO[bytes], context_hash: str) -> ContextArchiv
                     target = _member_path(member.linkname, context_hash, "hard link target")
                     if target in files:
                         files[path] = files[target]
+                        contents.modes[path] = contents.modes[target]
                     elif target in symlinks:
                         symlinks[path] = symlinks[target]
                     else:
@@ -174,7 +183,7 @@ def _resolve_link(symlinks: Mapping[str, str], path: str, depth: int = 0) -> str
     return path
 
 
-def _resolve_symlinks(files: dict[str, bytes], symlinks: Mapping[str, str]) -> None:
+def _resolve_symlinks(files: dict[str, Value], symlinks: Mapping[str, str]) -> None:
     """Give in-root symlinks the content they point to: a file, or every file under a directory.
 
     Resolution is textual, within the archive's own members: nothing on the builder's disk is read.
@@ -250,6 +259,16 @@ def merge_archives(archives: list[ContextArchive]) -> dict[str, bytes]:
         files = dict(archive.files)
         _resolve_symlinks(files, archive.symlinks)
         merged.update(files)
+    return merged
+
+
+def merge_modes(archives: list[ContextArchive]) -> dict[str, int]:
+    """The permission bits of merge_archives()'s files, path -> mode (a link's file has its target's)."""
+    merged: dict[str, int] = {}
+    for archive in archives:
+        modes = {path: archive.modes.get(path, DEFAULT_FILE_MODE) for path in archive.files}
+        _resolve_symlinks(modes, archive.symlinks)
+        merged.update(modes)
     return merged
 
 

@@ -207,13 +207,23 @@ def inject_after_from(dockerfile: str, injected: Iterable[str]) -> str:
     return "\n".join(output) + trailing_newline
 
 
-def build_context_tar(dockerfile: str, context_files: Mapping[str, bytes], ca_bundle: bytes | None) -> bytes:
-    """An uncompressed tar of the build context (the engine is local: compressing would only cost CPU)."""
+def build_context_tar(
+    dockerfile: str,
+    context_files: Mapping[str, bytes],
+    ca_bundle: bytes | None,
+    context_modes: Mapping[str, int] | None = None,
+) -> bytes:
+    """An uncompressed tar of the build context (the engine is local: compressing would only cost CPU).
+    `context_modes` (path -> permission bits) gives the files' modes, which COPY keeps as Docker does; a
+    file without one (and every file the builder adds) is 0644."""
+    modes = {name.lstrip("/"): mode for name, mode in (context_modes or {}).items()}
     files: dict[str, bytes] = {name.lstrip("/"): content for name, content in context_files.items()}
     # Our Dockerfile text is authoritative over any context file of the same name.
     files[DOCKERFILE_CONTEXT_NAME] = dockerfile.encode()
+    modes.pop(DOCKERFILE_CONTEXT_NAME, None)
     if ca_bundle is not None:
         files[CA_BUNDLE_CONTEXT_NAME] = ca_bundle
+        modes.pop(CA_BUNDLE_CONTEXT_NAME, None)
         if ".dockerignore" in files:
             # A user's `*` / `*.crt` ignore rule must not hide the injected bundle from COPY.
             unignore_ca_bundle = f"\n!{CA_BUNDLE_CONTEXT_NAME}\n".encode()
@@ -224,7 +234,7 @@ def build_context_tar(dockerfile: str, context_files: Mapping[str, bytes], ca_bu
         for name, content in sorted(files.items()):
             info = tarfile.TarInfo(name)
             info.size = len(content)
-            info.mode = 0o644
+            info.mode = modes.get(name, 0o644) & 0o777
             info.mtime = 0  # constant mtimes keep COPY layers cacheable across rebuilds
             archive.addfile(info, io.BytesIO(content))
     return buffer.getvalue()
@@ -274,6 +284,7 @@ async def build_image(
     organization_id: str | None = None,
     isolation: BuildIsolation | None = None,
     cgroup_parent: str | None = None,
+    context_modes: Mapping[str, int] | None = None,
 ) -> str:
     """Build `dockerfile` with `context_files` as the context, tag it `tag`, and return the image id.
 
@@ -284,6 +295,7 @@ async def build_image(
     `isolation` confines the RUN steps (the builder always gives it; None = the engine's defaults, i.e.
     host root in the host's network: only for the platform's own Dockerfiles in tests). `cgroup_parent` is
     the cgroup path every RUN step runs in (build_cgroup.BuildCgroup.step_path: bounds its processes).
+    `context_modes` (path -> permission bits) are the context files' modes, kept by COPY (0644 without).
     Raises BuildFailedError on a failing step or an engine error.
     """
     ca_bundle = await asyncio.to_thread(Path(ca_bundle_path).read_bytes) if ca_bundle_path else None
@@ -293,7 +305,9 @@ async def build_image(
     if injected:
         dockerfile = inject_after_from(dockerfile, injected)
     # Contexts can be large (user files): keep tarring off the event loop.
-    context_tar = await asyncio.to_thread(build_context_tar, dockerfile, context_files, ca_bundle)
+    context_tar = await asyncio.to_thread(
+        build_context_tar, dockerfile, context_files, ca_bundle, context_modes
+    )
     log_lines = _LogLineSplitter(on_log)
     params = {
         "t": tag,

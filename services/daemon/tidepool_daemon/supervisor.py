@@ -53,6 +53,11 @@ WORKER_PROCESS_NAME = "tidepool-worker"
 _PR_SET_NAME = 15
 # A worker that ends sooner than this after its start counts as a crash: the next start is delayed.
 _HEALTHY_RUN_SECONDS = 5.0
+# A worker that can never serve (e.g. the sandbox user cannot be created) exits with this code (EX_CONFIG),
+# after a log line starting with FATAL_MARKER: the supervisor does not restart it, and the runner takes
+# that line as the sandbox's error reason (tidepool_runner.container_backend keeps its own copy).
+EXIT_CANNOT_START = 78
+FATAL_MARKER = "daemon cannot start: "
 _FIRST_BACKOFF_SECONDS = 0.1
 _MAX_BACKOFF_SECONDS = 5.0
 # How long a stopping worker may take to finish before it is killed.
@@ -169,6 +174,7 @@ class Supervisor:
         self._worker: _Worker | None = None
         self._stopping = False
         self._restarts_requested = 0
+        self.exit_code = 0
 
     def run(self) -> int:
         args = self._args
@@ -186,7 +192,7 @@ class Supervisor:
             self._supervise()
         finally:
             self._close_listeners()
-        return 0
+        return self.exit_code
 
     def _supervise(self) -> None:
         first = True
@@ -203,10 +209,16 @@ class Supervisor:
                 logger.error("cannot start a worker: %s", error)
                 self._pause(min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** (quick_exits - 1)))
                 continue
-            first = False
             status = self._wait_for_worker(self._worker)
             if self._stopping:
                 return
+            if first and status == EXIT_CANNOT_START:
+                # The first worker found the sandbox unusable for good (its log says why): restarting it
+                # would only burn CPU, so the daemon ends and with it the container.
+                logger.error("worker %d cannot start; the daemon stops", self._worker.pid)
+                self.exit_code = EXIT_CANNOT_START
+                return
+            first = False
             lived = time.monotonic() - started
             requested = self._restarts_requested != requested_before
             quick_exits = 0 if requested or lived >= _HEALTHY_RUN_SECONDS else quick_exits + 1

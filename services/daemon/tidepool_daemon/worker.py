@@ -19,8 +19,13 @@ from .context import DaemonContext
 from .httpd.server import TcpToolboxServer, UnixToolboxServer
 from .identity import become_user, enter_image_work_dir
 from .routes import build_router
+from .supervisor import EXIT_CANNOT_START, FATAL_MARKER
 
 logger = logging.getLogger("tidepool_daemon")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -36,7 +41,16 @@ def serve(args: argparse.Namespace) -> int:
         kind, _, raw_fd = entry.partition(":")
         listeners.append((kind, socket.socket(fileno=int(raw_fd))))
     image_work_dir = os.getcwd()  # the engine starts the daemon in the image's WORKDIR
-    become_user(args.user)
+    try:
+        become_user(args.user)
+    except Exception as error:
+        # Permanent (the image's account files): the traceback goes to the container's log, and one line
+        # with the reason, which the runner shows as the sandbox's errorReason; the supervisor then stops.
+        logger.exception("cannot become the sandbox user %s", args.user)
+        logger.error(
+            "%s%s", FATAL_MARKER, _one_line(f"cannot set up the sandbox user {args.user!r}: {error}")
+        )
+        return EXIT_CANNOT_START
     enter_image_work_dir(image_work_dir)
     entrypoint = json.loads(args.entrypoint_json) if args.entrypoint_json else []
     context = DaemonContext.from_current_process(entrypoint=[str(part) for part in entrypoint])

@@ -21,6 +21,7 @@ import structlog
 
 from tidepool_contracts.models import IsolationKind, RunnerCapabilities, SandboxMetricsSample, SandboxSpec
 from tidepool_contracts.states import SandboxState
+from tidepool_runner.account_files import add_missing_account_files
 from tidepool_runner.backend import HostedSandbox, SandboxFailedError, SnapshotImage
 from tidepool_runner.container_config import (
     CPU_LABEL,
@@ -52,6 +53,8 @@ from tidepool_runtime.settings import RunnerSettings
 log = structlog.get_logger("tidepool.runner.backend")
 
 DAEMON_START_TIMEOUT_SECONDS = 60.0
+# The daemon's log line with the one-line reason it can never serve (tidepool_daemon.supervisor.FATAL_MARKER).
+DAEMON_FATAL_MARKER = "daemon cannot start: "
 # The socket is probed often while a daemon usually comes up (within DAEMON_FAST_PROBE_SECONDS), then less
 # and less: many sandboxes starting at once would otherwise cost the runner's one core more than their
 # starts do.
@@ -274,6 +277,13 @@ class ContainerEngineBackend:
             await asyncio.to_thread(
                 self._disks.attach, spec.sandbox_id, spec.disk_gib, status.upper_dir, status.work_dir
             )
+            try:
+                upper = self._disks.paths(spec.sandbox_id).upper
+                await asyncio.to_thread(
+                    add_missing_account_files, upper, status.lower_dirs, root.uid, root.gid
+                )
+            except OSError as error:
+                raise SandboxFailedError(f"cannot prepare the image's /etc: {error}") from None
             # Before the start: the engine binds whatever is at the mount point when the container starts.
             try:
                 await self._volumes.ensure(spec, root.uid, root.gid)
@@ -343,9 +353,10 @@ class ContainerEngineBackend:
             now = loop.time()
             if now >= deadline:
                 logs = await self._engine.log_tail(container_id)
+                log.warning("sandbox.daemon_not_ready", sandbox_id=sandbox_id, container_log=logs)
                 raise SandboxFailedError(
                     f"sandbox daemon did not answer within {DAEMON_START_TIMEOUT_SECONDS:.0f} s"
-                    + (f"; last log lines: {logs}" if logs else "")
+                    + daemon_failure_reason(logs)
                 )
             if now >= next_container_check:
                 # An engine call each: rarer once the start is slow (the engine is busy with other starts).
@@ -355,9 +366,10 @@ class ContainerEngineBackend:
                 if status is None or not status.running:
                     logs = await self._engine.log_tail(container_id) if status is not None else ""
                     exit_code = status.exit_code if status is not None else "unknown"
+                    log.warning("sandbox.daemon_not_ready", sandbox_id=sandbox_id, container_log=logs)
                     raise SandboxFailedError(
                         f"sandbox container exited (code {exit_code}) before its daemon was ready"
-                        + (f"; last log lines: {logs}" if logs else "")
+                        + daemon_failure_reason(logs)
                     )
             await asyncio.sleep(interval)
             if now >= slow_after:
@@ -506,3 +518,17 @@ def _remove_entry(path: Path) -> None:
         path.unlink(missing_ok=True)
     except IsADirectoryError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def daemon_failure_reason(logs: str) -> str:
+    """The suffix of a start failure's reason from the container's last log lines: `: <reason>` from the
+    daemon's own one-line reason when it logged one, else the last line that is no traceback frame, else
+    `""`. One line either way: the whole tail (a traceback) goes to the runner's log, not the errorReason."""
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if DAEMON_FATAL_MARKER in line:
+            return ": " + line.split(DAEMON_FATAL_MARKER, 1)[1]
+    for line in reversed(lines):
+        if not line.startswith(("File ", "Traceback", "^", "~")):
+            return f"; last log line: {line[:500]}"
+    return ""

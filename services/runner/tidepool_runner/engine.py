@@ -60,6 +60,8 @@ class ContainerStatus:
     # The container's writable layer (overlay upper and work dirs), where its disk is attached.
     upper_dir: str = ""
     work_dir: str = ""
+    # The image's layers under it (overlay lower dirs, topmost first).
+    lower_dirs: tuple[str, ...] = ()
     # The limits the container was created with (a live update, see update_resources, is not kept by the
     # engine across a restart: the runner applies the sandbox's own after every start).
     nano_cpus: int = 0
@@ -135,6 +137,7 @@ class ContainerEngine:
             exit_code=int(state.get("ExitCode") or 0),
             upper_dir=str(layer.get("UpperDir") or ""),
             work_dir=str(layer.get("WorkDir") or ""),
+            lower_dirs=tuple(part for part in str(layer.get("LowerDir") or "").split(":") if part),
             nano_cpus=int(host_config.get("NanoCpus") or 0),
             memory_bytes=int(host_config.get("Memory") or 0),
             pids_limit=max(0, int(host_config.get("PidsLimit") or 0)),

@@ -155,7 +155,10 @@ class GitCommands:
                 check=False,
             )
         except FileNotFoundError:
-            raise DaemonError(500, "git is not installed in this sandbox", GIT_COMMAND_FAILED) from None
+            # The image's limit, not a server error: 400 (the SDK's DaytonaBadRequestError) naming it.
+            raise DaemonError(
+                400, "git is not installed in this sandbox's image (no git on its PATH)", GIT_COMMAND_FAILED
+            ) from None
         except OSError as exc:
             raise DaemonError(500, f"failed to run git: {exc}", GIT_COMMAND_FAILED) from None
         return GitResult(

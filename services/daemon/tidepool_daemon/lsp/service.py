@@ -176,7 +176,7 @@ class LspService:
         command = _server_command(family)
         if command is None:
             binary = "pylsp" if family == "python" else "typescript-language-server"
-            raise DaemonError(500, f"{binary} is not installed in this sandbox", LSP_REQUEST_FAILED)
+            raise DaemonError(400, f"{binary} is not installed in this sandbox", LSP_REQUEST_FAILED)
         try:
             process = subprocess.Popen(
                 command,

@@ -38,6 +38,7 @@ from ..context import DaemonContext
 from ..environment import effective_environment
 from ..errors import PROCESS_EXECUTION_TIMEOUT, DaemonError, bad_request
 from ..httpd.http_io import READ_CHUNK_SIZE, Request, Response, json_response
+from .own_python import require_shell
 from .proctree import (
     DEADLINE_REAPER,
     TreeSpec,
@@ -145,6 +146,8 @@ def run_shell_command(
 ) -> CommandOutcome:
     """Run `command` as a script the shell sources from a pipe (so heredocs work), stdin at end-of-file,
     capturing stdout+stderr."""
+    # The image's limit, not a server error: 400 naming what is missing (the SDK's DaytonaBadRequestError).
+    require_shell(COMMAND_SHELL, "a command")
     tree = TreeSpec()
     script_read, script_write = os.pipe()
     try:

@@ -13,8 +13,8 @@ from typing import Any
 from ..context import DaemonContext
 from ..errors import DaemonError, bad_request
 from ..httpd.http_io import Request, Response, empty_response, json_response
-from ..httpd.websocket import CLOSE_NORMAL, is_websocket_request, websocket_upgrade
-from .session_shell import Session, SessionCommand, not_found, split_log
+from ..httpd.websocket import CLOSE_NORMAL, WebSocket, is_websocket_request, websocket_upgrade
+from .session_shell import STDERR_MARKER, Session, SessionCommand, not_found, split_log
 
 logger = logging.getLogger("tidepool_daemon.sessions")
 
@@ -35,6 +35,8 @@ class SessionService:
         self._lock = threading.Lock()
         self._entrypoint: Session | None = None
         self._entrypoint_command: SessionCommand | None = None
+        # Why the image's entrypoint did not run (no shell to run it): the entrypoint session's log says so.
+        self._entrypoint_error = ""
         if context.entrypoint:
             # Like upstream: the image's own entrypoint runs in a session whose logs the SDK can read.
             self._entrypoint = Session(ENTRYPOINT_SESSION_ID, context)
@@ -42,6 +44,9 @@ class SessionService:
                 self._entrypoint_command = self._entrypoint.submit(shlex.join(context.entrypoint), True)
             except DaemonError as error:  # an image without a shell: the toolbox still serves the rest
                 logger.error("the image's entrypoint cannot run: %s", error.message)
+                self._entrypoint_error = (
+                    f"the image's entrypoint {shlex.join(context.entrypoint)} did not run: {error.message}\n"
+                )
 
     def _session(self, request: Request) -> Session:
         session_id = request.path_params["sessionId"]
@@ -147,9 +152,10 @@ class SessionService:
     def entrypoint_logs(self, request: Request) -> Response:
         session, command = self._entrypoint, self._entrypoint_command
         if session is None or command is None:
+            error = self._entrypoint_error
             if is_websocket_request(request):
-                return websocket_upgrade(request, lambda ws: ws.close(CLOSE_NORMAL))
-            return json_response(200, {"output": "", "stdout": "", "stderr": ""})
+                return websocket_upgrade(request, lambda ws: _send_and_close(ws, error))
+            return json_response(200, {"output": error, "stdout": "", "stderr": error})
         if is_websocket_request(request):
             follow = (request.query_value("follow") or "").lower() == "true"
             offset = _parse_offset(request.query_value("offset"))
@@ -163,6 +169,12 @@ class SessionService:
             self._sessions.clear()
         for session in sessions:
             session.close()
+
+
+def _send_and_close(ws: WebSocket, text: str) -> None:
+    if text:
+        ws.send_bytes(STDERR_MARKER + text.encode())  # the SDK's demultiplexer: stderr
+    ws.close(CLOSE_NORMAL)
 
 
 def _optional_bool(payload: dict[str, Any], name: str) -> bool:
