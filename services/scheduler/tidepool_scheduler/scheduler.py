@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -119,23 +120,8 @@ class Scheduler:
         """The platform's own decision (a lifecycle timer), carried out as a user's intent would be: the new
         desired state first (so the reconciler converges on it after a crash), then an event saying why,
         then the job."""
-        intent = SandboxIntent(
-            sandbox_id=desired.sandbox_id,
-            organization_id=desired.organization_id,
-            action=action,
-            spec=desired.spec,
-        )
-        await kv_put(
-            self.desired_kv,
-            desired.sandbox_id,
-            desired.model_copy(
-                update={
-                    "desired_state": desired_state,
-                    "intent_id": intent.intent_id,
-                    "force": False,
-                    "updated_at": datetime.now(UTC),
-                }
-            ),
+        intent = await self._record_intent(
+            desired, action, desired_state=desired_state, updated_at=datetime.now(UTC)
         )
         event = SandboxStateEvent(
             sandbox_id=desired.sandbox_id,
@@ -153,18 +139,22 @@ class Scheduler:
         action = ACTION_FOR_DESIRED.get(desired.desired_state)
         if action is None:
             return  # archived: nothing of it is on a runner
+        await self.handle_intent(await self._record_intent(desired, action), None)
+
+    async def _record_intent(
+        self, desired: DesiredSandbox, action: SandboxAction, **changes: Any
+    ) -> SandboxIntent:
+        """A new intent of the platform's own for the sandbox (a new dedupe id), written into its desired
+        state first with `changes`, so the reconciler converges on it after a crash."""
         intent = SandboxIntent(
             sandbox_id=desired.sandbox_id,
             organization_id=desired.organization_id,
             action=action,
             spec=desired.spec,
         )
-        await kv_put(
-            self.desired_kv,
-            desired.sandbox_id,
-            desired.model_copy(update={"intent_id": intent.intent_id, "force": False}),
-        )
-        await self.handle_intent(intent, None)
+        update = {**changes, "intent_id": intent.intent_id, "force": False}
+        await kv_put(self.desired_kv, desired.sandbox_id, desired.model_copy(update=update))
+        return intent
 
     async def handle_intent(self, intent: SandboxIntent, msg: Msg | None) -> None:
         """Carry out one intent; a sandbox's intents one at a time (a DESTROY that found no placement while
